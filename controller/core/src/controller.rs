@@ -1,0 +1,1687 @@
+//! The controller state machine: process channels, peer links, operations.
+
+use alloc::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::cmp::Reverse;
+
+use fractos_wire::{
+    CapInfo, CapRef, ControllerMsg, DecodeError, DeriveSpec, ErrorCode, Handle, NodeId, ObjectKind,
+    PeerMsg, PeerReply, PeerRequest, ProcessMsg, Reply, Rights, PROTOCOL_VERSION,
+};
+use slotmap::SlotMap;
+
+use crate::auth;
+use crate::caps::{key_from_u64, key_to_u64, Binds, CapStore, DeriveKind, Fallout, Holder};
+use crate::copy::{Sink, SinkKey, Source, SourceKey, Xfer};
+use crate::metrics::{Metrics, OpKind};
+use crate::names::{NameEntry, NameWaiter, WaiterKey};
+use crate::table::{Entry, HandleTable};
+use crate::{
+    CapKey, ChannelId, CloseReason, Config, Dest, Instant, LinkId, MonitorKey, ObjectKey, Output,
+    ProcessKey, Stats,
+};
+
+slotmap::new_key_type! {
+    /// Key of an in-progress capability acquisition.
+    pub(crate) struct AggKey;
+}
+
+/// An attached (or attaching) process.
+pub(crate) struct Process {
+    pub chan: ChannelId,
+    /// Controller-unique sequence number (publisher id in the name service).
+    pub seq: u64,
+    pub attached: bool,
+    pub table: HandleTable,
+    pub objects: BTreeSet<ObjectKey>,
+    pub pending: usize,
+    pub published: Vec<Vec<u8>>,
+}
+
+/// Who receives the result of an operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// A local process's operation.
+    Proc { proc: ProcessKey, op: u64 },
+    /// A peer's request.
+    Peer { node: NodeId, req: u64 },
+}
+
+/// What to do with the reply to a request this controller sent.
+pub(crate) enum Waiter {
+    /// Pass the result to the origin (installing a returned capability).
+    Answer(Origin),
+    /// One capability of an acquisition.
+    Acquire { agg: AggKey, index: usize },
+    /// A copy finished at the source owner; then maybe invoke `completion`.
+    CopyStarted {
+        origin: Origin,
+        completion: Option<CapRef>,
+    },
+    /// The destination accepted (or refused) a copy.
+    CopyOpened { source: SourceKey },
+    /// Release `cap` once the request is answered (monitor notifications).
+    ReleaseAfter(CapRef),
+    /// Nobody waits (withdrawals at exit).
+    Ignore,
+}
+
+struct Call {
+    node: NodeId,
+    deadline: Instant,
+    waiter: Waiter,
+}
+
+/// What to do once every capability of an acquisition is held.
+pub(crate) enum Then {
+    RequestCreate {
+        proc: ProcessKey,
+        op: u64,
+        tag: u64,
+        imms: Vec<u8>,
+    },
+    Derive {
+        origin: Origin,
+        parent: CapRef,
+        imms: Vec<u8>,
+    },
+    Invoke {
+        origin: Origin,
+        target: CapRef,
+        imms: Vec<u8>,
+    },
+    Monitor {
+        origin: Origin,
+        cap: CapRef,
+    },
+    Publish {
+        origin: Origin,
+        home: NodeId,
+        name: Vec<u8>,
+        publisher: u64,
+    },
+    Deliver {
+        origin: Origin,
+        proc: ProcessKey,
+        tag: u64,
+        imms: Vec<u8>,
+        invoker: Vec<(CapRef, CapInfo)>,
+    },
+    ServeLookup {
+        origin: Origin,
+    },
+}
+
+impl Then {
+    fn origin(&self) -> Origin {
+        match self {
+            Then::RequestCreate { proc, op, .. } => Origin::Proc {
+                proc: *proc,
+                op: *op,
+            },
+            Then::Derive { origin, .. }
+            | Then::Invoke { origin, .. }
+            | Then::Monitor { origin, .. }
+            | Then::Publish { origin, .. }
+            | Then::Deliver { origin, .. }
+            | Then::ServeLookup { origin } => *origin,
+        }
+    }
+}
+
+pub(crate) struct Agg {
+    results: Vec<Option<(CapRef, CapInfo)>>,
+    waiting: usize,
+    error: Option<ErrorCode>,
+    then: Then,
+}
+
+struct Link {
+    nonce: [u8; 16],
+    /// Node and incarnation announced in the peer's Hello.
+    hello: Option<(NodeId, u64)>,
+    authed: bool,
+    last_rx: Instant,
+}
+
+struct Peer {
+    link: LinkId,
+    incarnation: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Timer {
+    Heartbeat,
+    Call(u64),
+    Source(SourceKey),
+    Sink(SinkKey),
+    NameWaiter(WaiterKey),
+}
+
+/// A snapshot of one capability node, for tests and the simulator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CapDebug {
+    /// Parent capability, if any.
+    pub parent: Option<CapRef>,
+    /// Object kind.
+    pub kind: ObjectKind,
+    /// Channel of the owning process.
+    pub owner: ChannelId,
+    /// Absolute start address of the window in the owner's memory (Memory).
+    pub addr: u64,
+    /// Window length (Memory).
+    pub len: u64,
+    /// Rights.
+    pub rights: Rights,
+}
+
+/// The sans-IO controller. See the crate documentation for the protocol.
+pub struct Controller {
+    pub(crate) cfg: Config,
+    pub(crate) store: CapStore,
+    pub(crate) procs: SlotMap<ProcessKey, Process>,
+    chans: BTreeMap<ChannelId, ProcessKey>,
+    links: BTreeMap<LinkId, Link>,
+    peers: BTreeMap<NodeId, Peer>,
+    calls: BTreeMap<u64, Call>,
+    next_req: u64,
+    aggs: SlotMap<AggKey, Agg>,
+    pub(crate) monitors: SlotMap<MonitorKey, CapRef>,
+    pub(crate) names: BTreeMap<Vec<u8>, NameEntry>,
+    pub(crate) waiters: SlotMap<WaiterKey, NameWaiter>,
+    pub(crate) sources: SlotMap<SourceKey, Source>,
+    pub(crate) sinks: SlotMap<SinkKey, Sink>,
+    pub(crate) xfers: BTreeMap<u64, Xfer>,
+    pub(crate) next_xfer: u64,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    outputs: VecDeque<Output>,
+    loopback: VecDeque<(NodeId, PeerMsg)>,
+    fallout: Vec<Fallout>,
+    rng: u64,
+    pub(crate) now: Instant,
+    next_seq: u64,
+    pub(crate) metrics: Metrics,
+}
+
+impl Controller {
+    /// A controller with no processes and no links, at time `now`.
+    pub fn new(cfg: Config, now: Instant) -> Self {
+        let mut members = cfg.members.clone();
+        if !members.contains(&cfg.node) {
+            members.push(cfg.node);
+        }
+        members.sort();
+        members.dedup();
+        let rng = cfg.rng_seed | 1;
+        let mut c = Controller {
+            cfg: Config { members, ..cfg },
+            store: CapStore::default(),
+            procs: SlotMap::with_key(),
+            chans: BTreeMap::new(),
+            links: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            calls: BTreeMap::new(),
+            next_req: 1,
+            aggs: SlotMap::with_key(),
+            monitors: SlotMap::with_key(),
+            names: BTreeMap::new(),
+            waiters: SlotMap::with_key(),
+            sources: SlotMap::with_key(),
+            sinks: SlotMap::with_key(),
+            xfers: BTreeMap::new(),
+            next_xfer: 1,
+            timers: BinaryHeap::new(),
+            outputs: VecDeque::new(),
+            loopback: VecDeque::new(),
+            fallout: Vec::new(),
+            rng,
+            now,
+            next_seq: 1,
+            metrics: Metrics::default(),
+        };
+        let hb = now.add(c.cfg.heartbeat_interval);
+        c.timers.push(Reverse((hb, Timer::Heartbeat)));
+        c
+    }
+
+    /// This controller's node id.
+    pub fn node(&self) -> NodeId {
+        self.cfg.node
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Counters since start.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    // ----------------------------------------------------------------- inputs
+
+    /// A process opened a channel. It must send `Attach` first.
+    pub fn process_connected(&mut self, now: Instant, chan: ChannelId) {
+        self.now = now;
+        if self.chans.contains_key(&chan) {
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let p = self.procs.insert(Process {
+            chan,
+            seq,
+            attached: false,
+            table: HandleTable::default(),
+            objects: BTreeSet::new(),
+            pending: 0,
+            published: Vec::new(),
+        });
+        self.chans.insert(chan, p);
+        if self.procs.len() > self.cfg.limits.max_processes {
+            self.kick(p, ErrorCode::LimitReached, CloseReason::LimitReached);
+        }
+        self.drain();
+    }
+
+    /// A process channel closed (or the process exited). Everything the
+    /// process owns is revoked and everything it holds released.
+    pub fn process_disconnected(&mut self, now: Instant, chan: ChannelId) {
+        self.now = now;
+        if let Some(p) = self.chans.get(&chan).copied() {
+            self.exit_process(p);
+        }
+        self.drain();
+    }
+
+    /// One frame body from a process.
+    pub fn process_message(&mut self, now: Instant, chan: ChannelId, body: &[u8]) {
+        self.now = now;
+        if let Some(p) = self.chans.get(&chan).copied() {
+            self.on_process_message(p, body);
+        }
+        self.drain();
+    }
+
+    /// A link to another controller is up; the handshake starts.
+    pub fn link_connected(&mut self, now: Instant, link: LinkId) {
+        self.now = now;
+        let nonce = self.random_nonce();
+        self.links.insert(
+            link,
+            Link {
+                nonce,
+                hello: None,
+                authed: false,
+                last_rx: now,
+            },
+        );
+        let hello = PeerMsg::Hello {
+            node: self.cfg.node,
+            incarnation: self.cfg.incarnation,
+            nonce,
+        };
+        self.send_link(link, &hello);
+        self.drain();
+    }
+
+    /// A link closed.
+    pub fn link_disconnected(&mut self, now: Instant, link: LinkId) {
+        self.now = now;
+        if let Some(l) = self.links.remove(&link) {
+            if l.authed {
+                if let Some((node, _)) = l.hello {
+                    if self.peers.get(&node).is_some_and(|p| p.link == link) {
+                        self.peer_lost(node);
+                    }
+                }
+            }
+        }
+        self.drain();
+    }
+
+    /// One frame body from a peer link.
+    pub fn link_message(&mut self, now: Instant, link: LinkId, body: &[u8]) {
+        self.now = now;
+        self.on_link_message(link, body);
+        self.drain();
+    }
+
+    /// Call when [`Controller::poll_timeout`]'s deadline has passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        while let Some(Reverse((at, t))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            self.on_timer(at, t);
+        }
+        self.drain();
+    }
+
+    // ---------------------------------------------------------------- outputs
+
+    /// The next thing to do, in order.
+    #[must_use]
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When [`Controller::handle_timeout`] must be called next.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((at, _))| *at)
+    }
+
+    // ---------------------------------------------------------- introspection
+
+    /// What the controller holds.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            processes: self.procs.len(),
+            objects: self.store.objects.len(),
+            caps: self.store.nodes.len(),
+            handles: self.procs.values().map(|p| p.table.len()).sum(),
+            names: self.names.len(),
+            name_waiters: self.waiters.len(),
+            calls: self.calls.len(),
+            copy_sources: self.sources.len(),
+            copy_sinks: self.sinks.len(),
+            monitors: self.monitors.len(),
+            peers: self.peers.len(),
+            pending_ops: self.procs.values().map(|p| p.pending).sum(),
+        }
+    }
+
+    /// The reference behind a process's handle.
+    pub fn debug_handle(&self, chan: ChannelId, handle: Handle) -> Option<(CapRef, CapInfo)> {
+        let p = self.chans.get(&chan)?;
+        self.procs[*p].table.get(handle).map(|e| (e.cap, e.info))
+    }
+
+    /// A capability node owned here, if it is alive.
+    pub fn debug_cap(&self, cap: CapRef) -> Option<CapDebug> {
+        let key = self.resolve_local(&cap).ok()?;
+        let n = &self.store.nodes[key];
+        let o = &self.store.objects[n.object];
+        Some(CapDebug {
+            parent: n.parent.map(|p| self.cap_ref(p)),
+            kind: o.kind,
+            owner: self
+                .procs
+                .get(o.owner)
+                .map(|p| p.chan)
+                .unwrap_or(ChannelId(u64::MAX)),
+            addr: o.addr + n.offset,
+            len: n.len,
+            rights: n.rights,
+        })
+    }
+
+    /// Checks internal invariants: derivation trees are consistent, rights
+    /// and windows shrink along derivations, every process-held node is in
+    /// its holder's table, and no node is leaked.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.store.check()?;
+        let mut held = 0usize;
+        for (pk, p) in &self.procs {
+            for (h, e) in p.table.iter() {
+                if let Ok(key) = self.resolve_local(&e.cap) {
+                    let n = &self.store.nodes[key];
+                    if n.holder != Holder::Process(pk) {
+                        return Err(alloc::format!(
+                            "handle {h:?} of {:?} names a node held by {:?}",
+                            p.chan,
+                            n.holder
+                        ));
+                    }
+                    held += 1;
+                }
+            }
+            for o in &p.objects {
+                match self.store.objects.get(*o) {
+                    Some(obj) if obj.owner == pk => {}
+                    _ => {
+                        return Err(alloc::format!(
+                            "{:?} lists a dead or foreign object",
+                            p.chan
+                        ))
+                    }
+                }
+            }
+        }
+        let by_procs = self
+            .store
+            .nodes
+            .values()
+            .filter(|n| matches!(n.holder, Holder::Process(_)))
+            .count();
+        if by_procs != held {
+            return Err(alloc::format!(
+                "{by_procs} nodes are held by processes but only {held} handles name them"
+            ));
+        }
+        for n in self.store.nodes.values() {
+            if let Holder::Process(p) = n.holder {
+                if !self.procs.contains_key(p) {
+                    return Err("a node is held by an exited process".into());
+                }
+            }
+            if let Holder::Monitor(m) = n.holder {
+                if !self.monitors.contains_key(m) {
+                    return Err("a monitor node has no registration".into());
+                }
+            }
+        }
+        if self.monitors.len()
+            != self
+                .store
+                .nodes
+                .values()
+                .filter(|n| matches!(n.holder, Holder::Monitor(_)))
+                .count()
+        {
+            return Err("monitor registrations without nodes".into());
+        }
+        Ok(())
+    }
+
+    // -------------------------------------------------------------- internals
+
+    fn random_nonce(&mut self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        for chunk in out.chunks_mut(8) {
+            // splitmix64
+            self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.rng;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            chunk.copy_from_slice(&z.to_le_bytes());
+        }
+        out
+    }
+
+    pub(crate) fn cap_ref(&self, key: CapKey) -> CapRef {
+        CapRef {
+            node: self.cfg.node,
+            incarnation: self.cfg.incarnation,
+            cap: key_to_u64(key),
+        }
+    }
+
+    fn is_local(&self, cap: &CapRef) -> bool {
+        cap.node == self.cfg.node
+    }
+
+    /// Resolves a reference to a node owned here.
+    pub(crate) fn resolve_local(&self, cap: &CapRef) -> Result<CapKey, ErrorCode> {
+        if cap.node != self.cfg.node {
+            return Err(ErrorCode::InvalidArgument);
+        }
+        if cap.incarnation != self.cfg.incarnation {
+            return Err(ErrorCode::OwnerGone);
+        }
+        let key: CapKey = key_from_u64(cap.cap);
+        if self.store.nodes.contains_key(key) {
+            Ok(key)
+        } else {
+            Err(ErrorCode::Revoked)
+        }
+    }
+
+    pub(crate) fn push_timer(&mut self, at: Instant, t: Timer) {
+        self.timers.push(Reverse((at, t)));
+    }
+
+    pub(crate) fn send_process(&mut self, proc: ProcessKey, msg: &ControllerMsg) {
+        if let Some(p) = self.procs.get(proc) {
+            let mut frame = Vec::new();
+            msg.encode(&mut frame);
+            self.outputs.push_back(Output::Send {
+                to: Dest::Process(p.chan),
+                frame,
+            });
+        }
+    }
+
+    fn send_link(&mut self, link: LinkId, msg: &PeerMsg) {
+        let mut frame = Vec::new();
+        msg.encode(&mut frame);
+        self.metrics.peer_frames_out += 1;
+        self.metrics.peer_bytes_out += frame.len() as u64;
+        self.outputs.push_back(Output::Send {
+            to: Dest::Link(link),
+            frame,
+        });
+    }
+
+    /// Sends a one-way message to a controller (possibly this one).
+    /// Messages to unreachable peers are dropped.
+    pub(crate) fn send_peer(&mut self, node: NodeId, msg: PeerMsg) {
+        if node == self.cfg.node {
+            self.loopback.push_back((node, msg));
+        } else if let Some(link) = self.peers.get(&node).map(|p| p.link) {
+            self.send_link(link, &msg);
+        }
+    }
+
+    /// Sends a request; `waiter` handles its one reply (a synthesized
+    /// `PeerUnreachable` or `Timeout` if the peer cannot answer).
+    pub(crate) fn call(&mut self, node: NodeId, body: PeerRequest, waiter: Waiter) {
+        let req = self.next_req;
+        self.next_req += 1;
+        let mut timeout = self.cfg.op_timeout;
+        if let PeerRequest::Lookup { wait_ms, .. } = &body {
+            timeout += core::time::Duration::from_millis(*wait_ms as u64);
+        }
+        let deadline = self.now.add(timeout);
+        self.calls.insert(
+            req,
+            Call {
+                node,
+                deadline,
+                waiter,
+            },
+        );
+        self.push_timer(deadline, Timer::Call(req));
+        if node == self.cfg.node || self.peers.contains_key(&node) {
+            self.send_peer(node, PeerMsg::Request { req, body });
+        } else {
+            let reply = PeerMsg::Reply {
+                req,
+                result: Err(ErrorCode::PeerUnreachable),
+            };
+            self.loopback.push_back((node, reply));
+        }
+    }
+
+    /// Processes loopback messages and fallout until both are empty.
+    fn drain(&mut self) {
+        loop {
+            if !self.fallout.is_empty() {
+                self.process_fallout();
+                continue;
+            }
+            match self.loopback.pop_front() {
+                Some((from, msg)) => self.on_peer_msg(from, msg),
+                None => break,
+            }
+        }
+    }
+
+    fn process_fallout(&mut self) {
+        while let Some(f) = self.fallout.pop() {
+            match f {
+                Fallout::FireMonitor(m) => {
+                    if let Some(notify) = self.monitors.remove(m) {
+                        let body = PeerRequest::Invoke {
+                            target: notify,
+                            imms: Vec::new(),
+                            caps: Vec::new(),
+                        };
+                        self.call(notify.node, body, Waiter::ReleaseAfter(notify));
+                    }
+                }
+                Fallout::Release(cap) => self.release_ref(cap),
+                Fallout::ObjectDied { owner, object } => {
+                    if let Some(p) = self.procs.get_mut(owner) {
+                        p.objects.remove(&object);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Releases a reference held by a node (this one or one it speaks for).
+    pub(crate) fn release_ref(&mut self, cap: CapRef) {
+        if self.is_local(&cap) {
+            self.release_node_held(&cap);
+        } else {
+            self.send_peer(cap.node, PeerMsg::Release { cap });
+        }
+    }
+
+    fn release_node_held(&mut self, cap: &CapRef) {
+        if let Ok(key) = self.resolve_local(cap) {
+            if let Holder::Node(n) = self.store.nodes[key].holder {
+                self.store.release(key, Holder::Node(n), &mut self.fallout);
+            }
+        }
+    }
+
+    /// Releases the capability behind a process's table entry.
+    fn release_entry(&mut self, proc: ProcessKey, e: Entry) {
+        if self.is_local(&e.cap) {
+            if let Ok(key) = self.resolve_local(&e.cap) {
+                self.store
+                    .release(key, Holder::Process(proc), &mut self.fallout);
+            }
+        } else {
+            self.send_peer(e.cap.node, PeerMsg::Release { cap: e.cap });
+        }
+    }
+
+    /// Installs a capability (held by this node) as a fresh handle.
+    fn install(&mut self, proc: ProcessKey, cap: CapRef, info: CapInfo) -> Handle {
+        if self.is_local(&cap) {
+            if let Ok(key) = self.resolve_local(&cap) {
+                self.store.nodes[key].holder = Holder::Process(proc);
+            }
+        }
+        self.procs[proc].table.insert(Entry { cap, info })
+    }
+
+    fn has_room(&self, proc: ProcessKey, n: usize) -> bool {
+        self.procs[proc].table.len() + n <= self.cfg.limits.max_caps_per_process
+    }
+
+    /// Delivers the result of an operation to whoever asked.
+    pub(crate) fn answer(&mut self, origin: Origin, result: Result<PeerReply, ErrorCode>) {
+        match origin {
+            Origin::Peer { node, req } => self.send_peer(node, PeerMsg::Reply { req, result }),
+            Origin::Proc { proc, op } => {
+                if !self.procs.contains_key(proc) {
+                    if let Ok(PeerReply::Cap { cap, .. }) = result {
+                        self.release_ref(cap);
+                    }
+                    return;
+                }
+                self.procs[proc].pending = self.procs[proc].pending.saturating_sub(1);
+                let result = match result {
+                    Ok(PeerReply::Cap { cap, info }) => {
+                        if self.has_room(proc, 1) {
+                            Ok(Reply::Cap {
+                                handle: self.install(proc, cap, info),
+                                info,
+                            })
+                        } else {
+                            self.release_ref(cap);
+                            Err(ErrorCode::LimitReached)
+                        }
+                    }
+                    Ok(_) => Ok(Reply::Done),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = result {
+                    self.metrics.error(e);
+                }
+                self.send_process(proc, &ControllerMsg::Completion { op, result });
+            }
+        }
+    }
+
+    /// Answers a process operation that failed before it became pending.
+    fn reject_op(&mut self, proc: ProcessKey, op: u64, e: ErrorCode) {
+        self.metrics.error(e);
+        self.send_process(proc, &ControllerMsg::Completion { op, result: Err(e) });
+    }
+
+    // ------------------------------------------------------- process messages
+
+    fn kick(&mut self, proc: ProcessKey, code: ErrorCode, reason: CloseReason) {
+        self.send_process(
+            proc,
+            &ControllerMsg::Rejected {
+                code,
+                version: PROTOCOL_VERSION,
+            },
+        );
+        let chan = self.procs[proc].chan;
+        self.outputs.push_back(Output::Close {
+            to: Dest::Process(chan),
+            reason,
+        });
+        self.metrics.processes_kicked += 1;
+        self.exit_process(proc);
+    }
+
+    fn on_process_message(&mut self, proc: ProcessKey, body: &[u8]) {
+        if body.len() > self.cfg.limits.max_message_len {
+            return self.kick(proc, ErrorCode::Malformed, CloseReason::Malformed);
+        }
+        let msg = match ProcessMsg::decode(body) {
+            Ok(m) => m,
+            Err(DecodeError::BadVersion { .. }) => {
+                return self.kick(
+                    proc,
+                    ErrorCode::VersionMismatch,
+                    CloseReason::VersionMismatch,
+                )
+            }
+            Err(_) => return self.kick(proc, ErrorCode::Malformed, CloseReason::Malformed),
+        };
+        if !self.procs[proc].attached {
+            return match msg {
+                ProcessMsg::Attach { name, token } => {
+                    if auth::verify_process_token(&self.cfg.cluster_key, &name, &token) {
+                        self.procs[proc].attached = true;
+                        self.send_process(
+                            proc,
+                            &ControllerMsg::Attached {
+                                node: self.cfg.node,
+                            },
+                        );
+                    } else {
+                        self.kick(proc, ErrorCode::AuthFailed, CloseReason::AuthFailed);
+                    }
+                }
+                _ => self.kick(proc, ErrorCode::NotAttached, CloseReason::Malformed),
+            };
+        }
+        match msg {
+            ProcessMsg::Attach { .. } => {
+                self.kick(proc, ErrorCode::Malformed, CloseReason::Malformed)
+            }
+            ProcessMsg::MemReadReply { xfer, result } => self.on_mem_read_reply(proc, xfer, result),
+            ProcessMsg::MemWriteReply { xfer, result } => {
+                self.on_mem_write_reply(proc, xfer, result)
+            }
+            op_msg => {
+                let op = op_msg.op_id().unwrap_or(0);
+                if self.procs[proc].pending >= self.cfg.limits.max_pending_per_process {
+                    return self.reject_op(proc, op, ErrorCode::LimitReached);
+                }
+                self.procs[proc].pending += 1;
+                let origin = Origin::Proc { proc, op };
+                if let Err(e) = self.start_op(proc, origin, op_msg) {
+                    self.answer(origin, Err(e));
+                }
+            }
+        }
+    }
+
+    fn entry(&self, proc: ProcessKey, h: Handle) -> Result<Entry, ErrorCode> {
+        self.procs[proc]
+            .table
+            .get(h)
+            .copied()
+            .ok_or(ErrorCode::BadHandle)
+    }
+
+    fn entries(&self, proc: ProcessKey, hs: &[Handle]) -> Result<Vec<CapRef>, ErrorCode> {
+        hs.iter()
+            .map(|h| self.entry(proc, *h).map(|e| e.cap))
+            .collect()
+    }
+
+    /// Starts a process operation. An `Err` is the operation's answer; `Ok`
+    /// means the operation answered or will answer itself.
+    fn start_op(
+        &mut self,
+        proc: ProcessKey,
+        origin: Origin,
+        msg: ProcessMsg,
+    ) -> Result<(), ErrorCode> {
+        match msg {
+            ProcessMsg::MemoryCreate {
+                addr, len, rights, ..
+            } => {
+                self.metrics.op(OpKind::MemoryCreate);
+                if len == 0 || addr.checked_add(len).is_none() {
+                    return Err(ErrorCode::InvalidArgument);
+                }
+                let root = self.create_object(proc, ObjectKind::Memory, addr, len, rights, 0, None);
+                let info = CapInfo {
+                    kind: ObjectKind::Memory,
+                    rights,
+                    len,
+                };
+                self.answer(
+                    origin,
+                    Ok(PeerReply::Cap {
+                        cap: self.cap_ref(root),
+                        info,
+                    }),
+                );
+            }
+            ProcessMsg::Diminish {
+                cap,
+                offset,
+                len,
+                rights,
+                ..
+            } => {
+                self.metrics.op(OpKind::Diminish);
+                let e = self.entry(proc, cap)?;
+                if e.info.kind != ObjectKind::Memory {
+                    return Err(ErrorCode::WrongType);
+                }
+                let spec = DeriveSpec::Diminish {
+                    offset,
+                    len,
+                    rights,
+                };
+                let body = PeerRequest::Derive {
+                    parent: e.cap,
+                    holder: self.cfg.node,
+                    spec,
+                };
+                self.call(e.cap.node, body, Waiter::Answer(origin));
+            }
+            ProcessMsg::RequestCreate {
+                op,
+                tag,
+                imms,
+                caps,
+            } => {
+                self.metrics.op(OpKind::RequestCreate);
+                let caps = self.entries(proc, &caps)?;
+                let node = self.cfg.node;
+                self.acquire(
+                    caps,
+                    node,
+                    Then::RequestCreate {
+                        proc,
+                        op,
+                        tag,
+                        imms,
+                    },
+                );
+            }
+            ProcessMsg::Derive {
+                cap, imms, caps, ..
+            } => {
+                self.metrics.op(OpKind::Derive);
+                let e = self.entry(proc, cap)?;
+                if e.info.kind != ObjectKind::Request {
+                    return Err(ErrorCode::WrongType);
+                }
+                let caps = self.entries(proc, &caps)?;
+                self.acquire(
+                    caps,
+                    e.cap.node,
+                    Then::Derive {
+                        origin,
+                        parent: e.cap,
+                        imms,
+                    },
+                );
+            }
+            ProcessMsg::Invoke {
+                cap, imms, caps, ..
+            } => {
+                self.metrics.op(OpKind::Invoke);
+                let e = self.entry(proc, cap)?;
+                if e.info.kind != ObjectKind::Request {
+                    return Err(ErrorCode::WrongType);
+                }
+                let caps = self.entries(proc, &caps)?;
+                if caps.is_empty() && self.is_local(&e.cap) {
+                    self.deliver(origin, e.cap, imms, Vec::new());
+                } else {
+                    self.acquire(
+                        caps,
+                        e.cap.node,
+                        Then::Invoke {
+                            origin,
+                            target: e.cap,
+                            imms,
+                        },
+                    );
+                }
+            }
+            ProcessMsg::Copy {
+                src,
+                dst,
+                completion,
+                ..
+            } => {
+                self.metrics.op(OpKind::Copy);
+                let s = self.entry(proc, src)?;
+                let d = self.entry(proc, dst)?;
+                let c = match completion {
+                    Some(h) => {
+                        let c = self.entry(proc, h)?;
+                        if c.info.kind != ObjectKind::Request {
+                            return Err(ErrorCode::WrongType);
+                        }
+                        Some(c.cap)
+                    }
+                    None => None,
+                };
+                if s.info.kind != ObjectKind::Memory || d.info.kind != ObjectKind::Memory {
+                    return Err(ErrorCode::WrongType);
+                }
+                if !s.info.rights.contains(Rights::READ) || !d.info.rights.contains(Rights::WRITE) {
+                    return Err(ErrorCode::MissingRight);
+                }
+                if d.info.len < s.info.len {
+                    return Err(ErrorCode::SizeMismatch);
+                }
+                let body = PeerRequest::CopyStart {
+                    src: s.cap,
+                    dst: d.cap,
+                };
+                self.call(
+                    s.cap.node,
+                    body,
+                    Waiter::CopyStarted {
+                        origin,
+                        completion: c,
+                    },
+                );
+            }
+            ProcessMsg::Revoke { cap, .. } => {
+                self.metrics.op(OpKind::Revoke);
+                let e = self.entry(proc, cap)?;
+                if self.is_local(&e.cap) {
+                    let key = self.resolve_local(&e.cap)?;
+                    self.store.revoke(key, &mut self.fallout)?;
+                    self.answer(origin, Ok(PeerReply::Done));
+                } else {
+                    self.call(
+                        e.cap.node,
+                        PeerRequest::Revoke { cap: e.cap },
+                        Waiter::Answer(origin),
+                    );
+                }
+            }
+            ProcessMsg::Drop { cap, .. } => {
+                self.metrics.op(OpKind::Drop);
+                let e = self.procs[proc]
+                    .table
+                    .remove(cap)
+                    .ok_or(ErrorCode::BadHandle)?;
+                self.release_entry(proc, e);
+                self.answer(origin, Ok(PeerReply::Done));
+            }
+            ProcessMsg::Monitor { cap, notify, .. } => {
+                self.metrics.op(OpKind::Monitor);
+                let e = self.entry(proc, cap)?;
+                let n = self.entry(proc, notify)?;
+                if n.info.kind != ObjectKind::Request {
+                    return Err(ErrorCode::WrongType);
+                }
+                self.acquire(
+                    vec![n.cap],
+                    e.cap.node,
+                    Then::Monitor { origin, cap: e.cap },
+                );
+            }
+            ProcessMsg::Publish { name, cap, .. } => {
+                self.metrics.op(OpKind::Publish);
+                if name.is_empty() {
+                    return Err(ErrorCode::InvalidArgument);
+                }
+                let e = self.entry(proc, cap)?;
+                let home = self.name_home(&name);
+                let publisher = self.procs[proc].seq;
+                if !self.procs[proc].published.contains(&name) {
+                    self.procs[proc].published.push(name.clone());
+                }
+                self.acquire(
+                    vec![e.cap],
+                    home,
+                    Then::Publish {
+                        origin,
+                        home,
+                        name,
+                        publisher,
+                    },
+                );
+            }
+            ProcessMsg::Unpublish { name, .. } => {
+                self.metrics.op(OpKind::Unpublish);
+                let home = self.name_home(&name);
+                let publisher = self.procs[proc].seq;
+                self.procs[proc].published.retain(|n| *n != name);
+                self.call(
+                    home,
+                    PeerRequest::Unpublish { name, publisher },
+                    Waiter::Answer(origin),
+                );
+            }
+            ProcessMsg::Lookup { name, wait_ms, .. } => {
+                self.metrics.op(OpKind::Lookup);
+                if name.is_empty() {
+                    return Err(ErrorCode::InvalidArgument);
+                }
+                let home = self.name_home(&name);
+                self.call(
+                    home,
+                    PeerRequest::Lookup { name, wait_ms },
+                    Waiter::Answer(origin),
+                );
+            }
+            ProcessMsg::Attach { .. }
+            | ProcessMsg::MemReadReply { .. }
+            | ProcessMsg::MemWriteReply { .. } => return Err(ErrorCode::Malformed),
+        }
+        Ok(())
+    }
+
+    /// Creates an object owned by `proc` whose root is held by this node
+    /// until [`Controller::answer`] installs it.
+    fn create_object(
+        &mut self,
+        proc: ProcessKey,
+        kind: ObjectKind,
+        addr: u64,
+        len: u64,
+        rights: Rights,
+        tag: u64,
+        binds: Option<alloc::boxed::Box<Binds>>,
+    ) -> CapKey {
+        let holder = Holder::Node(self.cfg.node);
+        let root = self
+            .store
+            .create_object(kind, proc, addr, len, rights, tag, binds, holder);
+        let object = self.store.nodes[root].object;
+        self.procs[proc].objects.insert(object);
+        root
+    }
+
+    fn exit_process(&mut self, proc: ProcessKey) {
+        let Some(mut p) = self.procs.remove(proc) else {
+            return;
+        };
+        self.chans.remove(&p.chan);
+        // Re-insert a tombstone-free view: release what it held.
+        let entries: Vec<Entry> = p.table.drain().collect();
+        for e in entries {
+            if self.is_local(&e.cap) {
+                if let Ok(key) = self.resolve_local(&e.cap) {
+                    self.store
+                        .release(key, Holder::Process(proc), &mut self.fallout);
+                }
+            } else {
+                self.send_peer(e.cap.node, PeerMsg::Release { cap: e.cap });
+            }
+        }
+        for object in core::mem::take(&mut p.objects) {
+            if let Some(root) = self.store.objects.get(object).map(|o| o.root) {
+                let _ = self.store.revoke(root, &mut self.fallout);
+            }
+        }
+        for name in p.published {
+            let home = self.name_home(&name);
+            self.call(
+                home,
+                PeerRequest::Unpublish {
+                    name,
+                    publisher: p.seq,
+                },
+                Waiter::Ignore,
+            );
+        }
+        self.fail_xfers_of(proc);
+    }
+
+    // ------------------------------------------------------------ acquisition
+
+    /// Derives a child of every capability in `caps`, each held by `holder`,
+    /// then runs `then` (or fails its origin with the first error).
+    pub(crate) fn acquire(&mut self, caps: Vec<CapRef>, holder: NodeId, then: Then) {
+        if caps.is_empty() {
+            return self.run_then(then, Vec::new());
+        }
+        let n = caps.len();
+        let agg = self.aggs.insert(Agg {
+            results: vec![None; n],
+            waiting: n,
+            error: None,
+            then,
+        });
+        for (index, parent) in caps.into_iter().enumerate() {
+            let body = PeerRequest::Derive {
+                parent,
+                holder,
+                spec: DeriveSpec::Transfer,
+            };
+            self.call(parent.node, body, Waiter::Acquire { agg, index });
+        }
+    }
+
+    fn on_acquired(&mut self, agg: AggKey, index: usize, result: Result<PeerReply, ErrorCode>) {
+        let Some(a) = self.aggs.get_mut(agg) else {
+            if let Ok(PeerReply::Cap { cap, .. }) = result {
+                self.release_ref(cap);
+            }
+            return;
+        };
+        match result {
+            Ok(PeerReply::Cap { cap, info }) => a.results[index] = Some((cap, info)),
+            Ok(_) => a.error = a.error.or(Some(ErrorCode::Malformed)),
+            Err(e) => a.error = a.error.or(Some(e)),
+        }
+        a.waiting -= 1;
+        if a.waiting > 0 {
+            return;
+        }
+        let a = self.aggs.remove(agg).expect("present above");
+        let caps: Vec<(CapRef, CapInfo)> = a.results.into_iter().flatten().collect();
+        match a.error {
+            None => self.run_then(a.then, caps),
+            Some(e) => {
+                for (c, _) in caps {
+                    self.release_ref(c);
+                }
+                self.fail_then(a.then, e);
+            }
+        }
+    }
+
+    fn fail_then(&mut self, then: Then, e: ErrorCode) {
+        let origin = then.origin();
+        if let Then::Deliver { invoker, .. } = then {
+            for (c, _) in invoker {
+                self.release_ref(c);
+            }
+        }
+        self.answer(origin, Err(e));
+    }
+
+    fn run_then(&mut self, then: Then, caps: Vec<(CapRef, CapInfo)>) {
+        match then {
+            Then::RequestCreate {
+                proc,
+                op,
+                tag,
+                imms,
+            } => {
+                let origin = Origin::Proc { proc, op };
+                if !self.procs.contains_key(proc) {
+                    for (c, _) in caps {
+                        self.release_ref(c);
+                    }
+                    return;
+                }
+                let binds = if imms.is_empty() && caps.is_empty() {
+                    None
+                } else {
+                    Some(alloc::boxed::Box::new(Binds {
+                        imms,
+                        caps: caps.iter().map(|c| c.0).collect(),
+                    }))
+                };
+                let root =
+                    self.create_object(proc, ObjectKind::Request, 0, 0, Rights::NONE, tag, binds);
+                let info = CapInfo {
+                    kind: ObjectKind::Request,
+                    rights: Rights::NONE,
+                    len: 0,
+                };
+                self.answer(
+                    origin,
+                    Ok(PeerReply::Cap {
+                        cap: self.cap_ref(root),
+                        info,
+                    }),
+                );
+            }
+            Then::Derive {
+                origin,
+                parent,
+                imms,
+            } => {
+                let spec = DeriveSpec::Bind {
+                    imms,
+                    caps: caps.into_iter().map(|c| c.0).collect(),
+                };
+                let body = PeerRequest::Derive {
+                    parent,
+                    holder: self.cfg.node,
+                    spec,
+                };
+                self.call(parent.node, body, Waiter::Answer(origin));
+            }
+            Then::Invoke {
+                origin,
+                target,
+                imms,
+            } => {
+                if self.is_local(&target) {
+                    self.deliver(origin, target, imms, caps);
+                } else {
+                    self.call(
+                        target.node,
+                        PeerRequest::Invoke { target, imms, caps },
+                        Waiter::Answer(origin),
+                    );
+                }
+            }
+            Then::Monitor { origin, cap } => {
+                let notify = caps[0].0;
+                self.call(
+                    cap.node,
+                    PeerRequest::Monitor { cap, notify },
+                    Waiter::Answer(origin),
+                );
+            }
+            Then::Publish {
+                origin,
+                home,
+                name,
+                publisher,
+            } => {
+                let cap = caps[0].0;
+                self.call(
+                    home,
+                    PeerRequest::Publish {
+                        name,
+                        cap,
+                        publisher,
+                    },
+                    Waiter::Answer(origin),
+                );
+            }
+            Then::Deliver {
+                origin,
+                proc,
+                tag,
+                imms,
+                invoker,
+            } => self.finish_delivery(origin, proc, tag, imms, caps, invoker),
+            Then::ServeLookup { origin } => {
+                let (cap, info) = caps[0];
+                self.answer(origin, Ok(PeerReply::Cap { cap, info }));
+            }
+        }
+    }
+
+    // ------------------------------------------------------------- invocation
+
+    /// Owner side of invoke: `target` is local; `caps` are held by this node.
+    fn deliver(
+        &mut self,
+        origin: Origin,
+        target: CapRef,
+        imms: Vec<u8>,
+        caps: Vec<(CapRef, CapInfo)>,
+    ) {
+        let checked = self.resolve_local(&target).and_then(|key| {
+            let n = &self.store.nodes[key];
+            let o = &self.store.objects[n.object];
+            if o.kind == ObjectKind::Request {
+                Ok((key, o.owner, o.tag))
+            } else {
+                Err(ErrorCode::WrongType)
+            }
+        });
+        let (key, owner, tag) = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                for (c, _) in caps {
+                    self.release_ref(c);
+                }
+                return self.answer(origin, Err(e));
+            }
+        };
+        let mut all_imms = Vec::new();
+        let mut bound = Vec::new();
+        self.store.collect_binds(key, &mut all_imms, &mut bound);
+        all_imms.extend_from_slice(&imms);
+        if bound.is_empty() {
+            self.finish_delivery(origin, owner, tag, all_imms, Vec::new(), caps);
+        } else {
+            let node = self.cfg.node;
+            self.acquire(
+                bound,
+                node,
+                Then::Deliver {
+                    origin,
+                    proc: owner,
+                    tag,
+                    imms: all_imms,
+                    invoker: caps,
+                },
+            );
+        }
+    }
+
+    fn finish_delivery(
+        &mut self,
+        origin: Origin,
+        proc: ProcessKey,
+        tag: u64,
+        imms: Vec<u8>,
+        bound: Vec<(CapRef, CapInfo)>,
+        invoker: Vec<(CapRef, CapInfo)>,
+    ) {
+        let n = bound.len() + invoker.len();
+        let error = if !self.procs.contains_key(proc) {
+            Some(ErrorCode::OwnerGone)
+        } else if !self.has_room(proc, n) {
+            Some(ErrorCode::LimitReached)
+        } else {
+            None
+        };
+        if let Some(e) = error {
+            for (c, _) in bound.into_iter().chain(invoker) {
+                self.release_ref(c);
+            }
+            return self.answer(origin, Err(e));
+        }
+        let mut caps = Vec::with_capacity(n);
+        for (c, info) in bound.into_iter().chain(invoker) {
+            caps.push((self.install(proc, c, info), info));
+        }
+        self.metrics.invocations_delivered += 1;
+        self.send_process(proc, &ControllerMsg::Invocation { tag, imms, caps });
+        self.answer(origin, Ok(PeerReply::Done));
+    }
+
+    // ------------------------------------------------------------ peer links
+
+    fn on_link_message(&mut self, link: LinkId, body: &[u8]) {
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        l.last_rx = self.now;
+        self.metrics.peer_frames_in += 1;
+        self.metrics.peer_bytes_in += body.len() as u64 + 4;
+        if body.len() > self.cfg.limits.max_message_len {
+            return self.close_link(link, CloseReason::Malformed);
+        }
+        let msg = match PeerMsg::decode(body) {
+            Ok(m) => m,
+            Err(DecodeError::BadVersion { .. }) => {
+                return self.close_link(link, CloseReason::VersionMismatch)
+            }
+            Err(_) => return self.close_link(link, CloseReason::Malformed),
+        };
+        let l = self.links.get_mut(&link).expect("checked above");
+        if !l.authed {
+            match msg {
+                PeerMsg::Hello {
+                    node,
+                    incarnation,
+                    nonce,
+                } if l.hello.is_none() && node != self.cfg.node => {
+                    l.hello = Some((node, incarnation));
+                    let mac = auth::peer_proof(
+                        &self.cfg.cluster_key,
+                        self.cfg.node,
+                        self.cfg.incarnation,
+                        &nonce,
+                    );
+                    self.send_link(link, &PeerMsg::Auth { mac });
+                }
+                PeerMsg::Auth { mac } if l.hello.is_some() => {
+                    let (node, inc) = l.hello.expect("checked");
+                    if auth::verify_peer_proof(&self.cfg.cluster_key, node, inc, &l.nonce, &mac) {
+                        l.authed = true;
+                        self.peer_up(link, node, inc);
+                    } else {
+                        self.close_link(link, CloseReason::AuthFailed);
+                    }
+                }
+                _ => self.close_link(link, CloseReason::Malformed),
+            }
+            return;
+        }
+        let (node, _) = l.hello.expect("authenticated links have a hello");
+        match msg {
+            PeerMsg::Hello { .. } | PeerMsg::Auth { .. } => {
+                self.close_link(link, CloseReason::Malformed)
+            }
+            m => self.on_peer_msg(node, m),
+        }
+    }
+
+    fn peer_up(&mut self, link: LinkId, node: NodeId, incarnation: u64) {
+        if let Some(old) = self.peers.get(&node) {
+            let (old_link, old_inc) = (old.link, old.incarnation);
+            if old_inc == incarnation {
+                // A reconnect of the same controller: keep its state, use the new link.
+                self.links.remove(&old_link);
+                self.outputs.push_back(Output::Close {
+                    to: Dest::Link(old_link),
+                    reason: CloseReason::Duplicate,
+                });
+                self.peers.insert(node, Peer { link, incarnation });
+                return;
+            }
+            self.links.remove(&old_link);
+            self.outputs.push_back(Output::Close {
+                to: Dest::Link(old_link),
+                reason: CloseReason::Duplicate,
+            });
+            self.peer_lost(node);
+        }
+        self.peers.insert(node, Peer { link, incarnation });
+    }
+
+    fn close_link(&mut self, link: LinkId, reason: CloseReason) {
+        self.outputs.push_back(Output::Close {
+            to: Dest::Link(link),
+            reason,
+        });
+        if let Some(l) = self.links.remove(&link) {
+            if let (true, Some((node, _))) = (l.authed, l.hello) {
+                if self.peers.get(&node).is_some_and(|p| p.link == link) {
+                    self.peer_lost(node);
+                }
+            }
+        }
+    }
+
+    /// A peer controller is gone: fail what waits on it, release what it held.
+    fn peer_lost(&mut self, node: NodeId) {
+        self.peers.remove(&node);
+        let reqs: Vec<u64> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.node == node)
+            .map(|(r, _)| *r)
+            .collect();
+        for req in reqs {
+            self.on_reply(node, req, Err(ErrorCode::PeerUnreachable));
+        }
+        self.copies_peer_lost(node);
+        let held: Vec<CapKey> = self
+            .store
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.holder == Holder::Node(node))
+            .map(|(k, _)| k)
+            .collect();
+        for key in held {
+            self.store
+                .release(key, Holder::Node(node), &mut self.fallout);
+        }
+        self.names_peer_lost(node);
+    }
+
+    fn on_peer_msg(&mut self, from: NodeId, msg: PeerMsg) {
+        match msg {
+            PeerMsg::Hello { .. } | PeerMsg::Auth { .. } | PeerMsg::Ping => {}
+            PeerMsg::Request { req, body } => self.serve(from, req, body),
+            PeerMsg::Reply { req, result } => self.on_reply(from, req, result),
+            PeerMsg::Release { cap } => {
+                if self.is_local(&cap) {
+                    self.release_node_held(&cap);
+                }
+            }
+            PeerMsg::CopyChunk { sink, offset, data } => {
+                self.on_copy_chunk(from, sink, offset, data)
+            }
+            PeerMsg::CopyAck {
+                source,
+                offset,
+                result,
+            } => self.on_copy_ack(from, source, offset, result),
+            PeerMsg::CopyClose { sink } => self.on_copy_close(from, sink),
+        }
+    }
+
+    fn on_reply(&mut self, from: NodeId, req: u64, result: Result<PeerReply, ErrorCode>) {
+        let call = match self.calls.get(&req) {
+            Some(c) if c.node == from => self.calls.remove(&req).expect("present"),
+            _ => {
+                // Late (timed out) or foreign reply: give back any capability.
+                if let Ok(PeerReply::Cap { cap, .. }) = result {
+                    self.release_ref(cap);
+                }
+                return;
+            }
+        };
+        match call.waiter {
+            Waiter::Answer(origin) => self.answer(origin, result),
+            Waiter::Acquire { agg, index } => self.on_acquired(agg, index, result),
+            Waiter::CopyStarted { origin, completion } => match (result, completion) {
+                (Ok(_), Some(c)) => {
+                    if self.is_local(&c) {
+                        self.deliver(origin, c, Vec::new(), Vec::new());
+                    } else {
+                        let body = PeerRequest::Invoke {
+                            target: c,
+                            imms: Vec::new(),
+                            caps: Vec::new(),
+                        };
+                        self.call(c.node, body, Waiter::Answer(origin));
+                    }
+                }
+                (Ok(_), None) => self.answer(origin, Ok(PeerReply::Done)),
+                (Err(e), _) => self.answer(origin, Err(e)),
+            },
+            Waiter::CopyOpened { source } => self.on_copy_opened(source, result),
+            Waiter::ReleaseAfter(cap) => {
+                if let Ok(PeerReply::Cap { cap, .. }) = result {
+                    self.release_ref(cap);
+                }
+                self.release_ref(cap);
+            }
+            Waiter::Ignore => {
+                if let Ok(PeerReply::Cap { cap, .. }) = result {
+                    self.release_ref(cap);
+                }
+            }
+        }
+    }
+
+    /// Owner/home side of a peer request (or of a local one via loopback).
+    fn serve(&mut self, from: NodeId, req: u64, body: PeerRequest) {
+        let origin = Origin::Peer { node: from, req };
+        match body {
+            PeerRequest::Derive {
+                parent,
+                holder,
+                spec,
+            } => {
+                let bound: Vec<CapRef> = match &spec {
+                    DeriveSpec::Bind { caps, .. } => caps.clone(),
+                    _ => Vec::new(),
+                };
+                let result = self.resolve_local(&parent).and_then(|key| {
+                    let kind = match spec {
+                        DeriveSpec::Transfer => DeriveKind::Transfer,
+                        DeriveSpec::Diminish {
+                            offset,
+                            len,
+                            rights,
+                        } => DeriveKind::Diminish {
+                            offset,
+                            len,
+                            rights,
+                        },
+                        DeriveSpec::Bind { imms, caps } => {
+                            DeriveKind::Bind(alloc::boxed::Box::new(Binds { imms, caps }))
+                        }
+                    };
+                    self.store.derive(key, kind, Holder::Node(holder))
+                });
+                match result {
+                    Ok(child) => {
+                        let info = self.store.info(child).expect("just created");
+                        self.answer(
+                            origin,
+                            Ok(PeerReply::Cap {
+                                cap: self.cap_ref(child),
+                                info,
+                            }),
+                        );
+                    }
+                    Err(e) => {
+                        for c in bound {
+                            self.release_ref(c);
+                        }
+                        self.answer(origin, Err(e));
+                    }
+                }
+            }
+            PeerRequest::Invoke { target, imms, caps } => self.deliver(origin, target, imms, caps),
+            PeerRequest::Revoke { cap } => {
+                let r = self
+                    .resolve_local(&cap)
+                    .and_then(|key| self.store.revoke(key, &mut self.fallout));
+                self.answer(origin, r.map(|()| PeerReply::Done));
+            }
+            PeerRequest::Monitor { cap, notify } => {
+                let result = self.resolve_local(&cap).and_then(|key| {
+                    let m = self.monitors.insert(notify);
+                    self.store
+                        .derive(key, DeriveKind::Transfer, Holder::Monitor(m))
+                        .inspect_err(|_| {
+                            self.monitors.remove(m);
+                        })
+                });
+                if result.is_err() {
+                    self.release_ref(notify);
+                }
+                self.answer(origin, result.map(|_| PeerReply::Done));
+            }
+            PeerRequest::CopyStart { src, dst } => self.start_copy_source(origin, src, dst),
+            PeerRequest::CopyOpen { dst, len, source } => {
+                self.open_copy_sink(origin, from, dst, len, source)
+            }
+            PeerRequest::Publish {
+                name,
+                cap,
+                publisher,
+            } => self.serve_publish(origin, from, name, cap, publisher),
+            PeerRequest::Unpublish { name, publisher } => {
+                self.serve_unpublish(origin, from, name, publisher)
+            }
+            PeerRequest::Lookup { name, wait_ms } => self.serve_lookup(origin, from, name, wait_ms),
+        }
+    }
+
+    // ----------------------------------------------------------------- timers
+
+    fn on_timer(&mut self, at: Instant, t: Timer) {
+        match t {
+            Timer::Heartbeat => {
+                let silent: Vec<LinkId> = self
+                    .links
+                    .iter()
+                    .filter(|(_, l)| {
+                        self.now.0.saturating_sub(l.last_rx.0)
+                            > self.cfg.peer_timeout.as_nanos() as u64
+                    })
+                    .map(|(k, _)| *k)
+                    .collect();
+                for link in silent {
+                    self.close_link(link, CloseReason::PeerTimeout);
+                }
+                let authed: Vec<LinkId> = self
+                    .links
+                    .iter()
+                    .filter(|(_, l)| l.authed)
+                    .map(|(k, _)| *k)
+                    .collect();
+                for link in authed {
+                    self.send_link(link, &PeerMsg::Ping);
+                }
+                let next = at.add(self.cfg.heartbeat_interval).max(self.now);
+                self.push_timer(next, Timer::Heartbeat);
+            }
+            Timer::Call(req) => {
+                if let Some(c) = self.calls.get(&req) {
+                    if c.deadline <= self.now {
+                        let node = c.node;
+                        self.on_reply(node, req, Err(ErrorCode::Timeout));
+                    }
+                }
+            }
+            Timer::Source(k) => self.on_source_timer(k),
+            Timer::Sink(k) => self.on_sink_timer(k),
+            Timer::NameWaiter(k) => self.on_waiter_timer(k),
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The FractOS controller core: a sans-IO state machine.
+//!
+//! The core owns every object its attached processes create, keeps each
+//! process's capability table, validates every capability use, and talks to
+//! peer controllers. It performs no I/O and reads no clock: the driver (the
+//! unikernel event loop, the hosted Linux controller, the deterministic
+//! simulator) feeds it inputs and polls outputs, in the style of quinn-proto
+//! and smoltcp:
+//!
+//! * inputs: [`Controller::process_connected`], [`Controller::process_message`],
+//!   [`Controller::process_disconnected`], [`Controller::link_connected`],
+//!   [`Controller::link_message`], [`Controller::link_disconnected`],
+//!   [`Controller::handle_timeout`] — each with the current [`Instant`];
+//! * outputs: [`Controller::poll_output`] (frames to send, channels to close)
+//!   until it returns `None`, then [`Controller::poll_timeout`] for the next
+//!   deadline at which `handle_timeout` must be called.
+//!
+//! Message bodies are passed without their length prefix: the driver splits
+//! byte streams with [`fractos_wire::FrameSplitter`]. Outgoing frames are
+//! complete (with prefix).
+//!
+//! # Semantics decided here
+//!
+//! * Every capability is a node of its object's derivation tree at the
+//!   owner controller. Handing a capability to someone else (invoke
+//!   arguments, bound arguments, lookup results) derives a child, so each
+//!   handle is exactly one node and revoking a received capability never
+//!   affects the giver's.
+//! * `revoke(h)` invalidates `h`'s node and its whole subtree. Revoking an
+//!   object's root kills the object. Validation happens only at the owner, so
+//!   once a revoke has completed no later operation can pass through a
+//!   revoked node anywhere in the cluster.
+//! * `copy(src, dst)` moves `len(src)` bytes into the start of `dst`; `dst`
+//!   shorter than `src` fails with `SizeMismatch` before any byte moves.
+//!   Bytes stream in bounded chunks from the source owner's process straight
+//!   to the destination owner's process. The optional completion Request is
+//!   invoked (without arguments) after the last byte is written; the copy
+//!   operation completes with that invocation's result.
+//! * A process exiting revokes every object it owns (firing monitors),
+//!   releases every capability it holds and withdraws its published names.
+//! * Loss of a peer controller fails pending operations on it with
+//!   `PeerUnreachable` and releases the capabilities its processes held here.
+//!   References carrying an old incarnation fail with `OwnerGone`.
+//! * A `Timeout` error means the outcome is unknown (the operation may have
+//!   happened at the owner).
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+mod auth;
+mod caps;
+mod controller;
+mod copy;
+mod metrics;
+mod names;
+mod table;
+
+pub use auth::process_token;
+pub use controller::{CapDebug, Controller};
+pub use metrics::{Metrics, OpKind};
+
+use core::time::Duration;
+
+use fractos_wire::NodeId;
+
+slotmap::new_key_type! {
+    /// Key of an attached process.
+    pub struct ProcessKey;
+    /// Key of an object owned by this controller.
+    pub struct ObjectKey;
+    /// Key of a capability node owned by this controller.
+    pub struct CapKey;
+    /// Key of a monitor registration.
+    pub struct MonitorKey;
+}
+
+/// A point in time, in nanoseconds since an arbitrary epoch chosen by the
+/// driver. Only differences matter.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Instant(pub u64);
+
+impl Instant {
+    /// `self + d`, saturating.
+    pub fn add(self, d: Duration) -> Instant {
+        Instant(
+            self.0
+                .saturating_add(d.as_nanos().min(u64::MAX as u128) as u64),
+        )
+    }
+}
+
+/// A process channel, numbered by the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChannelId(pub u64);
+
+/// A controller-to-controller link, numbered by the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LinkId(pub u64);
+
+/// Resource limits enforced by the core.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Handles one process may hold.
+    pub max_caps_per_process: usize,
+    /// Operations one process may have in flight.
+    pub max_pending_per_process: usize,
+    /// Processes attached at once.
+    pub max_processes: usize,
+    /// Largest frame body accepted from a process or peer.
+    pub max_message_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_caps_per_process: 1 << 20,
+            max_pending_per_process: 4096,
+            max_processes: 1024,
+            max_message_len: fractos_wire::MAX_FRAME_LEN,
+        }
+    }
+}
+
+/// Controller configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This controller's cluster-unique id.
+    pub node: NodeId,
+    /// Changes every time the controller starts (e.g. boot time or random);
+    /// peers use it to detect restarts.
+    pub incarnation: u64,
+    /// Shared secret of the cluster: authenticates controllers to each other
+    /// and derives process tokens (see [`process_token`]).
+    pub cluster_key: [u8; 32],
+    /// Every controller of the cluster, including this one. Names are homed
+    /// on a member chosen by hashing the name.
+    pub members: alloc::vec::Vec<NodeId>,
+    /// Limits.
+    pub limits: Limits,
+    /// How long a request to a peer may stay unanswered.
+    pub op_timeout: Duration,
+    /// Interval of heartbeats on idle links.
+    pub heartbeat_interval: Duration,
+    /// A link silent for this long is declared lost.
+    pub peer_timeout: Duration,
+    /// Bytes per copy chunk.
+    pub copy_chunk: usize,
+    /// Copy chunks in flight per copy.
+    pub copy_window: usize,
+    /// Seed for nonces.
+    pub rng_seed: u64,
+}
+
+impl Config {
+    /// A configuration with default limits and timeouts.
+    pub fn new(node: NodeId, incarnation: u64, cluster_key: [u8; 32]) -> Self {
+        Self {
+            node,
+            incarnation,
+            cluster_key,
+            members: alloc::vec![node],
+            limits: Limits::default(),
+            op_timeout: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_millis(500),
+            peer_timeout: Duration::from_secs(3),
+            copy_chunk: 64 * 1024,
+            copy_window: 8,
+            rng_seed: incarnation ^ 0x9e37_79b9_7f4a_7c15,
+        }
+    }
+}
+
+/// Where an output goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Dest {
+    /// A process channel.
+    Process(ChannelId),
+    /// A peer link.
+    Link(LinkId),
+}
+
+/// Why the core asks the driver to close a channel or link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Undecodable or out-of-order input.
+    Malformed,
+    /// Authentication failed.
+    AuthFailed,
+    /// Protocol version mismatch.
+    VersionMismatch,
+    /// Too many processes.
+    LimitReached,
+    /// The peer stayed silent past the peer timeout.
+    PeerTimeout,
+    /// Another link to the same peer is in use.
+    Duplicate,
+}
+
+/// Something the driver must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Send a complete frame.
+    Send {
+        /// Destination.
+        to: Dest,
+        /// Frame bytes, length prefix included.
+        frame: alloc::vec::Vec<u8>,
+    },
+    /// Close a channel or link. The core has already forgotten it; the
+    /// driver must not report its disconnection.
+    Close {
+        /// Which.
+        to: Dest,
+        /// Why.
+        reason: CloseReason,
+    },
+}
+
+/// Counts of what the controller holds, for metrics and invariant checks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Attached processes.
+    pub processes: usize,
+    /// Objects owned here.
+    pub objects: usize,
+    /// Capability nodes owned here.
+    pub caps: usize,
+    /// Handles in all process tables.
+    pub handles: usize,
+    /// Names homed here.
+    pub names: usize,
+    /// Name lookups waiting here.
+    pub name_waiters: usize,
+    /// Requests to peers awaiting replies.
+    pub calls: usize,
+    /// Copies being sent from here.
+    pub copy_sources: usize,
+    /// Copies being received here.
+    pub copy_sinks: usize,
+    /// Monitor registrations.
+    pub monitors: usize,
+    /// Authenticated peer links.
+    pub peers: usize,
+    /// Operations in flight for local processes.
+    pub pending_ops: usize,
+}

@@ -1,0 +1,93 @@
+//! Counters the drivers export (Prometheus in the hosted controller).
+
+use fractos_wire::ErrorCode;
+
+/// Operation kinds counted by [`Metrics`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+#[allow(missing_docs)]
+pub enum OpKind {
+    MemoryCreate,
+    Diminish,
+    RequestCreate,
+    Derive,
+    Invoke,
+    Copy,
+    Revoke,
+    Drop,
+    Monitor,
+    Publish,
+    Unpublish,
+    Lookup,
+}
+
+impl OpKind {
+    /// Every kind, in counter order.
+    pub const ALL: [OpKind; 12] = [
+        OpKind::MemoryCreate,
+        OpKind::Diminish,
+        OpKind::RequestCreate,
+        OpKind::Derive,
+        OpKind::Invoke,
+        OpKind::Copy,
+        OpKind::Revoke,
+        OpKind::Drop,
+        OpKind::Monitor,
+        OpKind::Publish,
+        OpKind::Unpublish,
+        OpKind::Lookup,
+    ];
+    /// Lower-case name for metric labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::MemoryCreate => "memory_create",
+            OpKind::Diminish => "diminish",
+            OpKind::RequestCreate => "request_create",
+            OpKind::Derive => "derive",
+            OpKind::Invoke => "invoke",
+            OpKind::Copy => "copy",
+            OpKind::Revoke => "revoke",
+            OpKind::Drop => "drop",
+            OpKind::Monitor => "monitor",
+            OpKind::Publish => "publish",
+            OpKind::Unpublish => "unpublish",
+            OpKind::Lookup => "lookup",
+        }
+    }
+}
+
+/// Monotonic counters.
+#[derive(Clone, Debug, Default)]
+pub struct Metrics {
+    /// Operations received from local processes, by [`OpKind`] index.
+    pub ops: [u64; 12],
+    /// Errors returned to local processes, indexed by `ErrorCode as usize`.
+    pub errors: [u64; 19],
+    /// Invocations delivered to local processes.
+    pub invocations_delivered: u64,
+    /// Bytes written into local processes by copies.
+    pub bytes_copied_in: u64,
+    /// Bytes read from local processes by copies.
+    pub bytes_copied_out: u64,
+    /// Frames sent to peers.
+    pub peer_frames_out: u64,
+    /// Bytes sent to peers.
+    pub peer_bytes_out: u64,
+    /// Frames received from peers.
+    pub peer_frames_in: u64,
+    /// Bytes received from peers.
+    pub peer_bytes_in: u64,
+    /// Process channels closed for misbehaviour.
+    pub processes_kicked: u64,
+}
+
+impl Metrics {
+    pub(crate) fn op(&mut self, k: OpKind) {
+        self.ops[k as usize] += 1;
+    }
+    pub(crate) fn error(&mut self, e: ErrorCode) {
+        if let Some(c) = self.errors.get_mut(e as usize) {
+            *c += 1;
+        }
+    }
+}

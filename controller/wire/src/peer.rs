@@ -1,0 +1,501 @@
+//! Messages between two controllers.
+//!
+//! A link starts with [`PeerMsg::Hello`] in both directions, then
+//! [`PeerMsg::Auth`] proving knowledge of the cluster key over the other
+//! side's nonce. Requests carry a sender-chosen `req` id answered by exactly
+//! one [`PeerMsg::Reply`]; releases, copy chunks and heartbeats are one-way.
+
+use alloc::vec::Vec;
+
+use crate::codec::{Reader, Writer};
+use crate::{
+    begin_frame, end_frame, read_header, CapInfo, CapRef, DecodeError, ErrorCode, NodeId, Rights,
+    MAX_DATA_LEN, MAX_IMMEDIATES, MAX_NAME_LEN,
+};
+
+/// How a derived capability differs from its parent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeriveSpec {
+    /// Same window, rights and bound arguments (used to hand a capability to
+    /// another holder).
+    Transfer,
+    /// Memory: a sub-window with a subset of the rights.
+    Diminish {
+        /// Offset inside the parent window.
+        offset: u64,
+        /// Length of the sub-window.
+        len: u64,
+        /// Rights (subset of the parent's).
+        rights: Rights,
+    },
+    /// Request: append bound immediates and capabilities.
+    Bind {
+        /// Immediates to append.
+        imms: Vec<u8>,
+        /// Capabilities to append (already held by the owner's node).
+        caps: Vec<CapRef>,
+    },
+}
+
+/// A request from one controller to another.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerRequest {
+    /// Create a child of `parent` held by `holder`'s node.
+    Derive {
+        /// Parent capability (owned by the receiver).
+        parent: CapRef,
+        /// Node that will hold the child.
+        holder: NodeId,
+        /// How the child differs.
+        spec: DeriveSpec,
+    },
+    /// Deliver an invocation of `target` to its owner process.
+    Invoke {
+        /// Request capability (owned by the receiver).
+        target: CapRef,
+        /// Invoker immediates.
+        imms: Vec<u8>,
+        /// Invoker capabilities, already held by the receiver's node, with
+        /// what they are.
+        caps: Vec<(CapRef, CapInfo)>,
+    },
+    /// Revoke `cap` and all its descendants.
+    Revoke {
+        /// Capability (owned by the receiver).
+        cap: CapRef,
+    },
+    /// Invoke `notify` when `cap` dies.
+    Monitor {
+        /// Watched capability (owned by the receiver).
+        cap: CapRef,
+        /// Request to invoke, already held by the receiver's node.
+        notify: CapRef,
+    },
+    /// Start a copy from `src` (owned by the receiver) into `dst`.
+    CopyStart {
+        /// Source Memory capability.
+        src: CapRef,
+        /// Destination Memory capability.
+        dst: CapRef,
+    },
+    /// Prepare to receive `len` bytes into `dst` (owned by the receiver).
+    CopyOpen {
+        /// Destination Memory capability.
+        dst: CapRef,
+        /// Bytes that will be sent.
+        len: u64,
+        /// The sender's copy id, echoed in acknowledgements.
+        source: u64,
+    },
+    /// Publish `cap` (already held by the receiver's node) under `name`.
+    Publish {
+        /// Name.
+        name: Vec<u8>,
+        /// Capability.
+        cap: CapRef,
+        /// Cluster-unique publisher id (node and process).
+        publisher: u64,
+    },
+    /// Remove `name` if `publisher` published it.
+    Unpublish {
+        /// Name.
+        name: Vec<u8>,
+        /// Publisher id.
+        publisher: u64,
+    },
+    /// Look up `name`, waiting up to `wait_ms` for it to appear.
+    Lookup {
+        /// Name.
+        name: Vec<u8>,
+        /// Milliseconds to wait.
+        wait_ms: u32,
+    },
+}
+
+/// Success value of a [`PeerRequest`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PeerReply {
+    /// Done, nothing returned.
+    Done,
+    /// A capability created for the requesting node.
+    Cap {
+        /// The capability.
+        cap: CapRef,
+        /// What it is.
+        info: CapInfo,
+    },
+    /// The destination accepted a copy; chunks go to `sink`.
+    CopyOpened {
+        /// Receiver's copy id.
+        sink: u64,
+    },
+    /// A copy finished; `len` bytes were moved.
+    Copied {
+        /// Bytes moved.
+        len: u64,
+    },
+}
+
+/// A message between two controllers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerMsg {
+    /// First message: who I am and a fresh challenge for the other side.
+    Hello {
+        /// Sender node id.
+        node: NodeId,
+        /// Sender incarnation (changes on restart).
+        incarnation: u64,
+        /// Random challenge.
+        nonce: [u8; 16],
+    },
+    /// Proof of the cluster key: MAC over the receiver's nonce.
+    Auth {
+        /// HMAC-SHA256.
+        mac: [u8; 32],
+    },
+    /// Liveness heartbeat.
+    Ping,
+    /// A request expecting one [`PeerMsg::Reply`].
+    Request {
+        /// Sender-chosen id.
+        req: u64,
+        /// The request.
+        body: PeerRequest,
+    },
+    /// The answer to a request.
+    Reply {
+        /// Id of the request.
+        req: u64,
+        /// Result.
+        result: Result<PeerReply, ErrorCode>,
+    },
+    /// The sender's node no longer holds `cap` (nor the node it speaks for).
+    Release {
+        /// Capability owned by the receiver.
+        cap: CapRef,
+    },
+    /// Copy payload for an open sink.
+    CopyChunk {
+        /// Receiver's copy id.
+        sink: u64,
+        /// Offset in the copy.
+        offset: u64,
+        /// Bytes.
+        data: Vec<u8>,
+    },
+    /// A chunk was written (or failed).
+    CopyAck {
+        /// Sender's copy id.
+        source: u64,
+        /// Offset of the chunk.
+        offset: u64,
+        /// Outcome.
+        result: Result<(), ErrorCode>,
+    },
+    /// The source ends a copy (success or abort); the sink is discarded.
+    CopyClose {
+        /// Receiver's copy id.
+        sink: u64,
+    },
+}
+
+impl DeriveSpec {
+    fn encode(&self, w: &mut Writer<'_>) {
+        match self {
+            DeriveSpec::Transfer => w.u8(0),
+            DeriveSpec::Diminish {
+                offset,
+                len,
+                rights,
+            } => {
+                w.u8(1);
+                w.u64(*offset);
+                w.u64(*len);
+                w.u8(rights.bits());
+            }
+            DeriveSpec::Bind { imms, caps } => {
+                w.u8(2);
+                w.bytes(imms);
+                w.cap_refs(caps);
+            }
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(match r.u8()? {
+            0 => DeriveSpec::Transfer,
+            1 => DeriveSpec::Diminish {
+                offset: r.u64()?,
+                len: r.u64()?,
+                rights: r.rights()?,
+            },
+            2 => DeriveSpec::Bind {
+                imms: r.bytes(MAX_IMMEDIATES)?,
+                caps: r.cap_refs()?,
+            },
+            t => {
+                return Err(DecodeError::BadField {
+                    field: "derive spec",
+                    value: t as u64,
+                })
+            }
+        })
+    }
+}
+
+impl PeerRequest {
+    fn encode(&self, w: &mut Writer<'_>) {
+        match self {
+            PeerRequest::Derive {
+                parent,
+                holder,
+                spec,
+            } => {
+                w.u8(1);
+                w.cap_ref(parent);
+                w.u32(holder.0);
+                spec.encode(w);
+            }
+            PeerRequest::Invoke { target, imms, caps } => {
+                w.u8(2);
+                w.cap_ref(target);
+                w.bytes(imms);
+                w.cap_grants(caps);
+            }
+            PeerRequest::Revoke { cap } => {
+                w.u8(3);
+                w.cap_ref(cap);
+            }
+            PeerRequest::Monitor { cap, notify } => {
+                w.u8(4);
+                w.cap_ref(cap);
+                w.cap_ref(notify);
+            }
+            PeerRequest::CopyStart { src, dst } => {
+                w.u8(5);
+                w.cap_ref(src);
+                w.cap_ref(dst);
+            }
+            PeerRequest::CopyOpen { dst, len, source } => {
+                w.u8(6);
+                w.cap_ref(dst);
+                w.u64(*len);
+                w.u64(*source);
+            }
+            PeerRequest::Publish {
+                name,
+                cap,
+                publisher,
+            } => {
+                w.u8(7);
+                w.bytes(name);
+                w.cap_ref(cap);
+                w.u64(*publisher);
+            }
+            PeerRequest::Unpublish { name, publisher } => {
+                w.u8(8);
+                w.bytes(name);
+                w.u64(*publisher);
+            }
+            PeerRequest::Lookup { name, wait_ms } => {
+                w.u8(9);
+                w.bytes(name);
+                w.u32(*wait_ms);
+            }
+        }
+    }
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(match r.u8()? {
+            1 => PeerRequest::Derive {
+                parent: r.cap_ref()?,
+                holder: NodeId(r.u32()?),
+                spec: DeriveSpec::decode(r)?,
+            },
+            2 => PeerRequest::Invoke {
+                target: r.cap_ref()?,
+                imms: r.bytes(MAX_IMMEDIATES)?,
+                caps: r.cap_grants()?,
+            },
+            3 => PeerRequest::Revoke { cap: r.cap_ref()? },
+            4 => PeerRequest::Monitor {
+                cap: r.cap_ref()?,
+                notify: r.cap_ref()?,
+            },
+            5 => PeerRequest::CopyStart {
+                src: r.cap_ref()?,
+                dst: r.cap_ref()?,
+            },
+            6 => PeerRequest::CopyOpen {
+                dst: r.cap_ref()?,
+                len: r.u64()?,
+                source: r.u64()?,
+            },
+            7 => PeerRequest::Publish {
+                name: r.bytes(MAX_NAME_LEN)?,
+                cap: r.cap_ref()?,
+                publisher: r.u64()?,
+            },
+            8 => PeerRequest::Unpublish {
+                name: r.bytes(MAX_NAME_LEN)?,
+                publisher: r.u64()?,
+            },
+            9 => PeerRequest::Lookup {
+                name: r.bytes(MAX_NAME_LEN)?,
+                wait_ms: r.u32()?,
+            },
+            t => {
+                return Err(DecodeError::BadField {
+                    field: "peer request",
+                    value: t as u64,
+                })
+            }
+        })
+    }
+}
+
+impl PeerMsg {
+    /// Appends this message as one frame to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let kind = match self {
+            PeerMsg::Hello { .. } => 1,
+            PeerMsg::Auth { .. } => 2,
+            PeerMsg::Ping => 3,
+            PeerMsg::Request { .. } => 4,
+            PeerMsg::Reply { .. } => 5,
+            PeerMsg::Release { .. } => 6,
+            PeerMsg::CopyChunk { .. } => 7,
+            PeerMsg::CopyAck { .. } => 8,
+            PeerMsg::CopyClose { .. } => 9,
+        };
+        let start = begin_frame(out, kind);
+        let mut w = Writer { out };
+        match self {
+            PeerMsg::Hello {
+                node,
+                incarnation,
+                nonce,
+            } => {
+                w.u32(node.0);
+                w.u64(*incarnation);
+                w.array(nonce);
+            }
+            PeerMsg::Auth { mac } => w.array(mac),
+            PeerMsg::Ping => {}
+            PeerMsg::Request { req, body } => {
+                w.u64(*req);
+                body.encode(&mut w);
+            }
+            PeerMsg::Reply { req, result } => {
+                w.u64(*req);
+                match result {
+                    Ok(PeerReply::Done) => w.u8(0),
+                    Ok(PeerReply::Cap { cap, info }) => {
+                        w.u8(1);
+                        w.cap_ref(cap);
+                        w.cap_info(info);
+                    }
+                    Ok(PeerReply::CopyOpened { sink }) => {
+                        w.u8(2);
+                        w.u64(*sink);
+                    }
+                    Ok(PeerReply::Copied { len }) => {
+                        w.u8(3);
+                        w.u64(*len);
+                    }
+                    Err(e) => {
+                        w.u8(4);
+                        w.error(*e);
+                    }
+                }
+            }
+            PeerMsg::Release { cap } => w.cap_ref(cap),
+            PeerMsg::CopyChunk { sink, offset, data } => {
+                w.u64(*sink);
+                w.u64(*offset);
+                w.bytes(data);
+            }
+            PeerMsg::CopyAck {
+                source,
+                offset,
+                result,
+            } => {
+                w.u64(*source);
+                w.u64(*offset);
+                match result {
+                    Ok(()) => w.u8(0),
+                    Err(e) => {
+                        w.u8(1);
+                        w.error(*e);
+                    }
+                }
+            }
+            PeerMsg::CopyClose { sink } => w.u64(*sink),
+        }
+        end_frame(out, start);
+    }
+
+    /// Decodes one frame body (without the length prefix).
+    pub fn decode(body: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let msg = match read_header(&mut r)? {
+            1 => PeerMsg::Hello {
+                node: NodeId(r.u32()?),
+                incarnation: r.u64()?,
+                nonce: r.array()?,
+            },
+            2 => PeerMsg::Auth { mac: r.array()? },
+            3 => PeerMsg::Ping,
+            4 => PeerMsg::Request {
+                req: r.u64()?,
+                body: PeerRequest::decode(&mut r)?,
+            },
+            5 => {
+                let req = r.u64()?;
+                let result = match r.u8()? {
+                    0 => Ok(PeerReply::Done),
+                    1 => Ok(PeerReply::Cap {
+                        cap: r.cap_ref()?,
+                        info: r.cap_info()?,
+                    }),
+                    2 => Ok(PeerReply::CopyOpened { sink: r.u64()? }),
+                    3 => Ok(PeerReply::Copied { len: r.u64()? }),
+                    4 => Err(r.error()?),
+                    t => {
+                        return Err(DecodeError::BadField {
+                            field: "result tag",
+                            value: t as u64,
+                        })
+                    }
+                };
+                PeerMsg::Reply { req, result }
+            }
+            6 => PeerMsg::Release { cap: r.cap_ref()? },
+            7 => PeerMsg::CopyChunk {
+                sink: r.u64()?,
+                offset: r.u64()?,
+                data: r.bytes(MAX_DATA_LEN)?,
+            },
+            8 => {
+                let (source, offset) = (r.u64()?, r.u64()?);
+                let result = match r.u8()? {
+                    0 => Ok(()),
+                    1 => Err(r.error()?),
+                    t => {
+                        return Err(DecodeError::BadField {
+                            field: "result tag",
+                            value: t as u64,
+                        })
+                    }
+                };
+                PeerMsg::CopyAck {
+                    source,
+                    offset,
+                    result,
+                }
+            }
+            9 => PeerMsg::CopyClose { sink: r.u64()? },
+            k => return Err(DecodeError::UnknownKind(k)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
