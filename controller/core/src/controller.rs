@@ -241,7 +241,7 @@ impl Controller {
             next_seq: 1,
             metrics: Metrics::default(),
         };
-        let hb = now.add(c.cfg.heartbeat_interval);
+        let hb = now.after(c.cfg.heartbeat_interval);
         c.timers.push(Reverse((hb, Timer::Heartbeat)));
         c
     }
@@ -579,7 +579,7 @@ impl Controller {
         if let PeerRequest::Lookup { wait_ms, .. } = &body {
             timeout += core::time::Duration::from_millis(*wait_ms as u64);
         }
-        let deadline = self.now.add(timeout);
+        let deadline = self.now.after(timeout);
         self.calls.insert(
             req,
             Call {
@@ -1668,7 +1668,7 @@ impl Controller {
                 for link in authed {
                     self.send_link(link, &PeerMsg::Ping);
                 }
-                let next = at.add(self.cfg.heartbeat_interval).max(self.now);
+                let next = at.after(self.cfg.heartbeat_interval).max(self.now);
                 self.push_timer(next, Timer::Heartbeat);
             }
             Timer::Call(req) => {

@@ -86,7 +86,7 @@ impl Controller {
             Ok(v) => v,
             Err(e) => return self.answer(origin, Err(e)),
         };
-        let deadline = self.now.add(self.cfg.op_timeout);
+        let deadline = self.now.after(self.cfg.op_timeout);
         let sk = self.sources.insert(Source {
             origin,
             src: key,
@@ -126,7 +126,7 @@ impl Controller {
         });
         match checked {
             Ok((key, proc, addr)) => {
-                let deadline = self.now.add(self.cfg.op_timeout);
+                let deadline = self.now.after(self.cfg.op_timeout);
                 let sink = self.sinks.insert(Sink {
                     from,
                     source,
@@ -229,7 +229,7 @@ impl Controller {
         };
         match result {
             Ok(data) if data.len() == len as usize => {
-                s.deadline = self.now.add(self.cfg.op_timeout);
+                s.deadline = self.now.after(self.cfg.op_timeout);
                 let (node, sink) = (s.dst_node, s.sink.unwrap_or(0));
                 self.metrics.bytes_copied_out += data.len() as u64;
                 self.send_peer(node, PeerMsg::CopyChunk { sink, offset, data });
@@ -246,7 +246,7 @@ impl Controller {
         if s.from != from {
             return;
         }
-        s.deadline = self.now.add(self.cfg.op_timeout);
+        s.deadline = self.now.after(self.cfg.op_timeout);
         let (source, proc, addr, len, dst) = (s.source, s.proc, s.addr, s.len, s.dst);
         let end = offset.checked_add(data.len() as u64);
         let check = if !self.store.nodes.contains_key(dst) {
@@ -340,7 +340,7 @@ impl Controller {
         }
         s.acked += chunk.min(s.len - offset);
         s.inflight = s.inflight.saturating_sub(1);
-        s.deadline = self.now.add(self.cfg.op_timeout);
+        s.deadline = self.now.after(self.cfg.op_timeout);
         if s.acked >= s.len {
             self.finish_source(sk);
         } else {

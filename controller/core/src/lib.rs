@@ -83,7 +83,7 @@ pub struct Instant(pub u64);
 
 impl Instant {
     /// `self + d`, saturating.
-    pub fn add(self, d: Duration) -> Instant {
+    pub fn after(self, d: Duration) -> Instant {
         Instant(
             self.0
                 .saturating_add(d.as_nanos().min(u64::MAX as u128) as u64),

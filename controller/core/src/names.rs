@@ -118,7 +118,7 @@ impl Controller {
         }
         let deadline = self
             .now
-            .add(core::time::Duration::from_millis(wait_ms as u64));
+            .after(core::time::Duration::from_millis(wait_ms as u64));
         let k = self.waiters.insert(NameWaiter {
             name,
             origin,
