@@ -18,7 +18,7 @@
 //!
 //! The same frame works on byte streams (TCP: use [`FrameSplitter`]) and on
 //! message transports (shared-memory rings, RDMA SEND: one frame per
-//! message, decoded with `decode_frame`). Every body carries
+//! message, checked with [`frame_body`] then decoded). Every body carries
 //! [`PROTOCOL_VERSION`]; a different version decodes to
 //! [`DecodeError::BadVersion`].
 //!
