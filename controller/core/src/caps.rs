@@ -229,6 +229,20 @@ impl CapStore {
         (imms, caps)
     }
 
+    /// Whether any node on the chain to `key` binds arguments.
+    pub fn has_binds(&self, mut key: CapKey) -> bool {
+        while let Some(n) = self.nodes.get(key) {
+            if n.binds.is_some() {
+                return true;
+            }
+            match n.parent {
+                Some(p) => key = p,
+                None => return false,
+            }
+        }
+        false
+    }
+
     /// Collects the bound arguments of a Request node, root first.
     pub fn collect_binds(&self, key: CapKey, imms: &mut Vec<u8>, caps: &mut Vec<CapRef>) {
         let mut chain: Vec<CapKey> = Vec::new();

@@ -540,7 +540,7 @@ impl Controller {
 
     pub(crate) fn send_process(&mut self, proc: ProcessKey, msg: &ControllerMsg) {
         if let Some(p) = self.procs.get(proc) {
-            let mut frame = Vec::new();
+            let mut frame = Vec::with_capacity(frame_capacity_hint(msg));
             msg.encode(&mut frame);
             self.outputs.push_back(Output::Send {
                 to: Dest::Process(p.chan),
@@ -550,7 +550,10 @@ impl Controller {
     }
 
     fn send_link(&mut self, link: LinkId, msg: &PeerMsg) {
-        let mut frame = Vec::new();
+        let mut frame = Vec::with_capacity(match msg {
+            PeerMsg::CopyChunk { data, .. } => data.len() + 32,
+            _ => 128,
+        });
         msg.encode(&mut frame);
         self.metrics.peer_frames_out += 1;
         self.metrics.peer_bytes_out += frame.len() as u64;
@@ -1312,6 +1315,9 @@ impl Controller {
                 return self.answer(origin, Err(e));
             }
         };
+        if !self.store.has_binds(key) {
+            return self.finish_delivery(origin, owner, tag, imms, Vec::new(), caps);
+        }
         let mut all_imms = Vec::new();
         let mut bound = Vec::new();
         self.store.collect_binds(key, &mut all_imms, &mut bound);
@@ -1683,5 +1689,14 @@ impl Controller {
             Timer::Sink(k) => self.on_sink_timer(k),
             Timer::NameWaiter(k) => self.on_waiter_timer(k),
         }
+    }
+}
+
+/// A capacity that avoids reallocations while encoding `msg`.
+fn frame_capacity_hint(msg: &ControllerMsg) -> usize {
+    match msg {
+        ControllerMsg::Invocation { imms, caps, .. } => 24 + imms.len() + caps.len() * 14,
+        ControllerMsg::MemWrite { data, .. } => 32 + data.len(),
+        _ => 40,
     }
 }
