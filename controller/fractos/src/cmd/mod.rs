@@ -1,0 +1,24 @@
+//! One module per `fractos` subcommand.
+
+pub mod bench;
+pub mod down;
+pub mod image;
+pub mod up;
+
+use std::path::PathBuf;
+
+use fractos_qemu::build::Workspace;
+
+/// Default state directory of `fractos up` / `down`.
+pub fn default_state_dir() -> PathBuf {
+    Workspace::locate().target.join("fractos").join("up")
+}
+
+/// Formats a byte count for people.
+pub fn human_bytes(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{:.2} MiB", n as f64 / (1u64 << 20) as f64)
+    } else {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    }
+}

@@ -1,0 +1,148 @@
+//! `fractos up`: boot appliances and follow their serial logs.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use fractos_qemu::build::{self, Workspace};
+use fractos_qemu::cluster::{self, Cluster, ClusterSpec};
+use fractos_qemu::node::Accel;
+
+/// Options of `fractos up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Number of appliances (node ids 0..N).
+    #[arg(long, default_value_t = 1)]
+    pub nodes: u32,
+    /// CPU accelerator: tcg (works everywhere) or kvm (needs /dev/kvm).
+    #[arg(long, default_value = "tcg")]
+    pub accel: Accel,
+    /// RAM per appliance in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u32,
+    /// virtio-net NICs per appliance.
+    #[arg(long, default_value_t = 1)]
+    pub nics: u32,
+    /// Add an NVMe disk of this many MiB to every appliance (repeatable).
+    #[arg(long = "nvme", value_name = "MIB")]
+    pub nvme: Vec<u64>,
+    /// Extra kernel command line (e.g. "fractos.log=debug").
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Kernel ELF to boot [default: build it].
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Directory for serial logs, pidfiles and disks [default: <target>/fractos/up].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Seconds to wait for every node's ready line.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+    /// Exit once all nodes are ready, leaving them running (stop them with `fractos down`).
+    #[arg(long)]
+    pub detach: bool,
+}
+
+/// Runs `fractos up`.
+pub fn run(a: UpArgs) -> anyhow::Result<()> {
+    fractos_qemu::node::check_qemu()?;
+    let state_dir = a.state_dir.unwrap_or_else(super::default_state_dir);
+    let leftover = cluster::down(&state_dir)?;
+    for (name, pid) in leftover {
+        eprintln!("stopped leftover {name} (pid {pid}) from an earlier `fractos up`");
+    }
+    let kernel = match a.kernel {
+        Some(k) => k,
+        None => {
+            eprintln!("building kernel…");
+            build::build_kernel(&Workspace::locate())?
+        }
+    };
+    let spec = ClusterSpec {
+        nodes: a.nodes,
+        kernel,
+        cmdline: a.cmdline,
+        memory_mib: a.memory,
+        nics: a.nics,
+        nvme_mib: a.nvme,
+        accel: a.accel,
+        state_dir: state_dir.clone(),
+        die_with_parent: !a.detach,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || s.store(true, Ordering::SeqCst))
+        .context("installing Ctrl-C handler")?;
+
+    let mut c = Cluster::launch(&spec)?;
+    eprintln!(
+        "launched {} appliance(s) ({}, {} MiB each); serial logs in {}",
+        a.nodes,
+        a.accel.name(),
+        a.memory,
+        state_dir.display()
+    );
+    let mut offsets = vec![0u64; a.nodes as usize];
+    let ready = c.wait_ready(Duration::from_secs(a.timeout));
+    follow(&spec, &mut offsets)?;
+    let times = ready?;
+    for (i, t) in times.iter().enumerate() {
+        eprintln!("node{i} ready after {} ms", t.as_millis());
+    }
+    if a.detach {
+        // Keep QEMU running: forget the handles without killing.
+        for n in c.nodes() {
+            eprintln!("node {} runs as pid {}", n.spec().name, n.pid());
+        }
+        std::mem::forget(c);
+        eprintln!("detached; stop with `fractos down`");
+        return Ok(());
+    }
+    eprintln!("following serial logs; Ctrl-C stops all appliances");
+    while !stop.load(Ordering::SeqCst) {
+        follow(&spec, &mut offsets)?;
+        for n in c.nodes() {
+            if !n.is_running() {
+                let exit = n.wait_exit(Duration::from_secs(1))?;
+                eprintln!("{} exited: {exit}", n.spec().name);
+                follow(&spec, &mut offsets)?;
+                return Ok(());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("stopping appliances");
+    drop(c);
+    Ok(())
+}
+
+/// Prints new serial output of every node, prefixed with its name.
+fn follow(spec: &ClusterSpec, offsets: &mut [u64]) -> anyhow::Result<()> {
+    let multi = offsets.len() > 1;
+    let mut out = std::io::stdout().lock();
+    for (i, off) in offsets.iter_mut().enumerate() {
+        let path = spec.node(i as u32).serial_log;
+        let Ok(mut f) = std::fs::File::open(&path) else {
+            continue;
+        };
+        f.seek(SeekFrom::Start(*off))?;
+        let mut buf = String::new();
+        let n = f.read_to_string(&mut buf).unwrap_or(0);
+        // Only print whole lines; keep a partial line for next time.
+        let end = buf.rfind('\n').map(|p| p + 1).unwrap_or(0);
+        for line in buf[..end].lines() {
+            if multi {
+                writeln!(out, "node{i} | {line}")?;
+            } else {
+                writeln!(out, "{line}")?;
+            }
+        }
+        *off += if end == 0 && n > 0 { 0 } else { end as u64 };
+    }
+    out.flush()?;
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! The appliance configuration, parsed from the kernel command line.
+//!
+//! Options are `fractos.<key>=<value>` words; other words (for example ones
+//! a boot loader adds) are ignored. Recognised keys:
+//!
+//! | key | values | default |
+//! |---|---|---|
+//! | `fractos.log` | `off error warn info debug trace` | `info` |
+//! | `fractos.node` | node id, `u32` | `0` |
+//! | `fractos.test` | `exit pagefault divzero panic stackoverflow` | none |
+
+use log::LevelFilter;
+
+/// A test hook selected with `fractos.test=`: makes the kernel do something
+/// a test can observe from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestHook {
+    /// Exit QEMU with the success code right after the ready line.
+    Exit,
+    /// Read an unmapped address after the ready line (page fault).
+    PageFault,
+    /// Divide by zero after the ready line (divide error).
+    DivZero,
+    /// Panic after the ready line.
+    Panic,
+    /// Recurse until the boot stack's guard page is hit.
+    StackOverflow,
+}
+
+impl TestHook {
+    fn parse(v: &str) -> Option<Self> {
+        Some(match v {
+            "exit" => TestHook::Exit,
+            "pagefault" => TestHook::PageFault,
+            "divzero" => TestHook::DivZero,
+            "panic" => TestHook::Panic,
+            "stackoverflow" => TestHook::StackOverflow,
+            _ => return None,
+        })
+    }
+}
+
+/// A problem with one command-line word. The kernel logs it and goes on
+/// with the default for that option.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError<'a> {
+    /// `fractos.<key>` is not an option this kernel knows.
+    #[error(
+        "unknown option `{0}` ignored: known options are fractos.log, fractos.node, fractos.test"
+    )]
+    UnknownOption(&'a str),
+    /// The value does not parse.
+    #[error("bad value `{value}` for `{key}` ignored: expected {expected}")]
+    BadValue {
+        /// The option.
+        key: &'a str,
+        /// What was given.
+        value: &'a str,
+        /// What is accepted.
+        expected: &'static str,
+    },
+}
+
+/// The appliance configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Config {
+    /// Maximum log level on the serial console.
+    pub log_level: LevelFilter,
+    /// This appliance's node id in the cluster.
+    pub node: u32,
+    /// Test hook, if any.
+    pub test: Option<TestHook>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            log_level: LevelFilter::Info,
+            node: 0,
+            test: None,
+        }
+    }
+}
+
+impl Config {
+    /// Parses `cmdline`, calling `on_error` for every word it cannot use.
+    pub fn parse<'a>(cmdline: &'a str, mut on_error: impl FnMut(ConfigError<'a>)) -> Self {
+        let mut c = Config::default();
+        for word in cmdline.split_ascii_whitespace() {
+            let Some(rest) = word.strip_prefix("fractos.") else {
+                continue;
+            };
+            let (key, value) = match rest.split_once('=') {
+                Some((k, v)) => (&word[..k.len() + "fractos.".len()], v),
+                None => (word, ""),
+            };
+            let bad = |expected| ConfigError::BadValue {
+                key,
+                value,
+                expected,
+            };
+            match &key["fractos.".len()..] {
+                "log" => match value.parse::<LevelFilter>() {
+                    Ok(l) => c.log_level = l,
+                    Err(_) => on_error(bad("off, error, warn, info, debug or trace")),
+                },
+                "node" => match value.parse::<u32>() {
+                    Ok(n) => c.node = n,
+                    Err(_) => on_error(bad("a node id (0..=4294967295)")),
+                },
+                "test" => match TestHook::parse(value) {
+                    Some(t) => c.test = Some(t),
+                    None => on_error(bad("exit, pagefault, divzero, panic or stackoverflow")),
+                },
+                _ => on_error(ConfigError::UnknownOption(key)),
+            }
+        }
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_known_options_and_ignores_foreign_words() {
+        let mut errs = Vec::new();
+        let c = Config::parse(
+            "console=ttyS0 fractos.log=debug  fractos.node=7 fractos.test=divzero",
+            |e| errs.push(e),
+        );
+        assert!(errs.is_empty(), "{errs:?}");
+        assert_eq!(c.log_level, LevelFilter::Debug);
+        assert_eq!(c.node, 7);
+        assert_eq!(c.test, Some(TestHook::DivZero));
+        assert_eq!(Config::parse("", |_| panic!()), Config::default());
+    }
+
+    #[test]
+    fn reports_bad_words_and_keeps_defaults() {
+        let mut errs = Vec::new();
+        let c = Config::parse(
+            "fractos.log=loud fractos.node=-1 fractos.bogus=1 fractos.test",
+            |e| errs.push(e),
+        );
+        assert_eq!(c, Config::default());
+        assert_eq!(errs.len(), 4);
+        assert_eq!(errs[2], ConfigError::UnknownOption("fractos.bogus"));
+        assert!(matches!(
+            errs[0],
+            ConfigError::BadValue {
+                key: "fractos.log",
+                value: "loud",
+                ..
+            }
+        ));
+        assert!(errs[3].to_string().contains("expected exit, pagefault"));
+    }
+}

@@ -1,0 +1,81 @@
+//! The C symbols the precompiled host-target `core` expects (DESIGN.md §5).
+//!
+//! Written with `rep movsb`/`rep stosb` so the compiler cannot turn them
+//! back into calls to themselves.
+
+use core::arch::asm;
+
+/// # Safety
+/// Standard C `memcpy` contract: valid, non-overlapping ranges.
+#[no_mangle]
+pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees both ranges are valid for `n` bytes;
+    // DF is clear (SysV ABI).
+    unsafe {
+        asm!("rep movsb", inout("rcx") n => _, inout("rdi") dst => _, inout("rsi") src => _,
+             options(nostack, preserves_flags));
+    }
+    dst
+}
+
+/// # Safety
+/// Standard C `memmove` contract: valid ranges, may overlap.
+#[no_mangle]
+pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize).wrapping_add(n) {
+        // SAFETY: forward copy is correct when dst is below src or disjoint.
+        return unsafe { memcpy(dst, src, n) };
+    }
+    if n == 0 {
+        return dst;
+    }
+    // SAFETY: overlapping with dst above src: copy backwards from the last
+    // byte with DF set, then clear DF again as the ABI requires.
+    unsafe {
+        asm!("std", "rep movsb", "cld",
+             inout("rcx") n => _, inout("rdi") dst.add(n - 1) => _, inout("rsi") src.add(n - 1) => _,
+             options(nostack));
+    }
+    dst
+}
+
+/// # Safety
+/// Standard C `memset` contract.
+#[no_mangle]
+pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
+    // SAFETY: the caller guarantees `dst` is valid for `n` bytes.
+    unsafe {
+        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dst => _, in("al") c as u8,
+             options(nostack, preserves_flags));
+    }
+    dst
+}
+
+/// # Safety
+/// Standard C `memcmp` contract.
+#[no_mangle]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    let mut i = 0;
+    while i < n {
+        // SAFETY: `i < n` and both ranges are valid for `n` bytes.
+        let (x, y) = unsafe { (a.add(i).read(), b.add(i).read()) };
+        if x != y {
+            return i32::from(x) - i32::from(y);
+        }
+        i += 1;
+    }
+    0
+}
+
+/// # Safety
+/// Standard C `bcmp` contract.
+#[no_mangle]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: same contract as memcmp.
+    unsafe { memcmp(a, b, n) }
+}
+
+/// Referenced by the precompiled `core`'s unwind tables; never called
+/// (panic = "abort").
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}

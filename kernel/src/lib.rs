@@ -1,0 +1,17 @@
+//! Host-testable logic of the FractOS appliance kernel.
+//!
+//! The kernel binary (`src/main.rs`) owns everything that touches hardware;
+//! this library holds the parts whose correctness can be checked on the host:
+//! command-line parsing, exit codes, the frame allocator, PCI enumeration
+//! over an abstract configuration space, and fault-report decoding.
+#![cfg_attr(not(test), no_std)]
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+pub mod config;
+pub mod exit;
+pub mod fault;
+pub mod frames;
+pub mod pci;

@@ -1,0 +1,238 @@
+//! The FractOS appliance kernel.
+//!
+//! Entered from `fractos_loader`'s 32-bit stubs (PVH or Multiboot2) in long
+//! mode on the boot stack, with SSE on and the first 4 GiB identity-mapped.
+//! Boot order: serial → boot info → command line → logger → GDT/TSS/IDT →
+//! TSC → frames → heap → PCI → page tables → ready.
+#![no_std]
+#![no_main]
+#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
+
+extern crate alloc;
+
+mod hw;
+
+use alloc::vec::Vec;
+
+use fractos_kernel::config::{Config, TestHook};
+use fractos_kernel::exit::ExitReason;
+use fractos_kernel::frames::{FrameAllocator, FRAME_SIZE};
+use fractos_kernel::pci;
+use fractos_loader::{BootInfo, IdentityMapped};
+use linked_list_allocator::LockedHeap;
+use log::{debug, error, info, warn};
+
+use hw::{cpu, layout, paging, pio, serial, time};
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+/// Heap size: a quarter of usable RAM, between 1 and 64 MiB.
+fn heap_bytes(usable: u64) -> u64 {
+    (usable / 4).clamp(1 << 20, 64 << 20) & !(FRAME_SIZE - 1)
+}
+
+/// Rust entry, called by the boot stub (`fractos_loader` `entry.rs`).
+#[no_mangle]
+extern "C" fn fractos_kernel_entry(protocol: u32, magic: u32, info: u64) -> ! {
+    serial::init();
+    // SAFETY: the stub passes the loader's pointer unchanged; the first
+    // 4 GiB are identity-mapped and nothing else runs.
+    let boot = match unsafe { fractos_loader::from_entry(protocol, magic, info, &IdentityMapped) } {
+        Ok(b) => b,
+        Err(e) => {
+            kprintln!("fractos: boot failed: {e}");
+            pio::exit(ExitReason::BootFailed);
+        }
+    };
+    let config = Config::parse(boot.cmdline.as_str(), |_| {});
+    serial::init_logger(config.log_level);
+    cpu::init();
+    let (tsc_hz, tsc_src) = time::init();
+    info!(
+        "FractOS appliance kernel {} booting via {}",
+        env!("CARGO_PKG_VERSION"),
+        boot.protocol.name()
+    );
+    info!("cmdline: {:?}", boot.cmdline.as_str());
+    Config::parse(boot.cmdline.as_str(), |e| warn!("cmdline: {e}"));
+    info!(
+        "time: TSC {}.{:03} MHz ({:?})",
+        tsc_hz / 1_000_000,
+        (tsc_hz / 1000) % 1000,
+        tsc_src
+    );
+    debug!("cpu: GDT, TSS (3 IST stacks), IDT with 256 vectors loaded");
+
+    match run(&boot, &config) {
+        Ok(()) => {}
+        Err(e) => {
+            error!("boot failed: {e}");
+            pio::exit(ExitReason::BootFailed);
+        }
+    }
+    pio::halt_forever()
+}
+
+/// Errors that stop the boot.
+#[derive(Debug, thiserror::Error)]
+enum BootError {
+    #[error("frame allocator: {0}")]
+    Frames(#[from] fractos_kernel::frames::FrameError),
+    #[error("page tables: {0}")]
+    Paging(#[from] paging::PagingError),
+}
+
+fn run(boot: &BootInfo, config: &Config) -> Result<(), BootError> {
+    log_memory_map(boot);
+    if let Some(acpi) = &boot.acpi {
+        info!(
+            "acpi: RSDP rev {} oem {:?} rsdt {:#x} xsdt {:#x?}",
+            acpi.revision,
+            core::str::from_utf8(&acpi.oem_id).unwrap_or("?"),
+            acpi.rsdt_addr,
+            acpi.xsdt_addr
+        );
+    } else {
+        warn!("acpi: no RSDP found");
+    }
+
+    let kernel = (layout::kernel_start(), layout::kernel_end());
+    let mut frames = FrameAllocator::new(&boot.memory, &[(0, 0x10_0000), kernel])?;
+    let heap_len = heap_bytes(boot.memory.usable_bytes());
+    let heap = frames.alloc_contiguous(heap_len / FRAME_SIZE, FRAME_SIZE)?;
+    // SAFETY: `[heap, heap + heap_len)` is fresh usable RAM below the
+    // frame allocator's cursor, identity-mapped, and never handed out again.
+    unsafe { HEAP.lock().init(heap as *mut u8, heap_len as usize) };
+    info!(
+        "memory: kernel {:#x}-{:#x}, heap {} KiB at {:#x}",
+        kernel.0,
+        kernel.1,
+        heap_len / 1024,
+        heap
+    );
+
+    let devices = pci::enumerate(&pio::PortConfigAccess);
+    for d in &devices {
+        info!("pci: {d}");
+    }
+    info!("pci: {} functions", devices.len());
+    let mmio: Vec<(u64, u64)> = devices
+        .iter()
+        .flat_map(|d| d.memory_windows().map(|(_, a, s)| (a, s)))
+        .collect();
+
+    let g = cpu::ist_guards();
+    let guards = [layout::boot_stack_guard(), g[0], g[1], g[2]];
+    let stats = paging::init(&boot.memory, &mut frames, &guards, &mmio)?;
+    info!(
+        "paging: {} x 2MiB + {} x 4KiB pages, {} MMIO windows uncached, {} guard pages unmapped",
+        stats.huge, stats.small, stats.mmio_windows, stats.guards
+    );
+    info!(
+        "memory: {} frames allocated, {} MiB free",
+        frames.allocated_frames(),
+        frames.remaining_bytes() >> 20
+    );
+
+    let boot_us = time::now_ns() / 1000;
+    kprintln!(
+        "fractos: ready node={} boot_us={} protocol={}",
+        config.node,
+        boot_us,
+        boot.protocol.name()
+    );
+    run_test_hook(config.test);
+    Ok(())
+}
+
+fn log_memory_map(boot: &BootInfo) {
+    for r in boot.memory.regions() {
+        info!(
+            "memory: [{:#014x}-{:#014x}] {} ({} KiB)",
+            r.start,
+            r.end() - 1,
+            r.kind.name(),
+            r.len / 1024
+        );
+    }
+    if boot.memory.dropped() > 0 {
+        warn!(
+            "memory: {} regions dropped (map full)",
+            boot.memory.dropped()
+        );
+    }
+    info!(
+        "memory: {} MiB usable in {} regions",
+        boot.memory.usable_bytes() >> 20,
+        boot.memory.regions().len()
+    );
+}
+
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    let pad = core::hint::black_box([depth; 64]);
+    if core::hint::black_box(depth) == u64::MAX {
+        return 0;
+    }
+    recurse(depth + 1) + pad[depth as usize % 64]
+}
+
+fn run_test_hook(hook: Option<TestHook>) {
+    let Some(hook) = hook else { return };
+    info!("test hook: {hook:?}");
+    match hook {
+        TestHook::Exit => pio::exit(ExitReason::Success),
+        TestHook::PageFault => {
+            let p = core::hint::black_box(0x0000_7fff_dead_b000u64) as *const u64;
+            // SAFETY: deliberately unsound: this address is never mapped and
+            // the read must fault; the fault handler ends the run.
+            let v = unsafe { p.read_volatile() };
+            error!("read {v:#x} from an unmapped page without a fault");
+        }
+        TestHook::DivZero => {
+            let d = core::hint::black_box(0u32);
+            // SAFETY: `div` by zero raises #DE, which the IDT reports; no
+            // memory is touched.
+            unsafe {
+                core::arch::asm!("div {d:e}", d = in(reg) d, inout("eax") 1u32 => _,
+                                 inout("edx") 0u32 => _, options(nostack))
+            };
+            error!("divided by zero without a fault");
+        }
+        TestHook::Panic => panic!("test panic requested by fractos.test=panic"),
+        TestHook::StackOverflow => {
+            let r = recurse(core::hint::black_box(0));
+            error!("recursion returned {r} without hitting the guard page");
+        }
+    }
+    pio::exit(ExitReason::BootFailed)
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    use core::fmt::Write;
+    let mut out = serial::emergency();
+    let _ = writeln!(out, "\n!!! FRACTOS PANIC: {}", info.message());
+    if let Some(l) = info.location() {
+        let _ = writeln!(out, "    at {}:{}:{}", l.file(), l.line(), l.column());
+    }
+    let rsp: u64;
+    // SAFETY: reads the stack pointer only.
+    unsafe { core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack)) };
+    let mut words = [0u64; 64];
+    let n = cpu::stack_words(rsp, &mut words);
+    let (lo, hi) = (layout::text_start(), layout::text_end());
+    let _ = write!(out, "    rsp: {rsp:#x}\n    backtrace (stack scan):");
+    for w in words[..n].iter().filter(|&&w| w >= lo && w < hi) {
+        let _ = write!(out, " {w:#x}");
+    }
+    let r = ExitReason::Panic;
+    let _ = writeln!(
+        out,
+        "\n!!! exit code {:#x} (qemu status {})",
+        r.code(),
+        r.qemu_status()
+    );
+    pio::exit(r)
+}

@@ -1,0 +1,442 @@
+//! One appliance in one QEMU process.
+
+use std::fs;
+use std::io::{ErrorKind, Read};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::exit::KernelExit;
+use crate::{QemuError, QEMU};
+
+/// CPU accelerator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Accel {
+    /// Software emulation: works everywhere, ~10x slower.
+    #[default]
+    Tcg,
+    /// Linux KVM: needs `/dev/kvm`.
+    Kvm,
+}
+
+impl Accel {
+    /// QEMU's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Accel::Tcg => "tcg",
+            Accel::Kvm => "kvm",
+        }
+    }
+}
+
+impl std::str::FromStr for Accel {
+    type Err = QemuError;
+    fn from_str(s: &str) -> Result<Self, QemuError> {
+        match s {
+            "tcg" => Ok(Accel::Tcg),
+            "kvm" => Ok(Accel::Kvm),
+            other => Err(QemuError::Config(format!(
+                "unknown accelerator `{other}`: use `tcg` or `kvm`"
+            ))),
+        }
+    }
+}
+
+/// What QEMU boots.
+#[derive(Debug, Clone)]
+pub enum Boot {
+    /// The kernel ELF via PVH (`-kernel`), with this command line.
+    Elf {
+        /// Kernel ELF.
+        kernel: PathBuf,
+        /// Kernel command line (`-append`).
+        cmdline: String,
+    },
+    /// A bootable ISO via the firmware and GRUB (`-cdrom`); the command line
+    /// is baked into its `grub.cfg`.
+    Iso(PathBuf),
+    /// A Linux bzImage via `-kernel` (the boot benchmark's baseline).
+    Linux {
+        /// The bzImage.
+        kernel: PathBuf,
+        /// Kernel command line.
+        cmdline: String,
+    },
+}
+
+/// An emulated NVMe disk backed by a raw (sparse) file.
+#[derive(Debug, Clone)]
+pub struct NvmeDisk {
+    /// Backing file; created with `size_mib` if missing.
+    pub path: PathBuf,
+    /// Size when created.
+    pub size_mib: u64,
+}
+
+/// Everything needed to launch one appliance.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// Name used in logs and errors (e.g. `node0`).
+    pub name: String,
+    /// What to boot.
+    pub boot: Boot,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Number of virtio-net NICs (user-mode networking backends).
+    pub nics: u32,
+    /// NVMe disks.
+    pub nvme: Vec<NvmeDisk>,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Serial console output file.
+    pub serial_log: PathBuf,
+    /// Where QEMU writes its pid (for `fractos down`), if anywhere.
+    pub pidfile: Option<PathBuf>,
+    /// Index used to derive unique MAC addresses in a cluster.
+    pub index: u32,
+    /// Kill QEMU when the thread that launched it dies (default). Turn off
+    /// only for appliances meant to outlive the launcher (`fractos up
+    /// --detach`), which must then be stopped with [`crate::cluster::down`].
+    pub die_with_parent: bool,
+}
+
+impl NodeSpec {
+    /// A node booting `kernel` via PVH, 128 MiB, no devices, TCG, logging to
+    /// `serial_log`.
+    pub fn pvh(name: &str, kernel: &Path, cmdline: &str, serial_log: &Path) -> Self {
+        NodeSpec {
+            name: name.to_string(),
+            boot: Boot::Elf {
+                kernel: kernel.to_path_buf(),
+                cmdline: cmdline.to_string(),
+            },
+            memory_mib: 128,
+            nics: 0,
+            nvme: Vec::new(),
+            accel: Accel::Tcg,
+            serial_log: serial_log.to_path_buf(),
+            pidfile: None,
+            index: 0,
+            die_with_parent: true,
+        }
+    }
+
+    /// The QEMU arguments for this node.
+    pub fn args(&self) -> Vec<String> {
+        let mut a: Vec<String> = [
+            "-machine",
+            "pc",
+            "-nodefaults",
+            "-no-reboot",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.push("-accel".into());
+        a.push(self.accel.name().into());
+        if self.accel == Accel::Kvm {
+            a.extend(["-cpu".into(), "host".into()]);
+        }
+        a.extend(["-m".into(), format!("{}M", self.memory_mib)]);
+        a.extend([
+            "-serial".into(),
+            format!("file:{}", self.serial_log.display()),
+        ]);
+        if let Some(p) = &self.pidfile {
+            a.extend(["-pidfile".into(), p.display().to_string()]);
+        }
+        match &self.boot {
+            Boot::Elf { kernel, cmdline } | Boot::Linux { kernel, cmdline } => {
+                a.extend(["-kernel".into(), kernel.display().to_string()]);
+                a.extend(["-append".into(), cmdline.clone()]);
+            }
+            Boot::Iso(iso) => {
+                a.extend(["-cdrom".into(), iso.display().to_string()]);
+                a.extend(["-boot".into(), "d".into()]);
+            }
+        }
+        for n in 0..self.nics {
+            a.extend([
+                "-netdev".into(),
+                format!("user,id=net{n}"),
+                "-device".into(),
+                format!(
+                    "virtio-net-pci,netdev=net{n},disable-legacy=on,mac=52:54:00:fa:{:02x}:{:02x}",
+                    self.index & 0xff,
+                    n & 0xff
+                ),
+            ]);
+        }
+        for (i, d) in self.nvme.iter().enumerate() {
+            a.extend([
+                "-drive".into(),
+                format!("file={},if=none,id=nvme{i},format=raw", d.path.display()),
+                "-device".into(),
+                format!("nvme,serial=fractos{}n{i},drive=nvme{i}", self.index),
+            ]);
+        }
+        a
+    }
+}
+
+/// Fails with [`QemuError::QemuMissing`] unless QEMU can be run.
+pub fn check_qemu() -> Result<(), QemuError> {
+    match Command::new(QEMU)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Err(QemuError::QemuMissing {
+            binary: QEMU.to_string(),
+        }),
+        Err(e) => Err(QemuError::io("running", QEMU)(e)),
+    }
+}
+
+/// A running appliance. Dropping it kills QEMU (its whole process group).
+#[derive(Debug)]
+pub struct Appliance {
+    spec: NodeSpec,
+    child: Child,
+    started: Instant,
+    exit: Option<KernelExit>,
+}
+
+impl Appliance {
+    /// Starts QEMU for `spec` (creating NVMe backing files and truncating
+    /// the serial log).
+    pub fn launch(spec: NodeSpec) -> Result<Self, QemuError> {
+        if spec.accel == Accel::Kvm && !Path::new("/dev/kvm").exists() {
+            return Err(QemuError::Config(
+                "--accel kvm needs /dev/kvm; use --accel tcg on this machine".into(),
+            ));
+        }
+        for d in &spec.nvme {
+            if !d.path.exists() {
+                let f = fs::File::create(&d.path).map_err(QemuError::io("creating", &d.path))?;
+                f.set_len(d.size_mib << 20)
+                    .map_err(QemuError::io("sizing", &d.path))?;
+            }
+        }
+        if let Some(dir) = spec.serial_log.parent() {
+            fs::create_dir_all(dir).map_err(QemuError::io("creating", dir))?;
+        }
+        fs::write(&spec.serial_log, b"").map_err(QemuError::io("creating", &spec.serial_log))?;
+        let mut cmd = Command::new(QEMU);
+        cmd.args(spec.args())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        if spec.die_with_parent {
+            // SAFETY: the closure runs in the forked child before exec and
+            // only calls prctl(2), which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(|| {
+                    // Die with the thread that started us, so even a
+                    // SIGKILLed test run leaves no QEMU behind.
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().map_err(|e| match e.kind() {
+            ErrorKind::NotFound => QemuError::QemuMissing {
+                binary: QEMU.to_string(),
+            },
+            _ => QemuError::io("starting", QEMU)(e),
+        })?;
+        Ok(Appliance {
+            spec,
+            child,
+            started: Instant::now(),
+            exit: None,
+        })
+    }
+
+    /// The spec this node was launched with.
+    pub fn spec(&self) -> &NodeSpec {
+        &self.spec
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The serial log so far.
+    pub fn log(&self) -> String {
+        fs::read(&self.spec.serial_log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn tail(&self) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let from = lines.len().saturating_sub(20);
+        lines[from..].join("\n")
+    }
+
+    fn poll_exit(&mut self) -> Result<Option<KernelExit>, QemuError> {
+        if self.exit.is_none() {
+            if let Some(st) = self
+                .child
+                .try_wait()
+                .map_err(QemuError::io("waiting for", QEMU))?
+            {
+                self.exit = Some(KernelExit::from_status(st));
+            }
+        }
+        Ok(self.exit)
+    }
+
+    /// Waits until the serial log contains `marker`; returns the time since
+    /// launch. Fails if QEMU exits first or `timeout` passes.
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<Duration, QemuError> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = 0usize;
+        let mut buf = Vec::new();
+        loop {
+            if let Ok(mut f) = fs::File::open(&self.spec.serial_log) {
+                buf.clear();
+                let _ = f.read_to_end(&mut buf);
+                // Search only the new part (plus overlap for a split marker).
+                let from = seen.saturating_sub(marker.len());
+                if buf.len() > from && String::from_utf8_lossy(&buf[from..]).contains(marker) {
+                    return Ok(self.started.elapsed());
+                }
+                seen = buf.len();
+            }
+            if let Some(exit) = self.poll_exit()? {
+                // One last look: QEMU may have written and exited at once.
+                if self.log().contains(marker) {
+                    return Ok(self.started.elapsed());
+                }
+                return Err(QemuError::ExitedEarly {
+                    node: self.spec.name.clone(),
+                    marker: marker.to_string(),
+                    exit,
+                    log: self.spec.serial_log.clone(),
+                    tail: self.tail_with_stderr(),
+                });
+            }
+            if Instant::now() >= deadline {
+                return Err(QemuError::Timeout {
+                    node: self.spec.name.clone(),
+                    marker: marker.to_string(),
+                    timeout,
+                    log: self.spec.serial_log.clone(),
+                    tail: self.tail(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn tail_with_stderr(&mut self) -> String {
+        let mut t = self.tail();
+        if let Some(mut e) = self.child.stderr.take() {
+            let mut s = String::new();
+            let _ = e.read_to_string(&mut s);
+            if !s.trim().is_empty() {
+                t.push_str("\n[qemu stderr] ");
+                t.push_str(s.trim());
+            }
+        }
+        t
+    }
+
+    /// Waits for QEMU to exit by itself and decodes the status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<KernelExit, QemuError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self.poll_exit()? {
+                return Ok(e);
+            }
+            if Instant::now() >= deadline {
+                return Err(QemuError::Timeout {
+                    node: self.spec.name.clone(),
+                    marker: "QEMU exit".into(),
+                    timeout,
+                    log: self.spec.serial_log.clone(),
+                    tail: self.tail(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Whether QEMU is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.poll_exit(), Ok(None))
+    }
+
+    /// Kills QEMU (its process group) and reaps it. Idempotent.
+    pub fn kill(&mut self) {
+        if self.exit.is_none() {
+            let pgid = self.child.id() as i32;
+            // SAFETY: kill(2) on our own child's process group (created with
+            // process_group(0), so pgid == pid); no memory is involved.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
+            }
+            if let Ok(st) = self.child.wait() {
+                self.exit = Some(KernelExit::from_status(st));
+            }
+        }
+        if let Some(p) = &self.spec.pidfile {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_describe_devices() {
+        let mut s = NodeSpec::pvh(
+            "n",
+            Path::new("/k"),
+            "fractos.node=1",
+            Path::new("/tmp/s.log"),
+        );
+        s.nics = 2;
+        s.index = 3;
+        s.memory_mib = 256;
+        s.nvme.push(NvmeDisk {
+            path: "/tmp/d.img".into(),
+            size_mib: 8,
+        });
+        let a = s.args().join(" ");
+        assert!(a.contains("-m 256M"), "{a}");
+        assert!(a.contains("-kernel /k -append fractos.node=1"), "{a}");
+        assert!(
+            a.contains("virtio-net-pci,netdev=net1,disable-legacy=on,mac=52:54:00:fa:03:01"),
+            "{a}"
+        );
+        assert!(a.contains("nvme,serial=fractos3n0,drive=nvme0"), "{a}");
+        assert!(a.contains("-serial file:/tmp/s.log"), "{a}");
+        assert!(a.contains("isa-debug-exit,iobase=0xf4,iosize=0x04"), "{a}");
+        assert!(a.contains("-accel tcg"), "{a}");
+        assert!("kvm".parse::<Accel>().is_ok());
+        assert!("xen".parse::<Accel>().is_err());
+    }
+}
