@@ -44,7 +44,11 @@ pub(crate) struct Process {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Origin {
     /// A local process's operation.
-    Proc { proc: ProcessKey, op: u64 },
+    Proc {
+        proc: ProcessKey,
+        op: u64,
+        started: Instant,
+    },
     /// A peer's request.
     Peer { node: NodeId, req: u64 },
 }
@@ -77,8 +81,7 @@ struct Call {
 /// What to do once every capability of an acquisition is held.
 pub(crate) enum Then {
     RequestCreate {
-        proc: ProcessKey,
-        op: u64,
+        origin: Origin,
         tag: u64,
         imms: Vec<u8>,
     },
@@ -117,11 +120,8 @@ pub(crate) enum Then {
 impl Then {
     fn origin(&self) -> Origin {
         match self {
-            Then::RequestCreate { proc, op, .. } => Origin::Proc {
-                proc: *proc,
-                op: *op,
-            },
-            Then::Derive { origin, .. }
+            Then::RequestCreate { origin, .. }
+            | Then::Derive { origin, .. }
             | Then::Invoke { origin, .. }
             | Then::Monitor { origin, .. }
             | Then::Publish { origin, .. }
@@ -687,7 +687,9 @@ impl Controller {
     pub(crate) fn answer(&mut self, origin: Origin, result: Result<PeerReply, ErrorCode>) {
         match origin {
             Origin::Peer { node, req } => self.send_peer(node, PeerMsg::Reply { req, result }),
-            Origin::Proc { proc, op } => {
+            Origin::Proc { proc, op, started } => {
+                let micros = self.now.0.saturating_sub(started.0) / 1000;
+                self.metrics.latency(micros);
                 if !self.procs.contains_key(proc) {
                     if let Ok(PeerReply::Cap { cap, .. }) = result {
                         self.release_ref(cap);
@@ -790,7 +792,11 @@ impl Controller {
                     return self.reject_op(proc, op, ErrorCode::LimitReached);
                 }
                 self.procs[proc].pending += 1;
-                let origin = Origin::Proc { proc, op };
+                let origin = Origin::Proc {
+                    proc,
+                    op,
+                    started: self.now,
+                };
                 if let Err(e) = self.start_op(proc, origin, op_msg) {
                     self.answer(origin, Err(e));
                 }
@@ -867,24 +873,12 @@ impl Controller {
                 self.call(e.cap.node, body, Waiter::Answer(origin));
             }
             ProcessMsg::RequestCreate {
-                op,
-                tag,
-                imms,
-                caps,
+                tag, imms, caps, ..
             } => {
                 self.metrics.op(OpKind::RequestCreate);
                 let caps = self.entries(proc, &caps)?;
                 let node = self.cfg.node;
-                self.acquire(
-                    caps,
-                    node,
-                    Then::RequestCreate {
-                        proc,
-                        op,
-                        tag,
-                        imms,
-                    },
-                );
+                self.acquire(caps, node, Then::RequestCreate { origin, tag, imms });
             }
             ProcessMsg::Derive {
                 cap, imms, caps, ..
@@ -1181,13 +1175,10 @@ impl Controller {
 
     fn run_then(&mut self, then: Then, caps: Vec<(CapRef, CapInfo)>) {
         match then {
-            Then::RequestCreate {
-                proc,
-                op,
-                tag,
-                imms,
-            } => {
-                let origin = Origin::Proc { proc, op };
+            Then::RequestCreate { origin, tag, imms } => {
+                let Origin::Proc { proc, .. } = origin else {
+                    unreachable!("request creation always comes from a local process")
+                };
                 if !self.procs.contains_key(proc) {
                     for (c, _) in caps {
                         self.release_ref(c);

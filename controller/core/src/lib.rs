@@ -59,7 +59,7 @@ mod table;
 
 pub use auth::process_token;
 pub use controller::{CapDebug, Controller};
-pub use metrics::{Metrics, OpKind};
+pub use metrics::{Metrics, OpKind, LATENCY_BUCKETS};
 
 use core::time::Duration;
 

@@ -79,11 +79,24 @@ pub struct Metrics {
     pub peer_bytes_in: u64,
     /// Process channels closed for misbehaviour.
     pub processes_kicked: u64,
+    /// Operation latency histogram as seen by the core (arrival to answer),
+    /// bucket `i` counts latencies below `2^i` microseconds (last: the rest).
+    pub latency_us_buckets: [u64; LATENCY_BUCKETS],
+    /// Sum of all recorded latencies in microseconds.
+    pub latency_us_sum: u64,
 }
+
+/// Number of latency histogram buckets (1 µs … 2^22 µs ≈ 4 s, then +Inf).
+pub const LATENCY_BUCKETS: usize = 24;
 
 impl Metrics {
     pub(crate) fn op(&mut self, k: OpKind) {
         self.ops[k as usize] += 1;
+    }
+    pub(crate) fn latency(&mut self, micros: u64) {
+        let i = (64 - micros.leading_zeros() as usize).min(LATENCY_BUCKETS - 1);
+        self.latency_us_buckets[i] += 1;
+        self.latency_us_sum += micros;
     }
     pub(crate) fn error(&mut self, e: ErrorCode) {
         if let Some(c) = self.errors.get_mut(e as usize) {

@@ -846,3 +846,21 @@ fn delivery_to_a_full_table_fails_with_limit_reached() {
     assert!(net.invocations(server).is_empty());
     net.check();
 }
+
+#[test]
+fn garbage_on_a_peer_link_closes_only_that_link() {
+    let mut net = Net::new(3);
+    let a = net.attach(0, "a");
+    let c = net.attach(2, "c");
+    let r = req(&mut net, c, 1, &[], vec![]);
+    let at_a = share(&mut net, c, r, a, "r");
+    net.send_link_raw(0, 1, &[1, 99, 0, 0]);
+    assert!(net.closed_links.contains(&(0, 1, CloseReason::Malformed)));
+    assert_eq!(
+        net.ctrls[0].stats().peers,
+        1,
+        "only the link to node 2 survives"
+    );
+    assert_eq!(invoke(&mut net, a, at_a, b"", vec![]), Ok(Reply::Done));
+    net.check();
+}

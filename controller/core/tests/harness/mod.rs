@@ -158,6 +158,12 @@ impl Net {
         self.run();
     }
 
+    /// Delivers a raw frame body to controller `to` as if sent by `from`.
+    pub fn send_link_raw(&mut self, to: usize, from: usize, body: &[u8]) {
+        self.ctrls[to].link_message(self.now, fractos_core::LinkId(from as u64), body);
+        self.run();
+    }
+
     /// Disconnects a process.
     pub fn exit(&mut self, p: usize) {
         let (node, chan) = (self.procs[p].node, self.procs[p].chan);
