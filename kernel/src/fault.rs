@@ -138,6 +138,22 @@ impl Landmarks {
     }
 }
 
+/// Most return-address candidates a report prints.
+pub const MAX_BACKTRACE: usize = 24;
+
+/// Words of `stack` that point into `text` (likely return addresses), with
+/// consecutive repeats dropped, at most [`MAX_BACKTRACE`].
+pub fn return_addresses(stack: &[u64], text: (u64, u64)) -> impl Iterator<Item = u64> + '_ {
+    let (lo, hi) = text;
+    let mut last = None;
+    stack
+        .iter()
+        .copied()
+        .filter(move |&v| v >= lo && v < hi)
+        .filter(move |&v| last.replace(v) != Some(v))
+        .take(MAX_BACKTRACE)
+}
+
 /// Writes the fault report for `frame`. `stack` holds the words at the
 /// faulting RSP (as many as could be read safely); the ones inside
 /// [`Landmarks::text`] are printed as a stack-scan backtrace.
@@ -189,8 +205,7 @@ pub fn write_report(
         frame.r10, frame.r11, frame.r12, frame.r13, frame.r14, frame.r15
     )?;
     write!(w, "    backtrace (stack scan from rsp): {:#x}", frame.rip)?;
-    let (lo, hi) = marks.text;
-    for &word in stack.iter().filter(|&&v| v >= lo && v < hi) {
+    for word in return_addresses(stack, marks.text) {
         write!(w, " <- {word:#x}")?;
     }
     writeln!(w)?;
@@ -247,7 +262,7 @@ mod tests {
             &mut s,
             &frame,
             0x1ff_008,
-            &[7, 0x10_4444, 0x99_0000],
+            &[7, 0x10_4444, 0x10_4444, 0x99_0000, 0x10_5555],
             &marks,
         )
         .unwrap();
@@ -260,7 +275,7 @@ mod tests {
             s.contains("guard page of boot stack: stack overflow"),
             "{s}"
         );
-        assert!(s.contains("0x102345 <- 0x104444\n"), "{s}");
+        assert!(s.contains("0x102345 <- 0x104444 <- 0x105555\n"), "{s}");
         assert!(s.contains("exit code 0x2e (qemu status 93)"), "{s}");
     }
 }

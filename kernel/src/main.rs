@@ -217,14 +217,13 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     if let Some(l) = info.location() {
         let _ = writeln!(out, "    at {}:{}:{}", l.file(), l.line(), l.column());
     }
-    let rsp: u64;
-    // SAFETY: reads the stack pointer only.
-    unsafe { core::arch::asm!("mov {}, rsp", out(reg) rsp, options(nomem, nostack)) };
-    let mut words = [0u64; 64];
-    let n = cpu::stack_words(rsp, &mut words);
-    let (lo, hi) = (layout::text_start(), layout::text_end());
-    let _ = write!(out, "    rsp: {rsp:#x}\n    backtrace (stack scan):");
-    for w in words[..n].iter().filter(|&&w| w >= lo && w < hi) {
+    let mut words = [0u64; cpu::SCAN_WORDS];
+    // Scan the caller frames, above this handler's own buffer.
+    let from = (&raw const words) as u64 + core::mem::size_of_val(&words) as u64;
+    let n = cpu::stack_words(from, &mut words);
+    let text = (layout::text_start(), layout::text_end());
+    let _ = write!(out, "    stack: {from:#x}\n    backtrace (stack scan):");
+    for w in fractos_kernel::fault::return_addresses(&words[..n], text) {
         let _ = write!(out, " {w:#x}");
     }
     let r = ExitReason::Panic;

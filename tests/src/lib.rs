@@ -40,14 +40,32 @@ pub fn iso(cmdline: &str) -> PathBuf {
     }
 }
 
-/// A fresh scratch directory for one test.
+/// A fresh scratch directory for one test (`<target>/fractos-tests/<pid>-<test>`,
+/// kept after the run for its serial logs). Directories of earlier test
+/// processes that are no longer running are removed on first use.
 pub fn scratch(test: &str) -> PathBuf {
-    let dir = Workspace::locate()
-        .target
-        .join("fractos-tests")
-        .join(format!("{}-{test}", std::process::id()));
+    let root = Workspace::locate().target.join("fractos-tests");
+    static CLEANED: OnceLock<()> = OnceLock::new();
+    CLEANED.get_or_init(|| remove_stale(&root));
+    let dir = root.join(format!("{}-{test}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
     dir
+}
+
+fn remove_stale(root: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid {
+            if pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
 }
 
 /// A parsed `memory: [start-end] kind (N KiB)` boot-log line.

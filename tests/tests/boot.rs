@@ -95,7 +95,11 @@ fn pvh_boots_with_devices_and_exits_cleanly() {
     // QEMU NVMe: class 01.08.02, 64-bit BAR0.
     let nvme = find_pci(&pci, "1b36:0010");
     assert!(nvme.contains("class 01.08.02"), "{nvme}");
-    assert!(nvme.contains("bar0=mem64:"), "{nvme}");
+    // QEMU 7.2's NVMe BAR0 (registers + doorbells + MSI-X) is 16 KiB.
+    assert!(
+        nvme.contains("bar0=mem64:") && nvme.contains("+0x4000"),
+        "{nvme}"
+    );
     assert_eq!(
         pci.iter()
             .filter(|l| l.contains("1af4:") || l.contains("1b36:"))
@@ -181,6 +185,7 @@ fn panic_prints_report_and_panic_code() {
         "{log}"
     );
     assert!(log.contains("kernel/src/main.rs:"), "{log}");
+    assert!(log.contains("backtrace (stack scan): 0x"), "{log}");
     assert!(log.contains("qemu status 35"), "{log}");
 }
 

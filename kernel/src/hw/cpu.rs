@@ -191,8 +191,12 @@ pub fn landmarks() -> Landmarks {
     }
 }
 
-/// Collects up to 64 words from `rsp` if it lies inside a known stack.
-pub fn stack_words(rsp: u64, out: &mut [u64; 64]) -> usize {
+/// Words of stack scanned for return addresses.
+pub const SCAN_WORDS: usize = 512;
+
+/// Collects up to [`SCAN_WORDS`] words from `rsp` if it lies inside a known
+/// stack.
+pub fn stack_words(rsp: u64, out: &mut [u64; SCAN_WORDS]) -> usize {
     let Some(top) = readable_stack(rsp) else {
         return 0;
     };
@@ -219,7 +223,7 @@ extern "C" fn fractos_trap(frame: &TrapFrame) -> ! {
         super::pio::exit(reason);
     }
     let cr2 = x86_64::registers::control::Cr2::read_raw();
-    let mut words = [0u64; 64];
+    let mut words = [0u64; SCAN_WORDS];
     let n = stack_words(frame.rsp, &mut words);
     let _ = fault::write_report(&mut out, frame, cr2, &words[..n], &landmarks());
     super::pio::exit(reason)

@@ -36,7 +36,7 @@ pub struct BootArgs {
     #[arg(long, default_value = "tcg")]
     pub accel: Accel,
     /// Linux bzImage for the baseline [default: fetch Debian's
-    /// linux-image-amd64 with apt-get download into <target>/linux].
+    /// linux-image-amd64 with apt-get download into target/linux].
     #[arg(long)]
     pub linux_kernel: Option<PathBuf>,
 }
@@ -123,8 +123,8 @@ fn boot(a: BootArgs) -> anyhow::Result<()> {
         "runs": a.runs,
         "accel": a.accel.name(),
         "memory_mib": a.memory,
-        "fractos_ms": f,
-        "linux_ms": l,
+        "fractos_ms": f.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>(),
+        "linux_ms": l.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>(),
         "linux_kernel": linux.display().to_string(),
         "linux_marker": LINUX_MARKER,
     });

@@ -19,7 +19,7 @@ pub enum ImageCommand {
 /// Options of `fractos image build`.
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// Output directory [default: <target>/images].
+    /// Output directory [default: target/images].
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Kernel command line baked into the ISO's grub.cfg.
@@ -39,7 +39,7 @@ pub struct Images {
     pub iso_bytes: u64,
 }
 
-/// Builds both images into `out` (default `<target>/images`).
+/// Builds both images into `out` (default `target/images`).
 pub fn build_images(out: Option<PathBuf>, cmdline: &str) -> anyhow::Result<Images> {
     let ws = Workspace::locate();
     let out = out.unwrap_or_else(|| ws.images_dir());
