@@ -256,6 +256,16 @@ impl Controller {
         &self.cfg
     }
 
+    /// The authenticated peer behind a link, if any.
+    pub fn link_peer(&self, link: LinkId) -> Option<NodeId> {
+        let l = self.links.get(&link)?;
+        if l.authed {
+            l.hello.map(|h| h.0)
+        } else {
+            None
+        }
+    }
+
     /// Counters since start.
     pub fn metrics(&self) -> &Metrics {
         &self.metrics

@@ -1,0 +1,116 @@
+//! The hosted FractOS controller: the sans-IO [`fractos_core::Controller`]
+//! driven by real TCP sockets on Linux.
+//!
+//! One task owns the core and is the only place state changes; per-socket
+//! reader tasks split frames and feed it through a bounded queue (so a
+//! flooding peer meets TCP backpressure), per-socket writer tasks send what
+//! the core emits. Timers come from the core's `poll_timeout`.
+//!
+//! * process channels: TCP on `process_listen`;
+//! * peer controllers: TCP on `peer_listen`; the controller with the lower
+//!   node id dials, the other accepts; dropped links are re-dialled with
+//!   backoff;
+//! * metrics: Prometheus text format over HTTP on `metrics_listen`
+//!   (`GET /metrics`);
+//! * traffic accounting per link and per process channel
+//!   ([`Running::traffic`]).
+//!
+//! [`spawn`] runs a controller on its own thread (tests, the embedded demo);
+//! [`run`] runs it on the caller's tokio runtime until a shutdown future
+//! resolves (the `fractos controller` command).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod config;
+mod driver;
+mod metrics;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+pub use config::FileConfig;
+pub use driver::{run, spawn, LinkTraffic, Running, Traffic};
+use fractos_core::Limits;
+use fractos_wire::NodeId;
+
+/// Configuration of a hosted controller.
+#[derive(Clone, Debug)]
+pub struct HostedConfig {
+    /// This controller's cluster-unique id.
+    pub node: NodeId,
+    /// Shared cluster secret (peers' authentication, process tokens).
+    pub cluster_key: [u8; 32],
+    /// Where processes connect (port 0: any free port).
+    pub process_listen: SocketAddr,
+    /// Where peer controllers connect.
+    pub peer_listen: SocketAddr,
+    /// Where `GET /metrics` is served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Peer controllers and their peer addresses.
+    pub peers: Vec<(NodeId, SocketAddr)>,
+    /// Every controller of the cluster (homes of names). Empty: this node
+    /// plus `peers`.
+    pub members: Vec<NodeId>,
+    /// Resource limits.
+    pub limits: Limits,
+    /// How long a request to a peer may stay unanswered.
+    pub op_timeout: Duration,
+    /// Heartbeat interval on peer links.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a peer is declared lost.
+    pub peer_timeout: Duration,
+    /// Bytes per copy chunk.
+    pub copy_chunk: usize,
+    /// Copy chunks in flight per copy.
+    pub copy_window: usize,
+    /// Bytes queued towards one socket before it is considered stuck and
+    /// closed.
+    pub max_queued_bytes: usize,
+}
+
+impl HostedConfig {
+    /// Defaults for a single local controller on loopback with ephemeral
+    /// ports.
+    pub fn local(node: NodeId, cluster_key: [u8; 32]) -> Self {
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+        let defaults = fractos_core::Config::new(node, 0, cluster_key);
+        HostedConfig {
+            node,
+            cluster_key,
+            process_listen: any,
+            peer_listen: any,
+            metrics_listen: None,
+            peers: Vec::new(),
+            members: Vec::new(),
+            limits: Limits::default(),
+            op_timeout: defaults.op_timeout,
+            heartbeat_interval: defaults.heartbeat_interval,
+            peer_timeout: defaults.peer_timeout,
+            copy_chunk: defaults.copy_chunk,
+            copy_window: defaults.copy_window,
+            max_queued_bytes: 64 << 20,
+        }
+    }
+}
+
+/// Errors of the hosted controller.
+#[derive(Debug, thiserror::Error)]
+pub enum HostedError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}; pick a free address or port")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The tokio runtime could not start.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The configuration file is unreadable or invalid.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The controller task is gone.
+    #[error("the controller has stopped")]
+    Stopped,
+}

@@ -1,0 +1,388 @@
+//! The hosted controller over real sockets: attach, cross-node invoke and
+//! copy, metrics, traffic accounting, and misbehaving processes.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use fractos_core::process_token;
+use fractos_hosted::{spawn, HostedConfig, Running};
+use fractos_wire::{
+    frame_body, ControllerMsg, ErrorCode, Handle, NodeId, ProcessMsg, Reply, Rights, MAX_FRAME_LEN,
+};
+
+const KEY: [u8; 32] = [3; 32];
+
+/// A minimal raw process: speaks the wire protocol and serves its memory.
+struct RawProc {
+    s: TcpStream,
+    buf: Vec<u8>,
+    memory: Vec<u8>,
+    inbox: Vec<ControllerMsg>,
+    next_op: u64,
+}
+
+impl RawProc {
+    fn connect(addr: SocketAddr) -> RawProc {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        RawProc {
+            s,
+            buf: Vec::new(),
+            memory: (0..200_000u32).map(|i| (i % 251) as u8).collect(),
+            inbox: Vec::new(),
+            next_op: 1,
+        }
+    }
+
+    fn attach(addr: SocketAddr, name: &str) -> RawProc {
+        let mut p = RawProc::connect(addr);
+        p.send(&ProcessMsg::Attach {
+            name: name.into(),
+            token: process_token(&KEY, name.as_bytes()),
+        });
+        match p.recv() {
+            Some(ControllerMsg::Attached { .. }) => p,
+            other => panic!("attach failed: {other:?}"),
+        }
+    }
+
+    fn send(&mut self, m: &ProcessMsg) {
+        let mut f = Vec::new();
+        m.encode(&mut f);
+        self.s.write_all(&f).unwrap();
+    }
+
+    /// Next message that is not a memory access (those are served here).
+    fn recv(&mut self) -> Option<ControllerMsg> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_le_bytes(self.buf[..4].try_into().unwrap()) as usize;
+                if self.buf.len() >= 4 + len {
+                    let frame: Vec<u8> = self.buf.drain(..4 + len).collect();
+                    let msg =
+                        ControllerMsg::decode(frame_body(&frame, MAX_FRAME_LEN).unwrap()).unwrap();
+                    match msg {
+                        ControllerMsg::MemRead { xfer, addr, len } => {
+                            let data =
+                                self.memory[addr as usize..addr as usize + len as usize].to_vec();
+                            self.send(&ProcessMsg::MemReadReply {
+                                xfer,
+                                result: Ok(data),
+                            });
+                        }
+                        ControllerMsg::MemWrite { xfer, addr, data } => {
+                            self.memory[addr as usize..addr as usize + data.len()]
+                                .copy_from_slice(&data);
+                            self.send(&ProcessMsg::MemWriteReply {
+                                xfer,
+                                result: Ok(()),
+                            });
+                        }
+                        m => return Some(m),
+                    }
+                    continue;
+                }
+            }
+            let mut chunk = [0u8; 65536];
+            match self.s.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    fn op(&mut self, make: impl FnOnce(u64) -> ProcessMsg) -> Result<Reply, ErrorCode> {
+        let op = self.next_op;
+        self.next_op += 1;
+        self.send(&make(op));
+        if let Some(pos) = self
+            .inbox
+            .iter()
+            .position(|m| matches!(m, ControllerMsg::Completion { op: o, .. } if *o == op))
+        {
+            if let ControllerMsg::Completion { result, .. } = self.inbox.remove(pos) {
+                return result;
+            }
+        }
+        loop {
+            match self.recv() {
+                Some(ControllerMsg::Completion { op: o, result }) if o == op => return result,
+                Some(m) => self.inbox.push(m),
+                None => panic!("channel closed while waiting for op {op}"),
+            }
+        }
+    }
+
+    fn cap(&mut self, make: impl FnOnce(u64) -> ProcessMsg) -> Handle {
+        match self.op(make) {
+            Ok(Reply::Cap { handle, .. }) => handle,
+            other => panic!("expected a capability: {other:?}"),
+        }
+    }
+
+    fn wait_invocation(&mut self) -> (u64, Vec<u8>) {
+        if let Some(pos) = self
+            .inbox
+            .iter()
+            .position(|m| matches!(m, ControllerMsg::Invocation { .. }))
+        {
+            if let ControllerMsg::Invocation { tag, imms, .. } = self.inbox.remove(pos) {
+                return (tag, imms);
+            }
+        }
+        loop {
+            match self.recv() {
+                Some(ControllerMsg::Invocation { tag, imms, .. }) => return (tag, imms),
+                Some(m) => self.inbox.push(m),
+                None => panic!("channel closed while waiting for an invocation"),
+            }
+        }
+    }
+}
+
+fn cluster(n: u32) -> Vec<Running> {
+    let nodes: Vec<Running> = (1..=n)
+        .map(|i| {
+            let mut c = HostedConfig::local(NodeId(i), KEY);
+            c.members = (1..=n).map(NodeId).collect();
+            c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+            c.copy_chunk = 16 * 1024;
+            spawn(c).unwrap()
+        })
+        .collect();
+    for a in &nodes {
+        for b in &nodes {
+            if a.node() != b.node() {
+                a.add_peer(b.node(), b.peer_addr());
+            }
+        }
+    }
+    nodes
+}
+
+/// Publishes from `p` and looks up from `q`, waiting for peers to connect.
+fn share(p: &mut RawProc, cap: Handle, q: &mut RawProc, name: &str) -> Handle {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match p.op(|op| ProcessMsg::Publish {
+            op,
+            name: name.into(),
+            cap,
+        }) {
+            Ok(_) => break,
+            Err(ErrorCode::PeerUnreachable) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("publish: {e}"),
+        }
+    }
+    q.cap(|op| ProcessMsg::Lookup {
+        op,
+        name: name.into(),
+        wait_ms: 5000,
+    })
+}
+
+#[test]
+fn cross_node_invoke_and_copy_over_tcp() {
+    let nodes = cluster(3);
+    let mut storage = RawProc::attach(nodes[0].process_addr(), "storage");
+    let mut compute = RawProc::attach(nodes[1].process_addr(), "compute");
+    let mut app = RawProc::attach(nodes[2].process_addr(), "app");
+
+    let src = storage.cap(|op| ProcessMsg::MemoryCreate {
+        op,
+        addr: 1000,
+        len: 100_000,
+        rights: Rights::READ,
+    });
+    let dst = compute.cap(|op| ProcessMsg::MemoryCreate {
+        op,
+        addr: 50_000,
+        len: 100_000,
+        rights: Rights::WRITE,
+    });
+    let done = compute.cap(|op| ProcessMsg::RequestCreate {
+        op,
+        tag: 7,
+        imms: b"ok".to_vec(),
+        caps: vec![],
+    });
+    let s = share(&mut storage, src, &mut app, "src");
+    let d = share(&mut compute, dst, &mut app, "dst");
+    let c = share(&mut compute, done, &mut app, "done");
+
+    // The app drives a copy between two other nodes; compute must keep
+    // serving its memory while the copy runs, so it runs on a thread.
+    let t = std::thread::spawn(move || {
+        let inv = compute.wait_invocation();
+        (compute, inv)
+    });
+    let storage_thread = std::thread::spawn(move || {
+        // Serve reads until the channel closes at the end of the test.
+        while storage.recv().is_some() {}
+    });
+    assert_eq!(
+        app.op(|op| ProcessMsg::Copy {
+            op,
+            src: s,
+            dst: d,
+            completion: Some(c)
+        }),
+        Ok(Reply::Done)
+    );
+    let (compute, (tag, imms)) = t.join().unwrap();
+    assert_eq!((tag, imms.as_slice()), (7, &b"ok"[..]));
+    assert_eq!(
+        compute.memory[50_000..150_000],
+        (1000..101_000u32)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>()[..]
+    );
+
+    // Traffic: the copied bytes crossed node 1 → node 2 once, and never
+    // reached node 3 (the invoker).
+    let t1 = nodes[0].traffic().unwrap();
+    let t3 = nodes[2].traffic().unwrap();
+    assert!(t1.peers[&2].bytes_out >= 100_000, "{t1:?}");
+    assert!(t3.peer_total().bytes_in < 10_000, "{t3:?}");
+
+    // Metrics over HTTP.
+    let mut http = TcpStream::connect(nodes[0].metrics_addr().unwrap()).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    http.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
+    assert!(
+        text.contains("fractos_bytes_copied_total{node=\"1\",direction=\"out\"} 100000"),
+        "{text}"
+    );
+    assert!(text.contains("fractos_processes_attached{node=\"1\"} 1"));
+    drop(compute);
+    for n in nodes {
+        n.shutdown();
+    }
+    storage_thread.join().unwrap();
+}
+
+#[test]
+fn garbage_and_connection_floods_do_not_disturb_other_processes() {
+    let nodes = cluster(1);
+    let addr = nodes[0].process_addr();
+    let mut good = RawProc::attach(addr, "good");
+    let m = good.cap(|op| ProcessMsg::MemoryCreate {
+        op,
+        addr: 0,
+        len: 4096,
+        rights: Rights::READ_WRITE,
+    });
+
+    // Garbage: a frame that decodes to nothing.
+    let mut bad = RawProc::connect(addr);
+    bad.s.write_all(&[5, 0, 0, 0, 1, 99, 1, 2, 3]).unwrap();
+    assert!(matches!(
+        bad.recv(),
+        Some(ControllerMsg::Rejected {
+            code: ErrorCode::Malformed,
+            ..
+        })
+    ));
+    assert!(
+        bad.recv().is_none(),
+        "the controller closes the garbage channel"
+    );
+
+    // An oversized length prefix.
+    let mut huge = RawProc::connect(addr);
+    huge.s.write_all(&u32::MAX.to_le_bytes()).unwrap();
+    assert!(huge.recv().is_none());
+
+    // A burst of connections that never attach, then all drop.
+    let flood: Vec<TcpStream> = (0..300)
+        .map(|_| TcpStream::connect(addr).unwrap())
+        .collect();
+    let r = good.op(|op| ProcessMsg::Diminish {
+        op,
+        cap: m,
+        offset: 0,
+        len: 16,
+        rights: Rights::READ,
+    });
+    assert!(matches!(r, Ok(Reply::Cap { .. })), "{r:?}");
+    drop(flood);
+
+    // Wrong token.
+    let mut liar = RawProc::connect(addr);
+    liar.send(&ProcessMsg::Attach {
+        name: b"good".to_vec(),
+        token: [0; 32],
+    });
+    assert!(matches!(
+        liar.recv(),
+        Some(ControllerMsg::Rejected {
+            code: ErrorCode::AuthFailed,
+            ..
+        })
+    ));
+
+    // The well-behaved process still works and its state is intact.
+    let r = good.op(|op| ProcessMsg::Diminish {
+        op,
+        cap: m,
+        offset: 8,
+        len: 8,
+        rights: Rights::READ,
+    });
+    assert!(matches!(r, Ok(Reply::Cap { .. })), "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = nodes[0].metrics_text().unwrap();
+        if text.contains("fractos_processes_attached{node=\"1\"} 1\n") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "flood connections were not cleaned up:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn controller_shutdown_gives_typed_errors_to_remote_holders() {
+    let nodes = cluster(2);
+    let mut a = RawProc::attach(nodes[0].process_addr(), "a");
+    let mut b = RawProc::attach(nodes[1].process_addr(), "b");
+    let r = b.cap(|op| ProcessMsg::RequestCreate {
+        op,
+        tag: 1,
+        imms: vec![],
+        caps: vec![],
+    });
+    let at_a = share(&mut b, r, &mut a, "r");
+    let mut nodes = nodes;
+    let node_b = nodes.pop().unwrap();
+    drop(b);
+    node_b.shutdown();
+    let started = Instant::now();
+    let r = a.op(|op| ProcessMsg::Invoke {
+        op,
+        cap: at_a,
+        imms: vec![],
+        caps: vec![],
+    });
+    assert!(
+        matches!(
+            r,
+            Err(ErrorCode::PeerUnreachable) | Err(ErrorCode::Timeout) | Err(ErrorCode::Revoked)
+        ),
+        "{r:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "typed error within the op timeout"
+    );
+}
