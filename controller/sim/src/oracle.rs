@@ -1,0 +1,271 @@
+//! The oracle: what the simulator knows about every capability and
+//! operation, and the invariant checks over it.
+//!
+//! Time for the oracle is the *tick*: a counter incremented for every event
+//! the simulator runs, so "starts after a revoke has completed" is a strict
+//! order even between events at the same virtual instant.
+//!
+//! * **Revocation.** A revoke completes when its controller emits the
+//!   `Completion` (tick `T`); the revoked capability goes into
+//!   [`Oracle::revoked`]. A process exit revokes every object the process
+//!   owns at the tick it is disconnected; a controller crash kills every
+//!   capability of its incarnation. Every handle a process receives is
+//!   recorded with its ancestor chain (asked of the owner controller with
+//!   `debug_handle`/`debug_cap` at the moment the handle is created). An
+//!   operation issued at tick `S` that succeeds must not use (as target,
+//!   source, destination, completion, parent, bound or transferred
+//!   capability) a handle whose chain holds a capability revoked at `T < S`.
+//! * **Monotonic derivations.** Each new handle's rights and window must lie
+//!   inside its parent's, and its `CapInfo` must match the owner's view.
+//! * **Exactly one answer.** Every operation id is answered once; answers for
+//!   unknown or already answered ids fail the run; nothing may stay
+//!   unanswered at the end.
+//! * **Copies.** An `Ok` copy must have moved exactly the source window into
+//!   the destination window's prefix; every `MemRead`/`MemWrite` a
+//!   controller sends must lie inside a running copy's window.
+//! * **Invocations.** Each invocation carries a unique id in its immediates;
+//!   it must reach the owner of the invoked Request exactly once with the
+//!   bound immediates followed by the invoker's, and only if the invoke
+//!   succeeded or its outcome is unknown (`Timeout`, `PeerUnreachable`).
+
+use std::collections::BTreeMap;
+
+use fractos_core::ChannelId;
+use fractos_wire::{CapInfo, CapRef, NodeId};
+
+/// An absolute memory window: owner channel, start address, length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Win {
+    /// Channel of the owning process.
+    pub chan: ChannelId,
+    /// Start address in the owner's memory.
+    pub addr: u64,
+    /// Length.
+    pub len: u64,
+}
+
+impl Win {
+    /// Whether the two windows share a byte of the same process.
+    pub fn overlaps(&self, o: &Win) -> bool {
+        self.chan == o.chan && self.addr < o.addr + o.len && o.addr < self.addr + self.len
+    }
+
+    /// Whether `[addr, addr+len)` of `chan` lies inside this window.
+    pub fn covers(&self, chan: ChannelId, addr: u64, len: u64) -> bool {
+        self.chan == chan && addr >= self.addr && addr + len <= self.addr + self.len
+    }
+
+    /// The first `len` bytes of this window.
+    pub fn prefix(&self, len: u64) -> Win {
+        Win {
+            len: len.min(self.len),
+            ..*self
+        }
+    }
+}
+
+/// What the oracle knows about one handle of one process.
+#[derive(Clone, Debug)]
+pub struct HandleRec {
+    /// The capability behind the handle.
+    pub cap: CapRef,
+    /// What the process was told.
+    pub info: CapInfo,
+    /// The capability, then its parent, ... up to its object's root.
+    pub chain: Vec<CapRef>,
+    /// Memory: the absolute window.
+    pub win: Option<Win>,
+    /// Channel of the process owning the object.
+    pub owner: Option<ChannelId>,
+    /// Tick at which the capability was already dead when the handle
+    /// appeared.
+    pub dead_at: Option<u64>,
+    /// Request: tag, bound immediates and bound capability count.
+    pub binds: Option<Binding>,
+}
+
+/// The bound arguments of a Request capability.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Binding {
+    /// Handler tag.
+    pub tag: u64,
+    /// Bound immediates, root first.
+    pub imms: Vec<u8>,
+    /// Number of bound capabilities.
+    pub caps: usize,
+}
+
+/// A copy operation, for the byte and window checks.
+#[derive(Clone, Debug)]
+pub struct CopyRec {
+    /// Source window.
+    pub src: Option<Win>,
+    /// Destination window (the whole capability window).
+    pub dst: Option<Win>,
+    /// Tick the copy was issued.
+    pub start: u64,
+    /// Tick it completed and whether it succeeded; a failed copy may still
+    /// have chunks in flight, so it counts as running forever.
+    pub end: Option<(u64, bool)>,
+}
+
+impl CopyRec {
+    /// Whether the copy may write memory at tick `t` or later.
+    pub fn may_run_at(&self, t: u64) -> bool {
+        match self.end {
+            None => true,
+            Some((_, false)) => true,
+            Some((e, true)) => e >= t,
+        }
+    }
+
+    /// The bytes it writes.
+    pub fn write_window(&self) -> Option<Win> {
+        match (self.src, self.dst) {
+            (Some(s), Some(d)) => Some(d.prefix(s.len)),
+            (None, d) => d,
+            _ => None,
+        }
+    }
+}
+
+/// An invocation the oracle expects.
+#[derive(Clone, Debug)]
+pub struct InvokeRec {
+    /// Expected tag, immediates and capability count, if the target's
+    /// binding is known.
+    pub expect: Option<(u64, Vec<u8>, usize)>,
+    /// Expected receiver.
+    pub owner: Option<ChannelId>,
+    /// Deliveries seen.
+    pub delivered: u32,
+    /// The invoke failed with a definite error: it must never be delivered.
+    pub refused: bool,
+}
+
+/// Cluster-wide knowledge shared by every check.
+#[derive(Default)]
+pub struct Oracle {
+    /// Revoked capabilities and the tick their revocation completed.
+    pub revoked: BTreeMap<CapRef, u64>,
+    /// Dead controller incarnations and the tick they died.
+    pub dead_incarnations: BTreeMap<(NodeId, u64), u64>,
+    /// Known bindings of Request capabilities created by RequestCreate and
+    /// Derive.
+    pub bindings: BTreeMap<CapRef, Binding>,
+    /// Every copy issued.
+    pub copies: Vec<CopyRec>,
+    /// Every invoke issued, by invocation id.
+    pub invokes: BTreeMap<u64, InvokeRec>,
+    /// Successful copies whose bytes were compared.
+    pub copies_checked: u64,
+    /// Answers seen, by operation and result.
+    pub outcomes: BTreeMap<String, u64>,
+}
+
+/// Magic marking the invocation id at the end of invoker immediates. Bound
+/// immediates are drawn from `b'a'..=b'z'`, so they never contain it.
+pub const INVOKE_MAGIC: [u8; 8] = *b"\xffINVOKE\xff";
+
+impl Oracle {
+    /// Records that `cap`'s subtree is revoked as of tick `t`.
+    pub fn revoke(&mut self, cap: CapRef, t: u64) {
+        self.revoked.entry(cap).or_insert(t);
+    }
+
+    /// Checks that an operation issued at tick `start` could succeed through
+    /// the handle `h`.
+    pub fn check_use(&self, h: &HandleRec, start: u64, what: &str) -> Result<(), String> {
+        if let Some(d) = h.dead_at {
+            if d < start {
+                return Err(format!(
+                    "{what}: succeeded through {:?}, which was already dead at tick {d} (op issued at tick {start})",
+                    h.cap
+                ));
+            }
+        }
+        for c in &h.chain {
+            if let Some(t) = self.revoked.get(c) {
+                if *t < start {
+                    return Err(format!(
+                        "{what}: succeeded through {:?}, a descendant of {c:?} whose revocation completed at tick {t} (op issued at tick {start})",
+                        h.cap
+                    ));
+                }
+            }
+            if let Some(t) = self.dead_incarnations.get(&(c.node, c.incarnation)) {
+                if *t < start {
+                    return Err(format!(
+                        "{what}: succeeded through {:?} of a controller incarnation that died at tick {t} (op issued at tick {start})",
+                        h.cap
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The binding of the nearest ancestor of `chain` with a known binding.
+    pub fn binding_of(&self, chain: &[CapRef]) -> Option<Binding> {
+        chain.iter().find_map(|c| self.bindings.get(c).cloned())
+    }
+
+    /// Checks a `MemRead` (`write == false`) or `MemWrite` against the
+    /// running copies. Returns an error if no running copy covers it.
+    pub fn check_access(
+        &self,
+        tick: u64,
+        chan: ChannelId,
+        addr: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<(), String> {
+        let mut unknown = false;
+        for c in self.copies.iter().filter(|c| c.may_run_at(tick)) {
+            let w = if write { c.write_window() } else { c.src };
+            match w {
+                Some(w) if w.covers(chan, addr, len) => return Ok(()),
+                Some(_) => {}
+                None => unknown = true,
+            }
+        }
+        if unknown {
+            return Ok(());
+        }
+        Err(format!(
+            "controller sent Mem{} of [{addr:#x}, +{len}) to {chan:?}, outside every running copy's {} window",
+            if write { "Write" } else { "Read" },
+            if write { "destination" } else { "source" }
+        ))
+    }
+
+    /// Whether copy `idx` ran alone on its windows: no other copy that may
+    /// have run during it wrote into its source or destination.
+    pub fn copy_isolated(&self, idx: usize, now: u64) -> bool {
+        let c = &self.copies[idx];
+        let (Some(src), Some(dst)) = (c.src, c.dst) else {
+            return false;
+        };
+        let dstp = dst.prefix(src.len);
+        if src.overlaps(&dstp) {
+            return false;
+        }
+        for (i, o) in self.copies.iter().enumerate() {
+            if i == idx || o.start > now {
+                continue;
+            }
+            if !o.may_run_at(c.start) {
+                continue;
+            }
+            match o.write_window() {
+                None => return false,
+                Some(w) => {
+                    if w.overlaps(&src) || w.overlaps(&dstp) {
+                        return false;
+                    }
+                }
+            }
+        }
+        true
+    }
+}
