@@ -121,6 +121,21 @@ fn pvh_without_devices_lists_only_chipset() {
 }
 
 #[test]
+fn pvh_maps_memory_above_4gib() {
+    let mut spec = node("highmem", "fractos.test=exit");
+    spec.memory_mib = 4608;
+    let (exit, log) = boot_and_exit(spec, true);
+    assert_eq!(exit, KernelExit::Success, "{log}");
+    assert_sane_memory_map(&log, 4608);
+    let map = memory_map(&log);
+    assert!(
+        map.iter()
+            .any(|r| r.kind == "usable" && r.start == 0x1_0000_0000),
+        "no usable RAM above the PCI hole:\n{log}"
+    );
+}
+
+#[test]
 fn iso_boots_via_grub_multiboot2() {
     let dir = scratch("iso");
     let iso = iso("fractos.node=2 fractos.test=exit");
@@ -132,6 +147,10 @@ fn iso_boots_via_grub_multiboot2() {
     assert!(log.contains("booting via multiboot2"), "{log}");
     assert!(log.contains("fractos: ready node=2 "), "{log}");
     assert!(log.contains("protocol=multiboot2"), "{log}");
+    assert!(
+        log.contains("acpi: RSDP rev"),
+        "GRUB's RSDP tag not used:\n{log}"
+    );
     assert_sane_memory_map(&log, 128);
     let pci = pci_lines(&log);
     assert!(find_pci(&pci, "1af4:1041").contains("class 02.00.00"));
