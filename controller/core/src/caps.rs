@@ -8,6 +8,7 @@
 //! whole subtree; a node without holder and children is collected.
 
 use alloc::boxed::Box;
+use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use fractos_wire::{CapInfo, CapRef, ErrorCode, NodeId, ObjectKind, Rights};
@@ -46,13 +47,49 @@ pub(crate) struct CapNode {
     pub next_sibling: Option<CapKey>,
     pub prev_sibling: Option<CapKey>,
     pub holder: Holder,
-    /// Memory: window offset inside the object; Requests: 0.
-    pub offset: u64,
-    /// Memory: window length; Requests: 0.
-    pub len: u64,
+    /// Memory: window offset and length inside the object (as 32-bit
+    /// halves, so the node stays 4-byte aligned and 72 bytes long).
+    window: [u32; 4],
     pub rights: Rights,
-    /// Requests: the arguments this step bound (ancestors hold the rest).
-    pub binds: Option<Box<Binds>>,
+    /// Requests: whether this step bound arguments (kept in
+    /// [`CapStore::binds`]; ancestors hold the rest).
+    pub has_binds: bool,
+}
+
+impl CapNode {
+    fn new(
+        object: ObjectKey,
+        parent: Option<CapKey>,
+        holder: Holder,
+        offset: u64,
+        len: u64,
+        rights: Rights,
+    ) -> Self {
+        CapNode {
+            object,
+            parent,
+            first_child: None,
+            next_sibling: None,
+            prev_sibling: None,
+            holder,
+            window: [
+                offset as u32,
+                (offset >> 32) as u32,
+                len as u32,
+                (len >> 32) as u32,
+            ],
+            rights,
+            has_binds: false,
+        }
+    }
+    /// Window offset inside the object.
+    pub fn offset(&self) -> u64 {
+        self.window[0] as u64 | (self.window[1] as u64) << 32
+    }
+    /// Window length.
+    pub fn len(&self) -> u64 {
+        self.window[2] as u64 | (self.window[3] as u64) << 32
+    }
 }
 
 /// An object at its owner.
@@ -86,6 +123,8 @@ pub(crate) enum Fallout {
 pub(crate) struct CapStore {
     pub objects: SlotMap<ObjectKey, Object>,
     pub nodes: SlotMap<CapKey, CapNode>,
+    /// Bound arguments of the Request nodes that bind some.
+    pub binds: BTreeMap<CapKey, Box<Binds>>,
 }
 
 /// Bounded total of bound immediates along a derivation chain.
@@ -121,18 +160,13 @@ impl CapStore {
             addr,
             tag,
         });
-        let root = self.nodes.insert(CapNode {
-            object,
-            parent: None,
-            first_child: None,
-            next_sibling: None,
-            prev_sibling: None,
-            holder,
-            offset: 0,
-            len,
-            rights,
-            binds,
-        });
+        let root = self
+            .nodes
+            .insert(CapNode::new(object, None, holder, 0, len, rights));
+        if let Some(b) = binds {
+            self.nodes[root].has_binds = true;
+            self.binds.insert(root, b);
+        }
         self.objects[object].root = root;
         root
     }
@@ -144,7 +178,7 @@ impl CapStore {
         Some(CapInfo {
             kind,
             rights: node.rights,
-            len: node.len,
+            len: node.len(),
         })
     }
 
@@ -158,7 +192,7 @@ impl CapStore {
         let p = self.nodes.get(parent).ok_or(ErrorCode::Revoked)?;
         let kind = self.objects[p.object].kind;
         let (offset, len, rights, binds) = match spec {
-            DeriveKind::Transfer => (p.offset, p.len, p.rights, None),
+            DeriveKind::Transfer => (p.offset(), p.len(), p.rights, None),
             DeriveKind::Diminish {
                 offset,
                 len,
@@ -174,10 +208,10 @@ impl CapStore {
                     return Err(ErrorCode::InvalidArgument);
                 }
                 let end = offset.checked_add(len).ok_or(ErrorCode::OutOfBounds)?;
-                if end > p.len {
+                if end > p.len() {
                     return Err(ErrorCode::OutOfBounds);
                 }
-                (p.offset + offset, len, rights, None)
+                (p.offset() + offset, len, rights, None)
             }
             DeriveKind::Bind(binds) => {
                 if kind != ObjectKind::Request {
@@ -189,23 +223,18 @@ impl CapStore {
                 {
                     return Err(ErrorCode::LimitReached);
                 }
-                (p.offset, p.len, p.rights, Some(binds))
+                (p.offset(), p.len(), p.rights, Some(binds))
             }
         };
         let object = p.object;
         let old_first = p.first_child;
-        let child = self.nodes.insert(CapNode {
-            object,
-            parent: Some(parent),
-            first_child: None,
-            next_sibling: old_first,
-            prev_sibling: None,
-            holder,
-            offset,
-            len,
-            rights,
-            binds,
-        });
+        let mut node = CapNode::new(object, Some(parent), holder, offset, len, rights);
+        node.next_sibling = old_first;
+        let child = self.nodes.insert(node);
+        if let Some(b) = binds {
+            self.nodes[child].has_binds = true;
+            self.binds.insert(child, b);
+        }
         if let Some(f) = old_first {
             self.nodes[f].prev_sibling = Some(child);
         }
@@ -217,7 +246,7 @@ impl CapStore {
     fn bound_totals(&self, mut key: CapKey) -> (usize, usize) {
         let (mut imms, mut caps) = (0, 0);
         while let Some(n) = self.nodes.get(key) {
-            if let Some(b) = &n.binds {
+            if let Some(b) = self.binds.get(&key) {
                 imms += b.imms.len();
                 caps += b.caps.len();
             }
@@ -232,7 +261,7 @@ impl CapStore {
     /// Whether any node on the chain to `key` binds arguments.
     pub fn has_binds(&self, mut key: CapKey) -> bool {
         while let Some(n) = self.nodes.get(key) {
-            if n.binds.is_some() {
+            if n.has_binds {
                 return true;
             }
             match n.parent {
@@ -249,13 +278,13 @@ impl CapStore {
         let mut cur = Some(key);
         while let Some(k) = cur {
             let Some(n) = self.nodes.get(k) else { break };
-            if n.binds.is_some() {
+            if n.has_binds {
                 chain.push(k);
             }
             cur = n.parent;
         }
         for k in chain.iter().rev() {
-            if let Some(b) = &self.nodes[*k].binds {
+            if let Some(b) = self.binds.get(k) {
                 imms.extend_from_slice(&b.imms);
                 caps.extend_from_slice(&b.caps);
             }
@@ -295,8 +324,10 @@ impl CapStore {
         if let Holder::Monitor(m) = node.holder {
             out.push(Fallout::FireMonitor(m));
         }
-        if let Some(b) = node.binds {
-            out.extend(b.caps.into_iter().map(Fallout::Release));
+        if node.has_binds {
+            if let Some(b) = self.binds.remove(&key) {
+                out.extend(b.caps.into_iter().map(Fallout::Release));
+            }
         }
         if let Some(obj) = self.objects.get(node.object) {
             if obj.root == key {
@@ -389,7 +420,7 @@ impl CapStore {
                     if !pn.rights.contains(n.rights) {
                         return Err(format!("cap {k:?} has rights its parent lacks"));
                     }
-                    if n.offset < pn.offset || n.offset + n.len > pn.offset + pn.len {
+                    if n.offset() < pn.offset() || n.offset() + n.len() > pn.offset() + pn.len() {
                         return Err(format!("cap {k:?} window exceeds its parent's"));
                     }
                     // The parent must list this child.
@@ -462,7 +493,8 @@ mod tests {
             rights: Rights::READ,
         };
         let c = s.derive(root, d, Holder::Process(p)).unwrap();
-        assert_eq!(s.nodes[c].offset, 100);
+        assert_eq!(s.nodes[c].offset(), 100);
+        assert_eq!(core::mem::size_of::<CapNode>(), 72);
         let grow = DeriveKind::Diminish {
             offset: 0,
             len: 201,

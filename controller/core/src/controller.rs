@@ -426,8 +426,8 @@ impl Controller {
                 .get(o.owner)
                 .map(|p| p.chan)
                 .unwrap_or(ChannelId(u64::MAX)),
-            addr: o.addr + n.offset,
-            len: n.len,
+            addr: o.addr + n.offset(),
+            len: n.len(),
             rights: n.rights,
         })
     }
@@ -815,11 +815,7 @@ impl Controller {
     }
 
     fn entry(&self, proc: ProcessKey, h: Handle) -> Result<Entry, ErrorCode> {
-        self.procs[proc]
-            .table
-            .get(h)
-            .copied()
-            .ok_or(ErrorCode::BadHandle)
+        self.procs[proc].table.get(h).ok_or(ErrorCode::BadHandle)
     }
 
     fn entries(&self, proc: ProcessKey, hs: &[Handle]) -> Result<Vec<CapRef>, ErrorCode> {

@@ -75,7 +75,7 @@ impl Controller {
         if !n.rights.contains(need) {
             return Err(ErrorCode::MissingRight);
         }
-        Ok((o.owner, o.addr + n.offset, n.len))
+        Ok((o.owner, o.addr + n.offset(), n.len()))
     }
 
     pub(crate) fn start_copy_source(&mut self, origin: Origin, src: CapRef, dst: CapRef) {
