@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `fractos.log` | `off error warn info debug trace` | `info` |
 //! | `fractos.node` | node id, `u32` | `0` |
-//! | `fractos.test` | `exit pagefault divzero panic stackoverflow` | none |
+//! | `fractos.test` | `exit pagefault divzero invalidopcode interrupt panic stackoverflow` | none |
 
 use log::LevelFilter;
 
@@ -25,6 +25,10 @@ pub enum TestHook {
     Panic,
     /// Recurse until the boot stack's guard page is hit.
     StackOverflow,
+    /// Execute `ud2` (invalid opcode).
+    InvalidOpcode,
+    /// Raise software interrupt 0x40, a vector the kernel never enables.
+    Interrupt,
 }
 
 impl TestHook {
@@ -35,6 +39,8 @@ impl TestHook {
             "divzero" => TestHook::DivZero,
             "panic" => TestHook::Panic,
             "stackoverflow" => TestHook::StackOverflow,
+            "invalidopcode" => TestHook::InvalidOpcode,
+            "interrupt" => TestHook::Interrupt,
             _ => return None,
         })
     }
@@ -110,7 +116,9 @@ impl Config {
                 },
                 "test" => match TestHook::parse(value) {
                     Some(t) => c.test = Some(t),
-                    None => on_error(bad("exit, pagefault, divzero, panic or stackoverflow")),
+                    None => on_error(bad(
+                        "exit, pagefault, divzero, invalidopcode, interrupt, panic or stackoverflow",
+                    )),
                 },
                 _ => on_error(ConfigError::UnknownOption(key)),
             }

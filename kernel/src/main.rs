@@ -201,6 +201,17 @@ fn run_test_hook(hook: Option<TestHook>) {
             error!("divided by zero without a fault");
         }
         TestHook::Panic => panic!("test panic requested by fractos.test=panic"),
+        TestHook::InvalidOpcode => {
+            // SAFETY: `ud2` raises #UD, which the IDT reports; nothing else.
+            unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+            error!("ud2 executed without a fault");
+        }
+        TestHook::Interrupt => {
+            // SAFETY: `int 0x40` enters the IDT's catch-all stub for vector
+            // 0x40, which reports it; nothing else.
+            unsafe { core::arch::asm!("int 0x40", options(nomem, nostack)) };
+            error!("int 0x40 returned");
+        }
         TestHook::StackOverflow => {
             let r = recurse(core::hint::black_box(0));
             error!("recursion returned {r} without hitting the guard page");

@@ -102,15 +102,12 @@ pub struct NodeSpec {
 }
 
 impl NodeSpec {
-    /// A node booting `kernel` via PVH, 128 MiB, no devices, TCG, logging to
+    /// A node booting `boot` with 128 MiB, no devices, TCG, logging to
     /// `serial_log`.
-    pub fn pvh(name: &str, kernel: &Path, cmdline: &str, serial_log: &Path) -> Self {
+    pub fn new(name: &str, boot: Boot, serial_log: &Path) -> Self {
         NodeSpec {
             name: name.to_string(),
-            boot: Boot::Elf {
-                kernel: kernel.to_path_buf(),
-                cmdline: cmdline.to_string(),
-            },
+            boot,
             memory_mib: 128,
             nics: 0,
             nvme: Vec::new(),
@@ -120,6 +117,16 @@ impl NodeSpec {
             index: 0,
             die_with_parent: true,
         }
+    }
+
+    /// A node booting the kernel ELF `kernel` via PVH with `cmdline`
+    /// (otherwise as [`NodeSpec::new`]).
+    pub fn pvh(name: &str, kernel: &Path, cmdline: &str, serial_log: &Path) -> Self {
+        let boot = Boot::Elf {
+            kernel: kernel.to_path_buf(),
+            cmdline: cmdline.to_string(),
+        };
+        Self::new(name, boot, serial_log)
     }
 
     /// The QEMU arguments for this node.

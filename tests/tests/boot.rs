@@ -139,8 +139,7 @@ fn pvh_maps_memory_above_4gib() {
 fn iso_boots_via_grub_multiboot2() {
     let dir = scratch("iso");
     let iso = iso("fractos.node=2 fractos.test=exit");
-    let mut spec = NodeSpec::pvh("iso", Path::new("/unused"), "", &dir.join("serial.log"));
-    spec.boot = Boot::Iso(iso);
+    let mut spec = NodeSpec::new("iso", Boot::Iso(iso), &dir.join("serial.log"));
     spec.nics = 1;
     let (exit, log) = boot_and_exit(spec, true);
     assert_eq!(exit, KernelExit::Success, "{log}");
@@ -183,6 +182,28 @@ fn divide_error_prints_report_and_fault_code() {
         "{log}"
     );
     assert!(log.contains("qemu status 65"), "{log}");
+}
+
+#[test]
+fn invalid_opcode_prints_report_and_fault_code() {
+    let (exit, log) = boot_and_exit(node("ud2", "fractos.test=invalidopcode"), true);
+    assert_eq!(exit, KernelExit::Fault(6), "{log}");
+    assert!(
+        log.contains("FRACTOS FAULT: Invalid Opcode (#UD, vector 6)"),
+        "{log}"
+    );
+    assert!(log.contains("qemu status 77"), "{log}");
+}
+
+#[test]
+fn stray_interrupt_vector_is_caught() {
+    let (exit, log) = boot_and_exit(node("int40", "fractos.test=interrupt"), true);
+    assert_eq!(exit, KernelExit::UnexpectedInterrupt, "{log}");
+    assert!(
+        log.contains("Unexpected Interrupt (IRQ, vector 64)"),
+        "{log}"
+    );
+    assert!(log.contains("qemu status 37"), "{log}");
 }
 
 #[test]

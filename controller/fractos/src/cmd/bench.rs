@@ -61,8 +61,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn spec(name: &str, boot: Boot, a: &BootArgs, dir: &Path) -> NodeSpec {
-    let mut s = NodeSpec::pvh(name, Path::new("/"), "", &dir.join(format!("{name}.log")));
-    s.boot = boot;
+    let mut s = NodeSpec::new(name, boot, &dir.join(format!("{name}.log")));
     s.memory_mib = a.memory;
     s.nics = 1;
     s.accel = a.accel;
