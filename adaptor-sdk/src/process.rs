@@ -1,0 +1,1237 @@
+//! A process attached to its controller: the channel, the reader thread,
+//! operations, invocation delivery and handler dispatch.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use fractos_wire::{
+    ControllerMsg, FrameSplitter, Handle, NodeId, ObjectKind, ProcessMsg, Reply, Rights,
+    MAX_CAPS_PER_MESSAGE, MAX_FRAME_LEN, MAX_IMMEDIATES, MAX_NAME_LEN, MAX_PROCESS_NAME_LEN,
+};
+
+use crate::caps::{Cap, MemoryCap, RequestCap};
+use crate::error::{DisconnectReason, SdkError};
+use crate::invocation::Invocation;
+use crate::memory::{MemorySpace, Region};
+use crate::slot::{lock, PopError, Queue, Slot};
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK: usize = 256 * 1024;
+
+/// How [`Process::attach`] connects and how long waits last.
+///
+/// ```
+/// use std::time::Duration;
+/// use fractos_sdk::AttachOptions;
+///
+/// let opts = AttachOptions::default()
+///     .op_timeout(Duration::from_secs(2))
+///     .handler_threads(4);
+/// assert_eq!(opts.op_timeout, Duration::from_secs(2));
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct AttachOptions {
+    /// Default timeout of every wait: operations, `next_invocation` (when
+    /// called through the defaults) ... Override per call with
+    /// [`Process::with_timeout`]. Default 10 s.
+    pub op_timeout: Duration,
+    /// Timeout of the TCP connect and of the attach handshake. Default 5 s.
+    pub connect_timeout: Duration,
+    /// A socket write blocked this long closes the channel (the controller
+    /// stopped reading). Default 10 s.
+    pub write_timeout: Duration,
+    /// Threads running handlers registered with [`Process::serve`]
+    /// (started at the first `serve`). Default 2.
+    pub handler_threads: usize,
+    /// Largest frame accepted from the controller. Default
+    /// [`fractos_wire::MAX_FRAME_LEN`].
+    pub max_frame_len: usize,
+}
+
+impl Default for AttachOptions {
+    fn default() -> Self {
+        AttachOptions {
+            op_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            write_timeout: Duration::from_secs(10),
+            handler_threads: 2,
+            max_frame_len: MAX_FRAME_LEN,
+        }
+    }
+}
+
+impl AttachOptions {
+    /// Sets [`AttachOptions::op_timeout`].
+    pub fn op_timeout(mut self, d: Duration) -> Self {
+        self.op_timeout = d;
+        self
+    }
+    /// Sets [`AttachOptions::connect_timeout`].
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = d;
+        self
+    }
+    /// Sets [`AttachOptions::write_timeout`].
+    pub fn write_timeout(mut self, d: Duration) -> Self {
+        self.write_timeout = d;
+        self
+    }
+    /// Sets [`AttachOptions::handler_threads`] (at least 1 is used).
+    pub fn handler_threads(mut self, n: usize) -> Self {
+        self.handler_threads = n;
+        self
+    }
+}
+
+type OpResult = Result<Reply, SdkError>;
+type Handler = Arc<dyn Fn(&Process, Invocation) + Send + Sync + 'static>;
+
+struct OpState {
+    pending: HashMap<u64, Arc<Slot<OpResult>>>,
+    /// Operations whose waiter gave up: a capability they return is dropped.
+    abandoned: HashSet<u64>,
+    closed: Option<DisconnectReason>,
+}
+
+/// State shared by the application's handles, the reader thread and the
+/// handler threads.
+struct Shared {
+    name: String,
+    node: NodeId,
+    peer: SocketAddr,
+    opts: AttachOptions,
+    writer: Mutex<TcpStream>,
+    socket: TcpStream,
+    memory: MemorySpace,
+    ops: Mutex<OpState>,
+    next_op: AtomicU64,
+    invocations: Queue<Invocation>,
+    handlers: RwLock<HashMap<u64, Handler>>,
+    jobs: Queue<(Handler, Invocation)>,
+    pool_started: Mutex<bool>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Closes the channel when the last application handle goes.
+struct Outer {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Outer {
+    fn drop(&mut self) {
+        self.shared.close_and_join();
+    }
+}
+
+/// A process attached to its controller.
+///
+/// Cheap to clone (clones share the channel); the channel closes when the
+/// last clone is dropped or on [`Process::close`]. Closing is process exit
+/// for the controller: everything this process owns is revoked (monitors
+/// fire), its handles are released and its names withdrawn.
+///
+/// Every operation blocks the calling thread until the controller answers or
+/// the timeout passes ([`AttachOptions::op_timeout`], or per call through
+/// [`Process::with_timeout`]). For async code see [`crate::AsyncProcess`].
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use fractos_sdk::{AttachOptions, Process};
+/// use fractos_sdk::wire::Rights;
+///
+/// # fn main() -> Result<(), fractos_sdk::SdkError> {
+/// # let token = [0u8; 32];
+/// let p = Process::attach("127.0.0.1:7000", "storage", token, AttachOptions::default())?;
+/// let buf = p.register(4096)?;
+/// buf.write_at(0, b"hello")?;
+/// let cap = p.memory_create(&buf, 0, 4096, Rights::READ)?;
+/// p.publish("storage/buf", cap)?;
+/// // A per-call timeout:
+/// let found = p.with_timeout(Duration::from_millis(100)).lookup("other", Duration::ZERO);
+/// assert!(found.is_err());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Process {
+    outer: Arc<Outer>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Process {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.outer.shared;
+        f.debug_struct("Process")
+            .field("name", &s.name)
+            .field("node", &s.node)
+            .field("controller", &s.peer)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+fn check_len(what: &str, len: usize, max: usize) -> Result<(), SdkError> {
+    if len > max {
+        return Err(SdkError::invalid(format!(
+            "{what} has {len} elements, at most {max} are allowed"
+        )));
+    }
+    Ok(())
+}
+
+fn check_args(imms: &[u8], caps: &[Cap]) -> Result<Vec<Handle>, SdkError> {
+    check_len("the immediate argument", imms.len(), MAX_IMMEDIATES)?;
+    check_len("the capability list", caps.len(), MAX_CAPS_PER_MESSAGE)?;
+    Ok(caps.iter().map(Cap::handle).collect())
+}
+
+fn check_name(name: &[u8]) -> Result<Vec<u8>, SdkError> {
+    check_len("the name", name.len(), MAX_NAME_LEN)?;
+    Ok(name.to_vec())
+}
+
+impl Process {
+    /// Connects to the controller at `addr` over TCP and attaches as `name`
+    /// with `token` (issued by whoever runs the cluster:
+    /// `fractos_core::process_token(cluster_key, name)`).
+    ///
+    /// Errors: [`SdkError::Io`] if nothing listens, [`SdkError::Rejected`]
+    /// with [`fractos_wire::ErrorCode::AuthFailed`] for a wrong token,
+    /// [`SdkError::Timeout`] if the controller does not answer within
+    /// [`AttachOptions::connect_timeout`].
+    pub fn attach(
+        addr: impl ToSocketAddrs,
+        name: &str,
+        token: [u8; 32],
+        options: AttachOptions,
+    ) -> Result<Process, SdkError> {
+        check_len("the process name", name.len(), MAX_PROCESS_NAME_LEN)?;
+        let addrs: Vec<SocketAddr> = addr
+            .to_socket_addrs()
+            .map_err(|e| SdkError::io("resolving the controller address", e))?
+            .collect();
+        let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no address to connect to");
+        let mut stream = None;
+        for a in &addrs {
+            match TcpStream::connect_timeout(a, options.connect_timeout) {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(e) => last = e,
+            }
+        }
+        let mut stream =
+            stream.ok_or_else(|| SdkError::io("connecting to the controller", last))?;
+        let setup = |s: &TcpStream| -> io::Result<()> {
+            s.set_nodelay(true)?;
+            s.set_write_timeout(Some(options.write_timeout.max(Duration::from_millis(1))))?;
+            s.set_read_timeout(Some(options.connect_timeout.max(Duration::from_millis(1))))
+        };
+        setup(&stream).map_err(|e| SdkError::io("configuring the socket", e))?;
+        let peer = stream
+            .peer_addr()
+            .map_err(|e| SdkError::io("reading the controller address", e))?;
+
+        let mut frame = Vec::new();
+        ProcessMsg::Attach {
+            name: name.as_bytes().to_vec(),
+            token,
+        }
+        .encode(&mut frame);
+        stream
+            .write_all(&frame)
+            .map_err(|e| SdkError::io("sending the attach", e))?;
+
+        let splitter = FrameSplitter::new(options.max_frame_len);
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 4096];
+        let (answer, used) = loop {
+            match splitter.split(&buf) {
+                Ok(Some((body, used))) => break (ControllerMsg::decode(body), used),
+                Ok(None) => {}
+                Err(e) => return Err(SdkError::protocol(format!("attach answer: {e}"))),
+            }
+            match stream.read(&mut chunk) {
+                Ok(0) => {
+                    return Err(SdkError::Disconnected {
+                        reason: DisconnectReason::ControllerClosed,
+                    })
+                }
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(SdkError::Timeout {
+                        what: "the controller's answer to attach",
+                        after: options.connect_timeout,
+                    })
+                }
+                Err(e) => return Err(SdkError::io("reading the attach answer", e)),
+            }
+        };
+        let node = match answer {
+            Ok(ControllerMsg::Attached { node }) => node,
+            Ok(ControllerMsg::Rejected { code, version }) => {
+                return Err(SdkError::Rejected {
+                    code,
+                    controller_version: version,
+                })
+            }
+            Ok(other) => {
+                return Err(SdkError::protocol(format!(
+                    "expected Attached or Rejected, got {}",
+                    msg_name(&other)
+                )))
+            }
+            Err(e) => return Err(SdkError::protocol(format!("attach answer: {e}"))),
+        };
+        buf.drain(..used);
+        stream
+            .set_read_timeout(None)
+            .map_err(|e| SdkError::io("configuring the socket", e))?;
+        let clone = |s: &TcpStream| {
+            s.try_clone()
+                .map_err(|e| SdkError::io("duplicating the socket", e))
+        };
+        let shared = Arc::new(Shared {
+            name: name.to_owned(),
+            node,
+            peer,
+            writer: Mutex::new(clone(&stream)?),
+            socket: clone(&stream)?,
+            memory: MemorySpace::new(),
+            ops: Mutex::new(OpState {
+                pending: HashMap::new(),
+                abandoned: HashSet::new(),
+                closed: None,
+            }),
+            next_op: AtomicU64::new(1),
+            invocations: Queue::new(),
+            handlers: RwLock::new(HashMap::new()),
+            jobs: Queue::new(),
+            pool_started: Mutex::new(false),
+            reader: Mutex::new(None),
+            opts: options,
+        });
+        let reader_shared = shared.clone();
+        let handle = thread::Builder::new()
+            .name(format!("fractos-sdk-reader:{name}"))
+            .spawn(move || reader_loop(reader_shared, stream, buf))
+            .map_err(|e| SdkError::io("starting the reader thread", e))?;
+        *lock(&shared.reader) = Some(handle);
+        let timeout = shared.opts.op_timeout;
+        Ok(Process {
+            outer: Arc::new(Outer { shared }),
+            timeout,
+        })
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.outer.shared
+    }
+
+    /// The controller's node id.
+    pub fn node(&self) -> NodeId {
+        self.shared().node
+    }
+
+    /// The name this process attached under.
+    pub fn name(&self) -> &str {
+        &self.shared().name
+    }
+
+    /// The controller's socket address.
+    pub fn controller_addr(&self) -> SocketAddr {
+        self.shared().peer
+    }
+
+    /// The timeout of this handle's waits.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// A handle to the same process whose waits use `timeout`.
+    pub fn with_timeout(&self, timeout: Duration) -> Process {
+        Process {
+            outer: self.outer.clone(),
+            timeout,
+        }
+    }
+
+    /// Whether the channel is still open.
+    pub fn is_connected(&self) -> bool {
+        lock(&self.shared().ops).closed.is_none()
+    }
+
+    /// Why the channel closed, once it has.
+    pub fn disconnect_reason(&self) -> Option<DisconnectReason> {
+        lock(&self.shared().ops).closed.clone()
+    }
+
+    /// Closes the channel (process exit for the controller) and waits for
+    /// the reader thread. Pending operations fail with
+    /// [`SdkError::Disconnected`]. Other clones of this handle see the
+    /// channel closed.
+    pub fn close(self) {
+        self.shared().close_and_join();
+    }
+
+    // ------------------------------------------------------------- memory
+
+    /// This process's registered address space.
+    pub fn memory(&self) -> &MemorySpace {
+        &self.shared().memory
+    }
+
+    /// Registers a zeroed region of `len` bytes that the controller may
+    /// read and write once a Memory capability covers it.
+    pub fn register(&self, len: u64) -> Result<Region, SdkError> {
+        self.shared().memory.register(len)
+    }
+
+    /// Registers `bytes` as a region.
+    pub fn register_vec(&self, bytes: Vec<u8>) -> Result<Region, SdkError> {
+        self.shared().memory.register_vec(bytes)
+    }
+
+    /// Unregisters `region`: later controller accesses to it (copies through
+    /// capabilities covering it) fail with `MemoryFault`. Revoke those
+    /// capabilities first to fail them early with `Revoked` instead.
+    pub fn unregister(&self, region: &Region) -> bool {
+        self.shared().memory.unregister(region)
+    }
+
+    // --------------------------------------------------------- operations
+
+    pub(crate) fn start_memory_create(
+        &self,
+        region: &Region,
+        offset: u64,
+        len: u64,
+        rights: Rights,
+    ) -> Result<Pending<MemoryCap>, SdkError> {
+        if region.space() != self.shared().memory.id() {
+            return Err(SdkError::invalid(
+                "the region was registered by another process",
+            ));
+        }
+        if len == 0 {
+            return Err(SdkError::invalid(
+                "a Memory capability needs a non-empty window",
+            ));
+        }
+        match offset.checked_add(len) {
+            Some(end) if end <= region.len() => {}
+            _ => {
+                return Err(SdkError::OutOfRange {
+                    offset,
+                    len,
+                    region_len: region.len(),
+                })
+            }
+        }
+        let addr = region.addr() + offset;
+        self.start("memory_create", reply_memory, |op| {
+            ProcessMsg::MemoryCreate {
+                op,
+                addr,
+                len,
+                rights,
+            }
+        })
+    }
+
+    /// Makes a Memory capability for `[offset, offset+len)` of `region`
+    /// with `rights`. Checked locally: the window must lie inside the region.
+    pub fn memory_create(
+        &self,
+        region: &Region,
+        offset: u64,
+        len: u64,
+        rights: Rights,
+    ) -> Result<MemoryCap, SdkError> {
+        self.start_memory_create(region, offset, len, rights)?
+            .wait()
+    }
+
+    pub(crate) fn start_diminish(
+        &self,
+        cap: &MemoryCap,
+        offset: u64,
+        len: u64,
+        rights: Rights,
+    ) -> Result<Pending<MemoryCap>, SdkError> {
+        let cap = cap.handle();
+        self.start("diminish", reply_memory, |op| ProcessMsg::Diminish {
+            op,
+            cap,
+            offset,
+            len,
+            rights,
+        })
+    }
+
+    /// Derives a Memory capability for the sub-window `[offset, offset+len)`
+    /// of `cap` with `rights` (a subset of `cap`'s).
+    pub fn diminish(
+        &self,
+        cap: &MemoryCap,
+        offset: u64,
+        len: u64,
+        rights: Rights,
+    ) -> Result<MemoryCap, SdkError> {
+        self.start_diminish(cap, offset, len, rights)?.wait()
+    }
+
+    pub(crate) fn start_request_create(
+        &self,
+        tag: u64,
+        imms: &[u8],
+        caps: &[Cap],
+    ) -> Result<Pending<RequestCap>, SdkError> {
+        let caps = check_args(imms, caps)?;
+        let imms = imms.to_vec();
+        self.start("request_create", reply_request, |op| {
+            ProcessMsg::RequestCreate {
+                op,
+                tag,
+                imms,
+                caps,
+            }
+        })
+    }
+
+    /// Makes a Request capability for this process's handler `tag`, with
+    /// bound immediates and capabilities (delivered before the invoker's).
+    pub fn request_create(
+        &self,
+        tag: u64,
+        imms: &[u8],
+        caps: &[Cap],
+    ) -> Result<RequestCap, SdkError> {
+        self.start_request_create(tag, imms, caps)?.wait()
+    }
+
+    pub(crate) fn start_derive(
+        &self,
+        cap: &RequestCap,
+        imms: &[u8],
+        caps: &[Cap],
+    ) -> Result<Pending<RequestCap>, SdkError> {
+        let caps = check_args(imms, caps)?;
+        let (cap, imms) = (cap.handle(), imms.to_vec());
+        self.start("derive", reply_request, |op| ProcessMsg::Derive {
+            op,
+            cap,
+            imms,
+            caps,
+        })
+    }
+
+    /// Derives a Request capability from `cap` with more bound arguments
+    /// (currying): `imms` and `caps` are appended to the bound ones.
+    pub fn derive(
+        &self,
+        cap: &RequestCap,
+        imms: &[u8],
+        caps: &[Cap],
+    ) -> Result<RequestCap, SdkError> {
+        self.start_derive(cap, imms, caps)?.wait()
+    }
+
+    pub(crate) fn start_invoke(
+        &self,
+        cap: &RequestCap,
+        imms: &[u8],
+        caps: &[Cap],
+    ) -> Result<Pending<()>, SdkError> {
+        let caps = check_args(imms, caps)?;
+        let (cap, imms) = (cap.handle(), imms.to_vec());
+        self.start("invoke", reply_done, |op| ProcessMsg::Invoke {
+            op,
+            cap,
+            imms,
+            caps,
+        })
+    }
+
+    /// Invokes the Request `cap` with `imms` and `caps`. Completes once the
+    /// owner's controller delivered the invocation (not when the owner has
+    /// handled it: pass a continuation Request for that).
+    pub fn invoke(&self, cap: &RequestCap, imms: &[u8], caps: &[Cap]) -> Result<(), SdkError> {
+        self.start_invoke(cap, imms, caps)?.wait()
+    }
+
+    pub(crate) fn start_copy(
+        &self,
+        src: &MemoryCap,
+        dst: &MemoryCap,
+        completion: Option<&RequestCap>,
+    ) -> Result<Pending<()>, SdkError> {
+        let (src, dst) = (src.handle(), dst.handle());
+        let completion = completion.map(RequestCap::handle);
+        self.start("copy", reply_done, |op| ProcessMsg::Copy {
+            op,
+            src,
+            dst,
+            completion,
+        })
+    }
+
+    /// Copies the bytes of `src` (READ) into the start of `dst` (WRITE),
+    /// owner to owner, then invokes `completion` (without arguments) if
+    /// given. Completes after the last byte is written and the completion
+    /// invoked. `dst` shorter than `src` fails with `SizeMismatch`.
+    pub fn copy(
+        &self,
+        src: &MemoryCap,
+        dst: &MemoryCap,
+        completion: Option<&RequestCap>,
+    ) -> Result<(), SdkError> {
+        self.start_copy(src, dst, completion)?.wait()
+    }
+
+    pub(crate) fn start_revoke(&self, cap: Cap) -> Result<Pending<()>, SdkError> {
+        let cap = cap.handle();
+        self.start("revoke", reply_done, |op| ProcessMsg::Revoke { op, cap })
+    }
+
+    /// Revokes `cap` and every capability derived from it, in every process
+    /// on every controller. Once this returns, no later use of them
+    /// succeeds. The handle itself stays in the table (drop it).
+    pub fn revoke(&self, cap: impl Into<Cap>) -> Result<(), SdkError> {
+        self.start_revoke(cap.into())?.wait()
+    }
+
+    pub(crate) fn start_drop_cap(&self, cap: Cap) -> Result<Pending<()>, SdkError> {
+        let cap = cap.handle();
+        self.start("drop", reply_done, |op| ProcessMsg::Drop { op, cap })
+    }
+
+    /// Removes `cap`'s handle from this process's table (the `drop`
+    /// operation). Capabilities derived from it are unaffected.
+    pub fn drop_cap(&self, cap: impl Into<Cap>) -> Result<(), SdkError> {
+        self.start_drop_cap(cap.into())?.wait()
+    }
+
+    pub(crate) fn start_monitor(
+        &self,
+        cap: Cap,
+        notify: &RequestCap,
+    ) -> Result<Pending<()>, SdkError> {
+        let (cap, notify) = (cap.handle(), notify.handle());
+        self.start("monitor", reply_done, |op| ProcessMsg::Monitor {
+            op,
+            cap,
+            notify,
+        })
+    }
+
+    /// Invokes `notify` (without arguments) when the object behind `cap`
+    /// dies: revoked, or its owner exited.
+    pub fn monitor(&self, cap: impl Into<Cap>, notify: &RequestCap) -> Result<(), SdkError> {
+        self.start_monitor(cap.into(), notify)?.wait()
+    }
+
+    pub(crate) fn start_publish(&self, name: &[u8], cap: Cap) -> Result<Pending<()>, SdkError> {
+        let name = check_name(name)?;
+        let cap = cap.handle();
+        self.start("publish", reply_done, |op| ProcessMsg::Publish {
+            op,
+            name,
+            cap,
+        })
+    }
+
+    /// Publishes `cap` under `name` in the cluster name service (withdrawn
+    /// when this process exits). A taken name fails with `NameTaken`.
+    pub fn publish(&self, name: impl AsRef<[u8]>, cap: impl Into<Cap>) -> Result<(), SdkError> {
+        self.start_publish(name.as_ref(), cap.into())?.wait()
+    }
+
+    pub(crate) fn start_unpublish(&self, name: &[u8]) -> Result<Pending<()>, SdkError> {
+        let name = check_name(name)?;
+        self.start("unpublish", reply_done, |op| ProcessMsg::Unpublish {
+            op,
+            name,
+        })
+    }
+
+    /// Withdraws this process's publication of `name`.
+    pub fn unpublish(&self, name: impl AsRef<[u8]>) -> Result<(), SdkError> {
+        self.start_unpublish(name.as_ref())?.wait()
+    }
+
+    pub(crate) fn start_lookup(
+        &self,
+        name: &[u8],
+        wait: Duration,
+    ) -> Result<Pending<Cap>, SdkError> {
+        let name = check_name(name)?;
+        // Round up so a non-zero wait never becomes "do not wait".
+        let wait_ms = wait.as_nanos().div_ceil(1_000_000).min(u32::MAX as u128) as u32;
+        let mut p = self.start("lookup", reply_any, |op| ProcessMsg::Lookup {
+            op,
+            name,
+            wait_ms,
+        })?;
+        p.op.timeout = p.op.timeout.saturating_add(wait);
+        Ok(p)
+    }
+
+    /// Fetches the capability published under `name` (a fresh handle),
+    /// waiting up to `wait` for it to appear (`Duration::ZERO`: fail at
+    /// once with `NameNotFound`). The local timeout is this handle's
+    /// timeout plus `wait`.
+    pub fn lookup(&self, name: impl AsRef<[u8]>, wait: Duration) -> Result<Cap, SdkError> {
+        self.start_lookup(name.as_ref(), wait)?.wait()
+    }
+
+    fn start<T>(
+        &self,
+        what: &'static str,
+        convert: fn(Reply) -> Result<T, SdkError>,
+        make: impl FnOnce(u64) -> ProcessMsg,
+    ) -> Result<Pending<T>, SdkError> {
+        let s = self.shared();
+        let op = s.next_op.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot::new();
+        {
+            let mut st = lock(&s.ops);
+            if let Some(reason) = &st.closed {
+                return Err(SdkError::Disconnected {
+                    reason: reason.clone(),
+                });
+            }
+            st.pending.insert(op, slot.clone());
+        }
+        if let Err(e) = s.send(&make(op)) {
+            lock(&s.ops).pending.remove(&op);
+            return Err(e);
+        }
+        Ok(Pending {
+            op: PendingOp {
+                shared: s.clone(),
+                op,
+                slot,
+                done: false,
+                what,
+                timeout: self.timeout,
+            },
+            convert,
+        })
+    }
+
+    // -------------------------------------------------------- invocations
+
+    /// Waits up to this handle's timeout for the next invocation not taken
+    /// by a handler. See [`Process::next_invocation_timeout`].
+    pub fn next_invocation(&self) -> Result<Invocation, SdkError> {
+        self.next_invocation_timeout(self.timeout)
+    }
+
+    /// Waits up to `timeout` for the next invocation of one of this
+    /// process's Requests whose tag has no handler ([`Process::serve`]).
+    /// [`SdkError::Timeout`] if none came; [`SdkError::Disconnected`] once
+    /// the channel is closed and the queue empty.
+    ///
+    /// ```no_run
+    /// # fn f(p: &fractos_sdk::Process) -> Result<(), fractos_sdk::SdkError> {
+    /// use std::time::Duration;
+    /// loop {
+    ///     match p.next_invocation_timeout(Duration::from_secs(1)) {
+    ///         Ok(inv) => println!("tag {} with {} bytes", inv.tag, inv.imms.len()),
+    ///         Err(e) if e.is_timeout() => continue,
+    ///         Err(e) => return Err(e),
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn next_invocation_timeout(&self, timeout: Duration) -> Result<Invocation, SdkError> {
+        match self.shared().invocations.pop(timeout) {
+            Ok(inv) => Ok(inv),
+            Err(PopError::Timeout) => Err(SdkError::Timeout {
+                what: "an invocation",
+                after: timeout,
+            }),
+            Err(PopError::Closed) => Err(self.shared().disconnected()),
+        }
+    }
+
+    #[cfg(feature = "tokio")]
+    pub(crate) fn invocation_queue(&self) -> &Queue<Invocation> {
+        &self.shared().invocations
+    }
+
+    #[cfg(feature = "tokio")]
+    pub(crate) fn disconnected_error(&self) -> SdkError {
+        self.shared().disconnected()
+    }
+
+    /// Invocations queued for [`Process::next_invocation`].
+    pub fn queued_invocations(&self) -> usize {
+        self.shared().invocations.len()
+    }
+
+    /// Runs `handler` on the handler thread pool for every invocation with
+    /// `tag` (replacing a previous handler). Invocations with this tag that
+    /// were already queued for [`Process::next_invocation`] are handed to it
+    /// too. Handlers may call any operation of the `&Process` they are
+    /// given; they should not capture a `Process` clone (that keeps the
+    /// channel open until [`Process::close`]).
+    ///
+    /// ```no_run
+    /// # fn f(p: &fractos_sdk::Process) -> Result<(), fractos_sdk::SdkError> {
+    /// const ECHO: u64 = 1;
+    /// p.serve(ECHO, |p, inv| {
+    ///     // The invoker passed a continuation as capability 0.
+    ///     if let Ok(k) = inv.request(0) {
+    ///         let _ = p.invoke(&k, &inv.imms, &[]);
+    ///         let _ = p.drop_cap(k);
+    ///     }
+    /// });
+    /// let echo = p.request_create(ECHO, &[], &[])?;
+    /// p.publish("echo", echo)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn serve<F>(&self, tag: u64, handler: F)
+    where
+        F: Fn(&Process, Invocation) + Send + Sync + 'static,
+    {
+        let s = self.shared();
+        let handler: Handler = Arc::new(handler);
+        s.handlers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(tag, handler.clone());
+        self.start_pool();
+        for inv in s.invocations.take_where(|i| i.tag == tag) {
+            let _ = s.jobs.push((handler.clone(), inv));
+        }
+    }
+
+    /// Removes the handler of `tag`; later invocations with it are queued
+    /// for [`Process::next_invocation`]. Returns whether one was registered.
+    pub fn unserve(&self, tag: u64) -> bool {
+        self.shared()
+            .handlers
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&tag)
+            .is_some()
+    }
+
+    fn start_pool(&self) {
+        let s = self.shared();
+        let mut started = lock(&s.pool_started);
+        if *started {
+            return;
+        }
+        *started = true;
+        for i in 0..s.opts.handler_threads.max(1) {
+            let weak = Arc::downgrade(&self.outer);
+            let shared = s.clone();
+            let timeout = s.opts.op_timeout;
+            let spawned = thread::Builder::new()
+                .name(format!("fractos-sdk-handler-{i}:{}", s.name))
+                .spawn(move || handler_loop(shared, weak, timeout));
+            if spawned.is_err() && i == 0 {
+                // Without a single handler thread, run handlers nowhere
+                // rather than silently queueing forever: let the next
+                // `serve` retry.
+                *started = false;
+            }
+        }
+    }
+}
+
+fn handler_loop(shared: Arc<Shared>, outer: Weak<Outer>, timeout: Duration) {
+    loop {
+        match shared.jobs.pop(Duration::from_secs(3600)) {
+            Ok((handler, inv)) => {
+                let Some(outer) = outer.upgrade() else {
+                    return;
+                };
+                let p = Process { outer, timeout };
+                // A panicking handler must not take the pool down with it.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(&p, inv)));
+            }
+            Err(PopError::Timeout) => {}
+            Err(PopError::Closed) => return,
+        }
+    }
+}
+
+/// An operation sent and not yet answered. Dropping it without an answer
+/// abandons it: a capability it returns later is dropped automatically.
+pub(crate) struct PendingOp {
+    shared: Arc<Shared>,
+    op: u64,
+    slot: Arc<Slot<OpResult>>,
+    done: bool,
+    what: &'static str,
+    timeout: Duration,
+}
+
+impl PendingOp {
+    fn timed_out(&mut self) -> OpResult {
+        self.done = true;
+        match self.shared.abandon(self.op, &self.slot) {
+            Some(late) => late,
+            None => Err(SdkError::Timeout {
+                what: self.what,
+                after: self.timeout,
+            }),
+        }
+    }
+
+    fn wait(&mut self) -> OpResult {
+        match self.slot.wait(self.timeout) {
+            Some(r) => {
+                self.done = true;
+                r
+            }
+            None => self.timed_out(),
+        }
+    }
+
+    #[cfg(feature = "tokio")]
+    async fn wait_async(&mut self) -> OpResult {
+        let fut = crate::slot::SlotFuture {
+            slot: self.slot.clone(),
+        };
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => {
+                self.done = true;
+                r
+            }
+            Err(_) => self.timed_out(),
+        }
+    }
+}
+
+impl Drop for PendingOp {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = self.shared.abandon(self.op, &self.slot);
+        }
+    }
+}
+
+/// An operation in flight with its typed result.
+pub(crate) struct Pending<T> {
+    op: PendingOp,
+    convert: fn(Reply) -> Result<T, SdkError>,
+}
+
+impl<T> Pending<T> {
+    /// Blocks for the answer (up to the handle's timeout).
+    pub(crate) fn wait(mut self) -> Result<T, SdkError> {
+        self.op.wait().and_then(self.convert)
+    }
+
+    /// Awaits the answer (up to the handle's timeout).
+    #[cfg(feature = "tokio")]
+    pub(crate) async fn wait_async(mut self) -> Result<T, SdkError> {
+        self.op.wait_async().await.and_then(self.convert)
+    }
+}
+
+fn reply_cap(r: Reply, kind: ObjectKind) -> Result<Cap, SdkError> {
+    match r {
+        Reply::Cap { handle, info } if info.kind == kind => Ok(Cap::from_info(handle, info)),
+        other => Err(SdkError::protocol(format!(
+            "expected a {kind:?} capability, got {other:?}"
+        ))),
+    }
+}
+
+fn reply_memory(r: Reply) -> Result<MemoryCap, SdkError> {
+    reply_cap(r, ObjectKind::Memory).map(|c| c.as_memory().expect("kind checked"))
+}
+
+fn reply_request(r: Reply) -> Result<RequestCap, SdkError> {
+    reply_cap(r, ObjectKind::Request).map(|c| c.as_request().expect("kind checked"))
+}
+
+fn reply_any(r: Reply) -> Result<Cap, SdkError> {
+    match r {
+        Reply::Cap { handle, info } => Ok(Cap::from_info(handle, info)),
+        Reply::Done => Err(SdkError::protocol("expected a capability, got Done")),
+    }
+}
+
+fn reply_done(r: Reply) -> Result<(), SdkError> {
+    match r {
+        Reply::Done => Ok(()),
+        other => Err(SdkError::protocol(format!("expected Done, got {other:?}"))),
+    }
+}
+
+fn msg_name(m: &ControllerMsg) -> &'static str {
+    match m {
+        ControllerMsg::Attached { .. } => "Attached",
+        ControllerMsg::Rejected { .. } => "Rejected",
+        ControllerMsg::Completion { .. } => "Completion",
+        ControllerMsg::Invocation { .. } => "Invocation",
+        ControllerMsg::MemRead { .. } => "MemRead",
+        ControllerMsg::MemWrite { .. } => "MemWrite",
+    }
+}
+
+impl Shared {
+    fn disconnected(&self) -> SdkError {
+        SdkError::Disconnected {
+            reason: lock(&self.ops)
+                .closed
+                .clone()
+                .unwrap_or(DisconnectReason::Closed),
+        }
+    }
+
+    /// Writes one message; a failed write closes the channel.
+    fn send(&self, msg: &ProcessMsg) -> Result<(), SdkError> {
+        let mut frame = Vec::new();
+        msg.encode(&mut frame);
+        let result = lock(&self.writer).write_all(&frame);
+        if let Err(e) = result {
+            self.shutdown(DisconnectReason::Io(format!(
+                "writing to the controller: {e}"
+            )));
+            return Err(self.disconnected());
+        }
+        Ok(())
+    }
+
+    /// Gives up on `op`. Returns its result if it arrived meanwhile.
+    fn abandon(&self, op: u64, slot: &Slot<OpResult>) -> Option<OpResult> {
+        {
+            let mut st = lock(&self.ops);
+            if st.pending.remove(&op).is_some() {
+                if st.closed.is_none() {
+                    st.abandoned.insert(op);
+                }
+                return None;
+            }
+        }
+        // The reader removed it: the answer is in the slot (or about to be).
+        slot.wait(Duration::from_secs(1))
+    }
+
+    /// Drops a capability nobody waits for any more.
+    fn drop_orphan(&self, handle: Handle) {
+        let op = self.next_op.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut st = lock(&self.ops);
+            if st.closed.is_some() {
+                return;
+            }
+            st.abandoned.insert(op);
+        }
+        let _ = self.send(&ProcessMsg::Drop { op, cap: handle });
+    }
+
+    /// Marks the channel closed, fails every pending operation, closes the
+    /// queues and the socket. Idempotent; the first reason wins.
+    fn shutdown(&self, reason: DisconnectReason) {
+        let pending = {
+            let mut st = lock(&self.ops);
+            if st.closed.is_some() {
+                return;
+            }
+            st.closed = Some(reason.clone());
+            st.abandoned.clear();
+            std::mem::take(&mut st.pending)
+        };
+        let _ = self.socket.shutdown(Shutdown::Both);
+        for (_, slot) in pending {
+            slot.fill(Err(SdkError::Disconnected {
+                reason: reason.clone(),
+            }));
+        }
+        self.invocations.close();
+        self.jobs.close();
+    }
+
+    fn close_and_join(&self) {
+        self.shutdown(DisconnectReason::Closed);
+        let handle = lock(&self.reader).take();
+        if let Some(h) = handle {
+            if h.thread().id() != thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+
+    /// Handles one message from the controller. `Err` closes the channel.
+    fn on_message(&self, msg: ControllerMsg) -> Result<(), DisconnectReason> {
+        match msg {
+            ControllerMsg::Completion { op, result } => {
+                let slot = {
+                    let mut st = lock(&self.ops);
+                    match st.pending.remove(&op) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            if st.abandoned.remove(&op) {
+                                drop(st);
+                                if let Ok(Reply::Cap { handle, .. }) = result {
+                                    self.drop_orphan(handle);
+                                }
+                            }
+                            None
+                        }
+                    }
+                };
+                if let Some(slot) = slot {
+                    slot.fill(result.map_err(SdkError::Remote));
+                }
+            }
+            ControllerMsg::Invocation { tag, imms, caps } => {
+                let inv = Invocation::from_wire(tag, imms, caps);
+                let handler = self
+                    .handlers
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&tag)
+                    .cloned();
+                let _ = match handler {
+                    Some(h) => self.jobs.push((h, inv)).map_err(drop),
+                    None => self.invocations.push(inv).map_err(drop),
+                };
+            }
+            ControllerMsg::MemRead { xfer, addr, len } => {
+                let result = self.memory.serve_read(addr, len);
+                self.send(&ProcessMsg::MemReadReply { xfer, result })
+                    .map_err(|e| DisconnectReason::Io(e.to_string()))?;
+            }
+            ControllerMsg::MemWrite { xfer, addr, data } => {
+                let result = self.memory.serve_write(addr, &data);
+                self.send(&ProcessMsg::MemWriteReply { xfer, result })
+                    .map_err(|e| DisconnectReason::Io(e.to_string()))?;
+            }
+            ControllerMsg::Rejected { code, .. } => return Err(DisconnectReason::Kicked(code)),
+            ControllerMsg::Attached { .. } => {
+                return Err(DisconnectReason::Protocol(
+                    "Attached received on an attached channel".into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+}
+
+fn reader_loop(shared: Arc<Shared>, mut stream: TcpStream, mut buf: Vec<u8>) {
+    let splitter = FrameSplitter::new(shared.opts.max_frame_len);
+    let mut chunk = vec![0u8; READ_CHUNK];
+    let reason = 'outer: loop {
+        let mut start = 0;
+        loop {
+            match splitter.split(&buf[start..]) {
+                Ok(Some((body, used))) => {
+                    let msg = ControllerMsg::decode(body);
+                    start += used;
+                    let handled = match msg {
+                        Ok(m) => shared.on_message(m),
+                        Err(e) => Err(DisconnectReason::Protocol(e.to_string())),
+                    };
+                    if let Err(r) = handled {
+                        break 'outer r;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => break 'outer DisconnectReason::Protocol(e.to_string()),
+            }
+        }
+        buf.drain(..start);
+        match stream.read(&mut chunk) {
+            Ok(0) => break DisconnectReason::ControllerClosed,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break DisconnectReason::Io(format!("reading from the controller: {e}")),
+        }
+    };
+    shared.shutdown(reason);
+    // Don't keep the shared state (and the socket) alive from here.
+    drop(shared);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn is<T: Send + Sync>() {}
+        is::<Process>();
+        is::<SdkError>();
+    }
+
+    #[test]
+    fn argument_checks_are_local() {
+        assert!(check_args(&vec![0; MAX_IMMEDIATES], &[]).is_ok());
+        assert!(matches!(
+            check_args(&vec![0; MAX_IMMEDIATES + 1], &[]),
+            Err(SdkError::InvalidArgument(_))
+        ));
+        let caps = vec![Cap::from(RequestCap::from_raw(Handle(1))); MAX_CAPS_PER_MESSAGE + 1];
+        assert!(check_args(&[], &caps).is_err());
+        assert_eq!(
+            check_args(&[], &caps[..2]).unwrap(),
+            vec![Handle(1), Handle(1)]
+        );
+        assert!(check_name(&[b'x'; MAX_NAME_LEN]).is_ok());
+        assert!(check_name(&[b'x'; MAX_NAME_LEN + 1]).is_err());
+    }
+
+    #[test]
+    fn reply_typing() {
+        use fractos_wire::CapInfo;
+        let mem = Reply::Cap {
+            handle: Handle(3),
+            info: CapInfo {
+                kind: ObjectKind::Memory,
+                rights: Rights::READ,
+                len: 9,
+            },
+        };
+        assert_eq!(reply_memory(mem).unwrap().len(), 9);
+        assert!(matches!(reply_request(mem), Err(SdkError::Protocol { .. })));
+        assert!(matches!(reply_done(mem), Err(SdkError::Protocol { .. })));
+        assert!(reply_any(mem).is_ok());
+        assert!(reply_any(Reply::Done).is_err());
+        assert!(reply_done(Reply::Done).is_ok());
+        assert!(reply_memory(Reply::Done).is_err());
+    }
+
+    #[test]
+    fn attach_to_nothing_is_an_io_error() {
+        // Bind then drop a listener: the port is very likely closed.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        match Process::attach(addr, "p", [0; 32], AttachOptions::default()) {
+            Err(SdkError::Io { .. }) => {}
+            other => panic!("expected an I/O error, got {other:?}"),
+        }
+        assert!(matches!(
+            Process::attach(
+                addr,
+                &"n".repeat(MAX_PROCESS_NAME_LEN + 1),
+                [0; 32],
+                AttachOptions::default()
+            ),
+            Err(SdkError::InvalidArgument(_))
+        ));
+    }
+}

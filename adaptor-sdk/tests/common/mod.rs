@@ -1,0 +1,66 @@
+//! Real hosted controllers on loopback and SDK processes attached to them.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use fractos_core::process_token;
+use fractos_hosted::{spawn, HostedConfig, Running};
+use fractos_sdk::{AttachOptions, Cap, ErrorCode, NodeId, Process, SdkError};
+
+pub const KEY: [u8; 32] = [0x5d; 32];
+
+/// Generous per-wait timeout: tests wait on conditions, never on sleeps.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// `n` hosted controllers in a full mesh (nodes 1..=n).
+pub fn cluster(n: u32) -> Vec<Running> {
+    let nodes: Vec<Running> = (1..=n)
+        .map(|i| {
+            let mut c = HostedConfig::local(NodeId(i), KEY);
+            c.members = (1..=n).map(NodeId).collect();
+            spawn(c).expect("controller starts")
+        })
+        .collect();
+    for a in &nodes {
+        for b in &nodes {
+            if a.node() != b.node() {
+                a.add_peer(b.node(), b.peer_addr());
+            }
+        }
+    }
+    nodes
+}
+
+pub fn token(name: &str) -> [u8; 32] {
+    process_token(&KEY, name.as_bytes())
+}
+
+pub fn opts() -> AttachOptions {
+    AttachOptions::default().op_timeout(WAIT)
+}
+
+/// Attaches an SDK process named `name` to `node`.
+pub fn attach(node: &Running, name: &str) -> Process {
+    Process::attach(node.process_addr(), name, token(name), opts()).expect("attach")
+}
+
+/// Retries `f` while the cluster's links are still coming up
+/// (`PeerUnreachable`), for at most [`WAIT`].
+pub fn retry<T>(mut f: impl FnMut() -> Result<T, SdkError>) -> Result<T, SdkError> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match f() {
+            Err(e) if e.code() == Some(ErrorCode::PeerUnreachable) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Publishes `cap` from `p` under `name` and looks it up from `q`.
+pub fn share(p: &Process, cap: impl Into<Cap>, q: &Process, name: &str) -> Cap {
+    let cap = cap.into();
+    retry(|| p.publish(name, cap)).expect("publish");
+    retry(|| q.lookup(name, WAIT)).expect("lookup")
+}
