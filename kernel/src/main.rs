@@ -2,7 +2,7 @@
 //!
 //! Entered from `fractos_loader`'s 32-bit stubs (PVH or Multiboot2) in long
 //! mode on the boot stack, with SSE on and the first 4 GiB identity-mapped.
-//! Boot order: serial → boot info → command line → logger → GDT/TSS/IDT →
+//! Boot order: serial → GDT/TSS/IDT → boot info → command line → logger →
 //! TSC → frames → heap → PCI → page tables → ready.
 #![no_std]
 #![no_main]
@@ -36,6 +36,8 @@ fn heap_bytes(usable: u64) -> u64 {
 #[no_mangle]
 extern "C" fn fractos_kernel_entry(protocol: u32, magic: u32, info: u64) -> ! {
     serial::init();
+    // Exceptions are reported from here on, even while parsing boot data.
+    cpu::init();
     // SAFETY: the stub passes the loader's pointer unchanged; the first
     // 4 GiB are identity-mapped and nothing else runs.
     let boot = match unsafe { fractos_loader::from_entry(protocol, magic, info, &IdentityMapped) } {
@@ -47,7 +49,6 @@ extern "C" fn fractos_kernel_entry(protocol: u32, magic: u32, info: u64) -> ! {
     };
     let config = Config::parse(boot.cmdline.as_str(), |_| {});
     serial::init_logger(config.log_level);
-    cpu::init();
     let (tsc_hz, tsc_src) = time::init();
     info!(
         "FractOS appliance kernel {} booting via {}",
