@@ -115,3 +115,8 @@ pub use asynk::AsyncProcess;
 /// [`wire::Handle`] and friends.
 pub use fractos_wire as wire;
 pub use fractos_wire::{CapInfo, ErrorCode, Handle, NodeId, ObjectKind, Rights};
+
+/// The README's example, compiled as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

@@ -74,6 +74,7 @@ impl<T> Slot<T> {
     }
 
     /// Takes the value if filled, else registers `waker`.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     fn poll_take(&self, waker: &Waker) -> Option<T> {
         let mut s = lock(&self.state);
         match s.value.take() {
@@ -90,6 +91,7 @@ impl<T> Slot<T> {
 }
 
 /// Future resolving when a [`Slot`] is filled.
+#[cfg_attr(not(feature = "tokio"), allow(dead_code))]
 pub(crate) struct SlotFuture<T> {
     pub(crate) slot: Arc<Slot<T>>,
 }
