@@ -1,0 +1,336 @@
+//! The pipeline demo: an embedded 3-node cluster (storage, compute, client
+//! nodes, each a hosted controller with its adaptor) running the same
+//! verifications in the three modes and reporting what crossed node
+//! boundaries and how long it took.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fractos_core::process_token;
+use fractos_hosted::{spawn, HostedConfig, Running};
+use fractos_sdk::wire::NodeId;
+use fractos_sdk::{AttachOptions, Process};
+
+use crate::compute::{CpuBackend, VerifyBackend};
+use crate::image::{encoded_len, synth_face, Image};
+use crate::pipeline::{serve_compute, serve_storage, Client, Verdict};
+use crate::storage::BlockStore;
+use crate::PipelineError;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct DemoConfig {
+    /// Verifications per mode.
+    pub requests: usize,
+    /// Image side in pixels (an image is `side²` bytes + 12).
+    pub image_side: usize,
+    /// Distinct images in the store (requests cycle through them).
+    pub images: usize,
+    /// Unmeasured verifications per mode first.
+    pub warmup: usize,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            requests: 50,
+            image_side: 512,
+            images: 8,
+            warmup: 3,
+        }
+    }
+}
+
+/// Figures of one mode.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModeReport {
+    /// Bytes sent between controllers (each frame counted once).
+    pub inter_node_bytes: u64,
+    /// Frames sent between controllers.
+    pub inter_node_messages: u64,
+    /// Median latency.
+    pub latency_p50_us: f64,
+    /// 99th percentile latency.
+    pub latency_p99_us: f64,
+    /// Scores, in request order.
+    pub scores: Vec<f32>,
+}
+
+/// Figures of the whole demo.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DemoReport {
+    /// FractOS mode.
+    pub fractos: ModeReport,
+    /// Centralised mode.
+    pub centralized: ModeReport,
+    /// Remote-device API mode.
+    pub remote_api: ModeReport,
+    /// Requests per mode.
+    pub requests: usize,
+    /// Bytes per image.
+    pub image_bytes: usize,
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        f64::NAN
+    }
+}
+
+impl DemoReport {
+    /// Centralised ÷ FractOS inter-node bytes.
+    pub fn traffic_ratio(&self) -> f64 {
+        ratio(
+            self.centralized.inter_node_bytes as f64,
+            self.fractos.inter_node_bytes as f64,
+        )
+    }
+    /// Centralised ÷ FractOS median latency.
+    pub fn latency_ratio(&self) -> f64 {
+        ratio(self.centralized.latency_p50_us, self.fractos.latency_p50_us)
+    }
+    /// Remote API ÷ FractOS median latency.
+    pub fn remote_api_latency_ratio(&self) -> f64 {
+        ratio(self.remote_api.latency_p50_us, self.fractos.latency_p50_us)
+    }
+    /// Remote API ÷ FractOS inter-node messages.
+    pub fn remote_api_message_ratio(&self) -> f64 {
+        ratio(
+            self.remote_api.inter_node_messages as f64,
+            self.fractos.inter_node_messages as f64,
+        )
+    }
+
+    /// The machine-readable report.
+    pub fn to_json(&self) -> String {
+        let mode = |m: &ModeReport| {
+            format!(
+                "{{\"inter_node_bytes\": {}, \"inter_node_messages\": {}, \"latency_p50_us\": {:.1}, \"latency_p99_us\": {:.1}}}",
+                m.inter_node_bytes, m.inter_node_messages, m.latency_p50_us, m.latency_p99_us
+            )
+        };
+        format!(
+            "{{\n  \"requests\": {},\n  \"image_bytes\": {},\n  \"fractos\": {},\n  \"centralized\": {},\n  \"remote_api\": {},\n  \"traffic_ratio\": {:.3},\n  \"latency_ratio\": {:.3},\n  \"remote_api_latency_ratio\": {:.3},\n  \"remote_api_message_ratio\": {:.3}\n}}\n",
+            self.requests,
+            self.image_bytes,
+            mode(&self.fractos),
+            mode(&self.centralized),
+            mode(&self.remote_api),
+            self.traffic_ratio(),
+            self.latency_ratio(),
+            self.remote_api_latency_ratio(),
+            self.remote_api_message_ratio(),
+        )
+    }
+
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "{} verifications per mode, {} KiB images\n",
+            self.requests,
+            self.image_bytes / 1024
+        );
+        let _ = writeln!(
+            t,
+            "{:<12} {:>16} {:>12} {:>12} {:>12}",
+            "mode", "inter-node bytes", "messages", "p50 (us)", "p99 (us)"
+        );
+        for (name, m) in [
+            ("fractos", &self.fractos),
+            ("centralized", &self.centralized),
+            ("remote-api", &self.remote_api),
+        ] {
+            let _ = writeln!(
+                t,
+                "{:<12} {:>16} {:>12} {:>12.0} {:>12.0}",
+                name, m.inter_node_bytes, m.inter_node_messages, m.latency_p50_us, m.latency_p99_us
+            );
+        }
+        let _ = writeln!(
+            t,
+            "\ncentralized / fractos: bytes x{:.2}, p50 latency x{:.2}",
+            self.traffic_ratio(),
+            self.latency_ratio()
+        );
+        let _ = writeln!(
+            t,
+            "remote-api  / fractos: messages x{:.2}, p50 latency x{:.2}",
+            self.remote_api_message_ratio(),
+            self.remote_api_latency_ratio()
+        );
+        t
+    }
+}
+
+/// Errors of the demo.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// A controller failed to start.
+    #[error("controller: {0}")]
+    Hosted(#[from] fractos_hosted::HostedError),
+    /// The pipeline failed.
+    #[error(transparent)]
+    Pipeline(#[from] PipelineError),
+    /// The modes disagree on a score: a correctness failure.
+    #[error("request {index}: {mode} scored {got} but fractos scored {want}")]
+    ScoreMismatch {
+        /// Request index.
+        index: usize,
+        /// Mode.
+        mode: &'static str,
+        /// Its score.
+        got: f32,
+        /// FractOS score.
+        want: f32,
+    },
+    /// Setup I/O failed.
+    #[error("demo storage: {0}")]
+    Storage(#[from] crate::StorageError),
+}
+
+/// The demo's cluster key (the embedded cluster is private to the process).
+pub const DEMO_KEY: [u8; 32] = *b"fractos-embedded-demo-cluster-k!";
+
+/// Starts the embedded 3-controller cluster (storage = node 1, compute =
+/// node 2, client = node 3) on loopback.
+pub fn start_cluster() -> Result<Vec<Running>, DemoError> {
+    let nodes: Vec<Running> = (1..=3)
+        .map(|i| {
+            let mut c = HostedConfig::local(NodeId(i), DEMO_KEY);
+            c.members = (1..=3).map(NodeId).collect();
+            spawn(c)
+        })
+        .collect::<Result<_, _>>()?;
+    for a in &nodes {
+        for b in &nodes {
+            if a.node() != b.node() {
+                a.add_peer(b.node(), b.peer_addr());
+            }
+        }
+    }
+    Ok(nodes)
+}
+
+/// Attaches a process named `name` to `node` with the demo key.
+pub fn attach(node: &Running, name: &str) -> Result<Process, PipelineError> {
+    let opts = AttachOptions::default().op_timeout(Duration::from_secs(20));
+    Ok(Process::attach(
+        node.process_addr(),
+        name,
+        process_token(&DEMO_KEY, name.as_bytes()),
+        opts,
+    )?)
+}
+
+fn inter_node(nodes: &[Running]) -> Result<(u64, u64), DemoError> {
+    let mut bytes = 0;
+    let mut frames = 0;
+    for n in nodes {
+        let t = n.traffic()?.peer_total();
+        bytes += t.bytes_out;
+        frames += t.frames_out;
+    }
+    Ok((bytes, frames))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Runs the demo on an embedded cluster. `progress` is called after each
+/// request with (mode, done, total).
+pub fn run(
+    cfg: &DemoConfig,
+    mut progress: impl FnMut(&str, usize, usize),
+) -> Result<DemoReport, DemoError> {
+    let nodes = start_cluster()?;
+    let image_bytes = encoded_len(cfg.image_side, cfg.image_side);
+    let slot = image_bytes as u64;
+    let path = std::env::temp_dir().join(format!("fractos-demo-store-{}", std::process::id()));
+    let store = Arc::new(BlockStore::open(&path, slot * cfg.images as u64)?);
+    for i in 0..cfg.images {
+        // Mostly the enrolled person, some strangers.
+        let person = if i % 4 == 3 { 100 + i as u64 } else { 1 };
+        store.write_at(
+            i as u64 * slot,
+            &synth_face(person, i as u64 + 1, cfg.image_side, cfg.image_side),
+        )?;
+    }
+    let backend: Arc<dyn VerifyBackend> = Arc::new(CpuBackend);
+    let enrolled_img = synth_face(1, 0, cfg.image_side, cfg.image_side);
+    let enrolled = backend
+        .features(&Image::parse(&enrolled_img).map_err(|e| PipelineError::Protocol(e.to_string()))?)
+        .map_err(|e| PipelineError::Protocol(e.to_string()))?;
+
+    let storage = attach(&nodes[0], "storage")?;
+    serve_storage(&storage, store, slot)?;
+    let compute = attach(&nodes[1], "compute")?;
+    serve_compute(&compute, backend, enrolled, slot)?;
+    let client = Client::connect(attach(&nodes[2], "client")?, slot, Duration::from_secs(10))?;
+
+    type Mode = fn(&Client, u64, u64) -> Result<Verdict, PipelineError>;
+    let modes: [(&'static str, Mode); 3] = [
+        ("fractos", Client::verify_fractos),
+        ("centralized", Client::verify_centralized),
+        ("remote-api", Client::verify_remote_api),
+    ];
+    let mut reports = Vec::new();
+    for (name, f) in modes {
+        for i in 0..cfg.warmup {
+            f(&client, (i % cfg.images) as u64 * slot, slot)?;
+        }
+        let (b0, m0) = inter_node(&nodes)?;
+        let mut lat = Vec::with_capacity(cfg.requests);
+        let mut scores = Vec::with_capacity(cfg.requests);
+        for i in 0..cfg.requests {
+            let v = f(&client, (i % cfg.images) as u64 * slot, slot)?;
+            lat.push(v.latency.as_secs_f64() * 1e6);
+            scores.push(v.score);
+            progress(name, i + 1, cfg.requests);
+        }
+        let (b1, m1) = inter_node(&nodes)?;
+        lat.sort_by(|a, b| a.total_cmp(b));
+        reports.push(ModeReport {
+            inter_node_bytes: b1 - b0,
+            inter_node_messages: m1 - m0,
+            latency_p50_us: percentile(&lat, 0.5),
+            latency_p99_us: percentile(&lat, 0.99),
+            scores,
+        });
+    }
+    let _ = std::fs::remove_file(&path);
+    let remote_api = reports.pop().expect("three modes");
+    let centralized = reports.pop().expect("three modes");
+    let fractos = reports.pop().expect("three modes");
+    for (mode, m) in [("centralized", &centralized), ("remote-api", &remote_api)] {
+        for (index, (got, want)) in m.scores.iter().zip(&fractos.scores).enumerate() {
+            if got.to_bits() != want.to_bits() {
+                return Err(DemoError::ScoreMismatch {
+                    index,
+                    mode,
+                    got: *got,
+                    want: *want,
+                });
+            }
+        }
+    }
+    drop(client);
+    drop(compute);
+    drop(storage);
+    Ok(DemoReport {
+        fractos,
+        centralized,
+        remote_api,
+        requests: cfg.requests,
+        image_bytes,
+    })
+}
