@@ -148,7 +148,6 @@ struct Link {
 
 struct Peer {
     link: LinkId,
-    incarnation: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -1032,7 +1031,9 @@ impl Controller {
                 self.metrics.op(OpKind::Unpublish);
                 let home = self.name_home(&name);
                 let publisher = self.procs[proc].seq;
-                self.procs[proc].published.retain(|n| *n != name);
+                // The name stays in `published` until exit: a Publish still
+                // acquiring its capability may land after this Unpublish,
+                // and the withdrawal at exit must cover it.
                 self.call(
                     home,
                     PeerRequest::Unpublish { name, publisher },
@@ -1260,6 +1261,13 @@ impl Controller {
                 publisher,
             } => {
                 let cap = caps[0].0;
+                if let Origin::Proc { proc, .. } = origin {
+                    if !self.procs.contains_key(proc) {
+                        // The publisher exited while its capability was being
+                        // acquired; its withdrawal has already been sent.
+                        return self.release_ref(cap);
+                    }
+                }
                 self.call(
                     home,
                     PeerRequest::Publish {
@@ -1409,7 +1417,7 @@ impl Controller {
                     let (node, inc) = l.hello.expect("checked");
                     if auth::verify_peer_proof(&self.cfg.cluster_key, node, inc, &l.nonce, &mac) {
                         l.authed = true;
-                        self.peer_up(link, node, inc);
+                        self.peer_up(link, node);
                     } else {
                         self.close_link(link, CloseReason::AuthFailed);
                     }
@@ -1427,19 +1435,15 @@ impl Controller {
         }
     }
 
-    fn peer_up(&mut self, link: LinkId, node: NodeId, incarnation: u64) {
+    fn peer_up(&mut self, link: LinkId, node: NodeId) {
         if let Some(old) = self.peers.get(&node) {
-            let (old_link, old_inc) = (old.link, old.incarnation);
-            if old_inc == incarnation {
-                // A reconnect of the same controller: keep its state, use the new link.
-                self.links.remove(&old_link);
-                self.outputs.push_back(Output::Close {
-                    to: Dest::Link(old_link),
-                    reason: CloseReason::Duplicate,
-                });
-                self.peers.insert(node, Peer { link, incarnation });
-                return;
-            }
+            // A new link from a peer we still think connected (same or new
+            // incarnation) means the old link broke without us noticing (a
+            // half-open connection). The peer already dropped the state of
+            // the old session and frames in flight on it are lost, so drop
+            // ours too: keeping it would leak names and capabilities held
+            // for the peer and leave calls the peer will never answer.
+            let old_link = old.link;
             self.links.remove(&old_link);
             self.outputs.push_back(Output::Close {
                 to: Dest::Link(old_link),
@@ -1447,7 +1451,7 @@ impl Controller {
             });
             self.peer_lost(node);
         }
-        self.peers.insert(node, Peer { link, incarnation });
+        self.peers.insert(node, Peer { link });
     }
 
     fn close_link(&mut self, link: LinkId, reason: CloseReason) {

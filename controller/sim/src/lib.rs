@@ -147,6 +147,8 @@ pub struct Report {
     pub copies_checked: u64,
     /// Faults injected (resets, partitions, crashes, process crashes).
     pub faults: u64,
+    /// Faults injected, by kind.
+    pub fault_kinds: std::collections::BTreeMap<String, u64>,
     /// Hash chain over every delivered frame (time, endpoint, bytes).
     pub trace_hash: u64,
     /// Answers seen, by operation and result (`"Copy Ok"`, `"Invoke Revoked"`).

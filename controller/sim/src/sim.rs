@@ -26,6 +26,8 @@ const PROC_LATENCY: u64 = 5_000;
 /// Events one run may execute before it is declared a livelock.
 const MAX_EVENTS: u64 = 200_000_000;
 const TAIL: usize = 80;
+/// Wire kind byte of `PeerMsg::Ping` (heartbeats are left out of traces).
+const PING_KIND: u8 = 3;
 
 enum Ev {
     Dial(usize, usize),
@@ -120,6 +122,8 @@ pub struct Sim {
     tail: VecDeque<String>,
     report: Report,
     error: Option<String>,
+    /// `FRACTOS_SIM_TRACE` is set: print every event to stderr.
+    print_trace: bool,
 }
 
 fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
@@ -212,6 +216,7 @@ impl Sim {
                 ..Report::default()
             },
             error: None,
+            print_trace: std::env::var_os("FRACTOS_SIM_TRACE").is_some(),
             cfg,
         };
         sim.setup();
@@ -332,13 +337,21 @@ impl Sim {
     }
 
     fn note(&mut self, s: impl FnOnce() -> String) {
-        if self.cfg.keep_trace {
+        if self.cfg.keep_trace || self.print_trace {
+            let line = format!("t={:.6} #{} {}", self.now as f64 / 1e9, self.tick, s());
+            if self.print_trace {
+                eprintln!("{line}");
+            }
             if self.tail.len() == TAIL {
                 self.tail.pop_front();
             }
-            let line = format!("t={:.6} #{} {}", self.now as f64 / 1e9, self.tick, s());
             self.tail.push_back(line);
         }
+    }
+
+    fn count_fault(&mut self, kind: &str) {
+        self.report.faults += 1;
+        *self.report.fault_kinds.entry(kind.to_string()).or_insert(0) += 1;
     }
 
     fn fail(&mut self, msg: String) {
@@ -461,7 +474,7 @@ impl Sim {
                     .filter(|p| self.procs[*p].alive && !self.procs[*p].rogue)
                     .collect();
                 if let Some(p) = live.choose(&mut self.rng).copied() {
-                    self.report.faults += 1;
+                    self.count_fault("process crash");
                     self.note(|| format!("FAULT process crash {p}"));
                     self.exit_proc(p);
                 }
@@ -477,7 +490,7 @@ impl Sim {
                 all.shuffle(&mut self.rng);
                 side.extend(all.into_iter().take(k));
                 let heal = self.now + dur;
-                self.report.faults += 1;
+                self.count_fault("partition");
                 self.note(|| format!("FAULT partition {side:?} until {heal}"));
                 self.rules.partition = Some((side, heal));
                 self.schedule(heal, Ev::Heal);
@@ -586,7 +599,18 @@ impl Sim {
             self.pairs.remove(&(nodes[0], nodes[1]));
         }
         if notify {
-            for l in eps {
+            // Usually both ends see the reset; sometimes one end misses it
+            // (a lost RST) and keeps a half-open link until its heartbeat
+            // times out or the peer's new connection replaces it.
+            let half_open = self.rules.active && self.rng.gen_bool(0.2);
+            if half_open {
+                self.count_fault("half-open link");
+            }
+            let deaf = self.rng.gen_range(0..2);
+            for (i, l) in eps.into_iter().enumerate() {
+                if half_open && i == deaf {
+                    continue;
+                }
                 if self.eps.get(&l).is_some_and(|e| e.open) {
                     let at = self.now + self.rng.gen_range(100_000..5 * MS);
                     self.schedule(at, Ev::LinkDown(l));
@@ -631,7 +655,7 @@ impl Sim {
                 self.schedule(at, Ev::LinkFrame { to: to_ep, frame });
             }
             Verdict::Reset => {
-                self.report.faults += 1;
+                self.count_fault("frame lost (reset)");
                 self.note(|| format!("FAULT frame lost: reset {}<->{}", from + 1, to + 1));
                 self.kill_conn(cid, true);
             }
@@ -653,7 +677,7 @@ impl Sim {
             Ok(b) => b,
             Err(e) => return self.fail(format!("controller emitted a bad frame: {e}")),
         };
-        if self.cfg.keep_trace {
+        if self.cfg.keep_trace && body.get(1) != Some(&PING_KIND) {
             let s = summarize_peer(body);
             self.note(|| format!("-> ctrl {} via {to:?}: {s}", node + 1));
         }
@@ -729,7 +753,11 @@ impl Sim {
         if !self.rules.active || self.nodes[node].ctrl.is_none() {
             return;
         }
-        self.report.faults += 1;
+        self.count_fault(if silent {
+            "controller crash (silent)"
+        } else {
+            "controller crash (reset)"
+        });
         self.note(|| format!("FAULT crash ctrl {} (silent: {silent})", node + 1));
         let n = &mut self.nodes[node];
         n.ctrl = None;
