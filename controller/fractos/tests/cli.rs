@@ -49,3 +49,72 @@ fn help_lists_subcommands_and_rejects_bad_accel() {
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(e.contains("use `tcg` or `kvm`"), "{e}");
 }
+
+/// Runs `fractos down` on drop, so a failing test leaves no detached QEMU.
+struct DownOnDrop(std::path::PathBuf);
+
+impl Drop for DownOnDrop {
+    fn drop(&mut self) {
+        let _ = fractos()
+            .arg("down")
+            .arg("--state-dir")
+            .arg(&self.0)
+            .output();
+    }
+}
+
+#[test]
+fn up_detach_then_down() {
+    let dir = std::env::temp_dir().join(format!("fractos-cli-up-{}", std::process::id()));
+    let _guard = DownOnDrop(dir.clone());
+    let out = fractos()
+        .args([
+            "up",
+            "--detach",
+            "--memory",
+            "64",
+            "--nvme",
+            "1",
+            "--state-dir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{so}\n{se}");
+    assert!(so.contains("fractos: ready node=0"), "{so}\n{se}");
+    assert!(so.contains("1b36:0010"), "NVMe missing:\n{so}");
+    assert!(se.contains("detached; stop with `fractos down`"), "{se}");
+    let pid: i32 = std::fs::read_to_string(dir.join("node0.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+
+    let out = fractos()
+        .args(["down", "--state-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let so = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        so.contains(&format!("stopped node0 (QEMU pid {pid})")),
+        "{so}"
+    );
+    // down waits for the process to go; give the reaper a moment at most.
+    let gone = (0..100).any(|_| {
+        let alive = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains("qemu-system"))
+            .unwrap_or(false);
+        if alive {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        !alive
+    });
+    assert!(gone, "QEMU {pid} still running after down");
+    let _ = std::fs::remove_dir_all(&dir);
+}
