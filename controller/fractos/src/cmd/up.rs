@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use fractos_qemu::build::{self, Workspace};
 use fractos_qemu::cluster::{self, Cluster, ClusterSpec};
+use fractos_qemu::exit::KernelExit;
 use fractos_qemu::node::Accel;
 
 /// Options of `fractos up`.
@@ -108,8 +109,12 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
         for n in c.nodes() {
             if !n.is_running() {
                 let exit = n.wait_exit(Duration::from_secs(1))?;
-                eprintln!("{} exited: {exit}", n.spec().name);
+                let name = n.spec().name.clone();
                 follow(&spec, &mut offsets)?;
+                if exit != KernelExit::Success {
+                    anyhow::bail!("{name} exited: {exit}; stopping the other appliances");
+                }
+                eprintln!("{name} exited: {exit}");
                 return Ok(());
             }
         }
