@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use fractos_core::{ChannelId, CloseReason, Config, Controller, Dest, Instant, LinkId, Output};
 use fractos_wire::{FrameSplitter, NodeId};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::AsyncReadExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -72,11 +72,15 @@ pub(crate) enum Event {
     Shutdown,
 }
 
-/// A writer task's inbox and its queued-bytes gauge.
+/// The sending side of a socket: the core task writes directly while
+/// nothing is queued; otherwise frames queue for a writer task that waits
+/// for the socket to become writable. Order is preserved either way.
 struct Writer {
+    half: Arc<OwnedWriteHalf>,
     tx: mpsc::UnboundedSender<Vec<u8>>,
     queued: Arc<AtomicUsize>,
     reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
 }
 
 impl Writer {
@@ -90,15 +94,33 @@ impl Writer {
     ) -> Writer {
         let _ = stream.set_nodelay(true);
         let (rd, wr) = stream.into_split();
+        let half = Arc::new(wr);
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        tokio::spawn(write_frames(wr, rx, queued.clone()));
+        let writer = tokio::spawn(write_frames(half.clone(), rx, queued.clone()));
         let reader = tokio::spawn(read_frames(rd, max_frame, events, on_frame, on_close, id));
-        Writer { tx, queued, reader }
+        Writer {
+            half,
+            tx,
+            queued,
+            reader,
+            writer,
+        }
     }
 
-    /// Queues a frame; false if the socket is stuck past `limit` bytes.
-    fn send(&self, frame: Vec<u8>, limit: usize) -> bool {
+    /// Sends or queues a frame; false if the socket is broken or stuck past
+    /// `limit` queued bytes.
+    fn send(&self, mut frame: Vec<u8>, limit: usize) -> bool {
+        if self.queued.load(Ordering::Relaxed) == 0 {
+            match self.half.try_write(&frame) {
+                Ok(n) if n == frame.len() => return true,
+                Ok(n) => {
+                    frame.drain(..n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return false,
+            }
+        }
         let n = frame.len();
         if self.queued.fetch_add(n, Ordering::Relaxed) + n > limit {
             return false;
@@ -110,6 +132,11 @@ impl Writer {
 impl Drop for Writer {
     fn drop(&mut self) {
         self.reader.abort();
+        // Let queued frames (e.g. a final Rejected) drain, then the writer
+        // task ends when its inbox closes, closing the socket.
+        if self.queued.load(Ordering::Relaxed) == 0 {
+            self.writer.abort();
+        }
     }
 }
 
@@ -146,7 +173,7 @@ async fn read_frames(
             }
         }
         buf.drain(..consumed);
-        if buf.capacity() < 64 * 1024 {
+        if buf.capacity() - buf.len() < 16 * 1024 {
             buf.reserve(64 * 1024);
         }
     }
@@ -154,28 +181,24 @@ async fn read_frames(
 }
 
 async fn write_frames(
-    wr: OwnedWriteHalf,
+    half: Arc<OwnedWriteHalf>,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     queued: Arc<AtomicUsize>,
 ) {
-    let mut w = BufWriter::with_capacity(64 * 1024, wr);
     while let Some(frame) = rx.recv().await {
-        let mut n = frame.len();
-        if w.write_all(&frame).await.is_err() {
-            return;
-        }
-        while let Ok(more) = rx.try_recv() {
-            n += more.len();
-            if w.write_all(&more).await.is_err() {
+        let mut at = 0;
+        while at < frame.len() {
+            if half.writable().await.is_err() {
                 return;
             }
+            match half.try_write(&frame[at..]) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
         }
-        queued.fetch_sub(n, Ordering::Relaxed);
-        if w.flush().await.is_err() {
-            return;
-        }
+        queued.fetch_sub(frame.len(), Ordering::Relaxed);
     }
-    let _ = w.shutdown().await;
 }
 
 /// A controller running on its own thread.
