@@ -218,7 +218,8 @@ impl Process {
         let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no address to connect to");
         let mut stream = None;
         for a in &addrs {
-            match TcpStream::connect_timeout(a, options.connect_timeout) {
+            let t = options.connect_timeout.max(Duration::from_millis(1));
+            match TcpStream::connect_timeout(a, t) {
                 Ok(s) => {
                     stream = Some(s);
                     break;
@@ -922,8 +923,12 @@ impl PendingOp {
 
 impl Drop for PendingOp {
     fn drop(&mut self) {
+        // Cancelled (an async wait dropped early): give up on the answer,
+        // and release a capability that arrived meanwhile.
         if !self.done {
-            let _ = self.shared.abandon(self.op, &self.slot);
+            if let Some(Ok(Reply::Cap { handle, .. })) = self.shared.abandon(self.op, &self.slot) {
+                self.shared.drop_orphan(handle);
+            }
         }
     }
 }

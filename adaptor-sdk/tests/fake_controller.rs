@@ -355,3 +355,54 @@ fn wrong_reply_shapes_are_protocol_errors_not_panics() {
     assert!(e.is_disconnected(), "{e}");
     t.join().unwrap();
 }
+
+#[test]
+fn a_cancelled_async_operation_drops_its_late_capability() {
+    let (p, t) = with_fake(AttachOptions::default(), |mut f| {
+        attached(&mut f);
+        let Some(ProcessMsg::Derive { op, .. }) = f.recv() else {
+            panic!("expected the derive")
+        };
+        let Some(ProcessMsg::Unpublish { op: marker, .. }) = f.recv() else {
+            panic!("expected the marker")
+        };
+        f.send(&ControllerMsg::Completion {
+            op,
+            result: Ok(Reply::Cap {
+                handle: Handle(44),
+                info: CapInfo {
+                    kind: ObjectKind::Request,
+                    rights: Rights::NONE,
+                    len: 0,
+                },
+            }),
+        });
+        assert!(matches!(
+            f.recv(),
+            Some(ProcessMsg::Drop {
+                cap: Handle(44),
+                ..
+            })
+        ));
+        f.send(&ControllerMsg::Completion {
+            op: marker,
+            result: Ok(Reply::Done),
+        });
+        assert!(f.closed());
+    });
+    let p = p.unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let ap = p.to_async();
+        let req = fractos_sdk::RequestCap::from_raw(Handle(1));
+        // The caller stops waiting (its own timeout drops the future).
+        let r = tokio::time::timeout(Duration::from_millis(5), ap.derive(&req, b"x", &[])).await;
+        assert!(r.is_err());
+        ap.unpublish("marker").await.unwrap();
+    });
+    p.close();
+    t.join().unwrap();
+}
