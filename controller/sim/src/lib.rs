@@ -210,8 +210,22 @@ impl fmt::Display for Failure {
 impl std::error::Error for Failure {}
 
 /// Runs one simulation to completion and checks every invariant.
+///
+/// The run keeps no event trace; if it fails, the seed is replayed with the
+/// trace on (runs are deterministic) to report the events that led there.
 pub fn run(cfg: SimConfig) -> Result<Report, Box<Failure>> {
-    Sim::new(cfg).run()
+    let fast = SimConfig {
+        keep_trace: false,
+        ..cfg.clone()
+    };
+    match Sim::new(fast).run() {
+        Ok(r) => Ok(r),
+        Err(f) if cfg.keep_trace => match Sim::new(cfg).run() {
+            Err(traced) if traced.message == f.message => Err(traced),
+            _ => Err(f),
+        },
+        Err(f) => Err(f),
+    }
 }
 
 /// Runs the test configuration of every seed in `seeds`; stops at the first
