@@ -186,20 +186,17 @@ impl AsyncProcess {
 
     /// See [`Process::revoke`].
     pub async fn revoke(&self, cap: impl Into<Cap>) -> Result<(), SdkError> {
-        self.inner.start_revoke(cap.into())?.wait_async().await
+        self.inner.start_revoke(cap)?.wait_async().await
     }
 
     /// See [`Process::drop_cap`].
     pub async fn drop_cap(&self, cap: impl Into<Cap>) -> Result<(), SdkError> {
-        self.inner.start_drop_cap(cap.into())?.wait_async().await
+        self.inner.start_drop_cap(cap)?.wait_async().await
     }
 
     /// See [`Process::monitor`].
     pub async fn monitor(&self, cap: impl Into<Cap>, notify: &RequestCap) -> Result<(), SdkError> {
-        self.inner
-            .start_monitor(cap.into(), notify)?
-            .wait_async()
-            .await
+        self.inner.start_monitor(cap, notify)?.wait_async().await
     }
 
     /// See [`Process::publish`].
@@ -208,26 +205,17 @@ impl AsyncProcess {
         name: impl AsRef<[u8]>,
         cap: impl Into<Cap>,
     ) -> Result<(), SdkError> {
-        self.inner
-            .start_publish(name.as_ref(), cap.into())?
-            .wait_async()
-            .await
+        self.inner.start_publish(name, cap)?.wait_async().await
     }
 
     /// See [`Process::unpublish`].
     pub async fn unpublish(&self, name: impl AsRef<[u8]>) -> Result<(), SdkError> {
-        self.inner
-            .start_unpublish(name.as_ref())?
-            .wait_async()
-            .await
+        self.inner.start_unpublish(name)?.wait_async().await
     }
 
     /// See [`Process::lookup`].
     pub async fn lookup(&self, name: impl AsRef<[u8]>, wait: Duration) -> Result<Cap, SdkError> {
-        self.inner
-            .start_lookup(name.as_ref(), wait)?
-            .wait_async()
-            .await
+        self.inner.start_lookup(name, wait)?.wait_async().await
     }
 
     /// Awaits the next invocation without a handler, up to `timeout`

@@ -25,6 +25,8 @@
 //!   `request_create`, `derive`, `invoke`, `copy`, `revoke`, `drop_cap`,
 //!   `monitor`, `publish`, `unpublish`, `lookup` — returns a typed result or
 //!   an [`SdkError`].
+//! * Each operation also has a `start_*` form returning a [`Pending`]
+//!   answer to await later, so one thread can keep many in flight.
 //! * Invocations are taken with [`Process::next_invocation`] or dispatched
 //!   to handlers registered with [`Process::serve`] on a thread pool.
 //! * Every wait has a timeout ([`AttachOptions::op_timeout`], overridable
@@ -106,7 +108,7 @@ pub use caps::{Cap, MemoryCap, RequestCap};
 pub use error::{CapKindName, DisconnectReason, SdkError};
 pub use invocation::Invocation;
 pub use memory::{MemorySpace, Region};
-pub use process::{AttachOptions, Process};
+pub use process::{AttachOptions, Pending, Process};
 
 #[cfg(feature = "tokio")]
 pub use asynk::AsyncProcess;

@@ -414,7 +414,10 @@ impl Process {
 
     // --------------------------------------------------------- operations
 
-    pub(crate) fn start_memory_create(
+    /// Sends [`Process::memory_create`] without waiting: the answer is awaited
+    /// later with [`Pending::wait`] or [`Pending::wait_async`], so one
+    /// thread can keep many operations in flight.
+    pub fn start_memory_create(
         &self,
         region: &Region,
         offset: u64,
@@ -465,7 +468,10 @@ impl Process {
             .wait()
     }
 
-    pub(crate) fn start_diminish(
+    /// Sends [`Process::diminish`] without waiting: the answer is awaited
+    /// later with [`Pending::wait`] or [`Pending::wait_async`], so one
+    /// thread can keep many operations in flight.
+    pub fn start_diminish(
         &self,
         cap: &MemoryCap,
         offset: u64,
@@ -494,7 +500,10 @@ impl Process {
         self.start_diminish(cap, offset, len, rights)?.wait()
     }
 
-    pub(crate) fn start_request_create(
+    /// Sends [`Process::request_create`] without waiting: the answer is awaited
+    /// later with [`Pending::wait`] or [`Pending::wait_async`], so one
+    /// thread can keep many operations in flight.
+    pub fn start_request_create(
         &self,
         tag: u64,
         imms: &[u8],
@@ -523,7 +532,10 @@ impl Process {
         self.start_request_create(tag, imms, caps)?.wait()
     }
 
-    pub(crate) fn start_derive(
+    /// Sends [`Process::derive`] without waiting: the answer is awaited
+    /// later with [`Pending::wait`] or [`Pending::wait_async`], so one
+    /// thread can keep many operations in flight.
+    pub fn start_derive(
         &self,
         cap: &RequestCap,
         imms: &[u8],
@@ -550,7 +562,10 @@ impl Process {
         self.start_derive(cap, imms, caps)?.wait()
     }
 
-    pub(crate) fn start_invoke(
+    /// Sends [`Process::invoke`] without waiting: the answer is awaited
+    /// later with [`Pending::wait`] or [`Pending::wait_async`], so one
+    /// thread can keep many operations in flight.
+    pub fn start_invoke(
         &self,
         cap: &RequestCap,
         imms: &[u8],
@@ -573,7 +588,10 @@ impl Process {
         self.start_invoke(cap, imms, caps)?.wait()
     }
 
-    pub(crate) fn start_copy(
+    /// Sends [`Process::copy`] without waiting: the answer is awaited
+    /// later with [`Pending::wait`] or [`Pending::wait_async`], so one
+    /// thread can keep many operations in flight.
+    pub fn start_copy(
         &self,
         src: &MemoryCap,
         dst: &MemoryCap,
@@ -602,8 +620,11 @@ impl Process {
         self.start_copy(src, dst, completion)?.wait()
     }
 
-    pub(crate) fn start_revoke(&self, cap: Cap) -> Result<Pending<()>, SdkError> {
-        let cap = cap.handle();
+    /// Sends [`Process::revoke`] without waiting: the answer is awaited
+    /// later with [`Pending::wait`] or [`Pending::wait_async`], so one
+    /// thread can keep many operations in flight.
+    pub fn start_revoke(&self, cap: impl Into<Cap>) -> Result<Pending<()>, SdkError> {
+        let cap = cap.into().handle();
         self.start("revoke", reply_done, |op| ProcessMsg::Revoke { op, cap })
     }
 
@@ -611,26 +632,32 @@ impl Process {
     /// on every controller. Once this returns, no later use of them
     /// succeeds. The handle itself stays in the table (drop it).
     pub fn revoke(&self, cap: impl Into<Cap>) -> Result<(), SdkError> {
-        self.start_revoke(cap.into())?.wait()
+        self.start_revoke(cap)?.wait()
     }
 
-    pub(crate) fn start_drop_cap(&self, cap: Cap) -> Result<Pending<()>, SdkError> {
-        let cap = cap.handle();
+    /// Sends [`Process::drop_cap`] without waiting: the answer is awaited
+    /// later with [`Pending::wait`] or [`Pending::wait_async`], so one
+    /// thread can keep many operations in flight.
+    pub fn start_drop_cap(&self, cap: impl Into<Cap>) -> Result<Pending<()>, SdkError> {
+        let cap = cap.into().handle();
         self.start("drop", reply_done, |op| ProcessMsg::Drop { op, cap })
     }
 
     /// Removes `cap`'s handle from this process's table (the `drop`
     /// operation). Capabilities derived from it are unaffected.
     pub fn drop_cap(&self, cap: impl Into<Cap>) -> Result<(), SdkError> {
-        self.start_drop_cap(cap.into())?.wait()
+        self.start_drop_cap(cap)?.wait()
     }
 
-    pub(crate) fn start_monitor(
+    /// Sends [`Process::monitor`] without waiting: the answer is awaited
+    /// later with [`Pending::wait`] or [`Pending::wait_async`], so one
+    /// thread can keep many operations in flight.
+    pub fn start_monitor(
         &self,
-        cap: Cap,
+        cap: impl Into<Cap>,
         notify: &RequestCap,
     ) -> Result<Pending<()>, SdkError> {
-        let (cap, notify) = (cap.handle(), notify.handle());
+        let (cap, notify) = (cap.into().handle(), notify.handle());
         self.start("monitor", reply_done, |op| ProcessMsg::Monitor {
             op,
             cap,
@@ -641,12 +668,19 @@ impl Process {
     /// Invokes `notify` (without arguments) when the object behind `cap`
     /// dies: revoked, or its owner exited.
     pub fn monitor(&self, cap: impl Into<Cap>, notify: &RequestCap) -> Result<(), SdkError> {
-        self.start_monitor(cap.into(), notify)?.wait()
+        self.start_monitor(cap, notify)?.wait()
     }
 
-    pub(crate) fn start_publish(&self, name: &[u8], cap: Cap) -> Result<Pending<()>, SdkError> {
-        let name = check_name(name)?;
-        let cap = cap.handle();
+    /// Sends [`Process::publish`] without waiting: the answer is awaited
+    /// later with [`Pending::wait`] or [`Pending::wait_async`], so one
+    /// thread can keep many operations in flight.
+    pub fn start_publish(
+        &self,
+        name: impl AsRef<[u8]>,
+        cap: impl Into<Cap>,
+    ) -> Result<Pending<()>, SdkError> {
+        let name = check_name(name.as_ref())?;
+        let cap = cap.into().handle();
         self.start("publish", reply_done, |op| ProcessMsg::Publish {
             op,
             name,
@@ -657,11 +691,14 @@ impl Process {
     /// Publishes `cap` under `name` in the cluster name service (withdrawn
     /// when this process exits). A taken name fails with `NameTaken`.
     pub fn publish(&self, name: impl AsRef<[u8]>, cap: impl Into<Cap>) -> Result<(), SdkError> {
-        self.start_publish(name.as_ref(), cap.into())?.wait()
+        self.start_publish(name, cap)?.wait()
     }
 
-    pub(crate) fn start_unpublish(&self, name: &[u8]) -> Result<Pending<()>, SdkError> {
-        let name = check_name(name)?;
+    /// Sends [`Process::unpublish`] without waiting: the answer is awaited
+    /// later with [`Pending::wait`] or [`Pending::wait_async`], so one
+    /// thread can keep many operations in flight.
+    pub fn start_unpublish(&self, name: impl AsRef<[u8]>) -> Result<Pending<()>, SdkError> {
+        let name = check_name(name.as_ref())?;
         self.start("unpublish", reply_done, |op| ProcessMsg::Unpublish {
             op,
             name,
@@ -670,15 +707,18 @@ impl Process {
 
     /// Withdraws this process's publication of `name`.
     pub fn unpublish(&self, name: impl AsRef<[u8]>) -> Result<(), SdkError> {
-        self.start_unpublish(name.as_ref())?.wait()
+        self.start_unpublish(name)?.wait()
     }
 
-    pub(crate) fn start_lookup(
+    /// Sends [`Process::lookup`] without waiting: the answer is awaited
+    /// later with [`Pending::wait`] or [`Pending::wait_async`], so one
+    /// thread can keep many operations in flight.
+    pub fn start_lookup(
         &self,
-        name: &[u8],
+        name: impl AsRef<[u8]>,
         wait: Duration,
     ) -> Result<Pending<Cap>, SdkError> {
-        let name = check_name(name)?;
+        let name = check_name(name.as_ref())?;
         // Round up so a non-zero wait never becomes "do not wait".
         let wait_ms = wait.as_nanos().div_ceil(1_000_000).min(u32::MAX as u128) as u32;
         let mut p = self.start("lookup", reply_any, |op| ProcessMsg::Lookup {
@@ -695,7 +735,7 @@ impl Process {
     /// once with `NameNotFound`). The local timeout is this handle's
     /// timeout plus `wait`.
     pub fn lookup(&self, name: impl AsRef<[u8]>, wait: Duration) -> Result<Cap, SdkError> {
-        self.start_lookup(name.as_ref(), wait)?.wait()
+        self.start_lookup(name, wait)?.wait()
     }
 
     fn start<T>(
@@ -875,7 +915,7 @@ fn handler_loop(shared: Arc<Shared>, outer: Weak<Outer>, timeout: Duration) {
 
 /// An operation sent and not yet answered. Dropping it without an answer
 /// abandons it: a capability it returns later is dropped automatically.
-pub(crate) struct PendingOp {
+struct PendingOp {
     shared: Arc<Shared>,
     op: u64,
     slot: Arc<Slot<OpResult>>,
@@ -933,21 +973,57 @@ impl Drop for PendingOp {
     }
 }
 
-/// An operation in flight with its typed result.
-pub(crate) struct Pending<T> {
+/// An operation sent to the controller and not yet awaited, from the
+/// `start_*` methods of [`Process`].
+///
+/// Await it once with [`Pending::wait`] (blocking) or [`Pending::wait_async`]
+/// (tokio), each bounded by the timeout of the handle that started it.
+/// Dropping it without waiting abandons the answer: a capability the
+/// operation returns later is dropped automatically.
+///
+/// ```no_run
+/// # fn f(p: &fractos_sdk::Process, svc: fractos_sdk::RequestCap) -> Result<(), fractos_sdk::SdkError> {
+/// // Eight invocations in flight from one thread, then collect the answers.
+/// let pending: Vec<_> = (0..8u8)
+///     .map(|i| p.start_invoke(&svc, &[i], &[]))
+///     .collect::<Result<_, _>>()?;
+/// for op in pending {
+///     op.wait()?;
+/// }
+/// # Ok(()) }
+/// ```
+#[must_use = "an operation's answer is lost unless it is awaited"]
+pub struct Pending<T> {
     op: PendingOp,
     convert: fn(Reply) -> Result<T, SdkError>,
 }
 
+impl<T> std::fmt::Debug for Pending<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("op", &self.op.op)
+            .field("what", &self.op.what)
+            .field("timeout", &self.op.timeout)
+            .finish()
+    }
+}
+
 impl<T> Pending<T> {
-    /// Blocks for the answer (up to the handle's timeout).
-    pub(crate) fn wait(mut self) -> Result<T, SdkError> {
+    /// The operation id on the wire.
+    pub fn op_id(&self) -> u64 {
+        self.op.op
+    }
+
+    /// Blocks for the answer, up to the timeout of the handle that started
+    /// the operation.
+    pub fn wait(mut self) -> Result<T, SdkError> {
         self.op.wait().and_then(self.convert)
     }
 
-    /// Awaits the answer (up to the handle's timeout).
+    /// Awaits the answer, up to the timeout of the handle that started the
+    /// operation (needs a tokio runtime with time enabled).
     #[cfg(feature = "tokio")]
-    pub(crate) async fn wait_async(mut self) -> Result<T, SdkError> {
+    pub async fn wait_async(mut self) -> Result<T, SdkError> {
         self.op.wait_async().await.and_then(self.convert)
     }
 }

@@ -571,3 +571,43 @@ fn revoke_and_drop_of_request_caps() {
     q.drop_cap(Cap::from(held)).unwrap();
     q.drop_cap(derived).unwrap();
 }
+
+#[test]
+fn pipelined_operations_from_one_thread() {
+    let nodes = cluster(1);
+    let p = attach(&nodes[0], "p");
+    let q = attach(&nodes[0], "q");
+    let req = p.request_create(6, &[], &[]).unwrap();
+    let req = share(&p, req, &q, "svc").as_request().unwrap();
+    let pending: Vec<_> = (0..64u8)
+        .map(|i| q.start_invoke(&req, &[i], &[]).unwrap())
+        .collect();
+    let ids: std::collections::BTreeSet<u64> = pending.iter().map(|op| op.op_id()).collect();
+    assert_eq!(ids.len(), 64);
+    for op in pending {
+        op.wait().unwrap();
+    }
+    // Delivery keeps the order of the invocations on one channel.
+    for i in 0..64u8 {
+        assert_eq!(p.next_invocation().unwrap().imms, [i]);
+    }
+    // Pipelined copies between regions of one process.
+    let a = q.register_vec(pattern(4096, 1)).unwrap();
+    let b = q.register(4096 * 4).unwrap();
+    let src = q.memory_create(&a, 0, 4096, Rights::READ).unwrap();
+    let dsts: Vec<MemoryCap> = (0..4)
+        .map(|i| q.memory_create(&b, i * 4096, 4096, Rights::WRITE).unwrap())
+        .collect();
+    let copies: Vec<_> = dsts
+        .iter()
+        .map(|d| q.start_copy(&src, d, None).unwrap())
+        .collect();
+    for c in copies {
+        c.wait().unwrap();
+    }
+    assert!(b.to_vec().chunks(4096).all(|c| c == a.to_vec()));
+    // An answer nobody waits for is abandoned without harm.
+    drop(q.start_request_create(1, &[], &[]).unwrap());
+    let e = q.start_lookup("absent", Duration::ZERO).unwrap().wait();
+    assert_eq!(e.unwrap_err().code(), Some(ErrorCode::NameNotFound));
+}
