@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 
 mod cmd;
 
-/// FractOS: build appliance images, run appliances under QEMU, benchmark.
+/// FractOS: run controllers and the pipeline demo, build appliance images,
+/// run appliances under QEMU, benchmark.
 #[derive(Debug, Parser)]
 #[command(name = "fractos", version, about)]
 struct Cli {
@@ -24,9 +25,16 @@ enum Command {
     Up(cmd::up::UpArgs),
     /// Stop appliances left running by `fractos up`.
     Down(cmd::down::DownArgs),
-    /// Benchmarks.
-    #[command(subcommand)]
-    Bench(cmd::bench::BenchCommand),
+    /// Benchmarks: without a subcommand, invoke round trip and copy
+    /// bandwidth through hosted controllers against raw TCP.
+    Bench(cmd::bench::BenchArgs),
+    /// Run a hosted controller (a FractOS node as a Linux process).
+    Controller(cmd::controller::ControllerArgs),
+    /// Run the storage -> compute -> client pipeline in three modes on an
+    /// embedded 3-node cluster and compare traffic and latency.
+    Demo(cmd::demo::DemoArgs),
+    /// Print the attach token of a process name under a cluster key.
+    Token(cmd::token::TokenArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -34,6 +42,9 @@ fn main() -> anyhow::Result<()> {
         Command::Image(c) => cmd::image::run(c),
         Command::Up(a) => cmd::up::run(a),
         Command::Down(a) => cmd::down::run(a),
-        Command::Bench(c) => cmd::bench::run(c),
+        Command::Bench(a) => cmd::bench::run(a),
+        Command::Controller(a) => cmd::controller::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
+        Command::Token(a) => cmd::token::run(a),
     }
 }

@@ -28,7 +28,7 @@ mod metrics;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use config::FileConfig;
+pub use config::{parse_key, FileConfig};
 pub use driver::{run, spawn, LinkTraffic, Running, Traffic};
 use fractos_core::Limits;
 use fractos_wire::NodeId;

@@ -11,6 +11,17 @@ use fractos_qemu::node::{Accel, Appliance, Boot, NodeSpec};
 use fractos_qemu::READY_MARKER;
 use serde_json::json;
 
+/// `fractos bench [boot]`
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    /// A specific benchmark; none runs the micro-benchmarks.
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
+    #[command(flatten)]
+    pub micro: super::micro::MicroArgs,
+}
+
 /// `fractos bench ...`
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -44,9 +55,10 @@ pub struct BootArgs {
 const LINUX_MARKER: &str = "Kernel panic";
 
 /// Runs `fractos bench ...`.
-pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    match cmd {
-        BenchCommand::Boot(a) => boot(a),
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    match a.command {
+        Some(BenchCommand::Boot(b)) => boot(b),
+        None => super::micro::run(a.micro),
     }
 }
 

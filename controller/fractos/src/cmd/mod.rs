@@ -1,8 +1,12 @@
 //! One module per `fractos` subcommand.
 
 pub mod bench;
+pub mod controller;
+pub mod demo;
 pub mod down;
 pub mod image;
+pub mod micro;
+pub mod token;
 pub mod up;
 
 use std::path::PathBuf;

@@ -1,0 +1,122 @@
+//! `fractos controller`: runs a hosted controller until Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use fractos_core::Limits;
+use fractos_hosted::{FileConfig, HostedConfig};
+use fractos_wire::NodeId;
+
+/// Where the cluster key comes from.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// Cluster key as 64 hex digits.
+    #[arg(long, conflicts_with = "key_file")]
+    pub key: Option<String>,
+    /// File holding the cluster key as 64 hex digits.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+}
+
+impl KeyArgs {
+    /// The 32-byte key.
+    pub fn load(&self) -> anyhow::Result<[u8; 32]> {
+        let hex = match (&self.key, &self.key_file) {
+            (Some(k), _) => k.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?,
+            (None, None) => {
+                bail!("give the cluster key with --key HEX or --key-file PATH (64 hex digits)")
+            }
+        };
+        Ok(fractos_hosted::parse_key(&hex)?)
+    }
+}
+
+/// A `NODE=HOST:PORT` peer.
+#[derive(Clone, Debug)]
+pub struct PeerArg(pub NodeId, pub SocketAddr);
+
+impl std::str::FromStr for PeerArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (n, a) = s
+            .split_once('=')
+            .ok_or("expected NODE=HOST:PORT, e.g. 2=10.0.0.2:7100")?;
+        let node = n.parse().map_err(|_| format!("bad node id {n:?}"))?;
+        let addr = a.parse().map_err(|_| format!("bad address {a:?}"))?;
+        Ok(PeerArg(NodeId(node), addr))
+    }
+}
+
+/// Options of `fractos controller`.
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// TOML configuration file (see the hosted controller's docs); flags
+    /// below are then not allowed.
+    #[arg(long, conflicts_with_all = ["node", "key", "key_file", "peer"])]
+    pub config: Option<PathBuf>,
+    /// This controller's node id.
+    #[arg(long)]
+    pub node: Option<u32>,
+    #[command(flatten)]
+    pub key: KeyArgs,
+    /// Where processes connect.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    pub listen: SocketAddr,
+    /// Where peer controllers connect.
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    pub peer_listen: SocketAddr,
+    /// Prometheus metrics address (GET /metrics).
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+    /// A peer controller, NODE=HOST:PORT (repeatable).
+    #[arg(long)]
+    pub peer: Vec<PeerArg>,
+    /// Handles one process may hold.
+    #[arg(long)]
+    pub max_caps_per_process: Option<usize>,
+    /// Operations one process may have in flight.
+    #[arg(long)]
+    pub max_pending_per_process: Option<usize>,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `fractos_hosted=debug`.
+    #[arg(long, default_value = "info")]
+    pub log: String,
+}
+
+/// Runs `fractos controller`.
+pub fn run(a: ControllerArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&a.log).context("bad --log filter")?,
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = match &a.config {
+        Some(path) => FileConfig::load(path)?.into_config()?,
+        None => {
+            let node = a.node.context("give --node ID (or --config FILE)")?;
+            let mut c = HostedConfig::local(NodeId(node), a.key.load()?);
+            c.process_listen = a.listen;
+            c.peer_listen = a.peer_listen;
+            c.metrics_listen = a.metrics;
+            c.peers = a.peer.iter().map(|p| (p.0, p.1)).collect();
+            let d = Limits::default();
+            c.limits.max_caps_per_process =
+                a.max_caps_per_process.unwrap_or(d.max_caps_per_process);
+            c.limits.max_pending_per_process = a
+                .max_pending_per_process
+                .unwrap_or(d.max_pending_per_process);
+            c
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(fractos_hosted::run(cfg, async {
+        let _ = tokio::signal::ctrl_c().await;
+    }))?;
+    Ok(())
+}

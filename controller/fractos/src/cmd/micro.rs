@@ -1,0 +1,44 @@
+//! `fractos bench` (no subcommand): invoke round trip and copy bandwidth
+//! through hosted controllers, against raw TCP measured in the same run.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use fractos_adaptors::bench::{run as run_bench, BenchConfig};
+
+/// Options of the micro-benchmarks.
+#[derive(Debug, Args)]
+pub struct MicroArgs {
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Invoke round trips measured.
+    #[arg(long, default_value_t = 2000)]
+    pub round_trips: usize,
+    /// Copies of 4 MiB measured.
+    #[arg(long, default_value_t = 20)]
+    pub copies: usize,
+}
+
+/// Runs the micro-benchmarks.
+pub fn run(a: MicroArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.round_trips >= 10 && a.copies > 0,
+        "--round-trips must be >= 10 and --copies > 0"
+    );
+    let cfg = BenchConfig {
+        round_trips: a.round_trips,
+        copies: a.copies,
+        ..BenchConfig::default()
+    };
+    eprintln!("benchmarking invoke round trips and 4 MiB copies through two hosted controllers...");
+    let r = run_bench(&cfg).context("the benchmark failed")?;
+    print!("{}", r.table());
+    if let Some(path) = a.json {
+        std::fs::write(&path, r.to_json())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,138 @@
+//! The hosted-side commands of the `fractos` binary: demo, token, controller.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn fractos() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fractos"))
+}
+
+#[test]
+fn demo_writes_the_documented_json() {
+    let dir = std::env::temp_dir().join(format!("fractos-demo-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("demo.json");
+    let out = fractos()
+        .args([
+            "demo",
+            "--requests",
+            "3",
+            "--image-side",
+            "96",
+            "--images",
+            "2",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&json).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for mode in ["fractos", "centralized", "remote_api"] {
+        for k in [
+            "inter_node_bytes",
+            "inter_node_messages",
+            "latency_p50_us",
+            "latency_p99_us",
+        ] {
+            assert!(v[mode][k].is_number(), "{mode}.{k} in {text}");
+        }
+    }
+    for k in [
+        "traffic_ratio",
+        "latency_ratio",
+        "remote_api_latency_ratio",
+        "remote_api_message_ratio",
+    ] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {text}");
+    }
+    assert!(v["traffic_ratio"].as_f64().unwrap() > 1.5, "{text}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("centralized / fractos"), "{stdout}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn token_is_deterministic_and_key_bound() {
+    let run = |key: &str| {
+        let out = fractos()
+            .args(["token", "storage", "--key", key])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let a = run(&"07".repeat(32));
+    assert_eq!(a.trim().len(), 64);
+    assert_eq!(a, run(&"07".repeat(32)));
+    assert_ne!(a, run(&"08".repeat(32)));
+    let bad = fractos()
+        .args(["token", "x", "--key", "123"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("64 hex digits"));
+}
+
+#[test]
+fn controller_serves_metrics_and_stops_on_sigint() {
+    // Find free ports by binding and releasing them.
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (p, q, m) = (port(), port(), port());
+    let mut child = fractos()
+        .args(["controller", "--node", "1", "--key", &"01".repeat(32)])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{p}"),
+            "--peer-listen",
+            &format!("127.0.0.1:{q}"),
+        ])
+        .args(["--metrics", &format!("127.0.0.1:{m}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", m)) {
+            s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+            let mut t = String::new();
+            s.read_to_string(&mut t).unwrap();
+            break t;
+        }
+        assert!(Instant::now() < deadline, "controller never served metrics");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        text.contains("fractos_processes_attached{node=\"1\"} 0"),
+        "{text}"
+    );
+    // SIGINT: graceful shutdown.
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let lines: Vec<String> = stderr.lines().map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?} {lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("controller stopped")),
+        "{lines:?}"
+    );
+}
