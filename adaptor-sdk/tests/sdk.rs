@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{attach, cluster, opts, retry, share, token, WAIT};
+use common::{attach, cluster, cluster_with, opts, retry, share, token, WAIT};
 use fractos_sdk::wire::{frame_body, ControllerMsg, ProcessMsg, Reply, MAX_FRAME_LEN};
 use fractos_sdk::{
     Cap, DisconnectReason, ErrorCode, Handle, MemoryCap, NodeId, ObjectKind, Process, RequestCap,
@@ -610,4 +610,54 @@ fn pipelined_operations_from_one_thread() {
     drop(q.start_request_create(1, &[], &[]).unwrap());
     let e = q.start_lookup("absent", Duration::ZERO).unwrap().wait();
     assert_eq!(e.unwrap_err().code(), Some(ErrorCode::NameNotFound));
+}
+
+#[test]
+fn controller_crash_gives_typed_errors_in_bounded_time() {
+    let mut nodes = cluster_with(3, |c| {
+        c.heartbeat_interval = Duration::from_millis(50);
+        c.peer_timeout = Duration::from_millis(300);
+        c.op_timeout = Duration::from_millis(500);
+    });
+    let owner = attach(&nodes[2], "owner");
+    let user = attach(&nodes[0], "user");
+    let r = owner.register(100).unwrap();
+    let mem = owner.memory_create(&r, 0, 100, Rights::READ).unwrap();
+    let svc = owner.request_create(1, &[], &[]).unwrap();
+    let mem = share(&owner, mem, &user, "crash/mem").as_memory().unwrap();
+    let svc = share(&owner, svc, &user, "crash/svc").as_request().unwrap();
+    user.invoke(&svc, &[], &[]).unwrap();
+    assert_eq!(owner.next_invocation().unwrap().tag, 1);
+    // Between the survivors (set up now: a name may be homed on the node
+    // about to die).
+    let other = attach(&nodes[1], "other");
+    let req = user.request_create(2, &[], &[]).unwrap();
+    let req = share(&user, req, &other, "alive").as_request().unwrap();
+
+    // The owner's controller dies.
+    nodes.pop().unwrap().kill();
+    assert!(owner.next_invocation().unwrap_err().is_disconnected());
+    let dst_r = user.register(100).unwrap();
+    let dst = user.memory_create(&dst_r, 0, 100, Rights::WRITE).unwrap();
+    let t = Instant::now();
+    let e = user.invoke(&svc, &[], &[]).unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Some(ErrorCode::PeerUnreachable | ErrorCode::Timeout | ErrorCode::OwnerGone)
+        ),
+        "{e}"
+    );
+    let e = user.copy(&mem, &dst, None).unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            Some(ErrorCode::PeerUnreachable | ErrorCode::Timeout | ErrorCode::OwnerGone)
+        ),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // The surviving controllers keep serving.
+    other.invoke(&req, b"ok", &[]).unwrap();
+    assert_eq!(user.next_invocation().unwrap().imms, b"ok");
 }

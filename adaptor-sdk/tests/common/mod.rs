@@ -14,10 +14,16 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 /// `n` hosted controllers in a full mesh (nodes 1..=n).
 pub fn cluster(n: u32) -> Vec<Running> {
+    cluster_with(n, |_| {})
+}
+
+/// [`cluster`] with each configuration adjusted by `tune`.
+pub fn cluster_with(n: u32, tune: impl Fn(&mut HostedConfig)) -> Vec<Running> {
     let nodes: Vec<Running> = (1..=n)
         .map(|i| {
             let mut c = HostedConfig::local(NodeId(i), KEY);
             c.members = (1..=n).map(NodeId).collect();
+            tune(&mut c);
             spawn(c).expect("controller starts")
         })
         .collect();
