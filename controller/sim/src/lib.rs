@@ -47,6 +47,9 @@ pub struct SimConfig {
     pub names: usize,
     /// Bytes of registered memory per process.
     pub mem_size: usize,
+    /// Processes follow the scale script (publish, look up, invoke, copy)
+    /// instead of the random workload.
+    pub scripted: bool,
     /// Inject faults during the fault phase.
     pub faults: bool,
     /// Call `Controller::check_invariants` on every touched controller after
@@ -88,6 +91,7 @@ impl SimConfig {
             ops_per_process: 20 + ((z >> 16) % 40) as usize,
             names: 2 + ((z >> 24) % 8) as usize,
             mem_size: 32 * 1024,
+            scripted: false,
             faults: !(z >> 32).is_multiple_of(5),
             check_controllers: true,
             keep_trace: true,
@@ -110,6 +114,7 @@ impl SimConfig {
             ops_per_process,
             names: controllers,
             mem_size: 16 * 1024,
+            scripted: true,
             faults: false,
             check_controllers: false,
             keep_trace: false,

@@ -110,6 +110,23 @@ pub(crate) struct Proc {
     pub published: Vec<Vec<u8>>,
     /// Roots of the objects this process created.
     pub roots: Vec<CapRef>,
+    /// Scripted workload (the scale run): the step reached, and the handles
+    /// the script works with.
+    pub script: Option<Script>,
+}
+
+/// State of the scripted scale workload: publish a Request under the
+/// process's own name, then repeatedly look up another process's Request,
+/// invoke it handing over a Memory capability, and copy into the Memory
+/// capabilities received that way (so copies cross nodes).
+#[derive(Default)]
+pub(crate) struct Script {
+    pub index: usize,
+    pub step: usize,
+    pub own_mem: Option<Handle>,
+    pub own_req: Option<Handle>,
+    pub looked_up: Option<Handle>,
+    pub received_mem: Option<Handle>,
 }
 
 const MAX_OUTSTANDING: usize = 6;
@@ -158,11 +175,159 @@ impl Proc {
             ops_left: ops,
             published: Vec::new(),
             roots: Vec::new(),
+            script: None,
         }
     }
 
     pub fn can_issue(&self) -> bool {
-        self.alive && self.attached && self.ops_left > 0 && self.outstanding.len() < MAX_OUTSTANDING
+        let max = if self.script.is_some() {
+            1
+        } else {
+            MAX_OUTSTANDING
+        };
+        self.alive && self.attached && self.ops_left > 0 && self.outstanding.len() < max
+    }
+
+    /// The next operation of the scripted workload; `None` falls back to
+    /// a random one.
+    pub fn scripted_op(
+        &mut self,
+        rng: &mut ChaCha8Rng,
+        oracle: &mut Oracle,
+        tick: u64,
+        names: usize,
+    ) -> Option<ProcessMsg> {
+        let sc = self.script.as_mut()?;
+        let op = self.next_op;
+        let step = sc.step;
+        sc.step += 1;
+        let get = |h: Option<Handle>, handles: &BTreeMap<Handle, HandleRec>| {
+            h.and_then(|h| handles.get(&h).map(|r| (h, r.clone())))
+        };
+        let (msg, kind) = match step {
+            0 => {
+                let len = (self.mem.len() as u64).min(8192);
+                let rights = Rights::READ_WRITE;
+                let msg = ProcessMsg::MemoryCreate {
+                    op,
+                    addr: 0,
+                    len,
+                    rights,
+                };
+                (
+                    msg,
+                    OpKind::MemoryCreate {
+                        addr: 0,
+                        len,
+                        rights,
+                    },
+                )
+            }
+            1 => {
+                let (tag, imms) = (sc.index as u64, b"svc".to_vec());
+                let msg = ProcessMsg::RequestCreate {
+                    op,
+                    tag,
+                    imms: imms.clone(),
+                    caps: Vec::new(),
+                };
+                let kind = OpKind::RequestCreate {
+                    tag,
+                    imms,
+                    caps: Vec::new(),
+                };
+                (msg, kind)
+            }
+            2 => {
+                let (h, cap) = get(sc.own_req, &self.handles)?;
+                let name = name_of(sc.index);
+                self.published.push(name.clone());
+                (
+                    ProcessMsg::Publish { op, name, cap: h },
+                    OpKind::Publish { cap },
+                )
+            }
+            s if s % 3 == 0 || sc.looked_up.is_none() => {
+                let mut other = rng.gen_range(0..names);
+                if other == sc.index {
+                    other = (other + 1) % names;
+                }
+                let msg = ProcessMsg::Lookup {
+                    op,
+                    name: name_of(other),
+                    wait_ms: 1000,
+                };
+                (msg, OpKind::Lookup)
+            }
+            s if s % 3 == 1 => {
+                let (h, target) = get(sc.looked_up, &self.handles)?;
+                let (mh, mem) = get(sc.own_mem, &self.handles)?;
+                let id = oracle.invokes.len() as u64 + 1;
+                let mut imms = INVOKE_MAGIC.to_vec();
+                imms.extend_from_slice(&id.to_le_bytes());
+                let expect = target.binds.clone().map(|b| {
+                    let mut all = b.imms.clone();
+                    all.extend_from_slice(&imms);
+                    (b.tag, all, b.caps + 1)
+                });
+                oracle.invokes.insert(
+                    id,
+                    InvokeRec {
+                        expect,
+                        owner: target.owner,
+                        delivered: 0,
+                        refused: false,
+                    },
+                );
+                let msg = ProcessMsg::Invoke {
+                    op,
+                    cap: h,
+                    imms,
+                    caps: vec![mh],
+                };
+                let kind = OpKind::Invoke {
+                    target,
+                    caps: vec![mem],
+                    id,
+                };
+                (msg, kind)
+            }
+            _ => {
+                let (sh, src) = get(sc.own_mem, &self.handles)?;
+                let (dh, dst) = get(sc.received_mem, &self.handles)?;
+                let idx = oracle.copies.len();
+                oracle.copies.push(CopyRec {
+                    src: src.win,
+                    dst: dst.win,
+                    start: tick,
+                    end: None,
+                });
+                let msg = ProcessMsg::Copy {
+                    op,
+                    src: sh,
+                    dst: dh,
+                    completion: None,
+                };
+                let kind = OpKind::Copy {
+                    src,
+                    dst,
+                    completion: None,
+                    idx,
+                };
+                (msg, kind)
+            }
+        };
+        self.next_op += 1;
+        self.ops_left -= 1;
+        self.outstanding.insert(
+            op,
+            OpRec {
+                kind,
+                start: tick,
+                expect: None,
+            },
+        );
+        Some(msg)
     }
 
     fn pick(
@@ -559,7 +724,8 @@ impl Proc {
                 self.chan
             ));
         };
-        let what = format!("{:?} op {op} {}", self.chan, rec.kind.name());
+        let start_kind = rec.kind.name();
+        let what = format!("{:?} op {op} {start_kind}", self.chan);
         let outcome = match &result {
             Ok(_) => format!("{} Ok", rec.kind.name()),
             Err(e) => format!("{} {e:?}", rec.kind.name()),
@@ -742,6 +908,14 @@ impl Proc {
             OpKind::Drop | OpKind::Unpublish | OpKind::Lookup | OpKind::Bad => {}
         }
         if let Some((h, r)) = new {
+            if let Some(sc) = self.script.as_mut() {
+                match (r.info.kind, start_kind) {
+                    (_, "Lookup") => sc.looked_up = Some(h),
+                    (ObjectKind::Memory, "MemoryCreate") => sc.own_mem = Some(h),
+                    (ObjectKind::Request, "RequestCreate") => sc.own_req = Some(h),
+                    _ => {}
+                }
+            }
             self.handles.insert(h, r);
         }
         Ok(check_copy)

@@ -9,7 +9,7 @@ use fractos_core::{
 };
 use fractos_wire::{
     frame_body, CapInfo, ControllerMsg, ErrorCode, Handle, NodeId, ObjectKind, PeerMsg, ProcessMsg,
-    MAX_FRAME_LEN,
+    Rights, MAX_FRAME_LEN,
 };
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -61,8 +61,8 @@ enum Ev {
     FaultsOn,
     FaultsOff,
     Stop,
-    Deadline,
-    End,
+    /// Periodic end-of-run check: answers overdue? cluster quiescent?
+    Check,
 }
 
 struct Queued {
@@ -124,6 +124,10 @@ pub struct Sim {
     error: Option<String>,
     /// `FRACTOS_SIM_TRACE` is set: print every event to stderr.
     print_trace: bool,
+    /// Controller frames other than heartbeats in flight.
+    inflight: u64,
+    /// When the cluster must be quiet, once every process is gone.
+    settle_limit: Option<u64>,
 }
 
 fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
@@ -217,6 +221,8 @@ impl Sim {
             },
             error: None,
             print_trace: std::env::var_os("FRACTOS_SIM_TRACE").is_some(),
+            inflight: 0,
+            settle_limit: None,
             cfg,
         };
         sim.setup();
@@ -265,7 +271,7 @@ impl Sim {
                 self.spawn_proc(node, at, false);
             }
         }
-        if n > 0 && self.rng.gen_bool(0.25) {
+        if n > 0 && !self.cfg.scripted && self.rng.gen_bool(0.25) {
             let node = self.rng.gen_range(0..n);
             let at = 30 * MS + self.rng.gen_range(0..100 * MS);
             self.spawn_proc(node, at, true);
@@ -277,8 +283,7 @@ impl Sim {
             self.schedule(fault_end, Ev::FaultsOff);
         }
         self.schedule(stop, Ev::Stop);
-        let deadline = stop + 3 * Self::nanos(self.cfg.op_timeout) + 1_000 * MS;
-        self.schedule(deadline, Ev::Deadline);
+        self.schedule(stop, Ev::Check);
     }
 
     fn setup_faults(&mut self, from: u64, to: u64) {
@@ -321,6 +326,12 @@ impl Sim {
         );
         p.rogue = rogue;
         p.alive = false; // until started
+        if self.cfg.scripted {
+            p.script = Some(crate::process::Script {
+                index: idx,
+                ..Default::default()
+            });
+        }
         self.procs.push(p);
         self.chans.insert(chan, idx);
         self.schedule(at, Ev::ProcStart(idx));
@@ -525,8 +536,7 @@ impl Sim {
                     }
                 }
             }
-            Ev::Deadline => self.deadline(),
-            Ev::End => self.end(),
+            Ev::Check => self.check_end(),
         }
     }
 
@@ -652,6 +662,9 @@ impl Sim {
         {
             Verdict::Deliver(at) => {
                 self.conns.get_mut(&cid).expect("present").last[side] = at;
+                if frame.get(5) != Some(&PING_KIND) {
+                    self.inflight += 1;
+                }
                 self.schedule(at, Ev::LinkFrame { to: to_ep, frame });
             }
             Verdict::Reset => {
@@ -663,6 +676,9 @@ impl Sim {
     }
 
     fn link_frame(&mut self, to: LinkId, frame: Vec<u8>) {
+        if frame.get(5) != Some(&PING_KIND) {
+            self.inflight -= 1;
+        }
         let Some(ep) = self.eps.get(&to) else { return };
         if !ep.open || !self.conns.get(&ep.conn).is_some_and(|c| c.alive) {
             return;
@@ -1148,7 +1164,12 @@ impl Sim {
                 }
             }
             ControllerMsg::Invocation { caps, .. } => {
-                for ((h, _), rec) in caps.into_iter().zip(regs) {
+                for ((h, info), rec) in caps.into_iter().zip(regs) {
+                    if let Some(sc) = self.procs[p].script.as_mut() {
+                        if info.kind == ObjectKind::Memory && info.rights.contains(Rights::WRITE) {
+                            sc.received_mem = Some(h);
+                        }
+                    }
                     if self.procs[p].handles.insert(h, rec).is_some() {
                         return self.fail(format!(
                             "{chan:?} received handle {h:?} which it already holds"
@@ -1222,7 +1243,11 @@ impl Sim {
         }
         if self.procs[p].can_issue() {
             let names = self.cfg.names;
-            let msg = self.procs[p].next_op(&mut self.rng, &mut self.oracle, self.tick, names);
+            let (rng, oracle, tick) = (&mut self.rng, &mut self.oracle, self.tick);
+            let msg = match self.procs[p].scripted_op(rng, oracle, tick, names) {
+                Some(m) => m,
+                None => self.procs[p].next_op(rng, oracle, tick, names),
+            };
             self.report.operations += 1;
             self.send_to_ctrl(p, &msg);
         }
@@ -1253,6 +1278,42 @@ impl Sim {
 
     // ------------------------------------------------------------------- end
 
+    /// After the workload stopped: every operation must be answered within
+    /// a bounded time, then (every process gone) the cluster must become
+    /// empty and quiet.
+    fn check_end(&mut self) {
+        let stop = Self::nanos(self.cfg.stop_at);
+        let op = Self::nanos(self.cfg.op_timeout);
+        let deadline = stop + 3 * op + 1_000 * MS;
+        let live = self.procs.iter().any(|p| p.alive);
+        if live {
+            if self.now >= deadline {
+                self.deadline();
+            } else {
+                self.schedule(self.now + 100 * MS, Ev::Check);
+            }
+            return;
+        }
+        let limit = *self
+            .settle_limit
+            .get_or_insert(self.now + 2 * op + 2 * Self::nanos(self.cfg.peer_timeout) + 1_000 * MS);
+        let quiet = self.inflight == 0
+            && self.nodes.iter().all(|n| {
+                n.ctrl.as_ref().is_some_and(|c| {
+                    let s = c.stats();
+                    s == fractos_core::Stats {
+                        peers: s.peers,
+                        ..Default::default()
+                    }
+                })
+            });
+        if quiet || self.now >= limit {
+            self.end();
+        } else {
+            self.schedule(self.now + 100 * MS, Ev::Check);
+        }
+    }
+
     fn deadline(&mut self) {
         for p in 0..self.procs.len() {
             let pr = &self.procs[p];
@@ -1267,11 +1328,7 @@ impl Sim {
                 return self.fail(format!("rogue {:?} was never rejected", pr.chan));
             }
         }
-        for p in 0..self.procs.len() {
-            self.exit_proc(p);
-        }
-        let settle = 2 * Self::nanos(self.cfg.op_timeout) + 2 * Self::nanos(self.cfg.peer_timeout);
-        self.schedule(self.now + settle + 1_000 * MS, Ev::End);
+        self.fail("processes outlived the deadline".into());
     }
 
     fn end(&mut self) {
