@@ -227,6 +227,19 @@ impl Appliance {
                 "--accel kvm needs /dev/kvm; use --accel tcg on this machine".into(),
             ));
         }
+        let mut paths: Vec<&Path> = vec![&spec.serial_log];
+        paths.extend(spec.pidfile.as_deref());
+        paths.extend(spec.nvme.iter().map(|d| d.path.as_path()));
+        match &spec.boot {
+            Boot::Elf { kernel, .. } | Boot::Linux { kernel, .. } => paths.push(kernel),
+            Boot::Iso(iso) => paths.push(iso),
+        }
+        if let Some(p) = paths.iter().find(|p| p.to_string_lossy().contains(',')) {
+            return Err(QemuError::Config(format!(
+                "QEMU options cannot carry the path `{}` (it contains a comma): use another directory",
+                p.display()
+            )));
+        }
         for d in &spec.nvme {
             if !d.path.exists() {
                 let f = fs::File::create(&d.path).map_err(QemuError::io("creating", &d.path))?;
@@ -444,6 +457,9 @@ mod tests {
         assert!(a.contains("isa-debug-exit,iobase=0xf4,iosize=0x04"), "{a}");
         assert!(a.contains("-accel tcg"), "{a}");
         assert!("kvm".parse::<Accel>().is_ok());
+        let bad = NodeSpec::pvh("n", Path::new("/a,b/k"), "", Path::new("/tmp/s.log"));
+        let err = Appliance::launch(bad).unwrap_err().to_string();
+        assert!(err.contains("contains a comma"), "{err}");
         assert!("xen".parse::<Accel>().is_err());
     }
 }
