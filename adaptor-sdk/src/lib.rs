@@ -28,7 +28,8 @@
 //! * Each operation also has a `start_*` form returning a [`Pending`]
 //!   answer to await later, so one thread can keep many in flight.
 //! * Invocations are taken with [`Process::next_invocation`] or dispatched
-//!   to handlers registered with [`Process::serve`] on a thread pool.
+//!   to handlers registered with [`Process::serve`], on a thread pool or on
+//!   the application's thread ([`Process::dispatch`]).
 //! * Every wait has a timeout ([`AttachOptions::op_timeout`], overridable
 //!   per call with [`Process::with_timeout`]). The same operations exist as
 //!   `async fn`s on [`AsyncProcess`] (feature `tokio`, on by default); both

@@ -47,7 +47,8 @@ pub struct AttachOptions {
     /// stopped reading). Default 10 s.
     pub write_timeout: Duration,
     /// Threads running handlers registered with [`Process::serve`]
-    /// (started at the first `serve`). Default 2.
+    /// (started at the first `serve`). 0: no pool; the application runs
+    /// handlers on its own thread with [`Process::dispatch`]. Default 2.
     pub handler_threads: usize,
     /// Largest frame accepted from the controller. Default
     /// [`fractos_wire::MAX_FRAME_LEN`].
@@ -82,7 +83,7 @@ impl AttachOptions {
         self.write_timeout = d;
         self
     }
-    /// Sets [`AttachOptions::handler_threads`] (at least 1 is used).
+    /// Sets [`AttachOptions::handler_threads`].
     pub fn handler_threads(mut self, n: usize) -> Self {
         self.handler_threads = n;
         self
@@ -824,8 +825,9 @@ impl Process {
         self.shared().invocations.len()
     }
 
-    /// Runs `handler` on the handler thread pool for every invocation with
-    /// `tag` (replacing a previous handler). Invocations with this tag that
+    /// Runs `handler` on the handler thread pool (or in
+    /// [`Process::dispatch`] on the application's thread) for every
+    /// invocation with `tag` (replacing a previous handler). Invocations with this tag that
     /// were already queued for [`Process::next_invocation`] are handed to it
     /// too. Handlers may call any operation of the `&Process` they are
     /// given; they should not capture a `Process` clone (that keeps the
@@ -861,6 +863,42 @@ impl Process {
         }
     }
 
+    /// Runs the next invocation that has a handler ([`Process::serve`]) on
+    /// the calling thread and returns its tag: the caller's-loop
+    /// alternative to the handler pool (set
+    /// [`AttachOptions::handler_threads`] to 0 to have every handled
+    /// invocation come here). [`SdkError::Timeout`] if none arrives within
+    /// `timeout`; [`SdkError::Disconnected`] once the channel is closed and
+    /// nothing is left to run.
+    ///
+    /// ```no_run
+    /// # fn f(p: &fractos_sdk::Process) -> Result<(), fractos_sdk::SdkError> {
+    /// use std::time::Duration;
+    /// p.serve(1, |_, inv| println!("got {:?}", inv.imms));
+    /// loop {
+    ///     match p.dispatch(Duration::from_secs(1)) {
+    ///         Ok(_tag) => {}
+    ///         Err(e) if e.is_timeout() => {}
+    ///         Err(e) => return Err(e),
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn dispatch(&self, timeout: Duration) -> Result<u64, SdkError> {
+        match self.shared().jobs.pop(timeout) {
+            Ok((handler, inv)) => {
+                let tag = inv.tag;
+                handler(self, inv);
+                Ok(tag)
+            }
+            Err(PopError::Timeout) => Err(SdkError::Timeout {
+                what: "an invocation to dispatch",
+                after: timeout,
+            }),
+            Err(PopError::Closed) => Err(self.shared().disconnected()),
+        }
+    }
+
     /// Removes the handler of `tag`; later invocations with it are queued
     /// for [`Process::next_invocation`]. Returns whether one was registered.
     pub fn unserve(&self, tag: u64) -> bool {
@@ -879,7 +917,7 @@ impl Process {
             return;
         }
         *started = true;
-        for i in 0..s.opts.handler_threads.max(1) {
+        for i in 0..s.opts.handler_threads {
             let weak = Arc::downgrade(&self.outer);
             let shared = s.clone();
             let timeout = s.opts.op_timeout;

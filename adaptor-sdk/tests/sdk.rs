@@ -661,3 +661,37 @@ fn controller_crash_gives_typed_errors_in_bounded_time() {
     other.invoke(&req, b"ok", &[]).unwrap();
     assert_eq!(user.next_invocation().unwrap().imms, b"ok");
 }
+
+#[test]
+fn handlers_run_in_the_callers_loop_without_a_pool() {
+    let nodes = cluster(1);
+    let p = Process::attach(
+        nodes[0].process_addr(),
+        "p",
+        token("p"),
+        opts().handler_threads(0),
+    )
+    .unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let caller = std::thread::current().id();
+    p.serve(4, move |p, inv| {
+        assert_eq!(std::thread::current().id(), caller);
+        // Handlers may use the process (here: create and drop a cap).
+        let r = p.request_create(5, &[], &[]).unwrap();
+        p.drop_cap(r).unwrap();
+        s2.lock().unwrap().push(inv.imms);
+    });
+    let req = p.request_create(4, &[], &[]).unwrap();
+    p.invoke(&req, b"a", &[]).unwrap();
+    p.invoke(&req, b"b", &[]).unwrap();
+    assert_eq!(p.dispatch(WAIT).unwrap(), 4);
+    assert_eq!(p.dispatch(WAIT).unwrap(), 4);
+    assert!(p
+        .dispatch(Duration::from_millis(10))
+        .unwrap_err()
+        .is_timeout());
+    assert_eq!(*seen.lock().unwrap(), vec![b"a".to_vec(), b"b".to_vec()]);
+    p.clone().close();
+    assert!(p.dispatch(WAIT).unwrap_err().is_disconnected());
+}
