@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use fractos_core::process_token;
 use fractos_hosted::{spawn, HostedConfig};
-use fractos_sdk::{AttachOptions, ErrorCode, NodeId, Process, Rights, SdkError};
+use fractos_sdk::wire::{ControllerMsg, ProcessMsg, Reply};
+use fractos_sdk::{AttachOptions, ErrorCode, Handle, NodeId, Process, Rights, SdkError};
 
 const KEY: [u8; 32] = [9; 32];
 
@@ -41,6 +42,126 @@ fn retry<T>(mut f: impl FnMut() -> Result<T, SdkError>) -> T {
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
+}
+
+/// A raw process without the SDK: blocking socket, no threads.
+struct Raw {
+    s: TcpStream,
+    next_op: u64,
+}
+
+impl Raw {
+    fn attach(addr: std::net::SocketAddr, name: &str) -> Raw {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut r = Raw { s, next_op: 1 };
+        r.send(&ProcessMsg::Attach {
+            name: name.into(),
+            token: process_token(&KEY, name.as_bytes()),
+        });
+        r.recv();
+        r
+    }
+    fn send(&mut self, m: &ProcessMsg) {
+        let mut f = Vec::new();
+        m.encode(&mut f);
+        self.s.write_all(&f).unwrap();
+    }
+    fn recv(&mut self) -> ControllerMsg {
+        let mut len = [0u8; 4];
+        self.s.read_exact(&mut len).unwrap();
+        let mut body = vec![0; u32::from_le_bytes(len) as usize];
+        self.s.read_exact(&mut body).unwrap();
+        ControllerMsg::decode(&body).unwrap()
+    }
+    fn op(&mut self, make: impl FnOnce(u64) -> ProcessMsg) -> u64 {
+        let op = self.next_op;
+        self.next_op += 1;
+        self.send(&make(op));
+        op
+    }
+    /// Sends an operation and returns its answer, queueing nothing else.
+    fn call(&mut self, make: impl FnOnce(u64) -> ProcessMsg) -> Result<Reply, ErrorCode> {
+        let op = self.op(make);
+        loop {
+            if let ControllerMsg::Completion { op: o, result } = self.recv() {
+                if o == op {
+                    return result;
+                }
+            }
+        }
+    }
+    fn handle(&mut self, make: impl FnOnce(u64) -> ProcessMsg) -> Handle {
+        match self.call(make) {
+            Ok(Reply::Cap { handle, .. }) => handle,
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+/// Invoke round trip between two raw processes (the floor for any SDK).
+fn raw_invoke_rtt(addr: std::net::SocketAddr, n: usize) -> Duration {
+    let mut a = Raw::attach(addr, "raw-a");
+    let mut b = Raw::attach(addr, "raw-b");
+    let svc = b.handle(|op| ProcessMsg::RequestCreate {
+        op,
+        tag: 1,
+        imms: vec![],
+        caps: vec![],
+    });
+    b.call(|op| ProcessMsg::Publish {
+        op,
+        name: b"raw-svc".to_vec(),
+        cap: svc,
+    })
+    .unwrap();
+    let svc = a.handle(|op| ProcessMsg::Lookup {
+        op,
+        name: b"raw-svc".to_vec(),
+        wait_ms: 0,
+    });
+    let k = a.handle(|op| ProcessMsg::RequestCreate {
+        op,
+        tag: 2,
+        imms: vec![],
+        caps: vec![],
+    });
+    let server = std::thread::spawn(move || {
+        // Serve n invocations: invoke the continuation, drop it.
+        let mut served = 0;
+        while served < n {
+            if let ControllerMsg::Invocation { caps, .. } = b.recv() {
+                let k = caps[0].0;
+                b.op(|op| ProcessMsg::Invoke {
+                    op,
+                    cap: k,
+                    imms: vec![],
+                    caps: vec![],
+                });
+                b.op(|op| ProcessMsg::Drop { op, cap: k });
+                served += 1;
+            }
+        }
+    });
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        a.op(|op| ProcessMsg::Invoke {
+            op,
+            cap: svc,
+            imms: vec![],
+            caps: vec![k],
+        });
+        // Wait for the continuation (the invoke's completion comes first).
+        loop {
+            if let ControllerMsg::Invocation { .. } = a.recv() {
+                break;
+            }
+        }
+        times.push(t.elapsed());
+    }
+    server.join().unwrap();
+    median(times)
 }
 
 fn main() {
@@ -175,6 +296,10 @@ fn main() {
     println!("invoke rtt, next_invocation server: {:?}", median(inv2));
     b2.close();
     server.join().unwrap();
+    println!(
+        "invoke rtt, raw processes (no SDK): {:?}",
+        raw_invoke_rtt(n1.process_addr(), n)
+    );
     let (tcp_m, inv_m) = (median(tcp), median(inv));
     println!(
         "tcp rtt p50 {:?}, invoke rtt p50 {:?}, ratio {:.2}",
