@@ -85,6 +85,16 @@ impl AsyncProcess {
         self.inner.node()
     }
 
+    /// The name this process attached under.
+    pub fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    /// The timeout of this handle's waits.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout()
+    }
+
     /// The controller's socket address.
     pub fn controller_addr(&self) -> SocketAddr {
         self.inner.controller_addr()
@@ -108,6 +118,11 @@ impl AsyncProcess {
     /// See [`Process::register_vec`] (does not wait).
     pub fn register_vec(&self, bytes: Vec<u8>) -> Result<Region, SdkError> {
         self.inner.register_vec(bytes)
+    }
+
+    /// See [`Process::unregister`] (does not wait).
+    pub fn unregister(&self, region: &Region) -> bool {
+        self.inner.unregister(region)
     }
 
     /// See [`Process::memory_create`].

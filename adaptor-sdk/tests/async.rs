@@ -156,6 +156,12 @@ fn async_waits_time_out() {
         // A lookup whose own wait outlasts the handle's timeout still gets
         // its full wait (the local timeout adds the wait).
         let short = p.with_timeout(Duration::from_millis(20));
+        assert_eq!(
+            (p.name(), short.timeout()),
+            ("p", Duration::from_millis(20))
+        );
+        let r = p.register(4).unwrap();
+        assert!(p.unregister(&r));
         let e = short
             .lookup("never", Duration::from_millis(100))
             .await
