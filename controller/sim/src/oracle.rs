@@ -161,6 +161,38 @@ pub struct Oracle {
     pub copies_checked: u64,
     /// Answers seen, by operation and result.
     pub outcomes: BTreeMap<String, u64>,
+    /// Argument-less invocations (monitor notifications, copy completions)
+    /// that may legitimately arrive, by (receiver, tag, bound immediates).
+    pub notify_budget: BTreeMap<NotifyKey, u64>,
+    /// Argument-less invocations delivered, by the same key.
+    pub notified: BTreeMap<NotifyKey, u64>,
+    /// A notification Request with an unknown binding was used: the
+    /// spurious-invocation check is off for this run.
+    pub notify_unknown: bool,
+    /// Successful monitor registrations.
+    pub monitors: Vec<MonitorRec>,
+    /// Virtual time of each revocation in [`Oracle::revoked`].
+    pub revoked_ns: BTreeMap<CapRef, u64>,
+    /// Current virtual time (kept by the simulator).
+    pub now_ns: u64,
+}
+
+/// Receiver, tag and immediates of an argument-less invocation.
+pub type NotifyKey = (ChannelId, u64, Vec<u8>);
+
+/// A successful `Monitor`.
+#[derive(Clone, Debug)]
+pub struct MonitorRec {
+    /// The watched capability's chain: the registration dies with any of
+    /// them.
+    pub watched: Vec<CapRef>,
+    /// The notification Request's chain.
+    pub notify: Vec<CapRef>,
+    /// Where the notification goes.
+    pub key: NotifyKey,
+    /// Capabilities bound to the notification Request (their revocation
+    /// would also stop the notification).
+    pub notify_caps: usize,
 }
 
 /// Magic marking the invocation id at the end of invoker immediates. Bound
@@ -168,9 +200,25 @@ pub struct Oracle {
 pub const INVOKE_MAGIC: [u8; 8] = *b"\xffINVOKE\xff";
 
 impl Oracle {
+    /// The notification key of Request `h`, if its binding and owner are
+    /// known.
+    pub fn notify_key(h: &HandleRec) -> Option<NotifyKey> {
+        let b = h.binds.as_ref()?;
+        Some((h.owner?, b.tag, b.imms.clone()))
+    }
+
+    /// Allows one more argument-less invocation of `h`.
+    pub fn expect_notify(&mut self, h: &HandleRec) {
+        match Self::notify_key(h) {
+            Some(k) => *self.notify_budget.entry(k).or_insert(0) += 1,
+            None => self.notify_unknown = true,
+        }
+    }
+
     /// Records that `cap`'s subtree is revoked as of tick `t`.
     pub fn revoke(&mut self, cap: CapRef, t: u64) {
         self.revoked.entry(cap).or_insert(t);
+        self.revoked_ns.entry(cap).or_insert(self.now_ns);
     }
 
     /// Checks that an operation issued at tick `start` could succeed through

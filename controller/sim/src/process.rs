@@ -544,6 +544,9 @@ impl Proc {
                         && dst.info.rights.contains(Rights::WRITE)
                         && dst.info.len < src.info.len)
                         .then_some(ErrorCode::SizeMismatch);
+                    if let Some((_, c)) = &completion {
+                        oracle.expect_notify(c);
+                    }
                     let idx = oracle.copies.len();
                     oracle.copies.push(CopyRec {
                         src: src.win,
@@ -589,6 +592,7 @@ impl Proc {
                         roll = 20;
                         continue;
                     };
+                    oracle.expect_notify(&notify);
                     break (
                         ProcessMsg::Monitor {
                             op,
@@ -903,6 +907,14 @@ impl Proc {
             OpKind::Monitor { cap, notify } => {
                 oracle.check_use(&cap, start, &what)?;
                 oracle.check_use(&notify, start, &what)?;
+                if let Some(key) = Oracle::notify_key(&notify) {
+                    oracle.monitors.push(crate::oracle::MonitorRec {
+                        watched: cap.chain.clone(),
+                        notify: notify.chain.clone(),
+                        notify_caps: notify.binds.as_ref().map_or(0, |b| b.caps),
+                        key,
+                    });
+                }
             }
             OpKind::Publish { cap } => oracle.check_use(&cap, start, &what)?,
             OpKind::Drop | OpKind::Unpublish | OpKind::Lookup | OpKind::Bad => {}

@@ -415,6 +415,7 @@ impl Sim {
             };
             self.tick += 1;
             if use_timer {
+                self.oracle.now_ns = self.now.max(tm_at.unwrap_or(0));
                 let Reverse((at, node, inc)) = self.timers.pop().expect("peeked");
                 self.now = self.now.max(at);
                 let n = &mut self.nodes[node];
@@ -428,6 +429,7 @@ impl Sim {
             } else {
                 let Reverse(q) = self.events.pop().expect("peeked");
                 self.now = self.now.max(q.at);
+                self.oracle.now_ns = self.now;
                 self.handle(q.ev);
             }
             self.after_step();
@@ -529,6 +531,9 @@ impl Sim {
                 }
             }
             Ev::Stop => {
+                if !self.cfg.faults {
+                    self.check_monitors_fired();
+                }
                 self.stopping = true;
                 for p in 0..self.procs.len() {
                     if self.procs[p].alive && self.procs[p].outstanding.is_empty() {
@@ -978,7 +983,17 @@ impl Sim {
     ) -> Result<(), String> {
         let n = imms.len();
         if n < 16 || imms[n - 16..n - 8] != INVOKE_MAGIC {
-            return Ok(()); // a monitor or copy-completion notification
+            // A monitor notification or a copy completion: no arguments.
+            let key = (chan, tag, imms.to_vec());
+            let seen = self.oracle.notified.entry(key.clone()).or_insert(0);
+            *seen += 1;
+            let budget = self.oracle.notify_budget.get(&key).copied().unwrap_or(0);
+            if *seen > budget && !self.oracle.notify_unknown {
+                return Err(format!(
+                    "{chan:?} received argument-less invocation #{seen} of tag {tag:#x}, but only {budget} monitors/copy completions could send it"
+                ));
+            }
+            return Ok(());
         }
         let id = u64::from_le_bytes(imms[n - 8..].try_into().expect("8 bytes"));
         let Some(inv) = self.oracle.invokes.get_mut(&id) else {
@@ -1311,6 +1326,40 @@ impl Sim {
             self.end();
         } else {
             self.schedule(self.now + 100 * MS, Ev::Check);
+        }
+    }
+
+    /// Without faults, every monitor whose watched capability was revoked
+    /// (well before now) while its notification Request stayed alive must
+    /// have fired.
+    fn check_monitors_fired(&mut self) {
+        let mut due: BTreeMap<crate::oracle::NotifyKey, u64> = BTreeMap::new();
+        for m in &self.oracle.monitors {
+            let died = m
+                .watched
+                .iter()
+                .filter_map(|c| self.oracle.revoked_ns.get(c))
+                .any(|t| *t + 500 * MS < self.now);
+            let notify_dead = m.notify.iter().any(|c| self.oracle.revoked.contains_key(c));
+            let owner_alive = self
+                .chans
+                .get(&m.key.0)
+                .is_some_and(|p| self.procs[*p].alive);
+            if died && !notify_dead && owner_alive && m.notify_caps == 0 {
+                *due.entry(m.key.clone()).or_insert(0) += 1;
+                if self.print_trace {
+                    eprintln!("monitor due: {m:?}");
+                }
+            }
+        }
+        for (key, n) in due {
+            let got = self.oracle.notified.get(&key).copied().unwrap_or(0);
+            if got < n {
+                return self.fail(format!(
+                    "{n} monitors notifying {:?} (tag {:#x}) saw their capability revoked, but only {got} notifications arrived",
+                    key.0, key.1
+                ));
+            }
         }
     }
 
