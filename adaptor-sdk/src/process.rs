@@ -1249,44 +1249,141 @@ impl Shared {
     }
 }
 
-fn reader_loop(shared: Arc<Shared>, mut stream: TcpStream, mut buf: Vec<u8>) {
+fn reader_loop(shared: Arc<Shared>, mut stream: TcpStream, leftover: Vec<u8>) {
     let splitter = FrameSplitter::new(shared.opts.max_frame_len);
-    let mut chunk = vec![0u8; READ_CHUNK];
-    let reason = 'outer: loop {
-        let mut start = 0;
-        loop {
-            match splitter.split(&buf[start..]) {
-                Ok(Some((body, used))) => {
-                    let msg = ControllerMsg::decode(body);
-                    start += used;
-                    let handled = match msg {
-                        Ok(m) => shared.on_message(m),
-                        Err(e) => Err(DisconnectReason::Protocol(e.to_string())),
-                    };
-                    if let Err(r) = handled {
-                        break 'outer r;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => break 'outer DisconnectReason::Protocol(e.to_string()),
-            }
-        }
-        buf.drain(..start);
-        match stream.read(&mut chunk) {
-            Ok(0) => break DisconnectReason::ControllerClosed,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => break DisconnectReason::Io(format!("reading from the controller: {e}")),
-        }
-    };
+    let reason =
+        match read_frames(
+            &mut stream,
+            leftover,
+            splitter,
+            |body| match ControllerMsg::decode(body) {
+                Ok(m) => shared.on_message(m),
+                Err(e) => Err(DisconnectReason::Protocol(e.to_string())),
+            },
+        ) {
+            Ok(()) => DisconnectReason::ControllerClosed,
+            Err(r) => r,
+        };
     shared.shutdown(reason);
     // Don't keep the shared state (and the socket) alive from here.
     drop(shared);
 }
 
+/// Reads `stream` until EOF (`Ok`) or an error, handing each frame body to
+/// `on_frame`. Bytes are read straight into one buffer (no intermediate
+/// copy); only the tail of a partial frame is ever moved.
+fn read_frames(
+    stream: &mut impl Read,
+    leftover: Vec<u8>,
+    splitter: FrameSplitter,
+    mut on_frame: impl FnMut(&[u8]) -> Result<(), DisconnectReason>,
+) -> Result<(), DisconnectReason> {
+    let mut end = leftover.len();
+    let mut buf = leftover;
+    buf.resize(end.max(READ_CHUNK), 0);
+    let mut start = 0;
+    loop {
+        while let Some((body, used)) = splitter
+            .split(&buf[start..end])
+            .map_err(|e| DisconnectReason::Protocol(e.to_string()))?
+        {
+            on_frame(body)?;
+            start += used;
+        }
+        if start == end {
+            (start, end) = (0, 0);
+        }
+        if end == buf.len() {
+            // Full: move the partial frame to the front, growing the buffer
+            // if the frame is larger than it.
+            buf.copy_within(start..end, 0);
+            (start, end) = (0, end - start);
+            if end == buf.len() {
+                buf.resize(buf.len() * 2, 0);
+            }
+        }
+        match stream.read(&mut buf[end..]) {
+            Ok(0) => return Ok(()),
+            Ok(n) => end += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(DisconnectReason::Io(format!(
+                    "reading from the controller: {e}"
+                )))
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader handing out at most `step` bytes per call.
+    struct Trickle {
+        data: Vec<u8>,
+        pos: usize,
+        step: usize,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = self.step.min(out.len()).min(self.data.len() - self.pos);
+            out[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn read_frames_splits_any_chunking_and_large_frames() {
+        let msgs: Vec<ControllerMsg> = (0..14u64)
+            .map(|i| ControllerMsg::MemWrite {
+                xfer: i,
+                addr: i * 7,
+                // Sizes around and beyond the read buffer.
+                data: vec![i as u8; (i as usize * 40_000) % fractos_wire::MAX_DATA_LEN + 1],
+            })
+            .collect();
+        let mut wire = Vec::new();
+        for m in &msgs {
+            m.encode(&mut wire);
+        }
+        for (step, split_at) in [
+            (61, 0),
+            (7, 3),
+            (4096, 100),
+            (READ_CHUNK, 0),
+            (usize::MAX, 10),
+        ] {
+            let split_at = split_at.min(wire.len());
+            let mut r = Trickle {
+                data: wire[split_at..].to_vec(),
+                pos: 0,
+                step,
+            };
+            let mut got = Vec::new();
+            let res = read_frames(
+                &mut r,
+                wire[..split_at].to_vec(),
+                FrameSplitter::default(),
+                |b| {
+                    got.push(ControllerMsg::decode(b).unwrap());
+                    Ok(())
+                },
+            );
+            assert_eq!(res, Ok(()));
+            assert_eq!(got, msgs, "step {step}");
+        }
+        // An oversized announcement is a protocol error.
+        let mut r = Trickle {
+            data: u32::MAX.to_le_bytes().to_vec(),
+            pos: 0,
+            step: 4,
+        };
+        let res = read_frames(&mut r, Vec::new(), FrameSplitter::default(), |_| Ok(()));
+        assert!(matches!(res, Err(DisconnectReason::Protocol(_))));
+    }
 
     #[test]
     fn handles_are_send_and_sync() {
