@@ -97,7 +97,9 @@ impl SimConfig {
             keep_trace: true,
             think: Duration::from_millis(4 + (z >> 40) % 20),
             stop_at: Duration::from_secs(3),
-            op_timeout: Duration::from_secs(2),
+            // Short operation timeouts (below the peer timeout) let calls
+            // time out on links that stay up, so late replies race them.
+            op_timeout: Duration::from_millis([2000, 2000, 500, 250][(z >> 52) as usize % 4]),
             heartbeat: Duration::from_millis(200),
             peer_timeout: Duration::from_secs(1),
             copy_chunk: 4096,

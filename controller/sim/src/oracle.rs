@@ -317,3 +317,124 @@ impl Oracle {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fractos_wire::{ObjectKind, Rights};
+
+    fn cap(n: u64) -> CapRef {
+        CapRef {
+            node: NodeId(1),
+            incarnation: 1,
+            cap: n,
+        }
+    }
+
+    fn handle(chain: &[u64]) -> HandleRec {
+        HandleRec {
+            cap: cap(chain[0]),
+            info: CapInfo {
+                kind: ObjectKind::Memory,
+                rights: Rights::READ,
+                len: 8,
+            },
+            chain: chain.iter().map(|c| cap(*c)).collect(),
+            win: None,
+            owner: None,
+            dead_at: None,
+            binds: None,
+        }
+    }
+
+    #[test]
+    fn use_after_revoke_of_an_ancestor_is_caught() {
+        let mut o = Oracle::default();
+        let h = handle(&[3, 2, 1]);
+        o.revoke(cap(2), 10);
+        assert!(
+            o.check_use(&h, 10, "op").is_ok(),
+            "issued before the revoke completed"
+        );
+        let e = o.check_use(&h, 11, "op").unwrap_err();
+        assert!(e.contains("revocation completed at tick 10"), "{e}");
+        assert!(
+            o.check_use(&handle(&[4, 1]), 11, "op").is_ok(),
+            "a sibling survives"
+        );
+    }
+
+    #[test]
+    fn use_of_a_dead_incarnation_or_dead_handle_is_caught() {
+        let mut o = Oracle::default();
+        o.dead_incarnations.insert((NodeId(1), 1), 5);
+        assert!(o.check_use(&handle(&[7]), 6, "op").is_err());
+        let mut o = Oracle::default();
+        let mut h = handle(&[7]);
+        h.dead_at = Some(5);
+        assert!(o.check_use(&h, 5, "op").is_ok());
+        assert!(o.check_use(&h, 6, "op").is_err());
+        o.revoke(cap(9), 1);
+        assert!(o.check_use(&handle(&[7]), 6, "op").is_ok());
+    }
+
+    fn win(chan: u64, addr: u64, len: u64) -> Win {
+        Win {
+            chan: ChannelId(chan),
+            addr,
+            len,
+        }
+    }
+
+    #[test]
+    fn memory_accesses_must_lie_in_a_running_copy() {
+        let mut o = Oracle::default();
+        o.copies.push(CopyRec {
+            src: Some(win(1, 100, 50)),
+            dst: Some(win(2, 0, 80)),
+            start: 1,
+            end: None,
+        });
+        assert!(o.check_access(2, ChannelId(2), 0, 50, true).is_ok());
+        assert!(
+            o.check_access(2, ChannelId(2), 10, 41, true).is_err(),
+            "beyond the source length"
+        );
+        assert!(o.check_access(2, ChannelId(1), 100, 50, false).is_ok());
+        assert!(o.check_access(2, ChannelId(1), 99, 2, false).is_err());
+        o.copies[0].end = Some((3, true));
+        assert!(
+            o.check_access(4, ChannelId(2), 0, 1, true).is_err(),
+            "finished copies write nothing"
+        );
+        o.copies[0].end = Some((3, false));
+        assert!(
+            o.check_access(4, ChannelId(2), 0, 1, true).is_ok(),
+            "failed copies may still land chunks"
+        );
+    }
+
+    #[test]
+    fn copies_sharing_memory_are_not_compared() {
+        let mut o = Oracle::default();
+        let mk = |src, dst, start, end| CopyRec {
+            src: Some(src),
+            dst: Some(dst),
+            start,
+            end,
+        };
+        o.copies
+            .push(mk(win(1, 0, 10), win(2, 0, 10), 1, Some((5, true))));
+        o.copies
+            .push(mk(win(3, 0, 10), win(4, 0, 10), 2, Some((4, true))));
+        assert!(o.copy_isolated(0, 5));
+        o.copies
+            .push(mk(win(3, 0, 10), win(1, 5, 10), 3, Some((9, true))));
+        assert!(
+            !o.copy_isolated(0, 5),
+            "another copy wrote into the source meanwhile"
+        );
+        o.copies.push(mk(win(1, 0, 10), win(1, 5, 10), 10, None));
+        assert!(!o.copy_isolated(3, 11), "source and destination overlap");
+    }
+}

@@ -293,7 +293,13 @@ impl Sim {
             .expect("non-empty");
         self.rules.jitter = self.rng.gen_range(0..=3 * MS);
         self.schedule(from, Ev::FaultsOn);
-        let count = self.rng.gen_range(1..=6);
+        // One run in four is a storm.
+        let count = if self.rng.gen_bool(0.25) {
+            self.rules.loss = self.rules.loss.max(0.005) * 2.0;
+            self.rng.gen_range(6..=16)
+        } else {
+            self.rng.gen_range(1..=6)
+        };
         for _ in 0..count {
             let at = self.rng.gen_range(from..to);
             let ev = match self.rng.gen_range(0..4) {
