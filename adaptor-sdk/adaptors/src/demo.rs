@@ -14,6 +14,7 @@ use fractos_sdk::{AttachOptions, Process};
 
 use crate::compute::{CpuBackend, VerifyBackend};
 use crate::image::{encoded_len, synth_face, Image};
+use crate::netns::{Netns, NetnsError};
 use crate::pipeline::{serve_compute, serve_storage, Client, Verdict};
 use crate::storage::BlockStore;
 use crate::PipelineError;
@@ -29,6 +30,9 @@ pub struct DemoConfig {
     pub images: usize,
     /// Unmeasured verifications per mode first.
     pub warmup: usize,
+    /// Pixel sampling stride of the compute kernel (see
+    /// [`CpuBackend::stride`]).
+    pub stride: usize,
 }
 
 impl Default for DemoConfig {
@@ -38,6 +42,7 @@ impl Default for DemoConfig {
             image_side: 512,
             images: 8,
             warmup: 3,
+            stride: 4,
         }
     }
 }
@@ -70,6 +75,8 @@ pub struct DemoReport {
     pub requests: usize,
     /// Bytes per image.
     pub image_bytes: usize,
+    /// The network between the nodes: `None` for loopback.
+    pub link_model: Option<crate::netns::AppliedModel>,
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -113,9 +120,16 @@ impl DemoReport {
             )
         };
         format!(
-            "{{\n  \"requests\": {},\n  \"image_bytes\": {},\n  \"fractos\": {},\n  \"centralized\": {},\n  \"remote_api\": {},\n  \"traffic_ratio\": {:.3},\n  \"latency_ratio\": {:.3},\n  \"remote_api_latency_ratio\": {:.3},\n  \"remote_api_message_ratio\": {:.3}\n}}\n",
+            "{{\n  \"requests\": {},\n  \"image_bytes\": {},\n  \"link_model\": {},\n  \"fractos\": {},\n  \"centralized\": {},\n  \"remote_api\": {},\n  \"traffic_ratio\": {:.3},\n  \"latency_ratio\": {:.3},\n  \"remote_api_latency_ratio\": {:.3},\n  \"remote_api_message_ratio\": {:.3}\n}}\n",
             self.requests,
             self.image_bytes,
+            match self.link_model {
+                None => "\"loopback\"".to_string(),
+                Some(m) => format!(
+                    "{{\"delay_us\": {}, \"rate_mbit\": {}, \"netem\": {}}}",
+                    m.delay_us, m.rate_mbit, m.netem
+                ),
+            },
             mode(&self.fractos),
             mode(&self.centralized),
             mode(&self.remote_api),
@@ -129,9 +143,20 @@ impl DemoReport {
     /// The human-readable table.
     pub fn table(&self) -> String {
         let mut t = String::new();
+        let net = match self.link_model {
+            None => "loopback".to_string(),
+            Some(m) if m.netem => format!(
+                "namespaces, {} us + {} Mbit/s per hop",
+                m.delay_us, m.rate_mbit
+            ),
+            Some(m) => format!(
+                "namespaces, {} Mbit/s per hop (no sch_netem: no added delay)",
+                m.rate_mbit
+            ),
+        };
         let _ = writeln!(
             t,
-            "{} verifications per mode, {} KiB images\n",
+            "{} verifications per mode, {} KiB images, {net}\n",
             self.requests,
             self.image_bytes / 1024
         );
@@ -176,6 +201,9 @@ pub enum DemoError {
     /// The pipeline failed.
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
+    /// Network namespaces could not be set up.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
     /// The modes disagree on a score: a correctness failure.
     #[error("request {index}: {mode} scored {got} but fractos scored {want}")]
     ScoreMismatch {
@@ -196,16 +224,38 @@ pub enum DemoError {
 /// The demo's cluster key (the embedded cluster is private to the process).
 pub const DEMO_KEY: [u8; 32] = *b"fractos-embedded-demo-cluster-k!";
 
+/// Runs `f` on a thread inside node `i`'s namespace (or right here
+/// without namespaces). Sockets and threads created there stay there.
+pub fn in_node<T: Send>(
+    net: Option<&Netns>,
+    i: usize,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, NetnsError> {
+    match net {
+        None => Ok(f()),
+        Some(ns) => std::thread::scope(|s| {
+            s.spawn(|| {
+                ns.enter(i)?;
+                Ok(f())
+            })
+            .join()
+            .expect("namespace thread panicked")
+        }),
+    }
+}
+
 /// Starts the embedded 3-controller cluster (storage = node 1, compute =
-/// node 2, client = node 3) on loopback.
-pub fn start_cluster() -> Result<Vec<Running>, DemoError> {
-    let nodes: Vec<Running> = (1..=3)
-        .map(|i| {
-            let mut c = HostedConfig::local(NodeId(i), DEMO_KEY);
-            c.members = (1..=3).map(NodeId).collect();
-            spawn(c)
-        })
-        .collect::<Result<_, _>>()?;
+/// node 2, client = node 3) on loopback, or one controller per namespace.
+pub fn start_cluster_in(net: Option<&Netns>) -> Result<Vec<Running>, DemoError> {
+    let mut nodes = Vec::new();
+    for i in 0..3usize {
+        let mut c = HostedConfig::local(NodeId(i as u32 + 1), DEMO_KEY);
+        c.members = (1..=3).map(NodeId).collect();
+        if let Some(ns) = net {
+            c.peer_listen = std::net::SocketAddr::new(ns.addr(i), 0);
+        }
+        nodes.push(in_node(net, i, move || spawn(c))??);
+    }
     for a in &nodes {
         for b in &nodes {
             if a.node() != b.node() {
@@ -214,6 +264,11 @@ pub fn start_cluster() -> Result<Vec<Running>, DemoError> {
         }
     }
     Ok(nodes)
+}
+
+/// [`start_cluster_in`] on loopback.
+pub fn start_cluster() -> Result<Vec<Running>, DemoError> {
+    start_cluster_in(None)
 }
 
 /// Attaches a process named `name` to `node` with the demo key.
@@ -250,9 +305,18 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// request with (mode, done, total).
 pub fn run(
     cfg: &DemoConfig,
+    progress: impl FnMut(&str, usize, usize),
+) -> Result<DemoReport, DemoError> {
+    run_in(cfg, None, progress)
+}
+
+/// Runs the demo with every node in its own network namespace of `net`.
+pub fn run_in(
+    cfg: &DemoConfig,
+    net: Option<&Netns>,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<DemoReport, DemoError> {
-    let nodes = start_cluster()?;
+    let nodes = start_cluster_in(net)?;
     let image_bytes = encoded_len(cfg.image_side, cfg.image_side);
     let slot = image_bytes as u64;
     let path = std::env::temp_dir().join(format!("fractos-demo-store-{}", std::process::id()));
@@ -265,17 +329,25 @@ pub fn run(
             &synth_face(person, i as u64 + 1, cfg.image_side, cfg.image_side),
         )?;
     }
-    let backend: Arc<dyn VerifyBackend> = Arc::new(CpuBackend);
+    let backend: Arc<dyn VerifyBackend> = Arc::new(CpuBackend { stride: cfg.stride });
     let enrolled_img = synth_face(1, 0, cfg.image_side, cfg.image_side);
     let enrolled = backend
         .features(&Image::parse(&enrolled_img).map_err(|e| PipelineError::Protocol(e.to_string()))?)
         .map_err(|e| PipelineError::Protocol(e.to_string()))?;
 
-    let storage = attach(&nodes[0], "storage")?;
-    serve_storage(&storage, store, slot)?;
-    let compute = attach(&nodes[1], "compute")?;
-    serve_compute(&compute, backend, enrolled, slot)?;
-    let client = Client::connect(attach(&nodes[2], "client")?, slot, Duration::from_secs(10))?;
+    let storage = in_node(net, 0, || -> Result<Process, PipelineError> {
+        let p = attach(&nodes[0], "storage")?;
+        serve_storage(&p, store, slot)?;
+        Ok(p)
+    })??;
+    let compute = in_node(net, 1, || -> Result<Process, PipelineError> {
+        let p = attach(&nodes[1], "compute")?;
+        serve_compute(&p, backend, enrolled, slot)?;
+        Ok(p)
+    })??;
+    let client = in_node(net, 2, || {
+        Client::connect(attach(&nodes[2], "client")?, slot, Duration::from_secs(10))
+    })??;
 
     type Mode = fn(&Client, u64, u64) -> Result<Verdict, PipelineError>;
     let modes: [(&'static str, Mode); 3] = [
@@ -332,5 +404,6 @@ pub fn run(
         remote_api,
         requests: cfg.requests,
         image_bytes,
+        link_model: net.map(|n| n.applied()),
     })
 }

@@ -11,6 +11,7 @@ pub mod bench;
 pub mod compute;
 pub mod demo;
 pub mod image;
+pub mod netns;
 pub mod pipeline;
 pub mod storage;
 

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use fractos_adaptors::demo::{run as run_demo, DemoConfig};
+use fractos_adaptors::demo::{run_in, DemoConfig};
+use fractos_adaptors::netns::{LinkModel, Netns};
 
 /// Options of `fractos demo`.
 #[derive(Debug, Args)]
@@ -23,6 +24,20 @@ pub struct DemoArgs {
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Compute kernel pixel sampling stride per axis (1 = every pixel; the
+    /// default 4 stands in for an accelerator so transfers matter).
+    #[arg(long, default_value_t = 4)]
+    pub stride: usize,
+    /// Put each node in its own network namespace, joined by veth through a
+    /// bridge with the link model below (needs root and iproute2).
+    #[arg(long)]
+    pub netns: bool,
+    /// --netns: one-way delay per hop in microseconds (needs sch_netem).
+    #[arg(long, default_value_t = 50)]
+    pub delay_us: u32,
+    /// --netns: bandwidth of each node's uplink in Mbit/s.
+    #[arg(long, default_value_t = 1000)]
+    pub rate_mbit: u32,
 }
 
 /// Runs `fractos demo`.
@@ -32,17 +47,29 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         "--requests and --images must be positive"
     );
     anyhow::ensure!(a.image_side >= 16, "--image-side must be at least 16");
+    anyhow::ensure!(a.stride >= 1, "--stride must be at least 1");
     let cfg = DemoConfig {
         requests: a.requests,
         image_side: a.image_side,
         images: a.images,
         warmup: 3,
+        stride: a.stride,
+    };
+    let net = if a.netns {
+        let model = LinkModel {
+            delay_us: a.delay_us,
+            rate_mbit: a.rate_mbit,
+        };
+        Some(Netns::create(3, model).context("cannot set up network namespaces")?)
+    } else {
+        None
     };
     eprintln!(
-        "FractOS pipeline demo: storage (node 1) -> compute (node 2) -> client (node 3), hosted controllers on loopback"
+        "FractOS pipeline demo: storage (node 1) -> compute (node 2) -> client (node 3), hosted controllers{}",
+        if a.netns { " in network namespaces" } else { " on loopback" }
     );
     let mut last = String::new();
-    let report = run_demo(&cfg, |mode, done, total| {
+    let report = run_in(&cfg, net.as_ref(), |mode, done, total| {
         let line = format!(
             "\r  {mode:<12} {done:>5}/{total} [{}{}]",
             "#".repeat(done * 30 / total),
