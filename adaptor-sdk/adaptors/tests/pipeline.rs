@@ -9,6 +9,7 @@ fn all_modes_agree_and_fractos_moves_each_image_once() {
         image_side: 256,
         images: 4,
         warmup: 1,
+        stride: 1,
     };
     let r = run(&cfg, |_, _, _| {}).expect("demo runs");
     // Same person scores high, strangers (every 4th image) lower.
