@@ -45,3 +45,38 @@ fn all_modes_agree_and_fractos_moves_each_image_once() {
         assert!(json.contains(key), "{key} missing in {json}");
     }
 }
+
+#[test]
+fn netns_mode_moves_bytes_between_namespaces() {
+    use fractos_adaptors::demo::run_in;
+    use fractos_adaptors::netns::{LinkModel, Netns};
+    // Needs root and iproute2 (CI has both; `.ci/run` installs iproute2).
+    let net = Netns::create(
+        3,
+        LinkModel {
+            delay_us: 20,
+            rate_mbit: 2000,
+        },
+    )
+    .expect("create namespaces (run as root)");
+    let cfg = DemoConfig {
+        requests: 3,
+        image_side: 128,
+        images: 2,
+        warmup: 1,
+        stride: 2,
+    };
+    let r = run_in(&cfg, Some(&net), |_, _, _| {}).expect("demo runs across namespaces");
+    assert_eq!(r.link_model.map(|m| m.rate_mbit), Some(2000));
+    assert!(r.traffic_ratio() > 1.5, "{r:?}");
+    let name = net.name(0);
+    drop(net);
+    let list = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&list.stdout).contains(&name),
+        "namespaces are deleted on drop"
+    );
+}
