@@ -319,7 +319,7 @@ fn monitor_fires_on_owner_exit() {
     );
     // The owner's names are withdrawn.
     assert_eq!(
-        watcher.lookup("svc", Duration::ZERO).unwrap_err().code(),
+        retry_until_gone(&watcher, "svc").code(),
         Some(ErrorCode::NameNotFound)
     );
 }
