@@ -90,7 +90,7 @@ impl SimConfig {
             procs_per_controller: procs,
             ops_per_process: 20 + ((z >> 16) % 40) as usize,
             names: 2 + ((z >> 24) % 8) as usize,
-            mem_size: 32 * 1024,
+            mem_size: 64 * 1024,
             scripted: false,
             faults: !(z >> 32).is_multiple_of(5),
             check_controllers: true,

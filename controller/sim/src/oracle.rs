@@ -31,7 +31,7 @@
 use std::collections::BTreeMap;
 
 use fractos_core::ChannelId;
-use fractos_wire::{CapInfo, CapRef, NodeId};
+use fractos_wire::{CapInfo, CapRef, ErrorCode, NodeId};
 
 /// An absolute memory window: owner channel, start address, length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,17 +104,34 @@ pub struct CopyRec {
     pub dst: Option<Win>,
     /// Tick the copy was issued.
     pub start: u64,
-    /// Tick it completed and whether it succeeded; a failed copy may still
-    /// have chunks in flight, so it counts as running forever.
+    /// Virtual time the copy was issued.
+    pub start_ns: u64,
+    /// Tick it completed and whether it succeeded.
     pub end: Option<(u64, bool)>,
+    /// A failed copy may still have chunks in flight: the virtual time after
+    /// which it can no longer write (0 if it failed before moving a byte).
+    pub quiet_ns: u64,
 }
 
 impl CopyRec {
-    /// Whether the copy may write memory at tick `t` or later.
-    pub fn may_run_at(&self, t: u64) -> bool {
+    /// A copy issued now.
+    pub fn new(src: Option<Win>, dst: Option<Win>, tick: u64, ns: u64) -> CopyRec {
+        CopyRec {
+            src,
+            dst,
+            start: tick,
+            start_ns: ns,
+            end: None,
+            quiet_ns: u64::MAX,
+        }
+    }
+
+    /// Whether the copy may access memory at tick `t` (virtual time `ns`)
+    /// or later.
+    pub fn may_run_at(&self, t: u64, ns: u64) -> bool {
         match self.end {
             None => true,
-            Some((_, false)) => true,
+            Some((_, false)) => self.quiet_ns >= ns,
             Some((e, true)) => e >= t,
         }
     }
@@ -175,6 +192,12 @@ pub struct Oracle {
     pub revoked_ns: BTreeMap<CapRef, u64>,
     /// Current virtual time (kept by the simulator).
     pub now_ns: u64,
+    /// How long a copy that timed out or lost its peer may keep landing
+    /// chunks after its answer.
+    pub zombie_ns: u64,
+    /// How long a copy aborted at its source may keep landing chunks
+    /// (chunks still in flight) after its answer.
+    pub linger_ns: u64,
 }
 
 /// Receiver, tag and immediates of an argument-less invocation.
@@ -205,6 +228,36 @@ impl Oracle {
     pub fn notify_key(h: &HandleRec) -> Option<NotifyKey> {
         let b = h.binds.as_ref()?;
         Some((h.owner?, b.tag, b.imms.clone()))
+    }
+
+    /// Records the failure of copy `idx` with `e` at tick `t`.
+    pub fn copy_failed(&mut self, idx: usize, t: u64, e: ErrorCode) {
+        let c = &mut self.copies[idx];
+        c.end = Some((t, false));
+        // These are decided before the first chunk is read.
+        let early = matches!(
+            e,
+            ErrorCode::BadHandle
+                | ErrorCode::WrongType
+                | ErrorCode::MissingRight
+                | ErrorCode::SizeMismatch
+                | ErrorCode::InvalidArgument
+                | ErrorCode::LimitReached
+        );
+        // After an abort at the source the invoker hears of it about when
+        // the last chunks land (they travel on another link, possibly held
+        // by a partition); after a timeout or a lost peer the source may
+        // still be running.
+        let linger = match e {
+            _ if early => 0,
+            ErrorCode::Timeout | ErrorCode::PeerUnreachable => self.zombie_ns,
+            _ => self.linger_ns,
+        };
+        c.quiet_ns = if early {
+            0
+        } else {
+            self.now_ns.saturating_add(linger)
+        };
     }
 
     /// Allows one more argument-less invocation of `h`.
@@ -269,7 +322,8 @@ impl Oracle {
         write: bool,
     ) -> Result<(), String> {
         let mut unknown = false;
-        for c in self.copies.iter().filter(|c| c.may_run_at(tick)) {
+        let ns = self.now_ns;
+        for c in self.copies.iter().filter(|c| c.may_run_at(tick, ns)) {
             let w = if write { c.write_window() } else { c.src };
             match w {
                 Some(w) if w.covers(chan, addr, len) => return Ok(()),
@@ -287,34 +341,37 @@ impl Oracle {
         ))
     }
 
-    /// Whether copy `idx` ran alone on its windows: no other copy that may
-    /// have run during it wrote into its source or destination.
-    pub fn copy_isolated(&self, idx: usize, now: u64) -> bool {
+    /// The offsets of copy `idx` whose bytes cannot be predicted: those
+    /// whose source or destination byte another copy that may have run
+    /// meanwhile could have written, and source bytes inside the copy's own
+    /// destination. `None` if a window involved is unknown.
+    pub fn copy_exclusions(&self, idx: usize, now: u64) -> Option<Vec<(u64, u64)>> {
         let c = &self.copies[idx];
-        let (Some(src), Some(dst)) = (c.src, c.dst) else {
-            return false;
-        };
-        let dstp = dst.prefix(src.len);
-        if src.overlaps(&dstp) {
-            return false;
-        }
-        for (i, o) in self.copies.iter().enumerate() {
-            if i == idx || o.start > now {
-                continue;
-            }
-            if !o.may_run_at(c.start) {
-                continue;
-            }
-            match o.write_window() {
-                None => return false,
-                Some(w) => {
-                    if w.overlaps(&src) || w.overlaps(&dstp) {
-                        return false;
+        let (src, dst) = (c.src?, c.dst?);
+        let len = src.len;
+        let dstp = dst.prefix(len);
+        let mut out = Vec::new();
+        let mut add = |w: &Win| {
+            for base in [&src, &dstp] {
+                if w.chan == base.chan {
+                    let lo = w.addr.max(base.addr);
+                    let hi = (w.addr + w.len).min(base.addr + len);
+                    if lo < hi {
+                        out.push((lo - base.addr, hi - base.addr));
                     }
                 }
             }
+        };
+        if src.overlaps(&dstp) {
+            add(&dstp);
         }
-        true
+        for (i, o) in self.copies.iter().enumerate() {
+            if i == idx || o.start > now || !o.may_run_at(c.start, c.start_ns) {
+                continue;
+            }
+            add(&o.write_window()?);
+        }
+        Some(out)
     }
 }
 
@@ -389,12 +446,12 @@ mod tests {
     #[test]
     fn memory_accesses_must_lie_in_a_running_copy() {
         let mut o = Oracle::default();
-        o.copies.push(CopyRec {
-            src: Some(win(1, 100, 50)),
-            dst: Some(win(2, 0, 80)),
-            start: 1,
-            end: None,
-        });
+        o.copies.push(CopyRec::new(
+            Some(win(1, 100, 50)),
+            Some(win(2, 0, 80)),
+            1,
+            0,
+        ));
         assert!(o.check_access(2, ChannelId(2), 0, 50, true).is_ok());
         assert!(
             o.check_access(2, ChannelId(2), 10, 41, true).is_err(),
@@ -407,7 +464,8 @@ mod tests {
             o.check_access(4, ChannelId(2), 0, 1, true).is_err(),
             "finished copies write nothing"
         );
-        o.copies[0].end = Some((3, false));
+        o.zombie_ns = 100;
+        o.copy_failed(0, 3, ErrorCode::Revoked);
         assert!(
             o.check_access(4, ChannelId(2), 0, 1, true).is_ok(),
             "failed copies may still land chunks"
@@ -418,10 +476,8 @@ mod tests {
     fn copies_sharing_memory_are_not_compared() {
         let mut o = Oracle::default();
         let mk = |src, dst, start, end| CopyRec {
-            src: Some(src),
-            dst: Some(dst),
-            start,
             end,
+            ..CopyRec::new(Some(src), Some(dst), start, start)
         };
         o.copies
             .push(mk(win(1, 0, 10), win(2, 0, 10), 1, Some((5, true))));

@@ -296,12 +296,9 @@ impl Proc {
                 let (sh, src) = get(sc.own_mem, &self.handles)?;
                 let (dh, dst) = get(sc.received_mem, &self.handles)?;
                 let idx = oracle.copies.len();
-                oracle.copies.push(CopyRec {
-                    src: src.win,
-                    dst: dst.win,
-                    start: tick,
-                    end: None,
-                });
+                oracle
+                    .copies
+                    .push(CopyRec::new(src.win, dst.win, tick, oracle.now_ns));
                 let msg = ProcessMsg::Copy {
                     op,
                     src: sh,
@@ -374,7 +371,7 @@ impl Proc {
                 // MemoryCreate (sometimes empty or beyond the registered memory).
                 0..=9 => {
                     let addr = rng.gen_range(0..mem_size);
-                    let mut len = rng.gen_range(1..=(mem_size - addr).min(16 * 1024));
+                    let mut len = rng.gen_range(1..=(mem_size - addr).min(12 * 1024));
                     let mut expect = None;
                     match rng.gen_range(0..20) {
                         0 => {
@@ -525,9 +522,15 @@ impl Proc {
                         continue;
                     };
                     let slen = src.info.len;
-                    let fits = |r: &HandleRec| is_mem(r) && r.info.len >= slen;
+                    let apart = |r: &HandleRec| match (r.win, src.win) {
+                        (Some(a), Some(b)) => !a.overlaps(&b),
+                        _ => true,
+                    };
+                    let fits = |r: &HandleRec| is_mem(r) && r.info.len >= slen && apart(r);
                     let dst = if rng.gen_bool(0.85) {
-                        self.pick(rng, fits).or_else(|| self.pick(rng, is_mem))
+                        self.pick(rng, fits)
+                            .or_else(|| self.pick(rng, |r| is_mem(r) && apart(r)))
+                            .or_else(|| self.pick(rng, is_mem))
                     } else {
                         self.pick(rng, is_mem)
                     };
@@ -548,12 +551,9 @@ impl Proc {
                         oracle.expect_notify(c);
                     }
                     let idx = oracle.copies.len();
-                    oracle.copies.push(CopyRec {
-                        src: src.win,
-                        dst: dst.win,
-                        start: tick,
-                        end: None,
-                    });
+                    oracle
+                        .copies
+                        .push(CopyRec::new(src.win, dst.win, tick, oracle.now_ns));
                     break (
                         ProcessMsg::Copy {
                             op,
@@ -778,7 +778,10 @@ impl Proc {
         }
         let mut check_copy = None;
         match rec.kind {
-            OpKind::Copy { idx, .. } if !ok => oracle.copies[idx].end = Some((pulled, false)),
+            OpKind::Copy { idx, .. } if !ok => {
+                let e = result.err().unwrap_or(ErrorCode::Malformed);
+                oracle.copy_failed(idx, pulled, e);
+            }
             OpKind::Invoke { id, .. } if !ok => {
                 let e = result.err().unwrap_or(ErrorCode::Malformed);
                 if !matches!(e, ErrorCode::Timeout | ErrorCode::PeerUnreachable) {
