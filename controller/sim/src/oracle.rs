@@ -351,6 +351,12 @@ impl Oracle {
         let len = src.len;
         let dstp = dst.prefix(len);
         let mut out = Vec::new();
+        if src.overlaps(&dstp) {
+            // Only the source side: the copy itself rewrites those bytes.
+            let lo = dstp.addr.max(src.addr);
+            let hi = (dstp.addr + dstp.len).min(src.addr + len);
+            out.push((lo - src.addr, hi - src.addr));
+        }
         let mut add = |w: &Win| {
             for base in [&src, &dstp] {
                 if w.chan == base.chan {
@@ -362,9 +368,7 @@ impl Oracle {
                 }
             }
         };
-        if src.overlaps(&dstp) {
-            add(&dstp);
-        }
+
         for (i, o) in self.copies.iter().enumerate() {
             if i == idx || o.start > now || !o.may_run_at(c.start, c.start_ns) {
                 continue;
@@ -473,7 +477,7 @@ mod tests {
     }
 
     #[test]
-    fn copies_sharing_memory_are_not_compared() {
+    fn bytes_other_copies_may_touch_are_not_compared() {
         let mut o = Oracle::default();
         let mk = |src, dst, start, end| CopyRec {
             end,
@@ -483,14 +487,25 @@ mod tests {
             .push(mk(win(1, 0, 10), win(2, 0, 10), 1, Some((5, true))));
         o.copies
             .push(mk(win(3, 0, 10), win(4, 0, 10), 2, Some((4, true))));
-        assert!(o.copy_isolated(0, 5));
+        assert_eq!(o.copy_exclusions(0, 5), Some(vec![]));
         o.copies
             .push(mk(win(3, 0, 10), win(1, 5, 10), 3, Some((9, true))));
-        assert!(
-            !o.copy_isolated(0, 5),
+        assert_eq!(
+            o.copy_exclusions(0, 5),
+            Some(vec![(5, 10)]),
             "another copy wrote into the source meanwhile"
         );
         o.copies.push(mk(win(1, 0, 10), win(1, 5, 10), 10, None));
-        assert!(!o.copy_isolated(3, 11), "source and destination overlap");
+        assert_eq!(
+            o.copy_exclusions(3, 11),
+            Some(vec![(5, 10)]),
+            "source bytes inside the copy's own destination"
+        );
+        o.copies[0].dst = None;
+        assert_eq!(
+            o.copy_exclusions(1, 5),
+            None,
+            "a writer with an unknown window"
+        );
     }
 }
