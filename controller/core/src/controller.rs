@@ -214,8 +214,16 @@ impl Controller {
         members.sort();
         members.dedup();
         let rng = cfg.rng_seed | 1;
+        // A chunk must fit one MemRead answer; at least one chunk in flight.
+        let copy_chunk = cfg.copy_chunk.clamp(1, fractos_wire::MAX_DATA_LEN);
+        let copy_window = cfg.copy_window.max(1);
         let mut c = Controller {
-            cfg: Config { members, ..cfg },
+            cfg: Config {
+                members,
+                copy_chunk,
+                copy_window,
+                ..cfg
+            },
             store: CapStore::default(),
             procs: SlotMap::with_key(),
             chans: BTreeMap::new(),

@@ -228,25 +228,39 @@ impl Running {
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
     }
+    /// Sends an event from any thread, also one inside a tokio runtime
+    /// (where `blocking_send` would panic).
+    fn post(&self, ev: Event) -> bool {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::scope(|s| {
+                s.spawn(|| self.events.blocking_send(ev).is_ok())
+                    .join()
+                    .unwrap_or(false)
+            })
+        } else {
+            self.events.blocking_send(ev).is_ok()
+        }
+    }
+
     /// Adds a peer controller (dialled if its id is higher than ours).
     pub fn add_peer(&self, node: NodeId, addr: SocketAddr) {
-        let _ = self.events.blocking_send(Event::AddPeer(node, addr));
+        self.post(Event::AddPeer(node, addr));
     }
     /// Current traffic counters.
     pub fn traffic(&self) -> Result<Traffic, HostedError> {
         let (tx, rx) = oneshot::channel();
-        self.events
-            .blocking_send(Event::Traffic(tx))
-            .map_err(|_| HostedError::Stopped)?;
-        rx.blocking_recv().map_err(|_| HostedError::Stopped)
+        if !self.post(Event::Traffic(tx)) {
+            return Err(HostedError::Stopped);
+        }
+        wait_reply(rx)
     }
     /// The Prometheus metrics text.
     pub fn metrics_text(&self) -> Result<String, HostedError> {
         let (tx, rx) = oneshot::channel();
-        self.events
-            .blocking_send(Event::Metrics(tx))
-            .map_err(|_| HostedError::Stopped)?;
-        rx.blocking_recv().map_err(|_| HostedError::Stopped)
+        if !self.post(Event::Metrics(tx)) {
+            return Err(HostedError::Stopped);
+        }
+        wait_reply(rx)
     }
     /// Stops the controller: every process is disconnected (its objects
     /// revoked), links close, the thread ends.
@@ -258,10 +272,20 @@ impl Running {
         self.shutdown();
     }
     fn stop(&mut self) {
-        let _ = self.events.blocking_send(Event::Shutdown);
+        self.post(Event::Shutdown);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Waits for a reply from any thread, also one inside a tokio runtime.
+fn wait_reply<T: Send>(rx: oneshot::Receiver<T>) -> Result<T, HostedError> {
+    let recv = move || rx.blocking_recv().map_err(|_| HostedError::Stopped);
+    if tokio::runtime::Handle::try_current().is_ok() {
+        std::thread::scope(|s| s.spawn(recv).join().unwrap_or(Err(HostedError::Stopped)))
+    } else {
+        recv()
     }
 }
 

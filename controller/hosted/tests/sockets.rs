@@ -386,3 +386,18 @@ fn controller_shutdown_gives_typed_errors_to_remote_holders() {
         "typed error within the op timeout"
     );
 }
+
+#[test]
+fn running_can_be_driven_from_inside_a_tokio_runtime() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let a = spawn(HostedConfig::local(NodeId(1), KEY)).unwrap();
+        let b = spawn(HostedConfig::local(NodeId(2), KEY)).unwrap();
+        a.add_peer(NodeId(2), b.peer_addr());
+        b.add_peer(NodeId(1), a.peer_addr());
+        assert!(a.traffic().is_ok());
+        assert!(a.metrics_text().unwrap().contains("fractos_peers_connected"));
+        drop(a);
+        b.shutdown();
+    });
+}
