@@ -389,15 +389,82 @@ fn controller_shutdown_gives_typed_errors_to_remote_holders() {
 
 #[test]
 fn running_can_be_driven_from_inside_a_tokio_runtime() {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let a = spawn(HostedConfig::local(NodeId(1), KEY)).unwrap();
         let b = spawn(HostedConfig::local(NodeId(2), KEY)).unwrap();
         a.add_peer(NodeId(2), b.peer_addr());
         b.add_peer(NodeId(1), a.peer_addr());
         assert!(a.traffic().is_ok());
-        assert!(a.metrics_text().unwrap().contains("fractos_peers_connected"));
+        assert!(a
+            .metrics_text()
+            .unwrap()
+            .contains("fractos_peers_connected"));
         drop(a);
         b.shutdown();
     });
+}
+
+#[test]
+fn request_floods_get_limit_errors_and_mid_operation_exits_are_cleaned_up() {
+    let mut c = HostedConfig::local(NodeId(1), KEY);
+    c.limits.max_pending_per_process = 64;
+    let node = spawn(c).unwrap();
+    let addr = node.process_addr();
+    let mut good = RawProc::attach(addr, "good");
+    let mut flood = RawProc::attach(addr, "flood");
+    // 500 lookups that wait: the first 64 stay pending, the rest are refused.
+    for op in 1..=500u64 {
+        flood.send(&ProcessMsg::Lookup {
+            op,
+            name: b"never".to_vec(),
+            wait_ms: 60_000,
+        });
+    }
+    let mut limited = 0;
+    while limited < 500 - 64 {
+        match flood.recv() {
+            Some(ControllerMsg::Completion {
+                result: Err(ErrorCode::LimitReached),
+                ..
+            }) => limited += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Everyone else is served meanwhile.
+    let m = good.cap(|op| ProcessMsg::MemoryCreate {
+        op,
+        addr: 0,
+        len: 64,
+        rights: Rights::READ,
+    });
+    assert!(good
+        .op(|op| ProcessMsg::Diminish {
+            op,
+            cap: m,
+            offset: 0,
+            len: 8,
+            rights: Rights::READ
+        })
+        .is_ok());
+    // The flooder exits with 64 operations in flight: the controller forgets it.
+    drop(flood);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = node.metrics_text().unwrap();
+        if text.contains("fractos_processes_attached{node=\"1\"} 1\n")
+            && text.contains("fractos_pending_ops{node=\"1\"} 0\n")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "flooder state not cleaned up:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(good.op(|op| ProcessMsg::Drop { op, cap: m }).is_ok());
 }
