@@ -52,6 +52,9 @@ pub struct SimConfig {
     pub scripted: bool,
     /// Inject faults during the fault phase.
     pub faults: bool,
+    /// Small per-process limits (handles, pending operations) so that
+    /// `LimitReached` paths run.
+    pub tight_limits: bool,
     /// Call `Controller::check_invariants` on every touched controller after
     /// every step.
     pub check_controllers: bool,
@@ -93,6 +96,7 @@ impl SimConfig {
             mem_size: 64 * 1024,
             scripted: false,
             faults: !(z >> 32).is_multiple_of(5),
+            tight_limits: (z >> 36).is_multiple_of(4),
             check_controllers: true,
             keep_trace: true,
             think: Duration::from_millis(4 + (z >> 40) % 20),
@@ -118,6 +122,7 @@ impl SimConfig {
             mem_size: 16 * 1024,
             scripted: true,
             faults: false,
+            tight_limits: false,
             check_controllers: false,
             keep_trace: false,
             think: Duration::from_millis(50),

@@ -249,6 +249,12 @@ impl Sim {
         c.peer_timeout = self.cfg.peer_timeout;
         c.copy_chunk = self.cfg.copy_chunk;
         c.copy_window = self.rng.gen_range(1..=4);
+        if self.cfg.tight_limits {
+            // Exercise the limit paths: handle tables and pending operations
+            // fill up, returned and delivered capabilities are refused.
+            c.limits.max_caps_per_process = self.rng.gen_range(8..=24);
+            c.limits.max_pending_per_process = self.rng.gen_range(2..=6);
+        }
         c.rng_seed = self.rng.gen();
         c
     }
@@ -336,6 +342,7 @@ impl Sim {
             self.cfg.ops_per_process,
         );
         p.rogue = rogue;
+        p.tight = self.cfg.tight_limits;
         p.alive = false; // until started
         if self.cfg.scripted {
             p.script = Some(crate::process::Script {
