@@ -157,6 +157,8 @@ pub struct Report {
     pub virtual_nanos: u64,
     /// Successful copies whose bytes were compared.
     pub copies_checked: u64,
+    /// Monitors verified to have fired after their object died.
+    pub monitors_checked: u64,
     /// Faults injected (resets, partitions, crashes, process crashes).
     pub faults: u64,
     /// Faults injected, by kind.

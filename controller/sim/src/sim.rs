@@ -292,6 +292,15 @@ impl Sim {
             let fault_end = stop.saturating_sub(500 * MS).max(300 * MS);
             self.setup_faults(200 * MS, fault_end);
             self.schedule(fault_end, Ev::FaultsOff);
+        } else if !self.cfg.scripted {
+            // Processes also exit in calm runs: their objects die and the
+            // monitors on them must fire.
+            for _ in 0..self.rng.gen_range(0..=2) {
+                let at = self
+                    .rng
+                    .gen_range(300 * MS..stop.saturating_sub(600 * MS).max(400 * MS));
+                self.schedule(at, Ev::ProcCrash);
+            }
         }
         self.schedule(stop, Ev::Stop);
         self.schedule(stop, Ev::Check);
@@ -1389,6 +1398,7 @@ impl Sim {
             }
         }
         for (key, n) in due {
+            self.report.monitors_checked += n;
             let got = self.oracle.notified.get(&key).copied().unwrap_or(0);
             if got < n {
                 return self.fail(format!(

@@ -127,7 +127,8 @@ fn main() -> ExitCode {
         (None, None) => (a.first..a.first + 100).collect(),
     };
     let t = Instant::now();
-    let (mut ops, mut msgs, mut copies, mut checked, mut faults) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut ops, mut msgs, mut copies, mut checked, mut faults, mut mons) =
+        (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     for s in &seeds {
         match run(config(&a, *s)) {
             Ok(r) => {
@@ -136,6 +137,7 @@ fn main() -> ExitCode {
                 copies += r.outcomes.get("Copy Ok").copied().unwrap_or(0);
                 checked += r.copies_checked;
                 faults += r.faults;
+                mons += r.monitors_checked;
                 if seeds.len() == 1 {
                     println!("{r:#?}");
                 }
@@ -149,7 +151,8 @@ fn main() -> ExitCode {
     let wall = t.elapsed().as_secs_f64();
     println!(
         "{} seeds passed: {ops} operations, {msgs} controller messages, {faults} faults, \
-         {checked} of {copies} successful copies compared byte for byte, in {wall:.2}s ({:.0} seeds/s)",
+         {checked} of {copies} successful copies compared byte for byte, \
+         {mons} monitor notifications verified, in {wall:.2}s ({:.0} seeds/s)",
         seeds.len(),
         seeds.len() as f64 / wall
     );
