@@ -234,15 +234,16 @@ impl Oracle {
     pub fn copy_failed(&mut self, idx: usize, t: u64, e: ErrorCode) {
         let c = &mut self.copies[idx];
         c.end = Some((t, false));
-        // These are decided before the first chunk is read.
+        // These are decided before the first chunk is read. Anything else
+        // may come after bytes moved: a copy with a completion Request
+        // answers with the completion's invocation result (e.g.
+        // `LimitReached` when the receiver's table is full).
         let early = matches!(
             e,
             ErrorCode::BadHandle
                 | ErrorCode::WrongType
                 | ErrorCode::MissingRight
                 | ErrorCode::SizeMismatch
-                | ErrorCode::InvalidArgument
-                | ErrorCode::LimitReached
         );
         // After an abort at the source the invoker hears of it about when
         // the last chunks land (they travel on another link, possibly held

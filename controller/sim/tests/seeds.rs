@@ -1,6 +1,6 @@
 //! The simulator's seed sweep, replay and determinism tests.
 //!
-//! * `cargo test -p fractos-sim` runs 1,000 seeds (cluster sizes 1–8, faults
+//! * `cargo test -p fractos-sim` runs 2,000 seeds (cluster sizes 1–8, faults
 //!   on most), split over several tests so the harness uses every core;
 //! * `FRACTOS_SIM_SEEDS=<n>` runs `n` seeds instead;
 //! * `FRACTOS_SIM_SEED=<s>` runs exactly seed `s` (in `replay`; the sweep
@@ -8,7 +8,7 @@
 
 use fractos_sim::{run, SimConfig};
 
-const DEFAULT_SEEDS: u64 = 1000;
+const DEFAULT_SEEDS: u64 = 2000;
 const PARTS: u64 = 4;
 
 fn env_u64(name: &str) -> Option<u64> {
