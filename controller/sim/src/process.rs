@@ -241,7 +241,7 @@ impl Proc {
                 };
                 (msg, kind)
             }
-            2 => {
+            2 if get(sc.own_req, &self.handles).is_some() => {
                 let (h, cap) = get(sc.own_req, &self.handles)?;
                 let name = name_of(sc.index);
                 self.published.push(name.clone());
@@ -250,7 +250,12 @@ impl Proc {
                     OpKind::Publish { cap },
                 )
             }
-            s if s % 3 == 0 || sc.looked_up.is_none() => {
+            s if s % 3 == 0
+                || s < 3
+                || get(sc.looked_up, &self.handles).is_none()
+                || get(sc.own_mem, &self.handles).is_none()
+                || (s % 3 == 2 && get(sc.received_mem, &self.handles).is_none()) =>
+            {
                 let mut other = rng.gen_range(0..names);
                 if other == sc.index {
                     other = (other + 1) % names;

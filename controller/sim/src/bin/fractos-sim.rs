@@ -87,6 +87,9 @@ fn scale(a: &Args, controllers: usize) -> ExitCode {
         }
     };
     let wall = t.elapsed().as_secs_f64();
+    for (outcome, n) in &r.outcomes {
+        eprintln!("{n:>8} {outcome}");
+    }
     let json = format!(
         "{{\"controllers\": {}, \"processes\": {}, \"operations\": {}, \"succeeded\": {}, \"messages\": {}, \"process_frames\": {}, \"copies_checked\": {}, \"virtual_secs\": {:.3}, \"wall_secs\": {:.3}}}\n",
         r.controllers,
