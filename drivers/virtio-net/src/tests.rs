@@ -1,0 +1,348 @@
+//! Driver tests against the fake device in [`crate::fake`].
+
+use smoltcp::iface::{Config, Interface, SocketSet};
+use smoltcp::phy::{Device, Medium, RxToken as _, TxToken as _};
+use smoltcp::time::Instant;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, HardwareAddress, IpAddress, IpCidr, Ipv4Address,
+};
+use virtio_drivers::transport::{DeviceStatus, DeviceType};
+
+use crate::fake::QEMU_LIKE_FEATURES;
+use crate::fake::{fake, live_dma_pages, FakeDevice, FakeTransport, Model, TestHal, MAC};
+use crate::{
+    Error, VirtioNet, BUF_LEN, F_MAC, F_STATUS, F_VERSION_1, MAX_FRAME_LEN, QUEUE_RECEIVE,
+    QUEUE_TRANSMIT,
+};
+
+type Net<const N: usize> = VirtioNet<TestHal, FakeTransport, N>;
+
+fn setup<const N: usize>(model: Model) -> (FakeDevice, Net<N>) {
+    let (dev, transport) = fake(model);
+    let net = Net::<N>::new(transport).expect("driver initialises");
+    (dev, net)
+}
+
+/// A recognisable frame: Ethernet-sized, bytes derived from `seq`.
+fn frame(seq: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seq as usize).wrapping_mul(31).wrapping_add(i) as u8)
+        .collect()
+}
+
+/// Sends `data` through smoltcp's transmit path; `false` on backpressure.
+fn send<const N: usize>(net: &mut Net<N>, data: &[u8]) -> bool {
+    match net.transmit(Instant::ZERO) {
+        Some(token) => {
+            token.consume(data.len(), |buf| buf.copy_from_slice(data));
+            true
+        }
+        None => false,
+    }
+}
+
+/// Receives one frame through smoltcp's receive path.
+fn recv<const N: usize>(net: &mut Net<N>) -> Option<Vec<u8>> {
+    let (rx, _tx) = net.receive(Instant::ZERO)?;
+    Some(rx.consume(|buf| buf.to_vec()))
+}
+
+fn init_error<const N: usize>(model: Model) -> (FakeDevice, Error) {
+    let (dev, transport) = fake(model);
+    match Net::<N>::new(transport) {
+        Ok(_) => panic!("initialisation unexpectedly succeeded"),
+        Err(e) => (dev, e),
+    }
+}
+
+#[test]
+fn init_negotiates_version_1_and_mac_and_posts_rx_buffers() {
+    let (dev, net) = setup::<16>(Model::new(QEMU_LIKE_FEATURES));
+    // Checksum offload, TSO and mergeable buffers are offered but declined.
+    assert_eq!(net.features(), F_VERSION_1 | F_MAC | F_STATUS);
+    {
+        let m = dev.model();
+        assert_eq!(m.driver_features, F_VERSION_1 | F_MAC | F_STATUS);
+        let ok = DeviceStatus::ACKNOWLEDGE
+            | DeviceStatus::DRIVER
+            | DeviceStatus::FEATURES_OK
+            | DeviceStatus::DRIVER_OK;
+        assert_eq!(m.status, ok);
+        for q in &m.queues {
+            assert!(q.ready);
+            assert_eq!(q.size, 16);
+        }
+    }
+    assert_eq!(net.mac_address(), EthernetAddress(MAC));
+    assert_eq!(dev.pending(QUEUE_RECEIVE), 16, "every receive slot posted");
+    assert_eq!(dev.pending(QUEUE_TRANSMIT), 0);
+    assert_eq!(net.rx_posted(), 16);
+    assert_eq!(net.tx_free(), 16);
+    // Poll mode: the driver asks for no interrupts on either queue.
+    assert_eq!(dev.avail_flags(QUEUE_RECEIVE) & 1, 1);
+    assert_eq!(dev.avail_flags(QUEUE_TRANSMIT) & 1, 1);
+    let caps = net.capabilities();
+    assert_eq!(caps.medium, Medium::Ethernet);
+    assert_eq!(caps.max_transmission_unit, MAX_FRAME_LEN);
+}
+
+#[test]
+fn transmit_puts_header_and_frame_on_the_tx_queue() {
+    let (dev, mut net) = setup::<8>(Model::new(QEMU_LIKE_FEATURES));
+    let data = frame(7, 60);
+    assert!(send(&mut net, &data));
+    assert_eq!(dev.pending(QUEUE_TRANSMIT), 1);
+    assert_eq!(dev.model().notifications[usize::from(QUEUE_TRANSMIT)], 1);
+    assert_eq!(net.tx_free(), 7);
+
+    assert_eq!(dev.complete_tx(usize::MAX), 1);
+    {
+        let mut m = dev.model();
+        assert_eq!(m.sent.pop_front(), Some(data));
+        assert_eq!(m.sent_headers, vec![vec![0u8; 12]]);
+    }
+    net.poll().expect("poll");
+    assert_eq!(net.tx_free(), 8, "completed slot reclaimed");
+    let s = net.stats();
+    assert_eq!((s.tx_frames, s.tx_bytes, s.tx_completed), (1, 60, 1));
+}
+
+#[test]
+fn receive_hands_the_frame_to_smoltcp_and_reposts_the_slot() {
+    let (dev, mut net) = setup::<8>(Model::new(QEMU_LIKE_FEATURES));
+    assert_eq!(recv(&mut net), None, "nothing received yet");
+    let data = frame(3, 98);
+    assert!(dev.deliver(&data));
+    assert_eq!(recv(&mut net), Some(data));
+    assert_eq!(recv(&mut net), None);
+    let s = net.stats();
+    assert_eq!((s.rx_frames, s.rx_bytes, s.rx_errors), (1, 98, 0));
+    // `receive` already reposted the consumed slot during the second call.
+    assert_eq!(net.rx_posted(), 8);
+    assert_eq!(dev.pending(QUEUE_RECEIVE), 8);
+
+    // A token dropped without being consumed also gives its slot back.
+    assert!(dev.deliver(&frame(4, 64)));
+    drop(net.receive(Instant::ZERO).expect("a frame"));
+    assert_eq!(net.rx_posted(), 7);
+    net.poll().expect("poll");
+    assert_eq!(net.rx_posted(), 8);
+}
+
+#[test]
+fn rings_wrap_around_slots_and_u16_indices() {
+    const N: usize = 4;
+    let (dev, mut net) = setup::<N>(Model::new(QEMU_LIKE_FEATURES));
+    let pages = live_dma_pages();
+    let mut seq = 0u32;
+    // 70,000 frames each way: ring slots wrap every 4 and the 16-bit
+    // avail/used indices wrap past 65,535. Batches of 1..=4 keep the
+    // driver's and device's positions out of step.
+    while seq < 70_000 {
+        let batch = 1 + (seq as usize % N);
+        let len = 60 + (seq as usize % 1400);
+        for k in 0..batch {
+            assert!(send(&mut net, &frame(seq + k as u32, len)), "slot free");
+        }
+        assert_eq!(dev.complete_tx(usize::MAX), batch);
+        for k in 0..batch {
+            assert!(dev.deliver(&frame(seq + k as u32, len)), "rx buffer posted");
+        }
+        for k in 0..batch {
+            let expect = frame(seq + k as u32, len);
+            assert_eq!(dev.model().sent.pop_front().as_ref(), Some(&expect));
+            assert_eq!(
+                recv(&mut net).as_ref(),
+                Some(&expect),
+                "frame {}",
+                seq + k as u32
+            );
+        }
+        // Like smoltcp's `Interface::poll`: receive until `None`, which also
+        // reposts the last slot.
+        assert_eq!(recv(&mut net), None);
+        seq += batch as u32;
+    }
+    net.poll().expect("poll");
+    let s = net.stats();
+    assert_eq!(s.tx_frames, u64::from(seq));
+    assert_eq!(s.tx_completed, u64::from(seq));
+    assert_eq!(s.rx_frames, u64::from(seq));
+    assert_eq!((s.rx_errors, s.tx_errors, s.tx_dropped), (0, 0, 0));
+    assert_eq!((net.rx_posted(), net.tx_free()), (N, N));
+    let m = dev.model();
+    assert!(m.queues.iter().all(|q| q.used_idx == seq as u16));
+    drop(m);
+    assert_eq!(live_dma_pages(), pages, "no memory growth");
+}
+
+#[test]
+fn full_tx_queue_applies_backpressure_and_recovers() {
+    const N: usize = 4;
+    let (dev, mut net) = setup::<N>(Model::new(QEMU_LIKE_FEATURES));
+    for seq in 0..N as u32 {
+        assert!(send(&mut net, &frame(seq, 60)));
+    }
+    assert!(
+        !send(&mut net, &frame(99, 60)),
+        "no token while the queue is full"
+    );
+    assert_eq!(net.stats().tx_full, 1);
+    assert_eq!(dev.pending(QUEUE_TRANSMIT), N as u16);
+
+    // A reply built on the receive path while full is dropped, not queued.
+    assert!(dev.deliver(&frame(50, 60)));
+    let (rx, tx) = net.receive(Instant::ZERO).expect("a frame");
+    rx.consume(|_| ());
+    tx.consume(60, |buf| buf.fill(0xee));
+    assert_eq!(net.stats().tx_dropped, 1);
+    assert_eq!(dev.pending(QUEUE_TRANSMIT), N as u16);
+
+    // The device drains one: exactly one slot comes back.
+    assert_eq!(dev.complete_tx(1), 1);
+    assert!(send(&mut net, &frame(4, 60)));
+    assert!(!send(&mut net, &frame(5, 60)));
+    assert_eq!(dev.complete_tx(usize::MAX), N);
+    let sent: Vec<_> = dev.model().sent.drain(..).collect();
+    let expect: Vec<_> = (0..=N as u32).map(|s| frame(s, 60)).collect();
+    assert_eq!(sent, expect, "in order, nothing from the dropped reply");
+}
+
+#[test]
+fn device_that_rejects_features_fails_init_with_a_typed_error() {
+    let mut model = Model::new(QEMU_LIKE_FEATURES);
+    model.reject_features = true;
+    let (dev, err) = init_error::<8>(model);
+    assert_eq!(err, Error::FeaturesRejected(F_VERSION_1 | F_MAC | F_STATUS));
+    let m = dev.model();
+    assert!(m.status.contains(DeviceStatus::FAILED));
+    assert!(!m.status.contains(DeviceStatus::DRIVER_OK));
+    assert!(m.queues.iter().all(|q| !q.ready), "no queue was set up");
+    drop(m);
+    assert_eq!(live_dma_pages(), 0, "nothing allocated, nothing leaked");
+}
+
+#[test]
+fn legacy_device_without_version_1_is_refused() {
+    let (dev, err) = init_error::<8>(Model::new(F_MAC | F_STATUS));
+    assert_eq!(
+        err,
+        Error::MissingFeatures {
+            offered: F_MAC | F_STATUS,
+            missing: F_VERSION_1,
+        }
+    );
+    assert!(dev.model().status.contains(DeviceStatus::FAILED));
+}
+
+#[test]
+fn device_without_mac_is_refused() {
+    let (_, err) = init_error::<8>(Model::new(F_VERSION_1));
+    assert!(matches!(err, Error::MissingFeatures { missing, .. } if missing == F_MAC));
+}
+
+#[test]
+fn other_device_types_and_small_queues_are_refused() {
+    let mut model = Model::new(QEMU_LIKE_FEATURES);
+    model.device_type = DeviceType::Block;
+    let (_, err) = init_error::<8>(model);
+    assert_eq!(err, Error::NotNetwork(DeviceType::Block));
+
+    let mut model = Model::new(QEMU_LIKE_FEATURES);
+    model.max_queue_size = 4;
+    let (dev, err) = init_error::<8>(model);
+    assert_eq!(
+        err,
+        Error::QueueTooSmall {
+            queue: 0,
+            max: 4,
+            needed: 8,
+        }
+    );
+    assert!(dev.model().status.contains(DeviceStatus::FAILED));
+    assert_eq!(live_dma_pages(), 0);
+}
+
+#[test]
+fn bogus_used_length_is_dropped_and_the_slot_reused() {
+    let (dev, mut net) = setup::<4>(Model::new(QEMU_LIKE_FEATURES));
+    let claimed = u32::try_from(BUF_LEN).expect("small") + 100;
+    assert!(dev.deliver_claiming(&frame(1, 60), Some(claimed)));
+    assert_eq!(recv(&mut net), None, "never handed to smoltcp");
+    assert_eq!(net.stats().rx_errors, 1);
+    assert!(matches!(net.take_error(), Some(Error::BadLength { .. })));
+    net.poll().expect("poll");
+    assert_eq!(net.rx_posted(), 4, "slot reposted");
+    let good = frame(2, 60);
+    assert!(dev.deliver(&good));
+    assert_eq!(recv(&mut net), Some(good));
+}
+
+#[test]
+fn drop_unsets_queues_and_frees_all_dma() {
+    let before = live_dma_pages();
+    let (dev, net) = setup::<8>(Model::new(QEMU_LIKE_FEATURES));
+    assert!(live_dma_pages() > before);
+    drop(net);
+    assert!(dev.model().queues.iter().all(|q| !q.ready));
+    assert_eq!(live_dma_pages(), before);
+}
+
+#[test]
+fn smoltcp_interface_answers_arp_through_the_driver() {
+    let (dev, mut net) = setup::<8>(Model::new(QEMU_LIKE_FEATURES));
+    let mac = net.mac_address();
+    let mut iface = Interface::new(
+        Config::new(HardwareAddress::Ethernet(mac)),
+        &mut net,
+        Instant::ZERO,
+    );
+    let ours = Ipv4Address::new(10, 0, 2, 15);
+    iface.update_ip_addrs(|a| {
+        a.push(IpCidr::new(IpAddress::Ipv4(ours), 24))
+            .expect("room for one address");
+    });
+    let mut sockets = SocketSet::new(vec![]);
+
+    let peer_mac = EthernetAddress([0x52, 0x55, 10, 0, 2, 2]);
+    let peer_ip = Ipv4Address::new(10, 0, 2, 2);
+    let eth = EthernetRepr {
+        src_addr: peer_mac,
+        dst_addr: EthernetAddress::BROADCAST,
+        ethertype: EthernetProtocol::Arp,
+    };
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Request,
+        source_hardware_addr: peer_mac,
+        source_protocol_addr: peer_ip,
+        target_hardware_addr: EthernetAddress([0; 6]),
+        target_protocol_addr: ours,
+    };
+    let mut request = vec![0; eth.buffer_len() + arp.buffer_len()];
+    let mut f = EthernetFrame::new_unchecked(&mut request[..]);
+    eth.emit(&mut f);
+    arp.emit(&mut ArpPacket::new_unchecked(f.payload_mut()));
+    assert!(dev.deliver(&request));
+
+    iface.poll(Instant::from_millis(1), &mut net, &mut sockets);
+
+    assert_eq!(dev.complete_tx(usize::MAX), 1, "one reply sent");
+    let reply = dev.model().sent.pop_front().expect("reply frame");
+    let f = EthernetFrame::new_checked(&reply[..]).expect("ethernet");
+    assert_eq!(f.dst_addr(), peer_mac);
+    assert_eq!(f.src_addr(), mac);
+    assert_eq!(f.ethertype(), EthernetProtocol::Arp);
+    let parsed = ArpRepr::parse(&ArpPacket::new_checked(f.payload()).expect("arp")).expect("arp");
+    assert_eq!(
+        parsed,
+        ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Reply,
+            source_hardware_addr: mac,
+            source_protocol_addr: ours,
+            target_hardware_addr: peer_mac,
+            target_protocol_addr: peer_ip,
+        }
+    );
+    assert_eq!(net.stats().rx_frames, 1);
+}
