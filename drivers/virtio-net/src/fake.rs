@@ -21,6 +21,13 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 thread_local! {
     /// DMA pages currently allocated by this test thread.
     static LIVE_PAGES: Cell<usize> = const { Cell::new(0) };
+    /// Allocations that may still succeed on this thread (`None`: any).
+    static DMA_BUDGET: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Lets only the next `allocations` DMA allocations on this thread succeed.
+pub(crate) fn limit_dma(allocations: usize) {
+    DMA_BUDGET.with(|b| b.set(Some(allocations)));
 }
 
 /// DMA pages allocated and not yet freed on this thread.
@@ -41,6 +48,17 @@ fn layout(pages: usize) -> Layout {
 // reports as physical.
 unsafe impl Hal for TestHal {
     fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        let refused = DMA_BUDGET.with(|b| match b.get() {
+            Some(0) => true,
+            Some(n) => {
+                b.set(Some(n - 1));
+                false
+            }
+            None => false,
+        });
+        if refused {
+            return (0, NonNull::dangling());
+        }
         // SAFETY: the layout has non-zero size (at least one page).
         let ptr = unsafe { alloc_zeroed(layout(pages)) };
         match NonNull::new(ptr) {
@@ -98,6 +116,8 @@ pub(crate) struct Model {
     pub driver_features: u64,
     /// Refuse every feature set: clear `FEATURES_OK` when it is written.
     pub reject_features: bool,
+    /// Never complete a reset: writing 0 leaves the status unchanged.
+    pub stuck_reset: bool,
     pub max_queue_size: u32,
     pub config: [u8; 12],
     pub queues: [Queue; 2],
@@ -131,6 +151,7 @@ impl Model {
             device_features,
             driver_features: 0,
             reject_features: false,
+            stuck_reset: false,
             max_queue_size: 256,
             config,
             queues: [Queue::default(); 2],
@@ -182,6 +203,9 @@ impl Transport for FakeTransport {
 
     fn set_status(&mut self, status: DeviceStatus) {
         let mut m = self.0.borrow_mut();
+        if status.is_empty() && m.stuck_reset {
+            return;
+        }
         if status.is_empty() {
             m.resets += 1;
             m.driver_features = 0;

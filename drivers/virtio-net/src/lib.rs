@@ -105,6 +105,9 @@ pub const REQUIRED_FEATURES: u64 = F_VERSION_1 | F_MAC;
 pub const ACCEPTED_FEATURES: u64 =
     F_MAC | F_STATUS | F_RING_INDIRECT_DESC | F_RING_EVENT_IDX | F_VERSION_1;
 
+/// Status reads to wait for a reset to complete before giving up.
+const RESET_POLLS: u32 = 100_000;
+
 const QUEUE_RECEIVE: u16 = 0;
 const QUEUE_TRANSMIT: u16 = 1;
 
@@ -120,6 +123,9 @@ pub enum Error {
     /// The transport is some other kind of virtio device.
     #[error("not a virtio network device: {0:?}")]
     NotNetwork(DeviceType),
+    /// The device did not finish a reset (status never read back as 0).
+    #[error("device did not complete its reset")]
+    ResetTimeout,
     /// The device does not offer a feature the driver requires.
     #[error("device lacks required features {missing:#x} (it offers {offered:#x})")]
     MissingFeatures {
@@ -347,7 +353,7 @@ fn negotiate<T: Transport>(t: &mut T, queue_size: usize) -> Result<u64, Error> {
         return Err(Error::NotNetwork(kind));
     }
     let base = DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER;
-    t.set_status(DeviceStatus::empty());
+    reset(t)?;
     t.set_status(base);
     let offered = t.read_device_features();
     let missing = REQUIRED_FEATURES & !offered;
@@ -373,8 +379,21 @@ fn negotiate<T: Transport>(t: &mut T, queue_size: usize) -> Result<u64, Error> {
             });
         }
     }
-    t.set_status(DeviceStatus::empty());
+    reset(t)?;
     Ok(features)
+}
+
+/// Resets the device and waits (bounded) until it reads back status 0, as
+/// the driver must before initialising it again.
+fn reset<T: Transport>(t: &mut T) -> Result<(), Error> {
+    t.set_status(DeviceStatus::empty());
+    for _ in 0..RESET_POLLS {
+        if t.get_status().is_empty() {
+            return Ok(());
+        }
+        core::hint::spin_loop();
+    }
+    Err(Error::ResetTimeout)
 }
 
 /// A received frame, read in place from its receive slot; the slot goes back

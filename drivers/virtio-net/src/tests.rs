@@ -10,7 +10,9 @@ use smoltcp::wire::{
 use virtio_drivers::transport::{DeviceStatus, DeviceType};
 
 use crate::fake::QEMU_LIKE_FEATURES;
-use crate::fake::{fake, live_dma_pages, FakeDevice, FakeTransport, Model, TestHal, MAC};
+use crate::fake::{
+    fake, limit_dma, live_dma_pages, FakeDevice, FakeTransport, Model, TestHal, MAC,
+};
 use crate::{
     Error, VirtioNet, BUF_LEN, F_MAC, F_STATUS, F_VERSION_1, MAX_FRAME_LEN, QUEUE_RECEIVE,
     QUEUE_TRANSMIT,
@@ -141,7 +143,7 @@ fn rings_wrap_around_slots_and_u16_indices() {
     // driver's and device's positions out of step.
     while seq < 70_000 {
         let batch = 1 + (seq as usize % N);
-        let len = 60 + (seq as usize % 1400);
+        let len = 60 + (seq as usize % 97);
         for k in 0..batch {
             assert!(send(&mut net, &frame(seq + k as u32, len)), "slot free");
         }
@@ -210,6 +212,28 @@ fn full_tx_queue_applies_backpressure_and_recovers() {
 }
 
 #[test]
+fn full_size_frames_round_trip_and_oversized_ones_are_dropped() {
+    let (dev, mut net) = setup::<4>(Model::new(QEMU_LIKE_FEATURES));
+    let big = frame(9, MAX_FRAME_LEN);
+    assert!(send(&mut net, &big));
+    assert_eq!(dev.complete_tx(usize::MAX), 1);
+    assert_eq!(dev.model().sent.pop_front(), Some(big.clone()));
+    assert!(dev.deliver(&big));
+    assert_eq!(recv(&mut net), Some(big));
+
+    // Larger than a slot: smoltcp still gets a buffer to build it in, but
+    // nothing reaches the device and the slot stays free.
+    for len in [BUF_LEN, 3 * BUF_LEN] {
+        let token = net.transmit(Instant::ZERO).expect("free slot");
+        let built = token.consume(len, |buf| buf.len());
+        assert_eq!(built, len);
+    }
+    assert_eq!(net.stats().tx_dropped, 2);
+    assert_eq!(dev.pending(QUEUE_TRANSMIT), 0);
+    assert_eq!(net.tx_free(), 4);
+}
+
+#[test]
 fn device_that_rejects_features_fails_init_with_a_typed_error() {
     let mut model = Model::new(QEMU_LIKE_FEATURES);
     model.reject_features = true;
@@ -261,6 +285,36 @@ fn other_device_types_and_small_queues_are_refused() {
         }
     );
     assert!(dev.model().status.contains(DeviceStatus::FAILED));
+    assert_eq!(live_dma_pages(), 0);
+}
+
+#[test]
+fn device_stuck_in_reset_times_out() {
+    let mut model = Model::new(QEMU_LIKE_FEATURES);
+    model.status = DeviceStatus::DEVICE_NEEDS_RESET;
+    model.stuck_reset = true;
+    let (_, err) = init_error::<8>(model);
+    assert_eq!(err, Error::ResetTimeout);
+}
+
+#[test]
+fn dma_exhaustion_fails_init_without_leaking() {
+    // Each queue's rings take two allocations inside virtio-drivers, then
+    // the receive pool and the transmit pool one each.
+    limit_dma(0);
+    let (_, err) = init_error::<8>(Model::new(QEMU_LIKE_FEATURES));
+    assert_eq!(err, Error::Virtio(virtio_drivers::Error::DmaError));
+    assert_eq!(live_dma_pages(), 0);
+
+    limit_dma(4);
+    let (dev, err) = init_error::<8>(Model::new(QEMU_LIKE_FEATURES));
+    assert_eq!(err, Error::Dma { pages: 4 }, "8 receive slots of 2 KiB");
+    assert_eq!(live_dma_pages(), 0, "queue rings freed again");
+    assert!(dev.model().queues.iter().all(|q| !q.ready));
+
+    limit_dma(5);
+    let (_, err) = init_error::<8>(Model::new(QEMU_LIKE_FEATURES));
+    assert_eq!(err, Error::Dma { pages: 5 }, "8 + 1 transmit slots");
     assert_eq!(live_dma_pages(), 0);
 }
 
