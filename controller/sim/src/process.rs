@@ -115,6 +115,8 @@ pub(crate) struct Proc {
     pub script: Option<Script>,
     /// The controller runs with tight limits.
     pub tight: bool,
+    /// The process sends nothing before this virtual time.
+    pub stalled_until: u64,
 }
 
 /// State of the scripted scale workload: publish a Request under the
@@ -179,6 +181,7 @@ impl Proc {
             roots: Vec::new(),
             script: None,
             tight: false,
+            stalled_until: 0,
         }
     }
 

@@ -54,6 +54,10 @@ enum Ev {
     },
     Restart(usize),
     ProcCrash,
+    /// A live process stops answering for a while (its frames queue up).
+    ProcStall {
+        dur: u64,
+    },
     Partition {
         dur: u64,
     },
@@ -322,13 +326,16 @@ impl Sim {
         };
         for _ in 0..count {
             let at = self.rng.gen_range(from..to);
-            let ev = match self.rng.gen_range(0..4) {
+            let ev = match self.rng.gen_range(0..5) {
                 0 if n > 1 => Ev::Crash {
                     node: self.rng.gen_range(0..n),
                     silent: self.rng.gen_bool(0.5),
                 },
                 1 if n > 1 => Ev::Partition {
                     dur: self.rng.gen_range(50 * MS..2_000 * MS),
+                },
+                2 => Ev::ProcStall {
+                    dur: self.rng.gen_range(10 * MS..500 * MS),
                 },
                 _ => Ev::ProcCrash,
             };
@@ -509,6 +516,18 @@ impl Sim {
             Ev::ProcTick(p) => self.proc_tick(p),
             Ev::Crash { node, silent } => self.crash(node, silent),
             Ev::Restart(node) => self.restart(node),
+            Ev::ProcStall { dur } => {
+                let live: Vec<usize> = (0..self.procs.len())
+                    .filter(|p| self.procs[*p].alive && !self.procs[*p].rogue)
+                    .collect();
+                if let Some(p) = live.choose(&mut self.rng).copied() {
+                    self.count_fault("process stall");
+                    let until = self.now + dur;
+                    self.note(|| format!("FAULT process {p} stalls until {until}"));
+                    let pr = &mut self.procs[p];
+                    pr.stalled_until = pr.stalled_until.max(until);
+                }
+            }
             Ev::ProcCrash => {
                 let live: Vec<usize> = (0..self.procs.len())
                     .filter(|p| self.procs[*p].alive && !self.procs[*p].rogue)
@@ -907,7 +926,10 @@ impl Sim {
             let s = summarize_proc(msg);
             self.note(|| format!("{chan:?} sends {s}"));
         }
-        self.schedule(self.now + PROC_LATENCY, Ev::ToCtrl { chan, frame });
+        // A stalled process sends nothing until the stall ends; its frames
+        // stay in order.
+        let at = (self.now + PROC_LATENCY).max(self.procs[p].stalled_until);
+        self.schedule(at, Ev::ToCtrl { chan, frame });
     }
 
     fn deliver_to_ctrl(&mut self, chan: ChannelId, frame: Vec<u8>) {
