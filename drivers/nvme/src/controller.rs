@@ -150,7 +150,7 @@ impl<H: Hal> NvmeController<H> {
         wait_csts(&hal, clock, ready_timeout, |s| s & csts::RDY == 0)
             .map_err(|()| NvmeError::ResetTimeout(ready_timeout))?;
 
-        let max_entries = cap.max_queue_entries().min(4096) as u16;
+        let max_entries = cap.max_queue_entries().clamp(2, 4096) as u16;
         let admin_depth = config.admin_queue_depth.clamp(2, max_entries);
         let admin = QueuePair::new(&hal, 0, admin_depth, cap.doorbell_stride(), false)?;
         let scratch = Dma::new(&hal, 1)?;
@@ -251,7 +251,7 @@ impl<H: Hal> NvmeController<H> {
             .min((granted >> 16) + 1)
             .min(u16::MAX as u32 - 1) as u16;
 
-        let max_entries = self.cap.max_queue_entries().min(4096) as u16;
+        let max_entries = self.cap.max_queue_entries().clamp(2, 4096) as u16;
         let depth = self.config.io_queue_depth.clamp(2, max_entries);
         for qid in 1..=pairs {
             let q = QueuePair::new(&self.hal, qid, depth, self.cap.doorbell_stride(), true)?;

@@ -9,15 +9,20 @@
 //!
 //! # Why hand-rolled
 //!
-//! The Rust NVMe drivers that exist do not fit a `no_std` polling kernel
-//! that must be unit-tested on the host: `vroom` and the ixy-style drivers
-//! need Linux (VFIO or hugepages under `std`), carry no fake device and
-//! mark their unsafe code weakly; `nvme-driver` style crates for bare metal
-//! are tied to their kernel's allocator and interrupt model, and
-//! `virtio-drivers` has no NVMe. The protocol subset needed here (admin
-//! queue, Identify, two queue-creation commands, three I/O commands) is
-//! small, so the driver is written against its own [`Hal`] trait in the
-//! shape of `virtio-drivers`, and tested against [`fake::FakeNvme`].
+//! The Rust NVMe drivers on crates.io do not fit this kernel. `vroom` and
+//! the ixy-style drivers need Linux (VFIO or hugepages under `std`).
+//! `nvme` (lihanrui2913) and `nvme-driver` (rcore-os) are `no_std`, but both
+//! drive the registers through a raw pointer to the mapped BAR — there is no
+//! seam where a fake controller can answer register accesses, so they cannot
+//! be unit-tested on the host — and `nvme-driver` installs global
+//! `&'static dyn` DMA/MMIO operations, moves through breaking 0.x releases
+//! quickly and is undocumented, while `nvme`'s recent releases are yanked.
+//! The polling executor also wants a non-blocking submit/poll split with a
+//! caller-supplied `now`, per-command deadlines and typed queue-full
+//! backpressure, which would have to be grafted onto either. The protocol subset needed (admin queue,
+//! Identify, Set Features, two queue-creation commands, three I/O commands)
+//! is small, so the driver is written against its own [`Hal`] trait in the
+//! shape of `virtio-drivers` and tested against [`fake::FakeNvme`].
 //!
 //! # Shape
 //!

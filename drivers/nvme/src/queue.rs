@@ -181,6 +181,9 @@ pub(crate) struct QueuePair<H: Hal> {
     phase: bool,
     slots: Vec<Slot>,
     in_flight: usize,
+    /// No in-flight deadline is earlier than this (a lower bound, tightened
+    /// when the slots are scanned), so most empty polls skip the scan.
+    earliest_deadline: Instant,
     next_cid: u16,
     sq_doorbell: usize,
     cq_doorbell: usize,
@@ -211,6 +214,7 @@ impl<H: Hal> QueuePair<H> {
             phase: true,
             slots: alloc::vec![Slot::Free; depth as usize],
             in_flight: 0,
+            earliest_deadline: Instant::from_nanos(u64::MAX),
             next_cid: 0,
             sq_doorbell: regs::sq_tail_doorbell(qid, dstrd),
             cq_doorbell: regs::cq_head_doorbell(qid, dstrd),
@@ -291,6 +295,7 @@ impl<H: Hal> QueuePair<H> {
         }
         self.slots[cid as usize] = Slot::InFlight { deadline };
         self.in_flight += 1;
+        self.earliest_deadline = self.earliest_deadline.min(deadline);
         self.sq_tail = (self.sq_tail + 1) % self.depth;
         // The entry must be in memory before the controller sees the tail.
         fence(Ordering::SeqCst);
@@ -358,15 +363,22 @@ impl<H: Hal> QueuePair<H> {
         Ok(None)
     }
 
-    /// The first command whose deadline has passed, if any.
-    pub(crate) fn first_expired(&self, now: Instant) -> Option<u16> {
-        if self.in_flight == 0 {
+    /// The first command whose deadline is at or before `now`, if any.
+    pub(crate) fn first_expired(&mut self, now: Instant) -> Option<u16> {
+        if self.in_flight == 0 || now < self.earliest_deadline {
             return None;
         }
-        self.slots
-            .iter()
-            .position(|s| matches!(s, Slot::InFlight { deadline } if *deadline <= now))
-            .map(|i| i as u16)
+        let mut earliest = Instant::from_nanos(u64::MAX);
+        for (cid, slot) in self.slots.iter().enumerate() {
+            if let Slot::InFlight { deadline } = *slot {
+                if deadline <= now {
+                    return Some(cid as u16);
+                }
+                earliest = earliest.min(deadline);
+            }
+        }
+        self.earliest_deadline = earliest;
+        None
     }
 
     /// Marks `cid` timed out (its id stays reserved).

@@ -397,6 +397,36 @@ fn command_that_never_completes_times_out() {
 }
 
 #[test]
+fn deadlines_expire_one_by_one_in_their_own_time() {
+    let (fake, _clock, mut ctrl) = default_setup();
+    fake.set_auto(false);
+    let buf = Dma::new(&fake, 1).unwrap();
+    let t0 = Instant::from_nanos(0);
+    let submit = |ctrl: &mut NvmeController<FakeNvme>, at: Instant| {
+        // SAFETY: `buf` is live DMA memory until the end of the test, after
+        // the controller is dropped.
+        unsafe { ctrl.submit_read(1, 0, 1, DataBuffer::Contiguous(buf.paddr()), at) }.unwrap()
+    };
+    let a = submit(&mut ctrl, t0);
+    let b = submit(&mut ctrl, t0 + Duration::from_secs(1));
+    let c = submit(&mut ctrl, t0 + Duration::from_secs(3));
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    assert_eq!(ctrl.poll(1, at(4)), Ok(None));
+    assert_eq!(ctrl.poll(1, at(5)).unwrap().unwrap().id, a);
+    assert_eq!(ctrl.poll(1, at(5)), Ok(None));
+    assert_eq!(ctrl.poll(1, at(6)).unwrap().unwrap().id, b);
+    assert_eq!(ctrl.poll(1, at(7)), Ok(None));
+    let last = ctrl.poll(1, at(8)).unwrap().unwrap();
+    assert_eq!(
+        (last.id, last.result),
+        (c, Err(NvmeError::CommandTimeout(c)))
+    );
+    assert_eq!(ctrl.in_flight(1), 0);
+    drop(ctrl);
+    drop(buf);
+}
+
+#[test]
 fn late_completion_after_a_timeout_is_consumed_and_frees_the_id() {
     let cfg = Config {
         io_queue_depth: 2,
