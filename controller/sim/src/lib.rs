@@ -106,7 +106,9 @@ impl SimConfig {
             op_timeout: Duration::from_millis([2000, 2000, 500, 250][(z >> 52) as usize % 4]),
             heartbeat: Duration::from_millis(200),
             peer_timeout: Duration::from_secs(1),
-            copy_chunk: 4096,
+            // Small chunks on some seeds: long copies that outlast short
+            // operation timeouts.
+            copy_chunk: [4096, 4096, 4096, 256][(z >> 44) as usize % 4],
             latency: Duration::from_micros(200 + (z >> 48) % 800),
         }
     }
