@@ -165,6 +165,41 @@ fn two_page_and_prp_list_round_trips() {
 }
 
 #[test]
+fn largest_transfer_fills_exactly_one_prp_list_page() {
+    let fc = FakeConfig {
+        blocks: 8192,
+        mdts: 0,
+        ..FakeConfig::default()
+    };
+    let (fake, clock, mut ctrl) = setup(fc, Config::default());
+    let max = ctrl.max_blocks_per_command();
+    assert_eq!(max, 4096, "512 pages of 4 KiB in 512-byte blocks");
+    let len = max as usize * BLOCK;
+    // Starting 512 bytes into a page, 2 MiB touch 513 pages: PRP1 and a
+    // list of 512 entries, the whole list page with no chaining.
+    let data = pattern(11, len);
+    let mut src = Dma::new(&fake, 513).unwrap();
+    src.write_bytes(512, &data);
+    let dst = Dma::new(&fake, 513).unwrap();
+    let now = clock.now();
+    // SAFETY: both buffers are live DMA memory of 513 pages, untouched until
+    // the completions are polled.
+    unsafe {
+        ctrl.submit_write(1, 1000, max, DataBuffer::Contiguous(src.paddr() + 512), now)
+            .unwrap();
+        assert_eq!(next_completion(&mut ctrl, 1, now).result, Ok(0));
+        ctrl.submit_read(1, 1000, max, DataBuffer::Contiguous(dst.paddr() + 512), now)
+            .unwrap();
+        assert_eq!(next_completion(&mut ctrl, 1, now).result, Ok(0));
+    }
+    assert_eq!(fake.store(1000 * BLOCK, len), data);
+    let mut back = vec![0; len];
+    dst.read_bytes(512, &mut back);
+    assert_eq!(back, data);
+    assert!(fake.violations().is_empty(), "{:?}", fake.violations());
+}
+
+#[test]
 fn unaligned_start_and_scattered_pages() {
     let (fake, clock, mut ctrl) = default_setup();
     // A contiguous buffer starting 512 bytes into its first page: 8 KiB
