@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! fractos-sim [--seeds N] [--seed S] [--first S] [--controllers N] [--ops N]
-//!             [--no-faults] [--scale CONTROLLERS]
+//!             [--no-faults] [--outcomes] [--scale CONTROLLERS]
 //! ```
 //!
 //! * `--seed S` replays one seed (with its test configuration unless
@@ -25,6 +25,7 @@ struct Args {
     ops: Option<usize>,
     no_faults: bool,
     scale: Option<usize>,
+    outcomes: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -36,6 +37,7 @@ fn parse() -> Result<Args, String> {
         ops: None,
         no_faults: false,
         scale: None,
+        outcomes: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -51,9 +53,10 @@ fn parse() -> Result<Args, String> {
             "--ops" => a.ops = Some(val("--ops")? as usize),
             "--scale" => a.scale = Some(val("--scale")? as usize),
             "--no-faults" => a.no_faults = true,
+            "--outcomes" => a.outcomes = true,
             "-h" | "--help" => {
                 return Err("usage: fractos-sim [--seeds N] [--seed S] [--first S] \
-                     [--controllers N] [--ops N] [--no-faults] [--scale CONTROLLERS]"
+                     [--controllers N] [--ops N] [--no-faults] [--outcomes] [--scale CONTROLLERS]"
                     .into())
             }
             other => return Err(format!("unknown argument {other}; try --help")),
@@ -130,6 +133,7 @@ fn main() -> ExitCode {
         (None, None) => (a.first..a.first + 100).collect(),
     };
     let t = Instant::now();
+    let mut all = std::collections::BTreeMap::new();
     let (mut ops, mut msgs, mut copies, mut checked, mut faults, mut mons) =
         (0u64, 0u64, 0u64, 0u64, 0u64, 0u64);
     for s in &seeds {
@@ -141,6 +145,9 @@ fn main() -> ExitCode {
                 checked += r.copies_checked;
                 faults += r.faults;
                 mons += r.monitors_checked;
+                for (k, v) in &r.outcomes {
+                    *all.entry(k.clone()).or_insert(0u64) += v;
+                }
                 if seeds.len() == 1 {
                     println!("{r:#?}");
                 }
@@ -152,6 +159,11 @@ fn main() -> ExitCode {
         }
     }
     let wall = t.elapsed().as_secs_f64();
+    if a.outcomes {
+        for (k, v) in &all {
+            println!("{v:>10} {k}");
+        }
+    }
     println!(
         "{} seeds passed: {ops} operations, {msgs} controller messages, {faults} faults, \
          {checked} of {copies} successful copies compared byte for byte, \
