@@ -320,8 +320,9 @@ impl Appliance {
         Ok(self.exit)
     }
 
-    /// Waits until the serial log contains `marker`; returns the time since
-    /// launch. Fails if QEMU exits first or `timeout` passes.
+    /// Waits until the serial log contains a whole line with `marker`;
+    /// returns the time since launch. Fails if QEMU exits first or `timeout`
+    /// passes.
     pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> Result<Duration, QemuError> {
         let deadline = Instant::now() + timeout;
         let mut seen = 0usize;
@@ -332,10 +333,19 @@ impl Appliance {
                 let _ = f.read_to_end(&mut buf);
                 // Search only the new part (plus overlap for a split marker).
                 let from = seen.saturating_sub(marker.len());
-                if buf.len() > from && String::from_utf8_lossy(&buf[from..]).contains(marker) {
-                    return Ok(self.started.elapsed());
+                if buf.len() > from {
+                    let text = String::from_utf8_lossy(&buf[from..]);
+                    match text.find(marker) {
+                        // Only a whole line counts: the serial log is
+                        // written byte by byte, so the rest of the marker's
+                        // line may not be there yet.
+                        Some(at) if text[at..].contains('\n') => {
+                            return Ok(self.started.elapsed());
+                        }
+                        Some(_) => {}
+                        None => seen = buf.len(),
+                    }
                 }
-                seen = buf.len();
             }
             if let Some(exit) = self.poll_exit()? {
                 // One last look: QEMU may have written and exited at once.
