@@ -154,7 +154,7 @@ impl Netns {
                 ns.applied.delay_us = 0;
                 sh(&[
                     "ip", "netns", "exec", &name, "tc", "qdisc", "add", "dev", "eth0", "root",
-                    "tbf", "rate", &rate, "burst", "256kb", "latency", "50ms",
+                    "tbf", "rate", &rate, "burst", "32kb", "latency", "50ms",
                 ])?;
             }
         }
