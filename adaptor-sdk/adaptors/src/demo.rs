@@ -319,7 +319,21 @@ pub fn run_in(
     let nodes = start_cluster_in(net)?;
     let image_bytes = encoded_len(cfg.image_side, cfg.image_side);
     let slot = image_bytes as u64;
-    let path = std::env::temp_dir().join(format!("fractos-demo-store-{}", std::process::id()));
+    // Unique per run: several demos may run in one process (tests).
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run_id = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!(
+        "fractos-demo-store-{}-{run_id}",
+        std::process::id()
+    ));
+    /// Deletes the store file however the run ends.
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _remove = Remove(path.clone());
     let store = Arc::new(BlockStore::open(&path, slot * cfg.images as u64)?);
     for i in 0..cfg.images {
         // Mostly the enrolled person, some strangers.
@@ -379,7 +393,6 @@ pub fn run_in(
             scores,
         });
     }
-    let _ = std::fs::remove_file(&path);
     let remote_api = reports.pop().expect("three modes");
     let centralized = reports.pop().expect("three modes");
     let fractos = reports.pop().expect("three modes");
