@@ -608,8 +608,13 @@ impl Controller {
                 waiter,
             },
         );
-        self.push_timer(deadline, Timer::Call(req));
-        if node == self.cfg.node || self.peers.contains_key(&node) {
+        if node == self.cfg.node {
+            // Served here: every serving path answers by itself (directly,
+            // or through its own deadlines: copies, name waits, the calls it
+            // makes), so no deadline entry is needed.
+            self.send_peer(node, PeerMsg::Request { req, body });
+        } else if self.peers.contains_key(&node) {
+            self.push_timer(deadline, Timer::Call(req));
             self.send_peer(node, PeerMsg::Request { req, body });
         } else {
             let reply = PeerMsg::Reply {
