@@ -161,7 +161,11 @@ impl<'a> Reader<'a> {
     }
     pub(crate) fn handles(&mut self) -> Result<Vec<Handle>, DecodeError> {
         let n = self.len_prefix(4, crate::MAX_CAPS_PER_MESSAGE)?;
-        (0..n).map(|_| self.handle()).collect()
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.handle()?);
+        }
+        Ok(out)
     }
     pub(crate) fn cap_ref(&mut self) -> Result<CapRef, DecodeError> {
         Ok(CapRef {
