@@ -483,28 +483,44 @@ impl EventLoop {
     }
 
     async fn run(mut self) {
-        loop {
-            let deadline = self.ctrl.poll_timeout();
-            let ev = match deadline {
-                Some(d) => {
-                    let at = self.epoch + Duration::from_nanos(d.0);
-                    tokio::select! {
-                        ev = self.rx.recv() => ev,
-                        _ = tokio::time::sleep_until(at.into()) => {
-                            let now = self.now();
-                            self.ctrl.handle_timeout(now);
-                            self.flush();
-                            continue;
-                        }
-                    }
+        // One timer, re-armed to the core's next deadline only when the
+        // event queue is empty: bursts of frames never touch the timer wheel.
+        let sleep = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(sleep);
+        'events: loop {
+            while let Ok(ev) = self.rx.try_recv() {
+                if !self.handle(ev) {
+                    break 'events;
                 }
-                None => self.rx.recv().await,
-            };
-            let Some(ev) = ev else { break };
-            if !self.handle(ev) {
-                break;
             }
             self.flush();
+            let deadline = self.ctrl.poll_timeout();
+            if let Some(d) = deadline {
+                if d <= self.now() {
+                    let now = self.now();
+                    self.ctrl.handle_timeout(now);
+                    self.flush();
+                    continue;
+                }
+                let at = self.epoch + Duration::from_nanos(d.0);
+                sleep.as_mut().reset(at.into());
+            }
+            tokio::select! {
+                ev = self.rx.recv() => match ev {
+                    Some(ev) => {
+                        if !self.handle(ev) {
+                            break 'events;
+                        }
+                        self.flush();
+                    }
+                    None => break 'events,
+                },
+                _ = &mut sleep, if deadline.is_some() => {
+                    let now = self.now();
+                    self.ctrl.handle_timeout(now);
+                    self.flush();
+                }
+            }
         }
         // Disconnect every process so the core revokes what they own.
         let now = self.now();
