@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `fractos.log` | `off error warn info debug trace` | `info` |
 //! | `fractos.node` | node id, `u32` | `0` |
-//! | `fractos.test` | `exit pagefault divzero invalidopcode interrupt panic stackoverflow` | none |
+//! | `fractos.test` | `exit pagefault divzero invalidopcode interrupt panic stackoverflow nvme` | none |
 
 use log::LevelFilter;
 
@@ -29,6 +29,10 @@ pub enum TestHook {
     InvalidOpcode,
     /// Raise software interrupt 0x40, a vector the kernel never enables.
     Interrupt,
+    /// Run the NVMe self-test at boot (write, read back, compare and flush
+    /// blocks at the end of namespace 1 of every controller; no controller
+    /// or any failure is a boot failure), then exit like [`TestHook::Exit`].
+    Nvme,
 }
 
 impl TestHook {
@@ -41,6 +45,7 @@ impl TestHook {
             "stackoverflow" => TestHook::StackOverflow,
             "invalidopcode" => TestHook::InvalidOpcode,
             "interrupt" => TestHook::Interrupt,
+            "nvme" => TestHook::Nvme,
             _ => return None,
         })
     }
@@ -117,7 +122,7 @@ impl Config {
                 "test" => match TestHook::parse(value) {
                     Some(t) => c.test = Some(t),
                     None => on_error(bad(
-                        "exit, pagefault, divzero, invalidopcode, interrupt, panic or stackoverflow",
+                        "exit, pagefault, divzero, invalidopcode, interrupt, panic, stackoverflow or nvme",
                     )),
                 },
                 _ => on_error(ConfigError::UnknownOption(key)),
@@ -142,6 +147,8 @@ mod tests {
         assert_eq!(c.log_level, LevelFilter::Debug);
         assert_eq!(c.node, 7);
         assert_eq!(c.test, Some(TestHook::DivZero));
+        let c = Config::parse("fractos.test=nvme", |e| panic!("{e}"));
+        assert_eq!(c.test, Some(TestHook::Nvme));
         assert_eq!(Config::parse("", |_| panic!()), Config::default());
     }
 

@@ -3,7 +3,7 @@
 //! Entered from `fractos_loader`'s 32-bit stubs (PVH or Multiboot2) in long
 //! mode on the boot stack, with SSE on and the first 4 GiB identity-mapped.
 //! Boot order: serial → GDT/TSS/IDT → boot info → command line → logger →
-//! TSC → frames → heap → PCI → page tables → ready.
+//! TSC → frames → heap → PCI → page tables → NVMe → ready.
 #![no_std]
 #![no_main]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
@@ -22,7 +22,7 @@ use fractos_loader::{BootInfo, IdentityMapped};
 use linked_list_allocator::LockedHeap;
 use log::{debug, error, info, warn};
 
-use hw::{cpu, layout, paging, pio, serial, time};
+use hw::{cpu, dma, layout, nvme, paging, pio, serial, time};
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
@@ -65,13 +65,15 @@ extern "C" fn fractos_kernel_entry(protocol: u32, magic: u32, info: u64) -> ! {
     );
     debug!("cpu: GDT, TSS (3 IST stacks), IDT with 256 vectors loaded");
 
-    match run(&boot, &config) {
-        Ok(()) => {}
+    // Devices brought up at boot stay owned here (dropping an NVMe
+    // controller would disable it) until the executor takes them over.
+    let _devices = match run(&boot, &config) {
+        Ok(d) => d,
         Err(e) => {
             error!("boot failed: {e}");
             pio::exit(ExitReason::BootFailed);
         }
-    }
+    };
     pio::halt_forever()
 }
 
@@ -82,9 +84,17 @@ enum BootError {
     Frames(#[from] fractos_kernel::frames::FrameError),
     #[error("page tables: {0}")]
     Paging(#[from] paging::PagingError),
+    #[error("nvme: self-test FAILED: {0}")]
+    NvmeSelfTest(#[from] nvme::SelfTestError),
 }
 
-fn run(boot: &BootInfo, config: &Config) -> Result<(), BootError> {
+/// What the boot brought up.
+struct Devices {
+    #[expect(dead_code, reason = "owned until the storage service takes the disks")]
+    nvme: Vec<nvme::Disk>,
+}
+
+fn run(boot: &BootInfo, config: &Config) -> Result<Devices, BootError> {
     log_memory_map(boot);
     if let Some(acpi) = &boot.acpi {
         info!(
@@ -130,11 +140,15 @@ fn run(boot: &BootInfo, config: &Config) -> Result<(), BootError> {
         "paging: {} x 2MiB + {} x 4KiB pages, {} MMIO windows uncached, {} guard pages unmapped",
         stats.huge, stats.small, stats.mmio_windows, stats.guards
     );
-    info!(
-        "memory: {} frames allocated, {} MiB free",
-        frames.allocated_frames(),
-        frames.remaining_bytes() >> 20
-    );
+    dma::install(frames);
+
+    let nvme = nvme::bring_up(&devices, config.test == Some(TestHook::Nvme))?;
+    if let Some((allocated, free)) = dma::usage() {
+        info!(
+            "memory: {allocated} frames allocated, {} MiB free",
+            free >> 20
+        );
+    }
 
     let boot_us = time::now_ns() / 1000;
     kprintln!(
@@ -144,7 +158,7 @@ fn run(boot: &BootInfo, config: &Config) -> Result<(), BootError> {
         boot.protocol.name()
     );
     run_test_hook(config.test);
-    Ok(())
+    Ok(Devices { nvme })
 }
 
 fn log_memory_map(boot: &BootInfo) {
@@ -183,7 +197,8 @@ fn run_test_hook(hook: Option<TestHook>) {
     let Some(hook) = hook else { return };
     info!("test hook: {hook:?}");
     match hook {
-        TestHook::Exit => pio::exit(ExitReason::Success),
+        // The NVMe self-test ran (and passed) before the ready line.
+        TestHook::Exit | TestHook::Nvme => pio::exit(ExitReason::Success),
         TestHook::PageFault => {
             let p = core::hint::black_box(0x0000_7fff_dead_b000u64) as *const u64;
             // SAFETY: deliberately unsound: this address is never mapped and

@@ -9,8 +9,8 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-pub use pci_types::{Bar, ConfigRegionAccess, PciAddress};
-use pci_types::{CommandRegister, EndpointHeader, HeaderType, PciHeader, PciPciBridgeHeader};
+pub use pci_types::{Bar, CommandRegister, ConfigRegionAccess, PciAddress};
+use pci_types::{EndpointHeader, HeaderType, PciHeader, PciPciBridgeHeader};
 
 /// One PCI function found during enumeration.
 #[derive(Debug, Clone, Copy)]
@@ -47,6 +47,18 @@ impl PciFunction {
             }
             _ => None,
         })
+    }
+
+    /// Whether this is an NVM Express controller (class 01.08.02).
+    pub fn is_nvme(&self) -> bool {
+        (self.class, self.subclass, self.prog_if) == (0x01, 0x08, 0x02)
+    }
+
+    /// The memory window `(address, size)` of BAR `slot`, if assigned.
+    pub fn memory_bar(&self, slot: usize) -> Option<(u64, u64)> {
+        self.memory_windows()
+            .find(|&(i, _, _)| i == slot)
+            .map(|(_, a, s)| (a, s))
     }
 
     /// A short description of the class code.
@@ -115,6 +127,27 @@ impl fmt::Display for PciFunction {
         }
         Ok(())
     }
+}
+
+/// Turns on memory-space decoding and bus mastering of the endpoint at
+/// `address` (leaving its other command bits alone), so that its memory
+/// BARs answer and it may DMA. Returns the command register as it was
+/// before, or `None` if `address` is not an endpoint.
+///
+/// # Safety
+///
+/// Bus mastering lets the device read and write any physical memory: the
+/// caller must only program it (through its BARs) with memory it owns.
+pub unsafe fn enable_memory_and_bus_master(
+    access: &impl ConfigRegionAccess,
+    address: PciAddress,
+) -> Option<CommandRegister> {
+    let mut ep = EndpointHeader::from_header(PciHeader::new(address), access)?;
+    let before = ep.command(access);
+    ep.update_command(access, |c| {
+        c | CommandRegister::MEMORY_ENABLE | CommandRegister::BUS_MASTER_ENABLE
+    });
+    Some(before)
 }
 
 /// Enumerates every function reachable from bus 0.
@@ -354,5 +387,33 @@ mod tests {
             line,
             "00:04.0 1b36:0010 class 01.08.02 rev 01 (storage/nvme) bar0=mem64:0x800000000+0x4000"
         );
+        assert!(nvme.is_nvme() && !net.is_nvme());
+        assert_eq!(nvme.memory_bar(0), Some((0x8_0000_0000, 0x4000)));
+        assert_eq!(nvme.memory_bar(1), None);
+        assert_eq!(net.memory_bar(4), Some((0xfe00_0000, 0x4000)));
+    }
+
+    #[test]
+    fn enabling_bus_master_keeps_other_command_bits() {
+        let bus = FakeBus::default();
+        bus.add((0, 4, 0), (0x1b36, 0x0010), 0x01_08_02, 0).add(
+            (0, 5, 0),
+            (0x1b36, 0x0001),
+            0x06_04_00,
+            1,
+        );
+        let a = PciAddress::new(0, 0, 4, 0);
+        // Decoding off, INTx disabled (bit 10) as firmware may leave it.
+        bus.fns.borrow_mut().get_mut(&(0, 4, 0)).unwrap().regs[1] = 1 << 10;
+        // SAFETY: a fake device; no memory is touched.
+        let before = unsafe { enable_memory_and_bus_master(&bus, a) }.unwrap();
+        assert_eq!(before.bits(), 1 << 10);
+        assert_eq!(
+            bus.fns.borrow()[&(0, 4, 0)].regs[1] & 0xffff,
+            (1 << 10) | 0x2 | 0x4
+        );
+        // SAFETY: as above.
+        let bridge = unsafe { enable_memory_and_bus_master(&bus, PciAddress::new(0, 0, 5, 0)) };
+        assert!(bridge.is_none(), "not an endpoint");
     }
 }

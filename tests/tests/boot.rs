@@ -110,6 +110,91 @@ fn pvh_boots_with_devices_and_exits_cleanly() {
     assert!(log.contains("MMIO windows uncached"), "{log}");
 }
 
+/// The `nvme: <bdf> model=...` lines the kernel logged, from `nvme: `.
+fn nvme_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter_map(|l| l.find("nvme: 0000:").map(|i| &l[i..]))
+        .filter(|l| l.contains(" model="))
+        .collect()
+}
+
+#[test]
+fn nvme_disks_are_identified_at_boot() {
+    let dir = scratch("nvme-identify");
+    let mut spec = node("nvme-identify", "fractos.test=exit");
+    // Two controllers of different sizes: 4 MiB and 6 MiB of 512-byte blocks.
+    for (i, size_mib) in [4, 6].into_iter().enumerate() {
+        spec.nvme.push(NvmeDisk {
+            path: dir.join(format!("disk{i}.img")),
+            size_mib,
+        });
+    }
+    let (exit, log) = boot_and_exit(spec, true);
+    assert_eq!(exit, KernelExit::Success, "{log}");
+    let lines = nvme_lines(&log);
+    assert_eq!(lines.len(), 2, "{log}");
+    for (line, (serial, blocks)) in lines
+        .iter()
+        .zip([("fractos0n0", 8192), ("fractos0n1", 12288)])
+    {
+        let tail =
+            format!(" model=\"QEMU NVMe Ctrl\" serial={serial} ns1 blocks={blocks} block_size=512");
+        assert!(line.ends_with(&tail), "{line:?} should end with {tail:?}");
+        // The address is the PCI function the enumeration listed.
+        let bdf = &line["nvme: 0000:".len()..line.find(" model=").unwrap()];
+        let pci = pci_lines(&log);
+        assert!(
+            find_pci(&pci, bdf).contains("1b36:0010"),
+            "{bdf} is not the NVMe function"
+        );
+    }
+    assert!(!log.contains("WARN  nvme"), "{log}");
+    assert!(!log.contains("self-test"), "self-test ran unasked:\n{log}");
+}
+
+#[test]
+fn nvme_self_test_writes_reads_back_and_flushes() {
+    let dir = scratch("nvme-selftest");
+    let disk = dir.join("disk.img");
+    let mut spec = node("nvme-selftest", "fractos.test=nvme");
+    spec.nvme.push(NvmeDisk {
+        path: disk.clone(),
+        size_mib: 8,
+    });
+    let (exit, log) = boot_and_exit(spec, true);
+    assert_eq!(exit, KernelExit::Success, "{log}");
+    assert!(log.contains("nvme: self-test ok"), "{log}");
+    // 8 MiB = 16384 blocks; the last 64 (32 KiB, 8 pages: a PRP list).
+    assert!(
+        log.contains("self-test: 64 blocks at lba 16320 (8 pages, PRP list)"),
+        "{log}"
+    );
+    assert!(!log.contains("FAILED"), "{log}");
+    // The pattern reached the backing file, at its end only.
+    let data = std::fs::read(&disk).expect("read the disk image");
+    assert_eq!(data.len(), 8 << 20);
+    let (head, tail) = data.split_at(data.len() - 32 * 1024);
+    assert!(
+        tail.chunks(512).all(|b| b.iter().any(|&x| x != 0)),
+        "a written block is still zero"
+    );
+    assert!(
+        head.iter().all(|&x| x == 0),
+        "wrote outside the test blocks"
+    );
+}
+
+#[test]
+fn nvme_self_test_without_a_disk_fails_the_boot() {
+    let (exit, log) = boot_and_exit(node("nvme-nodisk", "fractos.test=nvme"), false);
+    assert_eq!(exit, KernelExit::BootFailed, "{log}");
+    assert!(
+        log.contains("nvme: self-test FAILED: no NVMe controller found"),
+        "{log}"
+    );
+    assert!(!log.contains(READY_MARKER), "{log}");
+}
+
 #[test]
 fn pvh_without_devices_lists_only_chipset() {
     let (exit, log) = boot_and_exit(node("pvh-bare", "fractos.test=exit"), true);

@@ -1,7 +1,9 @@
 //! Everything in the kernel that touches hardware.
 
 pub mod cpu;
+pub mod dma;
 pub mod libc;
+pub mod nvme;
 pub mod paging;
 pub mod pio;
 pub mod serial;
