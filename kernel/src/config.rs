@@ -7,7 +7,14 @@
 //! |---|---|---|
 //! | `fractos.log` | `off error warn info debug trace` | `info` |
 //! | `fractos.node` | node id, `u32` | `0` |
-//! | `fractos.test` | `exit pagefault divzero invalidopcode interrupt panic stackoverflow nvme` | none |
+//! | `fractos.test` | `exit pagefault divzero invalidopcode interrupt panic stackoverflow nvme net` | none |
+//! | `fractos.ip` | IPv4 address/prefix of the first NIC | `10.0.2.15/24` |
+//! | `fractos.gw` | IPv4 default gateway, or `none` | `10.0.2.2` |
+//! | `fractos.test_port` | TCP port of the `fractos.test=net` echo server | `7000` |
+//!
+//! The network defaults suit QEMU user networking (slirp).
+
+use core::net::Ipv4Addr;
 
 use log::LevelFilter;
 
@@ -33,6 +40,11 @@ pub enum TestHook {
     /// blocks at the end of namespace 1 of every controller; no controller
     /// or any failure is a boot failure), then exit like [`TestHook::Exit`].
     Nvme,
+    /// After the ready line, serve ARP/ICMP and one TCP echo connection on
+    /// `fractos.test_port` over the first NIC, then exit like
+    /// [`TestHook::Exit`]; no NIC, a failure or 60 s without a finished
+    /// connection is a boot failure.
+    Net,
 }
 
 impl TestHook {
@@ -46,6 +58,7 @@ impl TestHook {
             "invalidopcode" => TestHook::InvalidOpcode,
             "interrupt" => TestHook::Interrupt,
             "nvme" => TestHook::Nvme,
+            "net" => TestHook::Net,
             _ => return None,
         })
     }
@@ -57,7 +70,7 @@ impl TestHook {
 pub enum ConfigError<'a> {
     /// `fractos.<key>` is not an option this kernel knows.
     #[error(
-        "unknown option `{0}` ignored: known options are fractos.log, fractos.node, fractos.test"
+        "unknown option `{0}` ignored: known options are fractos.log, fractos.node, fractos.test, fractos.ip, fractos.gw, fractos.test_port"
     )]
     UnknownOption(&'a str),
     /// The value does not parse.
@@ -72,6 +85,35 @@ pub enum ConfigError<'a> {
     },
 }
 
+/// An IPv4 address with its prefix length (`10.0.2.15/24`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Net {
+    /// The address.
+    pub addr: Ipv4Addr,
+    /// Prefix length, 0..=32.
+    pub prefix_len: u8,
+}
+
+impl Ipv4Net {
+    /// Parses `a.b.c.d/len`; a bare address means `/32`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, l.parse::<u8>().ok().filter(|l| *l <= 32)?),
+            None => (s, 32),
+        };
+        Some(Ipv4Net {
+            addr: addr.parse().ok()?,
+            prefix_len: len,
+        })
+    }
+}
+
+impl core::fmt::Display for Ipv4Net {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix_len)
+    }
+}
+
 /// The appliance configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {
@@ -81,6 +123,12 @@ pub struct Config {
     pub node: u32,
     /// Test hook, if any.
     pub test: Option<TestHook>,
+    /// Static IPv4 address of the first NIC.
+    pub ip: Ipv4Net,
+    /// Default gateway, if any.
+    pub gateway: Option<Ipv4Addr>,
+    /// TCP port of the `fractos.test=net` echo server.
+    pub test_port: u16,
 }
 
 impl Default for Config {
@@ -89,6 +137,12 @@ impl Default for Config {
             log_level: LevelFilter::Info,
             node: 0,
             test: None,
+            ip: Ipv4Net {
+                addr: Ipv4Addr::new(10, 0, 2, 15),
+                prefix_len: 24,
+            },
+            gateway: Some(Ipv4Addr::new(10, 0, 2, 2)),
+            test_port: 7000,
         }
     }
 }
@@ -122,8 +176,23 @@ impl Config {
                 "test" => match TestHook::parse(value) {
                     Some(t) => c.test = Some(t),
                     None => on_error(bad(
-                        "exit, pagefault, divzero, invalidopcode, interrupt, panic, stackoverflow or nvme",
+                        "exit, pagefault, divzero, invalidopcode, interrupt, panic, stackoverflow, nvme or net",
                     )),
+                },
+                "ip" => match Ipv4Net::parse(value) {
+                    Some(n) => c.ip = n,
+                    None => on_error(bad("an IPv4 address with prefix, like 10.0.2.15/24")),
+                },
+                "gw" => match value {
+                    "none" => c.gateway = None,
+                    v => match v.parse::<Ipv4Addr>() {
+                        Ok(a) => c.gateway = Some(a),
+                        Err(_) => on_error(bad("an IPv4 address or `none`")),
+                    },
+                },
+                "test_port" => match value.parse::<u16>() {
+                    Ok(p) if p != 0 => c.test_port = p,
+                    _ => on_error(bad("a TCP port (1..=65535)")),
                 },
                 _ => on_error(ConfigError::UnknownOption(key)),
             }
@@ -150,6 +219,33 @@ mod tests {
         let c = Config::parse("fractos.test=nvme", |e| panic!("{e}"));
         assert_eq!(c.test, Some(TestHook::Nvme));
         assert_eq!(Config::parse("", |_| panic!()), Config::default());
+    }
+
+    #[test]
+    fn parses_network_options() {
+        let d = Config::default();
+        assert_eq!(d.ip.to_string(), "10.0.2.15/24");
+        assert_eq!(d.gateway, Some(Ipv4Addr::new(10, 0, 2, 2)));
+        assert_eq!(d.test_port, 7000);
+        let c = Config::parse(
+            "fractos.test=net fractos.ip=192.168.7.9/16 fractos.gw=192.168.0.1 fractos.test_port=8080",
+            |e| panic!("{e}"),
+        );
+        assert_eq!(c.test, Some(TestHook::Net));
+        assert_eq!(c.ip.addr, Ipv4Addr::new(192, 168, 7, 9));
+        assert_eq!(c.ip.prefix_len, 16);
+        assert_eq!(c.gateway, Some(Ipv4Addr::new(192, 168, 0, 1)));
+        assert_eq!(c.test_port, 8080);
+        let c = Config::parse("fractos.gw=none fractos.ip=10.1.1.1", |e| panic!("{e}"));
+        assert_eq!(c.gateway, None);
+        assert_eq!(c.ip.prefix_len, 32);
+        let mut errs = Vec::new();
+        let c = Config::parse(
+            "fractos.ip=10.0.2/24 fractos.ip=10.0.2.1/33 fractos.gw=x fractos.test_port=0 fractos.test_port=70000",
+            |e| errs.push(e),
+        );
+        assert_eq!(errs.len(), 5, "{errs:?}");
+        assert_eq!(c, Config::default());
     }
 
     #[test]

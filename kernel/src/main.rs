@@ -3,7 +3,7 @@
 //! Entered from `fractos_loader`'s 32-bit stubs (PVH or Multiboot2) in long
 //! mode on the boot stack, with SSE on and the first 4 GiB identity-mapped.
 //! Boot order: serial → GDT/TSS/IDT → boot info → command line → logger →
-//! TSC → frames → heap → PCI → page tables → NVMe → ready.
+//! TSC → frames → heap → PCI → page tables → NVMe → virtio-net → ready.
 #![no_std]
 #![no_main]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
@@ -22,7 +22,7 @@ use fractos_loader::{BootInfo, IdentityMapped};
 use linked_list_allocator::LockedHeap;
 use log::{debug, error, info, warn};
 
-use hw::{cpu, dma, layout, nvme, paging, pio, serial, time};
+use hw::{cpu, dma, layout, net, nvme, paging, pio, serial, time};
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
@@ -92,6 +92,8 @@ enum BootError {
 struct Devices {
     #[expect(dead_code, reason = "owned until the storage service takes the disks")]
     nvme: Vec<nvme::Disk>,
+    #[expect(dead_code, reason = "owned until the event loop takes the NIC")]
+    net: Option<net::Net>,
 }
 
 fn run(boot: &BootInfo, config: &Config) -> Result<Devices, BootError> {
@@ -143,6 +145,7 @@ fn run(boot: &BootInfo, config: &Config) -> Result<Devices, BootError> {
     dma::install(frames);
 
     let nvme = nvme::bring_up(&devices, config.test == Some(TestHook::Nvme))?;
+    let mut net = net::bring_up(&devices, &mmio, config);
     if let Some((allocated, free)) = dma::usage() {
         info!(
             "memory: {allocated} frames allocated, {} MiB free",
@@ -157,8 +160,11 @@ fn run(boot: &BootInfo, config: &Config) -> Result<Devices, BootError> {
         boot_us,
         boot.protocol.name()
     );
+    if config.test == Some(TestHook::Net) {
+        run_net_test(net.as_mut(), config);
+    }
     run_test_hook(config.test);
-    Ok(Devices { nvme })
+    Ok(Devices { nvme, net })
 }
 
 fn log_memory_map(boot: &BootInfo) {
@@ -184,6 +190,26 @@ fn log_memory_map(boot: &BootInfo) {
     );
 }
 
+/// `fractos.test=net`: serve one TCP echo connection, then exit cleanly;
+/// no NIC, a failure or the timeout exits with the boot-failed code.
+fn run_net_test(net: Option<&mut net::Net>, config: &Config) -> ! {
+    info!("test hook: Net");
+    let result = match net {
+        Some(n) => net::echo_test(n, config.ip.addr, config.test_port),
+        None => Err(net::TestError::NoNic),
+    };
+    match result {
+        Ok(_) => {
+            info!("net: test ok");
+            pio::exit(ExitReason::Success)
+        }
+        Err(e) => {
+            error!("net: test FAILED: {e}");
+            pio::exit(ExitReason::BootFailed)
+        }
+    }
+}
+
 #[inline(never)]
 fn recurse(depth: u64) -> u64 {
     let pad = core::hint::black_box([depth; 64]);
@@ -199,6 +225,8 @@ fn run_test_hook(hook: Option<TestHook>) {
     match hook {
         // The NVMe self-test ran (and passed) before the ready line.
         TestHook::Exit | TestHook::Nvme => pio::exit(ExitReason::Success),
+        // Run by `run_net_test` before this.
+        TestHook::Net => error!("net test hook not run"),
         TestHook::PageFault => {
             let p = core::hint::black_box(0x0000_7fff_dead_b000u64) as *const u64;
             // SAFETY: deliberately unsound: this address is never mapped and

@@ -47,6 +47,7 @@ impl ClusterSpec {
             },
             memory_mib: self.memory_mib,
             nics: self.nics,
+            hostfwd: Vec::new(),
             nvme: self
                 .nvme_mib
                 .iter()

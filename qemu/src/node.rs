@@ -85,6 +85,10 @@ pub struct NodeSpec {
     pub memory_mib: u32,
     /// Number of virtio-net NICs (user-mode networking backends).
     pub nics: u32,
+    /// TCP forwards `(host_port, guest_port)` on the first NIC's user-mode
+    /// network: `127.0.0.1:<host_port>` on the host reaches the guest's
+    /// `<guest_port>` (QEMU `hostfwd`). Ignored without a NIC.
+    pub hostfwd: Vec<(u16, u16)>,
     /// NVMe disks.
     pub nvme: Vec<NvmeDisk>,
     /// Accelerator.
@@ -110,6 +114,7 @@ impl NodeSpec {
             boot,
             memory_mib: 128,
             nics: 0,
+            hostfwd: Vec::new(),
             nvme: Vec::new(),
             accel: Accel::Tcg,
             serial_log: serial_log.to_path_buf(),
@@ -170,9 +175,15 @@ impl NodeSpec {
             }
         }
         for n in 0..self.nics {
+            let mut netdev = format!("user,id=net{n}");
+            if n == 0 {
+                for (host, guest) in &self.hostfwd {
+                    netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+                }
+            }
             a.extend([
                 "-netdev".into(),
-                format!("user,id=net{n}"),
+                netdev,
                 "-device".into(),
                 format!(
                     "virtio-net-pci,netdev=net{n},disable-legacy=on,mac=52:54:00:fa:{:02x}:{:02x}",
@@ -449,6 +460,7 @@ mod tests {
             Path::new("/tmp/s.log"),
         );
         s.nics = 2;
+        s.hostfwd.push((17000, 7000));
         s.index = 3;
         s.memory_mib = 256;
         s.nvme.push(NvmeDisk {
@@ -462,6 +474,11 @@ mod tests {
             a.contains("virtio-net-pci,netdev=net1,disable-legacy=on,mac=52:54:00:fa:03:01"),
             "{a}"
         );
+        assert!(
+            a.contains("-netdev user,id=net0,hostfwd=tcp:127.0.0.1:17000-:7000 "),
+            "{a}"
+        );
+        assert!(a.contains("-netdev user,id=net1 "), "{a}");
         assert!(a.contains("nvme,serial=fractos3n0,drive=nvme0"), "{a}");
         assert!(a.contains("-serial file:/tmp/s.log"), "{a}");
         assert!(a.contains("isa-debug-exit,iobase=0xf4,iosize=0x04"), "{a}");

@@ -108,6 +108,11 @@ fn pvh_boots_with_devices_and_exits_cleanly() {
         "devices not on the QEMU command line: {pci:#?}"
     );
     assert!(log.contains("MMIO windows uncached"), "{log}");
+    // The NIC is brought up and named with its MAC (node index 0, NIC 0).
+    assert!(
+        log.contains("net: 0000:00:") && log.contains(" mac=52:54:00:fa:00:00"),
+        "{log}"
+    );
 }
 
 /// The `nvme: <bdf> model=...` lines the kernel logged, from `nvme: `.
@@ -393,5 +398,86 @@ fn dropping_an_appliance_kills_qemu() {
     assert!(
         !Path::new(&format!("/proc/{pid}")).exists(),
         "QEMU {pid} survived Drop"
+    );
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for `hostfwd`).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local address").port()
+}
+
+#[test]
+fn virtio_net_serves_tcp_echo_through_hostfwd() {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpStream};
+    use std::time::{Duration, Instant};
+
+    let port = free_port();
+    let mut spec = node("net-echo", "fractos.test=net");
+    spec.nics = 1;
+    spec.hostfwd.push((port, 7000));
+    let mut vm = Appliance::launch(spec).expect("launch QEMU");
+    vm.wait_for(READY_MARKER, READY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    vm.wait_for("echo server listening on 10.0.2.15:7000", EXIT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    // QEMU's slirp accepts on the host side and then connects to the guest;
+    // retry until the connection is up (deadline, no fixed sleeps).
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(10)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("connect to {addr}: {e}; retrying");
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("connect to {addr}: {e}\n{}", vm.log()),
+        }
+    };
+    stream
+        .set_read_timeout(Some(EXIT_TIMEOUT))
+        .expect("read timeout");
+    let mut sent = b"ping\n".to_vec();
+    sent.extend((0..3000u32).map(|i| (i * 7 % 251) as u8));
+    stream.write_all(&sent).expect("send to the appliance");
+    let mut echoed = vec![0u8; sent.len()];
+    stream
+        .read_exact(&mut echoed)
+        .unwrap_or_else(|e| panic!("reading the echo: {e}\n{}", vm.log()));
+    assert!(echoed == sent, "echo differs from what was sent");
+    stream.shutdown(Shutdown::Write).expect("shutdown");
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .unwrap_or_else(|e| panic!("waiting for the appliance to close: {e}\n{}", vm.log()));
+    assert!(rest.is_empty(), "{} extra bytes after the echo", rest.len());
+
+    let exit = vm.wait_exit(EXIT_TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    let log = vm.log();
+    assert_eq!(exit, KernelExit::Success, "{log}");
+    assert!(log.contains(" mac=52:54:00:fa:00:00"), "{log}");
+    assert!(log.contains("ip 10.0.2.15/24 gateway 10.0.2.2"), "{log}");
+    assert!(
+        log.contains("net: test: connection from 10.0.2.2:"),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("served 1 connection, {} bytes echoed", sent.len())),
+        "{log}"
+    );
+    assert!(log.contains("net: test ok"), "{log}");
+}
+
+#[test]
+fn net_test_without_a_nic_fails_the_boot() {
+    let (exit, log) = boot_and_exit(node("net-nonic", "fractos.test=net"), true);
+    assert_eq!(exit, KernelExit::BootFailed, "{log}");
+    assert!(log.contains("no usable virtio-net NIC"), "{log}");
+    assert!(
+        log.contains("net: test FAILED: no virtio-net NIC is up"),
+        "{log}"
     );
 }

@@ -3,6 +3,7 @@
 pub mod cpu;
 pub mod dma;
 pub mod libc;
+pub mod net;
 pub mod nvme;
 pub mod paging;
 pub mod pio;

@@ -1,0 +1,312 @@
+//! virtio-net bring-up at boot: the `fractos-virtio-net` driver's [`Hal`]
+//! over the kernel's DMA frames and the identity-mapped (uncached) BARs, a
+//! smoltcp [`Interface`] with the static IPv4 address of the command line,
+//! and the `fractos.test=net` echo server.
+//!
+//! Everything polls: no interrupts, smoltcp's time comes from the TSC.
+
+use alloc::vec;
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+
+use fractos_kernel::config::Config;
+use fractos_kernel::pci::{self, PciFunction};
+use fractos_virtio_net::{
+    is_virtio_net, pci_transport, BufferDirection, Hal, PciConfig, PciTransport, PhysAddr,
+    VirtioNet,
+};
+use log::{debug, info, warn};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+use spin::Once;
+
+use super::nvme::Bdf;
+use super::{dma, pio, time};
+
+/// Receive and transmit queue size (entries, and 2 KiB buffer slots each).
+pub const QUEUE: usize = 64;
+
+/// How long the `fractos.test=net` server waits for one connection to be
+/// served, in TSC time.
+pub const TEST_TIMEOUT_NS: u64 = 60_000_000_000;
+
+/// Memory windows of all enumerated BARs, each `(address, size)`: the only
+/// ranges [`KernelHal::mmio_phys_to_virt`] hands out.
+static MMIO: Once<Vec<(u64, u64)>> = Once::new();
+
+/// The virtio driver's hardware boundary (stateless: DMA comes from the
+/// kernel-wide frame allocator).
+#[derive(Clone, Copy, Debug)]
+pub struct KernelHal;
+
+// SAFETY: `dma_alloc` hands out fresh, zeroed, page-aligned frames from the
+// kernel's bump allocator, physically contiguous, never handed out again,
+// identity-mapped write-back (physical = virtual; x86 DMA is
+// cache-coherent), so they alias nothing; failure is reported as physical
+// address 0, which `virtio-drivers` checks. `dma_dealloc` never returns
+// frames to anyone (the allocator does not free), so memory the device may
+// still touch is never reused. `mmio_phys_to_virt` only returns addresses
+// inside a BAR window found by enumeration, which `paging::init` maps
+// identity and uncached and which no other driver uses (each BAR belongs to
+// one function). `share` returns the buffer's own address: all RAM the
+// kernel uses (image, stacks, heap, frames) is identity-mapped.
+unsafe impl Hal for KernelHal {
+    fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
+        dma::alloc_zeroed(pages)
+            .and_then(|a| Some((a, NonNull::new(a as *mut u8)?)))
+            .unwrap_or((0, NonNull::dangling()))
+    }
+
+    unsafe fn dma_dealloc(paddr: PhysAddr, _vaddr: NonNull<u8>, pages: usize) -> i32 {
+        // The bump allocator cannot free: the frames stay out of use.
+        debug!("net: {pages} DMA page(s) at {paddr:#x} released (not reused)");
+        0
+    }
+
+    unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
+        let end = paddr.saturating_add(size as u64);
+        let inside = MMIO
+            .get()
+            .is_some_and(|w| w.iter().any(|&(a, s)| paddr >= a && end <= a + s));
+        assert!(
+            inside,
+            "virtio: MMIO range {paddr:#x}+{size:#x} is not inside a mapped BAR"
+        );
+        NonNull::new(paddr as *mut u8).expect("BAR at address 0")
+    }
+
+    unsafe fn share(buffer: NonNull<[u8]>, _direction: BufferDirection) -> PhysAddr {
+        buffer.as_ptr().cast::<u8>() as u64
+    }
+
+    unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {}
+}
+
+/// The driver type the kernel uses.
+pub type Device = VirtioNet<KernelHal, PciTransport, QUEUE>;
+
+/// The first NIC, brought up, with its smoltcp interface.
+pub struct Net {
+    /// Where it sits on the PCI bus.
+    pub bdf: Bdf,
+    /// The driver.
+    pub dev: Device,
+    /// smoltcp's interface over it.
+    pub iface: Interface,
+}
+
+/// Why a NIC could not be brought up.
+#[derive(Debug, thiserror::Error)]
+pub enum BringUpError {
+    /// The function is not a PCI endpoint.
+    #[error("not a PCI endpoint")]
+    NotEndpoint,
+    /// The driver failed.
+    #[error(transparent)]
+    Driver(#[from] fractos_virtio_net::Error),
+}
+
+/// Why the `fractos.test=net` server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TestError {
+    /// No NIC came up.
+    #[error("no virtio-net NIC is up")]
+    NoNic,
+    /// smoltcp refused to listen.
+    #[error("listen on port {0} failed: {1}")]
+    Listen(u16, tcp::ListenError),
+    /// Socket send/receive failed.
+    #[error("echo failed: {0}")]
+    Echo(&'static str),
+    /// Nothing finished in time.
+    #[error(
+        "timed out after {}s in TCP state {state} ({bytes} bytes echoed)",
+        TEST_TIMEOUT_NS / 1_000_000_000
+    )]
+    Timeout {
+        /// The socket's state at the deadline.
+        state: tcp::State,
+        /// Bytes echoed so far.
+        bytes: usize,
+    },
+}
+
+/// Formats a MAC as `xx:xx:xx:xx:xx:xx`.
+pub struct Mac(pub EthernetAddress);
+
+impl core::fmt::Display for Mac {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let b = self.0 .0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+/// smoltcp time: TSC microseconds since reset.
+pub fn now() -> Instant {
+    Instant::from_micros((time::now_ns() / 1000) as i64)
+}
+
+/// Brings up every virtio-net function in `devices` (logging
+/// `net: <bdf> mac=...` for each) and returns the first one that works,
+/// with an interface configured from `config`. `mmio` lists the BAR windows
+/// the page tables mapped uncached. Failures are logged as warnings.
+pub fn bring_up(devices: &[PciFunction], mmio: &[(u64, u64)], config: &Config) -> Option<Net> {
+    MMIO.call_once(|| mmio.to_vec());
+    let mut first: Option<(Bdf, Device)> = None;
+    for f in devices.iter().filter(|f| is_virtio_net(f.vendor, f.device)) {
+        let bdf = Bdf(f.address);
+        match init_one(f) {
+            Ok(dev) => {
+                info!("net: {bdf} mac={}", Mac(dev.mac_address()));
+                debug!(
+                    "net: {bdf} features {:#x}, {QUEUE}-entry queues, {} receive buffers posted",
+                    dev.features(),
+                    dev.rx_posted()
+                );
+                if first.is_none() {
+                    first = Some((bdf, dev));
+                } else {
+                    // Only the first NIC is used for now; a dropped driver
+                    // resets its device.
+                    info!("net: {bdf} not used (only the first NIC is)");
+                }
+            }
+            Err(e) => warn!("net: {bdf}: bring-up failed, continuing without it: {e}"),
+        }
+    }
+    let Some((bdf, mut dev)) = first else {
+        warn!("net: no usable virtio-net NIC; continuing without networking");
+        return None;
+    };
+    let mut c = IfaceConfig::new(HardwareAddress::Ethernet(dev.mac_address()));
+    c.random_seed = time::now_ns() ^ 0x6e65_7466_7261_6374;
+    let mut iface = Interface::new(c, &mut dev, now());
+    iface.update_ip_addrs(|a| {
+        // One address into an empty list: cannot be full.
+        let _ = a.push(IpCidr::new(
+            IpAddress::Ipv4(config.ip.addr),
+            config.ip.prefix_len,
+        ));
+    });
+    if let Some(gw) = config.gateway {
+        if iface.routes_mut().add_default_ipv4_route(gw).is_err() {
+            warn!("net: default route via {gw} not added (route table full)");
+        }
+    }
+    match config.gateway {
+        Some(gw) => info!("net: {bdf} ip {} gateway {gw}", config.ip),
+        None => info!("net: {bdf} ip {} (no gateway)", config.ip),
+    }
+    Some(Net { bdf, dev, iface })
+}
+
+fn init_one(f: &PciFunction) -> Result<Device, BringUpError> {
+    // SAFETY: the driver resets the device and then only points it at DMA
+    // frames it allocated itself (rings and buffer pools, which it keeps for
+    // its lifetime); no other code programs this device.
+    unsafe { pci::enable_memory_and_bus_master(&pio::PortConfigAccess, f.address) }
+        .ok_or(BringUpError::NotEndpoint)?;
+    // SAFETY: configuration mechanism #1 over ports 0xCF8/0xCFC reaches the
+    // whole 256-byte configuration space of every segment-0 function, for
+    // as long as the kernel runs; one CPU, no interrupts, so accesses never
+    // interleave.
+    let config = unsafe { PciConfig::new(pio::PortConfigAccess) };
+    let transport = pci_transport::<KernelHal, _>(config, f.address)?;
+    Ok(VirtioNet::new(transport)?)
+}
+
+/// What the echo server did.
+#[derive(Debug)]
+pub struct EchoReport {
+    /// The client.
+    pub peer: Option<smoltcp::wire::IpEndpoint>,
+    /// Bytes echoed.
+    pub bytes: usize,
+}
+
+/// The `fractos.test=net` server: polls the NIC (answering ARP and ICMP
+/// echo through smoltcp) and serves one TCP connection on `port`, echoing
+/// every byte until the client closes; then closes its side and returns.
+/// Bounded by [`TEST_TIMEOUT_NS`] of TSC time.
+pub fn echo_test(
+    net: &mut Net,
+    ip: core::net::Ipv4Addr,
+    port: u16,
+) -> Result<EchoReport, TestError> {
+    let mut sockets = SocketSet::new(vec![]);
+    let mut sock = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; 4096]),
+        tcp::SocketBuffer::new(vec![0; 4096]),
+    );
+    sock.listen(port).map_err(|e| TestError::Listen(port, e))?;
+    let handle = sockets.add(sock);
+    info!(
+        "net: test: {} echo server listening on {ip}:{port}",
+        net.bdf
+    );
+    let deadline = time::now_ns() + TEST_TIMEOUT_NS;
+    let mut report = EchoReport {
+        peer: None,
+        bytes: 0,
+    };
+    let mut closing = false;
+    let mut buf = [0u8; 1024];
+    loop {
+        net.iface.poll(now(), &mut net.dev, &mut sockets);
+        if let Some(e) = net.dev.take_error() {
+            warn!("net: driver: {e}");
+        }
+        let s = sockets.get_mut::<tcp::Socket>(handle);
+        if report.peer.is_none() {
+            if let Some(ep) = s.remote_endpoint() {
+                info!("net: test: connection from {ep}");
+                report.peer = Some(ep);
+            }
+        }
+        if s.can_recv() && s.can_send() {
+            let room = (s.send_capacity() - s.send_queue()).min(buf.len());
+            let n = s
+                .recv_slice(&mut buf[..room])
+                .map_err(|_| TestError::Echo("receive"))?;
+            let sent = s
+                .send_slice(&buf[..n])
+                .map_err(|_| TestError::Echo("send"))?;
+            if sent != n {
+                return Err(TestError::Echo("send buffer overflow"));
+            }
+            report.bytes += n;
+        }
+        if report.peer.is_some() {
+            // The client closed its side and everything it sent is echoed
+            // and acknowledged: close ours.
+            if !closing
+                && s.state() == tcp::State::CloseWait
+                && s.recv_queue() == 0
+                && s.send_queue() == 0
+            {
+                s.close();
+                closing = true;
+            }
+            if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                let st = net.dev.stats();
+                info!(
+                    "net: test: served 1 connection, {} bytes echoed; nic rx {} frames, tx {} frames",
+                    report.bytes, st.rx_frames, st.tx_frames
+                );
+                return Ok(report);
+            }
+        }
+        if time::now_ns() >= deadline {
+            return Err(TestError::Timeout {
+                state: s.state(),
+                bytes: report.bytes,
+            });
+        }
+    }
+}
