@@ -635,7 +635,7 @@ fn controller_crash_gives_typed_errors_in_bounded_time() {
     let req = share(&user, req, &other, "alive").as_request().unwrap();
 
     // The owner's controller dies.
-    nodes.pop().unwrap().kill();
+    nodes.pop().unwrap().shutdown();
     assert!(owner.next_invocation().unwrap_err().is_disconnected());
     let dst_r = user.register(100).unwrap();
     let dst = user.memory_create(&dst_r, 0, 100, Rights::WRITE).unwrap();

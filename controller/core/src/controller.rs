@@ -1098,17 +1098,9 @@ impl Controller {
             return;
         };
         self.chans.remove(&p.chan);
-        // Re-insert a tombstone-free view: release what it held.
         let entries: Vec<Entry> = p.table.drain().collect();
         for e in entries {
-            if self.is_local(&e.cap) {
-                if let Ok(key) = self.resolve_local(&e.cap) {
-                    self.store
-                        .release(key, Holder::Process(proc), &mut self.fallout);
-                }
-            } else {
-                self.send_peer(e.cap.node, PeerMsg::Release { cap: e.cap });
-            }
+            self.release_entry(proc, e);
         }
         for object in core::mem::take(&mut p.objects) {
             if let Some(root) = self.store.objects.get(object).map(|o| o.root) {

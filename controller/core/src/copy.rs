@@ -150,12 +150,8 @@ impl Controller {
 
     pub(crate) fn on_copy_opened(&mut self, sk: SourceKey, result: Result<PeerReply, ErrorCode>) {
         let Some(s) = self.sources.get_mut(sk) else {
-            // The copy already failed; close a sink that opened meanwhile.
-            if let Ok(PeerReply::CopyOpened { sink }) = result {
-                // The destination node is unknown here only if the source
-                // vanished; sinks time out on their own in that case.
-                let _ = sink;
-            }
+            // The copy already failed; a sink that opened meanwhile is
+            // discarded by its own deadline.
             return;
         };
         match result {

@@ -62,7 +62,7 @@ pub struct Metrics {
     /// Operations received from local processes, by [`OpKind`] index.
     pub ops: [u64; 12],
     /// Errors returned to local processes, indexed by `ErrorCode as usize`.
-    pub errors: [u64; 19],
+    pub errors: [u64; ERROR_SLOTS],
     /// Invocations delivered to local processes.
     pub invocations_delivered: u64,
     /// Bytes written into local processes by copies.
@@ -85,6 +85,9 @@ pub struct Metrics {
     /// Sum of all recorded latencies in microseconds.
     pub latency_us_sum: u64,
 }
+
+/// Slots of [`Metrics::errors`]: one per `ErrorCode` value (codes start at 1).
+pub const ERROR_SLOTS: usize = ErrorCode::ALL.len() + 1;
 
 /// Number of latency histogram buckets (1 µs … 2^22 µs ≈ 4 s, then +Inf).
 pub const LATENCY_BUCKETS: usize = 24;

@@ -267,10 +267,6 @@ impl Running {
     pub fn shutdown(mut self) {
         self.stop();
     }
-    /// Kills the controller abruptly, as a crash would (tests).
-    pub fn kill(self) {
-        self.shutdown();
-    }
     fn stop(&mut self) {
         self.post(Event::Shutdown);
         if let Some(t) = self.thread.take() {
@@ -615,28 +611,27 @@ impl EventLoop {
     /// Folds a closed link's counters into its peer's totals.
     fn retire_link(&mut self, link: LinkId) {
         let t = self.link_traffic.remove(&link).unwrap_or_default();
-        let node = self
-            .link_peer
-            .remove(&link)
+        let node = self.link_node(link);
+        self.link_peer.remove(&link);
+        self.traffic.peers.entry(node).or_default().add(&t);
+    }
+
+    /// The peer node behind a link (the dialled node, else the one that
+    /// authenticated on it; 0 while unknown).
+    fn link_node(&self, link: LinkId) -> u32 {
+        self.link_peer
+            .get(&link)
+            .copied()
             .flatten()
             .or_else(|| self.ctrl.link_peer(link))
             .map(|n| n.0)
-            .unwrap_or(0);
-        self.traffic.peers.entry(node).or_default().add(&t);
+            .unwrap_or(0)
     }
 
     fn traffic_snapshot(&self) -> Traffic {
         let mut t = self.traffic.clone();
         for (link, lt) in &self.link_traffic {
-            let node = self
-                .link_peer
-                .get(link)
-                .copied()
-                .flatten()
-                .or_else(|| self.ctrl.link_peer(*link))
-                .map(|n| n.0)
-                .unwrap_or(0);
-            t.peers.entry(node).or_default().add(lt);
+            t.peers.entry(self.link_node(*link)).or_default().add(lt);
         }
         t
     }
