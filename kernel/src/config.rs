@@ -11,9 +11,19 @@
 //! | `fractos.ip` | IPv4 address/prefix of the first NIC | `10.0.2.15/24` |
 //! | `fractos.gw` | IPv4 default gateway, or `none` | `10.0.2.2` |
 //! | `fractos.test_port` | TCP port of the `fractos.test=net` echo server | `7000` |
+//! | `fractos.ip1` | IPv4 address/prefix of the second NIC (the peer network) | none |
+//! | `fractos.key` | cluster key, 64 hex digits | none (the controller does not start) |
+//! | `fractos.members` | every node id of the cluster, `0,1,2` | this node only |
+//! | `fractos.peers` | peers to link to, `1@10.1.0.2,2@10.1.0.3:7101` | none |
+//! | `fractos.process_port` | TCP port for processes | `7100` |
+//! | `fractos.peer_port` | TCP port for peer controllers | `7101` |
+//! | `fractos.metrics_port` | TCP port of the Prometheus endpoint, `0` = off | `9100` |
+//! | `fractos.idle` | `halt` (sleep to the next 1 ms tick when idle) or `poll` (spin) | `halt` |
 //!
-//! The network defaults suit QEMU user networking (slirp).
+//! The network defaults suit QEMU user networking (slirp). Peer links use
+//! the second NIC when `fractos.ip1` is set, else the first.
 
+use alloc::vec::Vec;
 use core::net::Ipv4Addr;
 
 use log::LevelFilter;
@@ -70,7 +80,7 @@ impl TestHook {
 pub enum ConfigError<'a> {
     /// `fractos.<key>` is not an option this kernel knows.
     #[error(
-        "unknown option `{0}` ignored: known options are fractos.log, fractos.node, fractos.test, fractos.ip, fractos.gw, fractos.test_port"
+        "unknown option `{0}` ignored: known options are fractos.log, fractos.node, fractos.test, fractos.ip, fractos.gw, fractos.test_port, fractos.ip1, fractos.key, fractos.members, fractos.peers, fractos.process_port, fractos.peer_port, fractos.metrics_port, fractos.idle"
     )]
     UnknownOption(&'a str),
     /// The value does not parse.
@@ -114,8 +124,54 @@ impl core::fmt::Display for Ipv4Net {
     }
 }
 
-/// The appliance configuration.
+/// A peer controller named on the command line (`node@addr[:port]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    /// Its node id.
+    pub node: u32,
+    /// Its address on the peer network.
+    pub addr: Ipv4Addr,
+    /// Its peer port, if not the default.
+    pub port: Option<u16>,
+}
+
+impl Peer {
+    fn parse(s: &str) -> Option<Self> {
+        let (node, rest) = s.split_once('@')?;
+        let (addr, port) = match rest.split_once(':') {
+            Some((a, p)) => (a, Some(p.parse::<u16>().ok().filter(|p| *p != 0)?)),
+            None => (rest, None),
+        };
+        Some(Peer {
+            node: node.parse().ok()?,
+            addr: addr.parse().ok()?,
+            port,
+        })
+    }
+}
+
+/// Parses 64 hex digits into a 32-byte key.
+pub fn parse_key(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 || !hex.is_ascii() {
+        return None;
+    }
+    let mut key = [0u8; 32];
+    for (i, b) in key.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(key)
+}
+
+fn parse_list<T>(v: &str, item: impl Fn(&str) -> Option<T>) -> Option<Vec<T>> {
+    v.split(',').filter(|w| !w.is_empty()).map(item).collect()
+}
+
+fn parse_port(v: &str, zero_ok: bool) -> Option<u16> {
+    v.parse::<u16>().ok().filter(|p| zero_ok || *p != 0)
+}
+
+/// The appliance configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// Maximum log level on the serial console.
     pub log_level: LevelFilter,
@@ -129,6 +185,22 @@ pub struct Config {
     pub gateway: Option<Ipv4Addr>,
     /// TCP port of the `fractos.test=net` echo server.
     pub test_port: u16,
+    /// Static IPv4 address of the second NIC (the peer network), if any.
+    pub ip1: Option<Ipv4Net>,
+    /// The cluster key; without it the controller service does not start.
+    pub key: Option<[u8; 32]>,
+    /// Every node of the cluster (empty: this node alone).
+    pub members: Vec<u32>,
+    /// Peers to keep links to.
+    pub peers: Vec<Peer>,
+    /// TCP port for processes.
+    pub process_port: u16,
+    /// TCP port for peer controllers.
+    pub peer_port: u16,
+    /// TCP port of the metrics endpoint; 0 turns it off.
+    pub metrics_port: u16,
+    /// Spin while idle instead of halting until the next tick.
+    pub idle_poll: bool,
 }
 
 impl Default for Config {
@@ -143,11 +215,30 @@ impl Default for Config {
             },
             gateway: Some(Ipv4Addr::new(10, 0, 2, 2)),
             test_port: 7000,
+            ip1: None,
+            key: None,
+            members: Vec::new(),
+            peers: Vec::new(),
+            process_port: 7100,
+            peer_port: 7101,
+            metrics_port: 9100,
+            idle_poll: false,
         }
     }
 }
 
 impl Config {
+    /// The `fractos.log` level of `cmdline` alone (default `info`), without
+    /// allocating: usable before the heap exists.
+    pub fn log_level_of(cmdline: &str) -> LevelFilter {
+        cmdline
+            .split_ascii_whitespace()
+            .rev()
+            .filter_map(|w| w.strip_prefix("fractos.log="))
+            .find_map(|v| v.parse::<LevelFilter>().ok())
+            .unwrap_or(LevelFilter::Info)
+    }
+
     /// Parses `cmdline`, calling `on_error` for every word it cannot use.
     pub fn parse<'a>(cmdline: &'a str, mut on_error: impl FnMut(ConfigError<'a>)) -> Self {
         let mut c = Config::default();
@@ -194,6 +285,39 @@ impl Config {
                     Ok(p) if p != 0 => c.test_port = p,
                     _ => on_error(bad("a TCP port (1..=65535)")),
                 },
+                "ip1" => match Ipv4Net::parse(value) {
+                    Some(n) => c.ip1 = Some(n),
+                    None => on_error(bad("an IPv4 address with prefix, like 10.1.0.1/24")),
+                },
+                "key" => match parse_key(value) {
+                    Some(k) => c.key = Some(k),
+                    None => on_error(bad("64 hex digits (a 32-byte key)")),
+                },
+                "members" => match parse_list(value, |w| w.parse::<u32>().ok()) {
+                    Some(m) => c.members = m,
+                    None => on_error(bad("comma-separated node ids, like 0,1,2")),
+                },
+                "peers" => match parse_list(value, Peer::parse) {
+                    Some(p) => c.peers = p,
+                    None => on_error(bad("comma-separated node@ipv4[:port], like 1@10.1.0.2")),
+                },
+                "process_port" => match parse_port(value, false) {
+                    Some(p) => c.process_port = p,
+                    None => on_error(bad("a TCP port (1..=65535)")),
+                },
+                "peer_port" => match parse_port(value, false) {
+                    Some(p) => c.peer_port = p,
+                    None => on_error(bad("a TCP port (1..=65535)")),
+                },
+                "metrics_port" => match parse_port(value, true) {
+                    Some(p) => c.metrics_port = p,
+                    None => on_error(bad("a TCP port (1..=65535), or 0 for none")),
+                },
+                "idle" => match value {
+                    "halt" => c.idle_poll = false,
+                    "poll" => c.idle_poll = true,
+                    _ => on_error(bad("halt or poll")),
+                },
                 _ => on_error(ConfigError::UnknownOption(key)),
             }
         }
@@ -219,6 +343,54 @@ mod tests {
         let c = Config::parse("fractos.test=nvme", |e| panic!("{e}"));
         assert_eq!(c.test, Some(TestHook::Nvme));
         assert_eq!(Config::parse("", |_| panic!()), Config::default());
+        assert_eq!(
+            Config::log_level_of("fractos.log=warn x fractos.log=bogus"),
+            LevelFilter::Warn
+        );
+        assert_eq!(Config::log_level_of("fractos.node=1"), LevelFilter::Info);
+    }
+
+    #[test]
+    fn parses_cluster_options() {
+        let key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+        let c = Config::parse(
+            &alloc::format!(
+                "fractos.key={key} fractos.members=0,1,2 fractos.peers=1@10.1.0.2,2@10.1.0.3:7201 \
+                 fractos.ip1=10.1.0.1/24 fractos.process_port=8100 fractos.peer_port=8101 fractos.metrics_port=0 fractos.idle=poll"
+            ),
+            |e| panic!("{e}"),
+        );
+        let k = c.key.expect("key parsed");
+        assert_eq!((k[0], k[1], k[31]), (0x00, 0x11, 0xff));
+        assert_eq!(c.members, [0, 1, 2]);
+        assert_eq!(
+            c.peers,
+            [
+                Peer {
+                    node: 1,
+                    addr: Ipv4Addr::new(10, 1, 0, 2),
+                    port: None
+                },
+                Peer {
+                    node: 2,
+                    addr: Ipv4Addr::new(10, 1, 0, 3),
+                    port: Some(7201)
+                },
+            ]
+        );
+        assert_eq!(c.ip1.map(|n| n.to_string()).as_deref(), Some("10.1.0.1/24"));
+        assert_eq!(
+            (c.process_port, c.peer_port, c.metrics_port),
+            (8100, 8101, 0)
+        );
+        let mut errs = Vec::new();
+        let c = Config::parse(
+            "fractos.key=abc fractos.key=zz112233445566778899aabbccddeeff00112233445566778899aabbccddeeff \
+             fractos.members=0,x fractos.peers=1@10.1.0 fractos.peers=10.1.0.2 fractos.process_port=0 fractos.idle=nap",
+            |e| errs.push(e),
+        );
+        assert_eq!(errs.len(), 7, "{errs:?}");
+        assert_eq!(c, Config::default());
     }
 
     #[test]

@@ -15,3 +15,4 @@ pub mod exit;
 pub mod fault;
 pub mod frames;
 pub mod pci;
+pub mod service;

@@ -14,15 +14,18 @@ mod hw;
 
 use alloc::vec::Vec;
 
+use fractos_core::Config as CoreConfig;
 use fractos_kernel::config::{Config, TestHook};
 use fractos_kernel::exit::ExitReason;
 use fractos_kernel::frames::{FrameAllocator, FRAME_SIZE};
 use fractos_kernel::pci;
+use fractos_kernel::service::{PeerAddr, Service, ServiceConfig};
 use fractos_loader::{BootInfo, IdentityMapped};
+use fractos_wire::NodeId;
 use linked_list_allocator::LockedHeap;
 use log::{debug, error, info, warn};
 
-use hw::{cpu, dma, layout, net, nvme, paging, pio, serial, time};
+use hw::{cpu, dma, idle, layout, net, nvme, paging, pio, serial, time};
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
@@ -47,8 +50,8 @@ extern "C" fn fractos_kernel_entry(protocol: u32, magic: u32, info: u64) -> ! {
             pio::exit(ExitReason::BootFailed);
         }
     };
-    let config = Config::parse(boot.cmdline.as_str(), |_| {});
-    serial::init_logger(config.log_level);
+    // The full configuration allocates: it is parsed once the heap exists.
+    serial::init_logger(Config::log_level_of(boot.cmdline.as_str()));
     let (tsc_hz, tsc_src) = time::init();
     info!(
         "FractOS appliance kernel {} booting via {}",
@@ -56,7 +59,6 @@ extern "C" fn fractos_kernel_entry(protocol: u32, magic: u32, info: u64) -> ! {
         boot.protocol.name()
     );
     info!("cmdline: {:?}", boot.cmdline.as_str());
-    Config::parse(boot.cmdline.as_str(), |e| warn!("cmdline: {e}"));
     info!(
         "time: TSC {}.{:03} MHz ({:?})",
         tsc_hz / 1_000_000,
@@ -66,16 +68,118 @@ extern "C" fn fractos_kernel_entry(protocol: u32, magic: u32, info: u64) -> ! {
     debug!("cpu: GDT, TSS (3 IST stacks), IDT with 256 vectors loaded");
 
     // Devices brought up at boot stay owned here (dropping an NVMe
-    // controller would disable it) until the executor takes them over.
-    let _devices = match run(&boot, &config) {
+    // controller would disable it).
+    let devices = match run(&boot) {
         Ok(d) => d,
         Err(e) => {
             error!("boot failed: {e}");
             pio::exit(ExitReason::BootFailed);
         }
     };
-    pio::halt_forever()
+    let idle_poll = devices.config.idle_poll;
+    serve(devices, idle_poll)
 }
+
+/// The event loop: polls every NIC and the controller service forever.
+/// Without a service (no key or no NIC) the CPU halts.
+fn serve(mut devices: Devices, idle_poll: bool) -> ! {
+    let Some(service) = devices.service.as_mut() else {
+        pio::halt_forever()
+    };
+    if !idle_poll {
+        idle::init_tick(IDLE_TICK_HZ);
+    }
+    let mut nics: Vec<(&mut smoltcp::iface::Interface, &mut net::Device)> = devices
+        .net
+        .iter_mut()
+        .map(|n| (&mut n.iface, &mut n.dev))
+        .collect();
+    let mut next_report = time::now_ns() + REPORT_INTERVAL_NS;
+    let mut busy_at = time::now_ns();
+    let mut next_heap = 0;
+    loop {
+        let now = time::now_ns();
+        if service.poll(now, &mut nics) {
+            busy_at = now;
+        } else if !idle_poll && now.saturating_sub(busy_at) > IDLE_SPIN_NS {
+            idle::halt_until_tick();
+        }
+        for (_, dev) in nics.iter_mut() {
+            if let Some(e) = dev.take_error() {
+                warn!("net: driver: {e}");
+            }
+        }
+        if now >= next_heap {
+            next_heap = now + HEAP_SAMPLE_NS;
+            let h = HEAP.lock();
+            service.set_heap_usage(h.used(), h.size());
+        }
+        if now >= next_report {
+            next_report = now + REPORT_INTERVAL_NS;
+            let s = service.stats();
+            let c = service.controller().stats();
+            debug!("controller: {s:?} {c:?}");
+        }
+    }
+}
+
+/// Idle tick rate: the longest an idle appliance sleeps before polling.
+const IDLE_TICK_HZ: u32 = 1000;
+/// How long the loop keeps spinning after the last activity before it
+/// starts halting between ticks.
+const IDLE_SPIN_NS: u64 = 2_000_000;
+
+/// How often the heap gauge of the metrics is refreshed.
+const HEAP_SAMPLE_NS: u64 = 100_000_000;
+
+/// How often the event loop logs its counters (at debug level).
+const REPORT_INTERVAL_NS: u64 = 30_000_000_000;
+
+/// The controller service's configuration from the command line, or why
+/// it is not started.
+fn service_config(config: &Config, nics: usize) -> Result<ServiceConfig, &'static str> {
+    let key = config
+        .key
+        .ok_or("no cluster key (fractos.key=<64 hex digits>)")?;
+    if nics == 0 {
+        return Err("no NIC");
+    }
+    // Distinct per boot: wall clock plus TSC.
+    let incarnation = time::rtc_unix_seconds()
+        .wrapping_mul(1_000_000_000)
+        .wrapping_add(time::now_ns());
+    let node = NodeId(config.node);
+    let mut core = CoreConfig::new(node, incarnation, key);
+    core.members = if config.members.is_empty() {
+        core::iter::once(config.node)
+            .chain(config.peers.iter().map(|p| p.node))
+            .map(NodeId)
+            .collect()
+    } else {
+        config.members.iter().copied().map(NodeId).collect()
+    };
+    let mut s = ServiceConfig::new(core);
+    s.core.limits.max_message_len = MAX_MESSAGE_LEN;
+    s.core.limits.max_processes = s.max_process_conns;
+    s.process_port = config.process_port;
+    s.peer_port = config.peer_port;
+    s.metrics_port = (config.metrics_port != 0).then_some(config.metrics_port);
+    s.peer_iface = usize::from(nics > 1);
+    s.peers = config
+        .peers
+        .iter()
+        .map(|p| PeerAddr {
+            node: NodeId(p.node),
+            addr: p.addr,
+            port: p.port.unwrap_or(config.peer_port),
+        })
+        .collect();
+    Ok(s)
+}
+
+/// Largest frame body the appliance accepts: copy chunks are 64 KiB, so
+/// this leaves room while bounding each connection's receive buffer.
+const MAX_MESSAGE_LEN: usize = 256 * 1024;
 
 /// Errors that stop the boot.
 #[derive(Debug, thiserror::Error)]
@@ -92,11 +196,12 @@ enum BootError {
 struct Devices {
     #[expect(dead_code, reason = "owned until the storage service takes the disks")]
     nvme: Vec<nvme::Disk>,
-    #[expect(dead_code, reason = "owned until the event loop takes the NIC")]
-    net: Option<net::Net>,
+    net: Vec<net::Net>,
+    service: Option<Service>,
+    config: Config,
 }
 
-fn run(boot: &BootInfo, config: &Config) -> Result<Devices, BootError> {
+fn run(boot: &BootInfo) -> Result<Devices, BootError> {
     log_memory_map(boot);
     if let Some(acpi) = &boot.acpi {
         info!(
@@ -117,6 +222,8 @@ fn run(boot: &BootInfo, config: &Config) -> Result<Devices, BootError> {
     // SAFETY: `[heap, heap + heap_len)` is fresh usable RAM below the
     // frame allocator's cursor, identity-mapped, and never handed out again.
     unsafe { HEAP.lock().init(heap as *mut u8, heap_len as usize) };
+    let config = Config::parse(boot.cmdline.as_str(), |e| warn!("cmdline: {e}"));
+    let config = &config;
     info!(
         "memory: kernel {:#x}-{:#x}, heap {} KiB at {:#x}",
         kernel.0,
@@ -146,6 +253,25 @@ fn run(boot: &BootInfo, config: &Config) -> Result<Devices, BootError> {
 
     let nvme = nvme::bring_up(&devices, config.test == Some(TestHook::Nvme))?;
     let mut net = net::bring_up(&devices, &mmio, config);
+    let service = match service_config(config, net.len()) {
+        Ok(c) => {
+            let members: Vec<u32> = c.core.members.iter().map(|n| n.0).collect();
+            info!(
+                "controller: node {} members {members:?}, processes on port {}, peers on port {} (nic {}), metrics on {:?}, {} peer(s) to dial",
+                config.node,
+                c.process_port,
+                c.peer_port,
+                c.peer_iface,
+                c.metrics_port,
+                c.peers.iter().filter(|p| p.node.0 > config.node).count()
+            );
+            Some(Service::new(c, net.len(), time::now_ns()))
+        }
+        Err(why) => {
+            warn!("controller: not started: {why}");
+            None
+        }
+    };
     if let Some((allocated, free)) = dma::usage() {
         info!(
             "memory: {allocated} frames allocated, {} MiB free",
@@ -161,10 +287,15 @@ fn run(boot: &BootInfo, config: &Config) -> Result<Devices, BootError> {
         boot.protocol.name()
     );
     if config.test == Some(TestHook::Net) {
-        run_net_test(net.as_mut(), config);
+        run_net_test(net.first_mut(), config);
     }
     run_test_hook(config.test);
-    Ok(Devices { nvme, net })
+    Ok(Devices {
+        nvme,
+        net,
+        service,
+        config: config.clone(),
+    })
 }
 
 fn log_memory_map(boot: &BootInfo) {

@@ -51,7 +51,7 @@ impl Workspace {
     }
 }
 
-fn run(cmd: &mut Command, tool: &str, package: &str) -> Result<Output, QemuError> {
+pub(crate) fn run(cmd: &mut Command, tool: &str, package: &str) -> Result<Output, QemuError> {
     let shown = format!("{cmd:?}");
     let out = cmd.output().map_err(|e| match e.kind() {
         ErrorKind::NotFound => QemuError::ToolMissing {

@@ -5,7 +5,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::node::{Accel, Appliance, Boot, NodeSpec, NvmeDisk};
+use std::net::{Ipv4Addr, SocketAddr};
+
+use crate::node::{Accel, Appliance, Boot, L2Segment, NodeSpec, NvmeDisk};
 use crate::{QemuError, READY_MARKER};
 
 /// A cluster to launch.
@@ -30,15 +32,127 @@ pub struct ClusterSpec {
     /// Whether the nodes die with the launching thread (see
     /// [`NodeSpec::die_with_parent`]).
     pub die_with_parent: bool,
+    /// Run every node's controller service (and link the nodes), if set.
+    pub controller: Option<ControllerSetup>,
+}
+
+/// The controller service of every node of a cluster: the cluster key, the
+/// host ports that reach each node, and the VM-to-VM segment its peers talk
+/// over.
+///
+/// Node `i` gets `fractos.key`, `fractos.members` (all nodes) and — with
+/// more than one node — a second NIC on [`ControllerSetup::l2`] with
+/// address `10.1.0.<i+1>/24` and `fractos.peers` naming every other node
+/// there. Its process port (7100) and metrics port (9100) are forwarded
+/// from `127.0.0.1:<host port>`.
+#[derive(Debug, Clone)]
+pub struct ControllerSetup {
+    /// Cluster key.
+    pub key: [u8; 32],
+    /// Per node: host ports forwarded to its process and metrics ports.
+    pub host_ports: Vec<(u16, u16)>,
+    /// The peer network.
+    pub l2: L2Segment,
+}
+
+/// Guest port of the controller's process listener.
+pub const GUEST_PROCESS_PORT: u16 = 7100;
+/// Guest port of the controller's metrics endpoint.
+pub const GUEST_METRICS_PORT: u16 = 9100;
+
+impl ControllerSetup {
+    /// A setup for `nodes` nodes with free host ports and a fresh segment.
+    pub fn new(nodes: u32, key: [u8; 32]) -> Result<Self, QemuError> {
+        let mut probes = Vec::new();
+        let mut ports = Vec::new();
+        // Hold every probe until all are picked so no port repeats.
+        for _ in 0..nodes * 2 {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")
+                .map_err(QemuError::io("binding a probe socket on", "127.0.0.1"))?;
+            ports.push(
+                l.local_addr()
+                    .map_err(QemuError::io("reading the probe socket of", "127.0.0.1"))?
+                    .port(),
+            );
+            probes.push(l);
+        }
+        Ok(ControllerSetup {
+            key,
+            host_ports: ports.chunks(2).map(|p| (p[0], p[1])).collect(),
+            l2: L2Segment::pick()?,
+        })
+    }
+
+    /// Where host processes attach to node `i`.
+    pub fn process_addr(&self, i: u32) -> Option<SocketAddr> {
+        let (p, _) = *self.host_ports.get(i as usize)?;
+        Some(SocketAddr::from((Ipv4Addr::LOCALHOST, p)))
+    }
+
+    /// Where node `i`'s metrics are served on the host.
+    pub fn metrics_addr(&self, i: u32) -> Option<SocketAddr> {
+        let (_, m) = *self.host_ports.get(i as usize)?;
+        Some(SocketAddr::from((Ipv4Addr::LOCALHOST, m)))
+    }
+
+    /// Node `i`'s address on the peer network.
+    pub fn peer_ip(i: u32) -> Ipv4Addr {
+        Ipv4Addr::new(10, 1, (((i + 1) >> 8) & 0xff) as u8, ((i + 1) & 0xff) as u8)
+    }
+
+    fn key_hex(&self) -> String {
+        self.key.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The command-line words of node `i` of `nodes`.
+    pub fn cmdline(&self, i: u32, nodes: u32) -> String {
+        let members: Vec<String> = (0..nodes).map(|n| n.to_string()).collect();
+        let mut c = format!(
+            "fractos.key={} fractos.members={}",
+            self.key_hex(),
+            members.join(",")
+        );
+        if nodes > 1 {
+            let peers: Vec<String> = (0..nodes)
+                .filter(|&n| n != i)
+                .map(|n| format!("{n}@{}", Self::peer_ip(n)))
+                .collect();
+            c.push_str(&format!(
+                " fractos.ip1={}/16 fractos.peers={}",
+                Self::peer_ip(i),
+                peers.join(",")
+            ));
+        }
+        c
+    }
 }
 
 impl ClusterSpec {
     /// The spec of node `i`.
     pub fn node(&self, i: u32) -> NodeSpec {
         let dir = &self.state_dir;
-        let cmdline = format!("fractos.node={i} {}", self.cmdline)
-            .trim()
-            .to_string();
+        let service = self
+            .controller
+            .as_ref()
+            .map(|c| c.cmdline(i, self.nodes))
+            .unwrap_or_default();
+        let cmdline = format!("fractos.node={i} {service} {}", self.cmdline)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let hostfwd = match self
+            .controller
+            .as_ref()
+            .and_then(|c| c.host_ports.get(i as usize))
+        {
+            Some(&(p, m)) => vec![(p, GUEST_PROCESS_PORT), (m, GUEST_METRICS_PORT)],
+            None => Vec::new(),
+        };
+        let l2 = self
+            .controller
+            .as_ref()
+            .filter(|_| self.nodes > 1)
+            .map(|c| c.l2);
         NodeSpec {
             name: format!("node{i}"),
             boot: Boot::Elf {
@@ -46,8 +160,13 @@ impl ClusterSpec {
                 cmdline,
             },
             memory_mib: self.memory_mib,
-            nics: self.nics,
-            hostfwd: Vec::new(),
+            nics: if self.controller.is_some() {
+                self.nics.max(1)
+            } else {
+                self.nics
+            },
+            hostfwd,
+            l2,
             nvme: self
                 .nvme_mib
                 .iter()
@@ -182,6 +301,7 @@ mod tests {
             accel: Accel::Tcg,
             state_dir: "/s".into(),
             die_with_parent: true,
+            controller: None,
         };
         let n1 = spec.node(1);
         assert_eq!(n1.serial_log, Path::new("/s/node1.log"));
@@ -191,6 +311,57 @@ mod tests {
             Boot::Elf { cmdline, .. } => assert_eq!(cmdline, "fractos.node=1 fractos.log=debug"),
             other => panic!("{other:?}"),
         }
+        assert!(n1.hostfwd.is_empty() && n1.l2.is_none());
+    }
+
+    #[test]
+    fn controller_nodes_are_linked_over_the_segment() {
+        let setup = ControllerSetup::new(3, [0xab; 32]).unwrap();
+        let spec = ClusterSpec {
+            nodes: 3,
+            kernel: "/k".into(),
+            cmdline: String::new(),
+            memory_mib: 64,
+            nics: 0,
+            nvme_mib: vec![],
+            accel: Accel::Tcg,
+            state_dir: "/s".into(),
+            die_with_parent: true,
+            controller: Some(setup.clone()),
+        };
+        let n2 = spec.node(2);
+        let Boot::Elf { cmdline, .. } = &n2.boot else {
+            panic!("{:?}", n2.boot)
+        };
+        assert!(
+            cmdline.starts_with("fractos.node=2 fractos.key=abab"),
+            "{cmdline}"
+        );
+        assert!(cmdline.contains(" fractos.members=0,1,2 "), "{cmdline}");
+        assert!(
+            cmdline.ends_with("fractos.ip1=10.1.0.3/16 fractos.peers=0@10.1.0.1,1@10.1.0.2"),
+            "{cmdline}"
+        );
+        assert_eq!(n2.nics, 1);
+        assert_eq!(n2.l2, Some(setup.l2));
+        let (p, m) = setup.host_ports[2];
+        assert_eq!(
+            n2.hostfwd,
+            vec![(p, GUEST_PROCESS_PORT), (m, GUEST_METRICS_PORT)]
+        );
+        assert_eq!(setup.process_addr(2).unwrap().port(), p);
+        let mut all: Vec<u16> = setup.host_ports.iter().flat_map(|&(a, b)| [a, b]).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 6, "host ports repeat: {:?}", setup.host_ports);
+        let args = n2.args().join(" ");
+        assert!(
+            args.contains(&format!(
+                "socket,id=l2,mcast=239.70.0.1:{},localaddr=127.0.0.1",
+                setup.l2.port
+            )),
+            "{args}"
+        );
     }
 
     #[test]

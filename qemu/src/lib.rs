@@ -7,6 +7,8 @@
 //! * [`cluster`] — several appliances with a state directory of pidfiles,
 //!   and [`cluster::down`] to tear down what an earlier `fractos up` left.
 //! * [`exit`] — decoding QEMU exit statuses produced by the kernel.
+//! * [`linux_guest`] — the Linux baseline: a Debian kernel with an initramfs
+//!   running `fractos controller` or a block-read benchmark.
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
 
@@ -14,6 +16,7 @@ pub mod build;
 pub mod cluster;
 mod error;
 pub mod exit;
+pub mod linux_guest;
 pub mod node;
 
 pub use error::QemuError;

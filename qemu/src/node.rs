@@ -56,12 +56,15 @@ pub enum Boot {
     /// A bootable ISO via the firmware and GRUB (`-cdrom`); the command line
     /// is baked into its `grub.cfg`.
     Iso(PathBuf),
-    /// A Linux bzImage via `-kernel` (the boot benchmark's baseline).
+    /// A Linux bzImage via `-kernel` (the benchmarks' baseline), optionally
+    /// with an initramfs (`-initrd`, see [`crate::linux_guest`]).
     Linux {
         /// The bzImage.
         kernel: PathBuf,
         /// Kernel command line.
         cmdline: String,
+        /// Initramfs (`-initrd`), if any.
+        initrd: Option<PathBuf>,
     },
 }
 
@@ -72,6 +75,39 @@ pub struct NvmeDisk {
     pub path: PathBuf,
     /// Size when created.
     pub size_mib: u64,
+}
+
+/// A VM-to-VM Ethernet segment: QEMU's `socket` netdev on a UDP multicast
+/// group over the host's loopback. Every NIC joined to the same group and
+/// port sees every frame the others send, like a hub; nothing leaves the
+/// host and no privileges are needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct L2Segment {
+    /// Multicast group (239.0.0.0/8 is site-local).
+    pub group: std::net::Ipv4Addr,
+    /// UDP port; distinct per segment so clusters never hear each other.
+    pub port: u16,
+}
+
+impl L2Segment {
+    /// A segment on group 239.70.0.1 and a currently free UDP port.
+    pub fn pick() -> Result<Self, QemuError> {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(QemuError::io(
+            "binding a probe socket on",
+            Path::new("127.0.0.1"),
+        ))?;
+        let port = s
+            .local_addr()
+            .map_err(QemuError::io(
+                "reading the probe socket of",
+                Path::new("127.0.0.1"),
+            ))?
+            .port();
+        Ok(L2Segment {
+            group: std::net::Ipv4Addr::new(239, 70, 0, 1),
+            port,
+        })
+    }
 }
 
 /// Everything needed to launch one appliance.
@@ -91,6 +127,9 @@ pub struct NodeSpec {
     pub hostfwd: Vec<(u16, u16)>,
     /// NVMe disks.
     pub nvme: Vec<NvmeDisk>,
+    /// A further NIC on this VM-to-VM segment (after the user-mode ones),
+    /// if any.
+    pub l2: Option<L2Segment>,
     /// Accelerator.
     pub accel: Accel,
     /// Serial console output file.
@@ -116,6 +155,7 @@ impl NodeSpec {
             nics: 0,
             hostfwd: Vec::new(),
             nvme: Vec::new(),
+            l2: None,
             accel: Accel::Tcg,
             serial_log: serial_log.to_path_buf(),
             pidfile: None,
@@ -165,9 +205,20 @@ impl NodeSpec {
             a.extend(["-pidfile".into(), p.display().to_string()]);
         }
         match &self.boot {
-            Boot::Elf { kernel, cmdline } | Boot::Linux { kernel, cmdline } => {
+            Boot::Elf { kernel, cmdline } => {
                 a.extend(["-kernel".into(), kernel.display().to_string()]);
                 a.extend(["-append".into(), cmdline.clone()]);
+            }
+            Boot::Linux {
+                kernel,
+                cmdline,
+                initrd,
+            } => {
+                a.extend(["-kernel".into(), kernel.display().to_string()]);
+                a.extend(["-append".into(), cmdline.clone()]);
+                if let Some(i) = initrd {
+                    a.extend(["-initrd".into(), i.display().to_string()]);
+                }
             }
             Boot::Iso(iso) => {
                 a.extend(["-cdrom".into(), iso.display().to_string()]);
@@ -192,6 +243,21 @@ impl NodeSpec {
                 ),
             ]);
         }
+        if let Some(l2) = &self.l2 {
+            a.extend([
+                "-netdev".into(),
+                format!(
+                    "socket,id=l2,mcast={}:{},localaddr=127.0.0.1",
+                    l2.group, l2.port
+                ),
+                "-device".into(),
+                format!(
+                    "virtio-net-pci,netdev=l2,disable-legacy=on,mac=52:54:00:fb:{:02x}:{:02x}",
+                    (self.index >> 8) & 0xff,
+                    self.index & 0xff
+                ),
+            ]);
+        }
         for (i, d) in self.nvme.iter().enumerate() {
             a.extend([
                 "-drive".into(),
@@ -203,6 +269,9 @@ impl NodeSpec {
         a
     }
 }
+
+/// Open-file limit QEMU is started with (or the hard limit, if lower).
+const QEMU_OPEN_FILES: libc::rlim_t = 16_384;
 
 /// Fails with [`QemuError::QemuMissing`] unless QEMU can be run.
 pub fn check_qemu() -> Result<(), QemuError> {
@@ -242,7 +311,11 @@ impl Appliance {
         paths.extend(spec.pidfile.as_deref());
         paths.extend(spec.nvme.iter().map(|d| d.path.as_path()));
         match &spec.boot {
-            Boot::Elf { kernel, .. } | Boot::Linux { kernel, .. } => paths.push(kernel),
+            Boot::Elf { kernel, .. } => paths.push(kernel),
+            Boot::Linux { kernel, initrd, .. } => {
+                paths.push(kernel);
+                paths.extend(initrd.as_deref());
+            }
             Boot::Iso(iso) => paths.push(iso),
         }
         if let Some(p) = paths.iter().find(|p| p.to_string_lossy().contains(',')) {
@@ -279,6 +352,33 @@ impl Appliance {
                     Ok(())
                 });
             }
+        }
+        // User networking holds one host socket per forwarded connection:
+        // let QEMU hold many (floods of connections are part of the tests).
+        // SAFETY: runs in the forked child before exec and only calls
+        // setrlimit(2), which is async-signal-safe; failure leaves the
+        // inherited limit.
+        unsafe {
+            cmd.pre_exec(|| {
+                let lim = libc::rlimit {
+                    rlim_cur: QEMU_OPEN_FILES,
+                    rlim_max: QEMU_OPEN_FILES,
+                };
+                let mut cur = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) == 0 {
+                    let want = libc::rlimit {
+                        rlim_cur: lim.rlim_cur.min(cur.rlim_max.max(cur.rlim_cur)),
+                        rlim_max: cur.rlim_max,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        libc::setrlimit(libc::RLIMIT_NOFILE, &want);
+                    }
+                }
+                Ok(())
+            });
         }
         let child = cmd.spawn().map_err(|e| match e.kind() {
             ErrorKind::NotFound => QemuError::QemuMissing {
@@ -488,5 +588,21 @@ mod tests {
         let err = Appliance::launch(bad).unwrap_err().to_string();
         assert!(err.contains("contains a comma"), "{err}");
         assert!("xen".parse::<Accel>().is_err());
+    }
+
+    #[test]
+    fn linux_boot_passes_the_initrd() {
+        let boot = Boot::Linux {
+            kernel: "/vmlinuz".into(),
+            cmdline: "console=ttyS0".into(),
+            initrd: Some("/i.cpio".into()),
+        };
+        let a = NodeSpec::new("l", boot, Path::new("/tmp/l.log"))
+            .args()
+            .join(" ");
+        assert!(
+            a.contains("-kernel /vmlinuz -append console=ttyS0 -initrd /i.cpio"),
+            "{a}"
+        );
     }
 }

@@ -12,6 +12,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use fractos_sdk::wire::Rights;
+use fractos_sdk::Process;
 
 use crate::demo::{attach, start_cluster};
 use crate::PipelineError;
@@ -165,7 +166,32 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, PipelineError> {
     let nodes = start_cluster().map_err(|e| PipelineError::Protocol(e.to_string()))?;
     let a = attach(&nodes[0], "bench-a")?;
     let b = attach(&nodes[1], "bench-b")?;
+    let m = measure(&a, &b, cfg)?;
+    drop(a);
+    drop(b);
+    Ok(BenchReport {
+        invoke_rtt_us: m.invoke_rtt_us,
+        tcp_rtt_us: tcp_rtt,
+        copy_gbps: m.copy_gbps,
+        tcp_stream_gbps: tcp_bw,
+    })
+}
 
+/// What [`measure`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Measured {
+    /// Median invoke round trip (A invokes B's Request, B invokes A's
+    /// continuation), µs.
+    pub invoke_rtt_us: f64,
+    /// Copy bandwidth from A's memory into B's, GB/s (10^9 bytes/s).
+    pub copy_gbps: f64,
+}
+
+/// Measures invoke round trips and copies between two attached processes
+/// (on one controller or two): `cfg.round_trips` round trips after a 10%
+/// warm-up, then `cfg.copies` copies of `cfg.copy_bytes`, checking the
+/// bytes that arrived. Names published under `bench/` must be free.
+pub fn measure(a: &Process, b: &Process, cfg: &BenchConfig) -> Result<Measured, PipelineError> {
     // B: SETUP hands over A's continuation once; PING invokes it.
     let (k_tx, k_rx) = std::sync::mpsc::channel();
     b.serve(SETUP, move |_p, inv| {
@@ -234,12 +260,8 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, PipelineError> {
             "copied bytes differ from the source".into(),
         ));
     }
-    drop(a);
-    drop(b);
-    Ok(BenchReport {
+    Ok(Measured {
         invoke_rtt_us: invoke_rtt,
-        tcp_rtt_us: tcp_rtt,
         copy_gbps,
-        tcp_stream_gbps: tcp_bw,
     })
 }

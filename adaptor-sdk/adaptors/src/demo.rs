@@ -7,7 +7,9 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fractos_core::process_token;
+use std::net::SocketAddr;
+
+use fractos_core::{process_token, LinkTraffic};
 use fractos_hosted::{spawn, HostedConfig, Running};
 use fractos_sdk::wire::NodeId;
 use fractos_sdk::{AttachOptions, Process};
@@ -219,6 +221,149 @@ pub enum DemoError {
     /// Setup I/O failed.
     #[error("demo storage: {0}")]
     Storage(#[from] crate::StorageError),
+    /// A controller did not link to its peers in time.
+    #[error("the controller with metrics at {addr} linked {linked} of {peers} peers in time; check its serial log")]
+    NotLinked {
+        /// Its metrics endpoint.
+        addr: SocketAddr,
+        /// Peers linked.
+        linked: usize,
+        /// Peers expected.
+        peers: usize,
+    },
+    /// A remote controller's metrics endpoint could not be read.
+    #[error(
+        "reading metrics from {addr}: {source}; is the controller running with a metrics port?"
+    )]
+    Metrics {
+        /// The endpoint.
+        addr: SocketAddr,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
+/// A controller the demo's processes attach to.
+pub enum DemoNode {
+    /// An embedded hosted controller.
+    Hosted(Running),
+    /// A controller reached over TCP (e.g. an appliance VM), whose traffic
+    /// counters are read from its Prometheus endpoint.
+    Remote {
+        /// Where processes attach.
+        process_addr: SocketAddr,
+        /// Its `GET /metrics` endpoint.
+        metrics_addr: SocketAddr,
+    },
+}
+
+impl DemoNode {
+    /// Where processes attach.
+    pub fn process_addr(&self) -> SocketAddr {
+        match self {
+            DemoNode::Hosted(r) => r.process_addr(),
+            DemoNode::Remote { process_addr, .. } => *process_addr,
+        }
+    }
+
+    /// Controller-to-controller traffic so far (all peers).
+    pub fn peer_traffic(&self) -> Result<LinkTraffic, DemoError> {
+        match self {
+            DemoNode::Hosted(r) => Ok(r.traffic()?.peer_total()),
+            DemoNode::Remote { metrics_addr, .. } => {
+                Ok(peer_traffic_from_metrics(&scrape_metrics(*metrics_addr)?))
+            }
+        }
+    }
+}
+
+/// Waits until every remote node reports `peers` authenticated peer
+/// controllers on its metrics endpoint (embedded nodes are linked by
+/// [`start_cluster_in`] already). Fails after `timeout` with the counts seen.
+pub fn wait_linked(nodes: &[DemoNode], peers: usize, timeout: Duration) -> Result<(), DemoError> {
+    let deadline = std::time::Instant::now() + timeout;
+    for n in nodes {
+        let DemoNode::Remote { metrics_addr, .. } = n else {
+            continue;
+        };
+        loop {
+            let text = scrape_metrics(*metrics_addr)?;
+            let linked = text
+                .lines()
+                .find(|l| l.starts_with("fractos_peers_connected{"))
+                .and_then(|l| l.rsplit_once(' '))
+                .and_then(|(_, v)| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if linked >= peers {
+                break;
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(DemoError::NotLinked {
+                    addr: *metrics_addr,
+                    linked,
+                    peers,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    Ok(())
+}
+
+/// Fetches the Prometheus text from `GET http://addr/metrics`.
+pub fn scrape_metrics(addr: SocketAddr) -> Result<String, DemoError> {
+    use std::io::{Read, Write};
+    let err = |source| DemoError::Metrics { addr, source };
+    let mut s =
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(err)?;
+    s.set_read_timeout(Some(Duration::from_secs(20)))
+        .map_err(err)?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: fractos\r\nConnection: close\r\n\r\n")
+        .map_err(err)?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).map_err(err)?;
+    let bad = |what: &str| {
+        err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            what.to_string(),
+        ))
+    };
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no HTTP header end"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(bad(head.lines().next().unwrap_or("empty response")));
+    }
+    Ok(body.to_string())
+}
+
+/// Sums the peer-link lines of `fractos_traffic_{bytes,frames}_total`.
+pub fn peer_traffic_from_metrics(text: &str) -> LinkTraffic {
+    let mut t = LinkTraffic::default();
+    for line in text.lines() {
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        if !name.contains("link=\"peer\"") {
+            continue;
+        }
+        let Ok(v) = value.parse::<u64>() else {
+            continue;
+        };
+        let out = name.contains("direction=\"out\"");
+        match (
+            name.starts_with("fractos_traffic_bytes_total{"),
+            name.starts_with("fractos_traffic_frames_total{"),
+            out,
+        ) {
+            (true, _, true) => t.bytes_out += v,
+            (true, _, false) => t.bytes_in += v,
+            (_, true, true) => t.frames_out += v,
+            (_, true, false) => t.frames_in += v,
+            _ => {}
+        }
+    }
+    t
 }
 
 /// The demo's cluster key (the embedded cluster is private to the process).
@@ -273,20 +418,26 @@ pub fn start_cluster() -> Result<Vec<Running>, DemoError> {
 
 /// Attaches a process named `name` to `node` with the demo key.
 pub fn attach(node: &Running, name: &str) -> Result<Process, PipelineError> {
+    attach_to(node.process_addr(), name)
+}
+
+/// Attaches a process named `name` to the controller at `addr` with the
+/// demo key.
+pub fn attach_to(addr: SocketAddr, name: &str) -> Result<Process, PipelineError> {
     let opts = AttachOptions::default().op_timeout(Duration::from_secs(20));
     Ok(Process::attach(
-        node.process_addr(),
+        addr,
         name,
         process_token(&DEMO_KEY, name.as_bytes()),
         opts,
     )?)
 }
 
-fn inter_node(nodes: &[Running]) -> Result<(u64, u64), DemoError> {
+fn inter_node(nodes: &[DemoNode]) -> Result<(u64, u64), DemoError> {
     let mut bytes = 0;
     let mut frames = 0;
     for n in nodes {
-        let t = n.traffic()?.peer_total();
+        let t = n.peer_traffic()?;
         bytes += t.bytes_out;
         frames += t.frames_out;
     }
@@ -314,9 +465,32 @@ pub fn run(
 pub fn run_in(
     cfg: &DemoConfig,
     net: Option<&Netns>,
+    progress: impl FnMut(&str, usize, usize),
+) -> Result<DemoReport, DemoError> {
+    let nodes: Vec<DemoNode> = start_cluster_in(net)?
+        .into_iter()
+        .map(DemoNode::Hosted)
+        .collect();
+    run_on(cfg, &nodes, net, progress)
+}
+
+/// Runs the demo on three controllers that already form a cluster with the
+/// demo key ([`DEMO_KEY`]): storage on `nodes[0]`, compute on `nodes[1]`,
+/// the client on `nodes[2]`. `net` is where the embedded nodes live
+/// (processes are attached from inside it), `None` for anything reachable
+/// from here.
+pub fn run_on(
+    cfg: &DemoConfig,
+    nodes: &[DemoNode],
+    net: Option<&Netns>,
     mut progress: impl FnMut(&str, usize, usize),
 ) -> Result<DemoReport, DemoError> {
-    let nodes = start_cluster_in(net)?;
+    if nodes.len() < 3 {
+        return Err(DemoError::Pipeline(PipelineError::Protocol(format!(
+            "the demo needs 3 controllers, got {}",
+            nodes.len()
+        ))));
+    }
     let image_bytes = encoded_len(cfg.image_side, cfg.image_side);
     let slot = image_bytes as u64;
     // Unique per run: several demos may run in one process (tests).
@@ -350,17 +524,21 @@ pub fn run_in(
         .map_err(|e| PipelineError::Protocol(e.to_string()))?;
 
     let storage = in_node(net, 0, || -> Result<Process, PipelineError> {
-        let p = attach(&nodes[0], "storage")?;
+        let p = attach_to(nodes[0].process_addr(), "storage")?;
         serve_storage(&p, store, slot)?;
         Ok(p)
     })??;
     let compute = in_node(net, 1, || -> Result<Process, PipelineError> {
-        let p = attach(&nodes[1], "compute")?;
+        let p = attach_to(nodes[1].process_addr(), "compute")?;
         serve_compute(&p, backend, enrolled, slot)?;
         Ok(p)
     })??;
     let client = in_node(net, 2, || {
-        Client::connect(attach(&nodes[2], "client")?, slot, Duration::from_secs(10))
+        Client::connect(
+            attach_to(nodes[2].process_addr(), "client")?,
+            slot,
+            Duration::from_secs(10),
+        )
     })??;
 
     type Mode = fn(&Client, u64, u64) -> Result<Verdict, PipelineError>;
@@ -374,7 +552,7 @@ pub fn run_in(
         for i in 0..cfg.warmup {
             f(&client, (i % cfg.images) as u64 * slot, slot)?;
         }
-        let (b0, m0) = inter_node(&nodes)?;
+        let (b0, m0) = inter_node(nodes)?;
         let mut lat = Vec::with_capacity(cfg.requests);
         let mut scores = Vec::with_capacity(cfg.requests);
         for i in 0..cfg.requests {
@@ -383,7 +561,7 @@ pub fn run_in(
             scores.push(v.score);
             progress(name, i + 1, cfg.requests);
         }
-        let (b1, m1) = inter_node(&nodes)?;
+        let (b1, m1) = inter_node(nodes)?;
         lat.sort_by(|a, b| a.total_cmp(b));
         reports.push(ModeReport {
             inter_node_bytes: b1 - b0,

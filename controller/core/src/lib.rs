@@ -55,11 +55,13 @@ mod controller;
 mod copy;
 mod metrics;
 mod names;
+pub mod prometheus;
 mod table;
 
 pub use auth::process_token;
 pub use controller::{CapDebug, Controller};
 pub use metrics::{Metrics, OpKind, LATENCY_BUCKETS};
+pub use prometheus::{LinkTraffic, Traffic};
 
 use core::time::Duration;
 

@@ -1,4 +1,4 @@
-//! Counters the drivers export (Prometheus in the hosted controller).
+//! Counters the drivers export (rendered by [`crate::prometheus`]).
 
 use fractos_wire::ErrorCode;
 

@@ -17,6 +17,7 @@ fn demo_writes_the_documented_json() {
     let out = fractos()
         .args([
             "demo",
+            "--hosted",
             "--requests",
             "3",
             "--image-side",

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fractos_core::{ChannelId, CloseReason, Config, Controller, Dest, Instant, LinkId, Output};
+use fractos_core::{
+    ChannelId, CloseReason, Config, Controller, Dest, Instant, LinkId, LinkTraffic, Output, Traffic,
+};
 use fractos_wire::{FrameSplitter, NodeId};
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -16,48 +18,6 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::{HostedConfig, HostedError};
-
-/// Bytes and frames that crossed one link or channel, each direction.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LinkTraffic {
-    /// Frames received.
-    pub frames_in: u64,
-    /// Bytes received (length prefixes included).
-    pub bytes_in: u64,
-    /// Frames sent.
-    pub frames_out: u64,
-    /// Bytes sent (length prefixes included).
-    pub bytes_out: u64,
-}
-
-impl LinkTraffic {
-    fn add(&mut self, o: &LinkTraffic) {
-        self.frames_in += o.frames_in;
-        self.bytes_in += o.bytes_in;
-        self.frames_out += o.frames_out;
-        self.bytes_out += o.bytes_out;
-    }
-}
-
-/// Traffic of a controller, split by kind of link.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Traffic {
-    /// Controller↔controller traffic per peer node (all links to it, ever).
-    pub peers: BTreeMap<u32, LinkTraffic>,
-    /// Process↔controller traffic, all channels together (ever).
-    pub processes: LinkTraffic,
-}
-
-impl Traffic {
-    /// Sum of all controller↔controller traffic.
-    pub fn peer_total(&self) -> LinkTraffic {
-        let mut t = LinkTraffic::default();
-        for l in self.peers.values() {
-            t.add(l);
-        }
-        t
-    }
-}
 
 pub(crate) enum Event {
     ProcOpened(TcpStream),
@@ -598,7 +558,10 @@ impl EventLoop {
             }
             Event::AddPeer(node, addr) => self.add_peer(node, addr),
             Event::Metrics(reply) => {
-                let _ = reply.send(crate::metrics::render(&self.ctrl, &self.traffic_snapshot()));
+                let _ = reply.send(fractos_core::prometheus::render(
+                    &self.ctrl,
+                    &self.traffic_snapshot(),
+                ));
             }
             Event::Traffic(reply) => {
                 let _ = reply.send(self.traffic_snapshot());

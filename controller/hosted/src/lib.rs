@@ -29,8 +29,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub use config::{parse_key, FileConfig};
-pub use driver::{run, spawn, LinkTraffic, Running, Traffic};
+pub use driver::{run, spawn, Running};
 use fractos_core::Limits;
+pub use fractos_core::{LinkTraffic, Traffic};
 use fractos_wire::NodeId;
 
 /// Configuration of a hosted controller.

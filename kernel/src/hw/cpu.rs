@@ -59,7 +59,15 @@ static IDT: Once<Idt> = Once::new();
 
 extern "C" {
     static fractos_isr_stubs: u8;
+    static fractos_tick_isr: u8;
+    static fractos_spurious_isr: u8;
 }
+
+/// Vector of the idle tick (IRQ 0 of the remapped 8259 PIC, see
+/// [`super::idle`]).
+pub const TICK_VECTOR: usize = 0x20;
+/// Vectors of the 8259s' spurious IRQ 7 and 15.
+pub const SPURIOUS_VECTORS: [usize; 2] = [0x27, 0x2f];
 
 fn gate(handler: u64, selector: u16, ist: u8) -> [u64; 2] {
     let low = (handler & 0xffff)
@@ -113,6 +121,10 @@ pub fn init() {
             };
             *entry = gate(stubs + 16 * v as u64, code.0, ist);
         }
+        idt.0[TICK_VECTOR] = gate(&raw const fractos_tick_isr as u64, code.0, 3);
+        for v in SPURIOUS_VECTORS {
+            idt.0[v] = gate(&raw const fractos_spurious_isr as u64, code.0, 3);
+        }
         idt
     });
     let ptr = DescriptorTablePointer {
@@ -160,6 +172,24 @@ fractos_isr_common:
     cld
     call fractos_trap
     ud2
+
+    // The idle tick only wakes the CPU from `hlt`: acknowledge it at the
+    // master PIC and return. Runs on IST 3; touches only %al.
+    .balign 16
+    .global fractos_tick_isr
+fractos_tick_isr:
+    pushq %rax
+    movb $0x20, %al
+    outb %al, $0x20
+    popq %rax
+    iretq
+
+    // A spurious PIC interrupt is not acknowledged (8259 rules for IRQ 7;
+    // IRQ 15 would need the master's EOI but is masked with the slave).
+    .balign 16
+    .global fractos_spurious_isr
+fractos_spurious_isr:
+    iretq
     .popsection
 "#,
     options(att_syntax)

@@ -79,3 +79,13 @@ pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 /// (panic = "abort").
 #[no_mangle]
 pub extern "C" fn rust_eh_personality() {}
+
+/// Referenced by cleanup paths in the precompiled `alloc` (e.g.
+/// `alloc::fmt::format`), which was built with unwinding; with
+/// panic = "abort" no unwind ever starts, so reaching this is a bug: it
+/// ends the run with the panic exit code.
+#[no_mangle]
+pub extern "C" fn _Unwind_Resume() -> ! {
+    crate::kprintln!("\n!!! FRACTOS PANIC: _Unwind_Resume called under panic=abort");
+    super::pio::exit(fractos_kernel::exit::ExitReason::Panic)
+}

@@ -2,6 +2,7 @@
 
 pub mod cpu;
 pub mod dma;
+pub mod idle;
 pub mod libc;
 pub mod net;
 pub mod nvme;

@@ -87,7 +87,7 @@ unsafe impl Hal for KernelHal {
 /// The driver type the kernel uses.
 pub type Device = VirtioNet<KernelHal, PciTransport, QUEUE>;
 
-/// The first NIC, brought up, with its smoltcp interface.
+/// A NIC, brought up, with its smoltcp interface.
 pub struct Net {
     /// Where it sits on the PCI bus.
     pub bdf: Bdf,
@@ -153,14 +153,25 @@ pub fn now() -> Instant {
 }
 
 /// Brings up every virtio-net function in `devices` (logging
-/// `net: <bdf> mac=...` for each) and returns the first one that works,
-/// with an interface configured from `config`. `mmio` lists the BAR windows
-/// the page tables mapped uncached. Failures are logged as warnings.
-pub fn bring_up(devices: &[PciFunction], mmio: &[(u64, u64)], config: &Config) -> Option<Net> {
+/// `net: <bdf> mac=...` for each) and returns the ones used, each with an
+/// interface: the first NIC gets `fractos.ip`/`fractos.gw`, the second
+/// `fractos.ip1` (no gateway; the peer network) if set. `mmio` lists the
+/// BAR windows the page tables mapped uncached. Failures are logged as
+/// warnings.
+pub fn bring_up(devices: &[PciFunction], mmio: &[(u64, u64)], config: &Config) -> Vec<Net> {
     MMIO.call_once(|| mmio.to_vec());
-    let mut first: Option<(Bdf, Device)> = None;
+    let mut nics = Vec::new();
     for f in devices.iter().filter(|f| is_virtio_net(f.vendor, f.device)) {
         let bdf = Bdf(f.address);
+        let ip = match nics.len() {
+            0 => Some((config.ip, config.gateway)),
+            1 => config.ip1.map(|ip| (ip, None)),
+            _ => None,
+        };
+        let Some((ip, gateway)) = ip else {
+            info!("net: {bdf} not used (no address configured for it)");
+            continue;
+        };
         match init_one(f) {
             Ok(dev) => {
                 info!("net: {bdf} mac={}", Mac(dev.mac_address()));
@@ -169,41 +180,40 @@ pub fn bring_up(devices: &[PciFunction], mmio: &[(u64, u64)], config: &Config) -
                     dev.features(),
                     dev.rx_posted()
                 );
-                if first.is_none() {
-                    first = Some((bdf, dev));
-                } else {
-                    // Only the first NIC is used for now; a dropped driver
-                    // resets its device.
-                    info!("net: {bdf} not used (only the first NIC is)");
-                }
+                nics.push(configure(bdf, dev, ip, gateway));
             }
             Err(e) => warn!("net: {bdf}: bring-up failed, continuing without it: {e}"),
         }
     }
-    let Some((bdf, mut dev)) = first else {
+    if nics.is_empty() {
         warn!("net: no usable virtio-net NIC; continuing without networking");
-        return None;
-    };
+    }
+    nics
+}
+
+fn configure(
+    bdf: Bdf,
+    mut dev: Device,
+    ip: fractos_kernel::config::Ipv4Net,
+    gateway: Option<core::net::Ipv4Addr>,
+) -> Net {
     let mut c = IfaceConfig::new(HardwareAddress::Ethernet(dev.mac_address()));
-    c.random_seed = time::now_ns() ^ 0x6e65_7466_7261_6374;
+    c.random_seed = time::now_ns() ^ 0x6e65_7466_7261_6374 ^ u64::from(bdf.0.device());
     let mut iface = Interface::new(c, &mut dev, now());
     iface.update_ip_addrs(|a| {
         // One address into an empty list: cannot be full.
-        let _ = a.push(IpCidr::new(
-            IpAddress::Ipv4(config.ip.addr),
-            config.ip.prefix_len,
-        ));
+        let _ = a.push(IpCidr::new(IpAddress::Ipv4(ip.addr), ip.prefix_len));
     });
-    if let Some(gw) = config.gateway {
+    if let Some(gw) = gateway {
         if iface.routes_mut().add_default_ipv4_route(gw).is_err() {
             warn!("net: default route via {gw} not added (route table full)");
         }
     }
-    match config.gateway {
-        Some(gw) => info!("net: {bdf} ip {} gateway {gw}", config.ip),
-        None => info!("net: {bdf} ip {} (no gateway)", config.ip),
+    match gateway {
+        Some(gw) => info!("net: {bdf} ip {ip} gateway {gw}"),
+        None => info!("net: {bdf} ip {ip} (no gateway)"),
     }
-    Some(Net { bdf, dev, iface })
+    Net { bdf, dev, iface }
 }
 
 fn init_one(f: &PciFunction) -> Result<Device, BringUpError> {

@@ -73,3 +73,54 @@ pub fn now_ns() -> u64 {
     }
     (u128::from(rdtsc()) * 1_000_000_000 / u128::from(hz)) as u64
 }
+
+/// Wall-clock seconds since 1970 from the CMOS real-time clock (UTC as
+/// QEMU and most firmware keep it), or 0 if it reads as nonsense. Only used
+/// to make each boot's controller incarnation distinct, so a coarse,
+/// unsynchronised read is enough.
+pub fn rtc_unix_seconds() -> u64 {
+    fn read(reg: u8) -> u8 {
+        let mut index = Port::<u8>::new(0x70);
+        let mut data = Port::<u8>::new(0x71);
+        // SAFETY: ports 0x70/0x71 are the CMOS index/data pair; selecting a
+        // clock register (with NMIs left enabled, bit 7 clear) and reading
+        // it has no other effect.
+        unsafe {
+            index.write(reg & 0x7f);
+            data.read()
+        }
+    }
+    // Wait out an update in progress (bit 7 of status A), bounded.
+    for _ in 0..100_000 {
+        if read(0x0a) & 0x80 == 0 {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    let binary = read(0x0b) & 0x04 != 0;
+    let v = |r: u8| {
+        let x = read(r);
+        u64::from(if binary {
+            x
+        } else {
+            (x & 0x0f) + (x >> 4) * 10
+        })
+    };
+    let (s, m, h) = (v(0x00), v(0x02), v(0x04) % 24);
+    let (day, month, year) = (v(0x07), v(0x08), 2000 + v(0x09));
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return 0;
+    }
+    // Days since 1970-01-01 (civil-from-days inverse, Howard Hinnant's).
+    let (y, mo) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * mo + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    days * 86_400 + h * 3600 + m * 60 + s
+}

@@ -1,7 +1,6 @@
 //! `fractos bench boot`: boot-to-ready time against a Debian Linux kernel.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -105,7 +104,11 @@ fn boot(a: BootArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let linux = match &a.linux_kernel {
         Some(k) => k.clone(),
-        None => fetch_debian_kernel(&ws.target.join("linux"))?,
+        None => {
+            fractos_qemu::linux_guest::fetch_debian_kernel(&ws.target.join("linux"))
+                .context("fetching Debian's kernel (or pass --linux-kernel PATH)")?
+                .vmlinuz
+        }
     };
 
     let fractos = Boot::Elf {
@@ -115,6 +118,7 @@ fn boot(a: BootArgs) -> anyhow::Result<()> {
     let linux_boot = Boot::Linux {
         kernel: linux.clone(),
         cmdline: "console=ttyS0 panic=-1".into(),
+        initrd: None,
     };
     // Alternate the two so that background load hits both alike.
     let (mut f, mut l) = (Vec::new(), Vec::new());
@@ -158,64 +162,6 @@ fn boot(a: BootArgs) -> anyhow::Result<()> {
         println!("wrote {}", p.display());
     }
     Ok(())
-}
-
-/// Downloads Debian's current `linux-image-*-amd64` package (the one
-/// `linux-image-amd64` depends on) into `dir` and returns its vmlinuz.
-fn fetch_debian_kernel(dir: &Path) -> anyhow::Result<PathBuf> {
-    std::fs::create_dir_all(dir)?;
-    if let Some(k) = find_vmlinuz(&dir.join("root"))? {
-        return Ok(k);
-    }
-    let out = Command::new("apt-cache")
-        .args(["depends", "linux-image-amd64"])
-        .output()
-        .context("running apt-cache (Debian/Ubuntu only; or pass --linux-kernel PATH)")?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let pkg = text
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("Depends: "))
-        .find(|p| p.starts_with("linux-image-") && !p.contains("unsigned"))
-        .map(str::to_string)
-        .context("apt-cache knows no linux-image-amd64: run `apt-get update` first, or pass --linux-kernel PATH")?;
-    eprintln!("fetching {pkg} with apt-get download");
-    let st = Command::new("apt-get")
-        .args(["download", &pkg])
-        .current_dir(dir)
-        .status()
-        .context("running apt-get")?;
-    if !st.success() {
-        bail!("`apt-get download {pkg}` failed ({st}); pass --linux-kernel PATH instead");
-    }
-    let deb = std::fs::read_dir(dir)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .context("apt-get download produced no .deb")?;
-    let st = Command::new("dpkg-deb")
-        .arg("-x")
-        .arg(&deb)
-        .arg(dir.join("root"))
-        .status()
-        .context("running dpkg-deb")?;
-    if !st.success() {
-        bail!("`dpkg-deb -x {}` failed ({st})", deb.display());
-    }
-    find_vmlinuz(&dir.join("root"))?.context("the package has no /boot/vmlinuz-*")
-}
-
-fn find_vmlinuz(root: &Path) -> anyhow::Result<Option<PathBuf>> {
-    let boot = root.join("boot");
-    if !boot.is_dir() {
-        return Ok(None);
-    }
-    Ok(std::fs::read_dir(boot)?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
-        }))
 }
 
 #[cfg(test)]

@@ -1,13 +1,22 @@
-//! `fractos demo`: the verification pipeline in three modes on an embedded
-//! 3-node cluster of hosted controllers with the reference adaptors.
+//! `fractos demo`: the verification pipeline in three modes on a 3-node
+//! cluster with the reference adaptors: three appliance VMs under QEMU
+//! (the default when QEMU is installed) or three embedded hosted
+//! controllers (the fallback, or `--hosted`).
 
 use std::io::Write;
 use std::path::PathBuf;
 
+use std::time::Duration;
+
 use anyhow::Context;
 use clap::Args;
-use fractos_adaptors::demo::{run_in, DemoConfig};
+use fractos_adaptors::demo::{
+    run_in, run_on, wait_linked, DemoConfig, DemoNode, DemoReport, DEMO_KEY,
+};
 use fractos_adaptors::netns::{LinkModel, Netns};
+use fractos_qemu::build::{self, Workspace};
+use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
+use fractos_qemu::node::Accel;
 
 /// Options of `fractos demo`.
 #[derive(Debug, Args)]
@@ -38,6 +47,19 @@ pub struct DemoArgs {
     /// --netns: bandwidth of each node's uplink in Mbit/s.
     #[arg(long, default_value_t = 1000)]
     pub rate_mbit: u32,
+    /// Run every node's controller as an appliance VM under QEMU (the
+    /// default when QEMU is installed), linked over a VM-to-VM segment.
+    #[arg(long, conflicts_with_all = ["hosted", "netns"])]
+    pub appliance: bool,
+    /// Use embedded hosted controllers even when QEMU is installed.
+    #[arg(long)]
+    pub hosted: bool,
+    /// --appliance: kernel ELF to boot [default: build it].
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// --appliance: CPU accelerator (tcg works everywhere).
+    #[arg(long, default_value = "tcg")]
+    pub accel: Accel,
 }
 
 /// Runs `fractos demo`.
@@ -55,21 +77,40 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         warmup: 3,
         stride: a.stride,
     };
-    let net = if a.netns {
-        let model = LinkModel {
-            delay_us: a.delay_us,
-            rate_mbit: a.rate_mbit,
-        };
-        Some(Netns::create(3, model).context("cannot set up network namespaces")?)
+    let appliance = if a.appliance {
+        fractos_qemu::node::check_qemu()
+            .context("--appliance needs QEMU (or run with --hosted)")?;
+        true
+    } else if a.hosted || a.netns {
+        false
     } else {
-        None
+        match fractos_qemu::node::check_qemu() {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("{e}\nfalling back to embedded hosted controllers");
+                false
+            }
+        }
     };
-    eprintln!(
-        "FractOS pipeline demo: storage (node 1) -> compute (node 2) -> client (node 3), hosted controllers{}",
-        if a.netns { " in network namespaces" } else { " on loopback" }
-    );
+    let report = if appliance {
+        run_appliances(&a, &cfg)?
+    } else {
+        run_hosted(&a, &cfg)?
+    };
+    println!();
+    print!("{}", report.table());
+    if let Some(path) = a.json {
+        std::fs::write(&path, report.to_json())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Prints a progress bar per mode.
+fn progress() -> impl FnMut(&str, usize, usize) {
     let mut last = String::new();
-    let report = run_in(&cfg, net.as_ref(), |mode, done, total| {
+    move |mode, done, total| {
         let line = format!(
             "\r  {mode:<12} {done:>5}/{total} [{}{}]",
             "#".repeat(done * 30 / total),
@@ -83,14 +124,78 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         if done == total {
             eprintln!();
         }
-    })
-    .context("the demo failed")?;
-    println!();
-    print!("{}", report.table());
-    if let Some(path) = a.json {
-        std::fs::write(&path, report.to_json())
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
     }
-    Ok(())
+}
+
+/// Boots three appliances (nodes 0, 1, 2) and runs the demo on them.
+fn run_appliances(a: &DemoArgs, cfg: &DemoConfig) -> anyhow::Result<DemoReport> {
+    let kernel = match &a.kernel {
+        Some(k) => k.clone(),
+        None => {
+            eprintln!("building the appliance kernel…");
+            build::build_kernel(&Workspace::locate())?
+        }
+    };
+    let state_dir = super::default_state_dir().join("demo");
+    let leftover = fractos_qemu::cluster::down(&state_dir)?;
+    for (name, pid) in leftover {
+        eprintln!("stopped leftover {name} (pid {pid}) of an earlier demo");
+    }
+    let setup = ControllerSetup::new(3, DEMO_KEY)?;
+    let spec = ClusterSpec {
+        nodes: 3,
+        kernel,
+        cmdline: String::new(),
+        memory_mib: 256,
+        nics: 1,
+        nvme_mib: vec![],
+        accel: a.accel,
+        state_dir: state_dir.clone(),
+        die_with_parent: true,
+        controller: Some(setup.clone()),
+    };
+    let mut cluster = Cluster::launch(&spec)?;
+    cluster
+        .wait_ready(Duration::from_secs(300))
+        .with_context(|| format!("serial logs are in {}", state_dir.display()))?;
+    let nodes: Vec<DemoNode> = (0..3)
+        .map(|i| DemoNode::Remote {
+            process_addr: setup.process_addr(i).expect("3 nodes"),
+            metrics_addr: setup.metrics_addr(i).expect("3 nodes"),
+        })
+        .collect();
+    wait_linked(&nodes, 2, Duration::from_secs(120))
+        .with_context(|| format!("serial logs are in {}", state_dir.display()))?;
+    eprintln!(
+        "FractOS pipeline demo: storage (node 0) -> compute (node 1) -> client (node 2), appliance VMs ({}; serial logs in {})",
+        a.accel.name(),
+        state_dir.display()
+    );
+    for i in 0..3 {
+        eprintln!(
+            "  node{i}: processes {} metrics http://{}/metrics",
+            setup.process_addr(i).expect("3 nodes"),
+            setup.metrics_addr(i).expect("3 nodes")
+        );
+    }
+    let report = run_on(cfg, &nodes, None, progress()).context("the demo failed")?;
+    drop(cluster);
+    Ok(report)
+}
+
+fn run_hosted(a: &DemoArgs, cfg: &DemoConfig) -> anyhow::Result<DemoReport> {
+    let net = if a.netns {
+        let model = LinkModel {
+            delay_us: a.delay_us,
+            rate_mbit: a.rate_mbit,
+        };
+        Some(Netns::create(3, model).context("cannot set up network namespaces")?)
+    } else {
+        None
+    };
+    eprintln!(
+        "FractOS pipeline demo: storage (node 1) -> compute (node 2) -> client (node 3), hosted controllers{}",
+        if a.netns { " in network namespaces" } else { " on loopback" }
+    );
+    run_in(cfg, net.as_ref(), progress()).context("the demo failed")
 }

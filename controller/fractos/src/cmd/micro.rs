@@ -19,6 +19,16 @@ pub struct MicroArgs {
     /// Copies of 4 MiB measured.
     #[arg(long, default_value_t = 20)]
     pub copies: usize,
+    /// Measure through an appliance VM and through the hosted controller
+    /// in a Debian Linux guest (QEMU) instead of two embedded controllers.
+    #[arg(long)]
+    pub appliance: bool,
+    /// --appliance: kernel ELF to boot [default: build it].
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// --appliance: CPU accelerator of both VMs.
+    #[arg(long, default_value = "tcg")]
+    pub accel: fractos_qemu::node::Accel,
 }
 
 /// Runs the micro-benchmarks.
@@ -32,6 +42,14 @@ pub fn run(a: MicroArgs) -> anyhow::Result<()> {
         copies: a.copies,
         ..BenchConfig::default()
     };
+    if a.appliance {
+        return super::appliance_bench::run(super::appliance_bench::ApplianceBench {
+            kernel: a.kernel,
+            accel: a.accel,
+            cfg,
+            json: a.json,
+        });
+    }
     eprintln!("benchmarking invoke round trips and 4 MiB copies through two hosted controllers...");
     let r = run_bench(&cfg).context("the benchmark failed")?;
     print!("{}", r.table());

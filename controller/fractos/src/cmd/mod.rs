@@ -1,5 +1,6 @@
 //! One module per `fractos` subcommand.
 
+pub mod appliance_bench;
 pub mod bench;
 pub mod controller;
 pub mod demo;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use fractos_qemu::build::{self, Workspace};
-use fractos_qemu::cluster::{self, Cluster, ClusterSpec};
+use fractos_qemu::cluster::{self, Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::exit::KernelExit;
 use fractos_qemu::node::Accel;
 
@@ -46,6 +46,25 @@ pub struct UpArgs {
     /// Exit once all nodes are ready, leaving them running (stop them with `fractos down`).
     #[arg(long)]
     pub detach: bool,
+    /// Cluster key as 64 hex digits (default: a fresh random key, printed
+    /// and saved in `<state-dir>/cluster.json`).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Boot the appliances without their controller service (bare kernels).
+    #[arg(long)]
+    pub no_controller: bool,
+}
+
+fn random_key() -> anyhow::Result<[u8; 32]> {
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .context("reading /dev/urandom for a cluster key")?;
+    Ok(key)
+}
+
+fn hex(key: &[u8; 32]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Runs `fractos up`.
@@ -63,6 +82,15 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
             build::build_kernel(&Workspace::locate())?
         }
     };
+    let controller = if a.no_controller {
+        None
+    } else {
+        let key = match &a.key {
+            Some(k) => fractos_hosted::parse_key(k)?,
+            None => random_key()?,
+        };
+        Some(ControllerSetup::new(a.nodes, key)?)
+    };
     let spec = ClusterSpec {
         nodes: a.nodes,
         kernel,
@@ -73,6 +101,7 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
         accel: a.accel,
         state_dir: state_dir.clone(),
         die_with_parent: !a.detach,
+        controller: controller.clone(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
@@ -93,6 +122,24 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
     let times = ready?;
     for (i, t) in times.iter().enumerate() {
         eprintln!("node{i} ready after {} ms", t.as_millis());
+    }
+    if let Some(c) = &controller {
+        let nodes: Vec<serde_json::Value> = (0..a.nodes)
+            .map(|i| {
+                let (p, m) = (c.process_addr(i).expect("node"), c.metrics_addr(i).expect("node"));
+                eprintln!("node{i}: processes attach to {p}, metrics at http://{m}/metrics");
+                serde_json::json!({"node": i, "process_addr": p.to_string(), "metrics_addr": m.to_string()})
+            })
+            .collect();
+        let info = serde_json::json!({"key": hex(&c.key), "nodes": nodes});
+        let path = state_dir.join("cluster.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&info)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "cluster key {} (tokens: `fractos token --key <key> <process name>`); written to {}",
+            hex(&c.key),
+            path.display()
+        );
     }
     if a.detach {
         // Keep QEMU running: forget the handles without killing.

@@ -1,0 +1,146 @@
+//! `fractos bench --appliance`: invoke round trip and copy bandwidth
+//! through an appliance VM, next to the same through the hosted controller
+//! (this very binary) running inside a Debian Linux guest in the same QEMU
+//! configuration (TCG, RAM, one virtio-net NIC with user networking and
+//! host forwards), measured in the same run.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fractos_adaptors::bench::{measure, BenchConfig, Measured};
+use fractos_adaptors::demo::{attach_to, DEMO_KEY};
+use fractos_qemu::build::{self, Workspace};
+use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
+use fractos_qemu::linux_guest::{
+    controller_config, free_local_port, LinuxGuest, GUEST_MEMORY_MIB, GUEST_METRICS_PORT,
+    GUEST_PROCESS_PORT,
+};
+use fractos_qemu::node::Accel;
+use serde_json::json;
+
+/// What to run.
+pub struct ApplianceBench {
+    /// Kernel ELF [default: build it].
+    pub kernel: Option<PathBuf>,
+    /// Accelerator of both VMs.
+    pub accel: Accel,
+    /// Round trips and copies.
+    pub cfg: BenchConfig,
+    /// Where to write the JSON.
+    pub json: Option<PathBuf>,
+}
+
+fn hex(key: &[u8; 32]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Attaches `name` to `addr`, retrying while the controller comes up.
+fn attach_retrying(addr: std::net::SocketAddr, name: &str) -> anyhow::Result<fractos_sdk::Process> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match attach_to(addr, name) {
+            Ok(p) => return Ok(p),
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e).with_context(|| format!("attaching {name} to {addr}")),
+        }
+    }
+}
+
+fn through(addr: std::net::SocketAddr, cfg: &BenchConfig) -> anyhow::Result<Measured> {
+    let a = attach_retrying(addr, "bench-a")?;
+    let b = attach_retrying(addr, "bench-b")?;
+    Ok(measure(&a, &b, cfg)?)
+}
+
+fn appliance(b: &ApplianceBench, dir: &Path) -> anyhow::Result<Measured> {
+    let kernel = match &b.kernel {
+        Some(k) => k.clone(),
+        None => {
+            eprintln!("building the appliance kernel…");
+            build::build_kernel(&Workspace::locate())?
+        }
+    };
+    let setup = ControllerSetup::new(1, DEMO_KEY)?;
+    let spec = ClusterSpec {
+        nodes: 1,
+        kernel,
+        cmdline: String::new(),
+        memory_mib: GUEST_MEMORY_MIB,
+        nics: 1,
+        nvme_mib: vec![],
+        accel: b.accel,
+        state_dir: dir.join("appliance"),
+        die_with_parent: true,
+        controller: Some(setup.clone()),
+    };
+    let mut c = Cluster::launch(&spec)?;
+    c.wait_ready(Duration::from_secs(300))?;
+    eprintln!("appliance up; measuring…");
+    through(setup.process_addr(0).expect("one node"), &b.cfg)
+}
+
+fn linux_guest(b: &ApplianceBench, dir: &Path) -> anyhow::Result<Measured> {
+    eprintln!("preparing the Debian Linux guest (kernel via apt-get download, initramfs)…");
+    let guest = LinuxGuest::prepare(&Workspace::locate())?;
+    let fractos = std::env::current_exe().context("locating this fractos binary")?;
+    let (p, m) = (free_local_port()?, free_local_port()?);
+    let (_vm, ready) = guest.launch_controller(
+        "linux-guest",
+        &fractos,
+        &controller_config(0, &hex(&DEMO_KEY)),
+        &[(p, GUEST_PROCESS_PORT), (m, GUEST_METRICS_PORT)],
+        dir,
+        Duration::from_secs(300),
+    )?;
+    eprintln!(
+        "Linux guest up after {:.1} s; measuring…",
+        ready.as_secs_f64()
+    );
+    through(std::net::SocketAddr::from(([127, 0, 0, 1], p)), &b.cfg)
+}
+
+/// Runs the benchmark, prints a table and writes the JSON.
+pub fn run(b: ApplianceBench) -> anyhow::Result<()> {
+    fractos_qemu::node::check_qemu()?;
+    let dir = super::default_state_dir().join("bench-appliance");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let app = appliance(&b, &dir)?;
+    let lin = linux_guest(&b, &dir)?;
+    let mbps = |m: &Measured| m.copy_gbps * 1000.0;
+    let report = json!({
+        "appliance_rtt_us": app.invoke_rtt_us,
+        "linux_guest_rtt_us": lin.invoke_rtt_us,
+        "rtt_ratio": app.invoke_rtt_us / lin.invoke_rtt_us,
+        "appliance_copy_mbps": mbps(&app),
+        "linux_guest_copy_mbps": mbps(&lin),
+        "copy_ratio": mbps(&app) / mbps(&lin),
+        "round_trips": b.cfg.round_trips,
+        "copy_bytes": b.cfg.copy_bytes,
+        "copies": b.cfg.copies,
+        "accel": b.accel.name(),
+        "memory_mib": GUEST_MEMORY_MIB,
+    });
+    println!("                       appliance   Linux guest   ratio");
+    println!(
+        "invoke RTT (median)  {:>9.1} µs {:>10.1} µs  {:>6.3}",
+        app.invoke_rtt_us,
+        lin.invoke_rtt_us,
+        app.invoke_rtt_us / lin.invoke_rtt_us
+    );
+    println!(
+        "copy bandwidth       {:>8.1} MB/s {:>8.1} MB/s  {:>6.3}",
+        mbps(&app),
+        mbps(&lin),
+        mbps(&app) / mbps(&lin)
+    );
+    if let Some(path) = &b.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

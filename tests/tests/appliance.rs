@@ -1,0 +1,412 @@
+//! Appliances serving Linux SDK processes over their NICs (QEMU user
+//! networking with host forwards), linked to each other over a VM-to-VM
+//! segment: operations, copies and revocation through and across
+//! appliances, the pipeline demo, a killed appliance, and hostile input.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use fractos_adaptors::demo::{run_on, scrape_metrics, DemoConfig, DemoNode, DEMO_KEY};
+use fractos_core::process_token;
+use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
+use fractos_qemu::node::Accel;
+use fractos_sdk::{AttachOptions, Cap, ErrorCode, Process, Rights, SdkError};
+use fractos_tests::{kernel, scratch, READY_TIMEOUT};
+
+/// Waits on conditions, never on sleeps; generous for TCG.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Boots `nodes` appliances running their controllers (key [`DEMO_KEY`])
+/// and waits until each is ready and, with several, linked to all others.
+fn boot(test: &str, nodes: u32) -> BootedCluster {
+    let dir = scratch(test);
+    let setup = ControllerSetup::new(nodes, DEMO_KEY).expect("pick ports");
+    let spec = ClusterSpec {
+        nodes,
+        kernel: kernel(),
+        cmdline: String::new(),
+        memory_mib: 256,
+        nics: 1,
+        nvme_mib: vec![],
+        accel: Accel::Tcg,
+        state_dir: dir.clone(),
+        die_with_parent: true,
+        controller: Some(setup.clone()),
+    };
+    let mut cluster = Cluster::launch(&spec).expect("launch QEMU");
+    if let Err(e) = cluster.wait_ready(READY_TIMEOUT) {
+        panic!("{e}");
+    }
+    let b = BootedCluster {
+        cluster,
+        setup,
+        dir,
+        nodes,
+    };
+    if nodes > 1 {
+        b.wait_linked();
+    }
+    b
+}
+
+struct BootedCluster {
+    cluster: Cluster,
+    setup: ControllerSetup,
+    dir: std::path::PathBuf,
+    nodes: u32,
+}
+
+impl BootedCluster {
+    fn process_addr(&self, i: u32) -> SocketAddr {
+        self.setup.process_addr(i).expect("node exists")
+    }
+    fn log(&self, i: u32) -> String {
+        std::fs::read_to_string(self.dir.join(format!("node{i}.log"))).unwrap_or_default()
+    }
+    fn metrics(&self, i: u32) -> String {
+        scrape_metrics(self.setup.metrics_addr(i).expect("node exists"))
+            .unwrap_or_else(|e| panic!("node{i}: {e}\n{}", self.log(i)))
+    }
+    fn wait_linked(&self) {
+        let deadline = Instant::now() + WAIT * 2;
+        for i in 0..self.nodes {
+            loop {
+                let m = self.metrics(i);
+                let peers = metric(&m, "fractos_peers_connected{").unwrap_or(0.0);
+                if peers as u32 == self.nodes - 1 {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node{i} has {peers} of {} peers linked\n{}",
+                    self.nodes - 1,
+                    self.log(i)
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    fn demo_nodes(&self) -> Vec<DemoNode> {
+        (0..self.nodes)
+            .map(|i| DemoNode::Remote {
+                process_addr: self.process_addr(i),
+                metrics_addr: self.setup.metrics_addr(i).expect("node exists"),
+            })
+            .collect()
+    }
+}
+
+/// The first sample of metric `prefix` (name plus the start of its labels).
+fn metric(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+fn opts() -> AttachOptions {
+    AttachOptions::default()
+        .op_timeout(WAIT)
+        .connect_timeout(WAIT)
+}
+
+fn attach(addr: SocketAddr, name: &str) -> Process {
+    Process::attach(
+        addr,
+        name,
+        process_token(&DEMO_KEY, name.as_bytes()),
+        opts(),
+    )
+    .unwrap_or_else(|e| panic!("attach {name} at {addr}: {e}"))
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(131).wrapping_add(u32::from(seed)) as u8 ^ (i >> 12) as u8)
+        .collect()
+}
+
+/// Retries while links come up (`PeerUnreachable`), bounded.
+fn retry<T>(mut f: impl FnMut() -> Result<T, SdkError>) -> Result<T, SdkError> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match f() {
+            Err(e) if e.code() == Some(ErrorCode::PeerUnreachable) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            other => return other,
+        }
+    }
+}
+
+fn share(p: &Process, cap: impl Into<Cap>, q: &Process, name: &str) -> Cap {
+    let cap = cap.into();
+    retry(|| p.publish(name, cap)).expect("publish");
+    retry(|| q.lookup(name, WAIT)).expect("lookup")
+}
+
+/// Owner shares a 1 MiB READ Memory capability and a Request with a user;
+/// the user copies, invokes, and sees the revocation.
+fn exercise(owner: &Process, user: &Process, tag: &str) {
+    const LEN: usize = 1 << 20;
+    let data = pattern(LEN, tag.len() as u8);
+    let src = owner.register_vec(data.clone()).unwrap();
+    let src_cap = owner
+        .memory_create(&src, 0, LEN as u64, Rights::READ)
+        .unwrap();
+    let req = owner.request_create(5, b"bound:", &[]).unwrap();
+    let got_mem = share(owner, src_cap, user, &format!("{tag}-mem"))
+        .as_memory()
+        .expect("a Memory capability");
+    let got_req = share(owner, req, user, &format!("{tag}-req"))
+        .as_request()
+        .expect("a Request capability");
+
+    let dst = user.register(LEN as u64).unwrap();
+    let dst_cap = user
+        .memory_create(&dst, 0, LEN as u64, Rights::WRITE)
+        .unwrap();
+    user.copy(&got_mem, &dst_cap, None).unwrap();
+    assert!(dst.to_vec() == data, "copied bytes differ");
+
+    user.invoke(&got_req, b"hello", &[dst_cap.into()]).unwrap();
+    let inv = owner.next_invocation().unwrap();
+    assert_eq!((inv.tag, inv.imms.as_slice()), (5, &b"bound:hello"[..]));
+    let granted = inv.memory(0).unwrap();
+    assert_eq!(
+        (granted.len(), granted.rights()),
+        (LEN as u64, Rights::WRITE)
+    );
+
+    // No WRITE right on the source: a copy into it is refused.
+    let e = user.copy(&dst_cap, &got_mem, None).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::MissingRight), "{e}");
+
+    owner.revoke(src_cap).unwrap();
+    let e = user.copy(&got_mem, &dst_cap, None).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Revoked), "{e}");
+}
+
+#[test]
+fn one_appliance_serves_sdk_processes_and_metrics() {
+    let c = boot("appliance-one", 1);
+    let addr = c.process_addr(0);
+    let owner = attach(addr, "owner");
+    let user = attach(addr, "user");
+
+    // A token for another name is refused with a typed error.
+    match Process::attach(addr, "mallory", process_token(&DEMO_KEY, b"owner"), opts()) {
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::AuthFailed), "{e}"),
+        Ok(_) => panic!("attached with a token for another name"),
+    }
+    exercise(&owner, &user, "one");
+
+    let m = c.metrics(0);
+    assert_eq!(
+        metric(&m, "fractos_ops_total{node=\"0\",op=\"copy\"}"),
+        Some(3.0),
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "fractos_bytes_copied_total{node=\"0\",direction=\"in\"}"
+        )
+        .unwrap()
+            >= (1 << 20) as f64,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "fractos_appliance_heap_bytes{node=\"0\",kind=\"used\"}").unwrap() > 0.0,
+        "{m}"
+    );
+
+    // Other paths and methods get HTTP errors, not metrics.
+    let mut s = TcpStream::connect(c.setup.metrics_addr(0).unwrap()).unwrap();
+    s.write_all(b"GET /secret HTTP/1.1\r\n\r\n").unwrap();
+    let mut r = String::new();
+    s.read_to_string(&mut r).unwrap();
+    assert!(r.starts_with("HTTP/1.1 404"), "{r}");
+}
+
+#[test]
+fn three_appliances_run_the_pipeline_revoke_across_nodes_and_survive_a_killed_peer() {
+    let mut c = boot("appliance-three", 3);
+
+    // The pipeline demo with every controller an appliance.
+    let cfg = DemoConfig {
+        requests: 4,
+        image_side: 128,
+        images: 4,
+        warmup: 1,
+        stride: 4,
+    };
+    let report = run_on(&cfg, &c.demo_nodes(), None, |_, _, _| {})
+        .unwrap_or_else(|e| panic!("demo over appliances: {e}\n{}", c.log(0)));
+    assert_eq!(report.fractos.scores.len(), 4);
+    assert!(
+        report.fractos.inter_node_bytes > 0
+            && report.fractos.inter_node_bytes < report.centralized.inter_node_bytes,
+        "fractos {} vs centralized {} inter-node bytes",
+        report.fractos.inter_node_bytes,
+        report.centralized.inter_node_bytes
+    );
+
+    // Copies and revocation across appliances: owner on node 0, user on 2.
+    let owner = attach(c.process_addr(0), "owner0");
+    let user = attach(c.process_addr(2), "user2");
+    exercise(&owner, &user, "x02");
+
+    // A process on node 1 shares a Request; then node 1's VM dies.
+    let victim = attach(c.process_addr(1), "victim1");
+    let req = victim.request_create(9, &[], &[]).unwrap();
+    let held = share(&victim, req, &user, "victim-req")
+        .as_request()
+        .expect("a Request capability");
+    retry(|| user.invoke(&held, b"before", &[])).unwrap();
+    assert_eq!(victim.next_invocation().unwrap().imms, b"before");
+    c.cluster.nodes()[1].kill();
+    let t0 = Instant::now();
+    let e = loop {
+        match user.invoke(&held, b"after", &[]) {
+            // The peer link may take a heartbeat timeout to be declared
+            // lost; an invoke accepted before that is simply lost with it.
+            Ok(()) if t0.elapsed() < WAIT => std::thread::sleep(Duration::from_millis(200)),
+            Ok(()) => panic!("invokes to a killed appliance still succeed after {WAIT:?}"),
+            Err(e) => break e,
+        }
+    };
+    assert!(
+        matches!(
+            e.code(),
+            Some(ErrorCode::PeerUnreachable | ErrorCode::OwnerGone | ErrorCode::Timeout)
+        ),
+        "{e}"
+    );
+    assert!(t0.elapsed() < WAIT, "typed error took {:?}", t0.elapsed());
+    // The surviving appliances keep serving each other.
+    exercise(&owner, &user, "x02b");
+}
+
+#[test]
+fn an_appliance_survives_garbage_malformed_frames_and_a_connection_flood() {
+    let t0 = Instant::now();
+    let phase = |what: &str| eprintln!("[{:>7.1}s] {what}", t0.elapsed().as_secs_f64());
+    let c = boot("appliance-hostile", 1);
+    phase("booted");
+    let addr = c.process_addr(0);
+    let good = attach(addr, "good");
+    let r = good.register(4096).unwrap();
+    let baseline = metric(
+        &c.metrics(0),
+        "fractos_appliance_heap_bytes{node=\"0\",kind=\"used\"}",
+    )
+    .unwrap();
+
+    // Random bytes, a frame with a garbage body, an oversized length prefix.
+    let mut seed = 0x1234_5678_u32;
+    let mut junk = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                seed as u8
+            })
+            .collect()
+    };
+    let mut bad = vec![junk(64 * 1024), junk(17)];
+    let mut frame = 200u32.to_le_bytes().to_vec();
+    frame.extend(junk(200));
+    bad.push(frame);
+    bad.push(u32::MAX.to_le_bytes().to_vec());
+    for bytes in &bad {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let _ = s.write_all(bytes);
+        // The appliance closes the connection (possibly after an error
+        // frame): reading ends with EOF or a reset, never a hang.
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+
+    phase("garbage sent");
+    // A burst of 1,200 connections: most are refused or reset, none may
+    // take the appliance down.
+    // They pass QEMU's user-mode forwarder, which accepts one connection at
+    // a time: attempts come from 30 threads so its stalls overlap.
+    let opened = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..30 {
+            s.spawn(|| {
+                for _ in 0..40 {
+                    if let Ok(c) = TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+                        opened.lock().unwrap().push(c);
+                    }
+                }
+            });
+        }
+    });
+    let flood = opened.into_inner().unwrap();
+    phase(&format!("{} flood connections open", flood.len()));
+    let during = c.metrics(0);
+    phase("metrics read");
+    let conns = metric(&during, "fractos_appliance_connections{").unwrap();
+    assert!(conns <= 64.0 + 4.0, "{conns} connections open\n{during}");
+    let used = metric(
+        &during,
+        "fractos_appliance_heap_bytes{node=\"0\",kind=\"used\"}",
+    )
+    .unwrap();
+    assert!(
+        used < 48.0 * 1024.0 * 1024.0,
+        "heap {used} bytes during the flood"
+    );
+    let flood_len = flood.len();
+    drop(flood);
+    phase("flood closed");
+
+    // The well-behaved process kept working throughout, and new ones attach.
+    good.memory_create(&r, 0, 4096, Rights::READ).unwrap();
+    let late = attach(addr, "late");
+    let q = late.register(8).unwrap();
+    late.memory_create(&q, 0, 8, Rights::READ).unwrap();
+    assert!(good.is_connected());
+
+    phase("well-behaved processes served");
+    let accepted = metric(
+        &c.metrics(0),
+        "fractos_appliance_accepted_total{node=\"0\",kind=\"process\"}",
+    )
+    .unwrap();
+    eprintln!("flood: {} of 1200 connections opened on the host side, {accepted} accepted by the appliance", flood_len);
+    assert!(
+        accepted >= 100.0,
+        "only {accepted} connections reached the appliance"
+    );
+    // Memory returns to about where it was once the flood's sockets go.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let m = c.metrics(0);
+        let used = metric(&m, "fractos_appliance_heap_bytes{node=\"0\",kind=\"used\"}").unwrap();
+        if used <= baseline + 4.0 * 1024.0 * 1024.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "heap stays at {used} (baseline {baseline})\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let m = c.metrics(0);
+    assert!(
+        metric(
+            &m,
+            "fractos_appliance_dropped_total{node=\"0\",reason=\"unframeable\"}"
+        )
+        .unwrap()
+            >= 1.0,
+        "{m}"
+    );
+}
