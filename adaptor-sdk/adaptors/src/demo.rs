@@ -79,6 +79,9 @@ pub struct DemoReport {
     pub image_bytes: usize,
     /// The network between the nodes: `None` for loopback.
     pub link_model: Option<crate::netns::AppliedModel>,
+    /// What the controllers were: `"hosted"` (embedded) or `"remote"`
+    /// (reached over TCP, e.g. appliance VMs).
+    pub controllers: &'static str,
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -122,10 +125,12 @@ impl DemoReport {
             )
         };
         format!(
-            "{{\n  \"requests\": {},\n  \"image_bytes\": {},\n  \"link_model\": {},\n  \"fractos\": {},\n  \"centralized\": {},\n  \"remote_api\": {},\n  \"traffic_ratio\": {:.3},\n  \"latency_ratio\": {:.3},\n  \"remote_api_latency_ratio\": {:.3},\n  \"remote_api_message_ratio\": {:.3}\n}}\n",
+            "{{\n  \"requests\": {},\n  \"image_bytes\": {},\n  \"controllers\": \"{}\",\n  \"link_model\": {},\n  \"fractos\": {},\n  \"centralized\": {},\n  \"remote_api\": {},\n  \"traffic_ratio\": {:.3},\n  \"latency_ratio\": {:.3},\n  \"remote_api_latency_ratio\": {:.3},\n  \"remote_api_message_ratio\": {:.3}\n}}\n",
             self.requests,
             self.image_bytes,
+            self.controllers,
             match self.link_model {
+                None if self.controllers == "remote" => "\"remote\"".to_string(),
                 None => "\"loopback\"".to_string(),
                 Some(m) => format!(
                     "{{\"delay_us\": {}, \"rate_mbit\": {}, \"netem\": {}}}",
@@ -146,6 +151,7 @@ impl DemoReport {
     pub fn table(&self) -> String {
         let mut t = String::new();
         let net = match self.link_model {
+            None if self.controllers == "remote" => "remote controllers".to_string(),
             None => "loopback".to_string(),
             Some(m) if m.netem => format!(
                 "namespaces, {} us + {} Mbit/s per hop",
@@ -596,5 +602,10 @@ pub fn run_on(
         requests: cfg.requests,
         image_bytes,
         link_model: net.map(|n| n.applied()),
+        controllers: if nodes.iter().any(|n| matches!(n, DemoNode::Remote { .. })) {
+            "remote"
+        } else {
+            "hosted"
+        },
     })
 }
