@@ -202,6 +202,9 @@ pub struct Service {
     traffic: Traffic,
     stats: ServiceStats,
     heap: Option<(usize, usize)>,
+    /// Aborted sockets (interface, handle) kept until the next turn so
+    /// that their reset goes out before they are removed.
+    aborted: Vec<(usize, SocketHandle)>,
 }
 
 fn net_now(now_ns: u64) -> NetInstant {
@@ -243,6 +246,7 @@ impl Service {
             traffic: Traffic::default(),
             stats: ServiceStats::default(),
             heap: None,
+            aborted: Vec::new(),
             ctrl,
             cfg,
         };
@@ -835,6 +839,11 @@ impl Service {
 
     /// Removes connections that are closed, or have lingered too long.
     fn reap(&mut self, now_ns: u64) {
+        // Their reset was sent by the interface poll that ended the last
+        // turn.
+        for (iface, handle) in self.aborted.drain(..) {
+            self.sets[iface].remove(handle);
+        }
         let mut done = Vec::new();
         for (&id, c) in &self.conns {
             let Some(since) = c.closing else { continue };
@@ -849,8 +858,15 @@ impl Service {
                 continue;
             };
             let s = self.sets[c.iface].get_mut::<tcp::Socket>(c.handle);
-            s.abort();
-            self.sets[c.iface].remove(c.handle);
+            if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
+                self.sets[c.iface].remove(c.handle);
+            } else {
+                // Lingered too long: reset the other side. smoltcp sends
+                // the reset when the interface next polls the socket, so
+                // it must stay in the set until then.
+                s.abort();
+                self.aborted.push((c.iface, c.handle));
+            }
             if c.kind == Kind::Peer {
                 if let Some(node) = c.dialed.or_else(|| self.ctrl.link_peer(LinkId(id))) {
                     self.traffic
