@@ -8,7 +8,7 @@
 //! | `fractos.log` | `off error warn info debug trace` | `info` |
 //! | `fractos.node` | node id, `u32` | `0` |
 //! | `fractos.test` | `exit pagefault divzero invalidopcode interrupt panic stackoverflow nvme net` | none |
-//! | `fractos.ip` | IPv4 address/prefix of the first NIC | `10.0.2.15/24` |
+//! | `fractos.ip` | IPv4 address/prefix of the first NIC, or `dhcp` | `10.0.2.15/24` |
 //! | `fractos.gw` | IPv4 default gateway, or `none` | `10.0.2.2` |
 //! | `fractos.test_port` | TCP port of the `fractos.test=net` echo server | `7000` |
 //! | `fractos.ip1` | IPv4 address/prefix of the second NIC (the peer network) | none |
@@ -181,6 +181,8 @@ pub struct Config {
     pub test: Option<TestHook>,
     /// Static IPv4 address of the first NIC.
     pub ip: Ipv4Net,
+    /// Configure the first NIC with DHCP instead (`fractos.ip=dhcp`).
+    pub ip_dhcp: bool,
     /// Default gateway, if any.
     pub gateway: Option<Ipv4Addr>,
     /// TCP port of the `fractos.test=net` echo server.
@@ -209,6 +211,7 @@ impl Default for Config {
             log_level: LevelFilter::Info,
             node: 0,
             test: None,
+            ip_dhcp: false,
             ip: Ipv4Net {
                 addr: Ipv4Addr::new(10, 0, 2, 15),
                 prefix_len: 24,
@@ -270,9 +273,12 @@ impl Config {
                         "exit, pagefault, divzero, invalidopcode, interrupt, panic, stackoverflow, nvme or net",
                     )),
                 },
+                "ip" if value == "dhcp" => c.ip_dhcp = true,
                 "ip" => match Ipv4Net::parse(value) {
                     Some(n) => c.ip = n,
-                    None => on_error(bad("an IPv4 address with prefix, like 10.0.2.15/24")),
+                    None => on_error(bad(
+                        "an IPv4 address with prefix, like 10.0.2.15/24, or dhcp",
+                    )),
                 },
                 "gw" => match value {
                     "none" => c.gateway = None,
@@ -411,6 +417,8 @@ mod tests {
         let c = Config::parse("fractos.gw=none fractos.ip=10.1.1.1", |e| panic!("{e}"));
         assert_eq!(c.gateway, None);
         assert_eq!(c.ip.prefix_len, 32);
+        assert!(!c.ip_dhcp);
+        assert!(Config::parse("fractos.ip=dhcp", |e| panic!("{e}")).ip_dhcp);
         let mut errs = Vec::new();
         let c = Config::parse(
             "fractos.ip=10.0.2/24 fractos.ip=10.0.2.1/33 fractos.gw=x fractos.test_port=0 fractos.test_port=70000",

@@ -165,6 +165,7 @@ fn service_config(config: &Config, nics: usize) -> Result<ServiceConfig, &'stati
     s.peer_port = config.peer_port;
     s.metrics_port = (config.metrics_port != 0).then_some(config.metrics_port);
     s.peer_iface = usize::from(nics > 1);
+    s.dhcp_iface = config.ip_dhcp.then_some(0);
     s.peers = config
         .peers
         .iter()

@@ -38,9 +38,9 @@ use fractos_wire::{FrameSplitter, NodeId};
 use log::{debug, info, warn};
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::phy::Device;
-use smoltcp::socket::tcp;
+use smoltcp::socket::{dhcpv4, tcp};
 use smoltcp::time::{Duration as NetDuration, Instant as NetInstant};
-use smoltcp::wire::{IpAddress, IpEndpoint};
+use smoltcp::wire::{IpAddress, IpCidr, IpEndpoint};
 
 /// A peer controller to keep a link to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +71,8 @@ pub struct ServiceConfig {
     pub front_iface: usize,
     /// Index of the interface serving peer links.
     pub peer_iface: usize,
+    /// Index of an interface to configure by DHCP, if any.
+    pub dhcp_iface: Option<usize>,
     /// Process connections at once.
     pub max_process_conns: usize,
     /// Metrics connections at once.
@@ -102,6 +104,7 @@ impl ServiceConfig {
             metrics_port: Some(9100),
             front_iface: 0,
             peer_iface: 0,
+            dhcp_iface: None,
             max_process_conns: 64,
             max_metrics_conns: 4,
             max_peer_conns: 16,
@@ -205,6 +208,8 @@ pub struct Service {
     /// Aborted sockets (interface, handle) kept until the next turn so
     /// that their reset goes out before they are removed.
     aborted: Vec<(usize, SocketHandle)>,
+    /// The DHCP client socket and its interface.
+    dhcp: Option<(usize, SocketHandle)>,
 }
 
 fn net_now(now_ns: u64) -> NetInstant {
@@ -247,11 +252,52 @@ impl Service {
             stats: ServiceStats::default(),
             heap: None,
             aborted: Vec::new(),
+            dhcp: None,
             ctrl,
             cfg,
         };
+        if let Some(i) = s.cfg.dhcp_iface.filter(|&i| i < ifaces) {
+            let handle = s.sets[i].add(dhcpv4::Socket::new());
+            s.dhcp = Some((i, handle));
+        }
         s.replenish_listeners();
         s
+    }
+
+    /// Applies what the DHCP client learnt to its interface.
+    fn apply_dhcp<D: Device>(&mut self, nics: &mut [(&mut Interface, &mut D)]) {
+        let Some((i, handle)) = self.dhcp else {
+            return;
+        };
+        let Some((iface, _)) = nics.get_mut(i) else {
+            return;
+        };
+        match self.sets[i].get_mut::<dhcpv4::Socket>(handle).poll() {
+            None => {}
+            Some(dhcpv4::Event::Configured(c)) => {
+                iface.update_ip_addrs(|a| {
+                    a.clear();
+                    // One address into an empty list: cannot be full.
+                    let _ = a.push(IpCidr::Ipv4(c.address));
+                });
+                match c.router {
+                    Some(r) => {
+                        if iface.routes_mut().add_default_ipv4_route(r).is_err() {
+                            warn!("net: dhcp: default route via {r} not added");
+                        }
+                    }
+                    None => {
+                        iface.routes_mut().remove_default_ipv4_route();
+                    }
+                }
+                info!("net: dhcp: address {} router {:?}", c.address, c.router);
+            }
+            Some(dhcpv4::Event::Deconfigured) => {
+                iface.update_ip_addrs(|a| a.clear());
+                iface.routes_mut().remove_default_ipv4_route();
+                warn!("net: dhcp: lease lost; no address until a new one");
+            }
+        }
     }
 
     /// The controller core.
@@ -338,6 +384,7 @@ impl Service {
                 moved |= iface.poll(at, *dev, set) != smoltcp::iface::PollResult::None;
             }
         }
+        self.apply_dhcp(nics);
         moved |= self.accept(now_ns);
         moved |= self.dial(now_ns, nics);
         moved |= self.receive(now_ns);

@@ -20,12 +20,17 @@ const WAIT: Duration = Duration::from_secs(60);
 /// Boots `nodes` appliances running their controllers (key [`DEMO_KEY`])
 /// and waits until each is ready and, with several, linked to all others.
 fn boot(test: &str, nodes: u32) -> BootedCluster {
+    boot_with(test, nodes, "")
+}
+
+/// [`boot`] with extra kernel command-line words.
+fn boot_with(test: &str, nodes: u32, cmdline: &str) -> BootedCluster {
     let dir = scratch(test);
     let setup = ControllerSetup::new(nodes, DEMO_KEY).expect("pick ports");
     let spec = ClusterSpec {
         nodes,
         kernel: kernel(),
-        cmdline: String::new(),
+        cmdline: cmdline.to_string(),
         memory_mib: 256,
         nics: 1,
         nvme_mib: vec![],
@@ -408,5 +413,35 @@ fn an_appliance_survives_garbage_malformed_frames_and_a_connection_flood() {
         .unwrap()
             >= 1.0,
         "{m}"
+    );
+}
+
+#[test]
+fn an_appliance_configured_by_dhcp_serves_processes() {
+    let c = boot_with("appliance-dhcp", 1, "fractos.ip=dhcp");
+    // Processes reach it only once the lease is in (slirp hands out
+    // 10.0.2.15); attaching retries until then.
+    let deadline = Instant::now() + WAIT;
+    let p = loop {
+        match Process::attach(
+            c.process_addr(0),
+            "dhcp",
+            process_token(&DEMO_KEY, b"dhcp"),
+            opts().connect_timeout(Duration::from_secs(2)),
+        ) {
+            Ok(p) => break p,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("attach over a DHCP-configured NIC: {e}\n{}", c.log(0)),
+        }
+    };
+    let r = p.register(64).unwrap();
+    p.memory_create(&r, 0, 64, Rights::READ).unwrap();
+    let log = c.log(0);
+    assert!(
+        log.contains("net: dhcp: address 10.0.2.15/24 router Some(10.0.2.2)"),
+        "{log}"
     );
 }

@@ -164,8 +164,9 @@ pub fn bring_up(devices: &[PciFunction], mmio: &[(u64, u64)], config: &Config) -
     for f in devices.iter().filter(|f| is_virtio_net(f.vendor, f.device)) {
         let bdf = Bdf(f.address);
         let ip = match nics.len() {
-            0 => Some((config.ip, config.gateway)),
-            1 => config.ip1.map(|ip| (ip, None)),
+            0 if config.ip_dhcp => Some((None, None)),
+            0 => Some((Some(config.ip), config.gateway)),
+            1 => config.ip1.map(|ip| (Some(ip), None)),
             _ => None,
         };
         let Some((ip, gateway)) = ip else {
@@ -194,12 +195,16 @@ pub fn bring_up(devices: &[PciFunction], mmio: &[(u64, u64)], config: &Config) -
 fn configure(
     bdf: Bdf,
     mut dev: Device,
-    ip: fractos_kernel::config::Ipv4Net,
+    ip: Option<fractos_kernel::config::Ipv4Net>,
     gateway: Option<core::net::Ipv4Addr>,
 ) -> Net {
     let mut c = IfaceConfig::new(HardwareAddress::Ethernet(dev.mac_address()));
     c.random_seed = time::now_ns() ^ 0x6e65_7466_7261_6374 ^ u64::from(bdf.0.device());
     let mut iface = Interface::new(c, &mut dev, now());
+    let Some(ip) = ip else {
+        info!("net: {bdf} address by DHCP (once the event loop runs)");
+        return Net { bdf, dev, iface };
+    };
     iface.update_ip_addrs(|a| {
         // One address into an empty list: cannot be full.
         let _ = a.push(IpCidr::new(IpAddress::Ipv4(ip.addr), ip.prefix_len));
