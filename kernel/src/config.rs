@@ -18,6 +18,7 @@
 //! | `fractos.process_port` | TCP port for processes | `7100` |
 //! | `fractos.peer_port` | TCP port for peer controllers | `7101` |
 //! | `fractos.metrics_port` | TCP port of the Prometheus endpoint, `0` = off | `9100` |
+//! | `fractos.storage_names` | extra names for the storage service's read Request, `pipeline/storage/read` | none |
 //! | `fractos.idle` | `halt` (sleep to the next 1 ms tick when idle) or `poll` (spin) | `halt` |
 //!
 //! The network defaults suit QEMU user networking (slirp). Peer links use
@@ -80,7 +81,7 @@ impl TestHook {
 pub enum ConfigError<'a> {
     /// `fractos.<key>` is not an option this kernel knows.
     #[error(
-        "unknown option `{0}` ignored: known options are fractos.log, fractos.node, fractos.test, fractos.ip, fractos.gw, fractos.test_port, fractos.ip1, fractos.key, fractos.members, fractos.peers, fractos.process_port, fractos.peer_port, fractos.metrics_port, fractos.idle"
+        "unknown option `{0}` ignored: known options are fractos.log, fractos.node, fractos.test, fractos.ip, fractos.gw, fractos.test_port, fractos.ip1, fractos.key, fractos.members, fractos.peers, fractos.process_port, fractos.peer_port, fractos.metrics_port, fractos.idle, fractos.storage_names"
     )]
     UnknownOption(&'a str),
     /// The value does not parse.
@@ -203,6 +204,8 @@ pub struct Config {
     pub metrics_port: u16,
     /// Spin while idle instead of halting until the next tick.
     pub idle_poll: bool,
+    /// Extra names to publish the storage service's read Request under.
+    pub storage_names: Vec<alloc::string::String>,
 }
 
 impl Default for Config {
@@ -226,6 +229,7 @@ impl Default for Config {
             peer_port: 7101,
             metrics_port: 9100,
             idle_poll: false,
+            storage_names: Vec::new(),
         }
     }
 }
@@ -319,6 +323,13 @@ impl Config {
                     Some(p) => c.metrics_port = p,
                     None => on_error(bad("a TCP port (1..=65535), or 0 for none")),
                 },
+                "storage_names" => {
+                    c.storage_names = value
+                        .split(',')
+                        .filter(|n| !n.is_empty())
+                        .map(alloc::string::String::from)
+                        .collect()
+                }
                 "idle" => match value {
                     "halt" => c.idle_poll = false,
                     "poll" => c.idle_poll = true,

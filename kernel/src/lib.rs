@@ -16,3 +16,4 @@ pub mod fault;
 pub mod frames;
 pub mod pci;
 pub mod service;
+pub mod storage;

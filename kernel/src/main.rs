@@ -20,6 +20,7 @@ use fractos_kernel::exit::ExitReason;
 use fractos_kernel::frames::{FrameAllocator, FRAME_SIZE};
 use fractos_kernel::pci;
 use fractos_kernel::service::{PeerAddr, Service, ServiceConfig};
+use fractos_kernel::storage::StorageProcess;
 use fractos_loader::{BootInfo, IdentityMapped};
 use fractos_wire::NodeId;
 use linked_list_allocator::LockedHeap;
@@ -134,6 +135,30 @@ const HEAP_SAMPLE_NS: u64 = 100_000_000;
 
 /// How often the event loop logs its counters (at debug level).
 const REPORT_INTERVAL_NS: u64 = 30_000_000_000;
+
+/// Starts the built-in storage service over the first NVMe controller
+/// as a local process of `svc`; failures are logged and skip it.
+fn start_storage(svc: &mut Service, disk: nvme::Disk, config: &Config, key: &[u8; 32]) {
+    let blocks = match nvme::NvmeBlocks::new(disk) {
+        Ok(b) => b,
+        Err(e) => {
+            warn!("storage: not started: staging buffer: {e}");
+            return;
+        }
+    };
+    let name = alloc::format!("appliance{}/storage", config.node);
+    let read = alloc::format!("storage/{}/read", config.node);
+    let write = alloc::format!("storage/{}/write", config.node);
+    let mut reads: Vec<&str> = alloc::vec![read.as_str()];
+    reads.extend(config.storage_names.iter().map(|s| s.as_str()));
+    info!(
+        "storage: serving nvme {} as {name}: read Request published as {reads:?}, write as {write:?}",
+        blocks.bdf()
+    );
+    let token = fractos_core::process_token(key, name.as_bytes());
+    let p = StorageProcess::new(blocks, &name, token, &reads, &[write.as_str()]);
+    svc.add_local(time::now_ns(), alloc::boxed::Box::new(p));
+}
 
 /// The controller service's configuration from the command line, or why
 /// it is not started.
@@ -252,7 +277,7 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
     );
     dma::install(frames);
 
-    let nvme = nvme::bring_up(&devices, config.test == Some(TestHook::Nvme))?;
+    let mut nvme = nvme::bring_up(&devices, config.test == Some(TestHook::Nvme))?;
     let mut net = net::bring_up(&devices, &mmio, config);
     let service = match service_config(config, net.len()) {
         Ok(c) => {
@@ -266,7 +291,12 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
                 c.metrics_port,
                 c.peers.iter().filter(|p| p.node.0 > config.node).count()
             );
-            Some(Service::new(c, net.len(), time::now_ns()))
+            let key = c.core.cluster_key;
+            let mut svc = Service::new(c, net.len(), time::now_ns());
+            if !nvme.is_empty() {
+                start_storage(&mut svc, nvme.remove(0), config, &key);
+            }
+            Some(svc)
         }
         Err(why) => {
             warn!("controller: not started: {why}");

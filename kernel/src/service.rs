@@ -24,6 +24,7 @@
 //!   slow reader; past that a process is disconnected and a link closed,
 //!   as the hosted controller does.
 
+use alloc::boxed::Box;
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
 use alloc::vec;
@@ -34,7 +35,9 @@ use fractos_core::{
     ChannelId, CloseReason, Config as CoreConfig, Controller, Dest, Instant, LinkId, LinkTraffic,
     Output, Traffic,
 };
-use fractos_wire::{FrameSplitter, NodeId};
+use fractos_wire::{FrameSplitter, NodeId, FRAME_HEADER_LEN};
+
+use crate::storage::LocalProcess;
 use log::{debug, info, warn};
 use smoltcp::iface::{Interface, SocketHandle, SocketSet};
 use smoltcp::phy::Device;
@@ -210,7 +213,12 @@ pub struct Service {
     aborted: Vec<(usize, SocketHandle)>,
     /// The DHCP client socket and its interface.
     dhcp: Option<(usize, SocketHandle)>,
+    /// Processes inside the appliance, by channel id.
+    locals: BTreeMap<u64, Box<dyn LocalProcess>>,
 }
+
+/// Channel ids of local processes start here (connections count from 1).
+const LOCAL_CHANNELS: u64 = 1 << 62;
 
 fn net_now(now_ns: u64) -> NetInstant {
     NetInstant::from_micros((now_ns / 1000) as i64)
@@ -253,6 +261,7 @@ impl Service {
             heap: None,
             aborted: Vec::new(),
             dhcp: None,
+            locals: BTreeMap::new(),
             ctrl,
             cfg,
         };
@@ -262,6 +271,32 @@ impl Service {
         }
         s.replenish_listeners();
         s
+    }
+
+    /// Connects a process living inside the appliance (e.g. the storage
+    /// service) to the controller core; it attaches like any other.
+    pub fn add_local(&mut self, now_ns: u64, p: Box<dyn LocalProcess>) -> ChannelId {
+        let chan = ChannelId(LOCAL_CHANNELS + self.locals.len() as u64);
+        info!("service: local process {} on channel {}", p.name(), chan.0);
+        self.locals.insert(chan.0, p);
+        self.ctrl.process_connected(Instant(now_ns), chan);
+        self.pump_locals(now_ns);
+        s_route(self, now_ns);
+        chan
+    }
+
+    /// Feeds every message local processes have queued to the core.
+    fn pump_locals(&mut self, now_ns: u64) -> bool {
+        let mut moved = false;
+        for (&id, p) in self.locals.iter_mut() {
+            p.tick(now_ns);
+            while let Some(body) = p.poll_message() {
+                moved = true;
+                self.ctrl
+                    .process_message(Instant(now_ns), ChannelId(id), &body);
+            }
+        }
+        moved
     }
 
     /// Applies what the DHCP client learnt to its interface.
@@ -361,6 +396,9 @@ impl Service {
              fractos_appliance_accepted_total{{node=\"{node}\",kind=\"metrics\"}} {}",
             s.accepted[0], s.accepted[1], s.accepted[2]
         );
+        for p in self.locals.values() {
+            text.push_str(&p.metrics_text(node));
+        }
         if let Some((used, size)) = self.heap {
             let _ = writeln!(
                 text,
@@ -392,7 +430,7 @@ impl Service {
         if self.ctrl.poll_timeout().is_some_and(|t| t <= now) {
             self.ctrl.handle_timeout(now);
         }
-        moved |= self.route_outputs(now_ns);
+        moved |= s_route(self, now_ns);
         moved |= self.transmit(now_ns);
         self.reap(now_ns);
         self.replenish_listeners();
@@ -811,6 +849,10 @@ impl Service {
                         Dest::Process(c) => c.0,
                         Dest::Link(l) => l.0,
                     };
+                    if let Some(p) = self.locals.get_mut(&id) {
+                        p.on_message(frame.get(FRAME_HEADER_LEN..).unwrap_or(&[]));
+                        continue;
+                    }
                     let n = frame.len();
                     if matches!(to, Dest::Process(_)) {
                         self.traffic.processes.frames_out += 1;
@@ -840,6 +882,13 @@ impl Service {
                         Dest::Process(c) => c.0,
                         Dest::Link(l) => l.0,
                     };
+                    if let Some(p) = self.locals.remove(&id) {
+                        warn!(
+                            "service: core closed local process {} ({reason:?})",
+                            p.name()
+                        );
+                        continue;
+                    }
                     if reason != CloseReason::Duplicate {
                         debug!("service: core closes connection {id} ({reason:?})");
                     }
@@ -940,4 +989,19 @@ impl Service {
             .or_else(|| self.ctrl.link_peer(LinkId(id)))
             .map(|n| n.0)
     }
+}
+
+/// Routes the core's outputs and local processes' messages until both are
+/// drained (local processes answer synchronously), bounded.
+fn s_route(s: &mut Service, now_ns: u64) -> bool {
+    let mut moved = false;
+    for _ in 0..1024 {
+        let a = s.route_outputs(now_ns);
+        let b = s.pump_locals(now_ns);
+        moved |= a | b;
+        if !a && !b {
+            break;
+        }
+    }
+    moved
 }

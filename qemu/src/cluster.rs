@@ -34,6 +34,9 @@ pub struct ClusterSpec {
     pub die_with_parent: bool,
     /// Run every node's controller service (and link the nodes), if set.
     pub controller: Option<ControllerSetup>,
+    /// Extra kernel command line per node (index = node id; missing
+    /// entries add nothing), after [`ClusterSpec::cmdline`].
+    pub node_cmdline: Vec<String>,
 }
 
 /// The controller service of every node of a cluster: the cluster key, the
@@ -136,7 +139,8 @@ impl ClusterSpec {
             .as_ref()
             .map(|c| c.cmdline(i, self.nodes))
             .unwrap_or_default();
-        let cmdline = format!("fractos.node={i} {service} {}", self.cmdline)
+        let own = self.node_cmdline.get(i as usize).map_or("", String::as_str);
+        let cmdline = format!("fractos.node={i} {service} {} {own}", self.cmdline)
             .split_whitespace()
             .collect::<Vec<_>>()
             .join(" ");
@@ -302,6 +306,7 @@ mod tests {
             state_dir: "/s".into(),
             die_with_parent: true,
             controller: None,
+            node_cmdline: Vec::new(),
         };
         let n1 = spec.node(1);
         assert_eq!(n1.serial_log, Path::new("/s/node1.log"));
@@ -328,6 +333,7 @@ mod tests {
             state_dir: "/s".into(),
             die_with_parent: true,
             controller: Some(setup.clone()),
+            node_cmdline: Vec::new(),
         };
         let n2 = spec.node(2);
         let Boot::Elf { cmdline, .. } = &n2.boot else {

@@ -25,6 +25,17 @@ fn boot(test: &str, nodes: u32) -> BootedCluster {
 
 /// [`boot`] with extra kernel command-line words.
 fn boot_with(test: &str, nodes: u32, cmdline: &str) -> BootedCluster {
+    boot_full(test, nodes, cmdline, vec![], Vec::new())
+}
+
+/// [`boot_with`] with NVMe disks (MiB, every node) and per-node words.
+fn boot_full(
+    test: &str,
+    nodes: u32,
+    cmdline: &str,
+    nvme_mib: Vec<u64>,
+    node_cmdline: Vec<String>,
+) -> BootedCluster {
     let dir = scratch(test);
     let setup = ControllerSetup::new(nodes, DEMO_KEY).expect("pick ports");
     let spec = ClusterSpec {
@@ -33,11 +44,12 @@ fn boot_with(test: &str, nodes: u32, cmdline: &str) -> BootedCluster {
         cmdline: cmdline.to_string(),
         memory_mib: 256,
         nics: 1,
-        nvme_mib: vec![],
+        nvme_mib,
         accel: Accel::Tcg,
         state_dir: dir.clone(),
         die_with_parent: true,
         controller: Some(setup.clone()),
+        node_cmdline,
     };
     let mut cluster = Cluster::launch(&spec).expect("launch QEMU");
     if let Err(e) = cluster.wait_ready(READY_TIMEOUT) {
@@ -237,7 +249,13 @@ fn one_appliance_serves_sdk_processes_and_metrics() {
 
 #[test]
 fn three_appliances_run_the_pipeline_revoke_across_nodes_and_survive_a_killed_peer() {
-    let mut c = boot("appliance-three", 3);
+    let mut c = boot_full(
+        "appliance-three",
+        3,
+        "",
+        vec![16],
+        vec!["fractos.storage_names=pipeline/storage/read".into()],
+    );
 
     // The pipeline demo with every controller an appliance.
     let cfg = DemoConfig {
@@ -246,6 +264,8 @@ fn three_appliances_run_the_pipeline_revoke_across_nodes_and_survive_a_killed_pe
         images: 4,
         warmup: 1,
         stride: 4,
+        // The storage stage is node 0's NVMe (its built-in storage service).
+        storage_write: Some("storage/0/write".into()),
     };
     let report = run_on(&cfg, &c.demo_nodes(), None, |_, _, _| {})
         .unwrap_or_else(|e| panic!("demo over appliances: {e}\n{}", c.log(0)));

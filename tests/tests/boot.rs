@@ -347,6 +347,7 @@ fn cluster_comes_up_and_down_tears_it_down() {
         state_dir: state.clone(),
         die_with_parent: true,
         controller: None,
+        node_cmdline: Vec::new(),
     };
     let mut c = Cluster::launch(&spec).expect("launch cluster");
     c.wait_ready(READY_TIMEOUT)

@@ -35,6 +35,13 @@ pub struct DemoConfig {
     /// Pixel sampling stride of the compute kernel (see
     /// [`CpuBackend::stride`]).
     pub stride: usize,
+    /// Where the storage stage lives: `None` runs the reference storage
+    /// adaptor (a file-backed block store) on the first node; `Some(name)`
+    /// uses a storage service already serving the read protocol under
+    /// [`crate::pipeline::names::STORAGE_READ`] — the appliance's NVMe —
+    /// and loads the images through the write Request published as `name`
+    /// (see `kernel/src/storage.rs`).
+    pub storage_write: Option<String>,
 }
 
 impl Default for DemoConfig {
@@ -45,6 +52,7 @@ impl Default for DemoConfig {
             images: 8,
             warmup: 3,
             stride: 4,
+            storage_write: None,
         }
     }
 }
@@ -422,6 +430,49 @@ pub fn start_cluster() -> Result<Vec<Running>, DemoError> {
     start_cluster_in(None)
 }
 
+/// Writes `images` (image `i` at byte `i * slot`) through the storage
+/// service's write Request published as `write`, one FractOS copy each,
+/// waiting for each `done` (a failure comes back as the `err` Request's
+/// status; see `kernel/src/storage.rs`).
+pub fn load_images(
+    p: &Process,
+    write: &str,
+    images: &[Vec<u8>],
+    slot: u64,
+) -> Result<(), PipelineError> {
+    const DONE: u64 = 0x4c4f_0001;
+    const ERR: u64 = 0x4c4f_0002;
+    let wait = Duration::from_secs(60);
+    let write = p
+        .lookup(write, wait)?
+        .as_request()
+        .ok_or_else(|| PipelineError::Protocol(format!("{write} is not a Request")))?;
+    let done = p.request_create(DONE, &[], &[])?;
+    let err = p.request_create(ERR, &[], &[])?;
+    for (i, img) in images.iter().enumerate() {
+        let region = p.register_vec(img.clone())?;
+        let src = p.memory_create(
+            &region,
+            0,
+            img.len() as u64,
+            fractos_sdk::wire::Rights::READ,
+        )?;
+        let mut imms = (i as u64 * slot).to_le_bytes().to_vec();
+        imms.extend_from_slice(&(img.len() as u64).to_le_bytes());
+        p.invoke(&write, &imms, &[src.into(), done.into(), err.into()])?;
+        let inv = p.next_invocation_timeout(wait)?;
+        p.drop_cap(src)?;
+        p.unregister(&region);
+        if inv.tag != DONE {
+            return Err(PipelineError::Protocol(format!(
+                "loading image {i} into the storage service failed: status {:?}",
+                inv.imms
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Attaches a process named `name` to `node` with the demo key.
 pub fn attach(node: &Running, name: &str) -> Result<Process, PipelineError> {
     attach_to(node.process_addr(), name)
@@ -514,15 +565,23 @@ pub fn run_on(
         }
     }
     let _remove = Remove(path.clone());
-    let store = Arc::new(BlockStore::open(&path, slot * cfg.images as u64)?);
-    for i in 0..cfg.images {
-        // Mostly the enrolled person, some strangers.
-        let person = if i % 4 == 3 { 100 + i as u64 } else { 1 };
-        store.write_at(
-            i as u64 * slot,
-            &synth_face(person, i as u64 + 1, cfg.image_side, cfg.image_side),
-        )?;
-    }
+    let images: Vec<Vec<u8>> = (0..cfg.images)
+        .map(|i| {
+            // Mostly the enrolled person, some strangers.
+            let person = if i % 4 == 3 { 100 + i as u64 } else { 1 };
+            synth_face(person, i as u64 + 1, cfg.image_side, cfg.image_side)
+        })
+        .collect();
+    let store = match &cfg.storage_write {
+        Some(_) => None,
+        None => {
+            let store = Arc::new(BlockStore::open(&path, slot * cfg.images as u64)?);
+            for (i, img) in images.iter().enumerate() {
+                store.write_at(i as u64 * slot, img)?;
+            }
+            Some(store)
+        }
+    };
     let backend: Arc<dyn VerifyBackend> = Arc::new(CpuBackend { stride: cfg.stride });
     let enrolled_img = synth_face(1, 0, cfg.image_side, cfg.image_side);
     let enrolled = backend
@@ -530,9 +589,19 @@ pub fn run_on(
         .map_err(|e| PipelineError::Protocol(e.to_string()))?;
 
     let storage = in_node(net, 0, || -> Result<Process, PipelineError> {
-        let p = attach_to(nodes[0].process_addr(), "storage")?;
-        serve_storage(&p, store, slot)?;
-        Ok(p)
+        match (&store, &cfg.storage_write) {
+            (Some(store), _) => {
+                let p = attach_to(nodes[0].process_addr(), "storage")?;
+                serve_storage(&p, store.clone(), slot)?;
+                Ok(p)
+            }
+            (None, Some(write)) => {
+                let p = attach_to(nodes[0].process_addr(), "storage-loader")?;
+                load_images(&p, write, &images, slot)?;
+                Ok(p)
+            }
+            (None, None) => unreachable!("a store is made when no storage service is named"),
+        }
     })??;
     let compute = in_node(net, 1, || -> Result<Process, PipelineError> {
         let p = attach_to(nodes[1].process_addr(), "compute")?;

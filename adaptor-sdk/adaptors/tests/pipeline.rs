@@ -10,6 +10,7 @@ fn all_modes_agree_and_fractos_moves_each_image_once() {
         images: 4,
         warmup: 1,
         stride: 1,
+        storage_write: None,
     };
     let r = run(&cfg, |_, _, _| {}).expect("demo runs");
     // Same person scores high, strangers (every 4th image) lower.
@@ -65,6 +66,7 @@ fn netns_mode_moves_bytes_between_namespaces() {
         images: 2,
         warmup: 1,
         stride: 2,
+        storage_write: None,
     };
     let r = run_in(&cfg, Some(&net), |_, _, _| {}).expect("demo runs across namespaces");
     assert_eq!(r.link_model.map(|m| m.rate_mbit), Some(2000));

@@ -343,3 +343,75 @@ fn run_self_test(disk: &mut Disk) -> Result<(), SelfTestError> {
     );
     Ok(())
 }
+
+/// Largest staging buffer of the storage service.
+const STORAGE_BUFFER_MAX: usize = 1 << 20;
+
+/// Namespace 1 of a controller as the storage service's block device:
+/// one I/O queue, a DMA staging buffer of up to 1 MiB (and at most one
+/// command's worth), blocking polled I/O with the driver's deadlines.
+pub struct NvmeBlocks {
+    disk: Disk,
+    buf: Dma<KernelHal>,
+    buf_len: usize,
+    qid: u16,
+}
+
+impl NvmeBlocks {
+    /// Wraps `disk`, allocating the staging buffer.
+    pub fn new(disk: Disk) -> Result<Self, NvmeError> {
+        let ns = *disk.ctrl.namespace();
+        let bs = ns.block_size as usize;
+        let max = (disk.ctrl.max_blocks_per_command() as usize).saturating_mul(bs);
+        let buf_len = STORAGE_BUFFER_MAX.min(max).max(bs) / bs * bs;
+        let buf = Dma::new(&disk.hal, buf_len.div_ceil(PAGE_SIZE))?;
+        let qid = *disk.ctrl.io_queues().start();
+        Ok(NvmeBlocks {
+            disk,
+            buf,
+            buf_len,
+            qid,
+        })
+    }
+
+    /// Where the controller sits.
+    pub fn bdf(&self) -> Bdf {
+        Bdf(self.disk.address)
+    }
+}
+
+impl fractos_kernel::storage::BlockDevice for NvmeBlocks {
+    fn block_size(&self) -> u32 {
+        self.disk.ctrl.namespace().block_size
+    }
+    fn blocks(&self) -> u64 {
+        self.disk.ctrl.namespace().blocks
+    }
+    fn buffer_len(&self) -> usize {
+        self.buf_len
+    }
+    fn buffer_read(&self, offset: usize, out: &mut [u8]) {
+        self.buf.read_bytes(offset, out);
+    }
+    fn buffer_write(&mut self, offset: usize, data: &[u8]) {
+        self.buf.write_bytes(offset, data);
+    }
+    fn read(&mut self, lba: u64, count: u32) -> Result<(), alloc::string::String> {
+        self.disk
+            .ctrl
+            .read_blocking(self.qid, lba, count, &mut self.buf, &TscClock)
+            .map_err(|e| alloc::format!("{e}"))
+    }
+    fn write(&mut self, lba: u64, count: u32) -> Result<(), alloc::string::String> {
+        self.disk
+            .ctrl
+            .write_blocking(self.qid, lba, count, &self.buf, &TscClock)
+            .map_err(|e| alloc::format!("{e}"))
+    }
+    fn flush(&mut self) -> Result<(), alloc::string::String> {
+        self.disk
+            .ctrl
+            .flush_blocking(self.qid, &TscClock)
+            .map_err(|e| alloc::format!("{e}"))
+    }
+}

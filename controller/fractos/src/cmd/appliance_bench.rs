@@ -76,6 +76,7 @@ fn appliance(b: &ApplianceBench, dir: &Path) -> anyhow::Result<Measured> {
         state_dir: dir.join("appliance"),
         die_with_parent: true,
         controller: Some(setup.clone()),
+        node_cmdline: Vec::new(),
     };
     let mut c = Cluster::launch(&spec)?;
     c.wait_ready(Duration::from_secs(300))?;

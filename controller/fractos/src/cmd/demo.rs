@@ -13,10 +13,15 @@ use clap::Args;
 use fractos_adaptors::demo::{
     run_in, run_on, wait_linked, DemoConfig, DemoNode, DemoReport, DEMO_KEY,
 };
+use fractos_adaptors::image::encoded_len;
 use fractos_adaptors::netns::{LinkModel, Netns};
+use fractos_adaptors::pipeline::names;
 use fractos_qemu::build::{self, Workspace};
 use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::node::Accel;
+
+/// NVMe disk of each demo appliance, MiB.
+const DEMO_DISK_MIB: u64 = 256;
 
 /// Options of `fractos demo`.
 #[derive(Debug, Args)]
@@ -76,6 +81,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         images: a.images,
         warmup: 3,
         stride: a.stride,
+        storage_write: None,
     };
     let appliance = if a.appliance {
         fractos_qemu::node::check_qemu()
@@ -148,11 +154,14 @@ fn run_appliances(a: &DemoArgs, cfg: &DemoConfig) -> anyhow::Result<DemoReport> 
         cmdline: String::new(),
         memory_mib: 256,
         nics: 1,
-        nvme_mib: vec![],
+        // Node 0's NVMe disk is the storage stage: its built-in storage
+        // service also publishes the pipeline's read name.
+        nvme_mib: vec![DEMO_DISK_MIB],
         accel: a.accel,
         state_dir: state_dir.clone(),
         die_with_parent: true,
         controller: Some(setup.clone()),
+        node_cmdline: vec![format!("fractos.storage_names={}", names::STORAGE_READ)],
     };
     let mut cluster = Cluster::launch(&spec)?;
     cluster
@@ -167,7 +176,7 @@ fn run_appliances(a: &DemoArgs, cfg: &DemoConfig) -> anyhow::Result<DemoReport> 
     wait_linked(&nodes, 2, Duration::from_secs(120))
         .with_context(|| format!("serial logs are in {}", state_dir.display()))?;
     eprintln!(
-        "FractOS pipeline demo: storage (node 0) -> compute (node 1) -> client (node 2), appliance VMs ({}; serial logs in {})",
+        "FractOS pipeline demo: storage (node 0's NVMe, built-in storage service) -> compute (node 1) -> client (node 2), appliance VMs ({}; serial logs in {})",
         a.accel.name(),
         state_dir.display()
     );
@@ -178,7 +187,16 @@ fn run_appliances(a: &DemoArgs, cfg: &DemoConfig) -> anyhow::Result<DemoReport> 
             setup.metrics_addr(i).expect("3 nodes")
         );
     }
-    let report = run_on(cfg, &nodes, None, progress()).context("the demo failed")?;
+    let mut cfg = cfg.clone();
+    cfg.storage_write = Some("storage/0/write".into());
+    let needed = (cfg.images as u64) * (encoded_len(cfg.image_side, cfg.image_side) as u64);
+    anyhow::ensure!(
+        needed <= DEMO_DISK_MIB << 20,
+        "{} images of {} pixels need {needed} bytes; the appliance disk has {DEMO_DISK_MIB} MiB",
+        cfg.images,
+        cfg.image_side
+    );
+    let report = run_on(&cfg, &nodes, None, progress()).context("the demo failed")?;
     drop(cluster);
     Ok(report)
 }

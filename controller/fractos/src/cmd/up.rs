@@ -102,6 +102,7 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
         state_dir: state_dir.clone(),
         die_with_parent: !a.detach,
         controller: controller.clone(),
+        node_cmdline: Vec::new(),
     };
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();

@@ -1,0 +1,224 @@
+//! The appliance's built-in storage service over its NVMe disk, driven by
+//! Linux SDK processes through FractOS copies: data integrity, persistence
+//! across a reboot, typed errors.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use fractos_adaptors::demo::DEMO_KEY;
+use fractos_core::process_token;
+use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
+use fractos_qemu::node::Accel;
+use fractos_sdk::{AttachOptions, ErrorCode, MemoryCap, Process, RequestCap, Rights};
+use fractos_tests::{kernel, scratch, READY_TIMEOUT};
+
+const WAIT: Duration = Duration::from_secs(60);
+const DISK_MIB: u64 = 16;
+const DONE: u64 = 0xd0;
+const ERR: u64 = 0xe0;
+
+fn launch(dir: &std::path::Path, setup: &ControllerSetup) -> Cluster {
+    let spec = ClusterSpec {
+        nodes: 1,
+        kernel: kernel(),
+        cmdline: String::new(),
+        memory_mib: 256,
+        nics: 1,
+        nvme_mib: vec![DISK_MIB],
+        accel: Accel::Tcg,
+        state_dir: dir.to_path_buf(),
+        die_with_parent: true,
+        controller: Some(setup.clone()),
+        node_cmdline: Vec::new(),
+    };
+    let mut c = Cluster::launch(&spec).expect("launch QEMU");
+    if let Err(e) = c.wait_ready(READY_TIMEOUT) {
+        panic!("{e}");
+    }
+    c
+}
+
+fn attach(addr: SocketAddr, name: &str) -> Process {
+    let opts = AttachOptions::default()
+        .op_timeout(WAIT)
+        .connect_timeout(WAIT);
+    Process::attach(addr, name, process_token(&DEMO_KEY, name.as_bytes()), opts)
+        .unwrap_or_else(|e| panic!("attach {name} at {addr}: {e}"))
+}
+
+/// A client of the storage service: its read/write Requests and a done
+/// and an err continuation.
+struct Client {
+    p: Process,
+    read: RequestCap,
+    write: RequestCap,
+    done: RequestCap,
+    err: RequestCap,
+}
+
+/// What a request ended with.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Done,
+    /// `err` invoked with (status, wire error code).
+    Err(u8, u16),
+}
+
+impl Client {
+    fn new(addr: SocketAddr, name: &str) -> Client {
+        let p = attach(addr, name);
+        let look = |n: &str| {
+            p.lookup(n, WAIT)
+                .unwrap_or_else(|e| panic!("lookup {n}: {e}"))
+                .as_request()
+                .expect("a Request")
+        };
+        let (read, write) = (look("storage/0/read"), look("storage/0/write"));
+        let done = p.request_create(DONE, &[], &[]).unwrap();
+        let err = p.request_create(ERR, &[], &[]).unwrap();
+        Client {
+            p,
+            read,
+            write,
+            done,
+            err,
+        }
+    }
+
+    fn call(&self, req: &RequestCap, mem: MemoryCap, offset: u64, len: u64) -> Outcome {
+        let mut imms = offset.to_le_bytes().to_vec();
+        imms.extend_from_slice(&len.to_le_bytes());
+        self.p
+            .invoke(req, &imms, &[mem.into(), self.done.into(), self.err.into()])
+            .unwrap();
+        let inv = self.p.next_invocation_timeout(WAIT).unwrap();
+        match inv.tag {
+            DONE => Outcome::Done,
+            ERR => {
+                assert_eq!(inv.imms.len(), 3, "{:?}", inv.imms);
+                Outcome::Err(inv.imms[0], u16::from_le_bytes([inv.imms[1], inv.imms[2]]))
+            }
+            t => panic!("unexpected invocation tag {t:#x}"),
+        }
+    }
+
+    /// Writes `data` at `offset` through a FractOS copy.
+    fn write_at(&self, offset: u64, data: &[u8]) -> Outcome {
+        let r = self.p.register_vec(data.to_vec()).unwrap();
+        let cap = self
+            .p
+            .memory_create(&r, 0, data.len() as u64, Rights::READ)
+            .unwrap();
+        let out = self.call(&self.write, cap, offset, data.len() as u64);
+        self.p.drop_cap(cap).unwrap();
+        out
+    }
+
+    /// Reads `len` bytes at `offset` into fresh memory with `rights`.
+    fn read_at(&self, offset: u64, len: u64, rights: Rights) -> (Outcome, Vec<u8>) {
+        let r = self.p.register(len).unwrap();
+        let cap = self.p.memory_create(&r, 0, len, rights).unwrap();
+        let out = self.call(&self.read, cap, offset, len);
+        self.p.drop_cap(cap).unwrap();
+        (out, r.to_vec())
+    }
+}
+
+fn random(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+#[test]
+fn storage_service_keeps_data_across_reboots_and_reports_typed_errors() {
+    let dir = scratch("storage");
+    let setup = ControllerSetup::new(1, DEMO_KEY).expect("ports");
+    let addr = setup.process_addr(0).unwrap();
+    let mut c = launch(&dir, &setup);
+    let client = Client::new(addr, "client");
+
+    // Aligned and unaligned ranges, several blocks, one over 256 KiB.
+    let cases: [(u64, usize, u64); 3] = [
+        (0, 256 * 1024 + 12, 1),
+        (1 << 20, 4096, 2),
+        ((2 << 20) + 3 * 4096 + 100, 9_000, 3),
+    ];
+    for &(offset, len, seed) in &cases {
+        let data = random(len, seed);
+        assert_eq!(
+            client.write_at(offset, &data),
+            Outcome::Done,
+            "write {offset}+{len}"
+        );
+        let (out, back) = client.read_at(offset, len as u64, Rights::WRITE);
+        assert_eq!(out, Outcome::Done, "read {offset}+{len}");
+        assert_eq!(fnv(&back), fnv(&data), "read back {offset}+{len} differs");
+    }
+    // The unaligned write kept the (zero) bytes around it in its blocks.
+    let (_, around) = client.read_at((2 << 20) + 3 * 4096, 100, Rights::WRITE);
+    assert_eq!(
+        around,
+        vec![0u8; 100],
+        "bytes before an unaligned write changed"
+    );
+
+    // Typed errors: a range past the end, a destination without WRITE.
+    let end = DISK_MIB << 20;
+    let (out, _) = client.read_at(end - 100, 4096, Rights::WRITE);
+    assert_eq!(out, Outcome::Err(1, 0), "read past the end");
+    assert_eq!(
+        client.write_at(end, &[1, 2, 3]),
+        Outcome::Err(1, 0),
+        "write past the end"
+    );
+    let (out, _) = client.read_at(0, 4096, Rights::READ);
+    assert_eq!(
+        out,
+        Outcome::Err(4, ErrorCode::MissingRight as u16),
+        "read into a READ-only window"
+    );
+    // And the service still works afterwards.
+    let (out, back) = client.read_at(1 << 20, 4096, Rights::WRITE);
+    assert_eq!((out, fnv(&back)), (Outcome::Done, fnv(&random(4096, 2))));
+    drop(client);
+
+    // The bytes are in the disk image on the host, and survive a reboot.
+    c.nodes()[0].kill();
+    drop(c);
+    let image = std::fs::read(dir.join("node0-nvme0.img")).expect("disk image");
+    let (offset, len, seed) = cases[0];
+    assert_eq!(
+        fnv(&image[offset as usize..offset as usize + len]),
+        fnv(&random(len, seed))
+    );
+    let _c = launch(&dir, &setup);
+    let deadline = Instant::now() + WAIT;
+    let client = loop {
+        match std::panic::catch_unwind(|| Client::new(addr, "client-after-reboot")) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(500)),
+            Err(e) => std::panic::resume_unwind(e),
+        }
+    };
+    for &(offset, len, seed) in &cases {
+        let (out, back) = client.read_at(offset, len as u64, Rights::WRITE);
+        assert_eq!(out, Outcome::Done);
+        assert_eq!(
+            fnv(&back),
+            fnv(&random(len, seed)),
+            "{offset}+{len} after reboot"
+        );
+    }
+}
