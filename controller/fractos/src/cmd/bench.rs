@@ -28,6 +28,10 @@ pub enum BenchCommand {
     /// a Debian Linux kernel booted in the same QEMU configuration to its
     /// root-mount panic.
     Boot(BootArgs),
+    /// Read throughput (128 KiB) and IOPS (4 KiB) of the appliance's
+    /// built-in storage service end to end, next to the same NVMe disk
+    /// read inside a Debian Linux guest.
+    Nvme(super::nvme_bench::NvmeArgs),
 }
 
 /// Options of `fractos bench boot`.
@@ -57,6 +61,7 @@ const LINUX_MARKER: &str = "Kernel panic";
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.command {
         Some(BenchCommand::Boot(b)) => boot(b),
+        Some(BenchCommand::Nvme(n)) => super::nvme_bench::run(n),
         None => super::micro::run(a.micro),
     }
 }

@@ -7,6 +7,7 @@ pub mod demo;
 pub mod down;
 pub mod image;
 pub mod micro;
+pub mod nvme_bench;
 pub mod token;
 pub mod up;
 
