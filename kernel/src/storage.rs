@@ -16,7 +16,9 @@
 //! * **write** — same immediates; capabilities `[src Memory (READ), done?,
 //!   err?]`. `src` is copied into the staging buffer (read-modify-write of
 //!   partial blocks), written to the device and flushed; then `done` is
-//!   invoked.
+//!   invoked. `src` must not be longer than `len` (the whole window is
+//!   copied; a longer one fails the copy with `SizeMismatch` and nothing
+//!   is written).
 //!
 //! Failures invoke `err` (when given) with immediates `[status u8, code
 //! u16 LE]` ([`StorageStatus`]; `code` is the wire [`ErrorCode`] of a
