@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use fractos_qemu::build::{self, Workspace};
 
+pub mod l2;
+
 /// Generous: TCG on two shared cores can be slow. Tests wait for events,
 /// they never measure time.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(300);

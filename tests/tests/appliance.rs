@@ -465,3 +465,57 @@ fn an_appliance_configured_by_dhcp_serves_processes() {
         "{log}"
     );
 }
+
+#[test]
+fn a_connection_flood_on_the_peer_network_is_refused_while_the_cluster_keeps_working() {
+    let c = boot("appliance-l2-flood", 2);
+    let p = attach(c.process_addr(0), "steady");
+    let r = p.register(64).unwrap();
+    let baseline = metric(
+        &c.metrics(0),
+        "fractos_appliance_heap_bytes{node=\"0\",kind=\"used\"}",
+    )
+    .unwrap();
+
+    // 1,200 connections at once on node 0's peer port, straight from the
+    // VM-to-VM segment (no forwarder in between).
+    let target = SocketAddr::from((ControllerSetup::peer_ip(0), 7101));
+    let report = fractos_tests::l2::flood(
+        c.setup.l2,
+        std::net::Ipv4Addr::new(10, 1, 0, 200),
+        target,
+        1200,
+        WAIT,
+    )
+    .expect("join the segment");
+    eprintln!("flood on the peer network: {report:?}");
+    assert_eq!(report.unanswered, 0, "SYNs left unanswered: {report:?}");
+    assert!(
+        report.refused >= 1000,
+        "the appliance should refuse what it cannot hold: {report:?}"
+    );
+    assert!(report.established <= 16 + 4, "{report:?}");
+    let m = c.metrics(0);
+    let accepted = metric(
+        &m,
+        "fractos_appliance_accepted_total{node=\"0\",kind=\"peer\"}",
+    )
+    .unwrap();
+    assert!(accepted >= report.established as f64, "{m}");
+    let used = metric(&m, "fractos_appliance_heap_bytes{node=\"0\",kind=\"used\"}").unwrap();
+    assert!(
+        used < baseline + 16.0 * 1024.0 * 1024.0,
+        "heap {used} (baseline {baseline})"
+    );
+
+    // The real peer link and the process kept working.
+    c.wait_linked();
+    p.memory_create(&r, 0, 64, Rights::READ).unwrap();
+    let q = attach(c.process_addr(1), "other-node");
+    let req = q.request_create(3, &[], &[]).unwrap();
+    let got = share(&q, req, &p, "across-after-flood")
+        .as_request()
+        .expect("a Request");
+    retry(|| p.invoke(&got, b"ok", &[])).unwrap();
+    assert_eq!(q.next_invocation().unwrap().imms, b"ok");
+}
