@@ -70,7 +70,8 @@ pub struct ServiceConfig {
     pub peer_port: u16,
     /// TCP port of the Prometheus endpoint (`GET /metrics`), if any.
     pub metrics_port: Option<u16>,
-    /// Index of the interface serving processes and metrics.
+    /// Index of the interface serving metrics (processes are served on
+    /// every interface).
     pub front_iface: usize,
     /// Index of the interface serving peer links.
     pub peer_iface: usize,
@@ -481,10 +482,13 @@ impl Service {
             let Some(port) = self.port(kind) else {
                 continue;
             };
-            let iface = if kind == Kind::Peer {
-                self.cfg.peer_iface
-            } else {
-                self.cfg.front_iface
+            // Processes may attach on every interface (adaptors on the host
+            // or on the peer network); metrics are served on the front one,
+            // peers on the peer one.
+            let ifaces = match kind {
+                Kind::Process => 0..self.sets.len(),
+                Kind::Peer => self.cfg.peer_iface..self.cfg.peer_iface + 1,
+                Kind::Metrics => self.cfg.front_iface..self.cfg.front_iface + 1,
             };
             let max = match kind {
                 Kind::Process => self.cfg.max_process_conns,
@@ -492,20 +496,28 @@ impl Service {
                 Kind::Metrics => self.cfg.max_metrics_conns,
             };
             let open = self.conns.values().filter(|c| c.kind == kind).count();
-            let mut listening = self.listeners.iter().filter(|l| l.kind == kind).count();
-            while listening < self.cfg.backlog && open + listening < max {
-                let mut s = self.new_socket(kind);
-                if let Err(e) = s.listen(port) {
-                    warn!("service: cannot listen on port {port}: {e}");
-                    break;
+            let mut total = self.listeners.iter().filter(|l| l.kind == kind).count();
+            for iface in ifaces {
+                let mut here = self
+                    .listeners
+                    .iter()
+                    .filter(|l| l.kind == kind && l.iface == iface)
+                    .count();
+                while here < self.cfg.backlog && open + total < max {
+                    let mut s = self.new_socket(kind);
+                    if let Err(e) = s.listen(port) {
+                        warn!("service: cannot listen on port {port}: {e}");
+                        break;
+                    }
+                    let handle = self.sets[iface].add(s);
+                    self.listeners.push(Listener {
+                        iface,
+                        handle,
+                        kind,
+                    });
+                    here += 1;
+                    total += 1;
                 }
-                let handle = self.sets[iface].add(s);
-                self.listeners.push(Listener {
-                    iface,
-                    handle,
-                    kind,
-                });
-                listening += 1;
             }
         }
     }

@@ -508,6 +508,22 @@ fn a_connection_flood_on_the_peer_network_is_refused_while_the_cluster_keeps_wor
         "heap {used} (baseline {baseline})"
     );
 
+    // And on its process port (processes may attach on the peer network
+    // too): at most the 64-connection limit gets in.
+    let report2 = fractos_tests::l2::flood(
+        c.setup.l2,
+        std::net::Ipv4Addr::new(10, 1, 0, 201),
+        SocketAddr::from((ControllerSetup::peer_ip(0), 7100)),
+        1200,
+        WAIT,
+    )
+    .expect("join the segment");
+    eprintln!("flood on the process port over the peer network: {report2:?}");
+    assert_eq!(report2.unanswered, 0, "SYNs left unanswered: {report2:?}");
+    assert!(
+        report2.refused >= 1000 && report2.established <= 64 + 4,
+        "{report2:?}"
+    );
     // The real peer link and the process kept working.
     c.wait_linked();
     p.memory_create(&r, 0, 64, Rights::READ).unwrap();
