@@ -281,9 +281,23 @@ impl Service {
         info!("service: local process {} on channel {}", p.name(), chan.0);
         self.locals.insert(chan.0, p);
         self.ctrl.process_connected(Instant(now_ns), chan);
-        self.pump_locals(now_ns);
-        s_route(self, now_ns);
+        self.route_all(now_ns);
         chan
+    }
+
+    /// Routes the core's outputs and local processes' messages until both
+    /// are drained (local processes answer synchronously), bounded.
+    fn route_all(&mut self, now_ns: u64) -> bool {
+        let mut moved = false;
+        for _ in 0..1024 {
+            let a = self.route_outputs(now_ns);
+            let b = self.pump_locals(now_ns);
+            moved |= a | b;
+            if !a && !b {
+                break;
+            }
+        }
+        moved
     }
 
     /// Feeds every message local processes have queued to the core.
@@ -431,8 +445,8 @@ impl Service {
         if self.ctrl.poll_timeout().is_some_and(|t| t <= now) {
             self.ctrl.handle_timeout(now);
         }
-        moved |= s_route(self, now_ns);
-        moved |= self.transmit(now_ns);
+        moved |= self.route_all(now_ns);
+        moved |= self.transmit();
         self.reap(now_ns);
         self.replenish_listeners();
         for (i, (iface, dev)) in nics.iter_mut().enumerate() {
@@ -917,7 +931,7 @@ impl Service {
 
     /// Pushes queued output into the sockets; starts closing finished
     /// connections whose output has drained.
-    fn transmit(&mut self, _now_ns: u64) -> bool {
+    fn transmit(&mut self) -> bool {
         let mut moved = false;
         for c in self.conns.values_mut() {
             let s = self.sets[c.iface].get_mut::<tcp::Socket>(c.handle);
@@ -1001,19 +1015,4 @@ impl Service {
             .or_else(|| self.ctrl.link_peer(LinkId(id)))
             .map(|n| n.0)
     }
-}
-
-/// Routes the core's outputs and local processes' messages until both are
-/// drained (local processes answer synchronously), bounded.
-fn s_route(s: &mut Service, now_ns: u64) -> bool {
-    let mut moved = false;
-    for _ in 0..1024 {
-        let a = s.route_outputs(now_ns);
-        let b = s.pump_locals(now_ns);
-        moved |= a | b;
-        if !a && !b {
-            break;
-        }
-    }
-    moved
 }

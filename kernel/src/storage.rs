@@ -353,16 +353,12 @@ impl<B: BlockDevice> StorageProcess<B> {
             part: None,
         };
         if range.is_none() || target.is_none() || !matches!(tag, TAG_READ | TAG_WRITE) {
-            self.current_or_queue_error(job, StorageStatus::BadRequest);
+            // Malformed: answered at once (it needs no buffer).
+            self.answer_error(&job, StorageStatus::BadRequest, None);
             return;
         }
         self.queue.push_back(job);
         self.next_job();
-    }
-
-    /// Answers a malformed invocation at once (it needs no buffer).
-    fn current_or_queue_error(&mut self, job: Job, status: StorageStatus) {
-        self.answer_error(&job, status, None);
     }
 
     /// Counts a failed request, invokes its `err` Request (if any) with

@@ -58,6 +58,12 @@ pub struct ControllerSetup {
     pub l2: L2Segment,
 }
 
+/// `key` as 64 hex digits, the form `fractos.key=`, `fractos controller
+/// --key` and `fractos token --key` take.
+pub fn key_hex(key: &[u8; 32]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Guest port of the controller's process listener.
 pub const GUEST_PROCESS_PORT: u16 = 7100;
 /// Guest port of the controller's metrics endpoint.
@@ -103,8 +109,9 @@ impl ControllerSetup {
         Ipv4Addr::new(10, 1, (((i + 1) >> 8) & 0xff) as u8, ((i + 1) & 0xff) as u8)
     }
 
-    fn key_hex(&self) -> String {
-        self.key.iter().map(|b| format!("{b:02x}")).collect()
+    /// The cluster key as 64 hex digits (as `fractos.key=` takes it).
+    pub fn key_hex(&self) -> String {
+        key_hex(&self.key)
     }
 
     /// The command-line words of node `i` of `nodes`.
@@ -131,6 +138,26 @@ impl ControllerSetup {
 }
 
 impl ClusterSpec {
+    /// One node per host-port pair of `setup`, each running its controller:
+    /// 256 MiB, one user-mode NIC (plus the peer segment with several
+    /// nodes), no disks, TCG, dying with the launcher. Adjust fields with
+    /// struct-update syntax.
+    pub fn controllers(kernel: PathBuf, state_dir: PathBuf, setup: ControllerSetup) -> Self {
+        ClusterSpec {
+            nodes: setup.host_ports.len() as u32,
+            kernel,
+            cmdline: String::new(),
+            memory_mib: 256,
+            nics: 1,
+            nvme_mib: Vec::new(),
+            accel: Accel::Tcg,
+            state_dir,
+            die_with_parent: true,
+            controller: Some(setup),
+            node_cmdline: Vec::new(),
+        }
+    }
+
     /// The spec of node `i`.
     pub fn node(&self, i: u32) -> NodeSpec {
         let dir = &self.state_dir;

@@ -107,6 +107,24 @@ pub fn pci_lines(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// How long appliance tests wait for an answer (generous for TCG).
+pub const APPLIANCE_WAIT: Duration = Duration::from_secs(60);
+
+/// Attach options for SDK processes talking to appliances under TCG.
+pub fn appliance_attach_options() -> fractos_sdk::AttachOptions {
+    fractos_sdk::AttachOptions::default()
+        .op_timeout(APPLIANCE_WAIT)
+        .connect_timeout(APPLIANCE_WAIT)
+}
+
+/// Attaches an SDK process named `name` to the controller at `addr` with
+/// the demo cluster key (the key the test clusters use); panics on failure.
+pub fn attach_demo(addr: std::net::SocketAddr, name: &str) -> fractos_sdk::Process {
+    let token = fractos_core::process_token(&fractos_adaptors::demo::DEMO_KEY, name.as_bytes());
+    fractos_sdk::Process::attach(addr, name, token, appliance_attach_options())
+        .unwrap_or_else(|e| panic!("attach {name} at {addr}: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

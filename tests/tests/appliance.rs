@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 use fractos_adaptors::demo::{run_on, scrape_metrics, DemoConfig, DemoNode, DEMO_KEY};
 use fractos_core::process_token;
 use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
-use fractos_qemu::node::Accel;
-use fractos_sdk::{AttachOptions, Cap, ErrorCode, Process, Rights, SdkError};
-use fractos_tests::{kernel, scratch, READY_TIMEOUT};
+use fractos_sdk::{Cap, ErrorCode, Process, Rights, SdkError};
+use fractos_tests::{
+    appliance_attach_options as opts, attach_demo as attach, kernel, scratch, READY_TIMEOUT,
+};
 
 /// Waits on conditions, never on sleeps; generous for TCG.
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = fractos_tests::APPLIANCE_WAIT;
 
 /// Boots `nodes` appliances running their controllers (key [`DEMO_KEY`])
 /// and waits until each is ready and, with several, linked to all others.
@@ -39,17 +40,10 @@ fn boot_full(
     let dir = scratch(test);
     let setup = ControllerSetup::new(nodes, DEMO_KEY).expect("pick ports");
     let spec = ClusterSpec {
-        nodes,
-        kernel: kernel(),
         cmdline: cmdline.to_string(),
-        memory_mib: 256,
-        nics: 1,
         nvme_mib,
-        accel: Accel::Tcg,
-        state_dir: dir.clone(),
-        die_with_parent: true,
-        controller: Some(setup.clone()),
         node_cmdline,
+        ..ClusterSpec::controllers(kernel(), dir.clone(), setup.clone())
     };
     let mut cluster = Cluster::launch(&spec).expect("launch QEMU");
     if let Err(e) = cluster.wait_ready(READY_TIMEOUT) {
@@ -120,22 +114,6 @@ fn metric(text: &str, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit_once(' '))
         .and_then(|(_, v)| v.parse().ok())
-}
-
-fn opts() -> AttachOptions {
-    AttachOptions::default()
-        .op_timeout(WAIT)
-        .connect_timeout(WAIT)
-}
-
-fn attach(addr: SocketAddr, name: &str) -> Process {
-    Process::attach(
-        addr,
-        name,
-        process_token(&DEMO_KEY, name.as_bytes()),
-        opts(),
-    )
-    .unwrap_or_else(|e| panic!("attach {name} at {addr}: {e}"))
 }
 
 fn pattern(len: usize, seed: u8) -> Vec<u8> {

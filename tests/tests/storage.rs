@@ -6,44 +6,25 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use fractos_adaptors::demo::DEMO_KEY;
-use fractos_core::process_token;
 use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
-use fractos_qemu::node::Accel;
-use fractos_sdk::{AttachOptions, ErrorCode, MemoryCap, Process, RequestCap, Rights};
-use fractos_tests::{kernel, scratch, READY_TIMEOUT};
+use fractos_sdk::{ErrorCode, MemoryCap, Process, RequestCap, Rights};
+use fractos_tests::{attach_demo as attach, kernel, scratch, READY_TIMEOUT};
 
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = fractos_tests::APPLIANCE_WAIT;
 const DISK_MIB: u64 = 16;
 const DONE: u64 = 0xd0;
 const ERR: u64 = 0xe0;
 
 fn launch(dir: &std::path::Path, setup: &ControllerSetup) -> Cluster {
     let spec = ClusterSpec {
-        nodes: 1,
-        kernel: kernel(),
-        cmdline: String::new(),
-        memory_mib: 256,
-        nics: 1,
         nvme_mib: vec![DISK_MIB],
-        accel: Accel::Tcg,
-        state_dir: dir.to_path_buf(),
-        die_with_parent: true,
-        controller: Some(setup.clone()),
-        node_cmdline: Vec::new(),
+        ..ClusterSpec::controllers(kernel(), dir.to_path_buf(), setup.clone())
     };
     let mut c = Cluster::launch(&spec).expect("launch QEMU");
     if let Err(e) = c.wait_ready(READY_TIMEOUT) {
         panic!("{e}");
     }
     c
-}
-
-fn attach(addr: SocketAddr, name: &str) -> Process {
-    let opts = AttachOptions::default()
-        .op_timeout(WAIT)
-        .connect_timeout(WAIT);
-    Process::attach(addr, name, process_token(&DEMO_KEY, name.as_bytes()), opts)
-        .unwrap_or_else(|e| panic!("attach {name} at {addr}: {e}"))
 }
 
 /// A client of the storage service: its read/write Requests and a done

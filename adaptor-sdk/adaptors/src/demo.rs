@@ -550,21 +550,6 @@ pub fn run_on(
     }
     let image_bytes = encoded_len(cfg.image_side, cfg.image_side);
     let slot = image_bytes as u64;
-    // Unique per run: several demos may run in one process (tests).
-    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let run_id = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = std::env::temp_dir().join(format!(
-        "fractos-demo-store-{}-{run_id}",
-        std::process::id()
-    ));
-    /// Deletes the store file however the run ends.
-    struct Remove(std::path::PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    let _remove = Remove(path.clone());
     let images: Vec<Vec<u8>> = (0..cfg.images)
         .map(|i| {
             // Mostly the enrolled person, some strangers.
@@ -572,14 +557,37 @@ pub fn run_on(
             synth_face(person, i as u64 + 1, cfg.image_side, cfg.image_side)
         })
         .collect();
-    let store = match &cfg.storage_write {
-        Some(_) => None,
+    /// Deletes the store file however the run ends.
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    /// Where the storage stage lives.
+    enum Stage<'a> {
+        /// The reference adaptor over a file-backed store.
+        Adaptor(Arc<BlockStore>),
+        /// A storage service's write Request to load the images through.
+        Service(&'a str),
+    }
+    let mut _remove_store = None;
+    let stage = match &cfg.storage_write {
+        Some(write) => Stage::Service(write),
         None => {
+            // Unique per run: several demos may run in one process (tests).
+            static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let run_id = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = std::env::temp_dir().join(format!(
+                "fractos-demo-store-{}-{run_id}",
+                std::process::id()
+            ));
+            _remove_store = Some(Remove(path.clone()));
             let store = Arc::new(BlockStore::open(&path, slot * cfg.images as u64)?);
             for (i, img) in images.iter().enumerate() {
                 store.write_at(i as u64 * slot, img)?;
             }
-            Some(store)
+            Stage::Adaptor(store)
         }
     };
     let backend: Arc<dyn VerifyBackend> = Arc::new(CpuBackend { stride: cfg.stride });
@@ -589,18 +597,17 @@ pub fn run_on(
         .map_err(|e| PipelineError::Protocol(e.to_string()))?;
 
     let storage = in_node(net, 0, || -> Result<Process, PipelineError> {
-        match (&store, &cfg.storage_write) {
-            (Some(store), _) => {
+        match &stage {
+            Stage::Adaptor(store) => {
                 let p = attach_to(nodes[0].process_addr(), "storage")?;
                 serve_storage(&p, store.clone(), slot)?;
                 Ok(p)
             }
-            (None, Some(write)) => {
+            Stage::Service(write) => {
                 let p = attach_to(nodes[0].process_addr(), "storage-loader")?;
                 load_images(&p, write, &images, slot)?;
                 Ok(p)
             }
-            (None, None) => unreachable!("a store is made when no storage service is named"),
         }
     })??;
     let compute = in_node(net, 1, || -> Result<Process, PipelineError> {

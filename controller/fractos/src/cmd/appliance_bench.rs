@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use fractos_adaptors::bench::{measure, BenchConfig, Measured};
 use fractos_adaptors::demo::{attach_to, DEMO_KEY};
-use fractos_qemu::build::{self, Workspace};
-use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
+use fractos_qemu::build::Workspace;
+use fractos_qemu::cluster::{key_hex, Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::linux_guest::{
     controller_config, free_local_port, LinuxGuest, GUEST_MEMORY_MIB, GUEST_METRICS_PORT,
     GUEST_PROCESS_PORT,
@@ -29,10 +29,6 @@ pub struct ApplianceBench {
     pub cfg: BenchConfig,
     /// Where to write the JSON.
     pub json: Option<PathBuf>,
-}
-
-fn hex(key: &[u8; 32]) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Attaches `name` to `addr`, retrying while the controller comes up.
@@ -57,26 +53,12 @@ fn through(addr: std::net::SocketAddr, cfg: &BenchConfig) -> anyhow::Result<Meas
 }
 
 fn appliance(b: &ApplianceBench, dir: &Path) -> anyhow::Result<Measured> {
-    let kernel = match &b.kernel {
-        Some(k) => k.clone(),
-        None => {
-            eprintln!("building the appliance kernel…");
-            build::build_kernel(&Workspace::locate())?
-        }
-    };
+    let kernel = super::kernel_or_build(&b.kernel)?;
     let setup = ControllerSetup::new(1, DEMO_KEY)?;
     let spec = ClusterSpec {
-        nodes: 1,
-        kernel,
-        cmdline: String::new(),
         memory_mib: GUEST_MEMORY_MIB,
-        nics: 1,
-        nvme_mib: vec![],
         accel: b.accel,
-        state_dir: dir.join("appliance"),
-        die_with_parent: true,
-        controller: Some(setup.clone()),
-        node_cmdline: Vec::new(),
+        ..ClusterSpec::controllers(kernel, dir.join("appliance"), setup.clone())
     };
     let mut c = Cluster::launch(&spec)?;
     c.wait_ready(Duration::from_secs(300))?;
@@ -92,7 +74,7 @@ fn linux_guest(b: &ApplianceBench, dir: &Path) -> anyhow::Result<Measured> {
     let (_vm, ready) = guest.launch_controller(
         "linux-guest",
         &fractos,
-        &controller_config(0, &hex(&DEMO_KEY)),
+        &controller_config(0, &key_hex(&DEMO_KEY)),
         &[(p, GUEST_PROCESS_PORT), (m, GUEST_METRICS_PORT)],
         dir,
         Duration::from_secs(300),

@@ -16,7 +16,6 @@ use fractos_adaptors::demo::{
 use fractos_adaptors::image::encoded_len;
 use fractos_adaptors::netns::{LinkModel, Netns};
 use fractos_adaptors::pipeline::names;
-use fractos_qemu::build::{self, Workspace};
 use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::node::Accel;
 
@@ -135,13 +134,7 @@ fn progress() -> impl FnMut(&str, usize, usize) {
 
 /// Boots three appliances (nodes 0, 1, 2) and runs the demo on them.
 fn run_appliances(a: &DemoArgs, cfg: &DemoConfig) -> anyhow::Result<DemoReport> {
-    let kernel = match &a.kernel {
-        Some(k) => k.clone(),
-        None => {
-            eprintln!("building the appliance kernel…");
-            build::build_kernel(&Workspace::locate())?
-        }
-    };
+    let kernel = super::kernel_or_build(&a.kernel)?;
     let state_dir = super::default_state_dir().join("demo");
     let leftover = fractos_qemu::cluster::down(&state_dir)?;
     for (name, pid) in leftover {
@@ -149,19 +142,12 @@ fn run_appliances(a: &DemoArgs, cfg: &DemoConfig) -> anyhow::Result<DemoReport> 
     }
     let setup = ControllerSetup::new(3, DEMO_KEY)?;
     let spec = ClusterSpec {
-        nodes: 3,
-        kernel,
-        cmdline: String::new(),
-        memory_mib: 256,
-        nics: 1,
         // Node 0's NVMe disk is the storage stage: its built-in storage
         // service also publishes the pipeline's read name.
         nvme_mib: vec![DEMO_DISK_MIB],
         accel: a.accel,
-        state_dir: state_dir.clone(),
-        die_with_parent: true,
-        controller: Some(setup.clone()),
         node_cmdline: vec![format!("fractos.storage_names={}", names::STORAGE_READ)],
+        ..ClusterSpec::controllers(kernel, state_dir.clone(), setup.clone())
     };
     let mut cluster = Cluster::launch(&spec)?;
     cluster

@@ -20,6 +20,17 @@ pub fn default_state_dir() -> PathBuf {
     Workspace::locate().target.join("fractos").join("up")
 }
 
+/// The kernel ELF given on the command line, or a freshly built one.
+pub fn kernel_or_build(kernel: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match kernel {
+        Some(k) => Ok(k.clone()),
+        None => {
+            eprintln!("building the appliance kernel…");
+            Ok(fractos_qemu::build::build_kernel(&Workspace::locate())?)
+        }
+    }
+}
+
 /// Formats a byte count for people.
 pub fn human_bytes(n: u64) -> String {
     if n >= 1 << 20 {

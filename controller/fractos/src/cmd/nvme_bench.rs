@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use fractos_adaptors::demo::{attach_to, DEMO_KEY};
-use fractos_qemu::build::{self, Workspace};
+use fractos_qemu::build::Workspace;
 use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::linux_guest::{LinuxGuest, ReadSpec, GUEST_MEMORY_MIB};
 use fractos_qemu::node::{Accel, NvmeDisk};
@@ -64,26 +64,13 @@ fn make_disk(path: &Path, mib: u64) -> anyhow::Result<()> {
 
 /// (MB/s of 128 KiB reads over the whole disk, IOPS of 4 KiB reads).
 fn appliance(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<(f64, f64)> {
-    let kernel = match &a.kernel {
-        Some(k) => k.clone(),
-        None => {
-            eprintln!("building the appliance kernel…");
-            build::build_kernel(&Workspace::locate())?
-        }
-    };
+    let kernel = super::kernel_or_build(&a.kernel)?;
     let setup = ControllerSetup::new(1, DEMO_KEY)?;
     let spec = ClusterSpec {
-        nodes: 1,
-        kernel,
-        cmdline: String::new(),
         memory_mib: GUEST_MEMORY_MIB,
-        nics: 1,
         nvme_mib: vec![a.disk_mib],
         accel: a.accel,
-        state_dir: dir.join("appliance"),
-        die_with_parent: true,
-        controller: Some(setup.clone()),
-        node_cmdline: Vec::new(),
+        ..ClusterSpec::controllers(kernel, dir.join("appliance"), setup.clone())
     };
     std::fs::create_dir_all(&spec.state_dir)?;
     std::fs::copy(disk, spec.node(0).nvme[0].path.clone()).context("placing the disk image")?;

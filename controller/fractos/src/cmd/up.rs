@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use fractos_qemu::build::{self, Workspace};
 use fractos_qemu::cluster::{self, Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::exit::KernelExit;
 use fractos_qemu::node::Accel;
@@ -63,10 +62,6 @@ fn random_key() -> anyhow::Result<[u8; 32]> {
     Ok(key)
 }
 
-fn hex(key: &[u8; 32]) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Runs `fractos up`.
 pub fn run(a: UpArgs) -> anyhow::Result<()> {
     fractos_qemu::node::check_qemu()?;
@@ -75,13 +70,7 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
     for (name, pid) in leftover {
         eprintln!("stopped leftover {name} (pid {pid}) from an earlier `fractos up`");
     }
-    let kernel = match a.kernel {
-        Some(k) => k,
-        None => {
-            eprintln!("building kernel…");
-            build::build_kernel(&Workspace::locate())?
-        }
-    };
+    let kernel = super::kernel_or_build(&a.kernel)?;
     let controller = if a.no_controller {
         None
     } else {
@@ -132,13 +121,13 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
                 serde_json::json!({"node": i, "process_addr": p.to_string(), "metrics_addr": m.to_string()})
             })
             .collect();
-        let info = serde_json::json!({"key": hex(&c.key), "nodes": nodes});
+        let info = serde_json::json!({"key": c.key_hex(), "nodes": nodes});
         let path = state_dir.join("cluster.json");
         std::fs::write(&path, serde_json::to_string_pretty(&info)?)
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!(
             "cluster key {} (tokens: `fractos token --key <key> <process name>`); written to {}",
-            hex(&c.key),
+            c.key_hex(),
             path.display()
         );
     }
