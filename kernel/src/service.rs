@@ -32,8 +32,8 @@ use alloc::vec::Vec;
 use core::net::Ipv4Addr;
 
 use fractos_core::{
-    ChannelId, CloseReason, Config as CoreConfig, Controller, Dest, Instant, LinkId, LinkTraffic,
-    Output, Traffic,
+    ChannelId, CloseReason, Config as CoreConfig, Controller, Dest, Instant, LinkId, LinkRole,
+    LinkTraffic, Output, Traffic,
 };
 use fractos_wire::{FrameSplitter, NodeId, FRAME_HEADER_LEN};
 
@@ -593,7 +593,8 @@ impl Service {
                 }
                 Kind::Peer => {
                     info!("service: peer link {id} accepted from {remote:?}");
-                    self.ctrl.link_connected(now, LinkId(id));
+                    self.ctrl
+                        .link_connected(now, LinkId(id), LinkRole::Responder);
                 }
                 Kind::Metrics => {}
             }
@@ -620,7 +621,8 @@ impl Service {
                         self.dialers[d].backoff_ns = DIAL_BACKOFF_NS.0;
                         self.stats.dialled += 1;
                         info!("service: peer link {id} to node {} up", node.0);
-                        self.ctrl.link_connected(Instant(now_ns), LinkId(id));
+                        let role = LinkRole::Initiator { peer: node };
+                        self.ctrl.link_connected(Instant(now_ns), LinkId(id), role);
                         moved = true;
                     }
                     tcp::State::SynSent if now_ns.saturating_sub(started) < DIAL_TIMEOUT_NS => {}

@@ -8,7 +8,9 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
-use fractos_core::{process_token, ChannelId, Config, Controller, Dest, Instant, LinkId, Output};
+use fractos_core::{
+    process_token, ChannelId, Config, Controller, Dest, Instant, LinkId, LinkRole, Output,
+};
 use fractos_kernel::storage::{BlockDevice, LocalProcess, StorageProcess, StorageStatus};
 use fractos_wire::{
     frame_body, CapInfo, ControllerMsg, ErrorCode, Handle, NodeId, ObjectKind, ProcessMsg, Reply,
@@ -808,9 +810,10 @@ fn publish_is_retried_while_the_home_is_unreachable() {
     assert!(!h.sp.is_ready());
     // Node 2 comes up and links.
     let mut peer = Controller::new(config(2, &[1, 2]), h.now);
-    peer.link_connected(h.now, LinkId(1));
+    peer.link_connected(h.now, LinkId(1), LinkRole::Responder);
     h.peer = Some(peer);
-    h.ctrl.link_connected(h.now, LinkId(2));
+    h.ctrl
+        .link_connected(h.now, LinkId(2), LinkRole::Initiator { peer: NodeId(2) });
     h.run();
     h.advance(Duration::from_millis(300));
     assert!(h.sp.is_ready(), "not ready after the home came up");

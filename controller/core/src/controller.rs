@@ -8,19 +8,19 @@ use core::cmp::Reverse;
 
 use fractos_wire::{
     CapInfo, CapRef, ControllerMsg, DecodeError, DeriveSpec, ErrorCode, Handle, NodeId, ObjectKind,
-    PeerMsg, PeerReply, PeerRequest, ProcessMsg, Reply, Rights, PROTOCOL_VERSION,
+    PeerMsg, PeerReply, PeerRequest, PeerSecurity, ProcessMsg, Reply, Rights, PROTOCOL_VERSION,
 };
 use slotmap::SlotMap;
 
-use crate::auth;
+use crate::auth::{self, HelloPart, NonceSource, Role, Session};
 use crate::caps::{key_from_u64, key_to_u64, Binds, CapStore, DeriveKind, Fallout, Holder};
 use crate::copy::{Sink, SinkKey, Source, SourceKey, Xfer};
 use crate::metrics::{Metrics, OpKind};
 use crate::names::{NameEntry, NameWaiter, WaiterKey};
 use crate::table::{Entry, HandleTable};
 use crate::{
-    CapKey, ChannelId, CloseReason, Config, Dest, Instant, LinkId, MonitorKey, ObjectKey, Output,
-    ProcessKey, Stats,
+    CapKey, ChannelId, CloseReason, Config, Dest, Instant, LinkId, LinkRole, MonitorKey, ObjectKey,
+    Output, ProcessKey, Stats,
 };
 
 slotmap::new_key_type! {
@@ -138,12 +138,35 @@ pub(crate) struct Agg {
     then: Then,
 }
 
+/// Where a link's handshake stands (see the `auth` module).
+enum LinkState {
+    /// Initiator: `Hello` sent, waiting for `HelloReply`.
+    HelloSent { expect: NodeId, nonce: [u8; 32] },
+    /// Responder: waiting for `Hello`.
+    AwaitHello,
+    /// Responder: `HelloReply` sent, waiting for `Finish`.
+    ReplySent {
+        peer: NodeId,
+        transcript: [u8; 32],
+        security: PeerSecurity,
+    },
+    /// Authenticated: every frame is sealed with the session's keys.
+    Up { node: NodeId, session: Session },
+}
+
 struct Link {
-    nonce: [u8; 16],
-    /// Node and incarnation announced in the peer's Hello.
-    hello: Option<(NodeId, u64)>,
-    authed: bool,
+    state: LinkState,
+    opened: Instant,
     last_rx: Instant,
+}
+
+impl Link {
+    fn peer(&self) -> Option<NodeId> {
+        match self.state {
+            LinkState::Up { node, .. } => Some(node),
+            _ => None,
+        }
+    }
 }
 
 struct Peer {
@@ -198,7 +221,9 @@ pub struct Controller {
     outputs: VecDeque<Output>,
     loopback: VecDeque<(NodeId, PeerMsg)>,
     fallout: Vec<Fallout>,
-    rng: u64,
+    nonces: NonceSource,
+    /// Reused buffer for decrypting `Secure` peer frames.
+    open_scratch: Vec<u8>,
     pub(crate) now: Instant,
     next_seq: u64,
     pub(crate) metrics: Metrics,
@@ -213,7 +238,7 @@ impl Controller {
         }
         members.sort();
         members.dedup();
-        let rng = cfg.rng_seed | 1;
+        let nonces = NonceSource::new(&cfg.cluster_key, &cfg.rng_seed, cfg.node, cfg.incarnation);
         // A chunk must fit one MemRead answer; at least one chunk in flight.
         let copy_chunk = cfg.copy_chunk.clamp(1, fractos_wire::MAX_DATA_LEN);
         let copy_window = cfg.copy_window.max(1);
@@ -243,7 +268,8 @@ impl Controller {
             outputs: VecDeque::new(),
             loopback: VecDeque::new(),
             fallout: Vec::new(),
-            rng,
+            nonces,
+            open_scratch: Vec::new(),
             now,
             next_seq: 1,
             metrics: Metrics::default(),
@@ -265,11 +291,14 @@ impl Controller {
 
     /// The authenticated peer behind a link, if any.
     pub fn link_peer(&self, link: LinkId) -> Option<NodeId> {
-        let l = self.links.get(&link)?;
-        if l.authed {
-            l.hello.map(|h| h.0)
-        } else {
-            None
+        self.links.get(&link)?.peer()
+    }
+
+    /// The protection in force on an authenticated link.
+    pub fn link_security(&self, link: LinkId) -> Option<PeerSecurity> {
+        match &self.links.get(&link)?.state {
+            LinkState::Up { session, .. } => Some(session.security()),
+            _ => None,
         }
     }
 
@@ -323,38 +352,48 @@ impl Controller {
         self.drain();
     }
 
-    /// A link to another controller is up; the handshake starts.
-    pub fn link_connected(&mut self, now: Instant, link: LinkId) {
+    /// A link to another controller is up; the handshake starts. The side
+    /// that dialled is the [`LinkRole::Initiator`] and names the node it
+    /// meant to reach; the side that accepted is the responder.
+    pub fn link_connected(&mut self, now: Instant, link: LinkId, role: LinkRole) {
         self.now = now;
-        let nonce = self.random_nonce();
+        let state = match role {
+            LinkRole::Initiator { peer } => LinkState::HelloSent {
+                expect: peer,
+                nonce: self.nonces.next(),
+            },
+            LinkRole::Responder => LinkState::AwaitHello,
+        };
+        let hello = match &state {
+            LinkState::HelloSent { expect, nonce } => Some(PeerMsg::Hello {
+                node: self.cfg.node,
+                incarnation: self.cfg.incarnation,
+                nonce: *nonce,
+                responder: *expect,
+                security: self.cfg.peer_security,
+            }),
+            _ => None,
+        };
         self.links.insert(
             link,
             Link {
-                nonce,
-                hello: None,
-                authed: false,
+                state,
+                opened: now,
                 last_rx: now,
             },
         );
-        let hello = PeerMsg::Hello {
-            node: self.cfg.node,
-            incarnation: self.cfg.incarnation,
-            nonce,
-        };
-        self.send_link(link, &hello);
+        if let Some(hello) = hello {
+            self.send_link(link, &hello);
+        }
         self.drain();
     }
 
     /// A link closed.
     pub fn link_disconnected(&mut self, now: Instant, link: LinkId) {
         self.now = now;
-        if let Some(l) = self.links.remove(&link) {
-            if l.authed {
-                if let Some((node, _)) = l.hello {
-                    if self.peers.get(&node).is_some_and(|p| p.link == link) {
-                        self.peer_lost(node);
-                    }
-                }
+        if let Some(node) = self.links.remove(&link).and_then(|l| l.peer()) {
+            if self.peers.get(&node).is_some_and(|p| p.link == link) {
+                self.peer_lost(node);
             }
         }
         self.drain();
@@ -509,20 +548,6 @@ impl Controller {
 
     // -------------------------------------------------------------- internals
 
-    fn random_nonce(&mut self) -> [u8; 16] {
-        let mut out = [0u8; 16];
-        for chunk in out.chunks_mut(8) {
-            // splitmix64
-            self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.rng;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^= z >> 31;
-            chunk.copy_from_slice(&z.to_le_bytes());
-        }
-        out
-    }
-
     pub(crate) fn cap_ref(&self, key: CapKey) -> CapRef {
         CapRef {
             node: self.cfg.node,
@@ -568,10 +593,17 @@ impl Controller {
 
     fn send_link(&mut self, link: LinkId, msg: &PeerMsg) {
         let mut frame = Vec::with_capacity(match msg {
-            PeerMsg::CopyChunk { data, .. } => data.len() + 32,
+            PeerMsg::CopyChunk { data, .. } => data.len() + 32 + auth::SEAL_OVERHEAD,
             _ => 128,
         });
         msg.encode(&mut frame);
+        if let Some(Link {
+            state: LinkState::Up { session, .. },
+            ..
+        }) = self.links.get_mut(&link)
+        {
+            session.seal(&mut frame);
+        }
         self.metrics.peer_frames_out += 1;
         self.metrics.peer_bytes_out += frame.len() as u64;
         self.outputs.push_back(Output::Send {
@@ -1391,53 +1423,174 @@ impl Controller {
         l.last_rx = self.now;
         self.metrics.peer_frames_in += 1;
         self.metrics.peer_bytes_in += body.len() as u64 + 4;
-        if body.len() > self.cfg.limits.max_message_len {
+        if body.len() > self.cfg.limits.max_message_len + auth::SEAL_OVERHEAD {
             return self.close_link(link, CloseReason::Malformed);
         }
-        let msg = match PeerMsg::decode(body) {
-            Ok(m) => m,
-            Err(DecodeError::BadVersion { .. }) => {
-                return self.close_link(link, CloseReason::VersionMismatch)
-            }
-            Err(_) => return self.close_link(link, CloseReason::Malformed),
+        if let LinkState::Up { node, session } = &mut l.state {
+            let node = *node;
+            let mut scratch = core::mem::take(&mut self.open_scratch);
+            let decoded = session
+                .open(body, &mut scratch)
+                .map(PeerMsg::decode);
+            self.open_scratch = scratch;
+            return match decoded {
+                Err(auth::IntegrityError) => {
+                    self.metrics.peer_integrity_failures += 1;
+                    self.close_link(link, CloseReason::IntegrityFailed)
+                }
+                Ok(Err(DecodeError::BadVersion { .. })) => {
+                    self.close_link(link, CloseReason::VersionMismatch)
+                }
+                Ok(Err(_)) => self.close_link(link, CloseReason::Malformed),
+                Ok(Ok(
+                    PeerMsg::Hello { .. }
+                    | PeerMsg::HelloReply { .. }
+                    | PeerMsg::Finish { .. }
+                    | PeerMsg::Rejected { .. },
+                )) => self.close_link(link, CloseReason::Malformed),
+                Ok(Ok(m)) => self.on_peer_msg(node, m),
+            };
+        }
+        match PeerMsg::decode(body) {
+            Ok(msg) => self.on_handshake(link, msg),
+            Err(DecodeError::BadVersion { .. }) => self.reject_link(
+                link,
+                ErrorCode::VersionMismatch,
+                CloseReason::VersionMismatch,
+            ),
+            Err(_) => self.reject_link(link, ErrorCode::Malformed, CloseReason::Malformed),
+        }
+    }
+
+    /// One handshake step on a link that is not yet authenticated.
+    fn on_handshake(&mut self, link: LinkId, msg: PeerMsg) {
+        let me = HelloPart {
+            node: self.cfg.node,
+            incarnation: self.cfg.incarnation,
+            nonce: [0; 32],
         };
-        let l = self.links.get_mut(&link).expect("checked above");
-        if !l.authed {
-            match msg {
+        let Some(l) = self.links.get_mut(&link) else {
+            return;
+        };
+        match (&l.state, msg) {
+            (
+                LinkState::AwaitHello,
                 PeerMsg::Hello {
                     node,
                     incarnation,
                     nonce,
-                } if l.hello.is_none() && node != self.cfg.node => {
-                    l.hello = Some((node, incarnation));
-                    let mac = auth::peer_proof(
-                        &self.cfg.cluster_key,
-                        self.cfg.node,
-                        self.cfg.incarnation,
-                        &nonce,
-                    );
-                    self.send_link(link, &PeerMsg::Auth { mac });
+                    responder,
+                    security,
+                },
+            ) => {
+                // The initiator must be another member and must have meant
+                // to dial us.
+                if responder != me.node || node == me.node || !self.cfg.members.contains(&node) {
+                    return self.reject_link(link, ErrorCode::AuthFailed, CloseReason::AuthFailed);
                 }
-                PeerMsg::Auth { mac } if l.hello.is_some() => {
-                    let (node, inc) = l.hello.expect("checked");
-                    if auth::verify_peer_proof(&self.cfg.cluster_key, node, inc, &l.nonce, &mac) {
-                        l.authed = true;
-                        self.peer_up(link, node);
-                    } else {
-                        self.close_link(link, CloseReason::AuthFailed);
-                    }
+                let security = security.max(self.cfg.peer_security);
+                let mine = HelloPart {
+                    nonce: self.nonces.next(),
+                    ..me
+                };
+                let theirs = HelloPart {
+                    node,
+                    incarnation,
+                    nonce,
+                };
+                let transcript = auth::transcript(&theirs, &mine, security);
+                let proof =
+                    auth::handshake_proof(&self.cfg.cluster_key, Role::Responder, &transcript);
+                l.state = LinkState::ReplySent {
+                    peer: node,
+                    transcript,
+                    security,
+                };
+                let reply = PeerMsg::HelloReply {
+                    node: mine.node,
+                    incarnation: mine.incarnation,
+                    nonce: mine.nonce,
+                    security,
+                    proof,
+                };
+                self.send_link(link, &reply);
+            }
+            (
+                &LinkState::HelloSent {
+                    expect,
+                    nonce: my_nonce,
+                },
+                PeerMsg::HelloReply {
+                    node,
+                    incarnation,
+                    nonce,
+                    security,
+                    proof,
+                },
+            ) => {
+                // A weaker mode than we require is a downgrade.
+                if node != expect || security < self.cfg.peer_security {
+                    return self.reject_link(link, ErrorCode::AuthFailed, CloseReason::AuthFailed);
                 }
-                _ => self.close_link(link, CloseReason::Malformed),
+                let mine = HelloPart {
+                    nonce: my_nonce,
+                    ..me
+                };
+                let theirs = HelloPart {
+                    node,
+                    incarnation,
+                    nonce,
+                };
+                let transcript = auth::transcript(&mine, &theirs, security);
+                let key = self.cfg.cluster_key;
+                if !auth::verify_handshake_proof(&key, Role::Responder, &transcript, &proof) {
+                    return self.reject_link(link, ErrorCode::AuthFailed, CloseReason::AuthFailed);
+                }
+                // Only now, with the responder proven, do we prove ourselves.
+                let proof = auth::handshake_proof(&key, Role::Initiator, &transcript);
+                self.send_link(link, &PeerMsg::Finish { proof });
+                let session = Session::new(&key, Role::Initiator, &transcript, security);
+                if let Some(l) = self.links.get_mut(&link) {
+                    l.state = LinkState::Up { node, session };
+                }
+                self.peer_up(link, node);
             }
-            return;
-        }
-        let (node, _) = l.hello.expect("authenticated links have a hello");
-        match msg {
-            PeerMsg::Hello { .. } | PeerMsg::Auth { .. } => {
-                self.close_link(link, CloseReason::Malformed)
+            (
+                &LinkState::ReplySent {
+                    peer,
+                    transcript,
+                    security,
+                },
+                PeerMsg::Finish { proof },
+            ) => {
+                let key = self.cfg.cluster_key;
+                if !auth::verify_handshake_proof(&key, Role::Initiator, &transcript, &proof) {
+                    return self.reject_link(link, ErrorCode::AuthFailed, CloseReason::AuthFailed);
+                }
+                let session = Session::new(&key, Role::Responder, &transcript, security);
+                l.state = LinkState::Up {
+                    node: peer,
+                    session,
+                };
+                self.peer_up(link, peer);
             }
-            m => self.on_peer_msg(node, m),
+            (_, PeerMsg::Rejected { code }) => {
+                self.metrics.peer_handshake_failures += 1;
+                let reason = match code {
+                    ErrorCode::VersionMismatch => CloseReason::VersionMismatch,
+                    _ => CloseReason::AuthFailed,
+                };
+                self.close_link(link, reason);
+            }
+            _ => self.reject_link(link, ErrorCode::Malformed, CloseReason::Malformed),
         }
+    }
+
+    /// Refuses a handshake: tells the other side why (in clear), closes.
+    fn reject_link(&mut self, link: LinkId, code: ErrorCode, reason: CloseReason) {
+        self.metrics.peer_handshake_failures += 1;
+        self.send_link(link, &PeerMsg::Rejected { code });
+        self.close_link(link, reason);
     }
 
     fn peer_up(&mut self, link: LinkId, node: NodeId) {
@@ -1464,11 +1617,9 @@ impl Controller {
             to: Dest::Link(link),
             reason,
         });
-        if let Some(l) = self.links.remove(&link) {
-            if let (true, Some((node, _))) = (l.authed, l.hello) {
-                if self.peers.get(&node).is_some_and(|p| p.link == link) {
-                    self.peer_lost(node);
-                }
+        if let Some(node) = self.links.remove(&link).and_then(|l| l.peer()) {
+            if self.peers.get(&node).is_some_and(|p| p.link == link) {
+                self.peer_lost(node);
             }
         }
     }
@@ -1502,7 +1653,11 @@ impl Controller {
 
     fn on_peer_msg(&mut self, from: NodeId, msg: PeerMsg) {
         match msg {
-            PeerMsg::Hello { .. } | PeerMsg::Auth { .. } | PeerMsg::Ping => {}
+            PeerMsg::Hello { .. }
+            | PeerMsg::HelloReply { .. }
+            | PeerMsg::Finish { .. }
+            | PeerMsg::Rejected { .. }
+            | PeerMsg::Ping => {}
             PeerMsg::Request { req, body } => self.serve(from, req, body),
             PeerMsg::Reply { req, result } => self.on_reply(from, req, result),
             PeerMsg::Release { cap } => {
@@ -1659,12 +1814,15 @@ impl Controller {
     fn on_timer(&mut self, at: Instant, t: Timer) {
         match t {
             Timer::Heartbeat => {
+                // Silent links, and links whose handshake has not finished
+                // within the peer timeout, are closed.
+                let limit = self.cfg.peer_timeout.as_nanos() as u64;
                 let silent: Vec<LinkId> = self
                     .links
                     .iter()
                     .filter(|(_, l)| {
-                        self.now.0.saturating_sub(l.last_rx.0)
-                            > self.cfg.peer_timeout.as_nanos() as u64
+                        self.now.0.saturating_sub(l.last_rx.0) > limit
+                            || (l.peer().is_none() && self.now.0.saturating_sub(l.opened.0) > limit)
                     })
                     .map(|(k, _)| *k)
                     .collect();
@@ -1674,7 +1832,7 @@ impl Controller {
                 let authed: Vec<LinkId> = self
                     .links
                     .iter()
-                    .filter(|(_, l)| l.authed)
+                    .filter(|(_, l)| l.peer().is_some())
                     .map(|(k, _)| *k)
                     .collect();
                 for link in authed {

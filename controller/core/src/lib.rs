@@ -66,6 +66,7 @@ pub use prometheus::{LinkTraffic, Traffic};
 use core::time::Duration;
 
 use fractos_wire::NodeId;
+pub use fractos_wire::PeerSecurity;
 
 slotmap::new_key_type! {
     /// Key of an attached process.
@@ -151,8 +152,15 @@ pub struct Config {
     pub copy_chunk: usize,
     /// Copy chunks in flight per copy.
     pub copy_window: usize,
-    /// Seed for nonces.
-    pub rng_seed: u64,
+    /// Seed for handshake nonces: 32 bytes from the host's cryptographic
+    /// RNG (`getrandom` on Linux, RDSEED/RDRAND in the appliance). The core
+    /// mixes it with the cluster key, so nonces stay unpredictable to anyone
+    /// without the key even if the seed is weak. [`Config::new`] leaves it
+    /// zero: drivers must fill it.
+    pub rng_seed: [u8; 32],
+    /// The protection this controller requires on peer links (the stronger
+    /// of both sides' requirements is used on each link).
+    pub peer_security: PeerSecurity,
 }
 
 impl Config {
@@ -169,7 +177,8 @@ impl Config {
             peer_timeout: Duration::from_secs(3),
             copy_chunk: 64 * 1024,
             copy_window: 8,
-            rng_seed: incarnation ^ 0x9e37_79b9_7f4a_7c15,
+            rng_seed: [0; 32],
+            peer_security: PeerSecurity::Authenticated,
         }
     }
 }
@@ -198,6 +207,22 @@ pub enum CloseReason {
     PeerTimeout,
     /// Another link to the same peer is in use.
     Duplicate,
+    /// A peer frame failed its integrity check after the handshake
+    /// (rewritten, injected, replayed or reordered on the way).
+    IntegrityFailed,
+}
+
+/// Which side of a new peer link this controller is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkRole {
+    /// This controller dialled `peer`: it opens the handshake and refuses
+    /// any other node.
+    Initiator {
+        /// The node this controller meant to reach.
+        peer: NodeId,
+    },
+    /// This controller accepted the connection.
+    Responder,
 }
 
 /// Something the driver must do.

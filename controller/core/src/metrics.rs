@@ -77,6 +77,10 @@ pub struct Metrics {
     pub peer_frames_in: u64,
     /// Bytes received from peers.
     pub peer_bytes_in: u64,
+    /// Peer handshakes refused (by this side or the other).
+    pub peer_handshake_failures: u64,
+    /// Authenticated peer frames that failed their integrity check.
+    pub peer_integrity_failures: u64,
     /// Process channels closed for misbehaviour.
     pub processes_kicked: u64,
     /// Operation latency histogram as seen by the core (arrival to answer),

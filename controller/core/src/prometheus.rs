@@ -130,6 +130,18 @@ pub fn render(ctrl: &Controller, traffic: &Traffic) -> String {
         "fractos_processes_kicked_total{{node=\"{node}\"}} {}",
         m.processes_kicked
     );
+    let _ = writeln!(o, "# TYPE fractos_peer_handshake_failures_total counter");
+    let _ = writeln!(
+        o,
+        "fractos_peer_handshake_failures_total{{node=\"{node}\"}} {}",
+        m.peer_handshake_failures
+    );
+    let _ = writeln!(o, "# TYPE fractos_peer_integrity_failures_total counter");
+    let _ = writeln!(
+        o,
+        "fractos_peer_integrity_failures_total{{node=\"{node}\"}} {}",
+        m.peer_integrity_failures
+    );
     let gauges = [
         (
             "fractos_processes_attached",

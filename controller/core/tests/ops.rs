@@ -102,7 +102,7 @@ fn malformed_and_wrong_version_messages_disconnect_only_the_sender() {
     let good = net.attach(0, "good");
     let m = mem(&mut net, good, 0, 64, Rights::READ_WRITE);
     let bad = net.attach(0, "bad");
-    net.send_raw(bad, &[3, 0, 0, 0, 1, 200, 0]);
+    net.send_raw(bad, &[3, 0, 0, 0, fractos_wire::PROTOCOL_VERSION, 200, 0]);
     assert!(net.procs[bad].inbox.iter().any(|m| matches!(
         m,
         ControllerMsg::Rejected {
@@ -854,8 +854,12 @@ fn garbage_on_a_peer_link_closes_only_that_link() {
     let c = net.attach(2, "c");
     let r = req(&mut net, c, 1, &[], vec![]);
     let at_a = share(&mut net, c, r, a, "r");
+    // After the handshake every frame is sealed: injected bytes fail the
+    // integrity check.
     net.send_link_raw(0, 1, &[1, 99, 0, 0]);
-    assert!(net.closed_links.contains(&(0, 1, CloseReason::Malformed)));
+    assert!(net
+        .closed_links
+        .contains(&(0, 1, CloseReason::IntegrityFailed)));
     assert_eq!(
         net.ctrls[0].stats().peers,
         1,

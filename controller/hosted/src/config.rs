@@ -11,6 +11,7 @@
 //! max_caps_per_process = 1048576     # optional
 //! max_pending_per_process = 4096     # optional
 //! max_processes = 1024               # optional
+//! peer_security = "authenticated"    # optional: or "secure" (encrypted)
 //!
 //! [[peer]]
 //! node = 2
@@ -20,6 +21,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use fractos_core::PeerSecurity;
 use fractos_wire::NodeId;
 use serde::Deserialize;
 
@@ -59,6 +61,8 @@ pub struct FileConfig {
     pub max_pending_per_process: Option<usize>,
     /// Limit: attached processes.
     pub max_processes: Option<usize>,
+    /// `"authenticated"` (default) or `"secure"`.
+    pub peer_security: Option<String>,
     /// Peers.
     #[serde(default, rename = "peer")]
     pub peers: Vec<FilePeer>,
@@ -79,6 +83,17 @@ pub fn parse_key(hex: &str) -> Result<[u8; 32], HostedError> {
             .map_err(|_| HostedError::Config("cluster key must be hexadecimal".into()))?;
     }
     Ok(key)
+}
+
+/// Parses `authenticated` or `secure`.
+pub fn parse_peer_security(s: &str) -> Result<PeerSecurity, HostedError> {
+    match s {
+        "authenticated" => Ok(PeerSecurity::Authenticated),
+        "secure" => Ok(PeerSecurity::Secure),
+        other => Err(HostedError::Config(format!(
+            "peer security must be \"authenticated\" (frames MAC'd) or \"secure\" (also encrypted), got {other:?}"
+        ))),
+    }
 }
 
 impl FileConfig {
@@ -119,6 +134,9 @@ impl FileConfig {
         }
         if let Some(v) = self.max_processes {
             c.limits.max_processes = v;
+        }
+        if let Some(v) = &self.peer_security {
+            c.peer_security = parse_peer_security(v)?;
         }
         Ok(c)
     }

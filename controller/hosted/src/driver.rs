@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fractos_core::{
-    ChannelId, CloseReason, Config, Controller, Dest, Instant, LinkId, LinkTraffic, Output, Traffic,
+    ChannelId, CloseReason, Config, Controller, Dest, Instant, LinkId, LinkRole, LinkTraffic,
+    Output, Traffic,
 };
 use fractos_wire::{FrameSplitter, NodeId};
 use tokio::io::AsyncReadExt;
@@ -387,7 +388,12 @@ impl EventLoop {
         core.peer_timeout = cfg.peer_timeout;
         core.copy_chunk = cfg.copy_chunk;
         core.copy_window = cfg.copy_window;
-        core.rng_seed = inc.rotate_left(17) ^ 0x5eed;
+        core.peer_security = cfg.peer_security;
+        getrandom::getrandom(&mut core.rng_seed).map_err(|e| {
+            HostedError::Runtime(std::io::Error::other(format!(
+                "the OS random number generator failed ({e}); the controller needs it for peer handshakes"
+            )))
+        })?;
         let epoch = std::time::Instant::now();
         let ctrl = Controller::new(core, Instant(0));
         let to_tokio =
@@ -539,7 +545,11 @@ impl EventLoop {
                 );
                 self.links.insert(link, (w, dialed.map(|d| d.1)));
                 self.link_peer.insert(link, peer);
-                self.ctrl.link_connected(now, link);
+                let role = match peer {
+                    Some(peer) => LinkRole::Initiator { peer },
+                    None => LinkRole::Responder,
+                };
+                self.ctrl.link_connected(now, link, role);
             }
             Event::LinkFrame(link, body) => {
                 if self.links.contains_key(&link) {

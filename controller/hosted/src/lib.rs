@@ -28,9 +28,9 @@ mod metrics;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use config::{parse_key, FileConfig};
+pub use config::{parse_key, parse_peer_security, FileConfig};
 pub use driver::{run, spawn, Running};
-use fractos_core::Limits;
+use fractos_core::{Limits, PeerSecurity};
 pub use fractos_core::{LinkTraffic, Traffic};
 use fractos_wire::NodeId;
 
@@ -67,6 +67,9 @@ pub struct HostedConfig {
     /// Bytes queued towards one socket before it is considered stuck and
     /// closed.
     pub max_queued_bytes: usize,
+    /// Protection required on peer links: `Authenticated` (every frame
+    /// MAC'd) or `Secure` (also encrypted).
+    pub peer_security: PeerSecurity,
 }
 
 impl HostedConfig {
@@ -90,6 +93,7 @@ impl HostedConfig {
             copy_chunk: defaults.copy_chunk,
             copy_window: defaults.copy_window,
             max_queued_bytes: 64 << 20,
+            peer_security: PeerSecurity::Authenticated,
         }
     }
 }

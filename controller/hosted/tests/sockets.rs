@@ -282,7 +282,9 @@ fn garbage_and_connection_floods_do_not_disturb_other_processes() {
 
     // Garbage: a frame that decodes to nothing.
     let mut bad = RawProc::connect(addr);
-    bad.s.write_all(&[5, 0, 0, 0, 1, 99, 1, 2, 3]).unwrap();
+    bad.s
+        .write_all(&[5, 0, 0, 0, fractos_wire::PROTOCOL_VERSION, 99, 1, 2, 3])
+        .unwrap();
     assert!(matches!(
         bad.recv(),
         Some(ControllerMsg::Rejected {

@@ -5,7 +5,8 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use fractos_core::{
-    process_token, ChannelId, CloseReason, Config, Controller, Dest, Instant, LinkId, Output,
+    process_token, ChannelId, CloseReason, Config, Controller, Dest, Instant, LinkId, LinkRole,
+    Output, PeerSecurity,
 };
 use fractos_wire::{
     frame_body, CapInfo, ControllerMsg, ErrorCode, Handle, NodeId, ObjectKind, PeerMsg, ProcessMsg,
@@ -260,6 +261,12 @@ impl Sim {
             c.limits.max_pending_per_process = self.rng.gen_range(2..=6);
         }
         c.rng_seed = self.rng.gen();
+        // Both peer modes, and links between nodes that differ in mode.
+        c.peer_security = if c.rng_seed[0] & 1 == 1 {
+            PeerSecurity::Secure
+        } else {
+            PeerSecurity::Authenticated
+        };
         c
     }
 
@@ -636,9 +643,14 @@ impl Sim {
         }
         self.note(|| format!("dial {}<->{} links {la:?}/{lb:?}", a + 1, b + 1));
         let now = Instant(self.now);
-        for (node, l) in [(a, la), (b, lb)] {
+        // The lower id dials, as the drivers do.
+        let peer = NodeId(b as u32 + 1);
+        for (node, l, role) in [
+            (a, la, LinkRole::Initiator { peer }),
+            (b, lb, LinkRole::Responder),
+        ] {
             if let Some(c) = self.nodes[node].ctrl.as_mut() {
-                c.link_connected(now, l);
+                c.link_connected(now, l, role);
                 self.drain(node);
             }
         }

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use fractos_core::{process_token, ChannelId, Config, Controller, Dest, Instant, LinkId, Output};
+use fractos_core::{
+    process_token, ChannelId, Config, Controller, Dest, Instant, LinkId, LinkRole, Output,
+};
 use fractos_wire::{frame_body, ControllerMsg, Handle, NodeId, ProcessMsg, Reply, Rights};
 
 const KEY: [u8; 32] = [7; 32];
@@ -41,8 +43,8 @@ impl Pair {
         self.next_link += 2;
         self.links.insert(a, (0, b));
         self.links.insert(b, (1, a));
-        self.c[0].link_connected(self.now, a);
-        self.c[1].link_connected(self.now, b);
+        self.c[0].link_connected(self.now, a, LinkRole::Initiator { peer: NodeId(2) });
+        self.c[1].link_connected(self.now, b, LinkRole::Responder);
         self.pump();
     }
 

@@ -36,11 +36,15 @@ mod peer;
 mod process;
 
 pub use frame::{frame_body, FrameSplitter, FRAME_HEADER_LEN};
-pub use peer::{DeriveSpec, PeerMsg, PeerReply, PeerRequest};
+pub use peer::{DeriveSpec, PeerMsg, PeerReply, PeerRequest, PeerSecurity};
 pub use process::{ControllerMsg, ProcessMsg, Reply};
 
 /// Version of this protocol. Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u8 = 1;
+///
+/// Version 2: the peer handshake binds both identities, incarnations, nonces
+/// and roles, and peer frames are sealed after it (version 1's
+/// `Hello`/`Auth` handshake could be relayed).
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Largest frame body accepted by default (copy chunks are far smaller).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// Largest number of capabilities one message may carry.

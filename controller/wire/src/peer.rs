@@ -1,8 +1,23 @@
 //! Messages between two controllers.
 //!
-//! A link starts with [`PeerMsg::Hello`] in both directions, then
-//! [`PeerMsg::Auth`] proving knowledge of the cluster key over the other
-//! side's nonce. Requests carry a sender-chosen `req` id answered by exactly
+//! A link starts with a three-message handshake, sent in clear:
+//!
+//! 1. initiator → responder: [`PeerMsg::Hello`] (who I am, whom I dialled,
+//!    a fresh nonce, the security I require);
+//! 2. responder → initiator: [`PeerMsg::HelloReply`] (who I am, a fresh
+//!    nonce, the security in force, and my proof over the whole transcript
+//!    in the responder role);
+//! 3. initiator → responder: [`PeerMsg::Finish`] (my proof over the same
+//!    transcript in the initiator role), sent only after the initiator
+//!    verified the responder's proof.
+//!
+//! Both proofs bind both node ids, both incarnations, both nonces, the
+//! security mode and the prover's role, under a key derived from the cluster
+//! key (see `fractos-core`'s `auth` module). Either side may answer a failed
+//! handshake with [`PeerMsg::Rejected`] before closing. After the handshake
+//! every frame body is sealed by the core (a 16-byte ChaCha20-Poly1305 tag,
+//! and in `secure` mode the body encrypted), so this module only describes
+//! the plaintext. Requests carry a sender-chosen `req` id answered by exactly
 //! one [`PeerMsg::Reply`]; releases, copy chunks and heartbeats are one-way.
 
 use alloc::vec::Vec;
@@ -136,22 +151,72 @@ pub enum PeerReply {
     },
 }
 
+/// What protects a peer link's frames after the handshake.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum PeerSecurity {
+    /// Every frame carries a ChaCha20-Poly1305 tag over its bytes and its
+    /// position in the stream: an on-path attacker can read frames but not
+    /// inject, rewrite, replay, reorder or drop one unnoticed.
+    #[default]
+    Authenticated = 1,
+    /// As `Authenticated`, and every frame body is encrypted.
+    Secure = 2,
+}
+
+impl PeerSecurity {
+    fn decode(v: u8) -> Result<Self, DecodeError> {
+        match v {
+            1 => Ok(PeerSecurity::Authenticated),
+            2 => Ok(PeerSecurity::Secure),
+            v => Err(DecodeError::BadField {
+                field: "peer security",
+                value: v as u64,
+            }),
+        }
+    }
+}
+
 /// A message between two controllers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerMsg {
-    /// First message: who I am and a fresh challenge for the other side.
+    /// Handshake 1/3, initiator → responder.
     Hello {
-        /// Sender node id.
+        /// Initiator node id.
         node: NodeId,
-        /// Sender incarnation (changes on restart).
+        /// Initiator incarnation (changes on restart).
         incarnation: u64,
-        /// Random challenge.
-        nonce: [u8; 16],
+        /// Fresh random challenge (from a cryptographic RNG).
+        nonce: [u8; 32],
+        /// The node the initiator meant to dial; a responder with another
+        /// id refuses the link.
+        responder: NodeId,
+        /// Security the initiator requires for the link's frames.
+        security: PeerSecurity,
     },
-    /// Proof of the cluster key: MAC over the receiver's nonce.
-    Auth {
-        /// HMAC-SHA256.
-        mac: [u8; 32],
+    /// Handshake 2/3, responder → initiator.
+    HelloReply {
+        /// Responder node id.
+        node: NodeId,
+        /// Responder incarnation.
+        incarnation: u64,
+        /// Fresh random challenge.
+        nonce: [u8; 32],
+        /// Security in force: the stronger of both sides' requirements.
+        security: PeerSecurity,
+        /// HMAC-SHA256 proof over the transcript, responder role.
+        proof: [u8; 32],
+    },
+    /// Handshake 3/3, initiator → responder: proof over the transcript,
+    /// initiator role.
+    Finish {
+        /// HMAC-SHA256 proof.
+        proof: [u8; 32],
+    },
+    /// The sender refuses the handshake and closes the link.
+    Rejected {
+        /// Why (for example `AuthFailed`, `VersionMismatch`).
+        code: ErrorCode,
     },
     /// Liveness heartbeat.
     Ping,
@@ -357,7 +422,7 @@ impl PeerMsg {
     pub fn encode(&self, out: &mut Vec<u8>) {
         let kind = match self {
             PeerMsg::Hello { .. } => 1,
-            PeerMsg::Auth { .. } => 2,
+            PeerMsg::HelloReply { .. } => 2,
             PeerMsg::Ping => 3,
             PeerMsg::Request { .. } => 4,
             PeerMsg::Reply { .. } => 5,
@@ -365,6 +430,8 @@ impl PeerMsg {
             PeerMsg::CopyChunk { .. } => 7,
             PeerMsg::CopyAck { .. } => 8,
             PeerMsg::CopyClose { .. } => 9,
+            PeerMsg::Finish { .. } => 20,
+            PeerMsg::Rejected { .. } => 21,
         };
         let start = begin_frame(out, kind);
         let mut w = Writer { out };
@@ -373,12 +440,30 @@ impl PeerMsg {
                 node,
                 incarnation,
                 nonce,
+                responder,
+                security,
             } => {
                 w.u32(node.0);
                 w.u64(*incarnation);
                 w.array(nonce);
+                w.u32(responder.0);
+                w.u8(*security as u8);
             }
-            PeerMsg::Auth { mac } => w.array(mac),
+            PeerMsg::HelloReply {
+                node,
+                incarnation,
+                nonce,
+                security,
+                proof,
+            } => {
+                w.u32(node.0);
+                w.u64(*incarnation);
+                w.array(nonce);
+                w.u8(*security as u8);
+                w.array(proof);
+            }
+            PeerMsg::Finish { proof } => w.array(proof),
+            PeerMsg::Rejected { code } => w.error(*code),
             PeerMsg::Ping => {}
             PeerMsg::Request { req, body } => {
                 w.u64(*req);
@@ -441,8 +526,18 @@ impl PeerMsg {
                 node: NodeId(r.u32()?),
                 incarnation: r.u64()?,
                 nonce: r.array()?,
+                responder: NodeId(r.u32()?),
+                security: PeerSecurity::decode(r.u8()?)?,
             },
-            2 => PeerMsg::Auth { mac: r.array()? },
+            2 => PeerMsg::HelloReply {
+                node: NodeId(r.u32()?),
+                incarnation: r.u64()?,
+                nonce: r.array()?,
+                security: PeerSecurity::decode(r.u8()?)?,
+                proof: r.array()?,
+            },
+            20 => PeerMsg::Finish { proof: r.array()? },
+            21 => PeerMsg::Rejected { code: r.error()? },
             3 => PeerMsg::Ping,
             4 => PeerMsg::Request {
                 req: r.u64()?,

@@ -388,7 +388,7 @@ fn golden_encodings() {
         revoke.frame(),
         [
             14, 0, 0, 0, // body length
-            1, 8, // version, kind
+            2, 8, // version, kind
             8, 7, 6, 5, 4, 3, 2, 1, // op
             0x0D, 0x0C, 0x0B, 0x0A, // handle
         ]
@@ -402,7 +402,7 @@ fn golden_encodings() {
     };
     assert_eq!(
         copy.body(),
-        [1, 7, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 1, 4, 0, 0, 0]
+        [2, 7, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 1, 4, 0, 0, 0]
     );
 
     let lookup = ProcessMsg::Lookup {
@@ -412,7 +412,7 @@ fn golden_encodings() {
     };
     assert_eq!(
         lookup.body(),
-        [1, 13, 2, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, b'a', b'b', 5, 0, 0, 0]
+        [2, 13, 2, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, b'a', b'b', 5, 0, 0, 0]
     );
 
     let done = ControllerMsg::Completion {
@@ -424,16 +424,16 @@ fn golden_encodings() {
     };
     assert_eq!(
         done.body(),
-        [1, 3, 3, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 16, 0, 0, 0, 0, 0, 0]
+        [2, 3, 3, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 16, 0, 0, 0, 0, 0, 0]
     );
 
     let err = ControllerMsg::Completion {
         op: 4,
         result: Err(ErrorCode::Revoked),
     };
-    assert_eq!(err.body(), [1, 3, 4, 0, 0, 0, 0, 0, 0, 0, 2, 5, 0]);
+    assert_eq!(err.body(), [2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 2, 5, 0]);
 
-    assert_eq!(PeerMsg::Ping.frame(), [2, 0, 0, 0, 1, 3]);
+    assert_eq!(PeerMsg::Ping.frame(), [2, 0, 0, 0, 2, 3]);
     let release = PeerMsg::Release {
         cap: CapRef {
             node: NodeId(1),
@@ -443,6 +443,30 @@ fn golden_encodings() {
     };
     assert_eq!(
         release.body(),
-        [1, 6, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0]
+        [2, 6, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0]
+    );
+
+    // The version-2 handshake opening: node, incarnation, 32-byte nonce,
+    // the node dialled, the security required.
+    let hello = PeerMsg::Hello {
+        node: NodeId(1),
+        incarnation: 2,
+        nonce: [7; 32],
+        responder: NodeId(3),
+        security: fractos_wire::PeerSecurity::Secure,
+    };
+    let mut want = vec![2, 1, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0];
+    want.extend_from_slice(&[7; 32]);
+    want.extend_from_slice(&[3, 0, 0, 0, 2]);
+    assert_eq!(hello.body(), want);
+    // A version-1 Hello (the relayable handshake) is refused by version.
+    let mut old = vec![1u8, 1, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0];
+    old.extend_from_slice(&[7; 16]);
+    assert_eq!(
+        PeerMsg::decode(&old),
+        Err(fractos_wire::DecodeError::BadVersion {
+            got: 1,
+            expected: 2
+        })
     );
 }

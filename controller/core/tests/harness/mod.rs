@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use fractos_core::{
-    process_token, ChannelId, CloseReason, Config, Controller, Dest, Instant, LinkId, Output,
+    process_token, ChannelId, CloseReason, Config, Controller, Dest, Instant, LinkId, LinkRole,
+    Output,
 };
 use fractos_wire::{
     frame_body, CapInfo, ControllerMsg, ErrorCode, Handle, NodeId, ProcessMsg, Reply, MAX_FRAME_LEN,
@@ -49,7 +50,24 @@ pub struct Net {
     /// Node pairs whose traffic is silently dropped.
     pub cut: BTreeSet<(usize, usize)>,
     pub closed_links: Vec<(usize, usize, CloseReason)>,
+    /// Sees (and may rewrite) every peer frame body `(from, to, body)`
+    /// before delivery; returning `false` drops it. An on-path attacker.
+    pub tap: Option<Tap>,
     next_chan: u64,
+}
+
+/// See [`Net::tap`].
+pub type Tap = Box<dyn FnMut(usize, usize, &mut Vec<u8>) -> bool>;
+
+/// The lower index dials: controller `i`'s role on its link to `j`.
+pub fn role(i: usize, j: usize) -> LinkRole {
+    if i < j {
+        LinkRole::Initiator {
+            peer: NodeId(j as u32 + 1),
+        }
+    } else {
+        LinkRole::Responder
+    }
 }
 
 pub fn config(node: usize, n: usize, incarnation: u64) -> Config {
@@ -75,13 +93,14 @@ impl Net {
             queue: VecDeque::new(),
             cut: BTreeSet::new(),
             closed_links: Vec::new(),
+            tap: None,
             next_chan: 1,
         };
         let n = net.ctrls.len();
         for i in 0..n {
             for j in 0..n {
                 if i != j {
-                    net.ctrls[i].link_connected(now, LinkId(j as u64));
+                    net.ctrls[i].link_connected(now, LinkId(j as u64), role(i, j));
                 }
             }
         }
@@ -103,8 +122,8 @@ impl Net {
         self.ctrls[i] = Controller::new(config(i, n, incarnation), self.now);
         for j in 0..n {
             if j != i {
-                self.ctrls[i].link_connected(self.now, LinkId(j as u64));
-                self.ctrls[j].link_connected(self.now, LinkId(i as u64));
+                self.ctrls[i].link_connected(self.now, LinkId(j as u64), role(i, j));
+                self.ctrls[j].link_connected(self.now, LinkId(i as u64), role(j, i));
             }
         }
         self.run();
@@ -228,9 +247,15 @@ impl Net {
                 progressed = true;
                 match input {
                     Input::Link { to, from, frame } => {
-                        let body = frame_body(&frame, MAX_FRAME_LEN)
-                            .expect("controllers send valid frames");
-                        self.ctrls[to].link_message(self.now, LinkId(from as u64), body);
+                        let mut body = frame_body(&frame, MAX_FRAME_LEN + 64)
+                            .expect("controllers send valid frames")
+                            .to_vec();
+                        if let Some(tap) = self.tap.as_mut() {
+                            if !tap(from, to, &mut body) {
+                                continue;
+                            }
+                        }
+                        self.ctrls[to].link_message(self.now, LinkId(from as u64), &body);
                     }
                     Input::Proc { proc, frame } => self.deliver_to_proc(proc, &frame),
                 }

@@ -81,9 +81,17 @@ pub struct ControllerArgs {
     /// Operations one process may have in flight.
     #[arg(long)]
     pub max_pending_per_process: Option<usize>,
+    /// Protection of peer links after the handshake: `authenticated`
+    /// (every frame MAC'd) or `secure` (also encrypted).
+    #[arg(long, default_value = "authenticated", value_parser = parse_security)]
+    pub peer_security: fractos_core::PeerSecurity,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `fractos_hosted=debug`.
     #[arg(long, default_value = "info")]
     pub log: String,
+}
+
+fn parse_security(s: &str) -> Result<fractos_core::PeerSecurity, String> {
+    fractos_hosted::parse_peer_security(s).map_err(|e| e.to_string())
 }
 
 /// Runs `fractos controller`.
@@ -103,6 +111,7 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<()> {
             c.peer_listen = a.peer_listen;
             c.metrics_listen = a.metrics;
             c.peers = a.peer.iter().map(|p| (p.0, p.1)).collect();
+            c.peer_security = a.peer_security;
             let d = Limits::default();
             c.limits.max_caps_per_process =
                 a.max_caps_per_process.unwrap_or(d.max_caps_per_process);

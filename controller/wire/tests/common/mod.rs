@@ -12,8 +12,8 @@ use std::fmt::Debug;
 
 use fractos_wire::{
     CapInfo, CapRef, ControllerMsg, DecodeError, DeriveSpec, ErrorCode, Handle, NodeId, ObjectKind,
-    PeerMsg, PeerReply, PeerRequest, ProcessMsg, Reply, Rights, MAX_CAPS_PER_MESSAGE, MAX_NAME_LEN,
-    MAX_PROCESS_NAME_LEN,
+    PeerMsg, PeerReply, PeerRequest, PeerSecurity, ProcessMsg, Reply, Rights, MAX_CAPS_PER_MESSAGE,
+    MAX_NAME_LEN, MAX_PROCESS_NAME_LEN,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -179,10 +179,12 @@ impl Wire for ControllerMsg {
 
 impl Wire for PeerMsg {
     const DIRECTION: &'static str = "controller<->controller";
-    const KINDS: &'static [u8] = &[1, 2, 3, 4, 5, 6, 7, 8, 9];
+    const KINDS: &'static [u8] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 20, 21];
     const VARIANTS: &'static [&'static str] = &[
         "Hello",
-        "Auth",
+        "HelloReply",
+        "Finish",
+        "Rejected",
         "Ping",
         "Request(Derive(Transfer))",
         "Request(Derive(Diminish))",
@@ -215,7 +217,9 @@ impl Wire for PeerMsg {
     fn kind(&self) -> u8 {
         match self {
             PeerMsg::Hello { .. } => 1,
-            PeerMsg::Auth { .. } => 2,
+            PeerMsg::HelloReply { .. } => 2,
+            PeerMsg::Finish { .. } => 20,
+            PeerMsg::Rejected { .. } => 21,
             PeerMsg::Ping => 3,
             PeerMsg::Request { .. } => 4,
             PeerMsg::Reply { .. } => 5,
@@ -228,7 +232,9 @@ impl Wire for PeerMsg {
     fn variant(&self) -> &'static str {
         match self {
             PeerMsg::Hello { .. } => "Hello",
-            PeerMsg::Auth { .. } => "Auth",
+            PeerMsg::HelloReply { .. } => "HelloReply",
+            PeerMsg::Finish { .. } => "Finish",
+            PeerMsg::Rejected { .. } => "Rejected",
             PeerMsg::Ping => "Ping",
             PeerMsg::Request { body, .. } => match body {
                 PeerRequest::Derive { spec, .. } => match spec {
@@ -523,16 +529,42 @@ pub fn peer_reply() -> impl Strategy<Value = PeerReply> {
     ]
 }
 
+pub fn security() -> impl Strategy<Value = PeerSecurity> {
+    prop_oneof![
+        Just(PeerSecurity::Authenticated),
+        Just(PeerSecurity::Secure)
+    ]
+}
+
 pub fn peer_msg() -> impl Strategy<Value = PeerMsg> {
     prop_oneof![
-        (node(), any::<u64>(), any::<[u8; 16]>()).prop_map(|(node, incarnation, nonce)| {
-            PeerMsg::Hello {
+        (node(), any::<u64>(), any::<[u8; 32]>(), node(), security()).prop_map(
+            |(node, incarnation, nonce, responder, security)| PeerMsg::Hello {
                 node,
                 incarnation,
                 nonce,
+                responder,
+                security,
             }
-        }),
-        any::<[u8; 32]>().prop_map(|mac| PeerMsg::Auth { mac }),
+        ),
+        (
+            node(),
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            security(),
+            any::<[u8; 32]>()
+        )
+            .prop_map(
+                |(node, incarnation, nonce, security, proof)| PeerMsg::HelloReply {
+                    node,
+                    incarnation,
+                    nonce,
+                    security,
+                    proof,
+                }
+            ),
+        any::<[u8; 32]>().prop_map(|proof| PeerMsg::Finish { proof }),
+        error_code().prop_map(|code| PeerMsg::Rejected { code }),
         Just(PeerMsg::Ping),
         (any::<u64>(), peer_request()).prop_map(|(req, body)| PeerMsg::Request { req, body }),
         (
@@ -734,9 +766,21 @@ pub fn peer_examples() -> Vec<PeerMsg> {
         PeerMsg::Hello {
             node: NodeId(1),
             incarnation: 7,
-            nonce: [3; 16],
+            nonce: [3; 32],
+            responder: NodeId(2),
+            security: PeerSecurity::Authenticated,
         },
-        PeerMsg::Auth { mac: [9; 32] },
+        PeerMsg::HelloReply {
+            node: NodeId(2),
+            incarnation: 8,
+            nonce: [4; 32],
+            security: PeerSecurity::Secure,
+            proof: [9; 32],
+        },
+        PeerMsg::Finish { proof: [5; 32] },
+        PeerMsg::Rejected {
+            code: ErrorCode::AuthFailed,
+        },
         PeerMsg::Ping,
         derive(DeriveSpec::Transfer),
         derive(DeriveSpec::Diminish {
