@@ -14,7 +14,7 @@ use slotmap::SlotMap;
 
 use crate::auth::{self, HelloPart, NonceSource, Role, Session};
 use crate::caps::{key_from_u64, key_to_u64, Binds, CapStore, DeriveKind, Fallout, Holder};
-use crate::copy::{Sink, SinkKey, Source, SourceKey, Xfer};
+use crate::copy::{BarrierKey, RevokeBarrier, Sink, SinkKey, Source, SourceKey, Xfer};
 use crate::metrics::{Metrics, OpKind};
 use crate::names::{NameEntry, NameWaiter, WaiterKey};
 use crate::table::{Entry, HandleTable};
@@ -180,6 +180,7 @@ pub(crate) enum Timer {
     Source(SourceKey),
     Sink(SinkKey),
     NameWaiter(WaiterKey),
+    Barrier(BarrierKey),
 }
 
 /// A snapshot of one capability node, for tests and the simulator.
@@ -215,12 +216,13 @@ pub struct Controller {
     pub(crate) waiters: SlotMap<WaiterKey, NameWaiter>,
     pub(crate) sources: SlotMap<SourceKey, Source>,
     pub(crate) sinks: SlotMap<SinkKey, Sink>,
+    pub(crate) revoke_barriers: SlotMap<BarrierKey, RevokeBarrier>,
     pub(crate) xfers: BTreeMap<u64, Xfer>,
     pub(crate) next_xfer: u64,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     outputs: VecDeque<Output>,
     loopback: VecDeque<(NodeId, PeerMsg)>,
-    fallout: Vec<Fallout>,
+    pub(crate) fallout: Vec<Fallout>,
     nonces: NonceSource,
     /// Reused buffer for decrypting `Secure` peer frames.
     open_scratch: Vec<u8>,
@@ -262,6 +264,7 @@ impl Controller {
             waiters: SlotMap::with_key(),
             sources: SlotMap::with_key(),
             sinks: SlotMap::with_key(),
+            revoke_barriers: SlotMap::with_key(),
             xfers: BTreeMap::new(),
             next_xfer: 1,
             timers: BinaryHeap::new(),
@@ -1018,8 +1021,7 @@ impl Controller {
                 let e = self.entry(proc, cap)?;
                 if self.is_local(&e.cap) {
                     let key = self.resolve_local(&e.cap)?;
-                    self.store.revoke(key, &mut self.fallout)?;
-                    self.answer(origin, Ok(PeerReply::Done));
+                    self.revoke_cap(origin, key);
                 } else {
                     self.call(
                         e.cap.node,
@@ -1429,9 +1431,7 @@ impl Controller {
         if let LinkState::Up { node, session } = &mut l.state {
             let node = *node;
             let mut scratch = core::mem::take(&mut self.open_scratch);
-            let decoded = session
-                .open(body, &mut scratch)
-                .map(PeerMsg::decode);
+            let decoded = session.open(body, &mut scratch).map(PeerMsg::decode);
             self.open_scratch = scratch;
             return match decoded {
                 Err(auth::IntegrityError) => {
@@ -1773,12 +1773,10 @@ impl Controller {
                 }
             }
             PeerRequest::Invoke { target, imms, caps } => self.deliver(origin, target, imms, caps),
-            PeerRequest::Revoke { cap } => {
-                let r = self
-                    .resolve_local(&cap)
-                    .and_then(|key| self.store.revoke(key, &mut self.fallout));
-                self.answer(origin, r.map(|()| PeerReply::Done));
-            }
+            PeerRequest::Revoke { cap } => match self.resolve_local(&cap) {
+                Ok(key) => self.revoke_cap(origin, key),
+                Err(e) => self.answer(origin, Err(e)),
+            },
             PeerRequest::Monitor { cap, notify } => {
                 let result = self.resolve_local(&cap).and_then(|key| {
                     let m = self.monitors.insert(notify);
@@ -1851,6 +1849,7 @@ impl Controller {
             }
             Timer::Source(k) => self.on_source_timer(k),
             Timer::Sink(k) => self.on_sink_timer(k),
+            Timer::Barrier(k) => self.on_barrier_timer(k),
             Timer::NameWaiter(k) => self.on_waiter_timer(k),
         }
     }

@@ -5,8 +5,20 @@
 //! the destination owner (`CopyChunk`), which writes it into its process
 //! (`MemWrite`) and acknowledges (`CopyAck`). At most `copy_window` chunks
 //! of `copy_chunk` bytes are in flight per copy, so memory stays bounded
-//! whatever the copy's length. Both capabilities are re-validated for every
-//! chunk, so a revoke stops a running copy.
+//! whatever the copy's length.
+//!
+//! Revocation: both capabilities are re-validated at every step where bytes
+//! are accepted — before a chunk is read, when a read reply comes back (a
+//! late reply after the source was revoked is discarded), and before a
+//! chunk is written at the destination. A revoke that kills the source or
+//! destination of running copies completes only once their in-flight bytes
+//! have settled (see [`RevokeBarrier`]): chunks already sent to the
+//! destination are acknowledged, writes already issued to the destination
+//! process are answered. So once a revoke has completed, no chunk of a copy
+//! through the revoked capability is written anywhere, and the copy fails
+//! with `Revoked`. If in-flight bytes cannot settle (peer lost, deadline),
+//! the revoke answers `Timeout`: it is in force for every new use, but an
+//! earlier chunk may still land.
 
 use alloc::vec::Vec;
 
@@ -23,6 +35,22 @@ slotmap::new_key_type! {
     pub(crate) struct SourceKey;
     /// A copy being received by this controller.
     pub(crate) struct SinkKey;
+    /// A revoke waiting for the in-flight bytes of the copies it stopped.
+    pub(crate) struct BarrierKey;
+}
+
+/// A revoke that stopped running copies, answered once their in-flight
+/// bytes have settled.
+pub(crate) struct RevokeBarrier {
+    origin: Origin,
+    /// Sources whose capability died with chunks sent and not yet
+    /// acknowledged by the destination.
+    sources: Vec<SourceKey>,
+    /// Writes into a dead destination issued to the process and not yet
+    /// answered.
+    writes: Vec<u64>,
+    /// A source was aborted before its chunks settled.
+    unsettled: bool,
 }
 
 pub(crate) struct Source {
@@ -34,7 +62,10 @@ pub(crate) struct Source {
     dst_node: NodeId,
     sink: Option<u64>,
     next: u64,
+    /// Chunks read or being read and not yet acknowledged.
     inflight: usize,
+    /// Of `inflight`, reads still outstanding at the process.
+    reading: usize,
     acked: u64,
     deadline: crate::Instant,
 }
@@ -59,10 +90,19 @@ pub(crate) enum Xfer {
     },
     Write {
         sink: SinkKey,
+        /// The destination capability the write goes through.
+        dst: CapKey,
         offset: u64,
         len: u32,
         proc: ProcessKey,
     },
+}
+
+impl Source {
+    /// Chunks sent to the destination and not yet acknowledged.
+    fn unacked(&self) -> usize {
+        self.inflight - self.reading
+    }
 }
 
 impl Controller {
@@ -97,6 +137,7 @@ impl Controller {
             sink: None,
             next: 0,
             inflight: 0,
+            reading: 0,
             acked: 0,
             deadline,
         });
@@ -189,6 +230,7 @@ impl Controller {
             let (offset, proc, addr) = (s.next, s.proc, s.addr + s.next);
             s.next += n as u64;
             s.inflight += 1;
+            s.reading += 1;
             let xfer = self.next_xfer;
             self.next_xfer += 1;
             self.xfers.insert(
@@ -220,9 +262,22 @@ impl Controller {
             _ => return,
         };
         self.xfers.remove(&xfer);
+        let alive = self
+            .sources
+            .get(sk)
+            .is_some_and(|s| self.store.nodes.contains_key(s.src));
         let Some(s) = self.sources.get_mut(sk) else {
             return;
         };
+        s.reading -= 1;
+        if !alive {
+            // Revoked while the process was reading: the bytes go nowhere.
+            s.inflight -= 1;
+            if s.unacked() == 0 {
+                self.abort_source(sk, ErrorCode::Revoked);
+            }
+            return;
+        }
         match result {
             Ok(data) if data.len() == len as usize => {
                 s.deadline = self.now.after(self.cfg.op_timeout);
@@ -269,6 +324,7 @@ impl Controller {
             xfer,
             Xfer::Write {
                 sink: key,
+                dst,
                 offset,
                 len: data.len() as u32,
                 proc,
@@ -296,11 +352,14 @@ impl Controller {
                 offset,
                 len,
                 proc: p,
+                ..
             }) if *p == proc => (*sink, *offset, *len),
             _ => return,
         };
         self.xfers.remove(&xfer);
-        let Some(s) = self.sinks.get(key) else { return };
+        let Some(s) = self.sinks.get(key) else {
+            return self.barriers_progress();
+        };
         let (from, source) = (s.from, s.source);
         let result = result.map_err(|_| ErrorCode::MemoryFault);
         if result.is_ok() {
@@ -314,6 +373,7 @@ impl Controller {
                 result,
             },
         );
+        self.barriers_progress();
     }
 
     pub(crate) fn on_copy_ack(
@@ -325,10 +385,22 @@ impl Controller {
     ) {
         let sk: SourceKey = key_from_u64(source);
         let chunk = self.cfg.copy_chunk as u64;
+        let alive = self
+            .sources
+            .get(sk)
+            .is_some_and(|s| self.store.nodes.contains_key(s.src));
         let Some(s) = self.sources.get_mut(sk) else {
             return;
         };
-        if s.dst_node != from || offset >= s.next {
+        if s.dst_node != from || offset >= s.next || s.unacked() == 0 {
+            return;
+        }
+        if !alive {
+            // Revoked: count the chunk settled; fail once all have.
+            s.inflight -= 1;
+            if s.unacked() == 0 {
+                self.abort_source(sk, ErrorCode::Revoked);
+            }
             return;
         }
         if let Err(e) = result {
@@ -357,16 +429,98 @@ impl Controller {
             self.send_peer(s.dst_node, PeerMsg::CopyClose { sink });
         }
         self.answer(s.origin, Ok(PeerReply::Copied { len: s.len }));
+        self.barriers_progress();
     }
 
     pub(crate) fn abort_source(&mut self, sk: SourceKey, e: ErrorCode) {
         let Some(s) = self.sources.remove(sk) else {
             return;
         };
+        if s.unacked() > 0 {
+            // Chunks may still land: revokes waiting for them cannot
+            // promise that none will.
+            for b in self.revoke_barriers.values_mut() {
+                if b.sources.contains(&sk) {
+                    b.unsettled = true;
+                }
+            }
+        }
         if let Some(sink) = s.sink {
             self.send_peer(s.dst_node, PeerMsg::CopyClose { sink });
         }
         self.answer(s.origin, Err(e));
+        self.barriers_progress();
+    }
+
+    /// Revokes `key` (and its subtree) for `origin` and answers once the
+    /// copies it stopped have no bytes in flight.
+    pub(crate) fn revoke_cap(&mut self, origin: Origin, key: CapKey) {
+        if let Err(e) = self.store.revoke(key, &mut self.fallout) {
+            return self.answer(origin, Err(e));
+        }
+        let dead_sources: Vec<SourceKey> = self
+            .sources
+            .iter()
+            .filter(|(_, s)| !self.store.nodes.contains_key(s.src))
+            .map(|(k, _)| k)
+            .collect();
+        let mut barrier = RevokeBarrier {
+            origin,
+            sources: Vec::new(),
+            writes: Vec::new(),
+            unsettled: false,
+        };
+        for sk in dead_sources {
+            if self.sources[sk].unacked() == 0 {
+                self.abort_source(sk, ErrorCode::Revoked);
+            } else {
+                barrier.sources.push(sk);
+            }
+        }
+        barrier.writes = self
+            .xfers
+            .iter()
+            .filter(|(_, x)| matches!(x, Xfer::Write { dst, .. } if !self.store.nodes.contains_key(*dst)))
+            .map(|(k, _)| *k)
+            .collect();
+        if barrier.sources.is_empty() && barrier.writes.is_empty() {
+            return self.answer(origin, Ok(PeerReply::Done));
+        }
+        let deadline = self.now.after(self.cfg.op_timeout);
+        let bk = self.revoke_barriers.insert(barrier);
+        self.push_timer(deadline, Timer::Barrier(bk));
+    }
+
+    /// Answers the revokes whose copies have settled.
+    fn barriers_progress(&mut self) {
+        if self.revoke_barriers.is_empty() {
+            return;
+        }
+        let mut done = Vec::new();
+        for (k, b) in self.revoke_barriers.iter_mut() {
+            b.sources.retain(|sk| self.sources.contains_key(*sk));
+            b.writes.retain(|x| self.xfers.contains_key(x));
+            if b.sources.is_empty() && b.writes.is_empty() {
+                done.push(k);
+            }
+        }
+        for k in done {
+            let b = self.revoke_barriers.remove(k).expect("just found");
+            let result = if b.unsettled {
+                Err(ErrorCode::Timeout)
+            } else {
+                Ok(PeerReply::Done)
+            };
+            self.answer(b.origin, result);
+        }
+    }
+
+    /// A revoke's in-flight bytes did not settle in time: its outcome for
+    /// them is unknown.
+    pub(crate) fn on_barrier_timer(&mut self, bk: BarrierKey) {
+        if let Some(b) = self.revoke_barriers.remove(bk) {
+            self.answer(b.origin, Err(ErrorCode::Timeout));
+        }
     }
 
     pub(crate) fn on_source_timer(&mut self, sk: SourceKey) {
@@ -417,6 +571,7 @@ impl Controller {
                 None => {}
             }
         }
+        self.barriers_progress();
     }
 
     /// A peer is gone: copies to or from it fail.

@@ -466,34 +466,154 @@ fn revoke_is_transitive_across_nodes_and_spares_siblings() {
     net.check();
 }
 
-#[test]
-fn revoke_stops_a_running_copy() {
-    let mut net = Net::new(2);
+/// A copy `p` → `q` of 20,000 bytes in 1,024-byte chunks, 2 in flight,
+/// with the destination published to `p`. Returns (p, q, src, dst at q,
+/// dst at p).
+fn copy_setup(net: &mut Net) -> (usize, usize, Handle, Handle, Handle) {
     let p = net.attach(0, "p");
     let q = net.attach(1, "q");
-    let a = mem(&mut net, p, 0, 20_000, Rights::READ);
-    let b = mem(&mut net, q, 0, 20_000, Rights::WRITE);
-    let b_p = share(&mut net, q, b, p, "b");
-    net.procs[q].serve_memory = false; // stall after the first chunks
-    let op = net.start(p, |op| ProcessMsg::Copy {
+    let a = mem(net, p, 0, 20_000, Rights::READ);
+    let b = mem(net, q, 30_000, 20_000, Rights::WRITE);
+    let b_p = share(net, q, b, p, "b");
+    (p, q, a, b, b_p)
+}
+
+/// The destination's owner revokes while writes it was sent are still
+/// unanswered: the revoke completes only once they are answered, no chunk
+/// is written after it, and the copy fails `Revoked`.
+#[test]
+fn revoking_the_destination_waits_for_issued_writes_and_stops_the_copy() {
+    let mut net = Net::new(2);
+    let (p, q, a, b, b_p) = copy_setup(&mut net);
+    let before = net.procs[q].memory.clone();
+    net.procs[q].serve_memory = false; // writes park in q's inbox
+    let copy = net.start(p, |op| ProcessMsg::Copy {
         op,
         src: a,
         dst: b_p,
         completion: None,
     });
+    assert_eq!(net.parked(q), (0, 2), "two chunks written, window full");
+    let revoke = net.start(q, |op| ProcessMsg::Revoke { op, cap: b });
     assert_eq!(
-        net.op(q, |op| ProcessMsg::Revoke { op, cap: b }),
+        net.completion(q, revoke),
+        None,
+        "the revoke waits for the two writes already issued"
+    );
+    net.serve_parked(q);
+    assert_eq!(net.completion(q, revoke), Some(Ok(Reply::Done)));
+    assert_eq!(net.completion(p, copy), Some(Err(ErrorCode::Revoked)));
+    // Nothing more is ever written: only the two chunks issued before.
+    net.advance(Duration::from_secs(6));
+    assert_eq!(net.parked(q), (0, 0));
+    let written = (0..net.procs[q].memory.len())
+        .filter(|&i| net.procs[q].memory[i] != before[i])
+        .count();
+    assert!(written <= 2 * 1024, "{written} bytes written");
+    assert_eq!(
+        &net.procs[q].memory[30_000 + 2048..50_000],
+        &before[30_000 + 2048..50_000]
+    );
+    assert_eq!(net.counts()["copies"], 0);
+    net.check();
+}
+
+/// The attack: the source's owner answers reads late, after its capability
+/// was revoked, with bytes it wrote after the revoke. Nothing lands in the
+/// destination and the copy fails `Revoked`.
+#[test]
+fn a_late_read_reply_after_a_revoke_lands_nowhere() {
+    let mut net = Net::new(2);
+    let (p, q, a, _b, b_p) = copy_setup(&mut net);
+    let before = net.procs[q].memory.clone();
+    net.procs[p].serve_memory = false; // reads park in p's inbox
+    let copy = net.start(p, |op| ProcessMsg::Copy {
+        op,
+        src: a,
+        dst: b_p,
+        completion: None,
+    });
+    assert_eq!(net.parked(p), (2, 0));
+    // No chunk has left the source: the revoke completes at once.
+    assert_eq!(
+        net.op(p, |op| ProcessMsg::Revoke { op, cap: a }),
         Ok(Reply::Done)
     );
-    net.procs[q].serve_memory = true;
+    assert_eq!(net.completion(p, copy), Some(Err(ErrorCode::Revoked)));
+    // The owner rewrites its memory and answers the reads now.
+    net.procs[p].memory[..20_000].fill(0xEE);
+    net.serve_parked(p);
     net.advance(Duration::from_secs(6));
-    let r = net.completion(p, op).expect("copy answered");
+    assert_eq!(net.parked(q), (0, 0));
+    assert_eq!(net.procs[q].memory, before, "bytes landed after the revoke");
+    assert_eq!(net.counts()["copies"], 0);
+    net.check();
+}
+
+/// The source is revoked while chunks are on their way to (and being
+/// written at) the destination: the revoke completes after those chunks
+/// are acknowledged, and no chunk is sent after it.
+#[test]
+fn revoking_the_source_waits_for_chunks_in_flight() {
+    let mut net = Net::new(2);
+    let (p, q, a, _b, b_p) = copy_setup(&mut net);
+    net.procs[q].serve_memory = false;
+    let copy = net.start(p, |op| ProcessMsg::Copy {
+        op,
+        src: a,
+        dst: b_p,
+        completion: None,
+    });
+    assert_eq!(net.parked(q), (0, 2));
+    let revoke = net.start(p, |op| ProcessMsg::Revoke { op, cap: a });
+    assert_eq!(net.completion(p, revoke), None, "chunks still in flight");
+    assert_eq!(net.completion(p, copy), None);
+    net.serve_parked(q);
+    assert_eq!(net.completion(p, revoke), Some(Ok(Reply::Done)));
+    assert_eq!(net.completion(p, copy), Some(Err(ErrorCode::Revoked)));
+    net.advance(Duration::from_secs(6));
+    assert_eq!(
+        net.parked(q),
+        (0, 0),
+        "a chunk was written after the revoke"
+    );
+    assert_eq!(net.counts()["copies"], 0);
+    net.check();
+}
+
+/// A destination process that never answers its writes cannot hold a
+/// revoke forever: after the operation timeout the revoke answers
+/// `Timeout` (in force, but an issued write may still land).
+#[test]
+fn a_revoke_waiting_on_a_silent_destination_times_out() {
+    let mut net = Net::new(2);
+    let (p, q, a, b, b_p) = copy_setup(&mut net);
+    net.procs[q].serve_memory = false;
+    let copy = net.start(p, |op| ProcessMsg::Copy {
+        op,
+        src: a,
+        dst: b_p,
+        completion: None,
+    });
+    let revoke = net.start(q, |op| ProcessMsg::Revoke { op, cap: b });
+    net.advance(Duration::from_secs(6));
+    assert_eq!(net.completion(q, revoke), Some(Err(ErrorCode::Timeout)));
+    let r = net.completion(p, copy).expect("copy answered");
     assert!(
-        matches!(r, Err(ErrorCode::Revoked) | Err(ErrorCode::Timeout)),
+        matches!(r, Err(ErrorCode::Revoked | ErrorCode::Timeout)),
         "{r:?}"
     );
-    net.advance(Duration::from_secs(6));
-    assert_eq!(net.counts()["copies"], 0);
+    // Using the revoked capability fails at once.
+    assert_eq!(
+        net.op(p, |op| ProcessMsg::Copy {
+            op,
+            src: a,
+            dst: b_p,
+            completion: None,
+        }),
+        Err(ErrorCode::Revoked)
+    );
+    net.check();
 }
 
 #[test]

@@ -22,7 +22,10 @@
 //!   unanswered at the end.
 //! * **Copies.** An `Ok` copy must have moved exactly the source window into
 //!   the destination window's prefix; every `MemRead`/`MemWrite` a
-//!   controller sends must lie inside a running copy's window.
+//!   controller sends must lie inside a running copy's window, and not only
+//!   inside copies through a capability whose `Revoke` operation had already
+//!   completed (`Ok`): no chunk is written after the revoke of the source or
+//!   destination completed, and no chunk read after the source's.
 //! * **Invocations.** Each invocation carries a unique id in its immediates;
 //!   it must reach the owner of the invoked Request exactly once with the
 //!   bound immediates followed by the invoker's, and only if the invoke
@@ -111,6 +114,10 @@ pub struct CopyRec {
     /// A failed copy may still have chunks in flight: the virtual time after
     /// which it can no longer write (0 if it failed before moving a byte).
     pub quiet_ns: u64,
+    /// The source's capability chain (empty if unknown).
+    pub src_chain: Vec<CapRef>,
+    /// The source's then the destination's capability chains.
+    pub chains: Vec<CapRef>,
 }
 
 impl CopyRec {
@@ -123,7 +130,16 @@ impl CopyRec {
             start_ns: ns,
             end: None,
             quiet_ns: u64::MAX,
+            src_chain: Vec::new(),
+            chains: Vec::new(),
         }
+    }
+
+    /// The same copy, through the capabilities of handles `src` and `dst`.
+    pub fn through(mut self, src: &HandleRec, dst: &HandleRec) -> CopyRec {
+        self.src_chain = src.chain.clone();
+        self.chains = src.chain.iter().chain(&dst.chain).copied().collect();
+        self
     }
 
     /// Whether the copy may access memory at tick `t` (virtual time `ns`)
@@ -190,6 +206,9 @@ pub struct Oracle {
     pub monitors: Vec<MonitorRec>,
     /// Virtual time of each revocation in [`Oracle::revoked`].
     pub revoked_ns: BTreeMap<CapRef, u64>,
+    /// Capabilities revoked by a `Revoke` operation answered `Ok`, and the
+    /// tick the revoker received the answer.
+    pub revoke_ops: BTreeMap<CapRef, u64>,
     /// Current virtual time (kept by the simulator).
     pub now_ns: u64,
     /// How long a copy that timed out or lost its peer may keep landing
@@ -275,6 +294,19 @@ impl Oracle {
         self.revoked_ns.entry(cap).or_insert(self.now_ns);
     }
 
+    /// Records a `Revoke` operation on `cap` answered `Ok` at tick `t`.
+    pub fn revoke_op(&mut self, cap: CapRef, t: u64) {
+        self.revoke_ops.entry(cap).or_insert(t);
+    }
+
+    /// A capability of `chains` whose `Revoke` operation completed before
+    /// tick `t`.
+    fn revoked_op_before(&self, chains: &[CapRef], t: u64) -> Option<(CapRef, u64)> {
+        chains
+            .iter()
+            .find_map(|c| self.revoke_ops.get(c).filter(|r| **r < t).map(|r| (*c, *r)))
+    }
+
     /// Checks that an operation issued at tick `start` could succeed through
     /// the handle `h`.
     pub fn check_use(&self, h: &HandleRec, start: u64, what: &str) -> Result<(), String> {
@@ -323,17 +355,32 @@ impl Oracle {
         write: bool,
     ) -> Result<(), String> {
         let mut unknown = false;
+        let mut cut = None;
         let ns = self.now_ns;
         for c in self.copies.iter().filter(|c| c.may_run_at(tick, ns)) {
             let w = if write { c.write_window() } else { c.src };
             match w {
-                Some(w) if w.covers(chan, addr, len) => return Ok(()),
+                Some(w) if w.covers(chan, addr, len) => {
+                    // Reading the source is stopped by its revoke; writing
+                    // by the revoke of either side.
+                    let chains = if write { &c.chains } else { &c.src_chain };
+                    match self.revoked_op_before(chains, tick) {
+                        Some(r) => cut = Some(r),
+                        None => return Ok(()),
+                    }
+                }
                 Some(_) => {}
                 None => unknown = true,
             }
         }
         if unknown {
             return Ok(());
+        }
+        if let Some((cap, t)) = cut {
+            return Err(format!(
+                "controller sent Mem{} of [{addr:#x}, +{len}) to {chan:?} for a copy through {cap:?}, whose revoke completed at tick {t} (now tick {tick})",
+                if write { "Write" } else { "Read" },
+            ));
         }
         Err(format!(
             "controller sent Mem{} of [{addr:#x}, +{len}) to {chan:?}, outside every running copy's {} window",

@@ -309,7 +309,7 @@ impl Proc {
                 let idx = oracle.copies.len();
                 oracle
                     .copies
-                    .push(CopyRec::new(src.win, dst.win, tick, oracle.now_ns));
+                    .push(CopyRec::new(src.win, dst.win, tick, oracle.now_ns).through(&src, &dst));
                 let msg = ProcessMsg::Copy {
                     op,
                     src: sh,
@@ -562,9 +562,9 @@ impl Proc {
                         oracle.expect_notify(c);
                     }
                     let idx = oracle.copies.len();
-                    oracle
-                        .copies
-                        .push(CopyRec::new(src.win, dst.win, tick, oracle.now_ns));
+                    oracle.copies.push(
+                        CopyRec::new(src.win, dst.win, tick, oracle.now_ns).through(&src, &dst),
+                    );
                     break (
                         ProcessMsg::Copy {
                             op,
@@ -920,6 +920,7 @@ impl Proc {
             OpKind::Revoke { cap } => {
                 oracle.check_use(&cap, start, &what)?;
                 oracle.revoke(cap.cap, pulled);
+                oracle.revoke_op(cap.cap, pulled);
             }
             OpKind::Monitor { cap, notify } => {
                 oracle.check_use(&cap, start, &what)?;

@@ -183,6 +183,45 @@ impl Net {
         self.run();
     }
 
+    /// Answers the memory requests parked in `p`'s inbox while it did not
+    /// serve memory (late answers, from its memory as it is now).
+    pub fn serve_parked(&mut self, p: usize) {
+        let mut parked = Vec::new();
+        self.procs[p].inbox.retain(|m| {
+            let mem = matches!(
+                m,
+                ControllerMsg::MemRead { .. } | ControllerMsg::MemWrite { .. }
+            );
+            if mem {
+                parked.push(m.clone());
+            }
+            !mem
+        });
+        let serving = std::mem::replace(&mut self.procs[p].serve_memory, true);
+        for m in parked {
+            let mut f = Vec::new();
+            m.encode(&mut f);
+            self.deliver_to_proc(p, &f);
+        }
+        self.procs[p].serve_memory = serving;
+        self.run();
+    }
+
+    /// Memory requests parked in `p`'s inbox: (reads, writes).
+    pub fn parked(&self, p: usize) -> (usize, usize) {
+        let inbox = &self.procs[p].inbox;
+        (
+            inbox
+                .iter()
+                .filter(|m| matches!(m, ControllerMsg::MemRead { .. }))
+                .count(),
+            inbox
+                .iter()
+                .filter(|m| matches!(m, ControllerMsg::MemWrite { .. }))
+                .count(),
+        )
+    }
+
     /// Disconnects a process.
     pub fn exit(&mut self, p: usize) {
         let (node, chan) = (self.procs[p].node, self.procs[p].chan);
