@@ -112,6 +112,11 @@ pub struct Limits {
     pub max_processes: usize,
     /// Largest frame body accepted from a process or peer.
     pub max_message_len: usize,
+    /// Monitors one process may have registered at one owner controller
+    /// (enforced by the owner of the watched capabilities).
+    pub max_monitors_per_process: usize,
+    /// Names one process may have published (or be publishing) at once.
+    pub max_names_per_process: usize,
 }
 
 impl Default for Limits {
@@ -121,6 +126,8 @@ impl Default for Limits {
             max_pending_per_process: 4096,
             max_processes: 1024,
             max_message_len: fractos_wire::MAX_FRAME_LEN,
+            max_monitors_per_process: 4096,
+            max_names_per_process: 1024,
         }
     }
 }
@@ -247,4 +254,17 @@ pub struct Stats {
     pub peers: usize,
     /// Operations in flight for local processes.
     pub pending_ops: usize,
+    /// Most operations in flight for one local process.
+    pub pending_ops_max: usize,
+    /// Most monitor registrations here made by one process (local or
+    /// remote).
+    pub monitors_max_per_watcher: usize,
+    /// Names local processes have published or are publishing.
+    pub published_names: usize,
+    /// Most names published (or being published) by one local process.
+    pub published_names_max: usize,
+    /// Waiting lookups of local processes (wherever the names are homed).
+    pub waiting_lookups: usize,
+    /// Most waiting lookups of one local process.
+    pub waiting_lookups_max: usize,
 }
