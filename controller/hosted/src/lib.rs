@@ -67,6 +67,15 @@ pub struct HostedConfig {
     /// Bytes queued towards one socket before it is considered stuck and
     /// closed.
     pub max_queued_bytes: usize,
+    /// Time a new process connection has to send its first frame (its
+    /// `Attach`) before it is closed and its slot freed.
+    pub attach_timeout: Duration,
+    /// `/metrics` connections served at once; further ones are closed at
+    /// once.
+    pub max_metrics_conns: usize,
+    /// Time a `/metrics` connection has to send its request and take the
+    /// answer before it is dropped.
+    pub metrics_timeout: Duration,
 }
 
 impl HostedConfig {
@@ -90,6 +99,9 @@ impl HostedConfig {
             copy_chunk: defaults.copy_chunk,
             copy_window: defaults.copy_window,
             max_queued_bytes: 64 << 20,
+            attach_timeout: Duration::from_secs(10),
+            max_metrics_conns: 4,
+            metrics_timeout: Duration::from_secs(5),
         }
     }
 }
