@@ -493,7 +493,9 @@ impl Controller {
 
     /// Checks internal invariants: derivation trees are consistent, rights
     /// and windows shrink along derivations, every process-held node is in
-    /// its holder's table, and no node is leaked.
+    /// its holder's table, and no node is leaked; no monitor registration
+    /// or waiting lookup of an exited local process remains, and published
+    /// name lists stay within their limit and hold only live entries.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.store.check()?;
         let mut held = 0usize;

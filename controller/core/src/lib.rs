@@ -38,8 +38,25 @@
 //!   operation completes with that invocation's result.
 //! * A process exiting revokes every object it owns (firing monitors),
 //!   releases every capability it holds and withdraws its published names.
+//!   Nothing it created outlives it: its monitor registrations are dropped
+//!   (without firing) at every owner it registered at
+//!   ([`fractos_wire::PeerMsg::MonitorsDrop`]) and its waiting lookups are
+//!   cancelled at the names' homes ([`fractos_wire::PeerMsg::LookupCancel`]).
+//! * A monitor registration is identified at the owner by the watcher's
+//!   node and process; an owner accepts at most
+//!   [`Limits::max_monitors_per_process`] registrations of one watcher
+//!   (`LimitReached`); a registration that fired frees its slot.
+//! * A process may have at most [`Limits::max_names_per_process`] names
+//!   published or being published (`LimitReached`). Unpublish removes the
+//!   name from the process's list at once, unless a publish of it is still
+//!   in flight (that publish may still land, and exit must withdraw it). A
+//!   waiting lookup is a pending operation and counts against
+//!   [`Limits::max_pending_per_process`].
 //! * Loss of a peer controller fails pending operations on it with
-//!   `PeerUnreachable` and releases the capabilities its processes held here.
+//!   `PeerUnreachable` and releases the capabilities its processes held here;
+//!   the names its processes published here, their waiting lookups and their
+//!   monitor registrations here are dropped too (their exits might never be
+//!   reported).
 //!   References carrying an old incarnation fail with `OwnerGone`.
 //! * A `Timeout` error means the outcome is unknown (the operation may have
 //!   happened at the owner).
