@@ -319,3 +319,27 @@ fn unpublish_then_republish_does_not_grow_the_published_list() {
     assert_eq!(stats(&net)[0].published_names, 0);
     net.check();
 }
+
+#[test]
+fn losing_the_watchers_controller_drops_its_monitors_and_waits() {
+    let mut net = Net::new(2);
+    let owner = net.attach(0, "owner");
+    let m = mem(&mut net, owner, 0, 100);
+    assert_eq!(publish(&mut net, owner, "m", m), Ok(Reply::Done));
+    let baseline = stats(&net)[0];
+    let watcher = net.attach(1, "watcher");
+    let w = lookup(&mut net, watcher, "m");
+    let n = req(&mut net, watcher, 1);
+    for _ in 0..10 {
+        assert_eq!(monitor(&mut net, watcher, w, n), Ok(Reply::Done));
+    }
+    names_by_home(&mut net, watcher, 5);
+    assert!(stats(&net)[0].name_waiters >= 5);
+    assert_eq!(stats(&net)[0].monitors, 10);
+    net.restart(1, 2);
+    let s = stats(&net)[0];
+    assert_eq!(s.monitors, 0);
+    assert_eq!(s.name_waiters, 0);
+    assert_eq!(s.caps, baseline.caps);
+    net.check();
+}
