@@ -16,7 +16,7 @@ use crate::auth::{self, HelloPart, NonceSource, Role, Session};
 use crate::caps::{key_from_u64, key_to_u64, Binds, CapStore, DeriveKind, Fallout, Holder};
 use crate::copy::{BarrierKey, RevokeBarrier, Sink, SinkKey, Source, SourceKey, Xfer};
 use crate::metrics::{Metrics, OpKind};
-use crate::names::{NameEntry, NameWaiter, WaiterKey};
+use crate::names::{NameEntry, NameWaiter, Published, WaiterKey};
 use crate::table::{Entry, HandleTable};
 use crate::{
     CapKey, ChannelId, CloseReason, Config, Dest, Instant, LinkId, LinkRole, MonitorKey, ObjectKey,
@@ -37,7 +37,24 @@ pub(crate) struct Process {
     pub table: HandleTable,
     pub objects: BTreeSet<ObjectKey>,
     pub pending: usize,
-    pub published: Vec<Vec<u8>>,
+    /// Names published or being published, withdrawn at exit.
+    pub published: BTreeMap<Vec<u8>, Published>,
+    /// Controllers where this process may have monitors registered; told
+    /// to drop them at exit.
+    pub monitor_nodes: BTreeSet<NodeId>,
+    /// Request ids of this process's waiting lookups (in `calls`), cancelled
+    /// at the name's home at exit.
+    pub lookups: BTreeSet<u64>,
+}
+
+/// A monitor registration at the owner of the watched capability.
+pub(crate) struct MonitorReg {
+    /// Request invoked when the watched node dies (held by this node).
+    pub notify: CapRef,
+    /// The capability node the registration holds.
+    pub node: CapKey,
+    /// Registering process: its node and sequence number there.
+    pub watcher: (NodeId, u64),
 }
 
 /// Who receives the result of an operation.
@@ -57,6 +74,17 @@ pub(crate) enum Origin {
 pub(crate) enum Waiter {
     /// Pass the result to the origin (installing a returned capability).
     Answer(Origin),
+    /// A waiting lookup of a local process: as `Answer`, and the request
+    /// leaves the process's `lookups`.
+    Lookup(Origin),
+    /// A publish of a local process: as `Answer`, and its published list
+    /// learns the outcome.
+    Published {
+        origin: Origin,
+        name: Vec<u8>,
+        /// Epoch of the list entry when the publish was sent.
+        sent: u32,
+    },
     /// One capability of an acquisition.
     Acquire { agg: AggKey, index: usize },
     /// A copy finished at the source owner; then maybe invoke `completion`.
@@ -211,9 +239,13 @@ pub struct Controller {
     calls: BTreeMap<u64, Call>,
     next_req: u64,
     aggs: SlotMap<AggKey, Agg>,
-    pub(crate) monitors: SlotMap<MonitorKey, CapRef>,
+    pub(crate) monitors: SlotMap<MonitorKey, MonitorReg>,
+    /// Monitor registrations by registering process.
+    pub(crate) watchers: BTreeMap<(NodeId, u64), BTreeSet<MonitorKey>>,
     pub(crate) names: BTreeMap<Vec<u8>, NameEntry>,
     pub(crate) waiters: SlotMap<WaiterKey, NameWaiter>,
+    /// Waiting lookups by asking node and its request id.
+    pub(crate) waiter_index: BTreeMap<(NodeId, u64), WaiterKey>,
     pub(crate) sources: SlotMap<SourceKey, Source>,
     pub(crate) sinks: SlotMap<SinkKey, Sink>,
     pub(crate) revoke_barriers: SlotMap<BarrierKey, RevokeBarrier>,
@@ -260,8 +292,10 @@ impl Controller {
             next_req: 1,
             aggs: SlotMap::with_key(),
             monitors: SlotMap::with_key(),
+            watchers: BTreeMap::new(),
             names: BTreeMap::new(),
             waiters: SlotMap::with_key(),
+            waiter_index: BTreeMap::new(),
             sources: SlotMap::with_key(),
             sinks: SlotMap::with_key(),
             revoke_barriers: SlotMap::with_key(),
@@ -327,7 +361,9 @@ impl Controller {
             table: HandleTable::default(),
             objects: BTreeSet::new(),
             pending: 0,
-            published: Vec::new(),
+            published: BTreeMap::new(),
+            monitor_nodes: BTreeSet::new(),
+            lookups: BTreeSet::new(),
         });
         self.chans.insert(chan, p);
         if self.procs.len() > self.cfg.limits.max_processes {
@@ -453,6 +489,22 @@ impl Controller {
             monitors: self.monitors.len(),
             peers: self.peers.len(),
             pending_ops: self.procs.values().map(|p| p.pending).sum(),
+            pending_ops_max: self.procs.values().map(|p| p.pending).max().unwrap_or(0),
+            monitors_max_per_watcher: self.watchers.values().map(|s| s.len()).max().unwrap_or(0),
+            published_names: self.procs.values().map(|p| p.published.len()).sum(),
+            published_names_max: self
+                .procs
+                .values()
+                .map(|p| p.published.len())
+                .max()
+                .unwrap_or(0),
+            waiting_lookups: self.procs.values().map(|p| p.lookups.len()).sum(),
+            waiting_lookups_max: self
+                .procs
+                .values()
+                .map(|p| p.lookups.len())
+                .max()
+                .unwrap_or(0),
         }
     }
 
@@ -483,7 +535,9 @@ impl Controller {
 
     /// Checks internal invariants: derivation trees are consistent, rights
     /// and windows shrink along derivations, every process-held node is in
-    /// its holder's table, and no node is leaked.
+    /// its holder's table, and no node is leaked; no monitor registration
+    /// or waiting lookup of an exited local process remains, and published
+    /// name lists stay within their limit and hold only live entries.
     pub fn check_invariants(&self) -> Result<(), String> {
         self.store.check()?;
         let mut held = 0usize;
@@ -545,6 +599,84 @@ impl Controller {
                 .count()
         {
             return Err("monitor registrations without nodes".into());
+        }
+        self.check_lifetimes()
+    }
+
+    /// No monitor, waiting lookup or published-name entry outlives the
+    /// process that created it, and the indexes agree with what they index.
+    fn check_lifetimes(&self) -> Result<(), String> {
+        let local_seqs: BTreeMap<u64, ProcessKey> =
+            self.procs.iter().map(|(k, p)| (p.seq, k)).collect();
+        let mut indexed = 0usize;
+        for (who, set) in &self.watchers {
+            if set.is_empty() {
+                return Err(alloc::format!("empty monitor index entry for {who:?}"));
+            }
+            if who.0 == self.cfg.node && !local_seqs.contains_key(&who.1) {
+                return Err(alloc::format!(
+                    "{} monitors registered by exited local process {}",
+                    set.len(),
+                    who.1
+                ));
+            }
+            for m in set {
+                match self.monitors.get(*m) {
+                    Some(reg) if reg.watcher == *who => {}
+                    _ => return Err(alloc::format!("monitor index of {who:?} is stale")),
+                }
+            }
+            indexed += set.len();
+        }
+        if indexed != self.monitors.len() {
+            return Err("monitor registrations missing from the watcher index".into());
+        }
+        for (m, reg) in &self.monitors {
+            if self.store.nodes.get(reg.node).map(|n| n.holder) != Some(Holder::Monitor(m)) {
+                return Err("a monitor registration does not hold its node".into());
+            }
+        }
+        if self.waiter_index.len() != self.waiters.len() {
+            return Err("waiting lookups missing from the waiter index".into());
+        }
+        for ((from, req), k) in &self.waiter_index {
+            match self.waiters.get(*k) {
+                Some(w) if w.from == *from && w.req == *req => {}
+                _ => return Err("waiter index is stale".into()),
+            }
+            if *from == self.cfg.node {
+                let alive = match self.calls.get(req).map(|c| &c.waiter) {
+                    Some(Waiter::Lookup(Origin::Proc { proc, .. })) => self
+                        .procs
+                        .get(*proc)
+                        .is_some_and(|p| p.lookups.contains(req)),
+                    _ => false,
+                };
+                if !alive {
+                    return Err(alloc::format!(
+                        "lookup {req} waits here for a process that is gone"
+                    ));
+                }
+            }
+        }
+        for p in self.procs.values() {
+            for req in &p.lookups {
+                if !self.calls.contains_key(req) {
+                    return Err(alloc::format!(
+                        "{:?} lists lookup {req} that is not pending",
+                        p.chan
+                    ));
+                }
+            }
+            if p.published.len() > self.cfg.limits.max_names_per_process {
+                return Err(alloc::format!("{:?} exceeds its name budget", p.chan));
+            }
+            if p.published.values().any(|e| !e.needed()) {
+                return Err(alloc::format!(
+                    "{:?} keeps an unpublished name in its list",
+                    p.chan
+                ));
+            }
         }
         Ok(())
     }
@@ -627,7 +759,7 @@ impl Controller {
 
     /// Sends a request; `waiter` handles its one reply (a synthesized
     /// `PeerUnreachable` or `Timeout` if the peer cannot answer).
-    pub(crate) fn call(&mut self, node: NodeId, body: PeerRequest, waiter: Waiter) {
+    pub(crate) fn call(&mut self, node: NodeId, body: PeerRequest, waiter: Waiter) -> u64 {
         let req = self.next_req;
         self.next_req += 1;
         let mut timeout = self.cfg.op_timeout;
@@ -658,6 +790,7 @@ impl Controller {
             };
             self.loopback.push_back((node, reply));
         }
+        req
     }
 
     /// Processes loopback messages and fallout until both are empty.
@@ -678,7 +811,9 @@ impl Controller {
         while let Some(f) = self.fallout.pop() {
             match f {
                 Fallout::FireMonitor(m) => {
-                    if let Some(notify) = self.monitors.remove(m) {
+                    if let Some(reg) = self.monitors.remove(m) {
+                        self.unindex_monitor(reg.watcher, m);
+                        let notify = reg.notify;
                         let body = PeerRequest::Invoke {
                             target: notify,
                             imms: Vec::new(),
@@ -1060,9 +1195,7 @@ impl Controller {
                 let e = self.entry(proc, cap)?;
                 let home = self.name_home(&name);
                 let publisher = self.procs[proc].seq;
-                if !self.procs[proc].published.contains(&name) {
-                    self.procs[proc].published.push(name.clone());
-                }
+                self.publish_begin(proc, &name)?;
                 self.acquire(
                     vec![e.cap],
                     home,
@@ -1078,9 +1211,10 @@ impl Controller {
                 self.metrics.op(OpKind::Unpublish);
                 let home = self.name_home(&name);
                 let publisher = self.procs[proc].seq;
-                // The name stays in `published` until exit: a Publish still
-                // acquiring its capability may land after this Unpublish,
-                // and the withdrawal at exit must cover it.
+                // The name leaves `published` now, unless a Publish of it
+                // is still in flight (it may land after this Unpublish, and
+                // the withdrawal at exit must cover it).
+                self.unpublish_begin(proc, &name);
                 self.call(
                     home,
                     PeerRequest::Unpublish { name, publisher },
@@ -1093,11 +1227,24 @@ impl Controller {
                     return Err(ErrorCode::InvalidArgument);
                 }
                 let home = self.name_home(&name);
-                self.call(
-                    home,
-                    PeerRequest::Lookup { name, wait_ms },
-                    Waiter::Answer(origin),
-                );
+                if wait_ms == 0 {
+                    self.call(
+                        home,
+                        PeerRequest::Lookup { name, wait_ms },
+                        Waiter::Answer(origin),
+                    );
+                } else {
+                    // A waiting lookup may stay at the home for a long time:
+                    // remember it so that exit can cancel it there.
+                    let req = self.call(
+                        home,
+                        PeerRequest::Lookup { name, wait_ms },
+                        Waiter::Lookup(origin),
+                    );
+                    if self.calls.contains_key(&req) {
+                        self.procs[proc].lookups.insert(req);
+                    }
+                }
             }
             ProcessMsg::Attach { .. }
             | ProcessMsg::MemReadReply { .. }
@@ -1141,7 +1288,15 @@ impl Controller {
                 let _ = self.store.revoke(root, &mut self.fallout);
             }
         }
-        for name in p.published {
+        for node in core::mem::take(&mut p.monitor_nodes) {
+            self.send_peer(node, PeerMsg::MonitorsDrop { watcher: p.seq });
+        }
+        for req in core::mem::take(&mut p.lookups) {
+            if let Some(c) = self.calls.remove(&req) {
+                self.send_peer(c.node, PeerMsg::LookupCancel { req });
+            }
+        }
+        for name in p.published.into_keys() {
             let home = self.name_home(&name);
             self.call(
                 home,
@@ -1211,10 +1366,18 @@ impl Controller {
 
     fn fail_then(&mut self, then: Then, e: ErrorCode) {
         let origin = then.origin();
-        if let Then::Deliver { invoker, .. } = then {
-            for (c, _) in invoker {
-                self.release_ref(c);
+        match then {
+            Then::Deliver { invoker, .. } => {
+                for (c, _) in invoker {
+                    self.release_ref(c);
+                }
             }
+            Then::Publish {
+                origin: Origin::Proc { proc, .. },
+                name,
+                ..
+            } => self.publish_end(proc, &name, None, false),
+            _ => {}
         }
         self.answer(origin, Err(e));
     }
@@ -1287,9 +1450,30 @@ impl Controller {
             }
             Then::Monitor { origin, cap } => {
                 let notify = caps[0].0;
+                let watcher = match origin {
+                    Origin::Proc { proc, .. } => match self.procs.get_mut(proc) {
+                        Some(p) => {
+                            // Before the request goes out: the drop sent at
+                            // exit must follow it to the owner.
+                            p.monitor_nodes.insert(cap.node);
+                            p.seq
+                        }
+                        // The watcher exited while its notification Request
+                        // was being acquired: register nothing.
+                        None => return self.release_ref(notify),
+                    },
+                    Origin::Peer { .. } => {
+                        self.release_ref(notify);
+                        return self.answer(origin, Err(ErrorCode::Malformed));
+                    }
+                };
                 self.call(
                     cap.node,
-                    PeerRequest::Monitor { cap, notify },
+                    PeerRequest::Monitor {
+                        cap,
+                        notify,
+                        watcher,
+                    },
                     Waiter::Answer(origin),
                 );
             }
@@ -1300,21 +1484,24 @@ impl Controller {
                 publisher,
             } => {
                 let cap = caps[0].0;
-                if let Origin::Proc { proc, .. } = origin {
-                    if !self.procs.contains_key(proc) {
-                        // The publisher exited while its capability was being
-                        // acquired; its withdrawal has already been sent.
-                        return self.release_ref(cap);
-                    }
+                let Origin::Proc { proc, .. } = origin else {
+                    self.release_ref(cap);
+                    return self.answer(origin, Err(ErrorCode::Malformed));
+                };
+                if !self.procs.contains_key(proc) {
+                    // The publisher exited while its capability was being
+                    // acquired; its withdrawal has already been sent.
+                    return self.release_ref(cap);
                 }
+                let sent = self.publish_sent(proc, &name);
                 self.call(
                     home,
                     PeerRequest::Publish {
-                        name,
+                        name: name.clone(),
                         cap,
                         publisher,
                     },
-                    Waiter::Answer(origin),
+                    Waiter::Published { origin, name, sent },
                 );
             }
             Then::Deliver {
@@ -1649,6 +1836,17 @@ impl Controller {
                 .release(key, Holder::Node(node), &mut self.fallout);
         }
         self.names_peer_lost(node);
+        // Monitors registered by the lost peer's processes go too: their
+        // exits may never be reported (as with their names).
+        let gone: Vec<(NodeId, u64)> = self
+            .watchers
+            .keys()
+            .filter(|w| w.0 == node)
+            .copied()
+            .collect();
+        for w in gone {
+            self.drop_monitors(w);
+        }
     }
 
     fn on_peer_msg(&mut self, from: NodeId, msg: PeerMsg) {
@@ -1674,6 +1872,67 @@ impl Controller {
                 result,
             } => self.on_copy_ack(from, source, offset, result),
             PeerMsg::CopyClose { sink } => self.on_copy_close(from, sink),
+            PeerMsg::MonitorsDrop { watcher } => self.drop_monitors((from, watcher)),
+            PeerMsg::LookupCancel { req } => self.cancel_lookup(from, req),
+        }
+    }
+
+    // --------------------------------------------------------------- monitors
+
+    /// Owner side of monitor: `watcher` registers `notify` (held by this
+    /// node) to be invoked when `cap` (owned here) dies.
+    fn register_monitor(
+        &mut self,
+        cap: CapRef,
+        notify: CapRef,
+        watcher: (NodeId, u64),
+    ) -> Result<(), ErrorCode> {
+        let key = self.resolve_local(&cap)?;
+        let held = self.watchers.get(&watcher).map_or(0, |s| s.len());
+        if held >= self.cfg.limits.max_monitors_per_process {
+            return Err(ErrorCode::LimitReached);
+        }
+        let m = self.monitors.insert(MonitorReg {
+            notify,
+            node: CapKey::default(),
+            watcher,
+        });
+        match self
+            .store
+            .derive(key, DeriveKind::Transfer, Holder::Monitor(m))
+        {
+            Ok(node) => {
+                self.monitors[m].node = node;
+                self.watchers.entry(watcher).or_default().insert(m);
+                Ok(())
+            }
+            Err(e) => {
+                self.monitors.remove(m);
+                Err(e)
+            }
+        }
+    }
+
+    fn unindex_monitor(&mut self, watcher: (NodeId, u64), m: MonitorKey) {
+        if let Some(set) = self.watchers.get_mut(&watcher) {
+            set.remove(&m);
+            if set.is_empty() {
+                self.watchers.remove(&watcher);
+            }
+        }
+    }
+
+    /// Drops every monitor `watcher` registered here, without firing them.
+    fn drop_monitors(&mut self, watcher: (NodeId, u64)) {
+        let Some(set) = self.watchers.remove(&watcher) else {
+            return;
+        };
+        for m in set {
+            if let Some(reg) = self.monitors.remove(m) {
+                self.store
+                    .release(reg.node, Holder::Monitor(m), &mut self.fallout);
+                self.release_ref(reg.notify);
+            }
         }
     }
 
@@ -1690,6 +1949,23 @@ impl Controller {
         };
         match call.waiter {
             Waiter::Answer(origin) => self.answer(origin, result),
+            Waiter::Lookup(origin) => {
+                if let Origin::Proc { proc, .. } = origin {
+                    if let Some(p) = self.procs.get_mut(proc) {
+                        p.lookups.remove(&req);
+                    }
+                }
+                self.answer(origin, result)
+            }
+            Waiter::Published { origin, name, sent } => {
+                if let Origin::Proc { proc, .. } = origin {
+                    // A timeout leaves the outcome unknown: keep the name
+                    // listed so that exit withdraws it.
+                    let maybe = !matches!(result, Err(e) if e != ErrorCode::Timeout);
+                    self.publish_end(proc, &name, Some(sent), maybe);
+                }
+                self.answer(origin, result)
+            }
             Waiter::Acquire { agg, index } => self.on_acquired(agg, index, result),
             Waiter::CopyStarted { origin, completion } => match (result, completion) {
                 (Ok(_), Some(c)) => {
@@ -1777,19 +2053,16 @@ impl Controller {
                 Ok(key) => self.revoke_cap(origin, key),
                 Err(e) => self.answer(origin, Err(e)),
             },
-            PeerRequest::Monitor { cap, notify } => {
-                let result = self.resolve_local(&cap).and_then(|key| {
-                    let m = self.monitors.insert(notify);
-                    self.store
-                        .derive(key, DeriveKind::Transfer, Holder::Monitor(m))
-                        .inspect_err(|_| {
-                            self.monitors.remove(m);
-                        })
-                });
+            PeerRequest::Monitor {
+                cap,
+                notify,
+                watcher,
+            } => {
+                let result = self.register_monitor(cap, notify, (from, watcher));
                 if result.is_err() {
                     self.release_ref(notify);
                 }
-                self.answer(origin, result.map(|_| PeerReply::Done));
+                self.answer(origin, result.map(|()| PeerReply::Done));
             }
             PeerRequest::CopyStart { src, dst } => self.start_copy_source(origin, src, dst),
             PeerRequest::CopyOpen { dst, len, source } => {

@@ -38,8 +38,25 @@
 //!   operation completes with that invocation's result.
 //! * A process exiting revokes every object it owns (firing monitors),
 //!   releases every capability it holds and withdraws its published names.
+//!   Nothing it created outlives it: its monitor registrations are dropped
+//!   (without firing) at every owner it registered at
+//!   ([`fractos_wire::PeerMsg::MonitorsDrop`]) and its waiting lookups are
+//!   cancelled at the names' homes ([`fractos_wire::PeerMsg::LookupCancel`]).
+//! * A monitor registration is identified at the owner by the watcher's
+//!   node and process; an owner accepts at most
+//!   [`Limits::max_monitors_per_process`] registrations of one watcher
+//!   (`LimitReached`); a registration that fired frees its slot.
+//! * A process may have at most [`Limits::max_names_per_process`] names
+//!   published or being published (`LimitReached`). Unpublish removes the
+//!   name from the process's list at once, unless a publish of it is still
+//!   in flight (that publish may still land, and exit must withdraw it). A
+//!   waiting lookup is a pending operation and counts against
+//!   [`Limits::max_pending_per_process`].
 //! * Loss of a peer controller fails pending operations on it with
-//!   `PeerUnreachable` and releases the capabilities its processes held here.
+//!   `PeerUnreachable` and releases the capabilities its processes held here;
+//!   the names its processes published here, their waiting lookups and their
+//!   monitor registrations here are dropped too (their exits might never be
+//!   reported).
 //!   References carrying an old incarnation fail with `OwnerGone`.
 //! * A `Timeout` error means the outcome is unknown (the operation may have
 //!   happened at the owner).
@@ -113,6 +130,11 @@ pub struct Limits {
     pub max_processes: usize,
     /// Largest frame body accepted from a process or peer.
     pub max_message_len: usize,
+    /// Monitors one process may have registered at one owner controller
+    /// (enforced by the owner of the watched capabilities).
+    pub max_monitors_per_process: usize,
+    /// Names one process may have published (or be publishing) at once.
+    pub max_names_per_process: usize,
 }
 
 impl Default for Limits {
@@ -122,6 +144,8 @@ impl Default for Limits {
             max_pending_per_process: 4096,
             max_processes: 1024,
             max_message_len: fractos_wire::MAX_FRAME_LEN,
+            max_monitors_per_process: 4096,
+            max_names_per_process: 1024,
         }
     }
 }
@@ -272,4 +296,17 @@ pub struct Stats {
     pub peers: usize,
     /// Operations in flight for local processes.
     pub pending_ops: usize,
+    /// Most operations in flight for one local process.
+    pub pending_ops_max: usize,
+    /// Most monitor registrations here made by one process (local or
+    /// remote).
+    pub monitors_max_per_watcher: usize,
+    /// Names local processes have published or are publishing.
+    pub published_names: usize,
+    /// Most names published (or being published) by one local process.
+    pub published_names_max: usize,
+    /// Waiting lookups of local processes (wherever the names are homed).
+    pub waiting_lookups: usize,
+    /// Most waiting lookups of one local process.
+    pub waiting_lookups_max: usize,
 }

@@ -6,7 +6,7 @@ use alloc::vec::Vec;
 use fractos_wire::{CapRef, ErrorCode, NodeId, PeerReply};
 
 use crate::controller::{Controller, Origin, Then, Timer};
-use crate::Instant;
+use crate::{Instant, ProcessKey};
 
 slotmap::new_key_type! {
     /// A lookup waiting for its name to be published.
@@ -28,7 +28,35 @@ pub(crate) struct NameWaiter {
     pub name: Vec<u8>,
     pub origin: Origin,
     pub from: NodeId,
+    /// The asking node's request id (with `from`, the key in
+    /// [`Controller::waiter_index`]).
+    pub req: u64,
     pub deadline: Instant,
+}
+
+/// A name in a local process's published list: published at its home, or
+/// being published. Counts against `max_names_per_process`.
+#[derive(Default)]
+pub(crate) struct Published {
+    /// Publish operations of this name not yet answered.
+    pub inflight: u32,
+    /// Unpublish requests sent for this name so far. A publish sent to the
+    /// home before an unpublish is served there before it, so its outcome
+    /// no longer matters.
+    pub epoch: u32,
+    /// Publishes sent to the home in the current epoch, not yet answered:
+    /// each may succeed.
+    pub sent: u32,
+    /// A publish of the current epoch succeeded (or timed out, outcome
+    /// unknown): the name may be published at its home.
+    pub confirmed: bool,
+}
+
+impl Published {
+    /// The entry must stay listed: the name is or may become published.
+    pub fn needed(&self) -> bool {
+        self.inflight > 0 || self.confirmed
+    }
 }
 
 /// FNV-1a, stable across builds and platforms.
@@ -77,6 +105,7 @@ impl Controller {
             .collect();
         for k in ready {
             let w = self.waiters.remove(k).expect("listed above");
+            self.waiter_index.remove(&(w.from, w.req));
             self.acquire(
                 alloc::vec![cap],
                 w.from,
@@ -113,8 +142,16 @@ impl Controller {
             let cap = e.cap;
             return self.acquire(alloc::vec![cap], from, Then::ServeLookup { origin });
         }
+        let req = match origin {
+            Origin::Peer { req, .. } => req,
+            Origin::Proc { .. } => return self.answer(origin, Err(ErrorCode::Malformed)),
+        };
         if wait_ms == 0 {
             return self.answer(origin, Err(ErrorCode::NameNotFound));
+        }
+        if self.waiter_index.contains_key(&(from, req)) {
+            // A peer reusing a request id: refuse rather than lose track.
+            return self.answer(origin, Err(ErrorCode::Malformed));
         }
         let deadline = self
             .now
@@ -123,15 +160,104 @@ impl Controller {
             name,
             origin,
             from,
+            req,
             deadline,
         });
+        self.waiter_index.insert((from, req), k);
         self.push_timer(deadline, Timer::NameWaiter(k));
     }
 
     pub(crate) fn on_waiter_timer(&mut self, k: WaiterKey) {
         if self.waiters.get(k).is_some_and(|w| w.deadline <= self.now) {
             let w = self.waiters.remove(k).expect("checked");
+            self.waiter_index.remove(&(w.from, w.req));
             self.answer(w.origin, Err(ErrorCode::NameNotFound));
+        }
+    }
+
+    /// The process waiting on `from`'s lookup `req` exited: forget the
+    /// waiter without answering (nobody waits for the answer any more).
+    pub(crate) fn cancel_lookup(&mut self, from: NodeId, req: u64) {
+        if let Some(k) = self.waiter_index.remove(&(from, req)) {
+            self.waiters.remove(k);
+        }
+    }
+
+    /// A local process starts publishing `name`; refused with
+    /// `LimitReached` when that would exceed its name budget.
+    pub(crate) fn publish_begin(&mut self, proc: ProcessKey, name: &[u8]) -> Result<(), ErrorCode> {
+        let max = self.cfg.limits.max_names_per_process;
+        let p = &mut self.procs[proc];
+        let full = p.published.len() >= max;
+        match p.published.get_mut(name) {
+            Some(e) => e.inflight += 1,
+            None if full => return Err(ErrorCode::LimitReached),
+            None => {
+                p.published.insert(
+                    name.to_vec(),
+                    Published {
+                        inflight: 1,
+                        ..Published::default()
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A publish of `name` is about to be sent to the home: from now on it
+    /// may succeed. Returns the entry's epoch.
+    pub(crate) fn publish_sent(&mut self, proc: ProcessKey, name: &[u8]) -> u32 {
+        match self
+            .procs
+            .get_mut(proc)
+            .and_then(|p| p.published.get_mut(name))
+        {
+            Some(e) => {
+                e.sent += 1;
+                e.epoch
+            }
+            None => 0,
+        }
+    }
+
+    /// A publish of `name` by `proc` ended. `sent`: the epoch in which it
+    /// was sent to the home, if it was; `maybe_published`: the home
+    /// published it, or the outcome is unknown.
+    pub(crate) fn publish_end(
+        &mut self,
+        proc: ProcessKey,
+        name: &[u8],
+        sent: Option<u32>,
+        maybe_published: bool,
+    ) {
+        let Some(p) = self.procs.get_mut(proc) else {
+            return;
+        };
+        let Some(e) = p.published.get_mut(name) else {
+            return;
+        };
+        e.inflight = e.inflight.saturating_sub(1);
+        if sent == Some(e.epoch) {
+            e.sent = e.sent.saturating_sub(1);
+            e.confirmed |= maybe_published;
+        }
+        if !e.needed() {
+            p.published.remove(name);
+        }
+    }
+
+    /// A local process unpublishes `name`: it leaves the published list at
+    /// once unless a publish of it is still in flight.
+    pub(crate) fn unpublish_begin(&mut self, proc: ProcessKey, name: &[u8]) {
+        let p = &mut self.procs[proc];
+        if let Some(e) = p.published.get_mut(name) {
+            e.epoch = e.epoch.wrapping_add(1);
+            e.sent = 0;
+            e.confirmed = false;
+            if !e.needed() {
+                p.published.remove(name);
+            }
         }
     }
 
@@ -149,5 +275,6 @@ impl Controller {
             }
         }
         self.waiters.retain(|_, w| w.from != node);
+        self.waiter_index.retain(|(from, _), _| *from != node);
     }
 }

@@ -171,6 +171,46 @@ pub fn render(ctrl: &Controller, traffic: &Traffic) -> String {
             "Copies being sent or received.",
             s.copy_sources + s.copy_sinks,
         ),
+        (
+            "fractos_pending_ops_max_per_process",
+            "Most operations in flight for one local process.",
+            s.pending_ops_max,
+        ),
+        (
+            "fractos_monitors",
+            "Monitor registrations on capabilities owned here.",
+            s.monitors,
+        ),
+        (
+            "fractos_monitors_max_per_process",
+            "Most monitor registrations here by one process.",
+            s.monitors_max_per_watcher,
+        ),
+        (
+            "fractos_name_waiters",
+            "Lookups waiting here for names homed here.",
+            s.name_waiters,
+        ),
+        (
+            "fractos_waiting_lookups",
+            "Waiting lookups of local processes.",
+            s.waiting_lookups,
+        ),
+        (
+            "fractos_waiting_lookups_max_per_process",
+            "Most waiting lookups of one local process.",
+            s.waiting_lookups_max,
+        ),
+        (
+            "fractos_published_names",
+            "Names local processes published or are publishing.",
+            s.published_names,
+        ),
+        (
+            "fractos_published_names_max_per_process",
+            "Most names published by one local process.",
+            s.published_names_max,
+        ),
     ];
     for (name, help, v) in gauges {
         let _ = writeln!(

@@ -63,6 +63,16 @@ pub struct FileConfig {
     pub max_processes: Option<usize>,
     /// `"authenticated"` (default) or `"secure"`.
     pub peer_security: Option<String>,
+    /// Monitors one process may register at this controller's objects.
+    pub max_monitors_per_process: Option<usize>,
+    /// Names one process may publish.
+    pub max_names_per_process: Option<usize>,
+    /// Time a new process connection has to send its first frame.
+    pub attach_timeout_ms: Option<u64>,
+    /// `/metrics` connections served at once.
+    pub max_metrics_conns: Option<usize>,
+    /// Time a `/metrics` connection may take.
+    pub metrics_timeout_ms: Option<u64>,
     /// Peers.
     #[serde(default, rename = "peer")]
     pub peers: Vec<FilePeer>,
@@ -137,6 +147,21 @@ impl FileConfig {
         }
         if let Some(v) = &self.peer_security {
             c.peer_security = parse_peer_security(v)?;
+        }
+        if let Some(v) = self.max_monitors_per_process {
+            c.limits.max_monitors_per_process = v;
+        }
+        if let Some(v) = self.max_names_per_process {
+            c.limits.max_names_per_process = v;
+        }
+        if let Some(ms) = self.attach_timeout_ms {
+            c.attach_timeout = Duration::from_millis(ms);
+        }
+        if let Some(v) = self.max_metrics_conns {
+            c.max_metrics_conns = v;
+        }
+        if let Some(ms) = self.metrics_timeout_ms {
+            c.metrics_timeout = Duration::from_millis(ms);
         }
         Ok(c)
     }

@@ -24,6 +24,8 @@ pub(crate) enum Event {
     ProcOpened(TcpStream),
     ProcFrame(ChannelId, Vec<u8>),
     ProcClosed(ChannelId),
+    /// A process channel's time to send its first frame is up.
+    AttachDeadline(ChannelId),
     LinkOpened(TcpStream, Option<(NodeId, oneshot::Sender<()>)>),
     LinkFrame(LinkId, Vec<u8>),
     LinkClosed(LinkId),
@@ -350,6 +352,9 @@ struct EventLoop {
     events: mpsc::Sender<Event>,
     rx: mpsc::Receiver<Event>,
     procs: BTreeMap<ChannelId, Writer>,
+    /// Process channels that have not sent a frame yet, with the task that
+    /// reports their attach deadline.
+    unattached: BTreeMap<ChannelId, JoinHandle<()>>,
     links: BTreeMap<LinkId, (Writer, Option<oneshot::Sender<()>>)>,
     link_peer: BTreeMap<LinkId, Option<NodeId>>,
     dialers: BTreeMap<NodeId, JoinHandle<()>>,
@@ -408,6 +413,8 @@ impl EventLoop {
             tasks.push(tokio::spawn(crate::metrics::serve(
                 to_tokio(m)?,
                 events.clone(),
+                cfg.max_metrics_conns,
+                cfg.metrics_timeout,
             )));
         }
         let mut l = EventLoop {
@@ -416,6 +423,7 @@ impl EventLoop {
             events,
             rx,
             procs: BTreeMap::new(),
+            unattached: BTreeMap::new(),
             links: BTreeMap::new(),
             link_peer: BTreeMap::new(),
             dialers: BTreeMap::new(),
@@ -490,7 +498,7 @@ impl EventLoop {
             self.ctrl.process_disconnected(now, chan);
         }
         self.flush();
-        for t in &self.tasks {
+        for t in self.tasks.iter().chain(self.unattached.values()) {
             t.abort();
         }
         for d in self.dialers.values() {
@@ -515,18 +523,34 @@ impl EventLoop {
                     chan.0,
                 );
                 self.procs.insert(chan, w);
+                let (events, timeout) = (self.events.clone(), self.cfg.attach_timeout);
+                let deadline = tokio::spawn(async move {
+                    tokio::time::sleep(timeout).await;
+                    let _ = events.send(Event::AttachDeadline(chan)).await;
+                });
+                self.unattached.insert(chan, deadline);
                 self.ctrl.process_connected(now, chan);
             }
             Event::ProcFrame(chan, body) => {
                 if self.procs.contains_key(&chan) {
+                    self.forget_deadline(chan);
                     self.traffic.processes.frames_in += 1;
                     self.traffic.processes.bytes_in += body.len() as u64 + 4;
                     self.ctrl.process_message(now, chan, &body);
                 }
             }
             Event::ProcClosed(chan) => {
+                self.forget_deadline(chan);
                 if self.procs.remove(&chan).is_some() {
                     debug!(chan = chan.0, "process disconnected");
+                    self.ctrl.process_disconnected(now, chan);
+                }
+            }
+            Event::AttachDeadline(chan) => {
+                // Still silent: the connection loses its slot, as on the
+                // appliance.
+                if self.unattached.remove(&chan).is_some() && self.procs.remove(&chan).is_some() {
+                    info!(chan = chan.0, "process sent nothing in time; closing");
                     self.ctrl.process_disconnected(now, chan);
                 }
             }
@@ -581,6 +605,13 @@ impl EventLoop {
         true
     }
 
+    /// Cancels a channel's attach deadline (it sent a frame or is gone).
+    fn forget_deadline(&mut self, chan: ChannelId) {
+        if let Some(t) = self.unattached.remove(&chan) {
+            t.abort();
+        }
+    }
+
     /// Folds a closed link's counters into its peer's totals.
     fn retire_link(&mut self, link: LinkId) {
         let t = self.link_traffic.remove(&link).unwrap_or_default();
@@ -630,6 +661,7 @@ impl EventLoop {
                             "process does not read its channel; disconnecting"
                         );
                         self.procs.remove(&chan);
+                        self.forget_deadline(chan);
                         let now = self.now();
                         self.ctrl.process_disconnected(now, chan);
                     }
@@ -659,6 +691,7 @@ impl EventLoop {
                 } => {
                     info!(chan = chan.0, ?reason, "closing process channel");
                     self.procs.remove(&chan);
+                    self.forget_deadline(chan);
                 }
                 Output::Close {
                     to: Dest::Link(link),

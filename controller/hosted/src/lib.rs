@@ -70,6 +70,15 @@ pub struct HostedConfig {
     /// Protection required on peer links: `Authenticated` (every frame
     /// MAC'd) or `Secure` (also encrypted).
     pub peer_security: PeerSecurity,
+    /// Time a new process connection has to send its first frame (its
+    /// `Attach`) before it is closed and its slot freed.
+    pub attach_timeout: Duration,
+    /// `/metrics` connections served at once; further ones are closed at
+    /// once.
+    pub max_metrics_conns: usize,
+    /// Time a `/metrics` connection has to send its request and take the
+    /// answer before it is dropped.
+    pub metrics_timeout: Duration,
 }
 
 impl HostedConfig {
@@ -94,6 +103,9 @@ impl HostedConfig {
             copy_window: defaults.copy_window,
             max_queued_bytes: 64 << 20,
             peer_security: PeerSecurity::Authenticated,
+            attach_timeout: Duration::from_secs(10),
+            max_metrics_conns: 4,
+            metrics_timeout: Duration::from_secs(5),
         }
     }
 }

@@ -235,6 +235,8 @@ pub struct MonitorRec {
     /// Capabilities bound to the notification Request (their revocation
     /// would also stop the notification).
     pub notify_caps: usize,
+    /// The registering process: its exit drops the registration.
+    pub watcher: ChannelId,
 }
 
 /// Magic marking the invocation id at the end of invoker immediates. Bound

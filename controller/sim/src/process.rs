@@ -931,6 +931,7 @@ impl Proc {
                         notify: notify.chain.clone(),
                         notify_caps: notify.binds.as_ref().map_or(0, |b| b.caps),
                         key,
+                        watcher: self.chan,
                     });
                 }
             }

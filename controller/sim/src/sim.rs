@@ -1424,7 +1424,13 @@ impl Sim {
                 .chans
                 .get(&m.key.0)
                 .is_some_and(|p| self.procs[*p].alive);
-            if died && !notify_dead && owner_alive && m.notify_caps == 0 {
+            // A registration dies with its watcher; one still alive now was
+            // alive when the watched capability died.
+            let watcher_alive = self
+                .chans
+                .get(&m.watcher)
+                .is_some_and(|p| self.procs[*p].alive);
+            if died && !notify_dead && owner_alive && watcher_alive && m.notify_caps == 0 {
                 *due.entry(m.key.clone()).or_insert(0) += 1;
                 if self.print_trace {
                     eprintln!("monitor due: {m:?}");
@@ -1478,7 +1484,10 @@ impl Sim {
                 ("copy_sources", s.copy_sources),
                 ("copy_sinks", s.copy_sinks),
                 ("monitors", s.monitors),
+                ("monitors_max_per_watcher", s.monitors_max_per_watcher),
                 ("pending_ops", s.pending_ops),
+                ("published_names", s.published_names),
+                ("waiting_lookups", s.waiting_lookups),
             ];
             let bad: Vec<String> = leftovers
                 .iter()

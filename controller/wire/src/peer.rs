@@ -85,6 +85,10 @@ pub enum PeerRequest {
         cap: CapRef,
         /// Request to invoke, already held by the receiver's node.
         notify: CapRef,
+        /// Registering process (its sequence number on the sender's node):
+        /// the registration is dropped when that process exits
+        /// ([`PeerMsg::MonitorsDrop`]).
+        watcher: u64,
     },
     /// Start a copy from `src` (owned by the receiver) into `dst`.
     CopyStart {
@@ -262,6 +266,19 @@ pub enum PeerMsg {
         /// Receiver's copy id.
         sink: u64,
     },
+    /// A process of the sender exited: drop every monitor it registered
+    /// at the receiver (without firing them).
+    MonitorsDrop {
+        /// The process's sequence number on the sender's node (the
+        /// `watcher` of its [`PeerRequest::Monitor`] requests).
+        watcher: u64,
+    },
+    /// The process waiting on lookup request `req` exited: drop the waiting
+    /// lookup without answering it.
+    LookupCancel {
+        /// The sender's id of the [`PeerRequest::Lookup`] request.
+        req: u64,
+    },
 }
 
 impl DeriveSpec {
@@ -330,10 +347,15 @@ impl PeerRequest {
                 w.u8(3);
                 w.cap_ref(cap);
             }
-            PeerRequest::Monitor { cap, notify } => {
+            PeerRequest::Monitor {
+                cap,
+                notify,
+                watcher,
+            } => {
                 w.u8(4);
                 w.cap_ref(cap);
                 w.cap_ref(notify);
+                w.u64(*watcher);
             }
             PeerRequest::CopyStart { src, dst } => {
                 w.u8(5);
@@ -384,6 +406,7 @@ impl PeerRequest {
             4 => PeerRequest::Monitor {
                 cap: r.cap_ref()?,
                 notify: r.cap_ref()?,
+                watcher: r.u64()?,
             },
             5 => PeerRequest::CopyStart {
                 src: r.cap_ref()?,
@@ -432,6 +455,8 @@ impl PeerMsg {
             PeerMsg::CopyClose { .. } => 9,
             PeerMsg::Finish { .. } => 20,
             PeerMsg::Rejected { .. } => 21,
+            PeerMsg::MonitorsDrop { .. } => 10,
+            PeerMsg::LookupCancel { .. } => 11,
         };
         let start = begin_frame(out, kind);
         let mut w = Writer { out };
@@ -514,6 +539,8 @@ impl PeerMsg {
                 }
             }
             PeerMsg::CopyClose { sink } => w.u64(*sink),
+            PeerMsg::MonitorsDrop { watcher } => w.u64(*watcher),
+            PeerMsg::LookupCancel { req } => w.u64(*req),
         }
         end_frame(out, start);
     }
@@ -588,6 +615,8 @@ impl PeerMsg {
                 }
             }
             9 => PeerMsg::CopyClose { sink: r.u64()? },
+            10 => PeerMsg::MonitorsDrop { watcher: r.u64()? },
+            11 => PeerMsg::LookupCancel { req: r.u64()? },
             k => return Err(DecodeError::UnknownKind(k)),
         };
         r.finish()?;

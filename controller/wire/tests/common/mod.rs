@@ -179,7 +179,7 @@ impl Wire for ControllerMsg {
 
 impl Wire for PeerMsg {
     const DIRECTION: &'static str = "controller<->controller";
-    const KINDS: &'static [u8] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 20, 21];
+    const KINDS: &'static [u8] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 20, 21];
     const VARIANTS: &'static [&'static str] = &[
         "Hello",
         "HelloReply",
@@ -207,6 +207,8 @@ impl Wire for PeerMsg {
         "CopyAck(Ok)",
         "CopyAck(Err)",
         "CopyClose",
+        "MonitorsDrop",
+        "LookupCancel",
     ];
     fn enc(&self, out: &mut Vec<u8>) {
         self.encode(out)
@@ -227,6 +229,8 @@ impl Wire for PeerMsg {
             PeerMsg::CopyChunk { .. } => 7,
             PeerMsg::CopyAck { .. } => 8,
             PeerMsg::CopyClose { .. } => 9,
+            PeerMsg::MonitorsDrop { .. } => 10,
+            PeerMsg::LookupCancel { .. } => 11,
         }
     }
     fn variant(&self) -> &'static str {
@@ -263,6 +267,8 @@ impl Wire for PeerMsg {
             PeerMsg::CopyAck { result: Ok(()), .. } => "CopyAck(Ok)",
             PeerMsg::CopyAck { result: Err(_), .. } => "CopyAck(Err)",
             PeerMsg::CopyClose { .. } => "CopyClose",
+            PeerMsg::MonitorsDrop { .. } => "MonitorsDrop",
+            PeerMsg::LookupCancel { .. } => "LookupCancel",
         }
     }
 }
@@ -505,7 +511,13 @@ pub fn peer_request() -> impl Strategy<Value = PeerRequest> {
             caps
         }),
         cap_ref().prop_map(|cap| PeerRequest::Revoke { cap }),
-        (cap_ref(), cap_ref()).prop_map(|(cap, notify)| PeerRequest::Monitor { cap, notify }),
+        (cap_ref(), cap_ref(), any::<u64>()).prop_map(|(cap, notify, watcher)| {
+            PeerRequest::Monitor {
+                cap,
+                notify,
+                watcher,
+            }
+        }),
         (cap_ref(), cap_ref()).prop_map(|(src, dst)| PeerRequest::CopyStart { src, dst }),
         (cap_ref(), any::<u64>(), any::<u64>())
             .prop_map(|(dst, len, source)| PeerRequest::CopyOpen { dst, len, source }),
@@ -589,6 +601,8 @@ pub fn peer_msg() -> impl Strategy<Value = PeerMsg> {
                 result
             }),
         any::<u64>().prop_map(|sink| PeerMsg::CopyClose { sink }),
+        any::<u64>().prop_map(|watcher| PeerMsg::MonitorsDrop { watcher }),
+        any::<u64>().prop_map(|req| PeerMsg::LookupCancel { req }),
     ]
 }
 
@@ -806,6 +820,7 @@ pub fn peer_examples() -> Vec<PeerMsg> {
             PeerRequest::Monitor {
                 cap: CAP_A,
                 notify: CAP_B,
+                watcher: 17,
             },
         ),
         request(
@@ -885,6 +900,8 @@ pub fn peer_examples() -> Vec<PeerMsg> {
             result: Err(ErrorCode::MemoryFault),
         },
         PeerMsg::CopyClose { sink: 12 },
+        PeerMsg::MonitorsDrop { watcher: 17 },
+        PeerMsg::LookupCancel { req: 44 },
     ]
 }
 
