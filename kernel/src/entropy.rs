@@ -5,7 +5,7 @@
 //! inputs too (TSC jitter, the RTC time, boot-info addresses, the fw_cfg
 //! file `opt/fractos/entropy` if the VMM offers one): hashing them in can
 //! only add entropy. The seed is then derived per purpose with
-//! [`derive`], so values sent on the wire (the incarnation) reveal nothing
+//! [`derive()`], so values sent on the wire (the incarnation) reveal nothing
 //! about the nonce generator's seed.
 
 use sha2::{Digest, Sha256};

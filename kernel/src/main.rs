@@ -3,7 +3,8 @@
 //! Entered from `fractos_loader`'s 32-bit stubs (PVH or Multiboot2) in long
 //! mode on the boot stack, with SSE on and the first 4 GiB identity-mapped.
 //! Boot order: serial → GDT/TSS/IDT → boot info → command line → logger →
-//! TSC → frames → heap → PCI → page tables → NVMe → virtio-net → ready.
+//! TSC → cluster key (fw_cfg or boot module) → entropy → frames → heap →
+//! PCI → page tables → NVMe → virtio-net → controller → ready.
 #![no_std]
 #![no_main]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
