@@ -374,6 +374,21 @@ impl Appliance {
                 f.name
             )));
         }
+        for f in &spec.fw_cfg {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&f.path)
+                .map_err(QemuError::io("reading", &f.path))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(QemuError::Config(format!(
+                    "{} (fw_cfg {}) is readable by other users (mode {:o}): it holds a secret; `chmod 600` it",
+                    f.path.display(),
+                    f.name,
+                    mode & 0o777
+                )));
+            }
+        }
         match &spec.boot {
             Boot::Elf { kernel, .. } => paths.push(kernel),
             Boot::Linux { kernel, initrd, .. } => {
@@ -667,8 +682,23 @@ mod tests {
             "{a}"
         );
         s.fw_cfg[0].name = "opt/a,b".into();
-        let err = Appliance::launch(s).unwrap_err().to_string();
+        let err = Appliance::launch(s.clone()).unwrap_err().to_string();
         assert!(err.contains("contains a comma"), "{err}");
+
+        // A secret readable by others is refused before QEMU starts.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("fractos-fwcfg-mode-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("k");
+        fs::write(&key, b"x").unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        s.fw_cfg[0] = FwCfgFile {
+            name: "opt/fractos/cluster-key".into(),
+            path: key,
+        };
+        let err = Appliance::launch(s).unwrap_err().to_string();
+        assert!(err.contains("readable by other users (mode 644)"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
