@@ -12,7 +12,8 @@
 //! | `fractos.gw` | IPv4 default gateway, or `none` | `10.0.2.2` |
 //! | `fractos.test_port` | TCP port of the `fractos.test=net` echo server | `7000` |
 //! | `fractos.ip1` | IPv4 address/prefix of the second NIC (the peer network) | none |
-//! | `fractos.key` | cluster key, 64 hex digits | none (the controller does not start) |
+//! | `fractos.key_source` | where the cluster key is read: `fw_cfg:<name>`, `module:<name>` or `auto` (see [`crate::secret`]) | `auto`: fw_cfg `opt/fractos/cluster-key`, else module `fractos-cluster-key` |
+//! | `fractos.key` | **refused**: a key on the command line stops the controller from starting | — |
 //! | `fractos.members` | every node id of the cluster, `0,1,2` | this node only |
 //! | `fractos.peers` | peers to link to, `1@10.1.0.2,2@10.1.0.3:7101` | none |
 //! | `fractos.process_port` | TCP port for processes | `7100` |
@@ -28,6 +29,8 @@ use alloc::vec::Vec;
 use core::net::Ipv4Addr;
 
 use log::LevelFilter;
+
+use crate::secret::KeySource;
 
 /// A test hook selected with `fractos.test=`: makes the kernel do something
 /// a test can observe from outside.
@@ -81,7 +84,7 @@ impl TestHook {
 pub enum ConfigError<'a> {
     /// `fractos.<key>` is not an option this kernel knows.
     #[error(
-        "unknown option `{0}` ignored: known options are fractos.log, fractos.node, fractos.test, fractos.ip, fractos.gw, fractos.test_port, fractos.ip1, fractos.key, fractos.members, fractos.peers, fractos.process_port, fractos.peer_port, fractos.metrics_port, fractos.idle, fractos.storage_names"
+        "unknown option `{0}` ignored: known options are fractos.log, fractos.node, fractos.test, fractos.ip, fractos.gw, fractos.test_port, fractos.ip1, fractos.key_source, fractos.members, fractos.peers, fractos.process_port, fractos.peer_port, fractos.metrics_port, fractos.idle, fractos.storage_names"
     )]
     UnknownOption(&'a str),
     /// The value does not parse.
@@ -151,18 +154,6 @@ impl Peer {
     }
 }
 
-/// Parses 64 hex digits into a 32-byte key.
-pub fn parse_key(hex: &str) -> Option<[u8; 32]> {
-    if hex.len() != 64 || !hex.is_ascii() {
-        return None;
-    }
-    let mut key = [0u8; 32];
-    for (i, b) in key.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
-    }
-    Some(key)
-}
-
 fn parse_list<T>(v: &str, item: impl Fn(&str) -> Option<T>) -> Option<Vec<T>> {
     v.split(',').filter(|w| !w.is_empty()).map(item).collect()
 }
@@ -190,8 +181,6 @@ pub struct Config {
     pub test_port: u16,
     /// Static IPv4 address of the second NIC (the peer network), if any.
     pub ip1: Option<Ipv4Net>,
-    /// The cluster key; without it the controller service does not start.
-    pub key: Option<[u8; 32]>,
     /// Every node of the cluster (empty: this node alone).
     pub members: Vec<u32>,
     /// Peers to keep links to.
@@ -222,7 +211,6 @@ impl Default for Config {
             gateway: Some(Ipv4Addr::new(10, 0, 2, 2)),
             test_port: 7000,
             ip1: None,
-            key: None,
             members: Vec::new(),
             peers: Vec::new(),
             process_port: 7100,
@@ -299,10 +287,14 @@ impl Config {
                     Some(n) => c.ip1 = Some(n),
                     None => on_error(bad("an IPv4 address with prefix, like 10.1.0.1/24")),
                 },
-                "key" => match parse_key(value) {
-                    Some(k) => c.key = Some(k),
-                    None => on_error(bad("64 hex digits (a 32-byte key)")),
-                },
+                // Refused before this parse (`secret::key_on_cmdline` stops
+                // the controller); its value is a secret, never echoed here.
+                "key" => {}
+                "key_source" => {
+                    if KeySource::parse(value).is_none() {
+                        on_error(bad("fw_cfg:<name> (1..=55 bytes), module:<name> or auto"))
+                    }
+                }
                 "members" => match parse_list(value, |w| w.parse::<u32>().ok()) {
                     Some(m) => c.members = m,
                     None => on_error(bad("comma-separated node ids, like 0,1,2")),
@@ -369,16 +361,11 @@ mod tests {
 
     #[test]
     fn parses_cluster_options() {
-        let key = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
         let c = Config::parse(
-            &alloc::format!(
-                "fractos.key={key} fractos.members=0,1,2 fractos.peers=1@10.1.0.2,2@10.1.0.3:7201 \
-                 fractos.ip1=10.1.0.1/24 fractos.process_port=8100 fractos.peer_port=8101 fractos.metrics_port=0 fractos.idle=poll"
-            ),
+            "fractos.key_source=fw_cfg:opt/k fractos.members=0,1,2 fractos.peers=1@10.1.0.2,2@10.1.0.3:7201 \
+             fractos.ip1=10.1.0.1/24 fractos.process_port=8100 fractos.peer_port=8101 fractos.metrics_port=0 fractos.idle=poll",
             |e| panic!("{e}"),
         );
-        let k = c.key.expect("key parsed");
-        assert_eq!((k[0], k[1], k[31]), (0x00, 0x11, 0xff));
         assert_eq!(c.members, [0, 1, 2]);
         assert_eq!(
             c.peers,
@@ -402,11 +389,24 @@ mod tests {
         );
         let mut errs = Vec::new();
         let c = Config::parse(
-            "fractos.key=abc fractos.key=zz112233445566778899aabbccddeeff00112233445566778899aabbccddeeff \
+            "fractos.key_source=abc fractos.key_source=fw_cfg: \
              fractos.members=0,x fractos.peers=1@10.1.0 fractos.peers=10.1.0.2 fractos.process_port=0 fractos.idle=nap",
             |e| errs.push(e),
         );
         assert_eq!(errs.len(), 7, "{errs:?}");
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn key_on_the_command_line_is_never_kept_or_echoed() {
+        // `secret::key_on_cmdline` refuses it; the parse neither keeps the
+        // value nor reports it (an error message would log the secret).
+        let mut errs = Vec::new();
+        let c = Config::parse(
+            "fractos.key=00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff fractos.key=short",
+            |e| errs.push(e),
+        );
+        assert!(errs.is_empty(), "{errs:?}");
         assert_eq!(c, Config::default());
     }
 

@@ -3,7 +3,9 @@
 //! The kernel binary (`src/main.rs`) owns everything that touches hardware;
 //! this library holds the parts whose correctness can be checked on the host:
 //! command-line parsing, exit codes, the frame allocator, PCI enumeration
-//! over an abstract configuration space, and fault-report decoding.
+//! over an abstract configuration space, fault-report decoding, the QEMU
+//! fw_cfg file directory over abstract ports, the cluster-key sources and
+//! the boot entropy pool.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 #![warn(missing_docs)]
@@ -11,9 +13,12 @@
 extern crate alloc;
 
 pub mod config;
+pub mod entropy;
 pub mod exit;
 pub mod fault;
 pub mod frames;
+pub mod fw_cfg;
 pub mod pci;
+pub mod secret;
 pub mod service;
 pub mod storage;

@@ -3,7 +3,8 @@
 //! Entered from `fractos_loader`'s 32-bit stubs (PVH or Multiboot2) in long
 //! mode on the boot stack, with SSE on and the first 4 GiB identity-mapped.
 //! Boot order: serial → GDT/TSS/IDT → boot info → command line → logger →
-//! TSC → frames → heap → PCI → page tables → NVMe → virtio-net → ready.
+//! TSC → cluster key (fw_cfg or boot module) → entropy → frames → heap →
+//! PCI → page tables → NVMe → virtio-net → controller → ready.
 #![no_std]
 #![no_main]
 #![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
@@ -16,17 +17,20 @@ use alloc::vec::Vec;
 
 use fractos_core::Config as CoreConfig;
 use fractos_kernel::config::{Config, TestHook};
+use fractos_kernel::entropy::{self, EntropySource};
 use fractos_kernel::exit::ExitReason;
 use fractos_kernel::frames::{FrameAllocator, FRAME_SIZE};
+use fractos_kernel::fw_cfg::FwCfgError;
 use fractos_kernel::pci;
+use fractos_kernel::secret::{self, KeyError, KeySource, Redacted, KEY_FILE_MAX};
 use fractos_kernel::service::{PeerAddr, Service, ServiceConfig};
 use fractos_kernel::storage::StorageProcess;
-use fractos_loader::{BootInfo, IdentityMapped};
+use fractos_loader::{BootInfo, IdentityMapped, PhysMem};
 use fractos_wire::NodeId;
 use linked_list_allocator::LockedHeap;
 use log::{debug, error, info, warn};
 
-use hw::{cpu, dma, idle, layout, net, nvme, paging, pio, serial, time};
+use hw::{cpu, dma, fw_cfg, idle, layout, net, nvme, paging, pio, serial, time};
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
@@ -42,6 +46,7 @@ extern "C" fn fractos_kernel_entry(protocol: u32, magic: u32, info: u64) -> ! {
     serial::init();
     // Exceptions are reported from here on, even while parsing boot data.
     cpu::init();
+    hw::entropy::note_boot_info(protocol, info);
     // SAFETY: the stub passes the loader's pointer unchanged; the first
     // 4 GiB are identity-mapped and nothing else runs.
     let boot = match unsafe { fractos_loader::from_entry(protocol, magic, info, &IdentityMapped) } {
@@ -59,7 +64,7 @@ extern "C" fn fractos_kernel_entry(protocol: u32, magic: u32, info: u64) -> ! {
         env!("CARGO_PKG_VERSION"),
         boot.protocol.name()
     );
-    info!("cmdline: {:?}", boot.cmdline.as_str());
+    info!("cmdline: \"{}\"", Redacted(boot.cmdline.as_str()));
     info!(
         "time: TSC {}.{:03} MHz ({:?})",
         tsc_hz / 1_000_000,
@@ -160,21 +165,74 @@ fn start_storage(svc: &mut Service, disk: nvme::Disk, config: &Config, key: &[u8
     svc.add_local(time::now_ns(), alloc::boxed::Box::new(p));
 }
 
-/// The controller service's configuration from the command line, or why
-/// it is not started.
-fn service_config(config: &Config, nics: usize) -> Result<ServiceConfig, &'static str> {
-    let key = config
-        .key
-        .ok_or("no cluster key (fractos.key=<64 hex digits>)")?;
-    if nics == 0 {
-        return Err("no NIC");
+/// Why the controller service is not started.
+#[derive(Debug, thiserror::Error)]
+enum NotStarted<'a> {
+    #[error("{0}")]
+    Key(KeyError<'a>),
+    #[error("no NIC: give the appliance a virtio-net NIC (QEMU: -device virtio-net-pci)")]
+    NoNic,
+}
+
+/// Loads the cluster key from where the command line says (before the
+/// frame allocator exists: a boot module's memory is still intact), and
+/// wipes a boot module it came from.
+fn load_cluster_key(boot: &BootInfo) -> Result<[u8; 32], KeyError<'_>> {
+    let cmdline = boot.cmdline.as_str();
+    if secret::key_on_cmdline(cmdline) {
+        return Err(KeyError::OnCommandLine);
     }
-    // Distinct per boot: wall clock plus TSC.
-    let incarnation = time::rtc_unix_seconds()
-        .wrapping_mul(1_000_000_000)
-        .wrapping_add(time::now_ns());
+    let modules = boot
+        .modules
+        .as_slice()
+        .iter()
+        .map(|m| (m.cmdline(), m.start, m.len()));
+    let read_module = |start: u64, buf: &mut [u8]| {
+        if IdentityMapped.read(start, buf).is_err() {
+            return false;
+        }
+        // SAFETY: `IdentityMapped::read` just checked that `[start, start +
+        // len)` lies in the identity-mapped first 4 GiB; it is the loader's
+        // module memory (usable RAM), which nothing else uses yet: the frame
+        // allocator does not exist. Zeroing leaves no copy of the key in
+        // RAM the heap will reuse.
+        unsafe { core::ptr::write_bytes(start as *mut u8, 0, buf.len()) };
+        true
+    };
+    let read_fw_cfg = |name: &str, buf: &mut [u8; KEY_FILE_MAX]| -> Result<usize, FwCfgError> {
+        fw_cfg::read_file(name, buf)
+    };
+    secret::load_key(KeySource::of(cmdline), read_fw_cfg, modules, read_module)
+}
+
+/// The controller service's configuration, or why it is not started.
+fn service_config<'a>(
+    config: &Config,
+    key: &Result<[u8; 32], KeyError<'a>>,
+    seed: &[u8; 32],
+    nics: usize,
+) -> Result<ServiceConfig, NotStarted<'a>> {
+    let key = (*key).map_err(NotStarted::Key)?;
+    if nics == 0 {
+        return Err(NotStarted::NoNic);
+    }
+    // Distinct per boot and unpredictable: the RTC's seconds in the high
+    // half, 32 random bits (derived, so the seed stays secret: the
+    // incarnation travels in the clear) in the low half.
+    let random = entropy::derive(seed, "incarnation");
+    let incarnation = (time::rtc_unix_seconds() << 32)
+        | u64::from(u32::from_le_bytes([
+            random[0], random[1], random[2], random[3],
+        ]));
     let node = NodeId(config.node);
     let mut core = CoreConfig::new(node, incarnation, key);
+    // wired to CoreConfig.rng_seed when the core takes [u8; 32]
+    let rng_seed: [u8; 32] = entropy::derive(seed, "controller-rng");
+    // Until then the core's u64 seed takes its first 8 bytes (its default
+    // is a function of the incarnation, which every peer sees).
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&rng_seed[..8]);
+    core.rng_seed = u64::from_le_bytes(first);
     core.members = if config.members.is_empty() {
         core::iter::once(config.node)
             .chain(config.peers.iter().map(|p| p.node))
@@ -241,6 +299,14 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
         warn!("acpi: no RSDP found");
     }
 
+    // Before the frame allocator: a key module's memory is still intact.
+    let key = load_cluster_key(boot);
+    let (seed, source) = hw::entropy::seed();
+    match source {
+        EntropySource::TscJitter => warn!("entropy: {source}"),
+        _ => info!("entropy: {source}"),
+    }
+
     let kernel = (layout::kernel_start(), layout::kernel_end());
     let mut frames = FrameAllocator::new(&boot.memory, &[(0, 0x10_0000), kernel])?;
     let heap_len = heap_bytes(boot.memory.usable_bytes());
@@ -279,7 +345,7 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
 
     let mut nvme = nvme::bring_up(&devices, config.test == Some(TestHook::Nvme))?;
     let mut net = net::bring_up(&devices, &mmio, config);
-    let service = match service_config(config, net.len()) {
+    let service = match service_config(config, &key, &seed, net.len()) {
         Ok(c) => {
             let members: Vec<u32> = c.core.members.iter().map(|n| n.0).collect();
             info!(
@@ -297,6 +363,10 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
                 start_storage(&mut svc, nvme.remove(0), config, &key);
             }
             Some(svc)
+        }
+        Err(why @ NotStarted::Key(KeyError::OnCommandLine)) => {
+            error!("controller: not started: {why}");
+            None
         }
         Err(why) => {
             warn!("controller: not started: {why}");

@@ -220,6 +220,127 @@ impl Cmdline {
     }
 }
 
+/// A boot module (Multiboot2 `module2`): a range of physical memory the
+/// loader filled with a file, and the module's command line.
+///
+/// The range is only recorded, never read, by the loader: the kernel reads
+/// what it needs (a cluster key) before it reuses that memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct BootModule {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte (`>= start`).
+    pub end: u64,
+    cmdline: [u8; BootModule::CMDLINE_CAPACITY],
+    cmdline_len: usize,
+}
+
+impl core::fmt::Debug for BootModule {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("BootModule")
+            .field("start", &self.start)
+            .field("end", &self.end)
+            .field("cmdline", &self.cmdline())
+            .finish()
+    }
+}
+
+impl BootModule {
+    /// Longest module command line kept, in bytes (longer ones are cut).
+    pub const CMDLINE_CAPACITY: usize = 64;
+
+    /// A module over `[start, end)` (an inverted range is recorded as
+    /// empty) with `cmdline` (cut at a NUL or [`Self::CMDLINE_CAPACITY`],
+    /// non-ASCII bytes replaced with `?`).
+    pub fn new(start: u64, end: u64, cmdline: &[u8]) -> Self {
+        let mut m = BootModule {
+            start,
+            end: end.max(start),
+            cmdline: [0; Self::CMDLINE_CAPACITY],
+            cmdline_len: 0,
+        };
+        for &b in cmdline
+            .iter()
+            .take_while(|&&b| b != 0)
+            .take(Self::CMDLINE_CAPACITY)
+        {
+            m.cmdline[m.cmdline_len] = if b.is_ascii() { b } else { b'?' };
+            m.cmdline_len += 1;
+        }
+        m
+    }
+
+    /// Its size in bytes.
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+
+    /// Whether the range is empty.
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+
+    /// Its command line (always ASCII).
+    pub fn cmdline(&self) -> &str {
+        core::str::from_utf8(&self.cmdline[..self.cmdline_len]).unwrap_or("")
+    }
+}
+
+/// The boot modules, with a fixed capacity.
+#[derive(Debug, Clone, Copy)]
+pub struct Modules {
+    list: [BootModule; Modules::CAPACITY],
+    len: usize,
+    dropped: usize,
+}
+
+impl Default for Modules {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Modules {
+    /// Most modules kept.
+    pub const CAPACITY: usize = 16;
+
+    /// No modules.
+    pub const fn new() -> Self {
+        Modules {
+            list: [BootModule {
+                start: 0,
+                end: 0,
+                cmdline: [0; BootModule::CMDLINE_CAPACITY],
+                cmdline_len: 0,
+            }; Modules::CAPACITY],
+            len: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Adds a module; past [`Self::CAPACITY`] it is counted in
+    /// [`Self::dropped`] instead.
+    pub fn push(&mut self, m: BootModule) {
+        match self.list.get_mut(self.len) {
+            Some(slot) => {
+                *slot = m;
+                self.len += 1;
+            }
+            None => self.dropped += 1,
+        }
+    }
+
+    /// The modules, in the loader's order.
+    pub fn as_slice(&self) -> &[BootModule] {
+        &self.list[..self.len]
+    }
+
+    /// How many modules did not fit.
+    pub fn dropped(&self) -> usize {
+        self.dropped
+    }
+}
+
 /// Everything the kernel learns from its boot loader.
 #[derive(Debug, Clone, Copy)]
 pub struct BootInfo {
@@ -227,6 +348,8 @@ pub struct BootInfo {
     pub protocol: BootProtocol,
     /// Physical memory map, sorted.
     pub memory: MemoryMap,
+    /// Boot modules (Multiboot2 only).
+    pub modules: Modules,
     /// Kernel command line.
     pub cmdline: Cmdline,
     /// ACPI root pointer contents, when the firmware provides one.
@@ -239,6 +362,7 @@ impl BootInfo {
         BootInfo {
             protocol,
             memory: MemoryMap::new(),
+            modules: Modules::new(),
             cmdline: Cmdline::new(),
             acpi: None,
         }
@@ -284,6 +408,29 @@ mod tests {
         let c = Cmdline::from_bytes(&long);
         assert_eq!(c.as_str().len(), Cmdline::CAPACITY);
         assert!(c.truncated());
+    }
+
+    #[test]
+    fn modules_keep_ranges_and_command_lines() {
+        let mut ms = Modules::new();
+        ms.push(BootModule::new(
+            0x20_0000,
+            0x20_0041,
+            b"fractos-cluster-key\0junk",
+        ));
+        ms.push(BootModule::new(0x30_0000, 0x10, &[b'x'; 100]));
+        ms.push(BootModule::new(0, 0, b"caf\xc3\xa9"));
+        let m = ms.as_slice();
+        assert_eq!(m.len(), 3);
+        assert_eq!((m[0].len(), m[0].cmdline()), (0x41, "fractos-cluster-key"));
+        assert!(m[1].is_empty(), "inverted range is empty");
+        assert_eq!(m[1].cmdline().len(), BootModule::CMDLINE_CAPACITY);
+        assert_eq!(m[2].cmdline(), "caf??");
+        for _ in 0..Modules::CAPACITY {
+            ms.push(BootModule::new(0, 1, b""));
+        }
+        assert_eq!(ms.as_slice().len(), Modules::CAPACITY);
+        assert_eq!(ms.dropped(), 3);
     }
 
     #[test]

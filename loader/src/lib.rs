@@ -3,7 +3,8 @@
 //! The appliance kernel is entered either by a PVH loader (`qemu -kernel`,
 //! Firecracker, cloud-hypervisor) or by a Multiboot2 loader (GRUB on bare
 //! metal). Both hand over different structures in physical memory; this crate
-//! copies what the kernel needs — memory map, command line, ACPI root — into a
+//! copies what the kernel needs — memory map, command line, ACPI root, boot
+//! module ranges — into a
 //! self-contained [`BootInfo`] so the kernel never looks at loader memory
 //! again and may reuse it.
 //!
@@ -22,7 +23,9 @@ mod pvh;
 mod entry;
 
 pub use acpi::{find_rsdp_in_bios, parse_rsdp, AcpiRoot};
-pub use info::{BootInfo, BootProtocol, Cmdline, MemoryKind, MemoryMap, MemoryRegion};
+pub use info::{
+    BootInfo, BootModule, BootProtocol, Cmdline, MemoryKind, MemoryMap, MemoryRegion, Modules,
+};
 pub use mb2::{from_multiboot2, MULTIBOOT2_BOOTLOADER_MAGIC};
 pub use pvh::{from_pvh, HvmStartInfo, PVH_START_MAGIC};
 

@@ -3,7 +3,9 @@
 use ::multiboot2::{BootInformation, BootInformationHeader};
 
 use crate::acpi::find_rsdp_in_bios;
-use crate::{AcpiRoot, BootInfo, BootProtocol, Cmdline, LoaderError, MemoryKind, PhysMem};
+use crate::{
+    AcpiRoot, BootInfo, BootModule, BootProtocol, Cmdline, LoaderError, MemoryKind, PhysMem,
+};
 
 /// The value a Multiboot2 loader leaves in `eax`.
 pub const MULTIBOOT2_BOOTLOADER_MAGIC: u32 = 0x36d7_6289;
@@ -44,6 +46,16 @@ pub unsafe fn from_multiboot2(
     if let Some(Ok(cmdline)) = mbi.command_line_tag().map(|t| t.cmdline()) {
         out.cmdline = Cmdline::from_bytes(cmdline.as_bytes());
     }
+    for m in mbi.module_tags() {
+        // A command line that is not UTF-8 is kept as `?`s: it then names
+        // no module the kernel looks for.
+        let cmdline = m.cmdline().map(str::as_bytes).unwrap_or(b"?");
+        out.modules.push(BootModule::new(
+            m.start_address().into(),
+            m.end_address().into(),
+            cmdline,
+        ));
+    }
     out.acpi = if let Some(v2) = mbi.rsdp_v2_tag().filter(|t| t.checksum_is_valid()) {
         Some(AcpiRoot {
             rsdp_addr: None,
@@ -81,7 +93,8 @@ mod tests {
     use super::*;
     use crate::testmem::FakeMem;
     use ::multiboot2::{
-        Builder, CommandLineTag, MaybeDynSized, MemoryArea, MemoryAreaType, MemoryMapTag, RsdpV1Tag,
+        Builder, CommandLineTag, MaybeDynSized, MemoryArea, MemoryAreaType, MemoryMapTag,
+        ModuleTag, RsdpV1Tag,
     };
 
     fn load(builder: Builder, magic: u32) -> Result<BootInfo, LoaderError> {
@@ -102,8 +115,17 @@ mod tests {
                 MemoryArea::new(0x7fe_0000, 0x2_0000, MemoryAreaType::Reserved),
                 MemoryArea::new(0x7ee_0000, 0x1_0000, MemoryAreaType::AcpiAvailable),
             ]))
-            .rsdpv1(RsdpV1Tag::new(0, *b"BOCHS ", 0, 0x7fe_1000));
+            .rsdpv1(RsdpV1Tag::new(0, *b"BOCHS ", 0, 0x7fe_1000))
+            .add_module(ModuleTag::new(0x20_0000, 0x20_0041, "fractos-cluster-key"))
+            .add_module(ModuleTag::new(0x30_0000, 0x30_1000, ""));
         let info = load(b, MULTIBOOT2_BOOTLOADER_MAGIC).unwrap();
+        let m = info.modules.as_slice();
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            (m[0].start, m[0].end, m[0].cmdline()),
+            (0x20_0000, 0x20_0041, "fractos-cluster-key")
+        );
+        assert_eq!((m[1].len(), m[1].cmdline()), (0x1000, ""));
         assert_eq!(info.protocol, BootProtocol::Multiboot2);
         assert_eq!(info.cmdline.as_str(), "fractos.node=2 fractos.log=trace");
         let kinds: Vec<MemoryKind> = info.memory.regions().iter().map(|r| r.kind).collect();

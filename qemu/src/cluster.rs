@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use std::net::{Ipv4Addr, SocketAddr};
 
-use crate::node::{Accel, Appliance, Boot, L2Segment, NodeSpec, NvmeDisk};
+use crate::node::{
+    write_private_file, Accel, Appliance, Boot, FwCfgFile, L2Segment, NodeSpec, NvmeDisk,
+};
 use crate::{QemuError, READY_MARKER};
 
 /// A cluster to launch.
@@ -43,12 +45,14 @@ pub struct ClusterSpec {
 /// host ports that reach each node, and the VM-to-VM segment its peers talk
 /// over.
 ///
-/// Node `i` gets `fractos.key`, `fractos.members` (all nodes) and — with
+/// Node `i` gets the key as the fw_cfg file [`KEY_FW_CFG_NAME`] (from
+/// [`ClusterSpec::key_file`], written mode 0600 by [`Cluster::launch`]:
+/// never on a command line), `fractos.members` (all nodes) and — with
 /// more than one node — a second NIC on [`ControllerSetup::l2`] with
 /// address `10.1.0.<i+1>/24` and `fractos.peers` naming every other node
 /// there. Its process port (7100) and metrics port (9100) are forwarded
 /// from `127.0.0.1:<host port>`.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ControllerSetup {
     /// Cluster key.
     pub key: [u8; 32],
@@ -58,10 +62,29 @@ pub struct ControllerSetup {
     pub l2: L2Segment,
 }
 
-/// `key` as 64 hex digits, the form `fractos.key=`, `fractos controller
-/// --key` and `fractos token --key` take.
+impl std::fmt::Debug for ControllerSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControllerSetup")
+            .field("key", &"<redacted>")
+            .field("host_ports", &self.host_ports)
+            .field("l2", &self.l2)
+            .finish()
+    }
+}
+
+/// `key` as 64 hex digits, the form key files (`fractos token --key-file`,
+/// the appliance's fw_cfg file) and `fractos controller --key` take.
 pub fn key_hex(key: &[u8; 32]) -> String {
     key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The fw_cfg name appliances read their cluster key from.
+pub const KEY_FW_CFG_NAME: &str = "opt/fractos/cluster-key";
+
+/// Writes `key` as a key file (64 hex digits and a newline) at `path`,
+/// mode 0600 from its creation.
+pub fn write_key_file(path: &Path, key: &[u8; 32]) -> Result<(), QemuError> {
+    write_private_file(path, format!("{}\n", key_hex(key)).as_bytes())
 }
 
 /// Guest port of the controller's process listener.
@@ -109,19 +132,15 @@ impl ControllerSetup {
         Ipv4Addr::new(10, 1, (((i + 1) >> 8) & 0xff) as u8, ((i + 1) & 0xff) as u8)
     }
 
-    /// The cluster key as 64 hex digits (as `fractos.key=` takes it).
+    /// The cluster key as 64 hex digits (as key files hold it).
     pub fn key_hex(&self) -> String {
         key_hex(&self.key)
     }
 
-    /// The command-line words of node `i` of `nodes`.
+    /// The command-line words of node `i` of `nodes` (never the key).
     pub fn cmdline(&self, i: u32, nodes: u32) -> String {
         let members: Vec<String> = (0..nodes).map(|n| n.to_string()).collect();
-        let mut c = format!(
-            "fractos.key={} fractos.members={}",
-            self.key_hex(),
-            members.join(",")
-        );
+        let mut c = format!("fractos.members={}", members.join(","));
         if nodes > 1 {
             let peers: Vec<String> = (0..nodes)
                 .filter(|&n| n != i)
@@ -156,6 +175,12 @@ impl ClusterSpec {
             controller: Some(setup),
             node_cmdline: Vec::new(),
         }
+    }
+
+    /// Where [`Cluster::launch`] writes the cluster key (mode 0600) for
+    /// the nodes' fw_cfg: `<state_dir>/cluster.key`.
+    pub fn key_file(&self) -> PathBuf {
+        self.state_dir.join("cluster.key")
     }
 
     /// The spec of node `i`.
@@ -210,6 +235,14 @@ impl ClusterSpec {
             accel: self.accel,
             serial_log: dir.join(format!("node{i}.log")),
             pidfile: Some(dir.join(format!("node{i}.pid"))),
+            fw_cfg: self
+                .controller
+                .iter()
+                .map(|_| FwCfgFile {
+                    name: KEY_FW_CFG_NAME.into(),
+                    path: self.key_file(),
+                })
+                .collect(),
             index: i,
             die_with_parent: self.die_with_parent,
         }
@@ -232,6 +265,9 @@ impl Cluster {
             ));
         }
         fs::create_dir_all(&spec.state_dir).map_err(QemuError::io("creating", &spec.state_dir))?;
+        if let Some(c) = &spec.controller {
+            write_key_file(&spec.key_file(), &c.key)?;
+        }
         let mut nodes = Vec::new();
         for i in 0..spec.nodes {
             nodes.push(Appliance::launch(spec.node(i))?);
@@ -343,7 +379,7 @@ mod tests {
             Boot::Elf { cmdline, .. } => assert_eq!(cmdline, "fractos.node=1 fractos.log=debug"),
             other => panic!("{other:?}"),
         }
-        assert!(n1.hostfwd.is_empty() && n1.l2.is_none());
+        assert!(n1.hostfwd.is_empty() && n1.l2.is_none() && n1.fw_cfg.is_empty());
     }
 
     #[test]
@@ -367,10 +403,20 @@ mod tests {
             panic!("{:?}", n2.boot)
         };
         assert!(
-            cmdline.starts_with("fractos.node=2 fractos.key=abab"),
+            cmdline.starts_with("fractos.node=2 fractos.members=0,1,2 "),
             "{cmdline}"
         );
-        assert!(cmdline.contains(" fractos.members=0,1,2 "), "{cmdline}");
+        assert!(!cmdline.contains("key"), "{cmdline}");
+        assert_eq!(
+            n2.fw_cfg,
+            [FwCfgFile {
+                name: KEY_FW_CFG_NAME.into(),
+                path: "/s/cluster.key".into()
+            }]
+        );
+        let args = n2.args().join(" ");
+        assert!(!args.contains(&setup.key_hex()), "{args}");
+        assert!(!format!("{setup:?}").contains(&setup.key_hex()));
         assert!(
             cmdline.ends_with("fractos.ip1=10.1.0.3/16 fractos.peers=0@10.1.0.1,1@10.1.0.2"),
             "{cmdline}"

@@ -25,7 +25,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::build::{run, Workspace};
-use crate::node::{Appliance, Boot, NodeSpec, NvmeDisk};
+use crate::node::{write_private_file, Appliance, Boot, NodeSpec, NvmeDisk};
 use crate::QemuError;
 
 /// The line the guest init prints once modules are loaded and the network
@@ -421,13 +421,12 @@ impl Initramfs {
         out
     }
 
-    /// Writes the archive to `out`; returns its size in bytes.
+    /// Writes the archive to `out`, mode 0600 from its creation (it may
+    /// hold secrets such as a controller's cluster key); returns its size
+    /// in bytes.
     pub fn write(&self, out: &Path) -> Result<u64, QemuError> {
-        if let Some(dir) = out.parent() {
-            fs::create_dir_all(dir).map_err(QemuError::io("creating", dir))?;
-        }
         let bytes = self.to_newc();
-        fs::write(out, &bytes).map_err(QemuError::io("writing", out))?;
+        write_private_file(out, &bytes)?;
         Ok(bytes.len() as u64)
     }
 }
@@ -629,8 +628,10 @@ pub fn controller_image(fractos: &Path, config: &str) -> GuestImage {
     ));
     g.binaries
         .push((fractos.to_path_buf(), GUEST_FRACTOS.to_string()));
+    // The config holds the cluster key: readable by root (the controller)
+    // only, and it travels in the initramfs, never on a command line.
     g.files
-        .push((GUEST_CONFIG.to_string(), config.as_bytes().to_vec(), 0o644));
+        .push((GUEST_CONFIG.to_string(), config.as_bytes().to_vec(), 0o600));
     g
 }
 
@@ -928,5 +929,30 @@ mod tests {
         let c = controller_config(3, &"ab".repeat(32));
         assert!(c.contains("process_listen = \"0.0.0.0:7100\""));
         assert!(c.contains("metrics_listen = \"0.0.0.0:9100\""));
+    }
+
+    #[test]
+    fn controller_key_stays_in_a_private_initramfs() {
+        use std::os::unix::fs::PermissionsExt;
+        let key = "5a".repeat(32);
+        let g = controller_image(Path::new("/bin/true"), &controller_config(0, &key));
+        // The key is in the config file (root-only in the guest), not in
+        // what the guest's kernel command line is built from.
+        let GuestAction::Exec(argv) = &g.action else {
+            panic!("{:?}", g.action)
+        };
+        assert!(argv.iter().all(|w| !w.contains(&key)), "{argv:?}");
+        assert!(!g.extra_cmdline.contains(&key));
+        let (path, data, mode) = &g.files[0];
+        assert_eq!((path.as_str(), *mode), (GUEST_CONFIG, 0o600));
+        assert!(String::from_utf8_lossy(data).contains(&key));
+        let mut i = Initramfs::new();
+        i.add_file(GUEST_CONFIG, data.clone(), *mode);
+        let dir = std::env::temp_dir().join(format!("fractos-initramfs-{}", std::process::id()));
+        let out = dir.join("g.cpio");
+        i.write(&out).unwrap();
+        let perm = fs::metadata(&out).unwrap().permissions().mode();
+        assert_eq!(perm & 0o777, 0o600);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,7 +1,8 @@
 //! One appliance in one QEMU process.
 
 use std::fs;
-use std::io::{ErrorKind, Read};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,6 +27,15 @@ impl Accel {
         match self {
             Accel::Tcg => "tcg",
             Accel::Kvm => "kvm",
+        }
+    }
+
+    /// The `-cpu` model used with it: the host's CPU under KVM; under TCG
+    /// `qemu64` plus RDRAND (emulated from the host's random source).
+    pub fn cpu(self) -> &'static str {
+        match self {
+            Accel::Tcg => "qemu64,+rdrand",
+            Accel::Kvm => "host",
         }
     }
 }
@@ -110,6 +120,42 @@ impl L2Segment {
     }
 }
 
+/// A file the guest reads by name through QEMU's fw_cfg device
+/// (`-fw_cfg name=<name>,file=<path>`): how secrets such as the cluster key
+/// reach an appliance without appearing on any command line (QEMU's argv
+/// names only the path). Keep such files mode 0600, see
+/// [`write_private_file`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FwCfgFile {
+    /// fw_cfg name, e.g. `opt/fractos/cluster-key` (QEMU wants user files
+    /// under `opt/`).
+    pub name: String,
+    /// Host file QEMU reads at launch.
+    pub path: PathBuf,
+}
+
+/// Writes `data` to a new file `path` that only its owner can read or
+/// write (mode 0600 from its creation: an existing file is removed first,
+/// and the new one is created exclusively, so no other user can open it in
+/// between or plant a symlink there).
+pub fn write_private_file(path: &Path, data: &[u8]) -> Result<(), QemuError> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(QemuError::io("creating", dir))?;
+    }
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::NotFound => {}
+        Err(e) => return Err(QemuError::io("replacing", path)(e)),
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(QemuError::io("creating", path))?;
+    f.write_all(data).map_err(QemuError::io("writing", path))
+}
+
 /// Everything needed to launch one appliance.
 #[derive(Debug, Clone)]
 pub struct NodeSpec {
@@ -136,6 +182,8 @@ pub struct NodeSpec {
     pub serial_log: PathBuf,
     /// Where QEMU writes its pid (for `fractos down`), if anywhere.
     pub pidfile: Option<PathBuf>,
+    /// Files offered to the guest through fw_cfg (the cluster key).
+    pub fw_cfg: Vec<FwCfgFile>,
     /// Index used to derive unique MAC addresses in a cluster.
     pub index: u32,
     /// Kill QEMU when the thread that launched it dies (default). Turn off
@@ -159,6 +207,7 @@ impl NodeSpec {
             accel: Accel::Tcg,
             serial_log: serial_log.to_path_buf(),
             pidfile: None,
+            fw_cfg: Vec::new(),
             index: 0,
             die_with_parent: true,
         }
@@ -193,9 +242,11 @@ impl NodeSpec {
         .collect();
         a.push("-accel".into());
         a.push(self.accel.name().into());
-        if self.accel == Accel::Kvm {
-            a.extend(["-cpu".into(), "host".into()]);
-        }
+        // A CPU with RDRAND, so the appliance seeds its nonces from the
+        // CPU's generator (`entropy: rdrand` in its log) instead of TSC
+        // jitter: QEMU's default `qemu64` has none, and TCG emulates RDRAND
+        // (from the host's getrandom) but not RDSEED.
+        a.extend(["-cpu".into(), self.accel.cpu().into()]);
         a.extend(["-m".into(), format!("{}M", self.memory_mib)]);
         a.extend([
             "-serial".into(),
@@ -203,6 +254,12 @@ impl NodeSpec {
         ]);
         if let Some(p) = &self.pidfile {
             a.extend(["-pidfile".into(), p.display().to_string()]);
+        }
+        for f in &self.fw_cfg {
+            a.extend([
+                "-fw_cfg".into(),
+                format!("name={},file={}", f.name, f.path.display()),
+            ]);
         }
         match &self.boot {
             Boot::Elf { kernel, cmdline } => {
@@ -310,6 +367,28 @@ impl Appliance {
         let mut paths: Vec<&Path> = vec![&spec.serial_log];
         paths.extend(spec.pidfile.as_deref());
         paths.extend(spec.nvme.iter().map(|d| d.path.as_path()));
+        paths.extend(spec.fw_cfg.iter().map(|f| f.path.as_path()));
+        if let Some(f) = spec.fw_cfg.iter().find(|f| f.name.contains(',')) {
+            return Err(QemuError::Config(format!(
+                "fw_cfg name `{}` contains a comma: QEMU options cannot carry it",
+                f.name
+            )));
+        }
+        for f in &spec.fw_cfg {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&f.path)
+                .map_err(QemuError::io("reading", &f.path))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(QemuError::Config(format!(
+                    "{} (fw_cfg {}) is readable by other users (mode {:o}): it holds a secret; `chmod 600` it",
+                    f.path.display(),
+                    f.name,
+                    mode & 0o777
+                )));
+            }
+        }
         match &spec.boot {
             Boot::Elf { kernel, .. } => paths.push(kernel),
             Boot::Linux { kernel, initrd, .. } => {
@@ -582,12 +661,60 @@ mod tests {
         assert!(a.contains("nvme,serial=fractos3n0,drive=nvme0"), "{a}");
         assert!(a.contains("-serial file:/tmp/s.log"), "{a}");
         assert!(a.contains("isa-debug-exit,iobase=0xf4,iosize=0x04"), "{a}");
-        assert!(a.contains("-accel tcg"), "{a}");
+        assert!(a.contains("-accel tcg -cpu qemu64,+rdrand "), "{a}");
         assert!("kvm".parse::<Accel>().is_ok());
         let bad = NodeSpec::pvh("n", Path::new("/a,b/k"), "", Path::new("/tmp/s.log"));
         let err = Appliance::launch(bad).unwrap_err().to_string();
         assert!(err.contains("contains a comma"), "{err}");
         assert!("xen".parse::<Accel>().is_err());
+    }
+
+    #[test]
+    fn fw_cfg_files_are_passed_by_path() {
+        let mut s = NodeSpec::pvh("n", Path::new("/k"), "", Path::new("/tmp/s.log"));
+        s.fw_cfg.push(FwCfgFile {
+            name: "opt/fractos/cluster-key".into(),
+            path: "/s/cluster.key".into(),
+        });
+        let a = s.args().join(" ");
+        assert!(
+            a.contains("-fw_cfg name=opt/fractos/cluster-key,file=/s/cluster.key"),
+            "{a}"
+        );
+        s.fw_cfg[0].name = "opt/a,b".into();
+        let err = Appliance::launch(s.clone()).unwrap_err().to_string();
+        assert!(err.contains("contains a comma"), "{err}");
+
+        // A secret readable by others is refused before QEMU starts.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("fractos-fwcfg-mode-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("k");
+        fs::write(&key, b"x").unwrap();
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        s.fw_cfg[0] = FwCfgFile {
+            name: "opt/fractos/cluster-key".into(),
+            path: key,
+        };
+        let err = Appliance::launch(s).unwrap_err().to_string();
+        assert!(err.contains("readable by other users (mode 644)"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn private_files_are_created_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("fractos-private-{}", std::process::id()));
+        let path = dir.join("k");
+        // An existing, world-readable file is replaced, not reused.
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(&path, b"old").unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        write_private_file(&path, b"secret\n").unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read(&path).unwrap(), b"secret\n");
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

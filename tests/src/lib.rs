@@ -42,6 +42,19 @@ pub fn iso(cmdline: &str) -> PathBuf {
     }
 }
 
+/// An ISO booting the kernel with `cmdline` and the key file `key_file` as
+/// the Multiboot2 module `fractos-cluster-key`, written to `out`.
+pub fn iso_with_key(cmdline: &str, key_file: &std::path::Path, out: &std::path::Path) -> PathBuf {
+    let module = build::IsoModule {
+        file: key_file.to_path_buf(),
+        cmdline: "fractos-cluster-key".into(),
+    };
+    match build::build_iso_with_modules(&kernel(), cmdline, &[module], out) {
+        Ok(p) => p,
+        Err(e) => panic!("building the ISO failed: {e}"),
+    }
+}
+
 /// A fresh scratch directory for one test (`<target>/fractos-tests/<pid>-<test>`,
 /// kept after the run for its serial logs). Directories of earlier test
 /// processes that are no longer running are removed on first use.

@@ -94,6 +94,31 @@ fn up_detach_then_down() {
         .parse()
         .unwrap();
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    // The key is in its own 0600 file that cluster.json names; it is on no
+    // command line and not printed.
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cluster.json")).unwrap()).unwrap();
+    assert!(info.get("key").is_none(), "{info}");
+    let key_file = std::path::PathBuf::from(info["key_file"].as_str().unwrap());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{}", key_file.display());
+    }
+    let key = std::fs::read_to_string(&key_file).unwrap();
+    let key = key.trim();
+    assert_eq!(key.len(), 64, "{key:?}");
+    let argv = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+        .replace('\0', " ");
+    assert!(
+        argv.contains("-fw_cfg name=opt/fractos/cluster-key,file="),
+        "{argv}"
+    );
+    assert!(!argv.contains(key), "key in QEMU's argv: {argv}");
+    assert!(
+        !so.contains(key) && !se.contains(key),
+        "key printed:\n{so}\n{se}"
+    );
 
     let out = fractos()
         .args(["down", "--state-dir"])

@@ -2,6 +2,8 @@
 
 pub mod cpu;
 pub mod dma;
+pub mod entropy;
+pub mod fw_cfg;
 pub mod idle;
 pub mod libc;
 pub mod net;

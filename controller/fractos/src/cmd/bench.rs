@@ -104,7 +104,7 @@ fn boot(a: BootArgs) -> anyhow::Result<()> {
     }
     fractos_qemu::node::check_qemu()?;
     let ws = Workspace::locate();
-    let images = super::image::build_images(None, "fractos.log=info fractos.node=0")?;
+    let images = super::image::build_images(None, "fractos.log=info fractos.node=0", None)?;
     let dir = ws.target.join("fractos").join("bench");
     std::fs::create_dir_all(&dir)?;
     let linux = match &a.linux_kernel {

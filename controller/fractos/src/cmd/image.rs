@@ -25,6 +25,10 @@ pub struct BuildArgs {
     /// Kernel command line baked into the ISO's grub.cfg.
     #[arg(long, default_value = "fractos.log=info fractos.node=0")]
     pub cmdline: String,
+    /// Cluster key file (64 hex digits) to put in the ISO as the Multiboot2
+    /// module `fractos-cluster-key`; the ISO is then written mode 0600.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
 }
 
 /// Paths and sizes of built images.
@@ -40,7 +44,11 @@ pub struct Images {
 }
 
 /// Builds both images into `out` (default `target/images`).
-pub fn build_images(out: Option<PathBuf>, cmdline: &str) -> anyhow::Result<Images> {
+pub fn build_images(
+    out: Option<PathBuf>,
+    cmdline: &str,
+    key_file: Option<&std::path::Path>,
+) -> anyhow::Result<Images> {
     let ws = Workspace::locate();
     let out = out.unwrap_or_else(|| ws.images_dir());
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
@@ -52,7 +60,21 @@ pub fn build_images(out: Option<PathBuf>, cmdline: &str) -> anyhow::Result<Image
     let elf = out.join("fractos-kernel.elf");
     std::fs::copy(&built, &elf).with_context(|| format!("copying to {}", elf.display()))?;
     eprintln!("building ISO (grub-mkrescue)");
-    let iso = build::build_iso(&elf, cmdline, &out.join("fractos.iso"))?;
+    let modules: Vec<build::IsoModule> = key_file
+        .map(|f| -> anyhow::Result<build::IsoModule> {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read {}", f.display()))?;
+            fractos_hosted::parse_key(&text)
+                .with_context(|| format!("{} is not a key file", f.display()))?;
+            Ok(build::IsoModule {
+                file: f.to_path_buf(),
+                cmdline: "fractos-cluster-key".into(),
+            })
+        })
+        .transpose()?
+        .into_iter()
+        .collect();
+    let iso = build::build_iso_with_modules(&elf, cmdline, &modules, &out.join("fractos.iso"))?;
     Ok(Images {
         elf_bytes: build::file_size(&elf)?,
         iso_bytes: build::file_size(&iso)?,
@@ -65,7 +87,7 @@ pub fn build_images(out: Option<PathBuf>, cmdline: &str) -> anyhow::Result<Image
 pub fn run(cmd: ImageCommand) -> anyhow::Result<()> {
     match cmd {
         ImageCommand::Build(a) => {
-            let i = build_images(a.out, &a.cmdline)?;
+            let i = build_images(a.out, &a.cmdline, a.key_file.as_deref())?;
             println!(
                 "PVH ELF  {}  {} ({} bytes)",
                 i.elf.display(),

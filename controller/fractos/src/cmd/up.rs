@@ -45,10 +45,14 @@ pub struct UpArgs {
     /// Exit once all nodes are ready, leaving them running (stop them with `fractos down`).
     #[arg(long)]
     pub detach: bool,
-    /// Cluster key as 64 hex digits (default: a fresh random key, printed
-    /// and saved in `<state-dir>/cluster.json`).
-    #[arg(long)]
+    /// Cluster key as 64 hex digits. Visible to every local user in the
+    /// process list while `fractos up` runs: prefer --key-file. Default: a
+    /// fresh random key, saved in `<state-dir>/cluster.key` (mode 0600).
+    #[arg(long, conflicts_with = "key_file")]
     pub key: Option<String>,
+    /// File holding the cluster key as 64 hex digits.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
     /// Boot the appliances without their controller service (bare kernels).
     #[arg(long)]
     pub no_controller: bool,
@@ -74,9 +78,13 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
     let controller = if a.no_controller {
         None
     } else {
-        let key = match &a.key {
-            Some(k) => fractos_hosted::parse_key(k)?,
-            None => random_key()?,
+        let key = match (&a.key, &a.key_file) {
+            (Some(k), _) => fractos_hosted::parse_key(k)?,
+            (None, Some(f)) => fractos_hosted::parse_key(
+                &std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?,
+            )?,
+            (None, None) => random_key()?,
         };
         Some(ControllerSetup::new(a.nodes, key)?)
     };
@@ -121,13 +129,18 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
                 serde_json::json!({"node": i, "process_addr": p.to_string(), "metrics_addr": m.to_string()})
             })
             .collect();
-        let info = serde_json::json!({"key": c.key_hex(), "nodes": nodes});
+        // The key stays in its own mode-0600 file (written by
+        // `Cluster::launch` for the appliances' fw_cfg); cluster.json only
+        // names it.
+        let key_file = spec.key_file();
+        let info = serde_json::json!({"key_file": key_file, "nodes": nodes});
         let path = state_dir.join("cluster.json");
         std::fs::write(&path, serde_json::to_string_pretty(&info)?)
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!(
-            "cluster key {} (tokens: `fractos token --key <key> <process name>`); written to {}",
-            c.key_hex(),
+            "cluster key in {} (mode 0600; tokens: `fractos token --key-file {} <process name>`); addresses in {}",
+            key_file.display(),
+            key_file.display(),
             path.display()
         );
     }
