@@ -21,6 +21,7 @@
 //! | `fractos.metrics_port` | TCP port of the Prometheus endpoint, `0` = off | `9100` |
 //! | `fractos.storage_names` | extra names for the storage service's read Request, `pipeline/storage/read` | none |
 //! | `fractos.idle` | `halt` (sleep to the next 1 ms tick when idle) or `poll` (spin) | `halt` |
+//! | `fractos.peer_security` | `authenticated` (peer frames MAC'd) or `secure` (also encrypted) | `authenticated` |
 //!
 //! The network defaults suit QEMU user networking (slirp). Peer links use
 //! the second NIC when `fractos.ip1` is set, else the first.
@@ -84,7 +85,7 @@ impl TestHook {
 pub enum ConfigError<'a> {
     /// `fractos.<key>` is not an option this kernel knows.
     #[error(
-        "unknown option `{0}` ignored: known options are fractos.log, fractos.node, fractos.test, fractos.ip, fractos.gw, fractos.test_port, fractos.ip1, fractos.key_source, fractos.members, fractos.peers, fractos.process_port, fractos.peer_port, fractos.metrics_port, fractos.idle, fractos.storage_names"
+        "unknown option `{0}` ignored: known options are fractos.log, fractos.node, fractos.test, fractos.ip, fractos.gw, fractos.test_port, fractos.ip1, fractos.key_source, fractos.members, fractos.peers, fractos.process_port, fractos.peer_port, fractos.metrics_port, fractos.idle, fractos.peer_security, fractos.storage_names"
     )]
     UnknownOption(&'a str),
     /// The value does not parse.
@@ -193,6 +194,8 @@ pub struct Config {
     pub metrics_port: u16,
     /// Spin while idle instead of halting until the next tick.
     pub idle_poll: bool,
+    /// Protection required on peer links.
+    pub peer_security: fractos_core::PeerSecurity,
     /// Extra names to publish the storage service's read Request under.
     pub storage_names: Vec<alloc::string::String>,
 }
@@ -217,6 +220,7 @@ impl Default for Config {
             peer_port: 7101,
             metrics_port: 9100,
             idle_poll: false,
+            peer_security: fractos_core::PeerSecurity::Authenticated,
             storage_names: Vec::new(),
         }
     }
@@ -326,6 +330,11 @@ impl Config {
                     "halt" => c.idle_poll = false,
                     "poll" => c.idle_poll = true,
                     _ => on_error(bad("halt or poll")),
+                },
+                "peer_security" => match value {
+                    "authenticated" => c.peer_security = fractos_core::PeerSecurity::Authenticated,
+                    "secure" => c.peer_security = fractos_core::PeerSecurity::Secure,
+                    _ => on_error(bad("authenticated or secure")),
                 },
                 _ => on_error(ConfigError::UnknownOption(key)),
             }

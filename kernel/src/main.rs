@@ -226,13 +226,9 @@ fn service_config<'a>(
         ]));
     let node = NodeId(config.node);
     let mut core = CoreConfig::new(node, incarnation, key);
-    // wired to CoreConfig.rng_seed when the core takes [u8; 32]
-    let rng_seed: [u8; 32] = entropy::derive(seed, "controller-rng");
-    // Until then the core's u64 seed takes its first 8 bytes (its default
-    // is a function of the incarnation, which every peer sees).
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&rng_seed[..8]);
-    core.rng_seed = u64::from_le_bytes(first);
+    // Handshake nonces: the core mixes this seed with the cluster key.
+    core.rng_seed = entropy::derive(seed, "controller-rng");
+    core.peer_security = config.peer_security;
     core.members = if config.members.is_empty() {
         core::iter::once(config.node)
             .chain(config.peers.iter().map(|p| p.node))

@@ -486,6 +486,7 @@ impl Controller {
         if barrier.sources.is_empty() && barrier.writes.is_empty() {
             return self.answer(origin, Ok(PeerReply::Done));
         }
+        self.metrics.revokes_held_for_copies += 1;
         let deadline = self.now.after(self.cfg.op_timeout);
         let bk = self.revoke_barriers.insert(barrier);
         self.push_timer(deadline, Timer::Barrier(bk));

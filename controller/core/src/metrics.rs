@@ -81,6 +81,9 @@ pub struct Metrics {
     pub peer_handshake_failures: u64,
     /// Authenticated peer frames that failed their integrity check.
     pub peer_integrity_failures: u64,
+    /// Revokes that cut running copies and waited for their in-flight
+    /// bytes to settle before answering.
+    pub revokes_held_for_copies: u64,
     /// Process channels closed for misbehaviour.
     pub processes_kicked: u64,
     /// Operation latency histogram as seen by the core (arrival to answer),

@@ -142,6 +142,12 @@ pub fn render(ctrl: &Controller, traffic: &Traffic) -> String {
         "fractos_peer_integrity_failures_total{{node=\"{node}\"}} {}",
         m.peer_integrity_failures
     );
+    let _ = writeln!(o, "# TYPE fractos_revokes_held_for_copies_total counter");
+    let _ = writeln!(
+        o,
+        "fractos_revokes_held_for_copies_total{{node=\"{node}\"}} {}",
+        m.revokes_held_for_copies
+    );
     let gauges = [
         (
             "fractos_processes_attached",

@@ -161,6 +161,9 @@ pub struct Report {
     pub copies_checked: u64,
     /// Monitors verified to have fired after their object died.
     pub monitors_checked: u64,
+    /// Revokes that cut running copies and waited for their in-flight
+    /// bytes (summed over every controller incarnation).
+    pub revokes_held_for_copies: u64,
     /// Faults injected (resets, partitions, crashes, process crashes).
     pub faults: u64,
     /// Faults injected, by kind.

@@ -477,6 +477,9 @@ impl Sim {
         }
         self.report.virtual_nanos = self.now;
         self.report.copies_checked = self.oracle.copies_checked;
+        for c in self.nodes.iter().filter_map(|n| n.ctrl.as_ref()) {
+            self.report.revokes_held_for_copies += c.metrics().revokes_held_for_copies;
+        }
         self.report.outcomes = std::mem::take(&mut self.oracle.outcomes);
         self.report.processes = self.procs.len();
         match self.error.take() {
@@ -839,7 +842,9 @@ impl Sim {
         });
         self.note(|| format!("FAULT crash ctrl {} (silent: {silent})", node + 1));
         let n = &mut self.nodes[node];
-        n.ctrl = None;
+        if let Some(c) = n.ctrl.take() {
+            self.report.revokes_held_for_copies += c.metrics().revokes_held_for_copies;
+        }
         n.armed = None;
         let inc = n.inc;
         self.oracle

@@ -125,3 +125,19 @@ fn every_operation_succeeds_somewhere() {
     }
     assert!(r.copies_checked > 0, "no copy was compared: {r:#?}");
 }
+
+/// Seeds on which the copy engine before the revoke barrier wrote chunks
+/// after a revoke of the copy's source or destination had completed (the
+/// oracle's "no MemWrite after the revoke completed" check failed on them).
+/// They must pass, and must still cut running copies with a revoke.
+#[test]
+fn revoke_cuts_running_copies_regression_seeds() {
+    let mut held = 0;
+    for seed in [718, 971, 1396, 3709] {
+        match run(SimConfig::for_seed(seed)) {
+            Ok(r) => held += r.revokes_held_for_copies,
+            Err(f) => panic!("{f}"),
+        }
+    }
+    assert!(held > 0, "no revoke cut a running copy in these seeds");
+}
