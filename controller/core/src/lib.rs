@@ -30,6 +30,14 @@
 //!   object's root kills the object. Validation happens only at the owner, so
 //!   once a revoke has completed no later operation can pass through a
 //!   revoked node anywhere in the cluster.
+//! * A revoke that cuts running copies (their source or destination is in
+//!   the revoked subtree) completes only once their in-flight chunks are
+//!   acknowledged and their issued writes answered, so after it no chunk of
+//!   those copies is written anywhere and they fail `Revoked`; if the
+//!   in-flight bytes cannot settle it answers `Timeout`.
+//! * Peer links authenticate with a handshake bound to both identities,
+//!   incarnations, nonces and roles, then seal every frame (see the `auth`
+//!   module and [`PeerSecurity`]).
 //! * `copy(src, dst)` moves `len(src)` bytes into the start of `dst`; `dst`
 //!   shorter than `src` fails with `SizeMismatch` before any byte moves.
 //!   Bytes stream in bounded chunks from the source owner's process straight
