@@ -93,8 +93,23 @@ fn controller_serves_metrics_and_stops_on_sigint() {
             .port()
     };
     let (p, q, m) = (port(), port(), port());
+    // The key from a 0600 file, never on the command line.
+    let key_file = std::env::temp_dir().join(format!("fractos-cli-key-{}", std::process::id()));
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&key_file)
+            .unwrap();
+        writeln!(f, "{}", "01".repeat(32)).unwrap();
+    }
     let mut child = fractos()
-        .args(["controller", "--node", "1", "--key", &"01".repeat(32)])
+        .args(["controller", "--node", "1", "--key-file"])
+        .arg(&key_file)
         .args([
             "--listen",
             &format!("127.0.0.1:{p}"),

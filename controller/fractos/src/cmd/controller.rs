@@ -12,7 +12,8 @@ use fractos_wire::NodeId;
 /// Where the cluster key comes from.
 #[derive(Debug, Args)]
 pub struct KeyArgs {
-    /// Cluster key as 64 hex digits.
+    /// Cluster key as 64 hex digits. Any local user can read it from the
+    /// process list: prefer --key-file on shared hosts.
     #[arg(long, conflicts_with = "key_file")]
     pub key: Option<String>,
     /// File holding the cluster key as 64 hex digits.
@@ -24,7 +25,12 @@ impl KeyArgs {
     /// The 32-byte key.
     pub fn load(&self) -> anyhow::Result<[u8; 32]> {
         let hex = match (&self.key, &self.key_file) {
-            (Some(k), _) => k.clone(),
+            (Some(k), _) => {
+                eprintln!(
+                    "warning: --key puts the cluster key in the process list, readable by any local user; use --key-file PATH (a 0600 file) instead"
+                );
+                k.clone()
+            }
             (None, Some(f)) => std::fs::read_to_string(f)
                 .with_context(|| format!("cannot read {}", f.display()))?,
             (None, None) => {
