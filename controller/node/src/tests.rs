@@ -1,0 +1,500 @@
+//! Nodes over in-memory channels: attach, limits, timeouts, metrics,
+//! linked nodes, stuck readers, link recovery.
+
+use alloc::vec;
+
+use fractos_core::{process_token, Config as CoreConfig, PeerSecurity};
+use fractos_transport::{Framing, MemoryChannel};
+use fractos_wire::{ControllerMsg, ErrorCode, Handle, ProcessMsg, Reply, Rights};
+
+use super::*;
+
+const KEY: [u8; 32] = [7; 32];
+const STEP: Duration = Duration::from_millis(1);
+
+/// A node's peers are addressed by their index in the world.
+type TestNode = Node<(), usize>;
+
+struct World {
+    nodes: Vec<TestNode>,
+    now: Instant,
+}
+
+/// A process (or a raw client) at the far end of a memory channel.
+struct Client {
+    ch: MemoryChannel,
+    reader: FrameReader,
+    inbox: Vec<ControllerMsg>,
+    raw: Vec<u8>,
+    next_op: u64,
+}
+
+impl Client {
+    fn send(&mut self, msg: &ProcessMsg) {
+        let mut f = Vec::new();
+        msg.encode(&mut f);
+        self.send_raw(&f);
+    }
+
+    fn send_raw(&mut self, bytes: &[u8]) {
+        assert_eq!(self.ch.send(&mut (), bytes), Ok(bytes.len()));
+    }
+
+    /// Reads frames (or, with `raw`, bytes) that arrived.
+    fn read(&mut self, raw: bool) {
+        if raw {
+            let _ = self.ch.recv(&mut (), &mut self.raw, 1 << 20);
+            return;
+        }
+        let _ = self.reader.fill(&mut self.ch, &mut ());
+        while let Ok(Some(body)) = self.reader.next_frame() {
+            self.inbox
+                .push(ControllerMsg::decode(body).expect("valid frame"));
+        }
+    }
+
+    fn closed(&mut self) -> bool {
+        self.read(false);
+        self.reader.is_closed() || self.ch.peer_gone()
+    }
+}
+
+fn core(node: u32, members: &[u32]) -> CoreConfig {
+    let mut c = CoreConfig::new(NodeId(node), 10 + u64::from(node), KEY);
+    c.members = members.iter().map(|&m| NodeId(m)).collect();
+    c
+}
+
+impl World {
+    fn new(n: usize) -> World {
+        let members: Vec<u32> = (1..=n as u32).collect();
+        let now = Instant(1_000_000_000);
+        let nodes = (0..n)
+            .map(|i| {
+                let mut cfg = NodeConfig::new(core(i as u32 + 1, &members));
+                cfg.peers = (0..n)
+                    .filter(|&j| j != i)
+                    .map(|j| (NodeId(j as u32 + 1), j))
+                    .collect();
+                Node::new(cfg, now)
+            })
+            .collect();
+        World { nodes, now }
+    }
+
+    fn with(cfgs: Vec<NodeConfig<usize>>) -> World {
+        let now = Instant(1_000_000_000);
+        World {
+            nodes: cfgs.into_iter().map(|c| Node::new(c, now)).collect(),
+            now,
+        }
+    }
+
+    /// Dials what the nodes ask for and polls until nothing moves.
+    fn settle(&mut self) {
+        for _ in 0..1000 {
+            let mut moved = false;
+            for i in 0..self.nodes.len() {
+                while let Some((peer, j)) = self.nodes[i].poll_dial(self.now) {
+                    let (a, b) = MemoryChannel::pair(Framing::Stream, 1 << 20);
+                    self.nodes[i].dialed(self.now, peer, Box::new(a));
+                    self.nodes[j].add(self.now, ConnKind::Peer, Box::new(b));
+                    moved = true;
+                }
+                moved |= self.nodes[i].poll(self.now, &mut ());
+            }
+            if !moved {
+                return;
+            }
+        }
+        panic!("the world never settles");
+    }
+
+    /// Advances time by `d` in small steps, settling at each.
+    fn advance(&mut self, d: Duration) {
+        let end = self.now.after(d);
+        while self.now < end {
+            self.now = self.now.after(STEP * 10).min(end);
+            self.settle();
+        }
+    }
+
+    fn connect(&mut self, node: usize, kind: ConnKind) -> (Client, ConnId) {
+        self.connect_with(node, kind, 1 << 20)
+    }
+
+    fn connect_with(&mut self, node: usize, kind: ConnKind, capacity: usize) -> (Client, ConnId) {
+        let (a, b) = MemoryChannel::pair(Framing::Stream, capacity);
+        let id = self.nodes[node].add(self.now, kind, Box::new(b));
+        let c = Client {
+            ch: a,
+            reader: FrameReader::new(1 << 20),
+            inbox: Vec::new(),
+            raw: Vec::new(),
+            next_op: 1,
+        };
+        (c, id)
+    }
+
+    fn attach(&mut self, node: usize, name: &str) -> Client {
+        let (mut c, _) = self.connect(node, ConnKind::Process);
+        c.send(&ProcessMsg::Attach {
+            name: name.as_bytes().to_vec(),
+            token: process_token(&KEY, name.as_bytes()),
+        });
+        self.settle();
+        c.read(false);
+        assert!(
+            matches!(c.inbox.first(), Some(ControllerMsg::Attached { .. })),
+            "{:?}",
+            c.inbox
+        );
+        c.inbox.clear();
+        c
+    }
+
+    fn op(
+        &mut self,
+        c: &mut Client,
+        make: impl FnOnce(u64) -> ProcessMsg,
+    ) -> Result<Reply, ErrorCode> {
+        let op = c.next_op;
+        c.next_op += 1;
+        c.send(&make(op));
+        for _ in 0..100 {
+            self.settle();
+            c.read(false);
+            if let Some(i) = c
+                .inbox
+                .iter()
+                .position(|m| matches!(m, ControllerMsg::Completion { op: o, .. } if *o == op))
+            {
+                if let ControllerMsg::Completion { result, .. } = c.inbox.remove(i) {
+                    return result;
+                }
+            }
+            self.advance(STEP * 10);
+        }
+        panic!("op {op} never completed");
+    }
+
+    /// Answers pending metrics requests as a host would.
+    fn serve_metrics(&mut self, node: usize) {
+        while let Some(id) = self.nodes[node].poll_metrics_request() {
+            let text = self.nodes[node].metrics_text();
+            self.nodes[node].answer_metrics(id, &text);
+        }
+        self.settle();
+    }
+}
+
+fn handle(r: Result<Reply, ErrorCode>) -> Handle {
+    match r {
+        Ok(Reply::Cap { handle, .. }) => handle,
+        other => panic!("expected a capability, got {other:?}"),
+    }
+}
+
+#[test]
+fn processes_attach_and_a_wrong_token_is_refused() {
+    let mut w = World::new(1);
+    let mut p = w.attach(0, "p");
+    let m = handle(w.op(&mut p, |op| ProcessMsg::MemoryCreate {
+        op,
+        addr: 0,
+        len: 64,
+        rights: Rights::READ,
+    }));
+    assert_eq!(m, Handle(0));
+    let (mut bad, _) = w.connect(0, ConnKind::Process);
+    bad.send(&ProcessMsg::Attach {
+        name: b"bad".to_vec(),
+        token: [0; 32],
+    });
+    w.settle();
+    assert!(bad.closed());
+    assert!(matches!(
+        bad.inbox.first(),
+        Some(ControllerMsg::Rejected {
+            code: ErrorCode::AuthFailed,
+            ..
+        })
+    ));
+    w.advance(Duration::from_secs(3));
+    assert_eq!(
+        w.nodes[0].stats().open[0],
+        1,
+        "only the good process remains"
+    );
+    assert_eq!(w.nodes[0].controller().stats().processes, 1);
+}
+
+#[test]
+fn an_oversized_prefix_closes_only_that_connection() {
+    let mut w = World::new(1);
+    let mut good = w.attach(0, "good");
+    let (mut bad, _) = w.connect(0, ConnKind::Process);
+    bad.send_raw(&u32::MAX.to_le_bytes());
+    w.settle();
+    assert!(bad.closed());
+    assert_eq!(w.nodes[0].stats().unframeable, 1);
+    let r = w.op(&mut good, |op| ProcessMsg::MemoryCreate {
+        op,
+        addr: 0,
+        len: 8,
+        rights: Rights::READ,
+    });
+    assert!(r.is_ok());
+}
+
+#[test]
+fn silent_connections_lose_their_slot_after_the_attach_timeout() {
+    let mut w = World::new(1);
+    let (mut silent, _) = w.connect(0, ConnKind::Process);
+    w.advance(Duration::from_secs(5));
+    assert!(!silent.closed());
+    assert!(w.nodes[0].poll_timeout().is_some());
+    w.advance(Duration::from_secs(6));
+    assert!(silent.closed());
+    assert_eq!(w.nodes[0].stats().attach_timeouts, 1);
+    w.advance(Duration::from_secs(3));
+    assert_eq!(w.nodes[0].stats().open, [0, 0, 0]);
+    assert_eq!(w.nodes[0].controller().stats().processes, 0);
+}
+
+#[test]
+fn connection_limits_are_reported_to_the_host() {
+    let mut cfg = NodeConfig::new(core(1, &[1]));
+    cfg.max_process_conns = 2;
+    cfg.max_metrics_conns = 1;
+    let mut w = World::with(vec![cfg]);
+    assert!(w.nodes[0].accepts(ConnKind::Process));
+    let _a = w.connect(0, ConnKind::Process);
+    let _b = w.connect(0, ConnKind::Process);
+    assert!(!w.nodes[0].accepts(ConnKind::Process));
+    let _m = w.connect(0, ConnKind::Metrics);
+    assert!(!w.nodes[0].accepts(ConnKind::Metrics));
+    assert!(w.nodes[0].accepts(ConnKind::Peer));
+}
+
+#[test]
+fn metrics_are_served_and_bounded() {
+    let mut w = World::new(1);
+    let _p = w.attach(0, "p");
+    for (request, status) in [
+        (&b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"[..], "200 OK"),
+        (&b"GET /other HTTP/1.1\r\n\r\n"[..], "404 Not Found"),
+        (
+            &b"POST /metrics HTTP/1.1\r\n\r\n"[..],
+            "405 Method Not Allowed",
+        ),
+    ] {
+        let (mut m, _) = w.connect(0, ConnKind::Metrics);
+        m.send_raw(request);
+        w.settle();
+        w.serve_metrics(0);
+        m.read(true);
+        let text = String::from_utf8(m.raw.clone()).unwrap();
+        assert!(
+            text.starts_with(&alloc::format!("HTTP/1.1 {status}")),
+            "{text}"
+        );
+        if status == "200 OK" {
+            assert!(
+                text.contains("fractos_processes_attached{node=\"1\"} 1"),
+                "{text}"
+            );
+            assert!(text.contains("fractos_node_connections{node=\"1\",kind=\"process\"} 1"));
+        }
+    }
+    // An endless header: 431, not unbounded buffering.
+    let (mut big, _) = w.connect(0, ConnKind::Metrics);
+    big.send_raw(&[b'a'; MAX_HTTP_REQUEST + 100]);
+    w.settle();
+    big.read(true);
+    assert!(big.raw.starts_with(b"HTTP/1.1 431"));
+    // A silent client is dropped after the metrics timeout.
+    let (mut slow, _) = w.connect(0, ConnKind::Metrics);
+    slow.send_raw(b"GET /met");
+    w.advance(Duration::from_secs(6));
+    assert!(slow.ch.peer_gone());
+    assert_eq!(w.nodes[0].stats().metrics_timeouts, 1);
+}
+
+#[test]
+fn linked_nodes_invoke_across_and_count_traffic() {
+    for security in [PeerSecurity::Authenticated, PeerSecurity::Secure] {
+        let mut w = World::new(2);
+        for n in &mut w.nodes {
+            n.cfg.core.peer_security = security;
+        }
+        w.settle();
+        assert_eq!(w.nodes[0].controller().stats().peers, 1);
+        assert_eq!(w.nodes[1].controller().stats().peers, 1);
+        assert_eq!(w.nodes[0].stats().dialled, 1, "the lower id dials");
+        assert_eq!(w.nodes[1].stats().dialled, 0);
+        let mut a = w.attach(0, "a");
+        let mut b = w.attach(1, "b");
+        let r = handle(w.op(&mut b, |op| ProcessMsg::RequestCreate {
+            op,
+            tag: 9,
+            imms: vec![],
+            caps: vec![],
+        }));
+        let name = b"svc".to_vec();
+        w.op(&mut b, |op| ProcessMsg::Publish {
+            op,
+            name: name.clone(),
+            cap: r,
+        })
+        .unwrap();
+        let at_a = handle(w.op(&mut a, |op| ProcessMsg::Lookup {
+            op,
+            name,
+            wait_ms: 1000,
+        }));
+        assert_eq!(
+            w.op(&mut a, |op| ProcessMsg::Invoke {
+                op,
+                cap: at_a,
+                imms: vec![1, 2],
+                caps: vec![],
+            }),
+            Ok(Reply::Done)
+        );
+        b.read(false);
+        assert!(b
+            .inbox
+            .iter()
+            .any(|m| matches!(m, ControllerMsg::Invocation { tag: 9, .. })));
+        let t = w.nodes[0].traffic();
+        assert!(t.peers[&2].frames_out > 0 && t.peers[&2].frames_in > 0);
+        assert!(t.processes.frames_in > 0);
+        // Heartbeats keep an idle link up.
+        w.advance(Duration::from_secs(5));
+        assert_eq!(w.nodes[0].controller().stats().peers, 1);
+    }
+}
+
+#[test]
+fn a_lost_link_is_redialled_with_backoff() {
+    let mut w = World::new(2);
+    w.settle();
+    assert_eq!(w.nodes[0].stats().dialled, 1);
+    // Node 2's end of the link breaks.
+    let link = *w.nodes[1]
+        .conns
+        .iter()
+        .find(|(_, c)| c.kind == ConnKind::Peer)
+        .map(|(k, _)| k)
+        .unwrap();
+    w.nodes[1].conns.get_mut(&link).unwrap().ch.abort(&mut ());
+    w.settle();
+    assert_eq!(w.nodes[0].controller().stats().peers, 0);
+    // Not at once: after the backoff.
+    assert!(w.nodes[0].poll_dial(w.now).is_none());
+    w.advance(Duration::from_millis(200));
+    assert_eq!(w.nodes[0].stats().dialled, 2);
+    assert_eq!(w.nodes[0].controller().stats().peers, 1);
+    assert_eq!(w.nodes[1].controller().stats().peers, 1);
+    // Failed dials back off exponentially up to the maximum.
+    let mut cfg = NodeConfig::new(core(1, &[1, 2]));
+    cfg.peers = vec![(NodeId(2), 1usize)];
+    let mut n: TestNode = Node::new(cfg, Instant(0));
+    let mut t = Instant(0);
+    let mut gaps = Vec::new();
+    let mut last = t;
+    while gaps.len() < 8 {
+        if let Some((peer, _)) = n.poll_dial(t) {
+            gaps.push(elapsed(t, last));
+            last = t;
+            n.dial_failed(t, peer);
+        }
+        n.poll(t, &mut ());
+        t = n.poll_timeout().expect("a re-dial is scheduled").max(t);
+    }
+    assert_eq!(gaps[1], Duration::from_millis(50));
+    assert_eq!(gaps[2], Duration::from_millis(100));
+    assert_eq!(*gaps.last().unwrap(), Duration::from_secs(1));
+}
+
+#[test]
+fn a_process_that_does_not_read_is_dropped() {
+    let mut cfg = NodeConfig::new(core(1, &[1]));
+    cfg.max_queued_bytes = 16 * 1024;
+    let mut w = World::with(vec![cfg]);
+    // A channel that buffers little, read by nobody.
+    let (mut p, _) = w.connect_with(0, ConnKind::Process, 4096);
+    p.send(&ProcessMsg::Attach {
+        name: b"p".to_vec(),
+        token: process_token(&KEY, b"p"),
+    });
+    w.settle();
+    for op in 0..2000 {
+        p.send(&ProcessMsg::MemoryCreate {
+            op,
+            addr: 0,
+            len: 8,
+            rights: Rights::READ,
+        });
+        if op % 50 == 0 {
+            w.settle();
+        }
+        if w.nodes[0].stats().stuck > 0 {
+            break;
+        }
+    }
+    w.settle();
+    assert_eq!(w.nodes[0].stats().stuck, 1);
+    w.advance(Duration::from_secs(3));
+    assert_eq!(w.nodes[0].controller().stats().processes, 0);
+    assert_eq!(w.nodes[0].stats().open[0], 0);
+}
+
+#[test]
+fn message_channels_carry_processes_too() {
+    let mut w = World::new(1);
+    let (a, b) = MemoryChannel::pair(Framing::Message, 1 << 20);
+    w.nodes[0].add(w.now, ConnKind::Process, Box::new(b));
+    let mut c = Client {
+        ch: a,
+        reader: FrameReader::new(1 << 20),
+        inbox: Vec::new(),
+        raw: Vec::new(),
+        next_op: 1,
+    };
+    c.send(&ProcessMsg::Attach {
+        name: b"m".to_vec(),
+        token: process_token(&KEY, b"m"),
+    });
+    w.settle();
+    c.read(false);
+    assert!(matches!(c.inbox[0], ControllerMsg::Attached { .. }));
+    c.inbox.clear();
+    let r = w.op(&mut c, |op| ProcessMsg::MemoryCreate {
+        op,
+        addr: 0,
+        len: 8,
+        rights: Rights::READ_WRITE,
+    });
+    assert!(r.is_ok());
+}
+
+#[test]
+fn shutdown_disconnects_everyone() {
+    let mut w = World::new(2);
+    w.settle();
+    let mut p = w.attach(0, "p");
+    let _m = handle(w.op(&mut p, |op| ProcessMsg::MemoryCreate {
+        op,
+        addr: 0,
+        len: 8,
+        rights: Rights::READ,
+    }));
+    let now = w.now;
+    w.nodes[0].shutdown(now, &mut ());
+    w.advance(Duration::from_secs(3));
+    assert!(w.nodes[0].is_idle());
+    assert_eq!(w.nodes[0].controller().stats().objects, 0);
+    assert!(p.closed());
+}

@@ -1,0 +1,103 @@
+//! Channels between FractOS endpoints, independent of what carries them.
+//!
+//! A [`Channel`] is one bidirectional, non-blocking connection. It carries
+//! either a byte stream ([`Framing::Stream`]: TCP, smoltcp TCP) or whole
+//! messages ([`Framing::Message`]: shared-memory rings, RDMA SENDs); the
+//! FractOS frames on top are recovered by a [`FrameReader`] either way.
+//! Nothing here blocks, reads a clock or spawns a thread.
+//!
+//! The `Cx` parameter is the context a host lends its channels for I/O:
+//! `()` for channels that own their resources (tokio sockets, the
+//! in-memory [`MemoryChannel`]), the smoltcp socket sets for the
+//! appliance's TCP sockets (which live in a set, not in the channel).
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+extern crate alloc;
+
+mod frames;
+mod memory;
+
+pub use frames::{FrameError, FrameReader};
+pub use memory::MemoryChannel;
+
+use alloc::vec::Vec;
+
+/// What a channel carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// A byte stream: frames are length-delimited and may arrive split or
+    /// coalesced.
+    Stream,
+    /// Whole messages: each receive yields exactly one frame.
+    Message,
+}
+
+/// Why a channel operation failed. The channel is unusable afterwards.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TransportError {
+    /// The other side reset or vanished.
+    #[error("the connection was reset by the other side")]
+    Reset,
+    /// The channel was closed on this side.
+    #[error("the channel is closed on this side")]
+    Closed,
+    /// A message larger than the channel can ever carry.
+    #[error("message of {len} bytes exceeds the channel's limit of {max}")]
+    TooLarge {
+        /// Bytes offered.
+        len: usize,
+        /// The most the channel carries in one message.
+        max: usize,
+    },
+}
+
+/// What a receive produced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Received {
+    /// This many bytes were appended (for message channels: one whole
+    /// message).
+    Data(usize),
+    /// Nothing available now.
+    Empty,
+    /// The other side finished sending; nothing more will arrive.
+    Closed,
+}
+
+/// One bidirectional, non-blocking connection.
+pub trait Channel<Cx: ?Sized = ()> {
+    /// What the channel carries.
+    fn framing(&self) -> Framing;
+
+    /// Offers `data` without blocking and returns how many bytes were
+    /// taken. A stream channel may take any prefix (0 when its buffers are
+    /// full); a message channel takes the whole message or nothing.
+    fn send(&mut self, cx: &mut Cx, data: &[u8]) -> Result<usize, TransportError>;
+
+    /// Appends available bytes to `out` without blocking: at most `max`
+    /// bytes of a stream, or one whole message (which may exceed `max`:
+    /// the caller's framing decides whether that is an error).
+    fn recv(
+        &mut self,
+        cx: &mut Cx,
+        out: &mut Vec<u8>,
+        max: usize,
+    ) -> Result<Received, TransportError>;
+
+    /// Starts a graceful close: what was sent is still delivered, then the
+    /// other side sees [`Received::Closed`].
+    fn close(&mut self, cx: &mut Cx);
+
+    /// Closes at once, dropping unsent data; the other side sees a reset.
+    fn abort(&mut self, cx: &mut Cx);
+
+    /// Whether the channel is fully closed and its resources may go.
+    fn is_finished(&self, cx: &mut Cx) -> bool;
+
+    /// Called once when its owner drops the channel, to free what lives in
+    /// `cx` (e.g. a socket in a socket set). Nothing by default.
+    fn release(&mut self, cx: &mut Cx) {
+        let _ = cx;
+    }
+}
