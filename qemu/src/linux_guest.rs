@@ -25,7 +25,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::build::{run, Workspace};
-use crate::node::{write_private_file, Appliance, Boot, NodeSpec, NvmeDisk};
+use crate::node::{write_private_file, Accel, Appliance, Boot, NodeSpec, NvmeDisk};
 use crate::QemuError;
 
 /// The line the guest init prints once modules are loaded and the network
@@ -661,7 +661,23 @@ pub struct ReadResult {
     pub iops: f64,
     /// The first 8 bytes read, hex.
     pub first: String,
+    /// FNV-1a 64 of every byte read, in order (see [`fnv1a`]), computed
+    /// outside the timed reads.
+    pub fnv: u64,
 }
+
+/// FNV-1a 64 of `data` continuing from `h` (start with
+/// [`FNV_OFFSET`]): the guest's checksum of what it read.
+pub fn fnv1a(mut h: u64, data: &[u8]) -> u64 {
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// FNV-1a 64 offset basis.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 
 /// Parses the last `fractos-guest: read ...` line of a serial log.
 pub fn parse_read_result(log: &str) -> Option<ReadResult> {
@@ -681,6 +697,7 @@ pub fn parse_read_result(log: &str) -> Option<ReadResult> {
         mbps: kv.get("mbps")?.parse().ok()?,
         iops: kv.get("iops")?.parse().ok()?,
         first: kv.get("first")?.to_string(),
+        fnv: u64::from_str_radix(kv.get("fnv")?, 16).ok()?,
     })
 }
 
@@ -704,6 +721,9 @@ pub struct LinuxGuest {
     pub kernel: DebianKernel,
     /// The `fractos-guest-init` binary.
     pub init: PathBuf,
+    /// CPU accelerator of every guest booted from here (default TCG); set
+    /// it to the appliance's when the two are compared.
+    pub accel: Accel,
 }
 
 impl LinuxGuest {
@@ -712,7 +732,11 @@ impl LinuxGuest {
     pub fn prepare(ws: &Workspace) -> Result<Self, QemuError> {
         let kernel = fetch_debian_kernel(&ws.target.join("linux"))?;
         let init = build_guest_init(ws)?;
-        Ok(LinuxGuest { kernel, init })
+        Ok(LinuxGuest {
+            kernel,
+            init,
+            accel: Accel::Tcg,
+        })
     }
 
     /// The kernel command line for `image`.
@@ -789,8 +813,9 @@ impl LinuxGuest {
     }
 
     /// Writes `dir/<name>.cpio` for `image` and returns a node booting it:
-    /// [`GUEST_MEMORY_MIB`], one NIC, serial log `dir/<name>.log`, TCG. Set
-    /// `hostfwd`, `nvme`, `accel`, ... on the result as for an appliance.
+    /// [`GUEST_MEMORY_MIB`], one NIC, serial log `dir/<name>.log`,
+    /// [`LinuxGuest::accel`]. Set `hostfwd`, `nvme`, ... on the result as
+    /// for an appliance.
     pub fn node_spec(
         &self,
         name: &str,
@@ -807,6 +832,7 @@ impl LinuxGuest {
         let mut s = NodeSpec::new(name, boot, &dir.join(format!("{name}.log")));
         s.memory_mib = GUEST_MEMORY_MIB;
         s.nics = 1;
+        s.accel = self.accel;
         Ok(s)
     }
 
@@ -910,8 +936,11 @@ mod tests {
 
     #[test]
     fn read_line_parses() {
-        let log = "x\nfractos-guest: read bs=131072 bytes=67108864 secs=0.500000 mbps=134.22 iops=1024.0 ops=512 first=a5a5a5a5a5a5a5a5\n";
+        let log = "x\nfractos-guest: read bs=131072 bytes=67108864 secs=0.500000 mbps=134.22 iops=1024.0 ops=512 first=a5a5a5a5a5a5a5a5 fnv=00000000000000ff\n";
         let r = parse_read_result(log).unwrap();
+        assert_eq!(r.fnv, 0xff);
+        assert_eq!(fnv1a(FNV_OFFSET, b""), FNV_OFFSET);
+        assert_eq!(fnv1a(FNV_OFFSET, b"a"), 0xaf63_dc4c_8601_ec8c);
         assert_eq!(r.bytes, 64 << 20);
         assert_eq!(r.ops, 512);
         assert_eq!(r.first, "a5a5a5a5a5a5a5a5");

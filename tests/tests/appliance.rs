@@ -241,13 +241,20 @@ fn three_appliances_run_the_pipeline_revoke_across_nodes_and_survive_a_killed_pe
         image_side: 128,
         images: 4,
         warmup: 1,
+        block: 2,
         stride: 4,
         // The storage stage is node 0's NVMe (its built-in storage service).
         storage_write: Some("storage/0/write".into()),
+        corrupt_stored_images: false,
     };
     let report = run_on(&cfg, &c.demo_nodes(), None, |_, _, _| {})
         .unwrap_or_else(|e| panic!("demo over appliances: {e}\n{}", c.log(0)));
-    assert_eq!(report.fractos.scores.len(), 4);
+    for m in [&report.fractos, &report.centralized, &report.remote_api] {
+        assert_eq!(m.scores.len(), 4);
+    }
+    // Every score of every mode is the expected result of its image pair.
+    report.check().unwrap_or_else(|e| panic!("{e}\n{report:?}"));
+    assert_eq!(report.failures(), 0);
     assert!(
         report.fractos.inter_node_bytes > 0
             && report.fractos.inter_node_bytes < report.centralized.inter_node_bytes,
@@ -324,14 +331,25 @@ fn an_appliance_survives_garbage_malformed_frames_and_a_connection_flood() {
     frame.extend(junk(200));
     bad.push(frame);
     bad.push(u32::MAX.to_le_bytes().to_vec());
-    for bytes in &bad {
+    for (i, bytes) in bad.iter().enumerate() {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
         let _ = s.write_all(bytes);
         // The appliance closes the connection (possibly after an error
         // frame): reading ends with EOF or a reset, never a hang.
         let mut sink = Vec::new();
-        let _ = s.read_to_end(&mut sink);
+        let t = Instant::now();
+        if let Err(e) = s.read_to_end(&mut sink) {
+            assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "garbage input {i} ({} bytes): the appliance kept the connection open for {:?} ({e})",
+                bytes.len(),
+                t.elapsed()
+            );
+        }
     }
 
     phase("garbage sent");

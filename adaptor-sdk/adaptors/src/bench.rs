@@ -5,16 +5,24 @@
 //!   B invokes A's continuation — ÷ a raw TCP ping-pong between two plain
 //!   sockets;
 //! * copy bandwidth — 4 MiB copies from A's memory into B's memory —
-//!   ÷ a raw loopback TCP stream.
+//!   ÷ a raw loopback TCP stream (both warmed up by one unmeasured
+//!   transfer, both timed until the receiver has every byte);
+//!
+//! each through controllers whose peer link is `authenticated` (every
+//! frame MAC'd, the default) and `secure` (also encrypted). Every copied
+//! byte is checked: each copy's source holds a fresh pattern and the whole
+//! destination is compared after it, outside the timed region.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use fractos_sdk::wire::Rights;
-use fractos_sdk::Process;
+use fractos_core::PeerSecurity;
+use fractos_hosted::{spawn, HostedConfig, Running};
+use fractos_sdk::wire::{NodeId, Rights};
+use fractos_sdk::{Process, Region};
 
-use crate::demo::{attach, start_cluster};
+use crate::demo::{attach, DEMO_KEY};
 use crate::PipelineError;
 
 const PING: u64 = 0xbe_0001;
@@ -45,14 +53,22 @@ impl Default for BenchConfig {
 /// Results.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BenchReport {
-    /// Median invoke round trip through two controllers.
+    /// Median invoke round trip through two controllers (peer link
+    /// `authenticated`).
     pub invoke_rtt_us: f64,
+    /// The same with the peer link `secure` (encrypted).
+    pub invoke_rtt_us_secure: f64,
     /// Median raw TCP ping-pong round trip.
     pub tcp_rtt_us: f64,
-    /// Copy bandwidth between processes on two controllers.
+    /// Copy bandwidth between processes on two controllers (peer link
+    /// `authenticated`).
     pub copy_gbps: f64,
+    /// The same with the peer link `secure` (encrypted).
+    pub copy_gbps_secure: f64,
     /// Raw loopback TCP stream bandwidth.
     pub tcp_stream_gbps: f64,
+    /// Copied bytes compared with their source (all copies, both modes).
+    pub bytes_verified: u64,
 }
 
 impl BenchReport {
@@ -64,28 +80,49 @@ impl BenchReport {
     pub fn copy_bw_ratio(&self) -> f64 {
         self.copy_gbps / self.tcp_stream_gbps
     }
+    /// Secure ÷ authenticated copy bandwidth (< 1: what encryption costs).
+    pub fn secure_copy_cost(&self) -> f64 {
+        self.copy_gbps_secure / self.copy_gbps
+    }
+    /// Secure ÷ authenticated invoke round trip.
+    pub fn secure_rtt_cost(&self) -> f64 {
+        self.invoke_rtt_us_secure / self.invoke_rtt_us
+    }
     /// Machine-readable results.
     pub fn to_json(&self) -> String {
         format!(
-            "{{\n  \"invoke_rtt_us\": {:.2},\n  \"tcp_rtt_us\": {:.2},\n  \"invoke_rtt_ratio\": {:.3},\n  \"copy_gbps\": {:.3},\n  \"tcp_stream_gbps\": {:.3},\n  \"copy_bw_ratio\": {:.3}\n}}\n",
+            "{{\n  \"invoke_rtt_us\": {:.2},\n  \"invoke_rtt_us_secure\": {:.2},\n  \"tcp_rtt_us\": {:.2},\n  \"invoke_rtt_ratio\": {:.3},\n  \"secure_rtt_cost\": {:.3},\n  \"copy_gbps\": {:.3},\n  \"copy_gbps_secure\": {:.3},\n  \"tcp_stream_gbps\": {:.3},\n  \"copy_bw_ratio\": {:.3},\n  \"secure_copy_cost\": {:.3},\n  \"bytes_verified\": {}\n}}\n",
             self.invoke_rtt_us,
+            self.invoke_rtt_us_secure,
             self.tcp_rtt_us,
             self.invoke_rtt_ratio(),
+            self.secure_rtt_cost(),
             self.copy_gbps,
+            self.copy_gbps_secure,
             self.tcp_stream_gbps,
-            self.copy_bw_ratio()
+            self.copy_bw_ratio(),
+            self.secure_copy_cost(),
+            self.bytes_verified,
         )
     }
     /// Human-readable table.
     pub fn table(&self) -> String {
         format!(
-            "invoke round trip   {:>9.1} us   raw TCP ping-pong {:>9.1} us   ratio {:.2}\ncopy bandwidth      {:>9.2} GB/s raw TCP stream    {:>9.2} GB/s ratio {:.2}\n",
+            "                    authenticated      secure             raw TCP\n\
+             invoke round trip   {:>9.1} us       {:>9.1} us       {:>9.1} us   ratio {:.2} (secure x{:.2})\n\
+             copy bandwidth      {:>9.2} GB/s     {:>9.2} GB/s     {:>9.2} GB/s ratio {:.2} (secure x{:.2})\n\
+             {} copied bytes compared with their source\n",
             self.invoke_rtt_us,
+            self.invoke_rtt_us_secure,
             self.tcp_rtt_us,
             self.invoke_rtt_ratio(),
+            self.secure_rtt_cost(),
             self.copy_gbps,
+            self.copy_gbps_secure,
             self.tcp_stream_gbps,
-            self.copy_bw_ratio()
+            self.copy_bw_ratio(),
+            self.secure_copy_cost(),
+            self.bytes_verified,
         )
     }
 }
@@ -127,54 +164,134 @@ pub fn tcp_rtt_us(n: usize) -> std::io::Result<f64> {
     Ok(median(samples))
 }
 
-/// Raw loopback TCP stream of `total` bytes in `chunk`-byte writes.
-pub fn tcp_stream_gbps(total: usize, chunk: usize) -> std::io::Result<f64> {
+/// Raw loopback TCP stream of `total` bytes in `chunk`-byte writes, after
+/// an unmeasured warm-up transfer of `warmup` bytes on the same
+/// connection (as the copy benchmark's warm-up copy); timed from the first
+/// write until the receiver acknowledges the last byte.
+pub fn tcp_stream_gbps(warmup: usize, total: usize, chunk: usize) -> std::io::Result<f64> {
     let l = TcpListener::bind("127.0.0.1:0")?;
     let addr = l.local_addr()?;
-    let sink = std::thread::spawn(move || -> std::io::Result<usize> {
+    let sink = std::thread::spawn(move || -> std::io::Result<()> {
         let (mut s, _) = l.accept()?;
         let mut buf = vec![0u8; 1 << 20];
-        let mut got = 0;
-        loop {
-            match s.read(&mut buf)? {
-                0 => return Ok(got),
-                n => got += n,
+        for want in [warmup, total] {
+            let mut got = 0;
+            while got < want {
+                match s.read(&mut buf[..(want - got).min(1 << 20)])? {
+                    0 => return Err(std::io::Error::other("stream ended early")),
+                    n => got += n,
+                }
             }
+            s.write_all(&[1])?;
         }
+        Ok(())
     });
     let mut s = TcpStream::connect(addr)?;
     let data = vec![1u8; chunk];
+    let mut ack = [0u8; 1];
+    let send = |s: &mut TcpStream, n: usize| -> std::io::Result<()> {
+        let mut sent = 0;
+        while sent < n {
+            let k = chunk.min(n - sent);
+            s.write_all(&data[..k])?;
+            sent += k;
+        }
+        Ok(())
+    };
+    send(&mut s, warmup)?;
+    s.read_exact(&mut ack)?;
     let t = Instant::now();
-    let mut sent = 0;
-    while sent < total {
-        s.write_all(&data)?;
-        sent += chunk;
-    }
+    send(&mut s, total)?;
+    s.read_exact(&mut ack)?;
+    let secs = t.elapsed().as_secs_f64();
     drop(s);
-    let got = sink
-        .join()
+    sink.join()
         .map_err(|_| std::io::Error::other("sink thread panicked"))??;
-    Ok(got as f64 / t.elapsed().as_secs_f64() / 1e9)
+    Ok(total as f64 / secs / 1e9)
 }
 
-/// Runs both benchmarks on an embedded two-controller cluster.
+/// Two hosted controllers (nodes 1 and 2) whose peer link runs in
+/// `security` mode.
+pub fn start_pair(security: PeerSecurity) -> Result<Vec<Running>, PipelineError> {
+    let err = |e: fractos_hosted::HostedError| PipelineError::Protocol(format!("controller: {e}"));
+    let mut nodes = Vec::new();
+    for i in 1..=2u32 {
+        let mut c = HostedConfig::local(NodeId(i), DEMO_KEY);
+        c.members = vec![NodeId(1), NodeId(2)];
+        c.peer_security = security;
+        nodes.push(spawn(c).map_err(err)?);
+    }
+    nodes[0].add_peer(nodes[1].node(), nodes[1].peer_addr());
+    nodes[1].add_peer(nodes[0].node(), nodes[0].peer_addr());
+    Ok(nodes)
+}
+
+fn through(security: PeerSecurity, cfg: &BenchConfig) -> Result<Measured, PipelineError> {
+    let nodes = start_pair(security)?;
+    let a = attach(&nodes[0], "bench-a")?;
+    let b = attach(&nodes[1], "bench-b")?;
+    measure(&a, &b, cfg)
+}
+
+/// Runs every benchmark: the raw TCP baselines, then two embedded
+/// controllers with an `authenticated` peer link, then with a `secure` one.
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport, PipelineError> {
     let io = |e: std::io::Error| PipelineError::Protocol(format!("baseline socket: {e}"));
     let tcp_rtt = tcp_rtt_us(cfg.round_trips).map_err(io)?;
-    let tcp_bw = tcp_stream_gbps(cfg.copy_bytes * cfg.copies, 256 * 1024).map_err(io)?;
-
-    let nodes = start_cluster().map_err(|e| PipelineError::Protocol(e.to_string()))?;
-    let a = attach(&nodes[0], "bench-a")?;
-    let b = attach(&nodes[1], "bench-b")?;
-    let m = measure(&a, &b, cfg)?;
-    drop(a);
-    drop(b);
+    let tcp_bw =
+        tcp_stream_gbps(cfg.copy_bytes, cfg.copy_bytes * cfg.copies, 256 * 1024).map_err(io)?;
+    let auth = through(PeerSecurity::Authenticated, cfg)?;
+    let secure = through(PeerSecurity::Secure, cfg)?;
     Ok(BenchReport {
-        invoke_rtt_us: m.invoke_rtt_us,
+        invoke_rtt_us: auth.invoke_rtt_us,
+        invoke_rtt_us_secure: secure.invoke_rtt_us,
         tcp_rtt_us: tcp_rtt,
-        copy_gbps: m.copy_gbps,
+        copy_gbps: auth.copy_gbps,
+        copy_gbps_secure: secure.copy_gbps,
         tcp_stream_gbps: tcp_bw,
+        bytes_verified: auth.bytes_verified + secure.bytes_verified,
     })
+}
+
+/// A pattern no earlier run or copy wrote: xorshift bytes from `seed`.
+pub fn fill_pattern(buf: &mut [u8], seed: u64) {
+    let mut x = seed | 1;
+    for w in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+    }
+}
+
+/// A seed unique to this run (time, process id, call counter).
+pub fn run_seed() -> u64 {
+    static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (t ^ (u64::from(std::process::id()) << 32) ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1
+}
+
+/// Offset of the first byte where `got` differs from `want` (or where one
+/// is shorter).
+pub fn first_difference(got: &[u8], want: &[u8]) -> Option<usize> {
+    got.iter()
+        .zip(want)
+        .position(|(a, b)| a != b)
+        .or((got.len() != want.len()).then(|| got.len().min(want.len())))
+}
+
+fn check_copy(dst: &Region, src: &Region, what: &str) -> Result<u64, PipelineError> {
+    let diff = src.with_bytes(|s| dst.with_bytes(|d| first_difference(d, s)));
+    match diff {
+        None => Ok(src.len()),
+        Some(at) => Err(PipelineError::Protocol(format!(
+            "{what}: the destination differs from the source at byte {at}"
+        ))),
+    }
 }
 
 /// What [`measure`] found.
@@ -185,12 +302,17 @@ pub struct Measured {
     pub invoke_rtt_us: f64,
     /// Copy bandwidth from A's memory into B's, GB/s (10^9 bytes/s).
     pub copy_gbps: f64,
+    /// Copied bytes compared with their source.
+    pub bytes_verified: u64,
 }
 
 /// Measures invoke round trips and copies between two attached processes
 /// (on one controller or two): `cfg.round_trips` round trips after a 10%
-/// warm-up, then `cfg.copies` copies of `cfg.copy_bytes`, checking the
-/// bytes that arrived. Names published under `bench/` must be free.
+/// warm-up, then one warm-up copy and `cfg.copies` timed copies of
+/// `cfg.copy_bytes`. Before each copy the source gets a fresh pattern and
+/// the destination a different one; after it the whole destination is
+/// compared with the source (both outside the timed region). Names
+/// published under `bench/` must be free.
 pub fn measure(a: &Process, b: &Process, cfg: &BenchConfig) -> Result<Measured, PipelineError> {
     // B: SETUP hands over A's continuation once; PING invokes it.
     let (k_tx, k_rx) = std::sync::mpsc::channel();
@@ -241,27 +363,58 @@ pub fn measure(a: &Process, b: &Process, cfg: &BenchConfig) -> Result<Measured, 
     }
     let invoke_rtt = median(samples);
 
-    let src_region = a.register_vec(vec![0x5a; cfg.copy_bytes])?;
+    let src_region = a.register_vec(vec![0; cfg.copy_bytes])?;
     let src = a.memory_create(&src_region, 0, cfg.copy_bytes as u64, Rights::READ)?;
     let dst_a = a
         .lookup("bench/dst", wait)?
         .as_memory()
         .ok_or_else(|| PipelineError::Protocol("expected Memory".into()))?;
-    a.copy(&src, &dst_a, None)?;
-    let t = Instant::now();
-    for _ in 0..cfg.copies {
+    let seed = run_seed();
+    let mut elapsed = Duration::ZERO;
+    let mut bytes_verified = 0;
+    for i in 0..=cfg.copies {
+        // Untimed: fresh source pattern, destination overwritten with
+        // another, so only this copy can make them equal.
+        let s = seed.wrapping_add((i as u64) << 1);
+        src_region.with_bytes_mut(|b| fill_pattern(b, s));
+        dst_region.with_bytes_mut(|b| fill_pattern(b, !s));
+        let t = Instant::now();
         a.copy(&src, &dst_a, None)?;
+        if i > 0 {
+            // Copy 0 is the warm-up.
+            elapsed += t.elapsed();
+        }
+        bytes_verified += check_copy(&dst_region, &src_region, &format!("copy {i}"))?;
     }
-    let copy_gbps = (cfg.copy_bytes * cfg.copies) as f64 / t.elapsed().as_secs_f64() / 1e9;
-    let mut check = vec![0u8; 16];
-    dst_region.read_at(cfg.copy_bytes as u64 - 16, &mut check)?;
-    if check != [0x5a; 16] {
-        return Err(PipelineError::Protocol(
-            "copied bytes differ from the source".into(),
-        ));
-    }
+    let copy_gbps = (cfg.copy_bytes * cfg.copies) as f64 / elapsed.as_secs_f64() / 1e9;
     Ok(Measured {
         invoke_rtt_us: invoke_rtt,
         copy_gbps,
+        bytes_verified,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_differ_per_seed_and_differences_are_found() {
+        let (mut a, mut b) = (vec![0u8; 1000], vec![0u8; 1000]);
+        fill_pattern(&mut a, 1);
+        fill_pattern(&mut b, 3);
+        assert_ne!(a, b);
+        assert_ne!(run_seed(), run_seed());
+        assert_eq!(first_difference(&a, &a), None);
+        let mut c = a.clone();
+        c[999] ^= 1;
+        assert_eq!(first_difference(&c, &a), Some(999));
+        assert_eq!(first_difference(&a[..10], &a), Some(10));
+    }
+
+    #[test]
+    fn the_stream_baseline_moves_every_byte_after_its_warm_up() {
+        let gbps = tcp_stream_gbps(1 << 20, 4 << 20, 64 * 1024).unwrap();
+        assert!(gbps > 0.0 && gbps.is_finite(), "{gbps}");
+    }
 }

@@ -32,6 +32,10 @@ pub struct DemoConfig {
     pub images: usize,
     /// Unmeasured verifications per mode first.
     pub warmup: usize,
+    /// Consecutive requests of one mode before the next mode runs: the
+    /// modes alternate in rounds of `block` requests (each round starts
+    /// with a different mode), so load drift falls on all of them alike.
+    pub block: usize,
     /// Pixel sampling stride of the compute kernel (see
     /// [`CpuBackend::stride`]).
     pub stride: usize,
@@ -42,6 +46,10 @@ pub struct DemoConfig {
     /// and loads the images through the write Request published as `name`
     /// (see `kernel/src/storage.rs`).
     pub storage_write: Option<String>,
+    /// For tests of the demo's own checks: store every image with its
+    /// first byte flipped, as a faulty storage device would (reference
+    /// storage adaptor only). Every verification must then fail.
+    pub corrupt_stored_images: bool,
 }
 
 impl Default for DemoConfig {
@@ -51,8 +59,10 @@ impl Default for DemoConfig {
             image_side: 512,
             images: 8,
             warmup: 3,
+            block: 5,
             stride: 4,
             storage_write: None,
+            corrupt_stored_images: false,
         }
     }
 }
@@ -70,6 +80,87 @@ pub struct ModeReport {
     pub latency_p99_us: f64,
     /// Scores, in request order.
     pub scores: Vec<f32>,
+    /// Requests whose score was not the expected result of its image pair
+    /// (see [`Expected`]), in request order.
+    pub failures: Vec<Failure>,
+}
+
+/// A verification whose score was not the expected result.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Failure {
+    /// Request index (0-based, in the mode's order).
+    pub request: usize,
+    /// Image index in the store.
+    pub image: usize,
+    /// The score the pipeline returned.
+    pub got: f32,
+    /// What was expected.
+    pub expected: Expected,
+}
+
+/// The expected result of one known image pair (the enrolled face against
+/// a stored image), computed locally by the demo with the same kernel.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Expected {
+    /// The stored image shows the enrolled person.
+    pub same_face: bool,
+    /// The kernel's score of the pair computed here.
+    pub score: f32,
+}
+
+/// Largest difference allowed between a pipeline score and the local one
+/// (the same deterministic kernel over the same bytes: they are equal
+/// unless bytes were lost or corrupted).
+pub const SCORE_TOLERANCE: f32 = 1e-4;
+
+/// The verdict rule of the demo over its known image pairs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Verification {
+    /// Expected result of each stored image.
+    pub expected: Vec<Expected>,
+    /// Score separating same-face pairs (above) from different-face pairs
+    /// (below): the midpoint between the lowest same-face and the highest
+    /// different-face reference score. `None` when the kernel at this
+    /// stride and image size does not separate the demo's identities.
+    pub threshold: Option<f32>,
+}
+
+impl Verification {
+    /// The rule for `expected`.
+    pub fn new(expected: Vec<Expected>) -> Verification {
+        let same = expected
+            .iter()
+            .filter(|e| e.same_face)
+            .map(|e| e.score)
+            .fold(f32::INFINITY, f32::min);
+        let other = expected
+            .iter()
+            .filter(|e| !e.same_face)
+            .map(|e| e.score)
+            .fold(f32::NEG_INFINITY, f32::max);
+        let threshold =
+            (same > other && same.is_finite() && other.is_finite()).then(|| (same + other) / 2.0);
+        Verification {
+            expected,
+            threshold,
+        }
+    }
+
+    /// Whether `score` is the right result for stored image `image`: a
+    /// finite number equal (within [`SCORE_TOLERANCE`]) to the reference,
+    /// on the right side of the threshold if there is one.
+    pub fn accepts(&self, image: usize, score: f32) -> bool {
+        let Some(e) = self.expected.get(image) else {
+            return false;
+        };
+        if !score.is_finite() || (score - e.score).abs() > SCORE_TOLERANCE {
+            return false;
+        }
+        match self.threshold {
+            Some(t) => (score > t) == e.same_face,
+            None => true,
+        }
+    }
 }
 
 /// Figures of the whole demo.
@@ -90,6 +181,13 @@ pub struct DemoReport {
     /// What the controllers were: `"hosted"` (embedded) or `"remote"`
     /// (reached over TCP, e.g. appliance VMs).
     pub controllers: &'static str,
+    /// Pixel sampling stride per axis of the compute kernel (1 in
+    /// `stride²` pixels is sampled).
+    pub stride: usize,
+    /// Alternating rounds the modes ran in.
+    pub rounds: usize,
+    /// The verdict rule the scores were checked against.
+    pub verification: Verification,
 }
 
 fn ratio(a: f64, b: f64) -> f64 {
@@ -124,18 +222,61 @@ impl DemoReport {
         )
     }
 
+    /// Verifications whose score was wrong, all modes.
+    pub fn failures(&self) -> usize {
+        self.fractos.failures.len()
+            + self.centralized.failures.len()
+            + self.remote_api.failures.len()
+    }
+
+    /// `Err` naming the first wrong score's mode and request if any score
+    /// was not the expected result.
+    pub fn check(&self) -> Result<(), DemoError> {
+        for (mode, m) in [
+            ("fractos", &self.fractos),
+            ("centralized", &self.centralized),
+            ("remote-api", &self.remote_api),
+        ] {
+            if let Some(f) = m.failures.first() {
+                return Err(DemoError::WrongScore {
+                    mode,
+                    request: f.request,
+                    image: f.image,
+                    got: f.got,
+                    want: f.expected.score,
+                    face: if f.expected.same_face {
+                        "the enrolled face"
+                    } else {
+                        "a different face"
+                    },
+                    failures: self.failures(),
+                    total: 3 * self.requests,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The machine-readable report.
     pub fn to_json(&self) -> String {
         let mode = |m: &ModeReport| {
             format!(
-                "{{\"inter_node_bytes\": {}, \"inter_node_messages\": {}, \"latency_p50_us\": {:.1}, \"latency_p99_us\": {:.1}}}",
-                m.inter_node_bytes, m.inter_node_messages, m.latency_p50_us, m.latency_p99_us
+                "{{\"inter_node_bytes\": {}, \"inter_node_messages\": {}, \"latency_p50_us\": {:.1}, \"latency_p99_us\": {:.1}, \"failures\": {}}}",
+                m.inter_node_bytes, m.inter_node_messages, m.latency_p50_us, m.latency_p99_us, m.failures.len()
             )
         };
+        let threshold = match self.verification.threshold {
+            Some(t) => format!("{t:.4}"),
+            None => "null".into(),
+        };
         format!(
-            "{{\n  \"requests\": {},\n  \"image_bytes\": {},\n  \"controllers\": \"{}\",\n  \"link_model\": {},\n  \"fractos\": {},\n  \"centralized\": {},\n  \"remote_api\": {},\n  \"traffic_ratio\": {:.3},\n  \"latency_ratio\": {:.3},\n  \"remote_api_latency_ratio\": {:.3},\n  \"remote_api_message_ratio\": {:.3}\n}}\n",
+            "{{\n  \"requests\": {},\n  \"image_bytes\": {},\n  \"stride\": {},\n  \"pixels_sampled\": \"1 in {}\",\n  \"rounds\": {},\n  \"failures\": {},\n  \"identity_threshold\": {threshold},\n  \"controllers\": \"{}\",\n  \"link_model\": {},\n  \"fractos\": {},\n  \"centralized\": {},\n  \"remote_api\": {},\n  \"traffic_ratio\": {:.3},\n  \"latency_ratio\": {:.3},\n  \"remote_api_latency_ratio\": {:.3},\n  \"remote_api_message_ratio\": {:.3}\n}}\n",
             self.requests,
             self.image_bytes,
+            self.stride,
+            self.stride * self.stride,
+            self.rounds,
+            self.failures(),
             self.controllers,
             match self.link_model {
                 None if self.controllers == "remote" => "\"remote\"".to_string(),
@@ -172,14 +313,26 @@ impl DemoReport {
         };
         let _ = writeln!(
             t,
-            "{} verifications per mode, {} KiB images, {net}\n",
+            "{} verifications per mode in {} alternating rounds, {} KiB images, {net}",
             self.requests,
+            self.rounds,
             self.image_bytes / 1024
         );
         let _ = writeln!(
             t,
-            "{:<12} {:>16} {:>12} {:>12} {:>12}",
-            "mode", "inter-node bytes", "messages", "p50 (us)", "p99 (us)"
+            "compute kernel: stride {} (samples 1 pixel in {}){}\n",
+            self.stride,
+            self.stride * self.stride,
+            if self.stride == 1 {
+                ""
+            } else {
+                "; --stride 1 runs the full kernel"
+            }
+        );
+        let _ = writeln!(
+            t,
+            "{:<12} {:>16} {:>12} {:>12} {:>12} {:>9}",
+            "mode", "inter-node bytes", "messages", "p50 (us)", "p99 (us)", "wrong"
         );
         for (name, m) in [
             ("fractos", &self.fractos),
@@ -188,8 +341,13 @@ impl DemoReport {
         ] {
             let _ = writeln!(
                 t,
-                "{:<12} {:>16} {:>12} {:>12.0} {:>12.0}",
-                name, m.inter_node_bytes, m.inter_node_messages, m.latency_p50_us, m.latency_p99_us
+                "{:<12} {:>16} {:>12} {:>12.0} {:>12.0} {:>9}",
+                name,
+                m.inter_node_bytes,
+                m.inter_node_messages,
+                m.latency_p50_us,
+                m.latency_p99_us,
+                m.failures.len()
             );
         }
         let _ = writeln!(
@@ -204,6 +362,13 @@ impl DemoReport {
             self.remote_api_message_ratio(),
             self.remote_api_latency_ratio()
         );
+        if self.verification.threshold.is_none() {
+            let _ = writeln!(
+                t,
+                "note: at stride {} the kernel does not separate the demo's faces; scores were checked against the reference scores only",
+                self.stride
+            );
+        }
         t
     }
 }
@@ -220,17 +385,25 @@ pub enum DemoError {
     /// Network namespaces could not be set up.
     #[error(transparent)]
     Netns(#[from] NetnsError),
-    /// The modes disagree on a score: a correctness failure.
-    #[error("request {index}: {mode} scored {got} but fractos scored {want}")]
-    ScoreMismatch {
-        /// Request index.
-        index: usize,
+    /// A verification returned a wrong score: a correctness failure.
+    #[error("{mode} request {request} (image {image}, {face}) scored {got} but {want} was expected; {failures} of {total} verifications failed")]
+    WrongScore {
         /// Mode.
         mode: &'static str,
+        /// Request index within the mode.
+        request: usize,
+        /// Stored image.
+        image: usize,
         /// Its score.
         got: f32,
-        /// FractOS score.
+        /// Expected score.
         want: f32,
+        /// What the image shows.
+        face: &'static str,
+        /// Wrong verifications, all modes.
+        failures: usize,
+        /// Verifications, all modes.
+        total: usize,
     },
     /// Setup I/O failed.
     #[error("demo storage: {0}")]
@@ -551,11 +724,7 @@ pub fn run_on(
     let image_bytes = encoded_len(cfg.image_side, cfg.image_side);
     let slot = image_bytes as u64;
     let images: Vec<Vec<u8>> = (0..cfg.images)
-        .map(|i| {
-            // Mostly the enrolled person, some strangers.
-            let person = if i % 4 == 3 { 100 + i as u64 } else { 1 };
-            synth_face(person, i as u64 + 1, cfg.image_side, cfg.image_side)
-        })
+        .map(|i| synth_face(person(i), i as u64 + 1, cfg.image_side, cfg.image_side))
         .collect();
     /// Deletes the store file however the run ends.
     struct Remove(std::path::PathBuf);
@@ -585,7 +754,11 @@ pub fn run_on(
             _remove_store = Some(Remove(path.clone()));
             let store = Arc::new(BlockStore::open(&path, slot * cfg.images as u64)?);
             for (i, img) in images.iter().enumerate() {
-                store.write_at(i as u64 * slot, img)?;
+                let mut img = img.clone();
+                if cfg.corrupt_stored_images {
+                    img[0] ^= 0xff;
+                }
+                store.write_at(i as u64 * slot, &img)?;
             }
             Stage::Adaptor(store)
         }
@@ -595,6 +768,16 @@ pub fn run_on(
     let enrolled = backend
         .features(&Image::parse(&enrolled_img).map_err(|e| PipelineError::Protocol(e.to_string()))?)
         .map_err(|e| PipelineError::Protocol(e.to_string()))?;
+    let verification = Verification::new(
+        images
+            .iter()
+            .enumerate()
+            .map(|(i, img)| Expected {
+                same_face: person(i) == ENROLLED,
+                score: backend.verify(img, &enrolled).unwrap_or(f32::NAN),
+            })
+            .collect(),
+    );
 
     let storage = in_node(net, 0, || -> Result<Process, PipelineError> {
         match &stage {
@@ -629,45 +812,44 @@ pub fn run_on(
         ("centralized", Client::verify_centralized),
         ("remote-api", Client::verify_remote_api),
     ];
-    let mut reports = Vec::new();
-    for (name, f) in modes {
+    for (_, f) in modes {
         for i in 0..cfg.warmup {
             f(&client, (i % cfg.images) as u64 * slot, slot)?;
         }
+    }
+    let mut reports: [ModeReport; 3] = Default::default();
+    let mut lat: [Vec<f64>; 3] = Default::default();
+    let plan = schedule(cfg.requests, cfg.block);
+    let rounds = plan.iter().map(|b| b.round).max().map_or(0, |r| r + 1);
+    for b in &plan {
+        let (name, f) = modes[b.mode];
         let (b0, m0) = inter_node(nodes)?;
-        let mut lat = Vec::with_capacity(cfg.requests);
-        let mut scores = Vec::with_capacity(cfg.requests);
-        for i in 0..cfg.requests {
-            let v = f(&client, (i % cfg.images) as u64 * slot, slot)?;
-            lat.push(v.latency.as_secs_f64() * 1e6);
-            scores.push(v.score);
+        for i in b.requests.clone() {
+            let image = i % cfg.images;
+            let v = f(&client, image as u64 * slot, slot)?;
+            lat[b.mode].push(v.latency.as_secs_f64() * 1e6);
+            let r = &mut reports[b.mode];
+            r.scores.push(v.score);
+            if !verification.accepts(image, v.score) {
+                r.failures.push(Failure {
+                    request: i,
+                    image,
+                    got: v.score,
+                    expected: verification.expected[image],
+                });
+            }
             progress(name, i + 1, cfg.requests);
         }
         let (b1, m1) = inter_node(nodes)?;
-        lat.sort_by(|a, b| a.total_cmp(b));
-        reports.push(ModeReport {
-            inter_node_bytes: b1 - b0,
-            inter_node_messages: m1 - m0,
-            latency_p50_us: percentile(&lat, 0.5),
-            latency_p99_us: percentile(&lat, 0.99),
-            scores,
-        });
+        reports[b.mode].inter_node_bytes += b1 - b0;
+        reports[b.mode].inter_node_messages += m1 - m0;
     }
-    let remote_api = reports.pop().expect("three modes");
-    let centralized = reports.pop().expect("three modes");
-    let fractos = reports.pop().expect("three modes");
-    for (mode, m) in [("centralized", &centralized), ("remote-api", &remote_api)] {
-        for (index, (got, want)) in m.scores.iter().zip(&fractos.scores).enumerate() {
-            if got.to_bits() != want.to_bits() {
-                return Err(DemoError::ScoreMismatch {
-                    index,
-                    mode,
-                    got: *got,
-                    want: *want,
-                });
-            }
-        }
+    for (r, l) in reports.iter_mut().zip(lat.iter_mut()) {
+        l.sort_by(|a, b| a.total_cmp(b));
+        r.latency_p50_us = percentile(l, 0.5);
+        r.latency_p99_us = percentile(l, 0.99);
     }
+    let [fractos, centralized, remote_api] = reports;
     drop(client);
     drop(compute);
     drop(storage);
@@ -683,5 +865,139 @@ pub fn run_on(
         } else {
             "hosted"
         },
+        stride: cfg.stride,
+        rounds,
+        verification,
     })
+}
+
+/// The enrolled identity.
+pub const ENROLLED: u64 = 1;
+
+/// The person shown by stored image `i`: mostly the enrolled person, every
+/// fourth a stranger.
+pub fn person(i: usize) -> u64 {
+    if i % 4 == 3 {
+        100 + i as u64
+    } else {
+        ENROLLED
+    }
+}
+
+/// One block of the run: `requests` (indices within the mode) of `mode`
+/// (0 FractOS, 1 centralised, 2 remote API) in round `round`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Block {
+    /// Round number.
+    pub round: usize,
+    /// Mode index.
+    pub mode: usize,
+    /// Request indices within the mode.
+    pub requests: std::ops::Range<usize>,
+}
+
+/// The order the demo runs its modes in: rounds of `block` requests per
+/// mode, each round starting with the next mode (0-1-2, 1-2-0, 2-0-1, …),
+/// so no mode always runs first or last and slow drift of the machine's
+/// load falls on all three.
+pub fn schedule(requests: usize, block: usize) -> Vec<Block> {
+    let block = block.max(1);
+    let mut out = Vec::new();
+    let mut round = 0;
+    let mut at = 0;
+    while at < requests {
+        let n = block.min(requests - at);
+        for k in 0..3 {
+            out.push(Block {
+                round,
+                mode: (round + k) % 3,
+                requests: at..at + n,
+            });
+        }
+        at += n;
+        round += 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_interleaves_every_mode_in_every_round() {
+        let plan = schedule(12, 5);
+        assert_eq!(plan.len(), 9, "{plan:?}");
+        for m in 0..3 {
+            let reqs: Vec<usize> = plan
+                .iter()
+                .filter(|b| b.mode == m)
+                .flat_map(|b| b.requests.clone())
+                .collect();
+            assert_eq!(reqs, (0..12).collect::<Vec<_>>(), "mode {m}");
+        }
+        // After every round all modes have run equally often, and the
+        // first mode rotates.
+        let firsts: Vec<usize> = plan.chunks(3).map(|r| r[0].mode).collect();
+        assert_eq!(firsts, [0, 1, 2]);
+        for r in plan.chunks(3) {
+            let mut modes: Vec<usize> = r.iter().map(|b| b.mode).collect();
+            modes.sort();
+            assert_eq!(modes, [0, 1, 2]);
+        }
+    }
+
+    fn rule() -> Verification {
+        Verification::new(vec![
+            Expected {
+                same_face: true,
+                score: 0.9,
+            },
+            Expected {
+                same_face: false,
+                score: 0.5,
+            },
+            Expected {
+                same_face: true,
+                score: 0.8,
+            },
+        ])
+    }
+
+    #[test]
+    fn verdicts_reject_nan_wrong_scores_and_wrong_sides() {
+        let v = rule();
+        assert_eq!(v.threshold, Some(0.65));
+        assert!(v.accepts(0, 0.9) && v.accepts(1, 0.5) && v.accepts(2, 0.8));
+        // A failed verification is NaN: never accepted.
+        assert!(!(0..3).any(|i| v.accepts(i, f32::NAN)));
+        assert!(!v.accepts(0, 0.8), "another pair's score");
+        assert!(!v.accepts(3, 0.9), "unknown image");
+        // Without separation only the reference score counts.
+        let mut flat = rule();
+        flat.expected[1].score = 0.85;
+        let flat = Verification::new(flat.expected);
+        assert_eq!(flat.threshold, None);
+        assert!(flat.accepts(1, 0.85) && !flat.accepts(1, f32::NAN));
+    }
+
+    #[test]
+    fn a_report_with_a_wrong_score_fails_naming_mode_and_request() {
+        let mut r = DemoReport {
+            requests: 2,
+            verification: rule(),
+            ..DemoReport::default()
+        };
+        assert!(r.check().is_ok());
+        r.centralized.failures.push(Failure {
+            request: 1,
+            image: 0,
+            got: f32::NAN,
+            expected: r.verification.expected[0],
+        });
+        let e = r.check().unwrap_err().to_string();
+        assert!(e.contains("centralized request 1"), "{e}");
+        assert!(e.contains("1 of 6"), "{e}");
+        assert!(r.to_json().contains("\"failures\": 1"), "{}", r.to_json());
+    }
 }

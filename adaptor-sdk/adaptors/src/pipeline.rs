@@ -133,6 +133,10 @@ pub fn serve_storage(
             };
             let result = (|| -> Result<(), PipelineError> {
                 region.with_bytes_mut(|b| store.read_at(offset, &mut b[..len as usize]))?;
+                if len == max_read {
+                    // The whole staging buffer: no window to derive.
+                    return Ok(p.copy(&cap, &dst, done.as_ref())?);
+                }
                 let part = p.diminish(&cap, 0, len, Rights::READ)?;
                 let copied = p.copy(&part, &dst, done.as_ref());
                 p.drop_cap(part)?;
@@ -335,6 +339,10 @@ pub struct Client {
     buffer: Region,
     buffer_r: MemoryCap,
     buffer_w: MemoryCap,
+    /// Write windows of the buffer, one per [`REMOTE_BLOCK`], made once.
+    blocks: Vec<MemoryCap>,
+    /// Write window of the buffer's first [`RESULT_LEN`] bytes, made once.
+    result_w: MemoryCap,
     done: RequestCap,
     api: [RequestCap; 4],
     timeout: Duration,
@@ -378,6 +386,16 @@ impl Client {
         let buffer_w = p.memory_create(&buffer, 0, buffer.len(), Rights::WRITE)?;
         let buffer_r = p.memory_create(&buffer, 0, buffer.len(), Rights::READ)?;
         let read_to_me = p.derive(&read, &[], &[buffer_w.into(), done.into()])?;
+        // Windows the remote-API mode reuses for every request, as a
+        // careful programmer would make them: once.
+        let mut blocks = Vec::new();
+        let mut at = 0;
+        while at < buffer.len() {
+            let n = REMOTE_BLOCK.min(buffer.len() - at);
+            blocks.push(p.diminish(&buffer_w, at, n, Rights::WRITE)?);
+            at += n;
+        }
+        let result_w = p.diminish(&buffer_w, 0, RESULT_LEN, Rights::WRITE)?;
         let timeout = p.timeout();
         Ok(Client {
             p,
@@ -389,6 +407,8 @@ impl Client {
             buffer,
             buffer_r,
             buffer_w,
+            blocks,
+            result_w,
             done,
             api,
             timeout,
@@ -419,6 +439,19 @@ impl Client {
         Ok(f32::from_bits(bits))
     }
 
+    /// Copies the first `len` bytes of the client buffer to `dst`: the
+    /// buffer's own capability when `len` covers it (no window to derive
+    /// and drop), else a window derived for this copy.
+    fn copy_from_buffer(&self, len: u64, dst: &MemoryCap) -> Result<(), PipelineError> {
+        if len == self.buffer.len() {
+            return Ok(self.p.copy(&self.buffer_r, dst, None)?);
+        }
+        let part = self.p.diminish(&self.buffer_r, 0, len, Rights::READ)?;
+        let copied = self.p.copy(&part, dst, None);
+        self.p.drop_cap(part)?;
+        Ok(copied?)
+    }
+
     fn range(offset: u64, len: u64) -> [u8; 16] {
         let mut imms = [0u8; 16];
         imms[..8].copy_from_slice(&offset.to_le_bytes());
@@ -446,10 +479,7 @@ impl Client {
             .invoke(&self.read_to_me, &Self::range(offset, len), &[])?;
         let done = self.wait(TAG_DONE)?;
         drop_all(&self.p, &done);
-        let part = self.p.diminish(&self.buffer_r, 0, len, Rights::READ)?;
-        let pushed = self.p.copy(&part, &self.compute_input, None);
-        self.p.drop_cap(part)?;
-        pushed?;
+        self.copy_from_buffer(len, &self.compute_input)?;
         self.p.invoke(&self.verify_to_me, &[], &[])?;
         let score = self.score()?;
         Ok(Verdict {
@@ -479,34 +509,33 @@ impl Client {
         let mut at = 0;
         while at < len {
             let n = REMOTE_BLOCK.min(len - at);
-            let dst = self.p.diminish(&self.buffer_w, at, n, Rights::WRITE)?;
+            let block = (at / REMOTE_BLOCK) as usize;
+            // The window made at connect when it fits, else one for this read.
+            let (dst, temporary) = match self.blocks.get(block) {
+                Some(b) if b_len(self.buffer.len(), block) == n => (*b, false),
+                _ => (self.p.diminish(&self.buffer_w, at, n, Rights::WRITE)?, true),
+            };
             let imms = Self::range(offset + at, n);
             // read(range) into dst, then reply: caps [dst, done].
             self.p
                 .invoke(&self.read, &imms, &[dst.into(), self.done.into()])?;
             let r = self.wait(TAG_DONE)?;
             drop_all(&self.p, &r);
-            self.p.drop_cap(dst)?;
+            if temporary {
+                self.p.drop_cap(dst)?;
+            }
             at += n;
         }
         let [alloc, launch, sync, free] = &self.api;
         let a = self.call(alloc, &len.to_le_bytes(), &[])?;
         let id = u64_at(&a.imms, 0)?;
         let (dev_in, dev_out) = (a.memory(0)?, a.memory(1)?);
-        let part = self.p.diminish(&self.buffer_r, 0, len, Rights::READ)?;
-        let copied_in = self.p.copy(&part, &dev_in, None);
-        self.p.drop_cap(part)?;
-        copied_in?;
+        self.copy_from_buffer(len, &dev_in)?;
         for op in [launch, sync] {
             let r = self.call(op, &id.to_le_bytes(), &[])?;
             drop_all(&self.p, &r);
         }
-        let out = self
-            .p
-            .diminish(&self.buffer_w, 0, RESULT_LEN, Rights::WRITE)?;
-        let copied_out = self.p.copy(&dev_out, &out, None);
-        self.p.drop_cap(out)?;
-        copied_out?;
+        self.p.copy(&dev_out, &self.result_w, None)?;
         let mut score = [0u8; 4];
         self.buffer.read_at(0, &mut score)?;
         drop_all(&self.p, &a);
@@ -522,4 +551,9 @@ impl Client {
     pub fn check_image(bytes: &[u8]) -> bool {
         Image::parse(bytes).is_ok()
     }
+}
+
+/// Length of block `i` of a `total`-byte buffer cut into [`REMOTE_BLOCK`]s.
+fn b_len(total: u64, i: usize) -> u64 {
+    REMOTE_BLOCK.min(total - i as u64 * REMOTE_BLOCK)
 }

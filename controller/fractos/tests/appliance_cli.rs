@@ -33,6 +33,16 @@ fn demo_runs_on_appliance_vms_by_default() {
     assert_eq!(v["controllers"], "remote", "{text}");
     assert_eq!(v["requests"], 2, "{text}");
     assert!(v["traffic_ratio"].as_f64().unwrap() > 1.5, "{text}");
+    // Every verification returned the expected score.
+    assert_eq!(v["failures"], 0, "{text}");
+    for mode in ["fractos", "centralized", "remote_api"] {
+        assert_eq!(v[mode]["failures"], 0, "{mode} in {text}");
+    }
+    assert_eq!(v["stride"], 4, "{text}");
+    assert!(
+        stderr.contains("all 6 verifications returned the expected score"),
+        "{stderr}"
+    );
     assert!(
         v["fractos"]["inter_node_bytes"].as_u64().unwrap() > 0,
         "{text}"

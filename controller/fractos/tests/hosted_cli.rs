@@ -55,8 +55,64 @@ fn demo_writes_the_documented_json() {
         assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {text}");
     }
     assert!(v["traffic_ratio"].as_f64().unwrap() > 1.5, "{text}");
+    // Every verification of every mode returned the expected score, and the
+    // report says what the compute kernel did.
+    assert_eq!(v["failures"], 0, "{text}");
+    for mode in ["fractos", "centralized", "remote_api"] {
+        assert_eq!(v[mode]["failures"], 0, "{mode} in {text}");
+    }
+    assert_eq!(v["stride"], 4, "{text}");
+    assert_eq!(v["pixels_sampled"], "1 in 16", "{text}");
+    assert!(v["rounds"].as_u64().unwrap() >= 1, "{text}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("centralized / fractos"), "{stdout}");
+    assert!(
+        stdout.contains("stride 4 (samples 1 pixel in 16)"),
+        "{stdout}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("all 9 verifications returned the expected score"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A pipeline that returns wrong scores makes the demo fail, naming the
+/// mode and request, with the failures counted in the JSON: with every
+/// stored image corrupted, the compute stage cannot parse any and every
+/// verification's score is NaN in every mode (which the old bitwise
+/// cross-mode comparison accepted).
+#[test]
+fn demo_fails_when_verifications_fail() {
+    let dir = std::env::temp_dir().join(format!("fractos-demo-fail-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("demo.json");
+    let out = fractos()
+        .args([
+            "demo",
+            "--requests",
+            "2",
+            "--image-side",
+            "32",
+            "--images",
+            "2",
+            "--corrupt-stored-images",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("wrong score"), "{stderr}");
+    assert!(stderr.contains("fractos request 0"), "{stderr}");
+    let text = std::fs::read_to_string(&json).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["failures"], 6, "{text}");
+    for mode in ["fractos", "centralized", "remote_api"] {
+        assert_eq!(v[mode]["failures"], 2, "{mode} in {text}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -137,6 +137,12 @@ fn read_benchmark_reads_the_whole_nvme_disk() {
         r.first, "46524143544f5321",
         "first bytes are not the pattern"
     );
+    // Every byte the guest read is the disk image's.
+    assert_eq!(
+        r.fnv,
+        fractos_qemu::linux_guest::fnv1a(fractos_qemu::linux_guest::FNV_OFFSET, &data),
+        "the guest read other bytes than the disk holds"
+    );
     assert!(r.mbps > 0.0 && r.iops > 0.0, "{r:?}");
 
     let r = g

@@ -113,7 +113,8 @@ impl SimConfig {
         }
     }
 
-    /// The large fault-free run of the `--scale` benchmark.
+    /// The large fault-free run of the `--scale` benchmark (controller
+    /// invariants checked after every step, as in the test seeds).
     pub fn scale(controllers: usize, ops_per_process: usize) -> SimConfig {
         SimConfig {
             seed: 1,
@@ -125,7 +126,7 @@ impl SimConfig {
             scripted: true,
             faults: false,
             tight_limits: false,
-            check_controllers: false,
+            check_controllers: true,
             keep_trace: false,
             think: Duration::from_millis(50),
             stop_at: Duration::from_secs(3),
@@ -172,6 +173,32 @@ pub struct Report {
     pub trace_hash: u64,
     /// Answers seen, by operation and result (`"Copy Ok"`, `"Invoke Revoked"`).
     pub outcomes: std::collections::BTreeMap<String, u64>,
+}
+
+impl Report {
+    /// `Err` describing the failures unless every operation issued
+    /// succeeded (what a fault-free run such as `--scale` must show).
+    pub fn all_succeeded(&self) -> Result<(), String> {
+        if self.operations > 0 && self.succeeded == self.operations {
+            return Ok(());
+        }
+        let failed: Vec<String> = self
+            .outcomes
+            .iter()
+            .filter(|(k, _)| !k.ends_with(" Ok"))
+            .map(|(k, v)| format!("{v} {k}"))
+            .collect();
+        Err(format!(
+            "{} of {} operations succeeded; other outcomes: {}",
+            self.succeeded,
+            self.operations,
+            if failed.is_empty() {
+                "none recorded".to_string()
+            } else {
+                failed.join(", ")
+            }
+        ))
+    }
 }
 
 /// A run that broke an invariant (or could not finish).

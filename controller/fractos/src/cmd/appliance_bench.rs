@@ -68,7 +68,9 @@ fn appliance(b: &ApplianceBench, dir: &Path) -> anyhow::Result<Measured> {
 
 fn linux_guest(b: &ApplianceBench, dir: &Path) -> anyhow::Result<Measured> {
     eprintln!("preparing the Debian Linux guest (kernel via apt-get download, initramfs)…");
-    let guest = LinuxGuest::prepare(&Workspace::locate())?;
+    let mut guest = LinuxGuest::prepare(&Workspace::locate())?;
+    // Like with like: the guest runs on the appliance's accelerator.
+    guest.accel = b.accel;
     let fractos = std::env::current_exe().context("locating this fractos binary")?;
     let (p, m) = (free_local_port()?, free_local_port()?);
     let (_vm, ready) = guest.launch_controller(

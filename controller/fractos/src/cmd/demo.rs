@@ -38,9 +38,14 @@ pub struct DemoArgs {
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Compute kernel pixel sampling stride per axis (1 = every pixel; the
-    /// default 4 stands in for an accelerator so transfers matter).
+    /// default 4 samples 1 pixel in 16, standing in for an accelerator so
+    /// transfers matter). Printed with every result.
     #[arg(long, default_value_t = 4)]
     pub stride: usize,
+    /// Requests of one mode before the next mode runs (the modes alternate
+    /// in rounds so machine-load drift falls on all of them).
+    #[arg(long, default_value_t = 5)]
+    pub block: usize,
     /// Put each node in its own network namespace, joined by veth through a
     /// bridge with the link model below (needs root and iproute2).
     #[arg(long)]
@@ -58,6 +63,10 @@ pub struct DemoArgs {
     /// Use embedded hosted controllers even when QEMU is installed.
     #[arg(long)]
     pub hosted: bool,
+    /// Testing the demo's checks: store the images corrupted (hosted
+    /// controllers only); every verification must then fail.
+    #[arg(long, hide = true, conflicts_with = "appliance")]
+    pub corrupt_stored_images: bool,
     /// --appliance: kernel ELF to boot [default: build it].
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -79,14 +88,16 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         image_side: a.image_side,
         images: a.images,
         warmup: 3,
+        block: a.block.max(1),
         stride: a.stride,
         storage_write: None,
+        corrupt_stored_images: a.corrupt_stored_images,
     };
     let appliance = if a.appliance {
         fractos_qemu::node::check_qemu()
             .context("--appliance needs QEMU (or run with --hosted)")?;
         true
-    } else if a.hosted || a.netns {
+    } else if a.hosted || a.netns || a.corrupt_stored_images {
         false
     } else {
         match fractos_qemu::node::check_qemu() {
@@ -109,24 +120,38 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
+    // The pipeline must have computed the right answer in every mode.
+    report
+        .check()
+        .context("the demo's pipeline returned a wrong score")?;
+    eprintln!(
+        "all {} verifications returned the expected score",
+        3 * report.requests
+    );
     Ok(())
 }
 
-/// Prints a progress bar per mode.
+/// Prints the progress of the three (interleaved) modes on one line.
 fn progress() -> impl FnMut(&str, usize, usize) {
+    let mut done: Vec<(String, usize)> = Vec::new();
     let mut last = String::new();
-    move |mode, done, total| {
+    move |mode, n, total| {
+        match done.iter_mut().find(|(m, _)| m == mode) {
+            Some(d) => d.1 = n,
+            None => done.push((mode.to_string(), n)),
+        }
         let line = format!(
-            "\r  {mode:<12} {done:>5}/{total} [{}{}]",
-            "#".repeat(done * 30 / total),
-            " ".repeat(30 - done * 30 / total)
+            "\r {}",
+            done.iter()
+                .map(|(m, d)| format!(" {m} {d:>4}/{total}"))
+                .collect::<String>()
         );
         if line != last {
             eprint!("{line}");
             let _ = std::io::stderr().flush();
             last = line;
         }
-        if done == total {
+        if done.len() == 3 && done.iter().all(|(_, d)| *d == total) {
             eprintln!();
         }
     }

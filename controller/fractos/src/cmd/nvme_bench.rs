@@ -98,32 +98,46 @@ fn appliance(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<(f64, f64)
         Ok(())
     };
     eprintln!("appliance up; reading…");
-    let blocks = (a.disk_mib << 20) / BIG;
-    one(0, big, BIG)?;
-    let t = Instant::now();
-    for i in 0..blocks {
-        one(i * BIG, big, BIG)?;
-    }
-    let mbps = (blocks * BIG) as f64 / t.elapsed().as_secs_f64() / 1e6;
-    let mut check = [0u8; 8];
-    region.read_at(0, &mut check)?;
     let want = std::fs::read(disk)?;
-    if check[..] != want[((blocks - 1) * BIG) as usize..][..8] {
-        bail!("the last block read differs from the disk image");
+    // Untimed, around every read: scribble over the buffer, then compare
+    // all of it with the disk image after the read.
+    let mut scribble = 0u64;
+    let mut timed_read = |offset: u64, dst, len: u64| -> anyhow::Result<Duration> {
+        scribble += 1;
+        region.with_bytes_mut(|b| fractos_adaptors::bench::fill_pattern(b, scribble));
+        let t = Instant::now();
+        one(offset, dst, len)?;
+        let took = t.elapsed();
+        let expected = &want[offset as usize..(offset + len) as usize];
+        if let Some(at) = region
+            .with_bytes(|b| fractos_adaptors::bench::first_difference(&b[..len as usize], expected))
+        {
+            bail!("the read at {offset} differs from the disk image at byte {at}");
+        }
+        Ok(took)
+    };
+    let blocks = (a.disk_mib << 20) / BIG;
+    timed_read(0, big, BIG)?;
+    let mut spent = Duration::ZERO;
+    for i in 0..blocks {
+        spent += timed_read(i * BIG, big, BIG)?;
     }
+    let mbps = (blocks * BIG) as f64 / spent.as_secs_f64() / 1e6;
     let span = (a.disk_mib << 20) / SMALL;
-    let t = Instant::now();
+    let mut spent = Duration::ZERO;
     for i in 0..a.small_reads {
-        one((i * 7919 % span) * SMALL, small, SMALL)?;
+        spent += timed_read((i * 7919 % span) * SMALL, small, SMALL)?;
     }
-    let iops = a.small_reads as f64 / t.elapsed().as_secs_f64();
+    let iops = a.small_reads as f64 / spent.as_secs_f64();
     Ok((mbps, iops))
 }
 
 /// The same disk read inside a Debian Linux guest.
 fn linux_guest(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<(f64, f64)> {
     eprintln!("preparing the Debian Linux guest…");
-    let guest = LinuxGuest::prepare(&Workspace::locate())?;
+    let mut guest = LinuxGuest::prepare(&Workspace::locate())?;
+    // Like with like: the guest runs on the appliance's accelerator.
+    guest.accel = a.accel;
     let run = |name: &str, bs: u64, count: Option<u64>| -> anyhow::Result<f64> {
         let path = dir.join(format!("{name}.img"));
         std::fs::copy(disk, &path).context("placing the disk image")?;
@@ -141,6 +155,18 @@ fn linux_guest(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<(f64, f6
             dir,
             Duration::from_secs(600),
         )?;
+        // Every byte the guest read must be the disk image's (its reads
+        // are sequential from offset 0).
+        let want = std::fs::read(disk)?;
+        let read = &want[..(r.bytes as usize).min(want.len())];
+        let sum = fractos_qemu::linux_guest::fnv1a(fractos_qemu::linux_guest::FNV_OFFSET, read);
+        if r.fnv != sum || r.bytes != read.len() as u64 {
+            bail!(
+                "the guest's {} bytes read ({name}) differ from the disk image (checksum {:016x}, want {sum:016x})",
+                r.bytes,
+                r.fnv
+            );
+        }
         Ok(if bs == BIG { r.mbps } else { r.iops })
     };
     let mbps = run("linux-guest-128k", BIG, None)?;

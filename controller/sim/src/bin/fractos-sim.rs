@@ -9,7 +9,9 @@
 //!   `--controllers`/`--ops`/`--no-faults` override it) and prints its report;
 //! * `--seeds N` runs N seeds starting at `--first` (default 0);
 //! * `--scale N` runs one fault-free cluster of N controllers with one
-//!   process each and writes `target/bench/sim_scale.json`.
+//!   process each, checking every controller's invariants after every step,
+//!   writes `target/bench/sim_scale.json` and fails (exit 1) unless every
+//!   operation succeeded.
 #![forbid(unsafe_code)]
 
 use std::process::ExitCode;
@@ -93,12 +95,14 @@ fn scale(a: &Args, controllers: usize) -> ExitCode {
     for (outcome, n) in &r.outcomes {
         eprintln!("{n:>8} {outcome}");
     }
+    let all_ok = r.all_succeeded();
     let json = format!(
-        "{{\"controllers\": {}, \"processes\": {}, \"operations\": {}, \"succeeded\": {}, \"messages\": {}, \"process_frames\": {}, \"copies_checked\": {}, \"virtual_secs\": {:.3}, \"wall_secs\": {:.3}}}\n",
+        "{{\"controllers\": {}, \"processes\": {}, \"operations\": {}, \"succeeded\": {}, \"all_succeeded\": {}, \"invariants_checked\": true, \"messages\": {}, \"process_frames\": {}, \"copies_checked\": {}, \"virtual_secs\": {:.3}, \"wall_secs\": {:.3}}}\n",
         r.controllers,
         r.processes,
         r.operations,
         r.succeeded,
+        all_ok.is_ok(),
         r.messages,
         r.process_frames,
         r.copies_checked,
@@ -111,6 +115,10 @@ fn scale(a: &Args, controllers: usize) -> ExitCode {
         .and_then(|()| std::fs::write(dir.join("sim_scale.json"), &json))
     {
         eprintln!("cannot write target/bench/sim_scale.json: {e}");
+        return ExitCode::FAILURE;
+    }
+    if let Err(e) = all_ok {
+        eprintln!("scale run failed: {e}");
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
