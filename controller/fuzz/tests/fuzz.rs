@@ -27,8 +27,8 @@ fn wire_decode_campaign() {
 fn core_cluster_campaign() {
     let s = campaign(
         "core_cluster",
-        3_000,
-        30,
+        20_000,
+        40,
         |d| {
             core_cluster(d);
         },
