@@ -11,10 +11,16 @@
 //!
 //! # Pieces
 //!
-//! * [`Process::attach`] connects and authenticates (a per-process token).
-//!   A background reader thread then routes each completion to the waiting
-//!   operation, **serves the controller's reads and writes of registered
-//!   memory by itself**, and queues invocations.
+//! * [`Process::attach`] connects over TCP and authenticates (a
+//!   per-process token); [`Process::attach_stream`] does the same over any
+//!   connected [`ByteStream`] (a Unix socket, ...). A background reader
+//!   thread then routes each completion to the waiting operation, **serves
+//!   the controller's reads and writes of registered memory by itself**,
+//!   and queues invocations.
+//! * The protocol logic (handshake, op ids, completion routing, memory
+//!   serving, invocation queue) is the sans-IO state machine of
+//!   [`fractos_process`]; this crate adds the stream, the threads and the
+//!   waits.
 //! * [`Process::register`] returns a [`Region`]: an SDK-owned buffer at a
 //!   distinct address of the process's registered address space. The
 //!   application reads and writes it with [`Region::read_at`] /
@@ -109,7 +115,7 @@ pub use caps::{Cap, MemoryCap, RequestCap};
 pub use error::{CapKindName, DisconnectReason, SdkError};
 pub use invocation::Invocation;
 pub use memory::{MemorySpace, Region};
-pub use process::{AttachOptions, Pending, Process};
+pub use process::{AttachOptions, ByteStream, Pending, Process};
 
 #[cfg(feature = "tokio")]
 pub use asynk::AsyncProcess;

@@ -1,10 +1,11 @@
 //! Registered memory: SDK-owned buffers at distinct addresses of the
 //! process's registered address space, served to the controller by the
-//! SDK's reader thread.
+//! SDK's reader thread through [`fractos_process::Memory`].
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use fractos_process::{Memory, OutOfWindow};
 use fractos_wire::{ErrorCode, MAX_DATA_LEN};
 
 use crate::error::SdkError;
@@ -243,35 +244,46 @@ impl MemorySpace {
     }
 
     /// The region holding `[addr, addr+len)` and the offset of `addr` in it.
-    fn find(&self, addr: u64, len: u64) -> Result<(Region, u64), ErrorCode> {
+    fn find(&self, addr: u64, len: u64) -> Result<(Region, u64), OutOfWindow> {
         let s = lock(&self.inner.state);
-        let (base, region) = s
-            .regions
-            .range(..=addr)
-            .next_back()
-            .ok_or(ErrorCode::MemoryFault)?;
-        let offset = addr - base;
-        match offset.checked_add(len) {
-            Some(end) if end <= region.len => Ok((region.clone(), offset)),
-            _ => Err(ErrorCode::MemoryFault),
-        }
+        let (base, region) = s.regions.range(..=addr).next_back().ok_or(OutOfWindow)?;
+        let offset = OutOfWindow::check(*base, region.len, addr, len)?;
+        Ok((region.clone(), offset))
     }
 
-    /// Serves a controller `MemRead`.
+    /// Serves a controller `MemRead` the way the protocol state machine
+    /// does: `MemoryFault` outside every region, `InvalidArgument` above
+    /// [`fractos_wire::MAX_DATA_LEN`].
     pub fn serve_read(&self, addr: u64, len: u32) -> Result<Vec<u8>, ErrorCode> {
         if len as usize > MAX_DATA_LEN {
             return Err(ErrorCode::InvalidArgument);
         }
-        let (region, offset) = self.find(addr, len as u64)?;
-        let g = region.read_guard();
-        Ok(g[offset as usize..offset as usize + len as usize].to_vec())
+        let mut data = vec![0; len as usize];
+        Memory::read(&mut &*self, addr, &mut data).map_err(|_| ErrorCode::MemoryFault)?;
+        Ok(data)
     }
 
-    /// Serves a controller `MemWrite`.
+    /// Serves a controller `MemWrite` (`MemoryFault` outside every region).
     pub fn serve_write(&self, addr: u64, data: &[u8]) -> Result<(), ErrorCode> {
+        Memory::write(&mut &*self, addr, data).map_err(|_| ErrorCode::MemoryFault)
+    }
+}
+
+/// The SDK's registered memory as the protocol state machine reaches it:
+/// the reader thread hands `&mut &MemorySpace` to
+/// [`fractos_process::Connection::handle_body`].
+impl Memory for &MemorySpace {
+    fn read(&mut self, addr: u64, out: &mut [u8]) -> Result<(), OutOfWindow> {
+        let (region, offset) = self.find(addr, out.len() as u64)?;
+        let start = offset as usize;
+        out.copy_from_slice(&region.read_guard()[start..start + out.len()]);
+        Ok(())
+    }
+
+    fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), OutOfWindow> {
         let (region, offset) = self.find(addr, data.len() as u64)?;
-        let mut g = region.write_guard();
-        g[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        let start = offset as usize;
+        region.write_guard()[start..start + data.len()].copy_from_slice(data);
         Ok(())
     }
 }

@@ -1,17 +1,23 @@
 //! A process attached to its controller: the channel, the reader thread,
 //! operations, invocation delivery and handler dispatch.
+//!
+//! The protocol itself (attach handshake, op ids, completion routing,
+//! serving registered memory, the invocation queue) is the sans-IO
+//! [`fractos_process::Connection`]; this module owns what it leaves out:
+//! the byte stream, the reader thread that feeds it, the writes it asks
+//! for, and the waits (blocking and async) of the application's threads.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use fractos_process::{Config, Connection, Event, FrameReader, NoMemory};
 use fractos_wire::{
-    ControllerMsg, FrameSplitter, Handle, NodeId, ObjectKind, ProcessMsg, Reply, Rights,
-    MAX_CAPS_PER_MESSAGE, MAX_FRAME_LEN, MAX_IMMEDIATES, MAX_NAME_LEN, MAX_PROCESS_NAME_LEN,
+    Handle, NodeId, ObjectKind, ProcessMsg, Reply, Rights, MAX_CAPS_PER_MESSAGE, MAX_FRAME_LEN,
+    MAX_IMMEDIATES, MAX_NAME_LEN, MAX_PROCESS_NAME_LEN,
 };
 
 use crate::caps::{Cap, MemoryCap, RequestCap};
@@ -19,9 +25,6 @@ use crate::error::{DisconnectReason, SdkError};
 use crate::invocation::Invocation;
 use crate::memory::{MemorySpace, Region};
 use crate::slot::{lock, PopError, Queue, Slot};
-
-/// Bytes read from the socket at a time.
-const READ_CHUNK: usize = 256 * 1024;
 
 /// How [`Process::attach`] connects and how long waits last.
 ///
@@ -92,33 +95,84 @@ impl AttachOptions {
 
 type OpResult = Result<Reply, SdkError>;
 type Handler = Arc<dyn Fn(&Process, Invocation) + Send + Sync + 'static>;
+/// The protocol state machine, each operation carrying its waiter's slot.
+type Conn = Connection<Arc<Slot<OpResult>>>;
+type Events = Vec<Event<Arc<Slot<OpResult>>>>;
 
-struct OpState {
-    pending: HashMap<u64, Arc<Slot<OpResult>>>,
-    /// Operations whose waiter gave up: a capability they return is dropped.
-    abandoned: HashSet<u64>,
+/// A byte stream to a controller, for [`Process::attach_stream`].
+///
+/// The SDK reads from one handle on its reader thread while operations
+/// write to another ([`ByteStream::try_clone`]), and closes the channel
+/// with [`ByteStream::shutdown`], which must make a blocked read on any
+/// handle return. Implemented for [`TcpStream`] and, on Unix,
+/// [`std::os::unix::net::UnixStream`].
+pub trait ByteStream: Read + Write + Send + Sized + 'static {
+    /// Another handle to the same stream.
+    fn try_clone(&self) -> io::Result<Self>;
+    /// Shuts both directions down: blocked reads return.
+    fn shutdown(&self) -> io::Result<()>;
+    /// Bounds reads (`None`: block forever); used during the attach.
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// The controller's socket address, if the stream has one.
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+}
+
+impl ByteStream for TcpStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        TcpStream::try_clone(self)
+    }
+    fn shutdown(&self) -> io::Result<()> {
+        TcpStream::shutdown(self, std::net::Shutdown::Both)
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)
+    }
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        TcpStream::peer_addr(self).ok()
+    }
+}
+
+#[cfg(unix)]
+impl ByteStream for std::os::unix::net::UnixStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        std::os::unix::net::UnixStream::try_clone(self)
+    }
+    fn shutdown(&self) -> io::Result<()> {
+        std::os::unix::net::UnixStream::shutdown(self, std::net::Shutdown::Both)
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        std::os::unix::net::UnixStream::set_read_timeout(self, timeout)
+    }
+}
+
+/// The protocol state and why the channel closed, under one lock.
+struct Proto {
+    conn: Conn,
     closed: Option<DisconnectReason>,
 }
 
 /// State shared by the application's handles, the reader thread and the
-/// handler threads.
+/// handler threads. Lock order: `writer` before `proto`.
 struct Shared {
     name: String,
     node: NodeId,
-    peer: SocketAddr,
+    peer: Option<SocketAddr>,
     opts: AttachOptions,
-    writer: Mutex<TcpStream>,
-    socket: TcpStream,
+    /// The connection's clock origin.
+    epoch: std::time::Instant,
+    proto: Mutex<Proto>,
+    writer: Mutex<Box<dyn Write + Send>>,
+    /// Shuts the stream down (taken once).
+    closer: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     memory: MemorySpace,
-    ops: Mutex<OpState>,
-    next_op: AtomicU64,
     invocations: Queue<Invocation>,
     handlers: RwLock<HashMap<u64, Handler>>,
     jobs: Queue<(Handler, Invocation)>,
     pool_started: Mutex<bool>,
     reader: Mutex<Option<JoinHandle<()>>>,
 }
-
 /// Closes the channel when the last application handle goes.
 struct Outer {
     shared: Arc<Shared>,
@@ -228,96 +282,76 @@ impl Process {
                 Err(e) => last = e,
             }
         }
-        let mut stream =
-            stream.ok_or_else(|| SdkError::io("connecting to the controller", last))?;
+        let stream = stream.ok_or_else(|| SdkError::io("connecting to the controller", last))?;
         let setup = |s: &TcpStream| -> io::Result<()> {
             s.set_nodelay(true)?;
-            s.set_write_timeout(Some(options.write_timeout.max(Duration::from_millis(1))))?;
-            s.set_read_timeout(Some(options.connect_timeout.max(Duration::from_millis(1))))
+            s.set_write_timeout(Some(options.write_timeout.max(Duration::from_millis(1))))
         };
         setup(&stream).map_err(|e| SdkError::io("configuring the socket", e))?;
-        let peer = stream
-            .peer_addr()
-            .map_err(|e| SdkError::io("reading the controller address", e))?;
+        Self::attach_stream(stream, name, token, options)
+    }
 
-        let mut frame = Vec::new();
-        ProcessMsg::Attach {
-            name: name.as_bytes().to_vec(),
-            token,
-        }
-        .encode(&mut frame);
-        stream
-            .write_all(&frame)
-            .map_err(|e| SdkError::io("sending the attach", e))?;
-
-        let splitter = FrameSplitter::new(options.max_frame_len);
-        let mut buf = Vec::new();
-        let mut chunk = vec![0u8; 4096];
-        let (answer, used) = loop {
-            match splitter.split(&buf) {
-                Ok(Some((body, used))) => break (ControllerMsg::decode(body), used),
-                Ok(None) => {}
-                Err(e) => return Err(SdkError::protocol(format!("attach answer: {e}"))),
-            }
-            match stream.read(&mut chunk) {
-                Ok(0) => {
-                    return Err(SdkError::Disconnected {
-                        reason: DisconnectReason::ControllerClosed,
-                    })
-                }
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return Err(SdkError::Timeout {
-                        what: "the controller's answer to attach",
-                        after: options.connect_timeout,
-                    })
-                }
-                Err(e) => return Err(SdkError::io("reading the attach answer", e)),
-            }
-        };
-        let node = match answer {
-            Ok(ControllerMsg::Attached { node }) => node,
-            Ok(ControllerMsg::Rejected { code, version }) => {
-                return Err(SdkError::Rejected {
-                    code,
-                    controller_version: version,
-                })
-            }
-            Ok(other) => {
-                return Err(SdkError::protocol(format!(
-                    "expected Attached or Rejected, got {}",
-                    msg_name(&other)
-                )))
-            }
-            Err(e) => return Err(SdkError::protocol(format!("attach answer: {e}"))),
-        };
-        buf.drain(..used);
+    /// Attaches as `name` with `token` over an already connected byte
+    /// stream (a Unix socket, a TCP stream set up by the application, a
+    /// pipe pair wrapped in a [`ByteStream`]). Everything else is as in
+    /// [`Process::attach`]; [`AttachOptions::write_timeout`] is the
+    /// stream's business here. [`Process::controller_addr`] is the
+    /// unspecified address when the stream has none.
+    ///
+    /// ```no_run
+    /// # #[cfg(unix)]
+    /// # fn f() -> Result<(), fractos_sdk::SdkError> {
+    /// use std::os::unix::net::UnixStream;
+    /// use fractos_sdk::{AttachOptions, Process};
+    ///
+    /// let s = UnixStream::connect("/run/fractos/controller.sock")
+    ///     .map_err(|e| fractos_sdk::SdkError::Io { context: "connecting", source: e })?;
+    /// let p = Process::attach_stream(s, "storage", [0; 32], AttachOptions::default())?;
+    /// # drop(p); Ok(()) }
+    /// ```
+    pub fn attach_stream<S: ByteStream>(
+        mut stream: S,
+        name: &str,
+        token: [u8; 32],
+        options: AttachOptions,
+    ) -> Result<Process, SdkError> {
+        check_len("the process name", name.len(), MAX_PROCESS_NAME_LEN)?;
+        let epoch = std::time::Instant::now();
+        let connect_timeout = options.connect_timeout.max(Duration::from_millis(1));
+        let config = Config::default()
+            .max_frame_len(options.max_frame_len)
+            .attach_timeout(Some(connect_timeout));
+        let mut conn = Conn::new(name.as_bytes(), token, config, now(epoch))
+            .map_err(|e| SdkError::invalid(e.to_string()))?;
+        let mut reader = FrameReader::new(options.max_frame_len);
+        let node = handshake(
+            &mut stream,
+            &mut conn,
+            &mut reader,
+            epoch,
+            options.connect_timeout,
+        )?;
+        while conn.poll_event().is_some() {}
         stream
             .set_read_timeout(None)
             .map_err(|e| SdkError::io("configuring the socket", e))?;
-        let clone = |s: &TcpStream| {
+        let clone = |s: &S| {
             s.try_clone()
                 .map_err(|e| SdkError::io("duplicating the socket", e))
         };
+        let writer = clone(&stream)?;
+        let closing = clone(&stream)?;
         let shared = Arc::new(Shared {
             name: name.to_owned(),
             node,
-            peer,
-            writer: Mutex::new(clone(&stream)?),
-            socket: clone(&stream)?,
+            peer: stream.peer_addr(),
+            epoch,
+            proto: Mutex::new(Proto { conn, closed: None }),
+            writer: Mutex::new(Box::new(writer)),
+            closer: Mutex::new(Some(Box::new(move || {
+                let _ = closing.shutdown();
+            }))),
             memory: MemorySpace::new(),
-            ops: Mutex::new(OpState {
-                pending: HashMap::new(),
-                abandoned: HashSet::new(),
-                closed: None,
-            }),
-            next_op: AtomicU64::new(1),
             invocations: Queue::new(),
             handlers: RwLock::new(HashMap::new()),
             jobs: Queue::new(),
@@ -328,7 +362,7 @@ impl Process {
         let reader_shared = shared.clone();
         let handle = thread::Builder::new()
             .name(format!("fractos-sdk-reader:{name}"))
-            .spawn(move || reader_loop(reader_shared, stream, buf))
+            .spawn(move || reader_loop(reader_shared, stream, reader))
             .map_err(|e| SdkError::io("starting the reader thread", e))?;
         *lock(&shared.reader) = Some(handle);
         let timeout = shared.opts.op_timeout;
@@ -352,9 +386,12 @@ impl Process {
         &self.shared().name
     }
 
-    /// The controller's socket address.
+    /// The controller's socket address (the unspecified address
+    /// `0.0.0.0:0` for a [`Process::attach_stream`] stream without one).
     pub fn controller_addr(&self) -> SocketAddr {
-        self.shared().peer
+        self.shared()
+            .peer
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     /// The timeout of this handle's waits.
@@ -372,12 +409,12 @@ impl Process {
 
     /// Whether the channel is still open.
     pub fn is_connected(&self) -> bool {
-        lock(&self.shared().ops).closed.is_none()
+        lock(&self.shared().proto).closed.is_none()
     }
 
     /// Why the channel closed, once it has.
     pub fn disconnect_reason(&self) -> Option<DisconnectReason> {
-        lock(&self.shared().ops).closed.clone()
+        lock(&self.shared().proto).closed.clone()
     }
 
     /// Closes the channel (process exit for the controller) and waits for
@@ -746,21 +783,19 @@ impl Process {
         make: impl FnOnce(u64) -> ProcessMsg,
     ) -> Result<Pending<T>, SdkError> {
         let s = self.shared();
-        let op = s.next_op.fetch_add(1, Ordering::Relaxed);
         let slot = Slot::new();
-        {
-            let mut st = lock(&s.ops);
-            if let Some(reason) = &st.closed {
+        let op = {
+            let mut p = lock(&s.proto);
+            if let Some(reason) = &p.closed {
                 return Err(SdkError::Disconnected {
                     reason: reason.clone(),
                 });
             }
-            st.pending.insert(op, slot.clone());
-        }
-        if let Err(e) = s.send(&make(op)) {
-            lock(&s.ops).pending.remove(&op);
-            return Err(e);
-        }
+            p.conn
+                .start(slot.clone(), make)
+                .map_err(|e| SdkError::invalid(e.to_string()))?
+        };
+        s.flush()?;
         Ok(Pending {
             op: PendingOp {
                 shared: s.clone(),
@@ -1097,32 +1132,127 @@ fn reply_done(r: Reply) -> Result<(), SdkError> {
     }
 }
 
-fn msg_name(m: &ControllerMsg) -> &'static str {
-    match m {
-        ControllerMsg::Attached { .. } => "Attached",
-        ControllerMsg::Rejected { .. } => "Rejected",
-        ControllerMsg::Completion { .. } => "Completion",
-        ControllerMsg::Invocation { .. } => "Invocation",
-        ControllerMsg::MemRead { .. } => "MemRead",
-        ControllerMsg::MemWrite { .. } => "MemWrite",
+/// The connection's time: nanoseconds since `epoch`.
+fn now(epoch: std::time::Instant) -> fractos_process::Instant {
+    fractos_process::Instant(epoch.elapsed().as_nanos().min(u64::MAX as u128) as u64)
+}
+
+/// Sends the attach and reads the answer (nothing after it, so frames that
+/// follow are left in `reader` for the reader thread).
+fn handshake<S: ByteStream>(
+    stream: &mut S,
+    conn: &mut Conn,
+    reader: &mut FrameReader,
+    epoch: std::time::Instant,
+    connect_timeout: Duration,
+) -> Result<NodeId, SdkError> {
+    let failed = |e: fractos_process::Error| match e {
+        fractos_process::Error::Rejected { code, version } => SdkError::Rejected {
+            code,
+            controller_version: version,
+        },
+        fractos_process::Error::AttachTimeout => SdkError::Timeout {
+            what: "the controller's answer to attach",
+            after: connect_timeout,
+        },
+        e => SdkError::protocol(format!("attach answer: {e}")),
+    };
+    while let Some(frame) = conn.poll_transmit() {
+        stream
+            .write_all(&frame)
+            .map_err(|e| SdkError::io("sending the attach", e))?;
+    }
+    loop {
+        match reader.frame() {
+            Ok(Some(body)) => {
+                let r = conn.handle_body(body, now(epoch), &mut NoMemory);
+                reader.consume();
+                r.map_err(failed)?;
+                match conn.node() {
+                    Some(node) => return Ok(node),
+                    None => continue,
+                }
+            }
+            Ok(None) => {}
+            Err(e) => return Err(failed(e)),
+        }
+        let t = now(epoch);
+        conn.handle_timeout(t).map_err(failed)?;
+        let left = conn
+            .poll_timeout()
+            .map(|d| Duration::from_nanos(d.0.saturating_sub(t.0)));
+        stream
+            .set_read_timeout(left.map(|l| l.max(Duration::from_millis(1))))
+            .map_err(|e| SdkError::io("configuring the socket", e))?;
+        match stream.read(reader.read_buf()) {
+            Ok(0) => {
+                return Err(SdkError::Disconnected {
+                    reason: DisconnectReason::ControllerClosed,
+                })
+            }
+            Ok(n) => reader.filled(n),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted
+                        | io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(SdkError::io("reading the attach answer", e)),
+        }
+    }
+}
+
+/// Why a fatal protocol error closes the channel, in the SDK's terms.
+fn disconnect_reason(e: fractos_process::Error) -> DisconnectReason {
+    match e {
+        fractos_process::Error::Kicked(code) => DisconnectReason::Kicked(code),
+        e => DisconnectReason::Protocol(e.to_string()),
+    }
+}
+
+/// Fills the waiters of completed (or aborted) operations.
+fn deliver(events: Events, aborted: &DisconnectReason) {
+    for ev in events {
+        match ev {
+            Event::Completion { data, result, .. } => data.fill(result.map_err(SdkError::Remote)),
+            Event::Aborted { data, .. } => data.fill(Err(SdkError::Disconnected {
+                reason: aborted.clone(),
+            })),
+            Event::Attached { .. } => {}
+        }
     }
 }
 
 impl Shared {
     fn disconnected(&self) -> SdkError {
         SdkError::Disconnected {
-            reason: lock(&self.ops)
+            reason: lock(&self.proto)
                 .closed
                 .clone()
                 .unwrap_or(DisconnectReason::Closed),
         }
     }
 
-    /// Writes one message; a failed write closes the channel.
-    fn send(&self, msg: &ProcessMsg) -> Result<(), SdkError> {
-        let mut frame = Vec::new();
-        msg.encode(&mut frame);
-        let result = lock(&self.writer).write_all(&frame);
+    /// Writes every frame the connection has queued, in order; a failed
+    /// write closes the channel.
+    fn flush(&self) -> Result<(), SdkError> {
+        let mut w = lock(&self.writer);
+        let mut wrote = false;
+        let result = loop {
+            let frame = lock(&self.proto).conn.poll_transmit();
+            match frame {
+                Some(frame) => {
+                    wrote = true;
+                    if let Err(e) = w.write_all(&frame) {
+                        break Err(e);
+                    }
+                }
+                None if wrote => break w.flush(),
+                None => break Ok(()),
+            }
+        };
+        drop(w);
         if let Err(e) = result {
             self.shutdown(DisconnectReason::Io(format!(
                 "writing to the controller: {e}"
@@ -1134,50 +1264,46 @@ impl Shared {
 
     /// Gives up on `op`. Returns its result if it arrived meanwhile.
     fn abandon(&self, op: u64, slot: &Slot<OpResult>) -> Option<OpResult> {
-        {
-            let mut st = lock(&self.ops);
-            if st.pending.remove(&op).is_some() {
-                if st.closed.is_none() {
-                    st.abandoned.insert(op);
-                }
-                return None;
-            }
+        if lock(&self.proto).conn.forget(op).is_some() {
+            // A capability it returns later is dropped by the connection.
+            return None;
         }
-        // The reader removed it: the answer is in the slot (or about to be).
+        // Answered (or aborted): the answer is in the slot (or about to be).
         slot.wait(Duration::from_secs(1))
     }
 
     /// Drops a capability nobody waits for any more.
     fn drop_orphan(&self, handle: Handle) {
-        let op = self.next_op.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut st = lock(&self.ops);
-            if st.closed.is_some() {
-                return;
-            }
-            st.abandoned.insert(op);
+        let started = lock(&self.proto)
+            .conn
+            .start_detached(|op| ProcessMsg::Drop { op, cap: handle });
+        if started.is_ok() {
+            let _ = self.flush();
         }
-        let _ = self.send(&ProcessMsg::Drop { op, cap: handle });
     }
 
     /// Marks the channel closed, fails every pending operation, closes the
-    /// queues and the socket. Idempotent; the first reason wins.
+    /// queues and the stream. Idempotent; the first reason wins.
     fn shutdown(&self, reason: DisconnectReason) {
-        let pending = {
-            let mut st = lock(&self.ops);
-            if st.closed.is_some() {
+        let events: Events = {
+            let mut p = lock(&self.proto);
+            if p.closed.is_some() {
                 return;
             }
-            st.closed = Some(reason.clone());
-            st.abandoned.clear();
-            std::mem::take(&mut st.pending)
+            p.closed = Some(reason.clone());
+            p.conn.close();
+            std::iter::from_fn(|| p.conn.poll_event()).collect()
         };
-        let _ = self.socket.shutdown(Shutdown::Both);
-        for (_, slot) in pending {
-            slot.fill(Err(SdkError::Disconnected {
-                reason: reason.clone(),
-            }));
+        self.release(events, &reason);
+    }
+
+    /// The rest of a shutdown once `closed` is set: the stream, the
+    /// waiters, the queues.
+    fn release(&self, events: Events, reason: &DisconnectReason) {
+        if let Some(close) = lock(&self.closer).take() {
+            close();
         }
+        deliver(events, reason);
         self.invocations.close();
         self.jobs.close();
     }
@@ -1192,119 +1318,95 @@ impl Shared {
         }
     }
 
-    /// Handles one message from the controller. `Err` closes the channel.
-    fn on_message(&self, msg: ControllerMsg) -> Result<(), DisconnectReason> {
-        match msg {
-            ControllerMsg::Completion { op, result } => {
-                let slot = {
-                    let mut st = lock(&self.ops);
-                    match st.pending.remove(&op) {
-                        Some(slot) => Some(slot),
-                        None => {
-                            if st.abandoned.remove(&op) {
-                                drop(st);
-                                if let Ok(Reply::Cap { handle, .. }) = result {
-                                    self.drop_orphan(handle);
-                                }
-                            }
-                            None
-                        }
-                    }
+    /// Hands every complete frame of `reader` to the connection, one at a
+    /// time (so completions and invocations reach the application in wire
+    /// order), then delivers what it produced. `Err` closes the channel.
+    fn on_frames(&self, reader: &mut FrameReader) -> Result<(), DisconnectReason> {
+        loop {
+            let body = match reader.frame() {
+                Ok(Some(body)) => body,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(disconnect_reason(e)),
+            };
+            let (result, events, invocations) = {
+                let mut p = lock(&self.proto);
+                if p.closed.is_some() {
+                    return Ok(());
+                }
+                let mut memory = &self.memory;
+                let r = p.conn.handle_body(body, now(self.epoch), &mut memory);
+                let fatal = match r {
+                    Err(e) if e.is_fatal() => Some(disconnect_reason(e)),
+                    _ => None,
                 };
-                if let Some(slot) = slot {
-                    slot.fill(result.map_err(SdkError::Remote));
+                if let Some(reason) = &fatal {
+                    p.closed = Some(reason.clone());
+                }
+                let events: Events = std::iter::from_fn(|| p.conn.poll_event()).collect();
+                let invocations: Vec<_> = std::iter::from_fn(|| p.conn.poll_invocation()).collect();
+                (r.map_err(|e| (e, fatal)), events, invocations)
+            };
+            for inv in invocations {
+                self.route(Invocation::from_wire(inv.tag, inv.imms, inv.caps));
+            }
+            match result {
+                Err((_, Some(reason))) => {
+                    self.release(events, &reason);
+                    return Err(reason);
+                }
+                // Refused for lack of room: the queue was just drained,
+                // hand the same frame in again.
+                Err((fractos_process::Error::InvocationQueueFull { .. }, None)) => {
+                    deliver(events, &DisconnectReason::Closed);
+                }
+                // A completion for an op nobody started is dropped.
+                Ok(()) | Err((_, None)) => {
+                    reader.consume();
+                    deliver(events, &DisconnectReason::Closed);
                 }
             }
-            ControllerMsg::Invocation { tag, imms, caps } => {
-                let inv = Invocation::from_wire(tag, imms, caps);
-                let handler = self
-                    .handlers
-                    .read()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get(&tag)
-                    .cloned();
-                let _ = match handler {
-                    Some(h) => self.jobs.push((h, inv)).map_err(drop),
-                    None => self.invocations.push(inv).map_err(drop),
-                };
-            }
-            ControllerMsg::MemRead { xfer, addr, len } => {
-                let result = self.memory.serve_read(addr, len);
-                self.send(&ProcessMsg::MemReadReply { xfer, result })
-                    .map_err(|e| DisconnectReason::Io(e.to_string()))?;
-            }
-            ControllerMsg::MemWrite { xfer, addr, data } => {
-                let result = self.memory.serve_write(addr, &data);
-                self.send(&ProcessMsg::MemWriteReply { xfer, result })
-                    .map_err(|e| DisconnectReason::Io(e.to_string()))?;
-            }
-            ControllerMsg::Rejected { code, .. } => return Err(DisconnectReason::Kicked(code)),
-            ControllerMsg::Attached { .. } => {
-                return Err(DisconnectReason::Protocol(
-                    "Attached received on an attached channel".into(),
-                ))
-            }
+            self.flush()
+                .map_err(|e| DisconnectReason::Io(e.to_string()))?;
         }
-        Ok(())
+    }
+
+    /// Hands an invocation to its handler, else to `next_invocation`.
+    fn route(&self, inv: Invocation) {
+        let handler = self
+            .handlers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&inv.tag)
+            .cloned();
+        let _ = match handler {
+            Some(h) => self.jobs.push((h, inv)).map_err(drop),
+            None => self.invocations.push(inv).map_err(drop),
+        };
     }
 }
 
-fn reader_loop(shared: Arc<Shared>, mut stream: TcpStream, leftover: Vec<u8>) {
-    let splitter = FrameSplitter::new(shared.opts.max_frame_len);
-    let reason =
-        match read_frames(
-            &mut stream,
-            leftover,
-            splitter,
-            |body| match ControllerMsg::decode(body) {
-                Ok(m) => shared.on_message(m),
-                Err(e) => Err(DisconnectReason::Protocol(e.to_string())),
-            },
-        ) {
-            Ok(()) => DisconnectReason::ControllerClosed,
-            Err(r) => r,
-        };
+fn reader_loop<S: Read>(shared: Arc<Shared>, mut stream: S, mut reader: FrameReader) {
+    let reason = match read_frames(&mut stream, &mut reader, |r| shared.on_frames(r)) {
+        Ok(()) => DisconnectReason::ControllerClosed,
+        Err(r) => r,
+    };
     shared.shutdown(reason);
-    // Don't keep the shared state (and the socket) alive from here.
+    // Don't keep the shared state (and the stream) alive from here.
     drop(shared);
 }
 
-/// Reads `stream` until EOF (`Ok`) or an error, handing each frame body to
-/// `on_frame`. Bytes are read straight into one buffer (no intermediate
-/// copy); only the tail of a partial frame is ever moved.
+/// Reads `stream` until EOF (`Ok`) or an error, straight into `reader`'s
+/// buffer (no intermediate copy), calling `on_frames` after every read.
 fn read_frames(
     stream: &mut impl Read,
-    leftover: Vec<u8>,
-    splitter: FrameSplitter,
-    mut on_frame: impl FnMut(&[u8]) -> Result<(), DisconnectReason>,
+    reader: &mut FrameReader,
+    mut on_frames: impl FnMut(&mut FrameReader) -> Result<(), DisconnectReason>,
 ) -> Result<(), DisconnectReason> {
-    let mut end = leftover.len();
-    let mut buf = leftover;
-    buf.resize(end.max(READ_CHUNK), 0);
-    let mut start = 0;
     loop {
-        while let Some((body, used)) = splitter
-            .split(&buf[start..end])
-            .map_err(|e| DisconnectReason::Protocol(e.to_string()))?
-        {
-            on_frame(body)?;
-            start += used;
-        }
-        if start == end {
-            (start, end) = (0, 0);
-        }
-        if end == buf.len() {
-            // Full: move the partial frame to the front, growing the buffer
-            // if the frame is larger than it.
-            buf.copy_within(start..end, 0);
-            (start, end) = (0, end - start);
-            if end == buf.len() {
-                buf.resize(buf.len() * 2, 0);
-            }
-        }
-        match stream.read(&mut buf[end..]) {
+        on_frames(reader)?;
+        match stream.read(reader.read_buf()) {
             Ok(0) => return Ok(()),
-            Ok(n) => end += n,
+            Ok(n) => reader.filled(n),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 return Err(DisconnectReason::Io(format!(
@@ -1318,6 +1420,7 @@ fn read_frames(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fractos_wire::ControllerMsg;
 
     /// A reader handing out at most `step` bytes per call.
     struct Trickle {
@@ -1333,6 +1436,15 @@ mod tests {
             self.pos += n;
             Ok(n)
         }
+    }
+
+    /// Takes every complete frame out of `r`, decoded.
+    fn drain(r: &mut FrameReader, got: &mut Vec<ControllerMsg>) -> Result<(), DisconnectReason> {
+        while let Some(body) = r.frame().map_err(disconnect_reason)? {
+            got.push(ControllerMsg::decode(body).unwrap());
+            r.consume();
+        }
+        Ok(())
     }
 
     #[test]
@@ -1353,7 +1465,7 @@ mod tests {
             (61, 0),
             (7, 3),
             (4096, 100),
-            (READ_CHUNK, 0),
+            (256 * 1024, 0),
             (usize::MAX, 10),
         ] {
             let split_at = split_at.min(wire.len());
@@ -1362,16 +1474,10 @@ mod tests {
                 pos: 0,
                 step,
             };
+            let mut reader = FrameReader::new(MAX_FRAME_LEN);
+            reader.push(&wire[..split_at]);
             let mut got = Vec::new();
-            let res = read_frames(
-                &mut r,
-                wire[..split_at].to_vec(),
-                FrameSplitter::default(),
-                |b| {
-                    got.push(ControllerMsg::decode(b).unwrap());
-                    Ok(())
-                },
-            );
+            let res = read_frames(&mut r, &mut reader, |b| drain(b, &mut got));
             assert_eq!(res, Ok(()));
             assert_eq!(got, msgs, "step {step}");
         }
@@ -1381,7 +1487,8 @@ mod tests {
             pos: 0,
             step: 4,
         };
-        let res = read_frames(&mut r, Vec::new(), FrameSplitter::default(), |_| Ok(()));
+        let mut reader = FrameReader::new(MAX_FRAME_LEN);
+        let res = read_frames(&mut r, &mut reader, |b| drain(b, &mut Vec::new()));
         assert!(matches!(res, Err(DisconnectReason::Protocol(_))));
     }
 

@@ -29,14 +29,20 @@
 //! Bytes move between the NVMe DMA buffer and the controller's copy frames
 //! with one memory copy each way (the frame has to be built anyway); the
 //! device I/O itself is polled synchronously, one request at a time.
+//!
+//! The process protocol itself — attach, op ids, routing completions,
+//! serving the controller's `MemRead`/`MemWrite` of the staging buffer
+//! (out of window: `MemoryFault`, as in the SDK), the invocation queue — is
+//! the sans-IO [`fractos_process::Connection`]; this module is the storage
+//! logic on top of it plus the [`LocalProcess`] wiring into the service.
 
-use alloc::collections::{BTreeMap, VecDeque};
+use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use fractos_process::{Config, Connection, Event, Instant, Memory, OutOfWindow};
 use fractos_wire::{
-    CapInfo, ControllerMsg, ErrorCode, Handle, ObjectKind, ProcessMsg, Reply, Rights,
-    FRAME_HEADER_LEN,
+    CapInfo, ErrorCode, Handle, ObjectKind, ProcessMsg, Reply, Rights, FRAME_HEADER_LEN,
 };
 use log::{info, warn};
 
@@ -135,7 +141,6 @@ enum Op {
     Publish(String, Handle),
     Diminish,
     Copy,
-    Other,
 }
 
 /// One invocation being served.
@@ -158,24 +163,36 @@ pub struct StorageProcess<B: BlockDevice> {
     name: String,
     names: Vec<(u64, String)>,
     phase: Phase,
-    next_op: u64,
-    ops: BTreeMap<u64, Op>,
+    /// The protocol: op ids, completion routing, memory serving.
+    conn: Connection<Op>,
     buffer_cap: Option<Handle>,
     setup_left: usize,
     queue: VecDeque<Job>,
     current: Option<Job>,
-    out: VecDeque<Vec<u8>>,
     stats: StorageStats,
     now_ns: u64,
     /// Publishes to retry: (name, Request, when).
     retries: Vec<(String, Handle, u64)>,
 }
 
-fn body(msg: &ProcessMsg) -> Vec<u8> {
-    let mut v = Vec::new();
-    msg.encode(&mut v);
-    v.drain(..FRAME_HEADER_LEN);
-    v
+/// The staging buffer as the controller reaches it: registered memory
+/// `[BUFFER_ADDR, BUFFER_ADDR + buffer_len)`.
+struct Staging<'a, B>(&'a mut B);
+
+impl<B: BlockDevice> Memory for Staging<'_, B> {
+    fn read(&mut self, addr: u64, out: &mut [u8]) -> Result<(), OutOfWindow> {
+        let len = self.0.buffer_len() as u64;
+        let off = OutOfWindow::check(BUFFER_ADDR, len, addr, out.len() as u64)?;
+        self.0.buffer_read(off as usize, out);
+        Ok(())
+    }
+
+    fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), OutOfWindow> {
+        let len = self.0.buffer_len() as u64;
+        let off = OutOfWindow::check(BUFFER_ADDR, len, addr, data.len() as u64)?;
+        self.0.buffer_write(off as usize, data);
+        Ok(())
+    }
 }
 
 impl<B: BlockDevice> StorageProcess<B> {
@@ -194,27 +211,32 @@ impl<B: BlockDevice> StorageProcess<B> {
             .map(|n| (TAG_READ, String::from(*n)))
             .chain(write_names.iter().map(|n| (TAG_WRITE, String::from(*n))))
             .collect();
-        let mut p = StorageProcess {
+        // The controller answers the attach synchronously: no deadline.
+        let config = Config::default().attach_timeout(None);
+        let (conn, phase) = match Connection::new(name.as_bytes(), token, config, Instant(0)) {
+            Ok(conn) => (conn, Phase::Attaching),
+            Err(e) => {
+                warn!("storage: {name}: cannot attach: {e}");
+                let mut closed = Connection::new(b"", token, config, Instant(0))
+                    .expect("an empty name is short enough");
+                closed.close();
+                (closed, Phase::Failed)
+            }
+        };
+        StorageProcess {
             dev,
             name: String::from(name),
             names,
-            phase: Phase::Attaching,
-            next_op: 1,
-            ops: BTreeMap::new(),
+            phase,
+            conn,
             buffer_cap: None,
             setup_left: 0,
             queue: VecDeque::new(),
             current: None,
-            out: VecDeque::new(),
             stats: StorageStats::default(),
             now_ns: 0,
             retries: Vec::new(),
-        };
-        p.out.push_back(body(&ProcessMsg::Attach {
-            name: p.name.clone().into_bytes(),
-            token,
-        }));
-        p
+        }
     }
 
     /// Counters.
@@ -232,12 +254,20 @@ impl<B: BlockDevice> StorageProcess<B> {
         &self.dev
     }
 
+    /// Starts an operation whose answer comes back to `on_completion`
+    /// with `kind`.
     fn send(&mut self, kind: Op, make: impl FnOnce(u64) -> ProcessMsg) {
-        let op = self.next_op;
-        self.next_op += 1;
-        self.ops.insert(op, kind);
-        let m = make(op);
-        self.out.push_back(body(&m));
+        if let Err(e) = self.conn.start(kind, make) {
+            warn!("storage: {}: not sent: {e}", self.name);
+        }
+    }
+
+    /// Starts an operation whose answer nobody needs (drops, `done` and
+    /// `err` invocations).
+    fn send_detached(&mut self, make: impl FnOnce(u64) -> ProcessMsg) {
+        if let Err(e) = self.conn.start_detached(make) {
+            warn!("storage: {}: not sent: {e}", self.name);
+        }
     }
 
     fn publish(&mut self, name: String, cap: Handle) {
@@ -284,10 +314,7 @@ impl<B: BlockDevice> StorageProcess<B> {
         }
     }
 
-    fn on_completion(&mut self, op: u64, result: Result<Reply, ErrorCode>) {
-        let Some(kind) = self.ops.remove(&op) else {
-            return;
-        };
+    fn on_completion(&mut self, kind: Op, result: Result<Reply, ErrorCode>) {
         match (kind, result) {
             (Op::BufferCap, Ok(Reply::Cap { handle, .. })) => {
                 self.buffer_cap = Some(handle);
@@ -322,7 +349,6 @@ impl<B: BlockDevice> StorageProcess<B> {
                 self.fail(StorageStatus::Device, None);
             }
             (Op::Copy, r) => self.on_copied(r.err()),
-            (Op::Other, _) => {}
         }
     }
 
@@ -368,7 +394,7 @@ impl<B: BlockDevice> StorageProcess<B> {
         if let Some(err) = job.err {
             let mut imms = alloc::vec![status as u8];
             imms.extend_from_slice(&code.map_or(0, |c| c as u16).to_le_bytes());
-            self.send(Op::Other, |op| ProcessMsg::Invoke {
+            self.send_detached(|op| ProcessMsg::Invoke {
                 op,
                 cap: err,
                 imms,
@@ -382,7 +408,7 @@ impl<B: BlockDevice> StorageProcess<B> {
     /// staging buffer).
     fn release(&mut self, job: &Job) {
         for &h in job.received.iter().chain(job.part.iter()) {
-            self.send(Op::Other, |op| ProcessMsg::Drop { op, cap: h });
+            self.send_detached(|op| ProcessMsg::Drop { op, cap: h });
         }
     }
 
@@ -512,7 +538,7 @@ impl<B: BlockDevice> StorageProcess<B> {
             self.stats.writes += 1;
             self.stats.bytes_written += job.len;
             if let Some(done) = job.done {
-                self.send(Op::Other, |op| ProcessMsg::Invoke {
+                self.send_detached(|op| ProcessMsg::Invoke {
                     op,
                     cap: done,
                     imms: Vec::new(),
@@ -522,42 +548,6 @@ impl<B: BlockDevice> StorageProcess<B> {
         }
         self.release(&job);
         self.next_job();
-    }
-
-    /// Answers a MemRead/MemWrite of the controller from the staging
-    /// buffer.
-    fn on_memory(&mut self, msg: ControllerMsg) {
-        let len = self.dev.buffer_len() as u64;
-        let window = |addr: u64, n: u64| {
-            addr.checked_sub(BUFFER_ADDR)
-                .filter(|off| off.checked_add(n).is_some_and(|end| end <= len))
-        };
-        match msg {
-            ControllerMsg::MemRead { xfer, addr, len: n } => {
-                let result = match window(addr, u64::from(n)) {
-                    Some(off) => {
-                        let mut data = alloc::vec![0u8; n as usize];
-                        self.dev.buffer_read(off as usize, &mut data);
-                        Ok(data)
-                    }
-                    None => Err(ErrorCode::OutOfBounds),
-                };
-                self.out
-                    .push_back(body(&ProcessMsg::MemReadReply { xfer, result }));
-            }
-            ControllerMsg::MemWrite { xfer, addr, data } => {
-                let result = match window(addr, data.len() as u64) {
-                    Some(off) => {
-                        self.dev.buffer_write(off as usize, &data);
-                        Ok(())
-                    }
-                    None => Err(ErrorCode::OutOfBounds),
-                };
-                self.out
-                    .push_back(body(&ProcessMsg::MemWriteReply { xfer, result }));
-            }
-            _ => {}
-        }
     }
 }
 
@@ -570,37 +560,45 @@ const NO_CAP: CapInfo = CapInfo {
 
 impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
     fn on_message(&mut self, body: &[u8]) {
-        let msg = match ControllerMsg::decode(body) {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(
-                    "storage: {}: undecodable message from the controller: {e}",
-                    self.name
-                );
-                return;
-            }
-        };
-        match msg {
-            ControllerMsg::Attached { .. } if self.phase == Phase::Attaching => self.start_setup(),
-            ControllerMsg::Attached { .. } => {}
-            ControllerMsg::Rejected { code, .. } => {
-                warn!("storage: {}: attach rejected: {code:?}", self.name);
+        let now = Instant(self.now_ns);
+        let handled = self
+            .conn
+            .handle_body(body, now, &mut Staging(&mut self.dev));
+        match handled {
+            Ok(()) => {}
+            Err(e) if e.is_fatal() => {
+                warn!("storage: {}: channel closed: {e}", self.name);
                 self.phase = Phase::Failed;
             }
-            ControllerMsg::Completion { op, result } => self.on_completion(op, result),
-            ControllerMsg::Invocation { tag, imms, caps } => self.on_invocation(tag, &imms, &caps),
-            m @ (ControllerMsg::MemRead { .. } | ControllerMsg::MemWrite { .. }) => {
-                self.on_memory(m)
+            Err(e) => warn!("storage: {}: {e}", self.name),
+        }
+        while let Some(event) = self.conn.poll_event() {
+            match event {
+                Event::Attached { .. } if self.phase == Phase::Attaching => self.start_setup(),
+                Event::Attached { .. } | Event::Aborted { .. } => {}
+                Event::Completion { data, result, .. } => self.on_completion(data, result),
             }
+        }
+        // Drained after every message, so the connection's bound is never
+        // reached; jobs queue here until the staging buffer is free.
+        while let Some(inv) = self.conn.poll_invocation() {
+            self.on_invocation(inv.tag, &inv.imms, &inv.caps);
         }
     }
 
     fn poll_message(&mut self) -> Option<Vec<u8>> {
-        self.out.pop_front()
+        self.conn.poll_transmit().map(|mut frame| {
+            frame.drain(..FRAME_HEADER_LEN);
+            frame
+        })
     }
 
     fn tick(&mut self, now_ns: u64) {
         self.now_ns = now_ns;
+        if let Err(e) = self.conn.handle_timeout(Instant(now_ns)) {
+            warn!("storage: {}: {e}", self.name);
+            self.phase = Phase::Failed;
+        }
         if self.retries.iter().any(|r| r.2 <= now_ns) {
             let (due, later): (Vec<_>, Vec<_>) =
                 self.retries.drain(..).partition(|r| r.2 <= now_ns);
@@ -628,5 +626,107 @@ impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
              fractos_storage_bytes_total{{node=\"{node}\",direction=\"written\"}} {}\n",
             s.reads, s.writes, s.errors, s.bytes_read, s.bytes_written
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fractos_wire::{ControllerMsg, NodeId};
+
+    /// A device with only a staging buffer.
+    struct Buf(Vec<u8>);
+
+    impl BlockDevice for Buf {
+        fn block_size(&self) -> u32 {
+            512
+        }
+        fn blocks(&self) -> u64 {
+            1
+        }
+        fn buffer_len(&self) -> usize {
+            self.0.len()
+        }
+        fn buffer_read(&self, offset: usize, out: &mut [u8]) {
+            out.copy_from_slice(&self.0[offset..offset + out.len()]);
+        }
+        fn buffer_write(&mut self, offset: usize, data: &[u8]) {
+            self.0[offset..offset + data.len()].copy_from_slice(data);
+        }
+        fn read(&mut self, _: u64, _: u32) -> Result<(), String> {
+            Ok(())
+        }
+        fn write(&mut self, _: u64, _: u32) -> Result<(), String> {
+            Ok(())
+        }
+        fn flush(&mut self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    fn body(m: &ControllerMsg) -> Vec<u8> {
+        let mut f = Vec::new();
+        m.encode(&mut f);
+        f.split_off(FRAME_HEADER_LEN)
+    }
+
+    fn sent(p: &mut StorageProcess<Buf>) -> Vec<ProcessMsg> {
+        core::iter::from_fn(|| p.poll_message())
+            .map(|b| ProcessMsg::decode(&b).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn staging_buffer_is_served_and_faults_outside_like_the_sdk() {
+        let mut p = StorageProcess::new(Buf(vec![1, 2, 3, 4]), "s", [0; 32], &[], &[]);
+        assert!(matches!(sent(&mut p)[..], [ProcessMsg::Attach { .. }]));
+        p.on_message(&body(&ControllerMsg::Attached { node: NodeId(1) }));
+        // Setup: the buffer's Memory cap and the two Requests.
+        assert_eq!(sent(&mut p).len(), 3);
+        let read = |xfer, addr, len| ControllerMsg::MemRead { xfer, addr, len };
+        p.on_message(&body(&read(1, BUFFER_ADDR + 1, 2)));
+        p.on_message(&body(&read(2, BUFFER_ADDR + 3, 2)));
+        p.on_message(&body(&read(3, BUFFER_ADDR - 1, 1)));
+        p.on_message(&body(&ControllerMsg::MemWrite {
+            xfer: 4,
+            addr: BUFFER_ADDR + 4,
+            data: alloc::vec![9],
+        }));
+        assert_eq!(
+            sent(&mut p),
+            [
+                ProcessMsg::MemReadReply {
+                    xfer: 1,
+                    result: Ok(alloc::vec![2, 3])
+                },
+                ProcessMsg::MemReadReply {
+                    xfer: 2,
+                    result: Err(ErrorCode::MemoryFault)
+                },
+                ProcessMsg::MemReadReply {
+                    xfer: 3,
+                    result: Err(ErrorCode::MemoryFault)
+                },
+                ProcessMsg::MemWriteReply {
+                    xfer: 4,
+                    result: Err(ErrorCode::MemoryFault)
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn malformed_input_fails_the_process_without_panicking() {
+        let mut p = StorageProcess::new(Buf(vec![0; 4]), "s", [0; 32], &[], &[]);
+        let _ = sent(&mut p);
+        p.on_message(&[fractos_wire::PROTOCOL_VERSION, 200]);
+        assert!(!p.is_ready());
+        assert_eq!(p.phase, Phase::Failed);
+        assert!(sent(&mut p).is_empty());
+        // A name the protocol cannot carry fails at once.
+        let long = "n".repeat(fractos_wire::MAX_PROCESS_NAME_LEN + 1);
+        let mut p = StorageProcess::new(Buf(vec![0; 4]), &long, [0; 32], &[], &[]);
+        assert_eq!(p.phase, Phase::Failed);
+        assert!(sent(&mut p).is_empty());
     }
 }
