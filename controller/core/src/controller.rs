@@ -862,13 +862,32 @@ impl Controller {
     }
 
     /// Installs a capability (held by this node) as a fresh handle.
-    fn install(&mut self, proc: ProcessKey, cap: CapRef, info: CapInfo) -> Handle {
+    /// Whether `cap` may be installed in a process table: a capability
+    /// owned here must be a node held for this node and not yet handed out
+    /// (a peer cannot make us install a node someone else holds); remote
+    /// ones are validated by their owner.
+    fn installable(&self, cap: &CapRef) -> bool {
+        !self.is_local(cap)
+            || self
+                .resolve_local(cap)
+                .is_ok_and(|k| self.store.nodes[k].holder == Holder::Node(self.cfg.node))
+    }
+
+    /// Installs a capability (held by this node) as a fresh handle; `None`
+    /// (and nothing changed) if it is not [`Controller::installable`].
+    fn install(&mut self, proc: ProcessKey, cap: CapRef, info: CapInfo) -> Option<Handle> {
+        let mut info = info;
         if self.is_local(&cap) {
-            if let Ok(key) = self.resolve_local(&cap) {
-                self.store.nodes[key].holder = Holder::Process(proc);
+            if !self.installable(&cap) {
+                self.metrics.peer_refs_refused += 1;
+                return None;
             }
+            let key = self.resolve_local(&cap).ok()?;
+            self.store.nodes[key].holder = Holder::Process(proc);
+            // What the process is told comes from the owner: us.
+            info = self.store.info(key).unwrap_or(info);
         }
-        self.procs[proc].table.insert(Entry { cap, info })
+        Some(self.procs[proc].table.insert(Entry { cap, info }))
     }
 
     fn has_room(&self, proc: ProcessKey, n: usize) -> bool {
@@ -891,14 +910,18 @@ impl Controller {
                 self.procs[proc].pending = self.procs[proc].pending.saturating_sub(1);
                 let result = match result {
                     Ok(PeerReply::Cap { cap, info }) => {
-                        if self.has_room(proc, 1) {
-                            Ok(Reply::Cap {
-                                handle: self.install(proc, cap, info),
-                                info,
-                            })
-                        } else {
+                        if !self.has_room(proc, 1) {
                             self.release_ref(cap);
                             Err(ErrorCode::LimitReached)
+                        } else {
+                            match self.install(proc, cap, info) {
+                                Some(handle) => {
+                                    let info =
+                                        self.procs[proc].table.get(handle).map_or(info, |e| e.info);
+                                    Ok(Reply::Cap { handle, info })
+                                }
+                                None => Err(ErrorCode::InvalidArgument),
+                            }
                         }
                     }
                     Ok(_) => Ok(Reply::Done),
@@ -1581,22 +1604,39 @@ impl Controller {
         invoker: Vec<(CapRef, CapInfo)>,
     ) {
         let n = bound.len() + invoker.len();
+        // Capabilities a peer named that we must not install (held by
+        // someone else, or named twice): refuse the delivery, release only
+        // what was really held for us.
+        let mut seen = BTreeSet::new();
+        let valid: Vec<bool> = bound
+            .iter()
+            .chain(&invoker)
+            .map(|(c, _)| self.installable(c) && (!self.is_local(c) || seen.insert(c.cap)))
+            .collect();
         let error = if !self.procs.contains_key(proc) {
             Some(ErrorCode::OwnerGone)
         } else if !self.has_room(proc, n) {
             Some(ErrorCode::LimitReached)
+        } else if valid.contains(&false) {
+            self.metrics.peer_refs_refused += 1;
+            Some(ErrorCode::InvalidArgument)
         } else {
             None
         };
         if let Some(e) = error {
-            for (c, _) in bound.into_iter().chain(invoker) {
-                self.release_ref(c);
+            for ((c, _), ok) in bound.into_iter().chain(invoker).zip(valid) {
+                if ok {
+                    self.release_ref(c);
+                }
             }
             return self.answer(origin, Err(e));
         }
         let mut caps = Vec::with_capacity(n);
         for (c, info) in bound.into_iter().chain(invoker) {
-            caps.push((self.install(proc, c, info), info));
+            if let Some(h) = self.install(proc, c, info) {
+                let info = self.procs[proc].table.get(h).map_or(info, |e| e.info);
+                caps.push((h, info));
+            }
         }
         self.metrics.invocations_delivered += 1;
         self.send_process(proc, &ControllerMsg::Invocation { tag, imms, caps });

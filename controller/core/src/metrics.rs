@@ -84,6 +84,9 @@ pub struct Metrics {
     /// Revokes that cut running copies and waited for their in-flight
     /// bytes to settle before answering.
     pub revokes_held_for_copies: u64,
+    /// References to capabilities owned here that a peer asked us to hand
+    /// to a process although they were not held for us (refused).
+    pub peer_refs_refused: u64,
     /// Process channels closed for misbehaviour.
     pub processes_kicked: u64,
     /// Operation latency histogram as seen by the core (arrival to answer),

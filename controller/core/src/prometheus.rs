@@ -148,6 +148,12 @@ pub fn render(ctrl: &Controller, traffic: &Traffic) -> String {
         "fractos_revokes_held_for_copies_total{{node=\"{node}\"}} {}",
         m.revokes_held_for_copies
     );
+    let _ = writeln!(o, "# TYPE fractos_peer_refs_refused_total counter");
+    let _ = writeln!(
+        o,
+        "fractos_peer_refs_refused_total{{node=\"{node}\"}} {}",
+        m.peer_refs_refused
+    );
     let gauges = [
         (
             "fractos_processes_attached",
