@@ -78,6 +78,7 @@ mod auth;
 mod caps;
 mod controller;
 mod copy;
+mod effects;
 mod metrics;
 mod names;
 pub mod prometheus;
@@ -275,6 +276,45 @@ pub enum Output {
         /// Why.
         reason: CloseReason,
     },
+}
+
+/// A memory access the driver performs itself, for a process whose memory
+/// it can reach directly (see [`Controller::set_direct_memory`]). Addresses
+/// are absolute in the process's registered memory, as in the `MemRead` /
+/// `MemWrite` messages sent to other processes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemAccess {
+    /// Read `len` bytes at `addr`; answer with [`Controller::mem_read_done`].
+    Read {
+        /// The process's channel.
+        chan: ChannelId,
+        /// Transfer id, to pass back.
+        xfer: u64,
+        /// Start address.
+        addr: u64,
+        /// Bytes to read.
+        len: u32,
+    },
+    /// Write `data` at `addr`; answer with [`Controller::mem_write_done`].
+    Write {
+        /// The process's channel.
+        chan: ChannelId,
+        /// Transfer id, to pass back.
+        xfer: u64,
+        /// Start address.
+        addr: u64,
+        /// Bytes to write.
+        data: alloc::vec::Vec<u8>,
+    },
+}
+
+impl MemAccess {
+    /// The channel of the process whose memory is accessed.
+    pub fn chan(&self) -> ChannelId {
+        match self {
+            MemAccess::Read { chan, .. } | MemAccess::Write { chan, .. } => *chan,
+        }
+    }
 }
 
 /// Counts of what the controller holds, for metrics and invariant checks.
