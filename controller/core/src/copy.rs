@@ -695,3 +695,543 @@ impl CopyEngine {
         self.sinks.retain(|_, s| s.from != node);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::caps::Holder;
+    use fractos_wire::ObjectKind;
+
+    const ME: NodeId = NodeId(1);
+    const PEER: NodeId = NodeId(2);
+    const ORIGIN: Origin = Origin::Peer { node: ME, req: 9 };
+    const SINK: u64 = 77;
+    const T0: Instant = Instant(1_000);
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// One controller's copy engine and capability store, with one
+    /// process owning a 100-byte memory object at address 1000.
+    struct T {
+        engine: CopyEngine,
+        store: CapStore,
+        proc: ProcessKey,
+        mem: CapKey,
+        fx: Effects,
+    }
+
+    impl T {
+        /// Chunks of 10 bytes, 2 in flight.
+        fn new() -> T {
+            let mut procs: SlotMap<ProcessKey, ()> = SlotMap::with_key();
+            let proc = procs.insert(());
+            let mut store = CapStore::default();
+            let mem = store.create_object(
+                ObjectKind::Memory,
+                proc,
+                1000,
+                100,
+                Rights::READ | Rights::WRITE,
+                0,
+                None,
+                Holder::Node(ME),
+            );
+            T {
+                engine: CopyEngine::new(10, 2, TIMEOUT),
+                store,
+                proc,
+                mem,
+                fx: Vec::new(),
+            }
+        }
+
+        /// A child of the memory object: `len` bytes at `offset`.
+        fn window(&mut self, offset: u64, len: u64, rights: Rights) -> CapKey {
+            let spec = crate::caps::DeriveKind::Diminish {
+                offset,
+                len,
+                rights,
+            };
+            self.store
+                .derive(self.mem, spec, Holder::Node(ME))
+                .expect("valid window")
+        }
+
+        fn take(&mut self) -> Vec<Effect> {
+            core::mem::take(&mut self.fx)
+        }
+
+        fn revoke(&mut self, key: CapKey) {
+            let mut fallout = Vec::new();
+            self.store.revoke(key, &mut fallout).expect("alive");
+            self.engine.revoked(T0, ORIGIN, &self.store, &mut self.fx);
+        }
+
+        /// Starts a copy of `src` to a destination on `PEER` and opens it;
+        /// returns the source's key.
+        fn start(&mut self, src: CapKey) -> SourceKey {
+            let dst = CapRef {
+                node: PEER,
+                incarnation: 1,
+                cap: 5,
+            };
+            self.engine
+                .start_source(T0, ORIGIN, src, dst, &self.store, &mut self.fx);
+            let sk = match self.take().as_slice() {
+                [Effect::Timer(_, Timer::Source(sk)), Effect::OpenSink {
+                    node: PEER, source, ..
+                }] if sk == source => *sk,
+                other => panic!("unexpected {other:?}"),
+            };
+            let opened = Ok(PeerReply::CopyOpened { sink: SINK });
+            self.engine.opened(sk, opened, &self.store, &mut self.fx);
+            sk
+        }
+
+        fn read(&mut self, xfer: u64, data: Vec<u8>) {
+            self.engine.read_done(
+                T0,
+                self.proc,
+                xfer,
+                false,
+                Ok(data),
+                &self.store,
+                &mut self.fx,
+            );
+        }
+
+        fn ack(&mut self, sk: SourceKey, offset: u64, result: Result<(), ErrorCode>) {
+            let source = key_to_u64(sk);
+            self.engine
+                .ack(T0, PEER, source, offset, result, &self.store, &mut self.fx);
+        }
+
+        /// Opens a sink into `dst` for `len` bytes from `PEER`; returns
+        /// its wire id.
+        fn open_sink(&mut self, dst: CapKey, len: u64) -> u64 {
+            self.engine
+                .open_sink(T0, ORIGIN, PEER, dst, len, 5, &self.store, &mut self.fx);
+            match self.take().as_slice() {
+                [Effect::Timer(_, Timer::Sink(_)), Effect::Answer(ORIGIN, Ok(PeerReply::CopyOpened { sink }))] => {
+                    *sink
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+
+        fn chunk(&mut self, sink: u64, offset: u64, len: usize) {
+            let data = alloc::vec![7; len];
+            self.engine
+                .chunk(T0, PEER, sink, offset, data, &self.store, &mut self.fx);
+        }
+    }
+
+    /// The reads among `fx`: (xfer, addr, len).
+    fn reads(fx: &[Effect]) -> Vec<(u64, u64, u32)> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::MemRead {
+                    xfer, addr, len, ..
+                } => Some((*xfer, *addr, *len)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The chunks sent among `fx`: (offset, len).
+    fn chunks(fx: &[Effect]) -> Vec<(u64, usize)> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Peer(
+                    PEER,
+                    PeerMsg::CopyChunk {
+                        sink: SINK,
+                        offset,
+                        data,
+                    },
+                ) => Some((*offset, data.len())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn answers(fx: &[Effect]) -> Vec<Result<PeerReply, ErrorCode>> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Answer(_, r) => Some(*r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn acks(fx: &[Effect]) -> Vec<(u64, Result<(), ErrorCode>)> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Peer(PEER, PeerMsg::CopyAck { offset, result, .. }) => {
+                    Some((*offset, *result))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn chunks_stay_within_window_and_copy_completes() {
+        let mut t = T::new();
+        let src = t.window(20, 35, Rights::READ);
+        let sk = t.start(src);
+        // Two chunks of 10 in flight, at the window's absolute addresses.
+        let fx = t.take();
+        let r = reads(&fx);
+        assert_eq!(
+            r.iter().map(|x| (x.1, x.2)).collect::<Vec<_>>(),
+            [(1020, 10), (1030, 10)]
+        );
+        // Reads answered: chunks go out, but no new read until an ack.
+        t.read(r[0].0, alloc::vec![1; 10]);
+        t.read(r[1].0, alloc::vec![2; 10]);
+        let fx = t.take();
+        assert_eq!(chunks(&fx), [(0, 10), (10, 10)]);
+        assert!(reads(&fx).is_empty());
+        assert!(fx.contains(&Effect::BytesOut(10)));
+        t.ack(sk, 0, Ok(()));
+        let r2 = reads(&t.take());
+        assert_eq!(
+            r2.iter().map(|x| (x.1, x.2)).collect::<Vec<_>>(),
+            [(1040, 10)]
+        );
+        t.ack(sk, 10, Ok(()));
+        let r3 = reads(&t.take());
+        // The last chunk is short.
+        assert_eq!(
+            r3.iter().map(|x| (x.1, x.2)).collect::<Vec<_>>(),
+            [(1050, 5)]
+        );
+        t.read(r2[0].0, alloc::vec![3; 10]);
+        t.read(r3[0].0, alloc::vec![4; 5]);
+        assert_eq!(chunks(&t.take()), [(20, 10), (30, 5)]);
+        t.ack(sk, 20, Ok(()));
+        assert!(answers(&t.take()).is_empty());
+        t.ack(sk, 30, Ok(()));
+        let fx = t.take();
+        assert!(fx.contains(&Effect::Peer(PEER, PeerMsg::CopyClose { sink: SINK })));
+        assert_eq!(answers(&fx), [Ok(PeerReply::Copied { len: 35 })]);
+        assert_eq!((t.engine.sources(), t.engine.xfers.len()), (0, 0));
+    }
+
+    #[test]
+    fn acks_out_of_order_and_bogus_acks() {
+        let mut t = T::new();
+        let src = t.window(0, 20, Rights::READ);
+        let sk = t.start(src);
+        let r = reads(&t.take());
+        t.read(r[0].0, alloc::vec![1; 10]);
+        t.read(r[1].0, alloc::vec![2; 10]);
+        t.take();
+        // From the wrong node, beyond what was read: ignored.
+        let source = key_to_u64(sk);
+        t.engine
+            .ack(T0, NodeId(3), source, 0, Ok(()), &t.store, &mut t.fx);
+        t.ack(sk, 20, Ok(()));
+        assert!(t.take().is_empty());
+        // The second chunk first.
+        t.ack(sk, 10, Ok(()));
+        assert!(answers(&t.take()).is_empty());
+        t.ack(sk, 0, Ok(()));
+        assert_eq!(answers(&t.take()), [Ok(PeerReply::Copied { len: 20 })]);
+        // A late duplicate: the copy is gone.
+        t.ack(sk, 0, Ok(()));
+        assert!(t.take().is_empty());
+    }
+
+    #[test]
+    fn a_failed_ack_or_bad_read_fails_the_copy() {
+        let mut t = T::new();
+        let sk = t.start(t.mem);
+        let r = reads(&t.take());
+        t.read(r[0].0, alloc::vec![1; 10]);
+        t.take();
+        t.ack(sk, 0, Err(ErrorCode::MemoryFault));
+        let fx = t.take();
+        assert_eq!(answers(&fx), [Err(ErrorCode::MemoryFault)]);
+        assert!(fx.contains(&Effect::Peer(PEER, PeerMsg::CopyClose { sink: SINK })));
+
+        let mut t = T::new();
+        t.start(t.mem);
+        let r = reads(&t.take());
+        // Too short an answer.
+        t.read(r[0].0, alloc::vec![1; 3]);
+        assert_eq!(answers(&t.take()), [Err(ErrorCode::MemoryFault)]);
+    }
+
+    #[test]
+    fn source_checks_rights_and_destination_checks_size() {
+        let mut t = T::new();
+        let w = t.window(0, 10, Rights::WRITE);
+        let dst = CapRef {
+            node: PEER,
+            incarnation: 1,
+            cap: 5,
+        };
+        t.engine
+            .start_source(T0, ORIGIN, w, dst, &t.store, &mut t.fx);
+        assert_eq!(answers(&t.take()), [Err(ErrorCode::MissingRight)]);
+        t.engine
+            .open_sink(T0, ORIGIN, PEER, w, 11, 5, &t.store, &mut t.fx);
+        assert_eq!(answers(&t.take()), [Err(ErrorCode::SizeMismatch)]);
+        let r = t.window(0, 10, Rights::READ);
+        t.engine
+            .open_sink(T0, ORIGIN, PEER, r, 5, 5, &t.store, &mut t.fx);
+        assert_eq!(answers(&t.take()), [Err(ErrorCode::MissingRight)]);
+        assert_eq!((t.engine.sources(), t.engine.sinks()), (0, 0));
+    }
+
+    #[test]
+    fn sink_validates_every_chunk() {
+        let mut t = T::new();
+        let dst = t.window(50, 30, Rights::WRITE);
+        let sink = t.open_sink(dst, 25);
+        t.chunk(sink, 0, 10);
+        let fx = t.take();
+        assert!(matches!(
+            fx.as_slice(),
+            [Effect::MemWrite {
+                addr: 1050,
+                direct: false,
+                ..
+            }]
+        ));
+        // Past the copy's length (not the window's), overflowing, from
+        // another node, for an unknown sink.
+        t.chunk(sink, 20, 10);
+        t.chunk(sink, u64::MAX, 1);
+        assert_eq!(
+            acks(&t.take()),
+            [
+                (20, Err(ErrorCode::OutOfBounds)),
+                (u64::MAX, Err(ErrorCode::OutOfBounds))
+            ]
+        );
+        t.engine
+            .chunk(T0, NodeId(3), sink, 0, alloc::vec![1], &t.store, &mut t.fx);
+        t.chunk(sink ^ 0xffff, 0, 1);
+        assert!(t.take().is_empty());
+        // The write's answer becomes the ack.
+        let xfer = *t.engine.xfers.keys().next().expect("one write");
+        t.engine.write_done(t.proc, xfer, false, Ok(()), &mut t.fx);
+        let fx = t.take();
+        assert_eq!(acks(&fx), [(0, Ok(()))]);
+        assert!(fx.contains(&Effect::BytesIn(10)));
+        // A close from another node is ignored; from the source it ends.
+        t.engine.close(NodeId(3), sink);
+        assert_eq!(t.engine.sinks(), 1);
+        t.engine.close(PEER, sink);
+        assert_eq!(t.engine.sinks(), 0);
+    }
+
+    #[test]
+    fn revoking_the_source_waits_for_unacked_chunks() {
+        let mut t = T::new();
+        let src = t.window(0, 40, Rights::READ);
+        let sk = t.start(src);
+        let r = reads(&t.take());
+        // One chunk sent, one still being read.
+        t.read(r[0].0, alloc::vec![1; 10]);
+        t.take();
+        t.revoke(src);
+        let fx = t.take();
+        assert!(answers(&fx).is_empty(), "held while a chunk is in flight");
+        assert!(fx.contains(&Effect::RevokeHeld));
+        assert_eq!(t.engine.barriers.len(), 1);
+        // The late read reply is discarded: nothing is sent.
+        t.read(r[1].0, alloc::vec![2; 10]);
+        assert!(t.take().is_empty());
+        // The in-flight chunk is acknowledged: the copy fails, the revoke
+        // completes.
+        t.ack(sk, 0, Ok(()));
+        let fx = t.take();
+        assert!(fx.contains(&Effect::Peer(PEER, PeerMsg::CopyClose { sink: SINK })));
+        assert_eq!(answers(&fx), [Err(ErrorCode::Revoked), Ok(PeerReply::Done)]);
+        assert_eq!(t.engine.barriers.len(), 0);
+    }
+
+    #[test]
+    fn revoking_a_source_with_nothing_sent_answers_at_once() {
+        let mut t = T::new();
+        let src = t.window(0, 40, Rights::READ);
+        t.start(src);
+        let r = reads(&t.take());
+        t.revoke(src);
+        assert_eq!(
+            answers(&t.take()),
+            [Err(ErrorCode::Revoked), Ok(PeerReply::Done)]
+        );
+        // Late read replies go nowhere.
+        t.read(r[0].0, alloc::vec![1; 10]);
+        assert!(t.take().is_empty());
+        // Revoking something no copy uses answers Done at once.
+        let other = t.window(50, 10, Rights::READ);
+        t.revoke(other);
+        assert_eq!(answers(&t.take()), [Ok(PeerReply::Done)]);
+    }
+
+    #[test]
+    fn revoke_answers_timeout_when_bytes_cannot_settle() {
+        // The destination is lost with a chunk in flight.
+        let mut t = T::new();
+        let src = t.window(0, 40, Rights::READ);
+        t.start(src);
+        let r = reads(&t.take());
+        t.read(r[0].0, alloc::vec![1; 10]);
+        t.take();
+        t.revoke(src);
+        t.take();
+        t.engine.peer_lost(PEER, &mut t.fx);
+        assert_eq!(
+            answers(&t.take()),
+            [Err(ErrorCode::PeerUnreachable), Err(ErrorCode::Timeout)]
+        );
+        // The barrier's deadline passes first.
+        let mut t = T::new();
+        let src = t.window(0, 40, Rights::READ);
+        t.start(src);
+        let r = reads(&t.take());
+        t.read(r[0].0, alloc::vec![1; 10]);
+        t.take();
+        t.revoke(src);
+        let bk = t
+            .take()
+            .iter()
+            .find_map(|e| match e {
+                Effect::Timer(at, Timer::Barrier(bk)) => {
+                    assert_eq!(*at, T0.after(TIMEOUT));
+                    Some(*bk)
+                }
+                _ => None,
+            })
+            .expect("barrier deadline");
+        t.engine.barrier_timer(bk, &mut t.fx);
+        assert_eq!(answers(&t.take()), [Err(ErrorCode::Timeout)]);
+    }
+
+    #[test]
+    fn revoking_the_destination_waits_for_issued_writes() {
+        let mut t = T::new();
+        let dst = t.window(0, 30, Rights::WRITE);
+        let sink = t.open_sink(dst, 30);
+        t.chunk(sink, 0, 10);
+        t.take();
+        t.revoke(dst);
+        let fx = t.take();
+        assert!(answers(&fx).is_empty(), "held while a write is issued");
+        // Later chunks are refused without touching memory.
+        t.chunk(sink, 10, 10);
+        let fx = t.take();
+        assert_eq!(fx.len(), 1);
+        assert_eq!(acks(&fx), [(10, Err(ErrorCode::Revoked))]);
+        // The issued write is answered: its ack goes out, the revoke
+        // completes.
+        let xfer = *t.engine.xfers.keys().next().expect("one write");
+        t.engine.write_done(t.proc, xfer, false, Ok(()), &mut t.fx);
+        let fx = t.take();
+        assert_eq!(acks(&fx), [(0, Ok(()))]);
+        assert_eq!(answers(&fx), [Ok(PeerReply::Done)]);
+    }
+
+    #[test]
+    fn deadlines_fail_sources_and_drop_sinks() {
+        let mut t = T::new();
+        let sk = t.start(t.mem);
+        t.take();
+        let later = T0.after(TIMEOUT);
+        t.engine.source_timer(T0, sk, &mut t.fx);
+        assert_eq!(t.take(), [Effect::Timer(later, Timer::Source(sk))]);
+        t.engine.source_timer(later, sk, &mut t.fx);
+        assert_eq!(answers(&t.take()), [Err(ErrorCode::Timeout)]);
+
+        let dst = t.window(0, 30, Rights::WRITE);
+        let sink = t.open_sink(dst, 30);
+        let key: SinkKey = key_from_u64(sink);
+        t.engine.sink_timer(T0, key, &mut t.fx);
+        assert_eq!(t.take(), [Effect::Timer(later, Timer::Sink(key))]);
+        t.engine.sink_timer(later, key, &mut t.fx);
+        assert_eq!(t.engine.sinks(), 0);
+        t.chunk(sink, 0, 10);
+        assert!(t.take().is_empty());
+    }
+
+    #[test]
+    fn peer_loss_and_process_exit_fail_copies() {
+        let mut t = T::new();
+        let src = t.window(0, 40, Rights::READ);
+        t.start(src);
+        t.take();
+        let dst = t.window(50, 30, Rights::WRITE);
+        let sink = t.open_sink(dst, 30);
+        t.engine.peer_lost(PEER, &mut t.fx);
+        assert_eq!(answers(&t.take()), [Err(ErrorCode::PeerUnreachable)]);
+        assert_eq!((t.engine.sources(), t.engine.sinks()), (0, 0));
+        t.chunk(sink, 0, 10);
+        assert!(t.take().is_empty());
+
+        // Exit with a read and a write outstanding.
+        let mut t = T::new();
+        let src = t.window(0, 10, Rights::READ);
+        t.start(src);
+        t.take();
+        let dst = t.window(50, 30, Rights::WRITE);
+        let sink = t.open_sink(dst, 30);
+        t.chunk(sink, 0, 10);
+        t.take();
+        t.engine.process_exited(t.proc, &mut t.fx);
+        let fx = t.take();
+        assert_eq!(answers(&fx), [Err(ErrorCode::Revoked)]);
+        assert_eq!(acks(&fx), [(0, Err(ErrorCode::Revoked))]);
+        assert_eq!(
+            (t.engine.sources(), t.engine.sinks(), t.engine.xfers.len()),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn direct_transfers_are_completed_only_by_the_driver() {
+        let mut t = T::new();
+        t.engine.set_direct(t.proc, true);
+        let src = t.window(0, 10, Rights::READ);
+        let sk = t.start(src);
+        let fx = t.take();
+        let xfer = match fx.as_slice() {
+            [Effect::MemRead {
+                xfer,
+                addr: 1000,
+                len: 10,
+                direct: true,
+                ..
+            }] => *xfer,
+            other => panic!("unexpected {other:?}"),
+        };
+        // The process answering a transfer the driver serves is ignored.
+        t.read(xfer, alloc::vec![9; 10]);
+        assert!(t.take().is_empty());
+        t.engine.read_done(
+            T0,
+            t.proc,
+            xfer,
+            true,
+            Ok(alloc::vec![1; 10]),
+            &t.store,
+            &mut t.fx,
+        );
+        assert_eq!(chunks(&t.take()), [(0, 10)]);
+        t.ack(sk, 0, Ok(()));
+        assert_eq!(answers(&t.take()), [Ok(PeerReply::Copied { len: 10 })]);
+        // Switched off: new transfers go to the process again.
+        t.engine.set_direct(t.proc, false);
+        let dst = t.window(50, 30, Rights::WRITE);
+        let sink = t.open_sink(dst, 30);
+        t.chunk(sink, 0, 10);
+        assert!(matches!(
+            t.take().as_slice(),
+            [Effect::MemWrite { direct: false, .. }]
+        ));
+    }
+}
