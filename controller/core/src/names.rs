@@ -408,3 +408,262 @@ impl NameService {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOME: NodeId = NodeId(1);
+    const A: NodeId = NodeId(2);
+    const B: NodeId = NodeId(3);
+    const T0: Instant = Instant(1_000);
+
+    fn cap(n: u64) -> CapRef {
+        CapRef {
+            node: HOME,
+            incarnation: 1,
+            cap: n,
+        }
+    }
+
+    fn peer(node: NodeId, req: u64) -> Origin {
+        Origin::Peer { node, req }
+    }
+
+    fn check(ns: &NameService) -> Result<(), String> {
+        ns.check(HOME, |_| false, |k| Some(alloc::format!("{k:?}")))
+    }
+
+    #[test]
+    fn homes_are_stable_and_spread() {
+        let members = [NodeId(1), NodeId(2), NodeId(3)];
+        let a = name_home(&members, b"alpha");
+        assert_eq!(a, name_home(&members, b"alpha"));
+        assert_eq!(name_home(&members[..1], b"alpha"), NodeId(1));
+        let homes: alloc::collections::BTreeSet<NodeId> =
+            (0..64u8).map(|i| name_home(&members, &[b'n', i])).collect();
+        assert_eq!(homes.len(), 3);
+    }
+
+    #[test]
+    fn publish_lookup_unpublish() {
+        let mut ns = NameService::new(8);
+        let mut fx = Vec::new();
+        ns.serve_publish(peer(A, 1), A, b"svc".to_vec(), cap(5), 7, &mut fx);
+        assert_eq!(fx, [Effect::Answer(peer(A, 1), Ok(PeerReply::Done))]);
+        assert_eq!(ns.names(), 1);
+        fx.clear();
+        // Taken: the second publisher's capability is given back.
+        ns.serve_publish(peer(B, 1), B, b"svc".to_vec(), cap(6), 1, &mut fx);
+        assert_eq!(
+            fx,
+            [
+                Effect::Release(cap(6)),
+                Effect::Answer(peer(B, 1), Err(ErrorCode::NameTaken))
+            ]
+        );
+        fx.clear();
+        // A lookup acquires the capability for the asking node.
+        ns.serve_lookup(T0, peer(B, 2), B, b"svc".to_vec(), 0, &mut fx);
+        assert_eq!(
+            fx,
+            [Effect::ServeLookup {
+                cap: cap(5),
+                holder: B,
+                origin: peer(B, 2)
+            }]
+        );
+        fx.clear();
+        ns.serve_lookup(T0, peer(B, 3), B, b"none".to_vec(), 0, &mut fx);
+        assert_eq!(
+            fx,
+            [Effect::Answer(peer(B, 3), Err(ErrorCode::NameNotFound))]
+        );
+        fx.clear();
+        // Only the publisher may unpublish.
+        ns.serve_unpublish(peer(B, 4), B, b"svc", 7, &mut fx);
+        ns.serve_unpublish(peer(A, 4), A, b"svc", 8, &mut fx);
+        assert_eq!(
+            fx,
+            [
+                Effect::Answer(peer(B, 4), Err(ErrorCode::NameNotFound)),
+                Effect::Answer(peer(A, 4), Err(ErrorCode::NameNotFound))
+            ]
+        );
+        fx.clear();
+        ns.serve_unpublish(peer(A, 5), A, b"svc", 7, &mut fx);
+        assert_eq!(
+            fx,
+            [
+                Effect::Release(cap(5)),
+                Effect::Answer(peer(A, 5), Ok(PeerReply::Done))
+            ]
+        );
+        assert_eq!(ns.names(), 0);
+        check(&ns).unwrap();
+    }
+
+    #[test]
+    fn waiting_lookups_are_served_or_time_out() {
+        let mut ns = NameService::new(8);
+        let mut fx = Vec::new();
+        ns.serve_lookup(T0, peer(B, 1), B, b"svc".to_vec(), 100, &mut fx);
+        ns.serve_lookup(T0, peer(A, 1), A, b"svc".to_vec(), 50, &mut fx);
+        ns.serve_lookup(T0, peer(A, 2), A, b"other".to_vec(), 50, &mut fx);
+        let timers: Vec<(Instant, WaiterKey)> = fx
+            .drain(..)
+            .map(|e| match e {
+                Effect::Timer(at, Timer::NameWaiter(k)) => (at, k),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            timers[0].0,
+            T0.after(core::time::Duration::from_millis(100))
+        );
+        assert_eq!(ns.waiters(), 3);
+        // A peer reusing a request id is refused; a process origin cannot
+        // wait at a home.
+        ns.serve_lookup(T0, peer(A, 1), A, b"x".to_vec(), 50, &mut fx);
+        let local = Origin::Proc {
+            proc: ProcessKey::default(),
+            op: 1,
+            started: T0,
+        };
+        ns.serve_lookup(T0, local, HOME, b"x".to_vec(), 50, &mut fx);
+        assert_eq!(
+            answers(&fx),
+            [Err(ErrorCode::Malformed), Err(ErrorCode::Malformed)]
+        );
+        fx.clear();
+        // Publishing serves both waiters of the name, each for its node.
+        ns.serve_publish(peer(A, 9), A, b"svc".to_vec(), cap(5), 7, &mut fx);
+        assert_eq!(
+            fx,
+            [
+                Effect::Answer(peer(A, 9), Ok(PeerReply::Done)),
+                Effect::ServeLookup {
+                    cap: cap(5),
+                    holder: B,
+                    origin: peer(B, 1)
+                },
+                Effect::ServeLookup {
+                    cap: cap(5),
+                    holder: A,
+                    origin: peer(A, 1)
+                },
+            ]
+        );
+        fx.clear();
+        // Their timers fire harmlessly; the other one's fires on time only.
+        ns.waiter_timer(
+            T0.after(core::time::Duration::from_secs(1)),
+            timers[0].1,
+            &mut fx,
+        );
+        assert!(fx.is_empty());
+        ns.waiter_timer(T0, timers[2].1, &mut fx);
+        assert!(fx.is_empty());
+        ns.waiter_timer(timers[2].0, timers[2].1, &mut fx);
+        assert_eq!(
+            fx,
+            [Effect::Answer(peer(A, 2), Err(ErrorCode::NameNotFound))]
+        );
+        assert_eq!(ns.waiters(), 0);
+        check(&ns).unwrap();
+    }
+
+    #[test]
+    fn cancelled_and_lost_waiters_go_silently() {
+        let mut ns = NameService::new(8);
+        let mut fx = Vec::new();
+        ns.serve_lookup(T0, peer(A, 1), A, b"x".to_vec(), 50, &mut fx);
+        ns.serve_lookup(T0, peer(B, 1), B, b"x".to_vec(), 50, &mut fx);
+        ns.serve_lookup(T0, peer(B, 2), B, b"y".to_vec(), 50, &mut fx);
+        fx.clear();
+        ns.cancel_lookup(A, 1);
+        ns.cancel_lookup(A, 99);
+        assert_eq!(ns.waiters(), 2);
+        // B is lost: its waiters and its names go, its capabilities are
+        // released.
+        ns.serve_publish(peer(B, 3), B, b"b1".to_vec(), cap(1), 4, &mut fx);
+        ns.serve_publish(peer(A, 3), A, b"a1".to_vec(), cap(2), 4, &mut fx);
+        fx.clear();
+        ns.peer_lost(B, &mut fx);
+        assert_eq!(fx, [Effect::Release(cap(1))]);
+        assert_eq!((ns.names(), ns.waiters()), (1, 0));
+        fx.clear();
+        ns.serve_publish(peer(A, 4), A, b"x".to_vec(), cap(3), 4, &mut fx);
+        assert_eq!(fx, [Effect::Answer(peer(A, 4), Ok(PeerReply::Done))]);
+        check(&ns).unwrap();
+    }
+
+    #[test]
+    fn published_lists_are_bounded_and_withdrawn_at_exit() {
+        let mut procs: SlotMap<ProcessKey, ()> = SlotMap::with_key();
+        let (p, q) = (procs.insert(()), procs.insert(()));
+        let mut ns = NameService::new(2);
+        ns.publish_begin(p, b"a").unwrap();
+        ns.publish_begin(p, b"b").unwrap();
+        // Full, but publishing a listed name again is fine.
+        assert_eq!(ns.publish_begin(p, b"c"), Err(ErrorCode::LimitReached));
+        ns.publish_begin(p, b"a").unwrap();
+        ns.publish_begin(q, b"c").unwrap();
+        assert_eq!(ns.published(), (3, 2));
+        // "b" fails before it is sent: it leaves the list.
+        ns.publish_end(p, b"b", None, false);
+        assert_eq!(ns.published(), (2, 1));
+        // "a": one publish succeeds, the other is refused; it stays.
+        let e = ns.publish_sent(p, b"a");
+        ns.publish_end(p, b"a", Some(e), true);
+        ns.publish_end(p, b"a", Some(e), false);
+        assert_eq!(ns.published(), (2, 1));
+        check(&ns).unwrap();
+        // Unpublished: gone at once.
+        ns.unpublish_begin(p, b"a");
+        assert_eq!(ns.published(), (1, 1));
+        assert!(ns.process_exited(p).is_empty());
+        // "c": unpublished while its publish is in flight, it stays listed
+        // until that publish ends; an answer from before the unpublish no
+        // longer confirms it.
+        let e = ns.publish_sent(q, b"c");
+        ns.unpublish_begin(q, b"c");
+        assert_eq!(ns.published(), (1, 1));
+        ns.publish_end(q, b"c", Some(e), true);
+        assert_eq!(ns.published(), (0, 0));
+        // A publish that timed out keeps the name for the exit to withdraw.
+        ns.publish_begin(q, b"d").unwrap();
+        let e = ns.publish_sent(q, b"d");
+        ns.publish_end(q, b"d", Some(e), true);
+        ns.publish_begin(q, b"e").unwrap();
+        check(&ns).unwrap();
+        assert_eq!(ns.process_exited(q), [b"d".to_vec(), b"e".to_vec()]);
+        assert_eq!(ns.published(), (0, 0));
+        // Late ends of an exited process change nothing.
+        ns.publish_end(q, b"e", None, false);
+        assert_eq!(ns.publish_sent(q, b"e"), 0);
+        check(&ns).unwrap();
+    }
+
+    #[test]
+    fn check_finds_lists_of_exited_processes_and_stray_local_waits() {
+        let mut procs: SlotMap<ProcessKey, ()> = SlotMap::with_key();
+        let p = procs.insert(());
+        let mut ns = NameService::new(2);
+        ns.publish_begin(p, b"a").unwrap();
+        assert!(ns.check(HOME, |_| true, |_| None).is_err());
+        let mut fx = Vec::new();
+        ns.serve_lookup(T0, peer(HOME, 4), HOME, b"x".to_vec(), 5, &mut fx);
+        assert!(ns.check(HOME, |_| false, |_| Some("p".into())).is_err());
+        assert!(ns.check(HOME, |r| r == 4, |_| Some("p".into())).is_ok());
+    }
+
+    fn answers(fx: &[Effect]) -> Vec<Result<PeerReply, ErrorCode>> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Answer(_, r) => Some(*r),
+                _ => None,
+            })
+            .collect()
+    }
+}
