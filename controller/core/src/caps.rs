@@ -171,6 +171,30 @@ impl CapStore {
         root
     }
 
+    /// Whether the capability node is alive (not revoked or released).
+    #[inline]
+    pub fn alive(&self, key: CapKey) -> bool {
+        self.nodes.contains_key(key)
+    }
+
+    /// The memory window behind a live Memory node, if it has the rights
+    /// `need`: the owning process, the absolute start address and length.
+    pub fn memory_window(
+        &self,
+        key: CapKey,
+        need: Rights,
+    ) -> Result<(ProcessKey, u64, u64), ErrorCode> {
+        let n = self.nodes.get(key).ok_or(ErrorCode::Revoked)?;
+        let o = &self.objects[n.object];
+        if o.kind != ObjectKind::Memory {
+            return Err(ErrorCode::WrongType);
+        }
+        if !n.rights.contains(need) {
+            return Err(ErrorCode::MissingRight);
+        }
+        Ok((o.owner, o.addr + n.offset(), n.len()))
+    }
+
     /// What a holder learns about a node.
     pub fn info(&self, key: CapKey) -> Option<CapInfo> {
         let node = self.nodes.get(key)?;

@@ -14,64 +14,50 @@ use slotmap::SlotMap;
 
 use crate::auth::{self, HelloPart, NonceSource, Role, Session};
 use crate::caps::{key_from_u64, key_to_u64, Binds, CapStore, DeriveKind, Fallout, Holder};
-use crate::copy::{BarrierKey, RevokeBarrier, Sink, SinkKey, Source, SourceKey, Xfer};
+use crate::copy::CopyEngine;
+use crate::effects::{Effect, Effects, Origin, SourceKey, Timer};
 use crate::metrics::{Metrics, OpKind};
-use crate::names::{NameEntry, NameWaiter, Published, WaiterKey};
+use crate::names::{name_home, NameService};
 use crate::table::{Entry, HandleTable};
 use crate::{
-    CapKey, ChannelId, CloseReason, Config, Dest, Instant, LinkId, LinkRole, MonitorKey, ObjectKey,
-    Output, ProcessKey, Stats,
+    CapKey, ChannelId, CloseReason, Config, Dest, Instant, LinkId, LinkRole, MemAccess, MonitorKey,
+    ObjectKey, Output, ProcessKey, Stats,
 };
 
 slotmap::new_key_type! {
     /// Key of an in-progress capability acquisition.
-    pub(crate) struct AggKey;
+    struct AggKey;
 }
 
 /// An attached (or attaching) process.
-pub(crate) struct Process {
-    pub chan: ChannelId,
+struct Process {
+    chan: ChannelId,
     /// Controller-unique sequence number (publisher id in the name service).
-    pub seq: u64,
-    pub attached: bool,
-    pub table: HandleTable,
-    pub objects: BTreeSet<ObjectKey>,
-    pub pending: usize,
-    /// Names published or being published, withdrawn at exit.
-    pub published: BTreeMap<Vec<u8>, Published>,
+    seq: u64,
+    attached: bool,
+    table: HandleTable,
+    objects: BTreeSet<ObjectKey>,
+    pending: usize,
     /// Controllers where this process may have monitors registered; told
     /// to drop them at exit.
-    pub monitor_nodes: BTreeSet<NodeId>,
+    monitor_nodes: BTreeSet<NodeId>,
     /// Request ids of this process's waiting lookups (in `calls`), cancelled
     /// at the name's home at exit.
-    pub lookups: BTreeSet<u64>,
+    lookups: BTreeSet<u64>,
 }
 
 /// A monitor registration at the owner of the watched capability.
-pub(crate) struct MonitorReg {
+struct MonitorReg {
     /// Request invoked when the watched node dies (held by this node).
-    pub notify: CapRef,
+    notify: CapRef,
     /// The capability node the registration holds.
-    pub node: CapKey,
+    node: CapKey,
     /// Registering process: its node and sequence number there.
-    pub watcher: (NodeId, u64),
-}
-
-/// Who receives the result of an operation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Origin {
-    /// A local process's operation.
-    Proc {
-        proc: ProcessKey,
-        op: u64,
-        started: Instant,
-    },
-    /// A peer's request.
-    Peer { node: NodeId, req: u64 },
+    watcher: (NodeId, u64),
 }
 
 /// What to do with the reply to a request this controller sent.
-pub(crate) enum Waiter {
+enum Waiter {
     /// Pass the result to the origin (installing a returned capability).
     Answer(Origin),
     /// A waiting lookup of a local process: as `Answer`, and the request
@@ -107,7 +93,7 @@ struct Call {
 }
 
 /// What to do once every capability of an acquisition is held.
-pub(crate) enum Then {
+enum Then {
     RequestCreate {
         origin: Origin,
         tag: u64,
@@ -159,7 +145,7 @@ impl Then {
     }
 }
 
-pub(crate) struct Agg {
+struct Agg {
     results: Vec<Option<(CapRef, CapInfo)>>,
     waiting: usize,
     error: Option<ErrorCode>,
@@ -201,16 +187,6 @@ struct Peer {
     link: LinkId,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) enum Timer {
-    Heartbeat,
-    Call(u64),
-    Source(SourceKey),
-    Sink(SinkKey),
-    NameWaiter(WaiterKey),
-    Barrier(BarrierKey),
-}
-
 /// A snapshot of one capability node, for tests and the simulator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CapDebug {
@@ -230,37 +206,36 @@ pub struct CapDebug {
 
 /// The sans-IO controller. See the crate documentation for the protocol.
 pub struct Controller {
-    pub(crate) cfg: Config,
-    pub(crate) store: CapStore,
-    pub(crate) procs: SlotMap<ProcessKey, Process>,
+    cfg: Config,
+    store: CapStore,
+    procs: SlotMap<ProcessKey, Process>,
     chans: BTreeMap<ChannelId, ProcessKey>,
     links: BTreeMap<LinkId, Link>,
     peers: BTreeMap<NodeId, Peer>,
     calls: BTreeMap<u64, Call>,
     next_req: u64,
     aggs: SlotMap<AggKey, Agg>,
-    pub(crate) monitors: SlotMap<MonitorKey, MonitorReg>,
+    monitors: SlotMap<MonitorKey, MonitorReg>,
     /// Monitor registrations by registering process.
-    pub(crate) watchers: BTreeMap<(NodeId, u64), BTreeSet<MonitorKey>>,
-    pub(crate) names: BTreeMap<Vec<u8>, NameEntry>,
-    pub(crate) waiters: SlotMap<WaiterKey, NameWaiter>,
-    /// Waiting lookups by asking node and its request id.
-    pub(crate) waiter_index: BTreeMap<(NodeId, u64), WaiterKey>,
-    pub(crate) sources: SlotMap<SourceKey, Source>,
-    pub(crate) sinks: SlotMap<SinkKey, Sink>,
-    pub(crate) revoke_barriers: SlotMap<BarrierKey, RevokeBarrier>,
-    pub(crate) xfers: BTreeMap<u64, Xfer>,
-    pub(crate) next_xfer: u64,
+    watchers: BTreeMap<(NodeId, u64), BTreeSet<MonitorKey>>,
+    /// The copy engine.
+    copy: CopyEngine,
+    /// The name service.
+    names: NameService,
+    /// Effects pushed by `copy` and `names`, applied by `apply_effects`.
+    fx: Effects,
+    /// Memory accesses for the driver to perform (direct channels).
+    mem_access: VecDeque<MemAccess>,
     timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     outputs: VecDeque<Output>,
     loopback: VecDeque<(NodeId, PeerMsg)>,
-    pub(crate) fallout: Vec<Fallout>,
+    fallout: Vec<Fallout>,
     nonces: NonceSource,
     /// Reused buffer for decrypting `Secure` peer frames.
     open_scratch: Vec<u8>,
-    pub(crate) now: Instant,
+    now: Instant,
     next_seq: u64,
-    pub(crate) metrics: Metrics,
+    metrics: Metrics,
 }
 
 impl Controller {
@@ -276,6 +251,8 @@ impl Controller {
         // A chunk must fit one MemRead answer; at least one chunk in flight.
         let copy_chunk = cfg.copy_chunk.clamp(1, fractos_wire::MAX_DATA_LEN);
         let copy_window = cfg.copy_window.max(1);
+        let copy = CopyEngine::new(copy_chunk, copy_window, cfg.op_timeout);
+        let names = NameService::new(cfg.limits.max_names_per_process);
         let mut c = Controller {
             cfg: Config {
                 members,
@@ -293,14 +270,10 @@ impl Controller {
             aggs: SlotMap::with_key(),
             monitors: SlotMap::with_key(),
             watchers: BTreeMap::new(),
-            names: BTreeMap::new(),
-            waiters: SlotMap::with_key(),
-            waiter_index: BTreeMap::new(),
-            sources: SlotMap::with_key(),
-            sinks: SlotMap::with_key(),
-            revoke_barriers: SlotMap::with_key(),
-            xfers: BTreeMap::new(),
-            next_xfer: 1,
+            copy,
+            names,
+            fx: Effects::new(),
+            mem_access: VecDeque::new(),
             timers: BinaryHeap::new(),
             outputs: VecDeque::new(),
             loopback: VecDeque::new(),
@@ -361,7 +334,6 @@ impl Controller {
             table: HandleTable::default(),
             objects: BTreeSet::new(),
             pending: 0,
-            published: BTreeMap::new(),
             monitor_nodes: BTreeSet::new(),
             lookups: BTreeSet::new(),
         });
@@ -458,12 +430,75 @@ impl Controller {
         self.drain();
     }
 
+    /// Declares whether the driver serves the memory of the process on
+    /// `chan` itself (a shared-memory region the controller maps, an RDMA
+    /// memory region): copy chunks from or to it are then handed to the
+    /// driver by [`Controller::poll_mem_access`] instead of being sent to
+    /// the process as `MemRead` / `MemWrite` messages. Transfers already
+    /// issued keep their path. Returns `false` if no process is on `chan`.
+    ///
+    /// The core still validates both capabilities of a copy for every
+    /// chunk; the driver only moves bytes at the addresses it is given
+    /// (absolute addresses in the process's registered memory, as in the
+    /// messages).
+    pub fn set_direct_memory(&mut self, chan: ChannelId, direct: bool) -> bool {
+        match self.chans.get(&chan) {
+            Some(p) => {
+                self.copy.set_direct(*p, direct);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The driver performed [`MemAccess::Read`] `xfer` on `chan`: `data` is
+    /// the bytes read, or an error (e.g. `MemoryFault`). Unknown, repeated
+    /// or late completions are ignored.
+    pub fn mem_read_done(
+        &mut self,
+        now: Instant,
+        chan: ChannelId,
+        xfer: u64,
+        data: Result<Vec<u8>, ErrorCode>,
+    ) {
+        self.now = now;
+        if let Some(p) = self.chans.get(&chan).copied() {
+            self.read_done(p, xfer, true, data);
+        }
+        self.drain();
+    }
+
+    /// The driver performed [`MemAccess::Write`] `xfer` on `chan`, with
+    /// this result. Unknown, repeated or late completions are ignored.
+    pub fn mem_write_done(
+        &mut self,
+        now: Instant,
+        chan: ChannelId,
+        xfer: u64,
+        result: Result<(), ErrorCode>,
+    ) {
+        self.now = now;
+        if let Some(p) = self.chans.get(&chan).copied() {
+            self.write_done(p, xfer, true, result);
+        }
+        self.drain();
+    }
+
     // ---------------------------------------------------------------- outputs
 
     /// The next thing to do, in order.
     #[must_use]
     pub fn poll_output(&mut self) -> Option<Output> {
         self.outputs.pop_front()
+    }
+
+    /// The next memory access for the driver to perform on a channel set
+    /// with [`Controller::set_direct_memory`], in order; complete each with
+    /// [`Controller::mem_read_done`] or [`Controller::mem_write_done`].
+    /// Poll it, like [`Controller::poll_output`], after every input.
+    #[must_use]
+    pub fn poll_mem_access(&mut self) -> Option<MemAccess> {
+        self.mem_access.pop_front()
     }
 
     /// When [`Controller::handle_timeout`] must be called next.
@@ -481,23 +516,18 @@ impl Controller {
             objects: self.store.objects.len(),
             caps: self.store.nodes.len(),
             handles: self.procs.values().map(|p| p.table.len()).sum(),
-            names: self.names.len(),
-            name_waiters: self.waiters.len(),
+            names: self.names.names(),
+            name_waiters: self.names.waiters(),
             calls: self.calls.len(),
-            copy_sources: self.sources.len(),
-            copy_sinks: self.sinks.len(),
+            copy_sources: self.copy.sources(),
+            copy_sinks: self.copy.sinks(),
             monitors: self.monitors.len(),
             peers: self.peers.len(),
             pending_ops: self.procs.values().map(|p| p.pending).sum(),
             pending_ops_max: self.procs.values().map(|p| p.pending).max().unwrap_or(0),
             monitors_max_per_watcher: self.watchers.values().map(|s| s.len()).max().unwrap_or(0),
-            published_names: self.procs.values().map(|p| p.published.len()).sum(),
-            published_names_max: self
-                .procs
-                .values()
-                .map(|p| p.published.len())
-                .max()
-                .unwrap_or(0),
+            published_names: self.names.published().0,
+            published_names_max: self.names.published().1,
             waiting_lookups: self.procs.values().map(|p| p.lookups.len()).sum(),
             waiting_lookups_max: self
                 .procs
@@ -636,29 +666,15 @@ impl Controller {
                 return Err("a monitor registration does not hold its node".into());
             }
         }
-        if self.waiter_index.len() != self.waiters.len() {
-            return Err("waiting lookups missing from the waiter index".into());
-        }
-        for ((from, req), k) in &self.waiter_index {
-            match self.waiters.get(*k) {
-                Some(w) if w.from == *from && w.req == *req => {}
-                _ => return Err("waiter index is stale".into()),
-            }
-            if *from == self.cfg.node {
-                let alive = match self.calls.get(req).map(|c| &c.waiter) {
-                    Some(Waiter::Lookup(Origin::Proc { proc, .. })) => self
-                        .procs
-                        .get(*proc)
-                        .is_some_and(|p| p.lookups.contains(req)),
-                    _ => false,
-                };
-                if !alive {
-                    return Err(alloc::format!(
-                        "lookup {req} waits here for a process that is gone"
-                    ));
-                }
-            }
-        }
+        let local_waits = |req: u64| match self.calls.get(&req).map(|c| &c.waiter) {
+            Some(Waiter::Lookup(Origin::Proc { proc, .. })) => self
+                .procs
+                .get(*proc)
+                .is_some_and(|p| p.lookups.contains(&req)),
+            _ => false,
+        };
+        let proc_name = |k: ProcessKey| self.procs.get(k).map(|p| alloc::format!("{:?}", p.chan));
+        self.names.check(self.cfg.node, local_waits, proc_name)?;
         for p in self.procs.values() {
             for req in &p.lookups {
                 if !self.calls.contains_key(req) {
@@ -668,22 +684,13 @@ impl Controller {
                     ));
                 }
             }
-            if p.published.len() > self.cfg.limits.max_names_per_process {
-                return Err(alloc::format!("{:?} exceeds its name budget", p.chan));
-            }
-            if p.published.values().any(|e| !e.needed()) {
-                return Err(alloc::format!(
-                    "{:?} keeps an unpublished name in its list",
-                    p.chan
-                ));
-            }
         }
         Ok(())
     }
 
     // -------------------------------------------------------------- internals
 
-    pub(crate) fn cap_ref(&self, key: CapKey) -> CapRef {
+    fn cap_ref(&self, key: CapKey) -> CapRef {
         CapRef {
             node: self.cfg.node,
             incarnation: self.cfg.incarnation,
@@ -696,7 +703,7 @@ impl Controller {
     }
 
     /// Resolves a reference to a node owned here.
-    pub(crate) fn resolve_local(&self, cap: &CapRef) -> Result<CapKey, ErrorCode> {
+    fn resolve_local(&self, cap: &CapRef) -> Result<CapKey, ErrorCode> {
         if cap.node != self.cfg.node {
             return Err(ErrorCode::InvalidArgument);
         }
@@ -711,11 +718,11 @@ impl Controller {
         }
     }
 
-    pub(crate) fn push_timer(&mut self, at: Instant, t: Timer) {
+    fn push_timer(&mut self, at: Instant, t: Timer) {
         self.timers.push(Reverse((at, t)));
     }
 
-    pub(crate) fn send_process(&mut self, proc: ProcessKey, msg: &ControllerMsg) {
+    fn send_process(&mut self, proc: ProcessKey, msg: &ControllerMsg) {
         if let Some(p) = self.procs.get(proc) {
             let mut frame = Vec::with_capacity(frame_capacity_hint(msg));
             msg.encode(&mut frame);
@@ -749,7 +756,7 @@ impl Controller {
 
     /// Sends a one-way message to a controller (possibly this one).
     /// Messages to unreachable peers are dropped.
-    pub(crate) fn send_peer(&mut self, node: NodeId, msg: PeerMsg) {
+    fn send_peer(&mut self, node: NodeId, msg: PeerMsg) {
         if node == self.cfg.node {
             self.loopback.push_back((node, msg));
         } else if let Some(link) = self.peers.get(&node).map(|p| p.link) {
@@ -759,7 +766,7 @@ impl Controller {
 
     /// Sends a request; `waiter` handles its one reply (a synthesized
     /// `PeerUnreachable` or `Timeout` if the peer cannot answer).
-    pub(crate) fn call(&mut self, node: NodeId, body: PeerRequest, waiter: Waiter) -> u64 {
+    fn call(&mut self, node: NodeId, body: PeerRequest, waiter: Waiter) -> u64 {
         let req = self.next_req;
         self.next_req += 1;
         let mut timeout = self.cfg.op_timeout;
@@ -833,7 +840,7 @@ impl Controller {
     }
 
     /// Releases a reference held by a node (this one or one it speaks for).
-    pub(crate) fn release_ref(&mut self, cap: CapRef) {
+    fn release_ref(&mut self, cap: CapRef) {
         if self.is_local(&cap) {
             self.release_node_held(&cap);
         } else {
@@ -895,7 +902,7 @@ impl Controller {
     }
 
     /// Delivers the result of an operation to whoever asked.
-    pub(crate) fn answer(&mut self, origin: Origin, result: Result<PeerReply, ErrorCode>) {
+    fn answer(&mut self, origin: Origin, result: Result<PeerReply, ErrorCode>) {
         match origin {
             Origin::Peer { node, req } => self.send_peer(node, PeerMsg::Reply { req, result }),
             Origin::Proc { proc, op, started } => {
@@ -939,6 +946,131 @@ impl Controller {
     fn reject_op(&mut self, proc: ProcessKey, op: u64, e: ErrorCode) {
         self.metrics.error(e);
         self.send_process(proc, &ControllerMsg::Completion { op, result: Err(e) });
+    }
+
+    // ------------------------------------------------------------ subsystems
+
+    /// Applies the effects the copy engine and the name service pushed, in
+    /// order.
+    fn apply_effects(&mut self) {
+        while !self.fx.is_empty() {
+            let mut fx = core::mem::take(&mut self.fx);
+            for e in fx.drain(..) {
+                self.apply(e);
+            }
+            if self.fx.is_empty() {
+                // Keep the buffer's capacity.
+                self.fx = fx;
+            }
+        }
+    }
+
+    fn apply(&mut self, e: Effect) {
+        match e {
+            Effect::Answer(origin, result) => self.answer(origin, result),
+            Effect::Peer(node, msg) => self.send_peer(node, msg),
+            Effect::Timer(at, t) => self.push_timer(at, t),
+            Effect::Release(cap) => self.release_ref(cap),
+            Effect::OpenSink {
+                node,
+                dst,
+                len,
+                source,
+            } => {
+                let body = PeerRequest::CopyOpen {
+                    dst,
+                    len,
+                    source: key_to_u64(source),
+                };
+                self.call(node, body, Waiter::CopyOpened { source });
+            }
+            Effect::MemRead {
+                proc,
+                xfer,
+                addr,
+                len,
+                direct,
+            } => {
+                if !direct {
+                    self.send_process(proc, &ControllerMsg::MemRead { xfer, addr, len });
+                } else if let Some(p) = self.procs.get(proc) {
+                    let chan = p.chan;
+                    self.mem_access.push_back(MemAccess::Read {
+                        chan,
+                        xfer,
+                        addr,
+                        len,
+                    });
+                }
+            }
+            Effect::MemWrite {
+                proc,
+                xfer,
+                addr,
+                data,
+                direct,
+            } => {
+                if !direct {
+                    self.send_process(proc, &ControllerMsg::MemWrite { xfer, addr, data });
+                } else if let Some(p) = self.procs.get(proc) {
+                    let chan = p.chan;
+                    self.mem_access.push_back(MemAccess::Write {
+                        chan,
+                        xfer,
+                        addr,
+                        data,
+                    });
+                }
+            }
+            Effect::BytesOut(n) => self.metrics.bytes_copied_out += n,
+            Effect::BytesIn(n) => self.metrics.bytes_copied_in += n,
+            Effect::RevokeHeld => self.metrics.revokes_held_for_copies += 1,
+            Effect::ServeLookup {
+                cap,
+                holder,
+                origin,
+            } => self.acquire(vec![cap], holder, Then::ServeLookup { origin }),
+        }
+    }
+
+    /// Revokes `key` (and its subtree) for `origin`; the copy engine
+    /// answers once the copies it stopped have no bytes in flight.
+    fn revoke_cap(&mut self, origin: Origin, key: CapKey) {
+        if let Err(e) = self.store.revoke(key, &mut self.fallout) {
+            return self.answer(origin, Err(e));
+        }
+        let now = self.now;
+        self.copy.revoked(now, origin, &self.store, &mut self.fx);
+        self.apply_effects();
+    }
+
+    /// A read of `proc`'s memory was answered (by the process, or by the
+    /// driver if `direct`).
+    fn read_done(
+        &mut self,
+        proc: ProcessKey,
+        xfer: u64,
+        direct: bool,
+        result: Result<Vec<u8>, ErrorCode>,
+    ) {
+        let now = self.now;
+        let fx = &mut self.fx;
+        self.copy
+            .read_done(now, proc, xfer, direct, result, &self.store, fx);
+        self.apply_effects();
+    }
+
+    /// A write into `proc`'s memory was answered (see `read_done`).
+    fn write_done(
+        &mut self,
+        proc: ProcessKey,
+        xfer: u64,
+        direct: bool,
+        result: Result<(), ErrorCode>,
+    ) {
+        self.copy
+            .write_done(proc, xfer, direct, result, &mut self.fx);
+        self.apply_effects();
     }
 
     // ------------------------------------------------------- process messages
@@ -997,9 +1129,9 @@ impl Controller {
             ProcessMsg::Attach { .. } => {
                 self.kick(proc, ErrorCode::Malformed, CloseReason::Malformed)
             }
-            ProcessMsg::MemReadReply { xfer, result } => self.on_mem_read_reply(proc, xfer, result),
+            ProcessMsg::MemReadReply { xfer, result } => self.read_done(proc, xfer, false, result),
             ProcessMsg::MemWriteReply { xfer, result } => {
-                self.on_mem_write_reply(proc, xfer, result)
+                self.write_done(proc, xfer, false, result)
             }
             op_msg => {
                 let op = op_msg.op_id().unwrap_or(0);
@@ -1216,9 +1348,9 @@ impl Controller {
                     return Err(ErrorCode::InvalidArgument);
                 }
                 let e = self.entry(proc, cap)?;
-                let home = self.name_home(&name);
+                let home = name_home(&self.cfg.members, &name);
                 let publisher = self.procs[proc].seq;
-                self.publish_begin(proc, &name)?;
+                self.names.publish_begin(proc, &name)?;
                 self.acquire(
                     vec![e.cap],
                     home,
@@ -1232,12 +1364,12 @@ impl Controller {
             }
             ProcessMsg::Unpublish { name, .. } => {
                 self.metrics.op(OpKind::Unpublish);
-                let home = self.name_home(&name);
+                let home = name_home(&self.cfg.members, &name);
                 let publisher = self.procs[proc].seq;
-                // The name leaves `published` now, unless a Publish of it
-                // is still in flight (it may land after this Unpublish, and
-                // the withdrawal at exit must cover it).
-                self.unpublish_begin(proc, &name);
+                // The name leaves the published list now, unless a Publish
+                // of it is still in flight (it may land after this
+                // Unpublish, and the withdrawal at exit must cover it).
+                self.names.unpublish_begin(proc, &name);
                 self.call(
                     home,
                     PeerRequest::Unpublish { name, publisher },
@@ -1249,7 +1381,7 @@ impl Controller {
                 if name.is_empty() {
                     return Err(ErrorCode::InvalidArgument);
                 }
-                let home = self.name_home(&name);
+                let home = name_home(&self.cfg.members, &name);
                 if wait_ms == 0 {
                     self.call(
                         home,
@@ -1319,8 +1451,8 @@ impl Controller {
                 self.send_peer(c.node, PeerMsg::LookupCancel { req });
             }
         }
-        for name in p.published.into_keys() {
-            let home = self.name_home(&name);
+        for name in self.names.process_exited(proc) {
+            let home = name_home(&self.cfg.members, &name);
             self.call(
                 home,
                 PeerRequest::Unpublish {
@@ -1330,14 +1462,16 @@ impl Controller {
                 Waiter::Ignore,
             );
         }
-        self.fail_xfers_of(proc);
+        self.mem_access.retain(|a| a.chan() != p.chan);
+        self.copy.process_exited(proc, &mut self.fx);
+        self.apply_effects();
     }
 
     // ------------------------------------------------------------ acquisition
 
     /// Derives a child of every capability in `caps`, each held by `holder`,
     /// then runs `then` (or fails its origin with the first error).
-    pub(crate) fn acquire(&mut self, caps: Vec<CapRef>, holder: NodeId, then: Then) {
+    fn acquire(&mut self, caps: Vec<CapRef>, holder: NodeId, then: Then) {
         if caps.is_empty() {
             return self.run_then(then, Vec::new());
         }
@@ -1399,7 +1533,7 @@ impl Controller {
                 origin: Origin::Proc { proc, .. },
                 name,
                 ..
-            } => self.publish_end(proc, &name, None, false),
+            } => self.names.publish_end(proc, &name, None, false),
             _ => {}
         }
         self.answer(origin, Err(e));
@@ -1516,7 +1650,7 @@ impl Controller {
                     // acquired; its withdrawal has already been sent.
                     return self.release_ref(cap);
                 }
-                let sent = self.publish_sent(proc, &name);
+                let sent = self.names.publish_sent(proc, &name);
                 self.call(
                     home,
                     PeerRequest::Publish {
@@ -1863,7 +1997,8 @@ impl Controller {
         for req in reqs {
             self.on_reply(node, req, Err(ErrorCode::PeerUnreachable));
         }
-        self.copies_peer_lost(node);
+        self.copy.peer_lost(node, &mut self.fx);
+        self.apply_effects();
         let held: Vec<CapKey> = self
             .store
             .nodes
@@ -1875,7 +2010,8 @@ impl Controller {
             self.store
                 .release(key, Holder::Node(node), &mut self.fallout);
         }
-        self.names_peer_lost(node);
+        self.names.peer_lost(node, &mut self.fx);
+        self.apply_effects();
         // Monitors registered by the lost peer's processes go too: their
         // exits may never be reported (as with their names).
         let gone: Vec<(NodeId, u64)> = self
@@ -1904,16 +2040,26 @@ impl Controller {
                 }
             }
             PeerMsg::CopyChunk { sink, offset, data } => {
-                self.on_copy_chunk(from, sink, offset, data)
+                let now = self.now;
+                let fx = &mut self.fx;
+                self.copy
+                    .chunk(now, from, sink, offset, data, &self.store, fx);
+                self.apply_effects();
             }
             PeerMsg::CopyAck {
                 source,
                 offset,
                 result,
-            } => self.on_copy_ack(from, source, offset, result),
-            PeerMsg::CopyClose { sink } => self.on_copy_close(from, sink),
+            } => {
+                let now = self.now;
+                let fx = &mut self.fx;
+                self.copy
+                    .ack(now, from, source, offset, result, &self.store, fx);
+                self.apply_effects();
+            }
+            PeerMsg::CopyClose { sink } => self.copy.close(from, sink),
             PeerMsg::MonitorsDrop { watcher } => self.drop_monitors((from, watcher)),
-            PeerMsg::LookupCancel { req } => self.cancel_lookup(from, req),
+            PeerMsg::LookupCancel { req } => self.names.cancel_lookup(from, req),
         }
     }
 
@@ -2002,7 +2148,7 @@ impl Controller {
                     // A timeout leaves the outcome unknown: keep the name
                     // listed so that exit withdraws it.
                     let maybe = !matches!(result, Err(e) if e != ErrorCode::Timeout);
-                    self.publish_end(proc, &name, Some(sent), maybe);
+                    self.names.publish_end(proc, &name, Some(sent), maybe);
                 }
                 self.answer(origin, result)
             }
@@ -2023,7 +2169,10 @@ impl Controller {
                 (Ok(_), None) => self.answer(origin, Ok(PeerReply::Done)),
                 (Err(e), _) => self.answer(origin, Err(e)),
             },
-            Waiter::CopyOpened { source } => self.on_copy_opened(source, result),
+            Waiter::CopyOpened { source } => {
+                self.copy.opened(source, result, &self.store, &mut self.fx);
+                self.apply_effects();
+            }
             Waiter::ReleaseAfter(cap) => {
                 if let Ok(PeerReply::Cap { cap, .. }) = result {
                     self.release_ref(cap);
@@ -2104,19 +2253,46 @@ impl Controller {
                 }
                 self.answer(origin, result.map(|()| PeerReply::Done));
             }
-            PeerRequest::CopyStart { src, dst } => self.start_copy_source(origin, src, dst),
-            PeerRequest::CopyOpen { dst, len, source } => {
-                self.open_copy_sink(origin, from, dst, len, source)
-            }
+            PeerRequest::CopyStart { src, dst } => match self.resolve_local(&src) {
+                Ok(key) => {
+                    let now = self.now;
+                    let fx = &mut self.fx;
+                    self.copy
+                        .start_source(now, origin, key, dst, &self.store, fx);
+                    self.apply_effects();
+                }
+                Err(e) => self.answer(origin, Err(e)),
+            },
+            PeerRequest::CopyOpen { dst, len, source } => match self.resolve_local(&dst) {
+                Ok(key) => {
+                    let now = self.now;
+                    let fx = &mut self.fx;
+                    self.copy
+                        .open_sink(now, origin, from, key, len, source, &self.store, fx);
+                    self.apply_effects();
+                }
+                Err(e) => self.answer(origin, Err(e)),
+            },
             PeerRequest::Publish {
                 name,
                 cap,
                 publisher,
-            } => self.serve_publish(origin, from, name, cap, publisher),
-            PeerRequest::Unpublish { name, publisher } => {
-                self.serve_unpublish(origin, from, name, publisher)
+            } => {
+                self.names
+                    .serve_publish(origin, from, name, cap, publisher, &mut self.fx);
+                self.apply_effects();
             }
-            PeerRequest::Lookup { name, wait_ms } => self.serve_lookup(origin, from, name, wait_ms),
+            PeerRequest::Unpublish { name, publisher } => {
+                self.names
+                    .serve_unpublish(origin, from, &name, publisher, &mut self.fx);
+                self.apply_effects();
+            }
+            PeerRequest::Lookup { name, wait_ms } => {
+                let now = self.now;
+                self.names
+                    .serve_lookup(now, origin, from, name, wait_ms, &mut self.fx);
+                self.apply_effects();
+            }
         }
     }
 
@@ -2160,11 +2336,12 @@ impl Controller {
                     }
                 }
             }
-            Timer::Source(k) => self.on_source_timer(k),
-            Timer::Sink(k) => self.on_sink_timer(k),
-            Timer::Barrier(k) => self.on_barrier_timer(k),
-            Timer::NameWaiter(k) => self.on_waiter_timer(k),
+            Timer::Source(k) => self.copy.source_timer(self.now, k, &mut self.fx),
+            Timer::Sink(k) => self.copy.sink_timer(self.now, k, &mut self.fx),
+            Timer::Barrier(k) => self.copy.barrier_timer(k, &mut self.fx),
+            Timer::NameWaiter(k) => self.names.waiter_timer(self.now, k, &mut self.fx),
         }
+        self.apply_effects();
     }
 }
 

@@ -13,11 +13,46 @@
 //!   [`Controller::handle_timeout`] — each with the current [`Instant`];
 //! * outputs: [`Controller::poll_output`] (frames to send, channels to close)
 //!   until it returns `None`, then [`Controller::poll_timeout`] for the next
-//!   deadline at which `handle_timeout` must be called.
+//!   deadline at which `handle_timeout` must be called;
+//! * data path (optional, see below): [`Controller::poll_mem_access`] out,
+//!   [`Controller::mem_read_done`] and [`Controller::mem_write_done`] in.
 //!
 //! Message bodies are passed without their length prefix: the driver splits
 //! byte streams with [`fractos_wire::FrameSplitter`]. Outgoing frames are
 //! complete (with prefix).
+//!
+//! # Data path
+//!
+//! Copies move bytes in chunks read from the source owner's process and
+//! written into the destination owner's process. By default the core asks
+//! the process (`MemRead` / `MemWrite` messages on its channel). A driver
+//! that can reach a process's memory itself (shared memory it maps, an
+//! RDMA memory region) calls [`Controller::set_direct_memory`] for its
+//! channel; the chunks are then handed to the driver by
+//! [`Controller::poll_mem_access`] as [`MemAccess`]es, and it reports each
+//! with [`Controller::mem_read_done`] / [`Controller::mem_write_done`]. The
+//! core validates both capabilities of the copy for every chunk either way.
+//!
+//! # Module layering
+//!
+//! The controller is one state machine over subsystems that own their
+//! state, take what they must read as arguments and return their effects
+//! for the controller to apply (each is unit-tested on its own):
+//!
+//! ```text
+//! controller   Controller: channels, links, handshake, operations, timers;
+//!  │           applies the subsystems' effects in order
+//!  ├─ copy     CopyEngine: sources, sinks, memory transfers, revoke barriers
+//!  ├─ names    NameService: names homed here, waiting lookups, published lists
+//!  ├─ caps     CapStore: objects and derivation trees (returns Fallout)
+//!  ├─ effects  Origin, Timer, Effect: what copy and names ask for
+//!  ├─ auth     handshake proofs, sealed sessions, process tokens
+//!  ├─ table    per-process handle tables
+//!  └─ metrics, prometheus
+//! ```
+//!
+//! `copy` and `names` depend on `effects` (and `copy` reads `caps`), never
+//! on `controller` or on each other.
 //!
 //! # Semantics decided here
 //!
@@ -78,6 +113,7 @@ mod auth;
 mod caps;
 mod controller;
 mod copy;
+mod effects;
 mod metrics;
 mod names;
 pub mod prometheus;
@@ -275,6 +311,45 @@ pub enum Output {
         /// Why.
         reason: CloseReason,
     },
+}
+
+/// A memory access the driver performs itself, for a process whose memory
+/// it can reach directly (see [`Controller::set_direct_memory`]). Addresses
+/// are absolute in the process's registered memory, as in the `MemRead` /
+/// `MemWrite` messages sent to other processes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemAccess {
+    /// Read `len` bytes at `addr`; answer with [`Controller::mem_read_done`].
+    Read {
+        /// The process's channel.
+        chan: ChannelId,
+        /// Transfer id, to pass back.
+        xfer: u64,
+        /// Start address.
+        addr: u64,
+        /// Bytes to read.
+        len: u32,
+    },
+    /// Write `data` at `addr`; answer with [`Controller::mem_write_done`].
+    Write {
+        /// The process's channel.
+        chan: ChannelId,
+        /// Transfer id, to pass back.
+        xfer: u64,
+        /// Start address.
+        addr: u64,
+        /// Bytes to write.
+        data: alloc::vec::Vec<u8>,
+    },
+}
+
+impl MemAccess {
+    /// The channel of the process whose memory is accessed.
+    pub fn chan(&self) -> ChannelId {
+        match self {
+            MemAccess::Read { chan, .. } | MemAccess::Write { chan, .. } => *chan,
+        }
+    }
 }
 
 /// Counts of what the controller holds, for metrics and invariant checks.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use fractos_core::{
     process_token, ChannelId, CloseReason, Config, Controller, Dest, Instant, LinkId, LinkRole,
-    Output,
+    MemAccess, Output,
 };
 use fractos_wire::{
     frame_body, CapInfo, ControllerMsg, ErrorCode, Handle, NodeId, ProcessMsg, Reply, MAX_FRAME_LEN,
@@ -53,6 +53,15 @@ pub struct Net {
     /// Sees (and may rewrite) every peer frame body `(from, to, body)`
     /// before delivery; returning `false` drops it. An on-path attacker.
     pub tap: Option<Tap>,
+    /// `MemRead` / `MemWrite` frames delivered to processes.
+    pub mem_frames: usize,
+    /// Memory accesses served directly by the "driver" (see
+    /// [`Net::set_direct`]).
+    pub direct_accesses: usize,
+    /// Hold direct accesses in `held` instead of serving them (a stalled
+    /// driver).
+    pub hold_direct: bool,
+    pub held: Vec<(usize, MemAccess)>,
     next_chan: u64,
 }
 
@@ -94,6 +103,10 @@ impl Net {
             cut: BTreeSet::new(),
             closed_links: Vec::new(),
             tap: None,
+            mem_frames: 0,
+            direct_accesses: 0,
+            hold_direct: false,
+            held: Vec::new(),
             next_chan: 1,
         };
         let n = net.ctrls.len();
@@ -222,6 +235,71 @@ impl Net {
         )
     }
 
+    /// Lets the "driver" serve `p`'s memory directly (no `MemRead` /
+    /// `MemWrite` frames): accesses are polled with `poll_mem_access` and
+    /// performed on `p`'s memory by [`Net::run`].
+    pub fn set_direct(&mut self, p: usize, direct: bool) {
+        let (node, chan) = (self.procs[p].node, self.procs[p].chan);
+        assert!(self.ctrls[node].set_direct_memory(chan, direct));
+    }
+
+    /// Performs one direct memory access for controller `i`, as a driver
+    /// with the process's memory mapped would.
+    fn serve_direct(&mut self, i: usize, access: MemAccess) {
+        if self.hold_direct {
+            self.held.push((i, access));
+            return;
+        }
+        self.direct_accesses += 1;
+        let Some(p) = self.proc_by_chan(i, access.chan()) else {
+            return;
+        };
+        let now = self.now;
+        match access {
+            MemAccess::Read {
+                chan,
+                xfer,
+                addr,
+                len,
+                ..
+            } => {
+                let (a, l) = (addr as usize, len as usize);
+                let data = self.procs[p]
+                    .memory
+                    .get(a..a + l)
+                    .map(|s| s.to_vec())
+                    .ok_or(ErrorCode::MemoryFault);
+                self.ctrls[i].mem_read_done(now, chan, xfer, data);
+            }
+            MemAccess::Write {
+                chan,
+                xfer,
+                addr,
+                data,
+            } => {
+                let a = addr as usize;
+                let result = match self.procs[p].memory.get_mut(a..a + data.len()) {
+                    Some(s) => {
+                        s.copy_from_slice(&data);
+                        Ok(())
+                    }
+                    None => Err(ErrorCode::MemoryFault),
+                };
+                self.ctrls[i].mem_write_done(now, chan, xfer, result);
+            }
+        }
+    }
+
+    /// Serves the held direct accesses now.
+    pub fn serve_held(&mut self) {
+        let hold = std::mem::replace(&mut self.hold_direct, false);
+        for (i, access) in std::mem::take(&mut self.held) {
+            self.serve_direct(i, access);
+        }
+        self.hold_direct = hold;
+        self.run();
+    }
+
     /// Disconnects a process.
     pub fn exit(&mut self, p: usize) {
         let (node, chan) = (self.procs[p].node, self.procs[p].chan);
@@ -281,6 +359,10 @@ impl Net {
                         }
                     }
                 }
+                while let Some(access) = self.ctrls[i].poll_mem_access() {
+                    progressed = true;
+                    self.serve_direct(i, access);
+                }
             }
             while let Some(input) = self.queue.pop_front() {
                 progressed = true;
@@ -307,6 +389,12 @@ impl Net {
 
     fn deliver_to_proc(&mut self, p: usize, frame: &[u8]) {
         let msg = ControllerMsg::decode(frame_body(frame, MAX_FRAME_LEN).unwrap()).unwrap();
+        if matches!(
+            msg,
+            ControllerMsg::MemRead { .. } | ControllerMsg::MemWrite { .. }
+        ) {
+            self.mem_frames += 1;
+        }
         let node = self.procs[p].node;
         let chan = self.procs[p].chan;
         let reply = match &msg {
