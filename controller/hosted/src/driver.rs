@@ -1,16 +1,23 @@
-//! The event loop: sockets in, core, sockets out.
+//! The event loop: tokio sockets as transport channels under the shared
+//! node driver ([`fractos_node::Node`]), which owns the controller core and
+//! every connection policy (framing, queues, timeouts, dialing, traffic,
+//! metrics). This module is only glue: accept and dial tasks, per-socket
+//! reader tasks feeding a bounded event queue (TCP backpressure for
+//! floods), writers that write directly while the socket takes bytes, and
+//! one timer re-armed to the node's next deadline.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fractos_core::{
-    ChannelId, CloseReason, Config, Controller, Dest, Instant, LinkId, LinkRole, LinkTraffic,
-    Output, Traffic,
-};
-use fractos_wire::{FrameSplitter, NodeId};
+use fractos_core::{Config, Instant, Traffic};
+use fractos_node::{ConnKind, Node, NodeConfig};
+use fractos_transport::{Channel, Framing, Received, TransportError};
+use fractos_wire::NodeId;
 use tokio::io::AsyncReadExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,143 +28,216 @@ use tracing::{debug, info, warn};
 use crate::{HostedConfig, HostedError};
 
 pub(crate) enum Event {
-    ProcOpened(TcpStream),
-    ProcFrame(ChannelId, Vec<u8>),
-    ProcClosed(ChannelId),
-    /// A process channel's time to send its first frame is up.
-    AttachDeadline(ChannelId),
-    LinkOpened(TcpStream, Option<(NodeId, oneshot::Sender<()>)>),
-    LinkFrame(LinkId, Vec<u8>),
-    LinkClosed(LinkId),
+    Accepted(ConnKind, TcpStream),
+    Data(u64, Vec<u8>),
+    Eof(u64),
+    Dialed(NodeId, TcpStream),
+    DialFailed(NodeId),
     AddPeer(NodeId, SocketAddr),
     Metrics(oneshot::Sender<String>),
     Traffic(oneshot::Sender<Traffic>),
     Shutdown,
 }
 
-/// The sending side of a socket: the core task writes directly while
-/// nothing is queued; otherwise frames queue for a writer task that waits
-/// for the socket to become writable. Order is preserved either way.
-struct Writer {
-    half: Arc<OwnedWriteHalf>,
-    tx: mpsc::UnboundedSender<Vec<u8>>,
-    queued: Arc<AtomicUsize>,
-    reader: JoinHandle<()>,
-    writer: JoinHandle<()>,
+/// Bytes a socket's writer may hold before the channel stops taking more
+/// (the node driver's own queue, with its stuck bound, takes over).
+const WRITE_QUEUE_LIMIT: usize = 4 << 20;
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// What a socket's reader task delivered and the node has not read yet.
+#[derive(Default)]
+struct Inbox {
+    chunks: VecDeque<Vec<u8>>,
+    /// Bytes of the front chunk already taken.
+    at: usize,
+    eof: bool,
+    /// The channel was dropped by the node: the loop forgets the inbox.
+    dropped: bool,
 }
 
-impl Writer {
-    fn start(
-        stream: TcpStream,
-        events: mpsc::Sender<Event>,
-        max_frame: usize,
-        on_frame: fn(u64, Vec<u8>) -> Event,
-        on_close: fn(u64) -> Event,
-        id: u64,
-    ) -> Writer {
+/// A tokio TCP stream as a [`Channel`].
+struct TokioChannel {
+    inbox: Rc<RefCell<Inbox>>,
+    half: Option<Arc<OwnedWriteHalf>>,
+    tx: Option<mpsc::UnboundedSender<Vec<u8>>>,
+    queued: Arc<AtomicUsize>,
+    broken: Arc<AtomicBool>,
+    writer: JoinHandle<()>,
+    reader: JoinHandle<()>,
+}
+
+impl TokioChannel {
+    /// Wraps `stream`; its reader task reports as connection `id` once the
+    /// returned sender is given the id.
+    fn start(stream: TcpStream, events: mpsc::Sender<Event>) -> (Self, oneshot::Sender<u64>) {
         let _ = stream.set_nodelay(true);
         let (rd, wr) = stream.into_split();
         let half = Arc::new(wr);
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
-        let writer = tokio::spawn(write_frames(half.clone(), rx, queued.clone()));
-        let reader = tokio::spawn(read_frames(rd, max_frame, events, on_frame, on_close, id));
-        Writer {
-            half,
-            tx,
+        let broken = Arc::new(AtomicBool::new(false));
+        let writer = tokio::spawn(write_queue(
+            half.clone(),
+            rx,
+            queued.clone(),
+            broken.clone(),
+        ));
+        let (id_tx, id_rx) = oneshot::channel();
+        let reader = tokio::spawn(read_chunks(rd, id_rx, events));
+        let ch = TokioChannel {
+            inbox: Rc::new(RefCell::new(Inbox::default())),
+            half: Some(half),
+            tx: Some(tx),
             queued,
-            reader,
+            broken,
             writer,
-        }
+            reader,
+        };
+        (ch, id_tx)
+    }
+}
+
+impl Channel for TokioChannel {
+    fn framing(&self) -> Framing {
+        Framing::Stream
     }
 
-    /// Sends or queues a frame; false if the socket is broken or stuck past
-    /// `limit` queued bytes.
-    fn send(&self, mut frame: Vec<u8>, limit: usize) -> bool {
-        if self.queued.load(Ordering::Relaxed) == 0 {
-            match self.half.try_write(&frame) {
-                Ok(n) if n == frame.len() => return true,
+    fn send(&mut self, _: &mut (), data: &[u8]) -> Result<usize, TransportError> {
+        let (Some(half), Some(tx)) = (&self.half, &self.tx) else {
+            return Err(TransportError::Closed);
+        };
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(TransportError::Reset);
+        }
+        let queued = self.queued.load(Ordering::Relaxed);
+        if queued == 0 {
+            match half.try_write(data) {
+                Ok(n) if n == data.len() => return Ok(n),
                 Ok(n) => {
-                    frame.drain(..n);
+                    // The rest waits for the writer task (order kept).
+                    let rest = &data[n..];
+                    self.queued.fetch_add(rest.len(), Ordering::Relaxed);
+                    let _ = tx.send(rest.to_vec());
+                    return Ok(data.len());
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return false,
+                Err(_) => return Err(TransportError::Reset),
+            }
+        } else if queued > WRITE_QUEUE_LIMIT {
+            return Ok(0);
+        }
+        self.queued.fetch_add(data.len(), Ordering::Relaxed);
+        tx.send(data.to_vec()).map_err(|_| TransportError::Reset)?;
+        Ok(data.len())
+    }
+
+    fn recv(
+        &mut self,
+        _: &mut (),
+        out: &mut Vec<u8>,
+        max: usize,
+    ) -> Result<Received, TransportError> {
+        let mut inbox = self.inbox.borrow_mut();
+        let mut n = 0;
+        while n < max {
+            let at = inbox.at;
+            let Some(front) = inbox.chunks.front() else {
+                break;
+            };
+            let take = (front.len() - at).min(max - n);
+            out.extend_from_slice(&front[at..at + take]);
+            n += take;
+            if at + take == front.len() {
+                inbox.chunks.pop_front();
+                inbox.at = 0;
+            } else {
+                inbox.at += take;
             }
         }
-        let n = frame.len();
-        if self.queued.fetch_add(n, Ordering::Relaxed) + n > limit {
-            return false;
+        if n > 0 {
+            Ok(Received::Data(n))
+        } else if inbox.eof {
+            Ok(Received::Closed)
+        } else {
+            Ok(Received::Empty)
         }
-        self.tx.send(frame).is_ok()
+    }
+
+    fn close(&mut self, _: &mut ()) {
+        // The writer task drains what is queued, then drops its half; ours
+        // goes now, so the socket's write side shuts when it is done.
+        self.tx = None;
+        self.half = None;
+    }
+
+    fn abort(&mut self, _: &mut ()) {
+        self.tx = None;
+        self.half = None;
+        self.writer.abort();
+        self.reader.abort();
+        self.inbox.borrow_mut().eof = true;
+    }
+
+    fn is_finished(&self, _: &mut ()) -> bool {
+        let gone = self.inbox.borrow().eof || self.broken.load(Ordering::Relaxed);
+        (self.half.is_none() && self.writer.is_finished() && gone)
+            || (self.broken.load(Ordering::Relaxed) && self.half.is_some() && gone)
     }
 }
 
-impl Drop for Writer {
+impl Drop for TokioChannel {
     fn drop(&mut self) {
         self.reader.abort();
-        // Let queued frames (e.g. a final Rejected) drain, then the writer
-        // task ends when its inbox closes, closing the socket.
-        if self.queued.load(Ordering::Relaxed) == 0 {
+        if self.half.is_some() {
             self.writer.abort();
         }
+        self.inbox.borrow_mut().dropped = true;
     }
 }
 
-async fn read_frames(
+async fn read_chunks(
     mut rd: OwnedReadHalf,
-    max_frame: usize,
+    id: oneshot::Receiver<u64>,
     events: mpsc::Sender<Event>,
-    on_frame: fn(u64, Vec<u8>) -> Event,
-    on_close: fn(u64) -> Event,
-    id: u64,
 ) {
-    let splitter = FrameSplitter::new(max_frame);
-    let mut buf: Vec<u8> = Vec::with_capacity(64 * 1024);
-    'outer: loop {
+    let Ok(id) = id.await else {
+        return;
+    };
+    loop {
+        let mut buf = Vec::with_capacity(READ_CHUNK);
         match rd.read_buf(&mut buf).await {
             Ok(0) | Err(_) => break,
-            Ok(_) => {}
-        }
-        let mut consumed = 0;
-        loop {
-            match splitter.split(&buf[consumed..]) {
-                Ok(Some((body, n))) => {
-                    let ev = on_frame(id, body.to_vec());
-                    consumed += n;
-                    if events.send(ev).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    debug!(id, error = %e, "unframeable input, closing");
-                    break 'outer;
+            Ok(_) => {
+                if events.send(Event::Data(id, buf)).await.is_err() {
+                    return;
                 }
             }
         }
-        buf.drain(..consumed);
-        if buf.capacity() - buf.len() < 16 * 1024 {
-            buf.reserve(64 * 1024);
-        }
     }
-    let _ = events.send(on_close(id)).await;
+    let _ = events.send(Event::Eof(id)).await;
 }
 
-async fn write_frames(
+async fn write_queue(
     half: Arc<OwnedWriteHalf>,
     mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
     queued: Arc<AtomicUsize>,
+    broken: Arc<AtomicBool>,
 ) {
     while let Some(frame) = rx.recv().await {
         let mut at = 0;
         while at < frame.len() {
             if half.writable().await.is_err() {
+                broken.store(true, Ordering::Relaxed);
                 return;
             }
             match half.try_write(&frame[at..]) {
                 Ok(n) => at += n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
+                Err(_) => {
+                    broken.store(true, Ordering::Relaxed);
+                    return;
+                }
             }
         }
         queued.fetch_sub(frame.len(), Ordering::Relaxed);
@@ -337,31 +417,26 @@ pub async fn run(
     let (tx, rx) = mpsc::channel(4096);
     let stop = tx.clone();
     let l = EventLoop::start(cfg, bound, tx, rx)?;
-    let looping = tokio::spawn(l.run());
-    shutdown.await;
-    info!("shutting down");
-    let _ = stop.send(Event::Shutdown).await;
-    let _ = looping.await;
+    // The loop owns non-`Send` channels: it runs on this task, next to the
+    // shutdown watcher.
+    let watch = async move {
+        shutdown.await;
+        info!("shutting down");
+        let _ = stop.send(Event::Shutdown).await;
+    };
+    tokio::join!(l.run(), watch);
     Ok(())
 }
 
 struct EventLoop {
-    cfg: HostedConfig,
-    ctrl: Controller,
+    node: Node<(), SocketAddr>,
     epoch: std::time::Instant,
     events: mpsc::Sender<Event>,
     rx: mpsc::Receiver<Event>,
-    procs: BTreeMap<ChannelId, Writer>,
-    /// Process channels that have not sent a frame yet, with the task that
-    /// reports their attach deadline.
-    unattached: BTreeMap<ChannelId, JoinHandle<()>>,
-    links: BTreeMap<LinkId, (Writer, Option<oneshot::Sender<()>>)>,
-    link_peer: BTreeMap<LinkId, Option<NodeId>>,
-    dialers: BTreeMap<NodeId, JoinHandle<()>>,
-    next_id: u64,
-    traffic: Traffic,
-    link_traffic: BTreeMap<LinkId, LinkTraffic>,
+    inboxes: HashMap<u64, Rc<RefCell<Inbox>>>,
     tasks: Vec<JoinHandle<()>>,
+    dials: Vec<JoinHandle<()>>,
+    stopping: bool,
 }
 
 fn incarnation() -> u64 {
@@ -371,6 +446,39 @@ fn incarnation() -> u64 {
     (t.as_nanos() as u64) ^ ((std::process::id() as u64) << 48)
 }
 
+/// The node driver's configuration for `cfg` (the schema both hosts use).
+fn node_config(cfg: &HostedConfig) -> Result<NodeConfig<SocketAddr>, HostedError> {
+    let mut core = Config::new(cfg.node, incarnation(), cfg.cluster_key);
+    core.members = if cfg.members.is_empty() {
+        std::iter::once(cfg.node)
+            .chain(cfg.peers.iter().map(|p| p.0))
+            .collect()
+    } else {
+        cfg.members.clone()
+    };
+    core.limits = cfg.limits.clone();
+    core.op_timeout = cfg.op_timeout;
+    core.heartbeat_interval = cfg.heartbeat_interval;
+    core.peer_timeout = cfg.peer_timeout;
+    core.copy_chunk = cfg.copy_chunk;
+    core.copy_window = cfg.copy_window;
+    core.peer_security = cfg.peer_security;
+    getrandom::getrandom(&mut core.rng_seed).map_err(|e| {
+        HostedError::Runtime(std::io::Error::other(format!(
+            "the OS random number generator failed ({e}); the controller needs it for peer handshakes"
+        )))
+    })?;
+    let mut n = NodeConfig::new(core);
+    n.peers = cfg.peers.clone();
+    n.max_process_conns = cfg.limits.max_processes;
+    n.max_metrics_conns = cfg.max_metrics_conns;
+    n.max_queued_bytes = cfg.max_queued_bytes;
+    n.attach_timeout = cfg.attach_timeout;
+    n.metrics_timeout = cfg.metrics_timeout;
+    n.dial_backoff = (Duration::from_millis(20), Duration::from_secs(1));
+    Ok(n)
+}
+
 impl EventLoop {
     fn start(
         cfg: HostedConfig,
@@ -378,98 +486,61 @@ impl EventLoop {
         events: mpsc::Sender<Event>,
         rx: mpsc::Receiver<Event>,
     ) -> Result<Self, HostedError> {
-        let inc = incarnation();
-        let mut core = Config::new(cfg.node, inc, cfg.cluster_key);
-        core.members = if cfg.members.is_empty() {
-            std::iter::once(cfg.node)
-                .chain(cfg.peers.iter().map(|p| p.0))
-                .collect()
-        } else {
-            cfg.members.clone()
-        };
-        core.limits = cfg.limits.clone();
-        core.op_timeout = cfg.op_timeout;
-        core.heartbeat_interval = cfg.heartbeat_interval;
-        core.peer_timeout = cfg.peer_timeout;
-        core.copy_chunk = cfg.copy_chunk;
-        core.copy_window = cfg.copy_window;
-        core.peer_security = cfg.peer_security;
-        getrandom::getrandom(&mut core.rng_seed).map_err(|e| {
-            HostedError::Runtime(std::io::Error::other(format!(
-                "the OS random number generator failed ({e}); the controller needs it for peer handshakes"
-            )))
-        })?;
+        let node = Node::new(node_config(&cfg)?, Instant(0));
         let epoch = std::time::Instant::now();
-        let ctrl = Controller::new(core, Instant(0));
         let to_tokio =
             |l: std::net::TcpListener| TcpListener::from_std(l).map_err(HostedError::Runtime);
-        let process = to_tokio(bound.process)?;
-        let peer = to_tokio(bound.peer)?;
         let mut tasks = vec![
-            tokio::spawn(accept(process, events.clone(), Event::ProcOpened)),
-            tokio::spawn(accept(peer, events.clone(), |s| Event::LinkOpened(s, None))),
+            tokio::spawn(accept(
+                to_tokio(bound.process)?,
+                events.clone(),
+                ConnKind::Process,
+            )),
+            tokio::spawn(accept(
+                to_tokio(bound.peer)?,
+                events.clone(),
+                ConnKind::Peer,
+            )),
         ];
         if let Some(m) = bound.metrics {
-            tasks.push(tokio::spawn(crate::metrics::serve(
+            tasks.push(tokio::spawn(accept(
                 to_tokio(m)?,
                 events.clone(),
-                cfg.max_metrics_conns,
-                cfg.metrics_timeout,
+                ConnKind::Metrics,
             )));
         }
-        let mut l = EventLoop {
-            ctrl,
+        Ok(EventLoop {
+            node,
             epoch,
             events,
             rx,
-            procs: BTreeMap::new(),
-            unattached: BTreeMap::new(),
-            links: BTreeMap::new(),
-            link_peer: BTreeMap::new(),
-            dialers: BTreeMap::new(),
-            next_id: 1,
-            traffic: Traffic::default(),
-            link_traffic: BTreeMap::new(),
+            inboxes: HashMap::new(),
             tasks,
-            cfg,
-        };
-        for (node, addr) in l.cfg.peers.clone() {
-            l.add_peer(node, addr);
-        }
-        Ok(l)
+            dials: Vec::new(),
+            stopping: false,
+        })
     }
 
     fn now(&self) -> Instant {
         Instant(self.epoch.elapsed().as_nanos() as u64)
     }
 
-    fn add_peer(&mut self, node: NodeId, addr: SocketAddr) {
-        if node <= self.cfg.node || self.dialers.contains_key(&node) {
-            return;
-        }
-        let events = self.events.clone();
-        self.dialers
-            .insert(node, tokio::spawn(dial(node, addr, events)));
-    }
-
     async fn run(mut self) {
-        // One timer, re-armed to the core's next deadline only when the
+        // One timer, re-armed to the node's next deadline only when the
         // event queue is empty: bursts of frames never touch the timer wheel.
         let sleep = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(sleep);
-        'events: loop {
+        loop {
             while let Ok(ev) = self.rx.try_recv() {
-                if !self.handle(ev) {
-                    break 'events;
-                }
+                self.handle(ev);
             }
-            self.flush();
-            let deadline = self.ctrl.poll_timeout();
+            self.turn();
+            if self.stopping && self.node.is_idle() {
+                break;
+            }
+            let deadline = self.node.poll_timeout();
             if let Some(d) = deadline {
                 if d <= self.now() {
-                    let now = self.now();
-                    self.ctrl.handle_timeout(now);
-                    self.flush();
                     continue;
                 }
                 let at = self.epoch + Duration::from_nanos(d.0);
@@ -477,231 +548,105 @@ impl EventLoop {
             }
             tokio::select! {
                 ev = self.rx.recv() => match ev {
-                    Some(ev) => {
-                        if !self.handle(ev) {
-                            break 'events;
-                        }
-                        self.flush();
-                    }
-                    None => break 'events,
+                    Some(ev) => self.handle(ev),
+                    None => break,
                 },
-                _ = &mut sleep, if deadline.is_some() => {
-                    let now = self.now();
-                    self.ctrl.handle_timeout(now);
-                    self.flush();
-                }
+                _ = &mut sleep, if deadline.is_some() => {}
             }
         }
-        // Disconnect every process so the core revokes what they own.
-        let now = self.now();
-        for chan in self.procs.keys().copied().collect::<Vec<_>>() {
-            self.ctrl.process_disconnected(now, chan);
-        }
-        self.flush();
-        for t in self.tasks.iter().chain(self.unattached.values()) {
+        for t in self.tasks.iter().chain(&self.dials) {
             t.abort();
         }
-        for d in self.dialers.values() {
-            d.abort();
-        }
-        info!(node = self.cfg.node.0, "controller stopped");
+        info!(node = self.node.controller().node().0, "controller stopped");
     }
 
-    fn handle(&mut self, ev: Event) -> bool {
+    /// Runs the node until it settles; answers metrics; starts dials;
+    /// forgets the inboxes of dropped channels.
+    fn turn(&mut self) {
+        let now = self.now();
+        while self.node.poll(now, &mut ()) {}
+        while let Some(id) = self.node.poll_metrics_request() {
+            let text = self.node.metrics_text();
+            self.node.answer_metrics(id, &text);
+            self.node.poll(now, &mut ());
+        }
+        if !self.stopping {
+            while let Some((node, addr)) = self.node.poll_dial(now) {
+                let events = self.events.clone();
+                self.dials.retain(|d| !d.is_finished());
+                self.dials.push(tokio::spawn(async move {
+                    let ev = match TcpStream::connect(addr).await {
+                        Ok(s) => Event::Dialed(node, s),
+                        Err(e) => {
+                            debug!(node = node.0, %addr, error = %e, "dial failed");
+                            Event::DialFailed(node)
+                        }
+                    };
+                    let _ = events.send(ev).await;
+                }));
+            }
+        }
+        self.inboxes.retain(|_, i| !i.borrow().dropped);
+    }
+
+    fn add(&mut self, kind: ConnKind, stream: TcpStream, dialed: Option<NodeId>) {
+        let now = self.now();
+        let peer = stream.peer_addr().ok();
+        let (ch, id_tx) = TokioChannel::start(stream, self.events.clone());
+        let inbox = ch.inbox.clone();
+        let id = match dialed {
+            Some(node) => self.node.dialed(now, node, Box::new(ch)),
+            None => self.node.add(now, kind, Box::new(ch)),
+        };
+        debug!(id = id.0, ?kind, ?peer, "connection added");
+        self.inboxes.insert(id.0, inbox);
+        let _ = id_tx.send(id.0);
+    }
+
+    fn handle(&mut self, ev: Event) {
         let now = self.now();
         match ev {
-            Event::ProcOpened(stream) => {
-                let chan = ChannelId(self.next_id);
-                self.next_id += 1;
-                debug!(chan = chan.0, peer = ?stream.peer_addr().ok(), "process connected");
-                let w = Writer::start(
-                    stream,
-                    self.events.clone(),
-                    self.cfg.limits.max_message_len,
-                    |id, b| Event::ProcFrame(ChannelId(id), b),
-                    |id| Event::ProcClosed(ChannelId(id)),
-                    chan.0,
-                );
-                self.procs.insert(chan, w);
-                let (events, timeout) = (self.events.clone(), self.cfg.attach_timeout);
-                let deadline = tokio::spawn(async move {
-                    tokio::time::sleep(timeout).await;
-                    let _ = events.send(Event::AttachDeadline(chan)).await;
-                });
-                self.unattached.insert(chan, deadline);
-                self.ctrl.process_connected(now, chan);
-            }
-            Event::ProcFrame(chan, body) => {
-                if self.procs.contains_key(&chan) {
-                    self.forget_deadline(chan);
-                    self.traffic.processes.frames_in += 1;
-                    self.traffic.processes.bytes_in += body.len() as u64 + 4;
-                    self.ctrl.process_message(now, chan, &body);
+            Event::Accepted(kind, stream) => {
+                if self.stopping || !self.node.accepts(kind) {
+                    debug!(?kind, "connection refused: at the limit");
+                    drop(stream);
+                } else {
+                    self.add(kind, stream, None);
                 }
             }
-            Event::ProcClosed(chan) => {
-                self.forget_deadline(chan);
-                if self.procs.remove(&chan).is_some() {
-                    debug!(chan = chan.0, "process disconnected");
-                    self.ctrl.process_disconnected(now, chan);
+            Event::Data(id, chunk) => {
+                if let Some(i) = self.inboxes.get(&id) {
+                    i.borrow_mut().chunks.push_back(chunk);
                 }
             }
-            Event::AttachDeadline(chan) => {
-                // Still silent: the connection loses its slot, as on the
-                // appliance.
-                if self.unattached.remove(&chan).is_some() && self.procs.remove(&chan).is_some() {
-                    info!(chan = chan.0, "process sent nothing in time; closing");
-                    self.ctrl.process_disconnected(now, chan);
+            Event::Eof(id) => {
+                if let Some(i) = self.inboxes.get(&id) {
+                    i.borrow_mut().eof = true;
                 }
             }
-            Event::LinkOpened(stream, dialed) => {
-                let link = LinkId(self.next_id);
-                self.next_id += 1;
-                let peer = dialed.as_ref().map(|d| d.0);
-                debug!(link = link.0, ?peer, "peer link up");
-                let w = Writer::start(
-                    stream,
-                    self.events.clone(),
-                    self.cfg.limits.max_message_len,
-                    |id, b| Event::LinkFrame(LinkId(id), b),
-                    |id| Event::LinkClosed(LinkId(id)),
-                    link.0,
-                );
-                self.links.insert(link, (w, dialed.map(|d| d.1)));
-                self.link_peer.insert(link, peer);
-                let role = match peer {
-                    Some(peer) => LinkRole::Initiator { peer },
-                    None => LinkRole::Responder,
-                };
-                self.ctrl.link_connected(now, link, role);
-            }
-            Event::LinkFrame(link, body) => {
-                if self.links.contains_key(&link) {
-                    let t = self.link_traffic.entry(link).or_default();
-                    t.frames_in += 1;
-                    t.bytes_in += body.len() as u64 + 4;
-                    self.ctrl.link_message(now, link, &body);
+            Event::Dialed(node, stream) => {
+                if self.stopping {
+                    drop(stream);
+                } else {
+                    self.add(ConnKind::Peer, stream, Some(node));
                 }
             }
-            Event::LinkClosed(link) => {
-                if self.links.remove(&link).is_some() {
-                    info!(link = link.0, "peer link down");
-                    self.retire_link(link);
-                    self.ctrl.link_disconnected(now, link);
-                }
-            }
-            Event::AddPeer(node, addr) => self.add_peer(node, addr),
+            Event::DialFailed(node) => self.node.dial_failed(now, node),
+            Event::AddPeer(node, addr) => self.node.add_peer(now, node, addr),
             Event::Metrics(reply) => {
-                let _ = reply.send(fractos_core::prometheus::render(
-                    &self.ctrl,
-                    &self.traffic_snapshot(),
-                ));
+                let _ = reply.send(self.node.metrics_text());
             }
             Event::Traffic(reply) => {
-                let _ = reply.send(self.traffic_snapshot());
+                let _ = reply.send(self.node.traffic());
             }
-            Event::Shutdown => return false,
-        }
-        true
-    }
-
-    /// Cancels a channel's attach deadline (it sent a frame or is gone).
-    fn forget_deadline(&mut self, chan: ChannelId) {
-        if let Some(t) = self.unattached.remove(&chan) {
-            t.abort();
-        }
-    }
-
-    /// Folds a closed link's counters into its peer's totals.
-    fn retire_link(&mut self, link: LinkId) {
-        let t = self.link_traffic.remove(&link).unwrap_or_default();
-        let node = self.link_node(link);
-        self.link_peer.remove(&link);
-        self.traffic.peers.entry(node).or_default().add(&t);
-    }
-
-    /// The peer node behind a link (the dialled node, else the one that
-    /// authenticated on it; 0 while unknown).
-    fn link_node(&self, link: LinkId) -> u32 {
-        self.link_peer
-            .get(&link)
-            .copied()
-            .flatten()
-            .or_else(|| self.ctrl.link_peer(link))
-            .map(|n| n.0)
-            .unwrap_or(0)
-    }
-
-    fn traffic_snapshot(&self) -> Traffic {
-        let mut t = self.traffic.clone();
-        for (link, lt) in &self.link_traffic {
-            t.peers.entry(self.link_node(*link)).or_default().add(lt);
-        }
-        t
-    }
-
-    fn flush(&mut self) {
-        let limit = self.cfg.max_queued_bytes;
-        while let Some(out) = self.ctrl.poll_output() {
-            match out {
-                Output::Send {
-                    to: Dest::Process(chan),
-                    frame,
-                } => {
-                    let n = frame.len() as u64;
-                    let stuck = match self.procs.get(&chan) {
-                        Some(w) => !w.send(frame, limit),
-                        None => false,
-                    };
-                    self.traffic.processes.frames_out += 1;
-                    self.traffic.processes.bytes_out += n;
-                    if stuck {
-                        warn!(
-                            chan = chan.0,
-                            "process does not read its channel; disconnecting"
-                        );
-                        self.procs.remove(&chan);
-                        self.forget_deadline(chan);
-                        let now = self.now();
-                        self.ctrl.process_disconnected(now, chan);
-                    }
-                }
-                Output::Send {
-                    to: Dest::Link(link),
-                    frame,
-                } => {
-                    let n = frame.len() as u64;
-                    let t = self.link_traffic.entry(link).or_default();
-                    t.frames_out += 1;
-                    t.bytes_out += n;
-                    let stuck = match self.links.get(&link) {
-                        Some((w, _)) => !w.send(frame, limit),
-                        None => false,
-                    };
-                    if stuck && self.links.remove(&link).is_some() {
-                        warn!(link = link.0, "peer link is stuck; closing");
-                        self.retire_link(link);
-                        let now = self.now();
-                        self.ctrl.link_disconnected(now, link);
-                    }
-                }
-                Output::Close {
-                    to: Dest::Process(chan),
-                    reason,
-                } => {
-                    info!(chan = chan.0, ?reason, "closing process channel");
-                    self.procs.remove(&chan);
-                    self.forget_deadline(chan);
-                }
-                Output::Close {
-                    to: Dest::Link(link),
-                    reason,
-                } => {
-                    if reason != CloseReason::Duplicate {
-                        warn!(link = link.0, ?reason, "closing peer link");
-                    }
-                    if self.links.remove(&link).is_some() {
-                        self.retire_link(link);
+            Event::Shutdown => {
+                if !self.stopping {
+                    // Disconnect every process so the core revokes what
+                    // they own; links close.
+                    self.stopping = true;
+                    self.node.shutdown(now, &mut ());
+                    for d in &self.dials {
+                        d.abort();
                     }
                 }
             }
@@ -709,11 +654,11 @@ impl EventLoop {
     }
 }
 
-async fn accept(l: TcpListener, events: mpsc::Sender<Event>, wrap: fn(TcpStream) -> Event) {
+async fn accept(l: TcpListener, events: mpsc::Sender<Event>, kind: ConnKind) {
     loop {
         match l.accept().await {
             Ok((s, _)) => {
-                if events.send(wrap(s)).await.is_err() {
+                if events.send(Event::Accepted(kind, s)).await.is_err() {
                     return;
                 }
             }
@@ -722,29 +667,5 @@ async fn accept(l: TcpListener, events: mpsc::Sender<Event>, wrap: fn(TcpStream)
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-    }
-}
-
-/// Keeps one link to `node` up, re-dialling with backoff.
-async fn dial(node: NodeId, addr: SocketAddr, events: mpsc::Sender<Event>) {
-    let mut backoff = Duration::from_millis(20);
-    loop {
-        match TcpStream::connect(addr).await {
-            Ok(s) => {
-                let (done_tx, done_rx) = oneshot::channel();
-                if events
-                    .send(Event::LinkOpened(s, Some((node, done_tx))))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                let _ = done_rx.await;
-                backoff = Duration::from_millis(20);
-            }
-            Err(e) => debug!(node = node.0, %addr, error = %e, "dial failed"),
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
 }

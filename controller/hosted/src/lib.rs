@@ -1,10 +1,13 @@
-//! The hosted FractOS controller: the sans-IO [`fractos_core::Controller`]
-//! driven by real TCP sockets on Linux.
+//! The hosted FractOS controller: the shared node driver
+//! ([`fractos_node::Node`], which owns the sans-IO
+//! [`fractos_core::Controller`]) over real TCP sockets on Linux with tokio.
 //!
-//! One task owns the core and is the only place state changes; per-socket
-//! reader tasks split frames and feed it through a bounded queue (so a
-//! flooding peer meets TCP backpressure), per-socket writer tasks send what
-//! the core emits. Timers come from the core's `poll_timeout`.
+//! One task owns the node and is the only place state changes; per-socket
+//! reader tasks feed it byte chunks through a bounded queue (so a flooding
+//! peer meets TCP backpressure), writers send what it emits. Timers come
+//! from the node's `poll_timeout`. Framing, output queues, the attach and
+//! metrics timeouts, connection limits, dialing policy, traffic and the
+//! `/metrics` responder are the node driver's, exactly as on the appliance.
 //!
 //! * process channels: TCP on `process_listen`;
 //! * peer controllers: TCP on `peer_listen`; the controller with the lower
@@ -23,7 +26,6 @@
 
 mod config;
 mod driver;
-mod metrics;
 
 use std::net::SocketAddr;
 use std::time::Duration;

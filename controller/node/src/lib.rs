@@ -297,6 +297,20 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
         id
     }
 
+    /// Adds a peer to keep a link to (dialled if its id is higher than
+    /// ours; otherwise it dials us). Known peers are left as they are.
+    pub fn add_peer(&mut self, now: Instant, node: NodeId, addr: A) {
+        if node <= self.cfg.core.node || self.dialers.iter().any(|d| d.node == node) {
+            return;
+        }
+        self.dialers.push(Dialer {
+            node,
+            addr,
+            state: DialState::Idle { next: now },
+            backoff: self.cfg.dial_backoff.0,
+        });
+    }
+
     /// The peer the host should dial now, if any (lower ids dial, with
     /// backoff). Report the outcome with [`Node::dialed`] or
     /// [`Node::dial_failed`].
