@@ -238,20 +238,23 @@ fn service_config<'a>(
         config.members.iter().copied().map(NodeId).collect()
     };
     let mut s = ServiceConfig::new(core);
-    s.core.limits.max_message_len = MAX_MESSAGE_LEN;
-    s.core.limits.max_processes = s.max_process_conns;
+    s.node.core.limits.max_message_len = MAX_MESSAGE_LEN;
+    // In-kernel processes (the storage service) take a slot too.
+    s.node.core.limits.max_processes = s.node.max_process_conns + 4;
     s.process_port = config.process_port;
     s.peer_port = config.peer_port;
     s.metrics_port = (config.metrics_port != 0).then_some(config.metrics_port);
     s.peer_iface = usize::from(nics > 1);
     s.dhcp_iface = config.ip_dhcp.then_some(0);
-    s.peers = config
+    s.node.peers = config
         .peers
         .iter()
-        .map(|p| PeerAddr {
-            node: NodeId(p.node),
-            addr: p.addr,
-            port: p.port.unwrap_or(config.peer_port),
+        .map(|p| {
+            let addr = PeerAddr {
+                addr: p.addr,
+                port: p.port.unwrap_or(config.peer_port),
+            };
+            (NodeId(p.node), addr)
         })
         .collect();
     Ok(s)
@@ -343,7 +346,7 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
     let mut net = net::bring_up(&devices, &mmio, config);
     let service = match service_config(config, &key, &seed, net.len()) {
         Ok(c) => {
-            let members: Vec<u32> = c.core.members.iter().map(|n| n.0).collect();
+            let members: Vec<u32> = c.node.core.members.iter().map(|n| n.0).collect();
             info!(
                 "controller: node {} members {members:?}, processes on port {}, peers on port {} (nic {}), metrics on {:?}, {} peer(s) to dial",
                 config.node,
@@ -351,9 +354,9 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
                 c.peer_port,
                 c.peer_iface,
                 c.metrics_port,
-                c.peers.iter().filter(|p| p.node.0 > config.node).count()
+                c.node.peers.iter().filter(|p| p.0 .0 > config.node).count()
             );
-            let key = c.core.cluster_key;
+            let key = c.node.core.cluster_key;
             let mut svc = Service::new(c, net.len(), time::now_ns());
             if !nvme.is_empty() {
                 start_storage(&mut svc, nvme.remove(0), config, &key);

@@ -1,41 +1,35 @@
-//! The appliance's controller service: the sans-IO controller core
-//! ([`fractos_core::Controller`]) served over smoltcp TCP, with the same
-//! wire protocol and ports as the hosted controller.
+//! The appliance's controller service: the shared node driver
+//! ([`fractos_node::Node`], which owns the controller core, framing,
+//! queues, timeouts, dialing policy, traffic and metrics) over smoltcp TCP
+//! sockets, plus what only the appliance has: its NICs' interfaces and
+//! listening sockets, DHCP, processes living inside the kernel (wired by
+//! in-memory channels) and the heap gauge.
 //!
 //! [`Service::poll`] is one turn of the appliance's event loop: it polls
-//! every NIC's smoltcp interface, accepts process, peer and metrics
-//! connections, feeds complete frames to the core, fires the core's timers,
-//! queues the core's output frames per connection and pushes them into the
-//! TCP send buffers as space allows. Nothing blocks and nothing reads a
-//! clock: the kernel passes the time in and calls `poll` in a loop (no
-//! interrupts). Being generic over [`smoltcp::phy::Device`], the same code
-//! runs on the host in unit tests over an in-memory link.
+//! every NIC's smoltcp interface, turns established sockets into node
+//! connections, starts the dials the node asks for, runs the node driver
+//! and the in-kernel processes until nothing moves, answers metrics
+//! requests, and polls the interfaces again so that output leaves in the
+//! same turn. Nothing blocks and nothing reads a clock: the kernel passes
+//! the time in and calls `poll` in a loop (no interrupts). Being generic
+//! over [`smoltcp::phy::Device`], the same code runs on the host in unit
+//! tests over an in-memory link.
 //!
-//! Resource bounds (what keeps random bytes, malformed frames and floods of
-//! connections from exhausting the appliance):
-//! * at most [`ServiceConfig::max_process_conns`] process connections (and
-//!   [`ServiceConfig::max_metrics_conns`] metrics connections); when all
-//!   are taken no socket listens and smoltcp answers new SYNs with RST;
-//! * a process must send its first frame within
-//!   [`ServiceConfig::attach_timeout_ns`] or is disconnected;
-//! * a frame longer than the core's `max_message_len` closes the connection
-//!   (the core closes it on undecodable bodies);
-//! * at most [`ServiceConfig::max_queued_bytes`] of output may wait for a
-//!   slow reader; past that a process is disconnected and a link closed,
-//!   as the hosted controller does.
+//! Resource bounds (see [`fractos_node`] for the rest): when a kind of
+//! connection is at its limit ([`fractos_node::Node::accepts`]) no socket
+//! listens for it and smoltcp answers new SYNs with RST; at most
+//! [`ServiceConfig::backlog`] sockets listen per port and interface.
 
 use alloc::boxed::Box;
-use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 use core::net::Ipv4Addr;
 
-use fractos_core::{
-    ChannelId, CloseReason, Config as CoreConfig, Controller, Dest, Instant, LinkId, LinkRole,
-    LinkTraffic, Output, Traffic,
-};
-use fractos_wire::{FrameSplitter, NodeId, FRAME_HEADER_LEN};
+use fractos_core::{ChannelId, Config as CoreConfig, Controller, Instant, Traffic};
+use fractos_node::{ConnId, ConnKind, Node, NodeConfig, NodeStats};
+use fractos_transport::{Channel, FrameReader, Framing, MemoryChannel, Received, TransportError};
+use fractos_wire::{NodeId, FRAME_HEADER_LEN};
 
 use crate::storage::LocalProcess;
 use log::{debug, info, warn};
@@ -45,25 +39,21 @@ use smoltcp::socket::{dhcpv4, tcp};
 use smoltcp::time::{Duration as NetDuration, Instant as NetInstant};
 use smoltcp::wire::{IpAddress, IpCidr, IpEndpoint};
 
-/// A peer controller to keep a link to.
+/// Where a peer controller's peer port is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerAddr {
-    /// Its node id.
-    pub node: NodeId,
     /// Its address on the peer network.
     pub addr: Ipv4Addr,
     /// Its peer port.
     pub port: u16,
 }
 
-/// How the service is set up.
+/// How the service is set up: the node driver's configuration (shared
+/// with the hosted controller) plus the appliance's network setup.
 #[derive(Clone, Debug)]
 pub struct ServiceConfig {
-    /// The controller core's configuration (node, key, members, limits).
-    pub core: CoreConfig,
-    /// Peers to dial. Only peers with a higher node id are dialled (the
-    /// lower id dials, as in the hosted controller); the others dial us.
-    pub peers: Vec<PeerAddr>,
+    /// Node driver: core configuration, peers, limits, timeouts.
+    pub node: NodeConfig<PeerAddr>,
     /// TCP port for processes.
     pub process_port: u16,
     /// TCP port for peer controllers.
@@ -77,19 +67,8 @@ pub struct ServiceConfig {
     pub peer_iface: usize,
     /// Index of an interface to configure by DHCP, if any.
     pub dhcp_iface: Option<usize>,
-    /// Process connections at once.
-    pub max_process_conns: usize,
-    /// Metrics connections at once.
-    pub max_metrics_conns: usize,
-    /// Peer connections at once (accepted ones; dialled ones are one per
-    /// configured peer).
-    pub max_peer_conns: usize,
-    /// Sockets kept listening per port (the accept backlog).
+    /// Sockets kept listening per port and interface (the accept backlog).
     pub backlog: usize,
-    /// Output bytes allowed to wait for one slow connection.
-    pub max_queued_bytes: usize,
-    /// Time a new process connection has to send its first frame.
-    pub attach_timeout_ns: u64,
     /// Receive and send buffer bytes of a process socket.
     pub process_buffers: (usize, usize),
     /// Receive and send buffer bytes of a peer socket.
@@ -97,129 +76,182 @@ pub struct ServiceConfig {
 }
 
 impl ServiceConfig {
-    /// Defaults matching the hosted controller's ports (7100 processes,
-    /// 7101 peers, 9100 metrics), everything on interface 0.
+    /// Defaults: the common ports ([`fractos_node::PROCESS_PORT`],
+    /// [`fractos_node::PEER_PORT`], [`fractos_node::METRICS_PORT`]),
+    /// everything on interface 0, limits sized for a small appliance
+    /// (64 processes, 16 accepted peer links, 8 MiB queued per connection).
     pub fn new(core: CoreConfig) -> Self {
+        let mut node = NodeConfig::new(core);
+        node.max_process_conns = 64;
+        node.max_peer_conns = 16;
+        node.max_queued_bytes = 8 << 20;
         ServiceConfig {
-            core,
-            peers: Vec::new(),
-            process_port: 7100,
-            peer_port: 7101,
-            metrics_port: Some(9100),
+            node,
+            process_port: fractos_node::PROCESS_PORT,
+            peer_port: fractos_node::PEER_PORT,
+            metrics_port: Some(fractos_node::METRICS_PORT),
             front_iface: 0,
             peer_iface: 0,
             dhcp_iface: None,
-            max_process_conns: 64,
-            max_metrics_conns: 4,
-            max_peer_conns: 16,
             backlog: 4,
-            max_queued_bytes: 8 << 20,
-            attach_timeout_ns: 10_000_000_000,
             process_buffers: (64 * 1024, 128 * 1024),
             peer_buffers: (128 * 1024, 128 * 1024),
         }
     }
 }
 
-/// What a socket is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Kind {
-    Process,
-    Peer,
-    Metrics,
+/// The smoltcp socket sets, lent to TCP channels for their I/O.
+pub struct Sockets {
+    sets: Vec<SocketSet<'static>>,
+    /// Aborted sockets kept until the next turn so that their reset goes
+    /// out before they are removed.
+    aborted: Vec<(usize, SocketHandle)>,
+}
+
+/// A smoltcp TCP socket as a [`Channel`].
+struct TcpChannel {
+    iface: usize,
+    handle: SocketHandle,
+    /// Aborted: its reset is sent by the next interface poll.
+    aborted: bool,
+}
+
+impl TcpChannel {
+    fn socket<'a>(&self, cx: &'a mut Sockets) -> &'a mut tcp::Socket<'static> {
+        cx.sets[self.iface].get_mut::<tcp::Socket>(self.handle)
+    }
+}
+
+impl Channel<Sockets> for TcpChannel {
+    fn framing(&self) -> Framing {
+        Framing::Stream
+    }
+
+    fn send(&mut self, cx: &mut Sockets, data: &[u8]) -> Result<usize, TransportError> {
+        let s = self.socket(cx);
+        if !s.may_send() {
+            return Err(TransportError::Closed);
+        }
+        if !s.can_send() {
+            return Ok(0);
+        }
+        s.send_slice(data).map_err(|_| TransportError::Reset)
+    }
+
+    fn recv(
+        &mut self,
+        cx: &mut Sockets,
+        out: &mut Vec<u8>,
+        max: usize,
+    ) -> Result<Received, TransportError> {
+        let s = self.socket(cx);
+        if s.can_recv() {
+            let got = s.recv(|b| {
+                let n = b.len().min(max);
+                out.extend_from_slice(&b[..n]);
+                (n, n)
+            });
+            return got.map(Received::Data).map_err(|_| TransportError::Reset);
+        }
+        if s.may_recv() {
+            Ok(Received::Empty)
+        } else if s.state() == tcp::State::Closed {
+            Err(TransportError::Reset)
+        } else {
+            Ok(Received::Closed)
+        }
+    }
+
+    fn close(&mut self, cx: &mut Sockets) {
+        // A FIN rather than a reset: QEMU's user networking forwards a FIN
+        // to the host side but not a reset.
+        self.socket(cx).close();
+    }
+
+    fn abort(&mut self, cx: &mut Sockets) {
+        self.socket(cx).abort();
+        self.aborted = true;
+    }
+
+    fn is_finished(&self, cx: &mut Sockets) -> bool {
+        let s = cx.sets[self.iface].get::<tcp::Socket>(self.handle);
+        matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait)
+    }
+
+    fn release(&mut self, cx: &mut Sockets) {
+        if self.is_finished(cx) && !self.aborted {
+            cx.sets[self.iface].remove(self.handle);
+        } else {
+            // smoltcp sends the reset when the interface next polls the
+            // socket, so it stays in the set until then.
+            self.socket(cx).abort();
+            cx.aborted.push((self.iface, self.handle));
+        }
+    }
 }
 
 /// A socket waiting for a connection.
 struct Listener {
     iface: usize,
     handle: SocketHandle,
-    kind: Kind,
+    kind: ConnKind,
 }
 
-/// An established connection. Its key doubles as the core's channel or
-/// link id.
-struct Conn {
-    iface: usize,
+/// A dial in progress.
+struct Dialing {
+    node: NodeId,
     handle: SocketHandle,
-    kind: Kind,
-    opened_ns: u64,
-    frames_in: u64,
-    inbuf: Vec<u8>,
-    out: VecDeque<Vec<u8>>,
-    /// Bytes of `out.front()` already in the socket.
-    out_at: usize,
-    queued: usize,
-    /// Set once the connection is finished with: the core has been told (or
-    /// asked for it); remaining output drains, then the socket closes.
-    closing: Option<u64>,
-    /// The peer this side dialled, if it did.
-    dialed: Option<NodeId>,
-    traffic: LinkTraffic,
+    started_ns: u64,
 }
 
-/// One configured peer's dialler.
-struct Dialer {
-    peer: PeerAddr,
-    /// The connecting socket, until it is established.
-    connecting: Option<(SocketHandle, u64)>,
-    /// The established link's connection key.
-    link: Option<u64>,
-    next_attempt_ns: u64,
-    backoff_ns: u64,
+/// A process inside the appliance and its end of an in-memory channel.
+struct Local {
+    process: Box<dyn LocalProcess>,
+    end: MemoryChannel,
+    reader: FrameReader,
+    /// A frame the channel had no room for yet.
+    pending: Option<Vec<u8>>,
+    closed: bool,
 }
 
-/// Counters the service keeps besides the core's.
+/// Counters the service keeps (the node driver's plus dials started).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceStats {
-    /// Connections accepted, by kind: processes, peers, metrics.
+    /// Connections taken, by kind: processes, peers, metrics (in-kernel
+    /// processes not counted).
     pub accepted: [u64; 3],
     /// Links dialled successfully.
     pub dialled: u64,
-    /// Connections closed for unframeable input (oversized length prefix).
+    /// Connections closed for unframeable input.
     pub unframeable: u64,
     /// Processes disconnected for not attaching in time.
     pub attach_timeouts: u64,
     /// Connections dropped for not reading their output.
     pub stuck: u64,
-    /// Connections currently open, all kinds.
+    /// Network connections currently open, all kinds.
     pub open: usize,
 }
 
-/// How long a finished connection may take to drain and close before it
-/// is aborted.
-const LINGER_NS: u64 = 2_000_000_000;
-/// First and longest delay between dial attempts.
-const DIAL_BACKOFF_NS: (u64, u64) = (50_000_000, 1_000_000_000);
 /// A dial that is not established after this long is abandoned.
 const DIAL_TIMEOUT_NS: u64 = 3_000_000_000;
-/// Largest HTTP request head the metrics endpoint reads.
-const MAX_HTTP_REQUEST: usize = 4096;
+/// Bytes an in-kernel process's channel buffers each way.
+const LOCAL_CHANNEL_BYTES: usize = 16 << 20;
 
 /// The controller service. See the module doc.
 pub struct Service {
     cfg: ServiceConfig,
-    ctrl: Controller,
-    sets: Vec<SocketSet<'static>>,
+    node: Node<Sockets, PeerAddr>,
+    sockets: Sockets,
     listeners: Vec<Listener>,
-    conns: BTreeMap<u64, Conn>,
-    dialers: Vec<Dialer>,
-    next_id: u64,
+    dialing: Vec<Dialing>,
     next_local_port: u16,
-    splitter: FrameSplitter,
-    traffic: Traffic,
-    stats: ServiceStats,
     heap: Option<(usize, usize)>,
-    /// Aborted sockets (interface, handle) kept until the next turn so
-    /// that their reset goes out before they are removed.
-    aborted: Vec<(usize, SocketHandle)>,
     /// The DHCP client socket and its interface.
     dhcp: Option<(usize, SocketHandle)>,
-    /// Processes inside the appliance, by channel id.
-    locals: BTreeMap<u64, Box<dyn LocalProcess>>,
+    locals: Vec<Local>,
+    /// Node connections that are in-kernel processes (not network ones).
+    local_conns: usize,
 }
-
-/// Channel ids of local processes start here (connections count from 1).
-const LOCAL_CHANNELS: u64 = 1 << 62;
 
 fn net_now(now_ns: u64) -> NetInstant {
     NetInstant::from_micros((now_ns / 1000) as i64)
@@ -234,40 +266,24 @@ impl Service {
         let mut cfg = cfg;
         cfg.front_iface = cfg.front_iface.min(ifaces - 1);
         cfg.peer_iface = cfg.peer_iface.min(ifaces - 1);
-        let me = cfg.core.node;
-        let dialers = cfg
-            .peers
-            .iter()
-            .filter(|p| p.node > me)
-            .map(|&peer| Dialer {
-                peer,
-                connecting: None,
-                link: None,
-                next_attempt_ns: now_ns,
-                backoff_ns: DIAL_BACKOFF_NS.0,
-            })
-            .collect();
-        let splitter = FrameSplitter::new(cfg.core.limits.max_message_len);
-        let ctrl = Controller::new(cfg.core.clone(), Instant(now_ns));
+        let node = Node::new(cfg.node.clone(), Instant(now_ns));
         let mut s = Service {
-            sets: (0..ifaces).map(|_| SocketSet::new(vec![])).collect(),
+            sockets: Sockets {
+                sets: (0..ifaces).map(|_| SocketSet::new(vec![])).collect(),
+                aborted: Vec::new(),
+            },
+            node,
             listeners: Vec::new(),
-            conns: BTreeMap::new(),
-            dialers,
-            next_id: 1,
+            dialing: Vec::new(),
             next_local_port: 49152,
-            splitter,
-            traffic: Traffic::default(),
-            stats: ServiceStats::default(),
             heap: None,
-            aborted: Vec::new(),
             dhcp: None,
-            locals: BTreeMap::new(),
-            ctrl,
+            locals: Vec::new(),
+            local_conns: 0,
             cfg,
         };
         if let Some(i) = s.cfg.dhcp_iface.filter(|&i| i < ifaces) {
-            let handle = s.sets[i].add(dhcpv4::Socket::new());
+            let handle = s.sockets.sets[i].add(dhcpv4::Socket::new());
             s.dhcp = Some((i, handle));
         }
         s.replenish_listeners();
@@ -275,22 +291,32 @@ impl Service {
     }
 
     /// Connects a process living inside the appliance (e.g. the storage
-    /// service) to the controller core; it attaches like any other.
+    /// service) to the controller through an in-memory channel; it attaches
+    /// like any other process.
     pub fn add_local(&mut self, now_ns: u64, p: Box<dyn LocalProcess>) -> ChannelId {
-        let chan = ChannelId(LOCAL_CHANNELS + self.locals.len() as u64);
-        info!("service: local process {} on channel {}", p.name(), chan.0);
-        self.locals.insert(chan.0, p);
-        self.ctrl.process_connected(Instant(now_ns), chan);
-        self.route_all(now_ns);
-        chan
+        let (end, theirs) = MemoryChannel::pair(Framing::Message, LOCAL_CHANNEL_BYTES);
+        let id = self
+            .node
+            .add(Instant(now_ns), ConnKind::Process, Box::new(theirs));
+        self.local_conns += 1;
+        info!("service: local process {} on channel {}", p.name(), id.0);
+        self.locals.push(Local {
+            process: p,
+            end,
+            reader: FrameReader::new(self.cfg.node.core.limits.max_message_len),
+            pending: None,
+            closed: false,
+        });
+        self.run_node(now_ns);
+        ChannelId(id.0)
     }
 
-    /// Routes the core's outputs and local processes' messages until both
-    /// are drained (local processes answer synchronously), bounded.
-    fn route_all(&mut self, now_ns: u64) -> bool {
+    /// Runs the node driver and the in-kernel processes until neither
+    /// moves (in-kernel processes answer synchronously), bounded.
+    fn run_node(&mut self, now_ns: u64) -> bool {
         let mut moved = false;
-        for _ in 0..1024 {
-            let a = self.route_outputs(now_ns);
+        for _ in 0..64 {
+            let a = self.node.poll(Instant(now_ns), &mut self.sockets);
             let b = self.pump_locals(now_ns);
             moved |= a | b;
             if !a && !b {
@@ -300,15 +326,55 @@ impl Service {
         moved
     }
 
-    /// Feeds every message local processes have queued to the core.
+    /// Moves frames between in-kernel processes and their channels.
     fn pump_locals(&mut self, now_ns: u64) -> bool {
         let mut moved = false;
-        for (&id, p) in self.locals.iter_mut() {
-            p.tick(now_ns);
-            while let Some(body) = p.poll_message() {
+        for l in self.locals.iter_mut().filter(|l| !l.closed) {
+            l.process.tick(now_ns);
+            match l.reader.fill(&mut l.end, &mut ()) {
+                Ok(m) => moved |= m,
+                Err(e) => {
+                    warn!("service: local process {}: {e}", l.process.name());
+                    l.end.close(&mut ());
+                    l.closed = true;
+                    continue;
+                }
+            }
+            while let Ok(Some(body)) = l.reader.next_frame() {
+                l.process.on_message(body);
                 moved = true;
-                self.ctrl
-                    .process_message(Instant(now_ns), ChannelId(id), &body);
+            }
+            loop {
+                let frame = match l.pending.take() {
+                    Some(f) => f,
+                    None => match l.process.poll_message() {
+                        Some(body) => {
+                            let mut f = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
+                            f.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                            f.extend_from_slice(&body);
+                            f
+                        }
+                        None => break,
+                    },
+                };
+                match l.end.send(&mut (), &frame) {
+                    Ok(0) => {
+                        l.pending = Some(frame);
+                        break;
+                    }
+                    Ok(_) => moved = true,
+                    Err(e) => {
+                        warn!("service: local process {}: {e}", l.process.name());
+                        l.closed = true;
+                        break;
+                    }
+                }
+            }
+            if (l.reader.is_closed() || l.process.is_closed()) && !l.closed {
+                warn!("service: local process {} closed", l.process.name());
+                l.end.close(&mut ());
+                l.closed = true;
+                moved = true;
             }
         }
         moved
@@ -322,7 +388,10 @@ impl Service {
         let Some((iface, _)) = nics.get_mut(i) else {
             return;
         };
-        match self.sets[i].get_mut::<dhcpv4::Socket>(handle).poll() {
+        match self.sockets.sets[i]
+            .get_mut::<dhcpv4::Socket>(handle)
+            .poll()
+        {
             None => {}
             Some(dhcpv4::Event::Configured(c)) => {
                 iface.update_ip_addrs(|a| {
@@ -352,14 +421,23 @@ impl Service {
 
     /// The controller core.
     pub fn controller(&self) -> &Controller {
-        &self.ctrl
+        self.node.controller()
     }
 
-    /// The service's own counters.
+    /// The service's counters.
     pub fn stats(&self) -> ServiceStats {
+        let n: NodeStats = self.node.stats();
         ServiceStats {
-            open: self.conns.len(),
-            ..self.stats
+            accepted: [
+                n.accepted[0] - self.local_conns as u64,
+                n.accepted[1] - n.dialled,
+                n.accepted[2],
+            ],
+            dialled: n.dialled,
+            unframeable: n.unframeable,
+            attach_timeouts: n.attach_timeouts,
+            stuck: n.stuck,
+            open: n.open.iter().sum::<usize>() - self.locals.iter().filter(|l| !l.closed).count(),
         }
     }
 
@@ -371,50 +449,19 @@ impl Service {
 
     /// Traffic so far (live links included).
     pub fn traffic(&self) -> Traffic {
-        let mut t = self.traffic.clone();
-        for (&id, c) in &self.conns {
-            if let Some(node) = self.link_node(id, c) {
-                t.peers.entry(node).or_default().add(&c.traffic);
-            }
-        }
-        t
+        self.node.traffic()
     }
 
-    /// The Prometheus metrics text (what `GET /metrics` returns).
+    /// The Prometheus metrics text (what `GET /metrics` returns): the
+    /// node's (core and connections), the in-kernel processes', the heap.
     pub fn metrics_text(&self) -> String {
-        let mut text = fractos_core::prometheus::render(&self.ctrl, &self.traffic());
-        let s = self.stats();
-        let node = self.cfg.core.node.0;
-        use core::fmt::Write;
-        let _ = writeln!(
-            text,
-            "# HELP fractos_appliance_connections Open TCP connections of the appliance.\n\
-             # TYPE fractos_appliance_connections gauge\n\
-             fractos_appliance_connections{{node=\"{node}\"}} {}",
-            s.open
-        );
-        let _ = writeln!(
-            text,
-            "# HELP fractos_appliance_dropped_total Connections the appliance dropped, by reason.\n\
-             # TYPE fractos_appliance_dropped_total counter\n\
-             fractos_appliance_dropped_total{{node=\"{node}\",reason=\"unframeable\"}} {}\n\
-             fractos_appliance_dropped_total{{node=\"{node}\",reason=\"attach_timeout\"}} {}\n\
-             fractos_appliance_dropped_total{{node=\"{node}\",reason=\"stuck\"}} {}",
-            s.unframeable, s.attach_timeouts, s.stuck
-        );
-        let _ = writeln!(
-            text,
-            "# HELP fractos_appliance_accepted_total TCP connections the appliance accepted, by kind.\n\
-             # TYPE fractos_appliance_accepted_total counter\n\
-             fractos_appliance_accepted_total{{node=\"{node}\",kind=\"process\"}} {}\n\
-             fractos_appliance_accepted_total{{node=\"{node}\",kind=\"peer\"}} {}\n\
-             fractos_appliance_accepted_total{{node=\"{node}\",kind=\"metrics\"}} {}",
-            s.accepted[0], s.accepted[1], s.accepted[2]
-        );
-        for p in self.locals.values() {
-            text.push_str(&p.metrics_text(node));
+        let mut text = self.node.metrics_text();
+        let node = self.cfg.node.core.node.0;
+        for l in &self.locals {
+            text.push_str(&l.process.metrics_text(node));
         }
         if let Some((used, size)) = self.heap {
+            use core::fmt::Write;
             let _ = writeln!(
                 text,
                 "# HELP fractos_appliance_heap_bytes The appliance kernel heap.\n\
@@ -431,50 +478,56 @@ impl Service {
     /// whether anything moved (frames in or out, connections changed).
     pub fn poll<D: Device>(&mut self, now_ns: u64, nics: &mut [(&mut Interface, &mut D)]) -> bool {
         let at = net_now(now_ns);
-        let mut moved = false;
-        for (i, (iface, dev)) in nics.iter_mut().enumerate() {
-            if let Some(set) = self.sets.get_mut(i) {
-                moved |= iface.poll(at, *dev, set) != smoltcp::iface::PollResult::None;
-            }
+        let mut moved = self.poll_ifaces(at, nics);
+        // Their reset went out with the interface poll just made.
+        for (iface, handle) in self.sockets.aborted.drain(..) {
+            self.sockets.sets[iface].remove(handle);
         }
         self.apply_dhcp(nics);
         moved |= self.accept(now_ns);
         moved |= self.dial(now_ns, nics);
-        moved |= self.receive(now_ns);
-        let now = Instant(now_ns);
-        if self.ctrl.poll_timeout().is_some_and(|t| t <= now) {
-            self.ctrl.handle_timeout(now);
+        moved |= self.run_node(now_ns);
+        while let Some(id) = self.node.poll_metrics_request() {
+            let text = self.metrics_text();
+            self.node.answer_metrics(id, &text);
+            moved = true;
         }
-        moved |= self.route_all(now_ns);
-        moved |= self.transmit();
-        self.reap(now_ns);
+        if moved {
+            self.run_node(now_ns);
+        }
         self.replenish_listeners();
+        moved |= self.poll_ifaces(at, nics);
+        moved
+    }
+
+    fn poll_ifaces<D: Device>(
+        &mut self,
+        at: NetInstant,
+        nics: &mut [(&mut Interface, &mut D)],
+    ) -> bool {
+        let mut moved = false;
         for (i, (iface, dev)) in nics.iter_mut().enumerate() {
-            if let Some(set) = self.sets.get_mut(i) {
+            if let Some(set) = self.sockets.sets.get_mut(i) {
                 moved |= iface.poll(at, *dev, set) != smoltcp::iface::PollResult::None;
             }
         }
         moved
     }
 
-    fn port(&self, kind: Kind) -> Option<u16> {
+    fn port(&self, kind: ConnKind) -> Option<u16> {
         match kind {
-            Kind::Process => Some(self.cfg.process_port),
-            Kind::Peer => Some(self.cfg.peer_port),
-            Kind::Metrics => self.cfg.metrics_port,
+            ConnKind::Process => Some(self.cfg.process_port),
+            ConnKind::Peer => Some(self.cfg.peer_port),
+            ConnKind::Metrics => self.cfg.metrics_port,
         }
     }
 
-    fn buffers(&self, kind: Kind) -> (usize, usize) {
-        match kind {
-            Kind::Process => self.cfg.process_buffers,
-            Kind::Peer => self.cfg.peer_buffers,
-            Kind::Metrics => (MAX_HTTP_REQUEST, 4096),
-        }
-    }
-
-    fn new_socket(&self, kind: Kind) -> tcp::Socket<'static> {
-        let (rx, tx) = self.buffers(kind);
+    fn new_socket(&self, kind: ConnKind) -> tcp::Socket<'static> {
+        let (rx, tx) = match kind {
+            ConnKind::Process => self.cfg.process_buffers,
+            ConnKind::Peer => self.cfg.peer_buffers,
+            ConnKind::Metrics => (fractos_node::MAX_HTTP_REQUEST, 4096),
+        };
         let mut s = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; rx]),
             tcp::SocketBuffer::new(vec![0; tx]),
@@ -483,16 +536,16 @@ impl Service {
         // up to 10 ms to every round trip).
         s.set_nagle_enabled(false);
         s.set_ack_delay(None);
-        if kind == Kind::Peer {
+        if kind == ConnKind::Peer {
             s.set_keep_alive(Some(NetDuration::from_millis(1000)));
         }
         s
     }
 
-    /// Keeps `backlog` sockets listening on every port while there is room
-    /// for more connections of that kind.
+    /// Keeps `backlog` sockets listening on every port while the node
+    /// accepts more connections of that kind.
     fn replenish_listeners(&mut self) {
-        for kind in [Kind::Process, Kind::Peer, Kind::Metrics] {
+        for kind in [ConnKind::Process, ConnKind::Peer, ConnKind::Metrics] {
             let Some(port) = self.port(kind) else {
                 continue;
             };
@@ -500,72 +553,45 @@ impl Service {
             // or on the peer network); metrics are served on the front one,
             // peers on the peer one.
             let ifaces = match kind {
-                Kind::Process => 0..self.sets.len(),
-                Kind::Peer => self.cfg.peer_iface..self.cfg.peer_iface + 1,
-                Kind::Metrics => self.cfg.front_iface..self.cfg.front_iface + 1,
+                ConnKind::Process => 0..self.sockets.sets.len(),
+                ConnKind::Peer => self.cfg.peer_iface..self.cfg.peer_iface + 1,
+                ConnKind::Metrics => self.cfg.front_iface..self.cfg.front_iface + 1,
             };
-            let max = match kind {
-                Kind::Process => self.cfg.max_process_conns,
-                Kind::Peer => self.cfg.max_peer_conns,
-                Kind::Metrics => self.cfg.max_metrics_conns,
-            };
-            let open = self.conns.values().filter(|c| c.kind == kind).count();
-            let mut total = self.listeners.iter().filter(|l| l.kind == kind).count();
+            if !self.node.accepts(kind) {
+                continue;
+            }
             for iface in ifaces {
                 let mut here = self
                     .listeners
                     .iter()
                     .filter(|l| l.kind == kind && l.iface == iface)
                     .count();
-                while here < self.cfg.backlog && open + total < max {
+                while here < self.cfg.backlog {
                     let mut s = self.new_socket(kind);
                     if let Err(e) = s.listen(port) {
                         warn!("service: cannot listen on port {port}: {e}");
                         break;
                     }
-                    let handle = self.sets[iface].add(s);
+                    let handle = self.sockets.sets[iface].add(s);
                     self.listeners.push(Listener {
                         iface,
                         handle,
                         kind,
                     });
                     here += 1;
-                    total += 1;
                 }
             }
         }
     }
 
-    fn new_conn(&mut self, now_ns: u64, iface: usize, handle: SocketHandle, kind: Kind) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.conns.insert(
-            id,
-            Conn {
-                iface,
-                handle,
-                kind,
-                opened_ns: now_ns,
-                frames_in: 0,
-                inbuf: Vec::new(),
-                out: VecDeque::new(),
-                out_at: 0,
-                queued: 0,
-                closing: None,
-                dialed: None,
-                traffic: LinkTraffic::default(),
-            },
-        );
-        id
-    }
-
-    /// Turns listening sockets that got a connection into connections.
+    /// Turns listening sockets that got a connection into node connections
+    /// (or refuses them when the node is full).
     fn accept(&mut self, now_ns: u64) -> bool {
         let mut moved = false;
         let mut i = 0;
         while i < self.listeners.len() {
             let l = &self.listeners[i];
-            let s = self.sets[l.iface].get_mut::<tcp::Socket>(l.handle);
+            let s = self.sockets.sets[l.iface].get_mut::<tcp::Socket>(l.handle);
             match s.state() {
                 tcp::State::Listen | tcp::State::SynReceived => {
                     i += 1;
@@ -575,446 +601,92 @@ impl Service {
                     // Reset before it was established: drop the socket; a
                     // fresh listener replaces it.
                     let l = self.listeners.swap_remove(i);
-                    self.sets[l.iface].remove(l.handle);
+                    self.sockets.sets[l.iface].remove(l.handle);
                     continue;
                 }
                 _ => {}
             }
             let remote = s.remote_endpoint();
             let l = self.listeners.swap_remove(i);
-            let id = self.new_conn(now_ns, l.iface, l.handle, l.kind);
             moved = true;
-            self.stats.accepted[l.kind as usize] += 1;
-            let now = Instant(now_ns);
+            if !self.node.accepts(l.kind) {
+                // The backlog took more than the node has room for.
+                let s = self.sockets.sets[l.iface].get_mut::<tcp::Socket>(l.handle);
+                s.abort();
+                self.sockets.aborted.push((l.iface, l.handle));
+                continue;
+            }
+            let ch = TcpChannel {
+                iface: l.iface,
+                handle: l.handle,
+                aborted: false,
+            };
+            let id: ConnId = self.node.add(Instant(now_ns), l.kind, Box::new(ch));
             match l.kind {
-                Kind::Process => {
-                    debug!("service: process channel {id} from {remote:?}");
-                    self.ctrl.process_connected(now, ChannelId(id));
-                }
-                Kind::Peer => {
-                    info!("service: peer link {id} accepted from {remote:?}");
-                    self.ctrl
-                        .link_connected(now, LinkId(id), LinkRole::Responder);
-                }
-                Kind::Metrics => {}
+                ConnKind::Process => debug!("service: process channel {} from {remote:?}", id.0),
+                ConnKind::Peer => info!("service: peer link {} accepted from {remote:?}", id.0),
+                ConnKind::Metrics => {}
             }
         }
         moved
     }
 
-    /// Keeps one link to every configured higher-numbered peer.
+    /// Starts the dials the node asks for; hands established ones over.
     fn dial<D: Device>(&mut self, now_ns: u64, nics: &mut [(&mut Interface, &mut D)]) -> bool {
         let mut moved = false;
         let pi = self.cfg.peer_iface;
-        for d in 0..self.dialers.len() {
-            if let Some((handle, started)) = self.dialers[d].connecting {
-                let s = self.sets[pi].get_mut::<tcp::Socket>(handle);
-                match s.state() {
-                    tcp::State::Established => {
-                        self.dialers[d].connecting = None;
-                        let id = self.new_conn(now_ns, pi, handle, Kind::Peer);
-                        let node = self.dialers[d].peer.node;
-                        if let Some(c) = self.conns.get_mut(&id) {
-                            c.dialed = Some(node);
-                        }
-                        self.dialers[d].link = Some(id);
-                        self.dialers[d].backoff_ns = DIAL_BACKOFF_NS.0;
-                        self.stats.dialled += 1;
-                        info!("service: peer link {id} to node {} up", node.0);
-                        let role = LinkRole::Initiator { peer: node };
-                        self.ctrl.link_connected(Instant(now_ns), LinkId(id), role);
-                        moved = true;
-                    }
-                    tcp::State::SynSent if now_ns.saturating_sub(started) < DIAL_TIMEOUT_NS => {}
-                    state => {
-                        debug!(
-                            "service: dial of node {} failed ({state})",
-                            self.dialers[d].peer.node.0
-                        );
-                        s.abort();
-                        self.sets[pi].remove(handle);
-                        self.dialers[d].connecting = None;
-                        self.schedule_redial(d, now_ns);
-                    }
+        let now = Instant(now_ns);
+        let mut i = 0;
+        while i < self.dialing.len() {
+            let d = &self.dialing[i];
+            let s = self.sockets.sets[pi].get_mut::<tcp::Socket>(d.handle);
+            match s.state() {
+                tcp::State::Established => {
+                    let d = self.dialing.swap_remove(i);
+                    let ch = TcpChannel {
+                        iface: pi,
+                        handle: d.handle,
+                        aborted: false,
+                    };
+                    self.node.dialed(now, d.node, Box::new(ch));
+                    moved = true;
                 }
-                continue;
+                tcp::State::SynSent if now_ns.saturating_sub(d.started_ns) < DIAL_TIMEOUT_NS => {
+                    i += 1;
+                }
+                state => {
+                    debug!("service: dial of node {} failed ({state})", d.node.0);
+                    s.abort();
+                    let d = self.dialing.swap_remove(i);
+                    self.sockets.sets[pi].remove(d.handle);
+                    self.node.dial_failed(now, d.node);
+                }
             }
-            if self.dialers[d].link.is_some() || now_ns < self.dialers[d].next_attempt_ns {
-                continue;
-            }
+        }
+        while let Some((node, peer)) = self.node.poll_dial(now) {
             let Some((iface, _)) = nics.get_mut(pi) else {
-                continue;
+                self.node.dial_failed(now, node);
+                break;
             };
-            let peer = self.dialers[d].peer;
-            let mut s = self.new_socket(Kind::Peer);
+            let mut s = self.new_socket(ConnKind::Peer);
             let local = self.next_local_port;
             self.next_local_port = if local == u16::MAX { 49152 } else { local + 1 };
             let remote = IpEndpoint::new(IpAddress::Ipv4(peer.addr), peer.port);
             match s.connect(iface.context(), remote, local) {
                 Ok(()) => {
-                    let handle = self.sets[pi].add(s);
-                    self.dialers[d].connecting = Some((handle, now_ns));
+                    let handle = self.sockets.sets[pi].add(s);
+                    self.dialing.push(Dialing {
+                        node,
+                        handle,
+                        started_ns: now_ns,
+                    });
                 }
                 Err(e) => {
-                    warn!("service: cannot dial node {} at {remote}: {e}", peer.node.0);
-                    self.schedule_redial(d, now_ns);
+                    warn!("service: cannot dial node {} at {remote}: {e}", node.0);
+                    self.node.dial_failed(now, node);
                 }
             }
         }
         moved
-    }
-
-    fn schedule_redial(&mut self, d: usize, now_ns: u64) {
-        let dl = &mut self.dialers[d];
-        dl.next_attempt_ns = now_ns + dl.backoff_ns;
-        dl.backoff_ns = (dl.backoff_ns * 2).min(DIAL_BACKOFF_NS.1);
-    }
-
-    /// Reads every connection, feeding complete frames to the core;
-    /// notices connections the other side closed or reset.
-    fn receive(&mut self, now_ns: u64) -> bool {
-        let mut moved = false;
-        let ids: Vec<u64> = self.conns.keys().copied().collect();
-        let frame_limit = self.cfg.core.limits.max_message_len + 4 + 64 * 1024;
-        for id in ids {
-            let Some(c) = self.conns.get_mut(&id) else {
-                continue;
-            };
-            if c.closing.is_some() {
-                continue;
-            }
-            let s = self.sets[c.iface].get_mut::<tcp::Socket>(c.handle);
-            let limit = match c.kind {
-                Kind::Metrics => MAX_HTTP_REQUEST,
-                _ => frame_limit,
-            };
-            while s.can_recv() && c.inbuf.len() < limit {
-                let room = limit - c.inbuf.len();
-                let got = s.recv(|b| {
-                    let n = b.len().min(room);
-                    (n, b[..n].to_vec())
-                });
-                match got {
-                    Ok(bytes) if !bytes.is_empty() => {
-                        c.inbuf.extend_from_slice(&bytes);
-                        moved = true;
-                    }
-                    _ => break,
-                }
-            }
-            let gone = !s.may_recv() && !s.can_recv();
-            let kind = c.kind;
-            let fail = match kind {
-                Kind::Metrics => {
-                    self.serve_http(id, now_ns);
-                    false
-                }
-                Kind::Process | Kind::Peer => self.deliver_frames(id, now_ns),
-            };
-            let Some(c) = self.conns.get_mut(&id) else {
-                continue;
-            };
-            if c.closing.is_some() {
-                continue;
-            }
-            let attach_late = kind == Kind::Process
-                && c.frames_in == 0
-                && now_ns.saturating_sub(c.opened_ns) > self.cfg.attach_timeout_ns;
-            if attach_late {
-                self.stats.attach_timeouts += 1;
-                debug!("service: channel {id} sent nothing in time; closing");
-            }
-            if fail || gone || attach_late {
-                self.finish(id, now_ns, fail || attach_late);
-                moved = true;
-            }
-        }
-        moved
-    }
-
-    /// Hands every complete frame of connection `id` to the core. Returns
-    /// true if the stream cannot be framed (the connection must go).
-    fn deliver_frames(&mut self, id: u64, now_ns: u64) -> bool {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return false;
-        };
-        let now = Instant(now_ns);
-        let mut consumed = 0;
-        let mut bad = false;
-        loop {
-            match self.splitter.split(&c.inbuf[consumed..]) {
-                Ok(Some((body, n))) => {
-                    c.frames_in += 1;
-                    match c.kind {
-                        Kind::Process => {
-                            self.traffic.processes.frames_in += 1;
-                            self.traffic.processes.bytes_in += n as u64;
-                            self.ctrl.process_message(now, ChannelId(id), body);
-                        }
-                        _ => {
-                            c.traffic.frames_in += 1;
-                            c.traffic.bytes_in += n as u64;
-                            self.ctrl.link_message(now, LinkId(id), body);
-                        }
-                    }
-                    consumed += n;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    debug!("service: connection {id}: unframeable input ({e}); closing");
-                    self.stats.unframeable += 1;
-                    bad = true;
-                    break;
-                }
-            }
-        }
-        c.inbuf.drain(..consumed);
-        bad
-    }
-
-    /// Answers a complete HTTP request on metrics connection `id`.
-    fn serve_http(&mut self, id: u64, now_ns: u64) {
-        let Some(c) = self.conns.get(&id) else {
-            return;
-        };
-        let Some(end) = c.inbuf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            if c.inbuf.len() >= MAX_HTTP_REQUEST {
-                self.respond(id, now_ns, "431 Request Header Fields Too Large", "", "");
-            }
-            return;
-        };
-        let head = &c.inbuf[..end];
-        let line = head.split(|&b| b == b'\r').next().unwrap_or(&[]);
-        let mut words = line.split(|&b| b == b' ');
-        let (method, path) = (words.next(), words.next());
-        match (method, path) {
-            (Some(b"GET"), Some(b"/metrics")) => {
-                let body = self.metrics_text();
-                self.respond(
-                    id,
-                    now_ns,
-                    "200 OK",
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    &body,
-                );
-            }
-            (Some(b"GET"), Some(_)) => self.respond(
-                id,
-                now_ns,
-                "404 Not Found",
-                "text/plain",
-                "only /metrics is served here\n",
-            ),
-            _ => self.respond(
-                id,
-                now_ns,
-                "405 Method Not Allowed",
-                "text/plain",
-                "use GET /metrics\n",
-            ),
-        }
-    }
-
-    fn respond(&mut self, id: u64, now_ns: u64, status: &str, ctype: &str, body: &str) {
-        let mut r = alloc::format!(
-            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
-            body.len()
-        );
-        if !ctype.is_empty() {
-            r.push_str("Content-Type: ");
-            r.push_str(ctype);
-            r.push_str("\r\n");
-        }
-        r.push_str("\r\n");
-        r.push_str(body);
-        if let Some(c) = self.conns.get_mut(&id) {
-            c.queued += r.len();
-            c.out.push_back(r.into_bytes());
-            c.closing = Some(now_ns);
-        }
-    }
-
-    /// Marks connection `id` finished: tells the core (unless it asked for
-    /// the close itself) and lets pending output drain. `abort` drops the
-    /// pending output and closes at once.
-    fn finish(&mut self, id: u64, now_ns: u64, abort: bool) {
-        let Some(c) = self.conns.get_mut(&id) else {
-            return;
-        };
-        if c.closing.is_some() {
-            return;
-        }
-        c.closing = Some(now_ns);
-        if abort {
-            // Drop pending output and close at once. A FIN rather than a
-            // reset: QEMU's user networking forwards a FIN to the host
-            // side but not a reset, and the connection is reaped after
-            // `LINGER_NS` anyway.
-            c.out.clear();
-            c.out_at = 0;
-            c.queued = 0;
-            self.sets[c.iface].get_mut::<tcp::Socket>(c.handle).close();
-        }
-        let now = Instant(now_ns);
-        match c.kind {
-            Kind::Process => self.ctrl.process_disconnected(now, ChannelId(id)),
-            Kind::Peer => {
-                info!("service: peer link {id} down");
-                self.ctrl.link_disconnected(now, LinkId(id));
-            }
-            Kind::Metrics => {}
-        }
-    }
-
-    /// Moves the core's outputs into per-connection queues.
-    fn route_outputs(&mut self, now_ns: u64) -> bool {
-        let mut moved = false;
-        while let Some(out) = self.ctrl.poll_output() {
-            moved = true;
-            match out {
-                Output::Send { to, frame } => {
-                    let id = match to {
-                        Dest::Process(c) => c.0,
-                        Dest::Link(l) => l.0,
-                    };
-                    if let Some(p) = self.locals.get_mut(&id) {
-                        p.on_message(frame.get(FRAME_HEADER_LEN..).unwrap_or(&[]));
-                        continue;
-                    }
-                    let n = frame.len();
-                    if matches!(to, Dest::Process(_)) {
-                        self.traffic.processes.frames_out += 1;
-                        self.traffic.processes.bytes_out += n as u64;
-                    }
-                    let Some(c) = self.conns.get_mut(&id) else {
-                        continue;
-                    };
-                    if c.closing.is_some() {
-                        continue;
-                    }
-                    if matches!(to, Dest::Link(_)) {
-                        c.traffic.frames_out += 1;
-                        c.traffic.bytes_out += n as u64;
-                    }
-                    if c.queued + n > self.cfg.max_queued_bytes {
-                        warn!("service: connection {id} does not read its output; dropping it");
-                        self.stats.stuck += 1;
-                        self.finish(id, now_ns, true);
-                        continue;
-                    }
-                    c.queued += n;
-                    c.out.push_back(frame);
-                }
-                Output::Close { to, reason } => {
-                    let id = match to {
-                        Dest::Process(c) => c.0,
-                        Dest::Link(l) => l.0,
-                    };
-                    if let Some(p) = self.locals.remove(&id) {
-                        warn!(
-                            "service: core closed local process {} ({reason:?})",
-                            p.name()
-                        );
-                        continue;
-                    }
-                    if reason != CloseReason::Duplicate {
-                        debug!("service: core closes connection {id} ({reason:?})");
-                    }
-                    if let Some(c) = self.conns.get_mut(&id) {
-                        // The core already forgot it: drain what it sent
-                        // last (e.g. the error that explains the close).
-                        c.closing.get_or_insert(now_ns);
-                    }
-                }
-            }
-        }
-        moved
-    }
-
-    /// Pushes queued output into the sockets; starts closing finished
-    /// connections whose output has drained.
-    fn transmit(&mut self) -> bool {
-        let mut moved = false;
-        for c in self.conns.values_mut() {
-            let s = self.sets[c.iface].get_mut::<tcp::Socket>(c.handle);
-            while let Some(front) = c.out.front() {
-                if !s.can_send() {
-                    break;
-                }
-                match s.send_slice(&front[c.out_at..]) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        moved = true;
-                        c.out_at += n;
-                        c.queued -= n;
-                        if c.out_at == front.len() {
-                            c.out.pop_front();
-                            c.out_at = 0;
-                        }
-                    }
-                }
-            }
-            if c.closing.is_some() && c.out.is_empty() && s.is_open() {
-                s.close();
-            }
-        }
-        moved
-    }
-
-    /// Removes connections that are closed, or have lingered too long.
-    fn reap(&mut self, now_ns: u64) {
-        // Their reset was sent by the interface poll that ended the last
-        // turn.
-        for (iface, handle) in self.aborted.drain(..) {
-            self.sets[iface].remove(handle);
-        }
-        let mut done = Vec::new();
-        for (&id, c) in &self.conns {
-            let Some(since) = c.closing else { continue };
-            let s = self.sets[c.iface].get::<tcp::Socket>(c.handle);
-            let closed = matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait);
-            if closed || now_ns.saturating_sub(since) > LINGER_NS {
-                done.push(id);
-            }
-        }
-        for id in done {
-            let Some(c) = self.conns.remove(&id) else {
-                continue;
-            };
-            let s = self.sets[c.iface].get_mut::<tcp::Socket>(c.handle);
-            if matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait) {
-                self.sets[c.iface].remove(c.handle);
-            } else {
-                // Lingered too long: reset the other side. smoltcp sends
-                // the reset when the interface next polls the socket, so
-                // it must stay in the set until then.
-                s.abort();
-                self.aborted.push((c.iface, c.handle));
-            }
-            if c.kind == Kind::Peer {
-                if let Some(node) = c.dialed.or_else(|| self.ctrl.link_peer(LinkId(id))) {
-                    self.traffic
-                        .peers
-                        .entry(node.0)
-                        .or_default()
-                        .add(&c.traffic);
-                }
-            }
-            for d in 0..self.dialers.len() {
-                if self.dialers[d].link == Some(id) {
-                    self.dialers[d].link = None;
-                    self.schedule_redial(d, now_ns);
-                }
-            }
-        }
-    }
-
-    fn link_node(&self, id: u64, c: &Conn) -> Option<u32> {
-        if c.kind != Kind::Peer {
-            return None;
-        }
-        c.dialed
-            .or_else(|| self.ctrl.link_peer(LinkId(id)))
-            .map(|n| n.0)
     }
 }

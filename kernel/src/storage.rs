@@ -89,6 +89,11 @@ pub trait LocalProcess {
     fn metrics_text(&self, _node: u32) -> String {
         String::new()
     }
+    /// Whether it has given up its channel (the service then closes it,
+    /// and the controller revokes what it owned).
+    fn is_closed(&self) -> bool {
+        false
+    }
 }
 
 /// Why a storage request failed, the first immediate of the `err`
@@ -584,6 +589,10 @@ impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
         while let Some(inv) = self.conn.poll_invocation() {
             self.on_invocation(inv.tag, &inv.imms, &inv.caps);
         }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.phase == Phase::Failed
     }
 
     fn poll_message(&mut self) -> Option<Vec<u8>> {

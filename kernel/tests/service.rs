@@ -466,7 +466,7 @@ fn oversized_length_prefix_closes_the_connection() {
 #[test]
 fn connection_limit_refuses_extra_connections() {
     let mut net = Net::single(|c| {
-        c.max_process_conns = 2;
+        c.node.max_process_conns = 2;
         c.backlog = 1;
     });
     let a = net.connect(7100);
@@ -520,10 +520,10 @@ fn metrics_endpoint_serves_metrics_and_404() {
     assert!(body.contains("fractos_ops_total"), "body: {body}");
     // The metrics connection itself is open while the text is rendered.
     assert!(
-        body.contains("fractos_appliance_connections{node=\"1\"} 1"),
+        body.contains("fractos_node_connections{node=\"1\",kind=\"metrics\"} 1"),
         "body: {body}"
     );
-    assert!(body.contains("fractos_appliance_accepted_total{node=\"1\",kind=\"metrics\"} 1"));
+    assert!(body.contains("fractos_node_accepted_total{node=\"1\",kind=\"metrics\"} 1"));
 
     let r = net.http("GET /x HTTP/1.1\r\n\r\n");
     assert!(r.starts_with("HTTP/1.1 404 "), "response: {r}");
@@ -538,7 +538,8 @@ fn metrics_endpoint_serves_metrics_and_404() {
 #[test]
 fn silent_connection_times_out() {
     const TIMEOUT_NS: u64 = 100_000_000;
-    let mut net = Net::single(|c| c.attach_timeout_ns = TIMEOUT_NS);
+    let mut net =
+        Net::single(|c| c.node.attach_timeout = std::time::Duration::from_nanos(TIMEOUT_NS));
     let silent = net.connect(7100);
     let opened = net.now_ns;
     let prompt = net.connect(7100);
@@ -579,11 +580,13 @@ fn two_services_link_up() {
         let mut core = CoreConfig::new(NodeId(me), 10 + u64::from(me), KEY);
         core.members = vec![NodeId(1), NodeId(2)];
         let mut cfg = ServiceConfig::new(core);
-        cfg.peers = vec![PeerAddr {
-            node: NodeId(other),
-            addr: Ipv4Addr::new(10, 0, 0, other as u8),
-            port: 7101,
-        }];
+        cfg.node.peers = vec![(
+            NodeId(other),
+            PeerAddr {
+                addr: Ipv4Addr::new(10, 0, 0, other as u8),
+                port: 7101,
+            },
+        )];
         cfg
     };
     let mut net = Net::new(vec![node_cfg(1, 2), node_cfg(2, 1)]);
@@ -706,7 +709,7 @@ fn two_services_link_up() {
 #[test]
 fn process_not_reading_its_output_is_dropped() {
     let mut net = Net::single(|c| {
-        c.max_queued_bytes = 4096;
+        c.node.max_queued_bytes = 4096;
         c.process_buffers = (64 * 1024, 2048);
     });
     let h = net.connect_with(1, 7100, 256);
@@ -750,11 +753,13 @@ fn link_comes_back_after_a_peer_stalls() {
         let mut core = CoreConfig::new(NodeId(me), 10 + u64::from(me), KEY);
         core.members = vec![NodeId(1), NodeId(2)];
         let mut cfg = ServiceConfig::new(core);
-        cfg.peers = vec![PeerAddr {
-            node: NodeId(other),
-            addr: Ipv4Addr::new(10, 0, 0, other as u8),
-            port: 7101,
-        }];
+        cfg.node.peers = vec![(
+            NodeId(other),
+            PeerAddr {
+                addr: Ipv4Addr::new(10, 0, 0, other as u8),
+                port: 7101,
+            },
+        )];
         cfg
     };
     let mut net = Net::new(vec![node_cfg(1, 2), node_cfg(2, 1)]);
