@@ -3,8 +3,8 @@
 //! ```toml
 //! node = 1
 //! cluster_key = "000102…1f"          # 64 hex digits
-//! process_listen = "0.0.0.0:7000"
-//! peer_listen = "0.0.0.0:7100"
+//! process_listen = "0.0.0.0:7100"    # the ports every controller uses:
+//! peer_listen = "0.0.0.0:7101"       # processes 7100, peers 7101, metrics 9100
 //! metrics_listen = "127.0.0.1:9100"  # optional
 //! op_timeout_ms = 5000               # optional
 //! peer_timeout_ms = 3000             # optional
@@ -15,7 +15,7 @@
 //!
 //! [[peer]]
 //! node = 2
-//! address = "10.0.0.2:7100"
+//! address = "10.0.0.2:7101"
 //! ```
 
 use std::net::SocketAddr;

@@ -50,7 +50,7 @@ impl std::str::FromStr for PeerArg {
     fn from_str(s: &str) -> Result<Self, String> {
         let (n, a) = s
             .split_once('=')
-            .ok_or("expected NODE=HOST:PORT, e.g. 2=10.0.0.2:7100")?;
+            .ok_or("expected NODE=HOST:PORT, e.g. 2=10.0.0.2:7101")?;
         let node = n.parse().map_err(|_| format!("bad node id {n:?}"))?;
         let addr = a.parse().map_err(|_| format!("bad address {a:?}"))?;
         Ok(PeerArg(NodeId(node), addr))
@@ -70,10 +70,10 @@ pub struct ControllerArgs {
     #[command(flatten)]
     pub key: KeyArgs,
     /// Where processes connect.
-    #[arg(long, default_value = "127.0.0.1:7000")]
+    #[arg(long, default_value = "127.0.0.1:7100")]
     pub listen: SocketAddr,
     /// Where peer controllers connect.
-    #[arg(long, default_value = "127.0.0.1:7100")]
+    #[arg(long, default_value = "127.0.0.1:7101")]
     pub peer_listen: SocketAddr,
     /// Prometheus metrics address (GET /metrics).
     #[arg(long)]
