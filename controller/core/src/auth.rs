@@ -1,5 +1,6 @@
 //! Authentication: process tokens, the peer handshake and the sealing of
-//! peer frames.
+//! peer frames. Public so that tools and test peers (the fuzz driver's
+//! keyed peer) speak the protocol with the controller's own code.
 //!
 //! Process tokens are HMAC-SHA256 of the process name under the cluster key.
 //!
@@ -67,16 +68,21 @@ pub(crate) fn verify_process_token(cluster_key: &[u8; 32], name: &[u8], token: &
 
 /// Which side of a link's handshake a controller plays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Role {
+pub enum Role {
+    /// The side that dialled.
     Initiator,
+    /// The side that accepted.
     Responder,
 }
 
 /// One side's contribution to a handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct HelloPart {
+pub struct HelloPart {
+    /// Its node id.
     pub node: NodeId,
+    /// Its incarnation.
     pub incarnation: u64,
+    /// Its fresh nonce.
     pub nonce: [u8; 32],
 }
 
@@ -84,7 +90,7 @@ pub(crate) struct HelloPart {
 /// both incarnations, both nonces, the security in force and the protocol
 /// version. Proofs and session keys are derived from it, so a proof or key
 /// made for one handshake is useless in any other.
-pub(crate) fn transcript(
+pub fn transcript(
     initiator: &HelloPart,
     responder: &HelloPart,
     security: PeerSecurity,
@@ -102,11 +108,7 @@ pub(crate) fn transcript(
 
 /// The proof a side sends in `role` over a handshake `transcript`, under a
 /// key derived from the cluster key for this purpose only.
-pub(crate) fn handshake_proof(
-    cluster_key: &[u8; 32],
-    role: Role,
-    transcript: &[u8; 32],
-) -> [u8; 32] {
+pub fn handshake_proof(cluster_key: &[u8; 32], role: Role, transcript: &[u8; 32]) -> [u8; 32] {
     let auth_key = derive(cluster_key, b"fractos-peer-auth-key\0", &[]);
     let label: &[u8] = match role {
         Role::Initiator => b"initiator",
@@ -116,7 +118,7 @@ pub(crate) fn handshake_proof(
 }
 
 /// Constant-time check of a handshake proof.
-pub(crate) fn verify_handshake_proof(
+pub fn verify_handshake_proof(
     cluster_key: &[u8; 32],
     role: Role,
     transcript: &[u8; 32],
@@ -172,19 +174,19 @@ impl NonceSource {
 }
 
 /// Bytes a sealed frame adds: the Poly1305 tag.
-pub(crate) const SEAL_OVERHEAD: usize = 16;
+pub const SEAL_OVERHEAD: usize = 16;
 
 /// A frame failed its integrity check (rewritten, injected, replayed,
 /// reordered or dropped on the way).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct IntegrityError;
+pub struct IntegrityError;
 
 /// The keys and sequence numbers of an authenticated link. Each direction
 /// has its own ChaCha20-Poly1305 key derived from the cluster key and the
 /// handshake transcript; the 96-bit AEAD nonce is the frame's sequence
 /// number in its direction, so a frame is accepted only at its position in
 /// the stream.
-pub(crate) struct Session {
+pub struct Session {
     send: ChaCha20Poly1305,
     recv: ChaCha20Poly1305,
     send_seq: u64,
@@ -193,7 +195,9 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub(crate) fn new(
+    /// The session of `role`'s end of a link whose handshake had
+    /// `transcript`.
+    pub fn new(
         cluster_key: &[u8; 32],
         role: Role,
         transcript: &[u8; 32],
@@ -216,7 +220,7 @@ impl Session {
     }
 
     /// The security in force.
-    pub(crate) fn security(&self) -> PeerSecurity {
+    pub fn security(&self) -> PeerSecurity {
         self.security
     }
 
@@ -228,7 +232,7 @@ impl Session {
 
     /// Seals a complete frame (length prefix included) in place: encrypts
     /// the body in `Secure` mode, appends the tag and fixes the prefix.
-    pub(crate) fn seal(&mut self, frame: &mut Vec<u8>) {
+    pub fn seal(&mut self, frame: &mut Vec<u8>) {
         let nonce = Self::nonce(self.send_seq);
         self.send_seq += 1;
         let body = &mut frame[FRAME_HEADER_LEN..];
@@ -246,7 +250,7 @@ impl Session {
 
     /// Checks (and in `Secure` mode decrypts) a sealed frame body; returns
     /// the plaintext body. `scratch` holds the plaintext when decrypting.
-    pub(crate) fn open<'a>(
+    pub fn open<'a>(
         &mut self,
         sealed: &'a [u8],
         scratch: &'a mut Vec<u8>,

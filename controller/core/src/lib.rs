@@ -109,7 +109,7 @@
 
 extern crate alloc;
 
-mod auth;
+pub mod auth;
 mod caps;
 mod controller;
 mod copy;

@@ -118,42 +118,44 @@ pub fn render(ctrl: &Controller, traffic: &Traffic) -> String {
         "fractos_bytes_copied_total{{node=\"{node}\",direction=\"out\"}} {}",
         m.bytes_copied_out
     );
-    let _ = writeln!(o, "# TYPE fractos_invocations_delivered_total counter");
-    let _ = writeln!(
-        o,
-        "fractos_invocations_delivered_total{{node=\"{node}\"}} {}",
-        m.invocations_delivered
-    );
-    let _ = writeln!(o, "# TYPE fractos_processes_kicked_total counter");
-    let _ = writeln!(
-        o,
-        "fractos_processes_kicked_total{{node=\"{node}\"}} {}",
-        m.processes_kicked
-    );
-    let _ = writeln!(o, "# TYPE fractos_peer_handshake_failures_total counter");
-    let _ = writeln!(
-        o,
-        "fractos_peer_handshake_failures_total{{node=\"{node}\"}} {}",
-        m.peer_handshake_failures
-    );
-    let _ = writeln!(o, "# TYPE fractos_peer_integrity_failures_total counter");
-    let _ = writeln!(
-        o,
-        "fractos_peer_integrity_failures_total{{node=\"{node}\"}} {}",
-        m.peer_integrity_failures
-    );
-    let _ = writeln!(o, "# TYPE fractos_revokes_held_for_copies_total counter");
-    let _ = writeln!(
-        o,
-        "fractos_revokes_held_for_copies_total{{node=\"{node}\"}} {}",
-        m.revokes_held_for_copies
-    );
-    let _ = writeln!(o, "# TYPE fractos_peer_refs_refused_total counter");
-    let _ = writeln!(
-        o,
-        "fractos_peer_refs_refused_total{{node=\"{node}\"}} {}",
-        m.peer_refs_refused
-    );
+    let counters = [
+        (
+            "fractos_invocations_delivered_total",
+            "Invocations delivered to local processes.",
+            m.invocations_delivered,
+        ),
+        (
+            "fractos_processes_kicked_total",
+            "Process channels closed for misbehaving.",
+            m.processes_kicked,
+        ),
+        (
+            "fractos_peer_handshake_failures_total",
+            "Peer handshakes refused (by either side).",
+            m.peer_handshake_failures,
+        ),
+        (
+            "fractos_peer_integrity_failures_total",
+            "Sealed peer frames that failed their integrity check.",
+            m.peer_integrity_failures,
+        ),
+        (
+            "fractos_revokes_held_for_copies_total",
+            "Revokes that waited for the in-flight bytes of the copies they cut.",
+            m.revokes_held_for_copies,
+        ),
+        (
+            "fractos_peer_refs_refused_total",
+            "Capabilities a peer named as held for us that were not (refused).",
+            m.peer_refs_refused,
+        ),
+    ];
+    for (name, help, value) in counters {
+        let _ = writeln!(
+            o,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{node}\"}} {value}"
+        );
+    }
     let gauges = [
         (
             "fractos_processes_attached",

@@ -68,7 +68,7 @@ fn core_cluster_hostile_campaign() {
     assert!(s.execs > 0);
 }
 
-/// The driver's copy of the handshake and sealing matches the core's: the
+/// The fake keyed peer gets through the core's handshake: the
 /// fake keyed peer completes handshakes and its sealed frames are accepted,
 /// so the stateful target reaches the core's authenticated peer handling.
 #[test]
