@@ -534,9 +534,13 @@ impl EventLoop {
             while let Ok(ev) = self.rx.try_recv() {
                 self.handle(ev);
             }
-            self.turn();
+            let busy = self.turn();
             if self.stopping && self.node.is_idle() {
                 break;
+            }
+            if busy {
+                tokio::task::yield_now().await;
+                continue;
             }
             let deadline = self.node.poll_timeout();
             if let Some(d) = deadline {
@@ -560,11 +564,18 @@ impl EventLoop {
         info!(node = self.node.controller().node().0, "controller stopped");
     }
 
-    /// Runs the node until it settles; answers metrics; starts dials;
+    /// Runs the node until it settles (bounded; returns true if it did
+    /// not, so the loop comes back at once); answers metrics; starts dials;
     /// forgets the inboxes of dropped channels.
-    fn turn(&mut self) {
+    fn turn(&mut self) -> bool {
         let now = self.now();
-        while self.node.poll(now, &mut ()) {}
+        let mut busy = true;
+        for _ in 0..64 {
+            if !self.node.poll(now, &mut ()) {
+                busy = false;
+                break;
+            }
+        }
         while let Some(id) = self.node.poll_metrics_request() {
             let text = self.node.metrics_text();
             self.node.answer_metrics(id, &text);
@@ -587,6 +598,7 @@ impl EventLoop {
             }
         }
         self.inboxes.retain(|_, i| !i.borrow().dropped);
+        busy
     }
 
     fn add(&mut self, kind: ConnKind, stream: TcpStream, dialed: Option<NodeId>) {
