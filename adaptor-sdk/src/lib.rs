@@ -99,7 +99,6 @@
 //! panic: undecodable input closes the channel with
 //! [`DisconnectReason::Protocol`] and fails every pending wait.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 mod caps;
 mod error;

@@ -7,8 +7,6 @@
 //! fw_cfg file directory over abstract ports, the cluster-key sources and
 //! the boot entropy pool.
 #![cfg_attr(not(test), no_std)]
-#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
-#![warn(missing_docs)]
 
 extern crate alloc;
 

@@ -11,8 +11,6 @@
 //! With the `entry` feature the crate also assembles the 32-bit entry points
 //! (PVH ELF note, Multiboot2 header, switch to long mode); see `entry.rs`.
 #![cfg_attr(not(test), no_std)]
-#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
-#![warn(missing_docs)]
 
 mod acpi;
 mod info;

@@ -5,7 +5,6 @@
 //!   [`compute::VerifyBackend`];
 //! * [`image`]: the image format and a deterministic face-like generator.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 pub mod bench;
 pub mod compute;

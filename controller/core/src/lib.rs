@@ -105,7 +105,6 @@
 //!   happened at the owner).
 #![no_std]
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 extern crate alloc;
 

@@ -22,7 +22,6 @@
 //! [`run`] runs it on the caller's tokio runtime until a shutdown future
 //! resolves (the `fractos controller` command).
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 mod config;
 mod driver;

@@ -24,7 +24,6 @@
 //! core's channel and link ids and are never reused.
 #![no_std]
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 extern crate alloc;
 

@@ -20,7 +20,6 @@
 //! range; the `fractos-sim` binary for the command line and the
 //! 1,000-controller scale run.
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 mod net;
 pub mod oracle;

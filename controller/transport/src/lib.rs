@@ -12,7 +12,6 @@
 //! appliance's TCP sockets (which live in a set, not in the channel).
 #![no_std]
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 extern crate alloc;
 

@@ -26,7 +26,6 @@
 //! and inconsistent input all return a typed [`DecodeError`].
 #![no_std]
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 extern crate alloc;
 

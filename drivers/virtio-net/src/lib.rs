@@ -52,8 +52,6 @@
 //! transmit slot is in flight, [`Device::transmit`] returns `None`
 //! (backpressure: smoltcp keeps the data in its socket buffers).
 #![cfg_attr(not(test), no_std)]
-#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
-#![warn(missing_docs)]
 
 extern crate alloc;
 

@@ -24,7 +24,6 @@
 //!   (`mbps` is 10^6 bytes per second; `first` the first 8 bytes read, hex).
 //! * `fractos_guest.wait=30` — seconds to wait for a NIC or block device to
 //!   appear (default 60).
-#![deny(unsafe_op_in_unsafe_fn, clippy::undocumented_unsafe_blocks)]
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
