@@ -39,6 +39,19 @@ impl Workspace {
         Workspace { root, target }
     }
 
+    /// The source tree, if this binary runs where one is (the workspace
+    /// [`Workspace::locate`] finds holds the kernel's sources): what
+    /// building images needs. An installed `fractos` away from its sources
+    /// gets `None` and must be given images instead.
+    pub fn source_tree() -> Option<Self> {
+        let ws = Self::locate();
+        ws.root
+            .join("kernel")
+            .join("Cargo.toml")
+            .is_file()
+            .then_some(ws)
+    }
+
     /// Separate target directory for the kernel build, so building the
     /// kernel from inside `cargo test` never waits on the outer build lock.
     pub fn kernel_target(&self) -> PathBuf {

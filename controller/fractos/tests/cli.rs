@@ -143,3 +143,65 @@ fn up_detach_then_down() {
     assert!(gone, "QEMU {pid} still running after down");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An installed `fractos` away from its source tree: no kernel is built,
+/// the image is looked for next to the binary (a clear error names where),
+/// and state goes to the XDG state directory.
+#[test]
+fn installed_binary_finds_its_kernel_and_state_away_from_the_source() {
+    let kernel = fractos_qemu::build::build_kernel(&fractos_qemu::build::Workspace::locate())
+        .expect("build the kernel");
+    let root = std::env::temp_dir().join(format!("fractos-cli-installed-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let (bin, home) = (root.join("bin"), root.join("home"));
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&home).unwrap();
+    let exe = bin.join("fractos");
+    std::fs::copy(env!("CARGO_BIN_EXE_fractos"), &exe).unwrap();
+    let installed = |args: &[&str]| {
+        let mut c = Command::new(&exe);
+        c.args(args)
+            .env("FRACTOS_WORKSPACE", root.join("no-source-here"))
+            .env("HOME", &home)
+            .env_remove("XDG_STATE_HOME")
+            .env_remove("FRACTOS_STATE_DIR")
+            .env_remove("FRACTOS_KERNEL")
+            .env_remove("CARGO_TARGET_DIR");
+        c.output().unwrap()
+    };
+    let state = home.join(".local/state/fractos/up");
+    let _guard = DownOnDrop(state.clone());
+
+    let out = installed(&["up", "--detach", "--memory", "64"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("no appliance kernel found") && err.contains(&bin.display().to_string()),
+        "{err}"
+    );
+
+    std::fs::copy(&kernel, bin.join("fractos-kernel")).unwrap();
+    let out = installed(&["up", "--detach", "--memory", "64"]);
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{so}\n{se}");
+    assert!(so.contains("fractos: ready node=0"), "{so}\n{se}");
+    assert!(!se.contains("building the appliance kernel"), "{se}");
+    assert!(
+        state.join("node0.pid").is_file(),
+        "no state in {}",
+        state.display()
+    );
+    assert!(state.join("cluster.json").is_file());
+
+    let out = installed(&["down"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!state.join("node0.pid").exists());
+    let _ = std::fs::remove_dir_all(&root);
+}

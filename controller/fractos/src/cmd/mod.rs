@@ -15,20 +15,75 @@ use std::path::PathBuf;
 
 use fractos_qemu::build::Workspace;
 
-/// Default state directory of `fractos up` / `down`.
-pub fn default_state_dir() -> PathBuf {
-    Workspace::locate().target.join("fractos").join("up")
+/// Where `fractos` keeps its state (serial logs, pidfiles, disks, key
+/// files, `cluster.json`): `$FRACTOS_STATE_DIR`; else, when running from a
+/// source checkout, `<target>/fractos`; else the XDG state directory
+/// (`$XDG_STATE_HOME/fractos`, `~/.local/state/fractos`).
+pub fn state_root() -> PathBuf {
+    if let Some(d) = std::env::var_os("FRACTOS_STATE_DIR") {
+        return PathBuf::from(d);
+    }
+    if let Some(ws) = Workspace::source_tree() {
+        return ws.target.join("fractos");
+    }
+    let xdg = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")));
+    xdg.unwrap_or_else(std::env::temp_dir).join("fractos")
 }
 
-/// The kernel ELF given on the command line, or a freshly built one.
+/// Default state directory of `fractos up` / `down`.
+pub fn default_state_dir() -> PathBuf {
+    state_root().join("up")
+}
+
+/// File name of the appliance kernel image.
+const KERNEL_FILE: &str = "fractos-kernel";
+
+/// Where an installed `fractos` looks for the appliance kernel, in order:
+/// `$FRACTOS_KERNEL`, next to the binary, `../share/fractos/` from the
+/// binary, the state directory's `images/`.
+fn installed_kernel_candidates() -> Vec<PathBuf> {
+    let mut c = Vec::new();
+    if let Some(k) = std::env::var_os("FRACTOS_KERNEL") {
+        c.push(PathBuf::from(k));
+    }
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(PathBuf::from))
+    {
+        c.push(dir.join(KERNEL_FILE));
+        c.push(dir.join("../share/fractos").join(KERNEL_FILE));
+    }
+    c.push(state_root().join("images").join(KERNEL_FILE));
+    c
+}
+
+/// The kernel ELF given on the command line; else an installed one (see
+/// [`installed_kernel_candidates`]); else, in a source checkout, a freshly
+/// built one.
 pub fn kernel_or_build(kernel: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    match kernel {
-        Some(k) => Ok(k.clone()),
-        None => {
+    if let Some(k) = kernel {
+        return Ok(k.clone());
+    }
+    let candidates = installed_kernel_candidates();
+    if let Some(ws) = Workspace::source_tree() {
+        if std::env::var_os("FRACTOS_KERNEL").is_none() {
             eprintln!("building the appliance kernel…");
-            Ok(fractos_qemu::build::build_kernel(&Workspace::locate())?)
+            return Ok(fractos_qemu::build::build_kernel(&ws)?);
         }
     }
+    if let Some(k) = candidates.iter().find(|k| k.is_file()) {
+        return Ok(k.clone());
+    }
+    let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
+    anyhow::bail!(
+        "no appliance kernel found (looked in {}); pass --kernel PATH, set FRACTOS_KERNEL, \
+         or copy `fractos-kernel` (from `fractos image build` in a source checkout) next to \
+         this binary",
+        looked.join(", ")
+    )
 }
 
 /// Formats a byte count for people.
