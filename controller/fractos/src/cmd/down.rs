@@ -8,7 +8,7 @@ use fractos_qemu::cluster;
 /// Options of `fractos down`.
 #[derive(Debug, Args)]
 pub struct DownArgs {
-    /// State directory used by `fractos up` [default: `<target>/fractos/up` in a source checkout, else `$FRACTOS_STATE_DIR/up` or `~/.local/state/fractos/up`].
+    /// State directory used by `fractos up` (default: `<target>/fractos/up` in a source checkout, else `$FRACTOS_STATE_DIR/up` or `~/.local/state/fractos/up`).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
 }

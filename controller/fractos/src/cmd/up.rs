@@ -36,7 +36,7 @@ pub struct UpArgs {
     /// Kernel ELF to boot [default: build it].
     #[arg(long)]
     pub kernel: Option<PathBuf>,
-    /// Directory for serial logs, pidfiles, disks and key files [default: `<target>/fractos/up` in a source checkout, else `$FRACTOS_STATE_DIR/up` or `~/.local/state/fractos/up`].
+    /// Directory for serial logs, pidfiles, disks and key files (default: `<target>/fractos/up` in a source checkout, else `$FRACTOS_STATE_DIR/up` or `~/.local/state/fractos/up`).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Seconds to wait for every node's ready line.
