@@ -73,6 +73,10 @@ pub struct SimConfig {
     pub copy_chunk: usize,
     /// One-way base latency between controllers.
     pub latency: Duration,
+    /// Whether some processes (half, chosen at random) have memory the
+    /// driver serves directly (the copy engine's data-path seam: no
+    /// MemRead/MemWrite frames), as shared-memory and RDMA channels will.
+    pub direct_memory: bool,
 }
 
 impl SimConfig {
@@ -109,6 +113,7 @@ impl SimConfig {
             // operation timeouts.
             copy_chunk: [4096, 4096, 4096, 256][(z >> 44) as usize % 4],
             latency: Duration::from_micros(200 + (z >> 48) % 800),
+            direct_memory: (z >> 56).is_multiple_of(2),
         }
     }
 
@@ -134,6 +139,7 @@ impl SimConfig {
             peer_timeout: Duration::from_secs(10),
             copy_chunk: 4096,
             latency: Duration::from_micros(500),
+            direct_memory: false,
         }
     }
 }
@@ -164,6 +170,9 @@ pub struct Report {
     /// Revokes that cut running copies and waited for their in-flight
     /// bytes (summed over every controller incarnation).
     pub revokes_held_for_copies: u64,
+    /// Memory accesses served directly by the driver (no MemRead/MemWrite
+    /// frames), for processes marked direct.
+    pub direct_accesses: u64,
     /// Faults injected (resets, partitions, crashes, process crashes).
     pub faults: u64,
     /// Faults injected, by kind.

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 
 use fractos_core::{
     process_token, ChannelId, CloseReason, Config, Controller, Dest, Instant, LinkId, LinkRole,
-    Output, PeerSecurity,
+    MemAccess, Output, PeerSecurity,
 };
 use fractos_wire::{
     frame_body, CapInfo, ControllerMsg, ErrorCode, Handle, NodeId, ObjectKind, PeerMsg, ProcessMsg,
@@ -46,6 +46,13 @@ enum Ev {
         msg: ControllerMsg,
         regs: Vec<HandleRec>,
         pulled: u64,
+    },
+    /// The driver serves a direct memory access (a process whose memory
+    /// the controller reaches without MemRead/MemWrite messages).
+    DirectMem {
+        node: usize,
+        inc: u64,
+        access: MemAccess,
     },
     ProcStart(usize),
     ProcTick(usize),
@@ -522,6 +529,7 @@ impl Sim {
                 regs,
                 pulled,
             } => self.deliver_to_proc(proc, msg, regs, pulled),
+            Ev::DirectMem { node, inc, access } => self.direct_mem(node, inc, access),
             Ev::ProcStart(p) => self.proc_start(p),
             Ev::ProcTick(p) => self.proc_tick(p),
             Ev::Crash { node, silent } => self.crash(node, silent),
@@ -828,7 +836,82 @@ impl Sim {
                 } => self.proc_closed(node, chan, reason),
             }
         }
+        loop {
+            let Some(c) = self.nodes[node].ctrl.as_mut() else {
+                return;
+            };
+            let Some(access) = c.poll_mem_access() else {
+                break;
+            };
+            self.on_direct_access(node, access);
+        }
         self.rearm(node);
+    }
+
+    /// A direct memory access the controller asks of the driver: checked
+    /// like a MemRead/MemWrite frame, served a moment later.
+    fn on_direct_access(&mut self, node: usize, access: MemAccess) {
+        let (chan, addr, len, write) = match &access {
+            MemAccess::Read {
+                chan, addr, len, ..
+            } => (*chan, *addr, *len as u64, false),
+            MemAccess::Write {
+                chan, addr, data, ..
+            } => (*chan, *addr, data.len() as u64, true),
+        };
+        if let Err(e) = self.oracle.check_access(self.tick, chan, addr, len, write) {
+            return self.fail(e);
+        }
+        self.report.direct_accesses += 1;
+        let inc = self.nodes[node].inc;
+        let at = self.now + self.rng.gen_range(1_000..=PROC_LATENCY);
+        self.schedule(at, Ev::DirectMem { node, inc, access });
+    }
+
+    /// Serves a direct access from (into) the process's memory, as a
+    /// driver with the memory mapped would, and completes it.
+    fn direct_mem(&mut self, node: usize, inc: u64, access: MemAccess) {
+        if self.nodes[node].inc != inc {
+            return; // the controller that asked is gone
+        }
+        let chan = access.chan();
+        let Some(&p) = self.chans.get(&chan) else {
+            return;
+        };
+        if !self.procs[p].alive {
+            return;
+        }
+        let now = Instant(self.now);
+        let mem = &mut self.procs[p].mem;
+        let Some(c) = self.nodes[node].ctrl.as_mut() else {
+            return;
+        };
+        match access {
+            MemAccess::Read {
+                xfer, addr, len, ..
+            } => {
+                let end = addr.checked_add(len as u64);
+                let result = match end {
+                    Some(e) if e <= mem.len() as u64 => Ok(mem[addr as usize..e as usize].to_vec()),
+                    _ => Err(ErrorCode::MemoryFault),
+                };
+                c.mem_read_done(now, chan, xfer, result);
+            }
+            MemAccess::Write {
+                xfer, addr, data, ..
+            } => {
+                let end = addr.checked_add(data.len() as u64);
+                let result = match end {
+                    Some(e) if e <= mem.len() as u64 => {
+                        mem[addr as usize..e as usize].copy_from_slice(&data);
+                        Ok(())
+                    }
+                    _ => Err(ErrorCode::MemoryFault),
+                };
+                c.mem_write_done(now, chan, xfer, result);
+            }
+        }
+        self.drain(node);
     }
 
     fn crash(&mut self, node: usize, silent: bool) {
@@ -916,6 +999,13 @@ impl Sim {
             .as_mut()
             .expect("checked")
             .process_connected(now, chan);
+        // Half the processes have memory the driver reaches directly (a
+        // mapped shared-memory region, an RDMA memory region).
+        if self.cfg.direct_memory && self.rng.gen_bool(0.5) {
+            if let Some(c) = self.nodes[node].ctrl.as_mut() {
+                c.set_direct_memory(chan, true);
+            }
+        }
         self.drain(node);
         let name = self.procs[p].name.clone();
         let mut token = process_token(&self.key, &name);

@@ -28,19 +28,26 @@ fn sweep(part: u64) {
     let n = env_u64("FRACTOS_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
     let mut ops = 0;
     let mut count = 0;
+    let mut direct = 0;
     for seed in (part..n).step_by(PARTS as usize) {
         match run(SimConfig::for_seed(seed)) {
             Ok(r) => {
                 ops += r.operations;
+                direct += r.direct_accesses;
                 count += 1;
             }
             Err(f) => panic!("{f}"),
         }
     }
-    // Every seed of the sweep does real work.
+    // Every seed of the sweep does real work, and copies also run through
+    // the driver-served (direct memory) path.
     assert!(
         count == 0 || ops > count * 5,
         "{ops} operations in {count} seeds"
+    );
+    assert!(
+        count < 50 || direct > 0,
+        "no direct memory access in {count} seeds"
     );
 }
 
@@ -134,7 +141,12 @@ fn every_operation_succeeds_somewhere() {
 fn revoke_cuts_running_copies_regression_seeds() {
     let mut held = 0;
     for seed in [718, 971, 1396, 3709] {
-        match run(SimConfig::for_seed(seed)) {
+        // As when they were found: every process served by messages.
+        let cfg = SimConfig {
+            direct_memory: false,
+            ..SimConfig::for_seed(seed)
+        };
+        match run(cfg) {
             Ok(r) => held += r.revokes_held_for_copies,
             Err(f) => panic!("{f}"),
         }
