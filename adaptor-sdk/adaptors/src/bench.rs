@@ -223,6 +223,9 @@ pub fn start_pair(security: PeerSecurity) -> Result<Vec<Running>, PipelineError>
     }
     nodes[0].add_peer(nodes[1].node(), nodes[1].peer_addr());
     nodes[1].add_peer(nodes[0].node(), nodes[0].peer_addr());
+    for n in &nodes {
+        n.wait_peers(1, Duration::from_secs(30)).map_err(err)?;
+    }
     Ok(nodes)
 }
 

@@ -411,7 +411,7 @@ pub enum DemoError {
     /// A controller did not link to its peers in time.
     #[error("the controller with metrics at {addr} linked {linked} of {peers} peers in time; check its serial log")]
     NotLinked {
-        /// Its metrics endpoint.
+        /// Its metrics endpoint (an embedded controller: its peer address).
         addr: SocketAddr,
         /// Peers linked.
         linked: usize,
@@ -465,8 +465,8 @@ impl DemoNode {
 }
 
 /// Waits until every remote node reports `peers` authenticated peer
-/// controllers on its metrics endpoint (embedded nodes are linked by
-/// [`start_cluster_in`] already). Fails after `timeout` with the counts seen.
+/// controllers on its metrics endpoint (embedded nodes are linked when
+/// [`start_cluster_in`] returns). Fails after `timeout` with the counts seen.
 pub fn wait_linked(nodes: &[DemoNode], peers: usize, timeout: Duration) -> Result<(), DemoError> {
     let deadline = std::time::Instant::now() + timeout;
     for n in nodes {
@@ -474,13 +474,7 @@ pub fn wait_linked(nodes: &[DemoNode], peers: usize, timeout: Duration) -> Resul
             continue;
         };
         loop {
-            let text = scrape_metrics(*metrics_addr)?;
-            let linked = text
-                .lines()
-                .find(|l| l.starts_with("fractos_peers_connected{"))
-                .and_then(|l| l.rsplit_once(' '))
-                .and_then(|(_, v)| v.parse::<usize>().ok())
-                .unwrap_or(0);
+            let linked = peers_connected(&scrape_metrics(*metrics_addr)?);
             if linked >= peers {
                 break;
             }
@@ -595,7 +589,24 @@ pub fn start_cluster_in(net: Option<&Netns>) -> Result<Vec<Running>, DemoError> 
             }
         }
     }
+    // Links come up asynchronously (dial, three-message handshake): wait
+    // for all of them, so the first operation never meets an unlinked peer.
+    for n in &nodes {
+        n.wait_peers(nodes.len() - 1, Duration::from_secs(30))
+            .map_err(|e| {
+                DemoError::Pipeline(PipelineError::Protocol(format!("node {}: {e}", n.node().0)))
+            })?;
+    }
     Ok(nodes)
+}
+
+/// The `fractos_peers_connected` gauge of a Prometheus text.
+fn peers_connected(text: &str) -> usize {
+    text.lines()
+        .find(|l| l.starts_with("fractos_peers_connected{"))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .unwrap_or(0)
 }
 
 /// [`start_cluster_in`] on loopback.

@@ -34,6 +34,9 @@ pub fn cluster_with(n: u32, tune: impl Fn(&mut HostedConfig)) -> Vec<Running> {
             }
         }
     }
+    for a in &nodes {
+        a.wait_peers(n as usize - 1, WAIT).expect("peers link");
+    }
     nodes
 }
 

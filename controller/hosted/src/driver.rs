@@ -36,6 +36,7 @@ pub(crate) enum Event {
     AddPeer(NodeId, SocketAddr),
     Metrics(oneshot::Sender<String>),
     Traffic(oneshot::Sender<Traffic>),
+    Peers(oneshot::Sender<usize>),
     Shutdown,
 }
 
@@ -297,6 +298,31 @@ impl Running {
         }
         wait_reply(rx)
     }
+    /// Authenticated peer controllers linked right now.
+    pub fn peers(&self) -> Result<usize, HostedError> {
+        let (tx, rx) = oneshot::channel();
+        if !self.post(Event::Peers(tx)) {
+            return Err(HostedError::Stopped);
+        }
+        wait_reply(rx)
+    }
+
+    /// Waits until at least `n` peers are linked (links come up
+    /// asynchronously: dial, handshake); `Err(NotLinked)` after `timeout`.
+    pub fn wait_peers(&self, n: usize, timeout: Duration) -> Result<(), HostedError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let linked = self.peers()?;
+            if linked >= n {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(HostedError::NotLinked { linked, wanted: n });
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// The Prometheus metrics text.
     pub fn metrics_text(&self) -> Result<String, HostedError> {
         let (tx, rx) = oneshot::channel();
@@ -650,6 +676,9 @@ impl EventLoop {
             }
             Event::Traffic(reply) => {
                 let _ = reply.send(self.node.traffic());
+            }
+            Event::Peers(reply) => {
+                let _ = reply.send(self.node.controller().stats().peers);
             }
             Event::Shutdown => {
                 if !self.stopping {

@@ -131,4 +131,12 @@ pub enum HostedError {
     /// The controller task is gone.
     #[error("the controller has stopped")]
     Stopped,
+    /// Peers did not link in time.
+    #[error("only {linked} of {wanted} peer controllers linked in time; check their addresses and cluster key")]
+    NotLinked {
+        /// Peers linked.
+        linked: usize,
+        /// Peers waited for.
+        wanted: usize,
+    },
 }
