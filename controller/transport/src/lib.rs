@@ -17,9 +17,14 @@ extern crate alloc;
 
 mod frames;
 mod memory;
+pub mod ring;
+mod ring_channel;
 
 pub use frames::{FrameError, FrameReader};
 pub use memory::MemoryChannel;
+pub use ring_channel::{Kick, NoKick, RingChannel};
+
+use fractos_wire::ErrorCode;
 
 use alloc::vec::Vec;
 
@@ -99,4 +104,28 @@ pub trait Channel<Cx: ?Sized = ()> {
     fn release(&mut self, cx: &mut Cx) {
         let _ = cx;
     }
+
+    /// Direct access to the registered memory of the process at the other
+    /// end (memory this side has mapped, RDMA one-sided access), or `None`
+    /// (the default) when that memory is reached only through `MemRead` /
+    /// `MemWrite` messages. A driver that gets `Some` serves the core's
+    /// memory accesses for this channel through it.
+    fn direct_memory(&mut self) -> Option<&mut dyn DirectMemory<Cx>> {
+        None
+    }
+}
+
+/// The registered memory of a process, reachable without involving it.
+///
+/// Addresses are absolute in the process's registered address space (as
+/// in `MemoryCreate`). An access that is not wholly inside one region the
+/// process made reachable fails with [`ErrorCode::MemoryFault`] and
+/// touches nothing. The process may be writing the same bytes
+/// concurrently: a read returns whatever was there.
+pub trait DirectMemory<Cx: ?Sized = ()> {
+    /// Copies `out.len()` bytes at `addr` into `out`.
+    fn read(&mut self, cx: &mut Cx, addr: u64, out: &mut [u8]) -> Result<(), ErrorCode>;
+
+    /// Copies `data` to `addr`.
+    fn write(&mut self, cx: &mut Cx, addr: u64, data: &[u8]) -> Result<(), ErrorCode>;
 }
