@@ -12,7 +12,10 @@
 //!    frames to the core (process or peer), reads metrics requests;
 //! 2. enforces the attach timeout, the metrics timeout and the framing
 //!    limit (an offending connection is closed);
-//! 3. fires the core's timers;
+//! 3. fires the core's timers, and performs the core's memory accesses
+//!    for channels that reach their process's memory directly
+//!    ([`Channel::direct_memory`]: shared memory, RDMA), at most
+//!    [`MAX_MEMORY_ACCESSES_PER_POLL`] per turn;
 //! 4. moves the core's outputs into per-connection queues (a connection
 //!    whose queue passes [`NodeConfig::max_queued_bytes`] does not read:
 //!    it is dropped) and closes what the core closes;
@@ -37,10 +40,10 @@ use core::time::Duration;
 
 use fractos_core::{
     ChannelId, CloseReason, Config as CoreConfig, Controller, Dest, Instant, LinkId, LinkRole,
-    LinkTraffic, Output, Traffic,
+    LinkTraffic, MemAccess, Output, Traffic,
 };
 use fractos_transport::{Channel, FrameError, FrameReader};
-use fractos_wire::NodeId;
+use fractos_wire::{ErrorCode, NodeId};
 use log::{debug, info, warn};
 
 pub use http::MAX_HTTP_REQUEST;
@@ -51,6 +54,12 @@ pub const PROCESS_PORT: u16 = 7100;
 pub const PEER_PORT: u16 = 7101;
 /// The port of the Prometheus endpoint (`GET /metrics`).
 pub const METRICS_PORT: u16 = 9100;
+
+/// Direct memory accesses one [`Node::poll`] performs at most, so a long
+/// copy between two directly reachable processes cannot starve the other
+/// connections (the rest wait for the next turn, which `poll` asks for by
+/// returning `true`).
+pub const MAX_MEMORY_ACCESSES_PER_POLL: usize = 64;
 
 /// What a connection is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -133,6 +142,17 @@ pub struct NodeStats {
     pub metrics_timeouts: u64,
     /// Connections dropped for not reading their output.
     pub stuck: u64,
+    /// Direct memory reads performed for the core, and their bytes.
+    pub direct_reads: u64,
+    /// Bytes read directly.
+    pub direct_read_bytes: u64,
+    /// Direct memory writes performed for the core.
+    pub direct_writes: u64,
+    /// Bytes written directly.
+    pub direct_write_bytes: u64,
+    /// Direct accesses refused (outside every region, or the channel is
+    /// gone or has no direct memory).
+    pub direct_faults: u64,
     /// Connections currently open, by kind.
     pub open: [usize; 3],
 }
@@ -287,7 +307,16 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
         self.now = now;
         let id = self.insert(now, kind, ch);
         match kind {
-            ConnKind::Process => self.ctrl.process_connected(now, ChannelId(id.0)),
+            ConnKind::Process => {
+                self.ctrl.process_connected(now, ChannelId(id.0));
+                let direct = self
+                    .conns
+                    .get_mut(&id.0)
+                    .is_some_and(|c| c.ch.direct_memory().is_some());
+                if direct {
+                    self.ctrl.set_direct_memory(ChannelId(id.0), true);
+                }
+            }
             ConnKind::Peer => self
                 .ctrl
                 .link_connected(now, LinkId(id.0), LinkRole::Responder),
@@ -434,6 +463,17 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
              fractos_node_dropped_total{{node=\"{node}\",reason=\"stuck\"}} {}",
             s.unframeable, s.attach_timeouts, s.metrics_timeouts, s.stuck
         );
+        let _ = writeln!(
+            text,
+            "# HELP fractos_node_direct_memory_bytes_total Bytes of process memory read or written directly (shared memory, RDMA), without MemRead/MemWrite messages.\n\
+             # TYPE fractos_node_direct_memory_bytes_total counter\n\
+             fractos_node_direct_memory_bytes_total{{node=\"{node}\",op=\"read\"}} {}\n\
+             fractos_node_direct_memory_bytes_total{{node=\"{node}\",op=\"write\"}} {}\n\
+             # HELP fractos_node_direct_memory_faults_total Direct memory accesses refused (outside every registered region).\n\
+             # TYPE fractos_node_direct_memory_faults_total counter\n\
+             fractos_node_direct_memory_faults_total{{node=\"{node}\"}} {}",
+            s.direct_read_bytes, s.direct_write_bytes, s.direct_faults
+        );
         text
     }
 
@@ -468,6 +508,7 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
         if self.ctrl.poll_timeout().is_some_and(|t| t <= now) {
             self.ctrl.handle_timeout(now);
         }
+        moved |= self.serve_memory(now, cx);
         moved |= self.route(now, cx);
         moved |= self.transmit(cx);
         moved |= self.reap(now, cx);
@@ -618,6 +659,59 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
             }
         }
         (moved, fail)
+    }
+
+    /// Performs the core's direct memory accesses (bounded per turn).
+    fn serve_memory(&mut self, now: Instant, cx: &mut Cx) -> bool {
+        let mut moved = false;
+        for _ in 0..MAX_MEMORY_ACCESSES_PER_POLL {
+            let Some(access) = self.ctrl.poll_mem_access() else {
+                break;
+            };
+            moved = true;
+            let chan = access.chan();
+            let mem = self
+                .conns
+                .get_mut(&chan.0)
+                .filter(|c| c.closing.is_none())
+                .and_then(|c| c.ch.direct_memory());
+            match access {
+                MemAccess::Read {
+                    xfer, addr, len, ..
+                } => {
+                    let mut buf = alloc::vec![0; len as usize];
+                    let r = match mem {
+                        Some(m) => m.read(cx, addr, &mut buf).map(|()| buf),
+                        None => Err(ErrorCode::MemoryFault),
+                    };
+                    match &r {
+                        Ok(b) => {
+                            self.stats.direct_reads += 1;
+                            self.stats.direct_read_bytes += b.len() as u64;
+                        }
+                        Err(_) => self.stats.direct_faults += 1,
+                    }
+                    self.ctrl.mem_read_done(now, chan, xfer, r);
+                }
+                MemAccess::Write {
+                    xfer, addr, data, ..
+                } => {
+                    let r = match mem {
+                        Some(m) => m.write(cx, addr, &data),
+                        None => Err(ErrorCode::MemoryFault),
+                    };
+                    match r {
+                        Ok(()) => {
+                            self.stats.direct_writes += 1;
+                            self.stats.direct_write_bytes += data.len() as u64;
+                        }
+                        Err(_) => self.stats.direct_faults += 1,
+                    }
+                    self.ctrl.mem_write_done(now, chan, xfer, r);
+                }
+            }
+        }
+        moved
     }
 
     /// Marks connection `id` finished: tells the core (unless it asked for

@@ -30,6 +30,16 @@ struct Client {
 }
 
 impl Client {
+    fn new(ch: MemoryChannel) -> Client {
+        Client {
+            ch,
+            reader: FrameReader::new(1 << 20),
+            inbox: Vec::new(),
+            raw: Vec::new(),
+            next_op: 1,
+        }
+    }
+
     fn send(&mut self, msg: &ProcessMsg) {
         let mut f = Vec::new();
         msg.encode(&mut f);
@@ -126,18 +136,29 @@ impl World {
     fn connect_with(&mut self, node: usize, kind: ConnKind, capacity: usize) -> (Client, ConnId) {
         let (a, b) = MemoryChannel::pair(Framing::Stream, capacity);
         let id = self.nodes[node].add(self.now, kind, Box::new(b));
-        let c = Client {
-            ch: a,
-            reader: FrameReader::new(1 << 20),
-            inbox: Vec::new(),
-            raw: Vec::new(),
-            next_op: 1,
-        };
+        let c = Client::new(a);
         (c, id)
     }
 
     fn attach(&mut self, node: usize, name: &str) -> Client {
-        let (mut c, _) = self.connect(node, ConnKind::Process);
+        let (c, _) = self.connect(node, ConnKind::Process);
+        self.attach_client(c, name)
+    }
+
+    /// Adds `server` as a process channel and attaches through `client`.
+    fn attach_over(
+        &mut self,
+        node: usize,
+        client: MemoryChannel,
+        server: Box<dyn Channel>,
+        name: &str,
+    ) -> Client {
+        self.nodes[node].add(self.now, ConnKind::Process, server);
+        let c = Client::new(client);
+        self.attach_client(c, name)
+    }
+
+    fn attach_client(&mut self, mut c: Client, name: &str) -> Client {
         c.send(&ProcessMsg::Attach {
             name: name.as_bytes().to_vec(),
             token: process_token(&KEY, name.as_bytes()),
@@ -455,22 +476,7 @@ fn a_process_that_does_not_read_is_dropped() {
 fn message_channels_carry_processes_too() {
     let mut w = World::new(1);
     let (a, b) = MemoryChannel::pair(Framing::Message, 1 << 20);
-    w.nodes[0].add(w.now, ConnKind::Process, Box::new(b));
-    let mut c = Client {
-        ch: a,
-        reader: FrameReader::new(1 << 20),
-        inbox: Vec::new(),
-        raw: Vec::new(),
-        next_op: 1,
-    };
-    c.send(&ProcessMsg::Attach {
-        name: b"m".to_vec(),
-        token: process_token(&KEY, b"m"),
-    });
-    w.settle();
-    c.read(false);
-    assert!(matches!(c.inbox[0], ControllerMsg::Attached { .. }));
-    c.inbox.clear();
+    let mut c = w.attach_over(0, a, Box::new(b), "m");
     let r = w.op(&mut c, |op| ProcessMsg::MemoryCreate {
         op,
         addr: 0,
@@ -497,4 +503,137 @@ fn shutdown_disconnects_everyone() {
     assert!(w.nodes[0].is_idle());
     assert_eq!(w.nodes[0].controller().stats().objects, 0);
     assert!(p.closed());
+}
+
+/// A process channel whose memory the node reaches directly: `len` bytes
+/// registered at `base`.
+struct DirectChannel {
+    ch: MemoryChannel,
+    mem: alloc::rc::Rc<core::cell::RefCell<Vec<u8>>>,
+    base: u64,
+}
+
+impl DirectChannel {
+    fn window(&self, addr: u64, len: usize) -> Result<core::ops::Range<usize>, ErrorCode> {
+        let start = addr.checked_sub(self.base).ok_or(ErrorCode::MemoryFault)? as usize;
+        let end = start.checked_add(len).ok_or(ErrorCode::MemoryFault)?;
+        if end > self.mem.borrow().len() {
+            return Err(ErrorCode::MemoryFault);
+        }
+        Ok(start..end)
+    }
+}
+
+impl fractos_transport::DirectMemory for DirectChannel {
+    fn read(&mut self, _: &mut (), addr: u64, out: &mut [u8]) -> Result<(), ErrorCode> {
+        let r = self.window(addr, out.len())?;
+        out.copy_from_slice(&self.mem.borrow()[r]);
+        Ok(())
+    }
+    fn write(&mut self, _: &mut (), addr: u64, data: &[u8]) -> Result<(), ErrorCode> {
+        let r = self.window(addr, data.len())?;
+        self.mem.borrow_mut()[r].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+impl Channel for DirectChannel {
+    fn framing(&self) -> Framing {
+        Channel::<()>::framing(&self.ch)
+    }
+    fn send(
+        &mut self,
+        cx: &mut (),
+        data: &[u8],
+    ) -> Result<usize, fractos_transport::TransportError> {
+        self.ch.send(cx, data)
+    }
+    fn recv(
+        &mut self,
+        cx: &mut (),
+        out: &mut Vec<u8>,
+        max: usize,
+    ) -> Result<fractos_transport::Received, fractos_transport::TransportError> {
+        self.ch.recv(cx, out, max)
+    }
+    fn close(&mut self, cx: &mut ()) {
+        self.ch.close(cx)
+    }
+    fn abort(&mut self, cx: &mut ()) {
+        self.ch.abort(cx)
+    }
+    fn is_finished(&self, cx: &mut ()) -> bool {
+        self.ch.is_finished(cx)
+    }
+    fn direct_memory(&mut self) -> Option<&mut dyn fractos_transport::DirectMemory> {
+        Some(self)
+    }
+}
+
+#[test]
+fn directly_reachable_memory_is_copied_by_the_node_without_messages() {
+    let mut w = World::new(1);
+    let (a, b) = MemoryChannel::pair(Framing::Stream, 1 << 20);
+    let base = 0x10_0000;
+    let len = 1 << 20;
+    let mem = alloc::rc::Rc::new(core::cell::RefCell::new(
+        (0..len).map(|i| (i % 253) as u8).collect::<Vec<u8>>(),
+    ));
+    let direct = DirectChannel {
+        ch: b,
+        mem: mem.clone(),
+        base,
+    };
+    let mut c = w.attach_over(0, a, Box::new(direct), "d");
+    let half = len as u64 / 2;
+    let mut create = |w: &mut World, addr: u64, rights| {
+        handle(w.op(&mut c, |op| ProcessMsg::MemoryCreate {
+            op,
+            addr,
+            len: half,
+            rights,
+        }))
+    };
+    let src = create(&mut w, base, Rights::READ);
+    let dst = create(&mut w, base + half, Rights::WRITE);
+    let outside = create(&mut w, base + 4 * half, Rights::READ);
+    let r = w.op(&mut c, |op| ProcessMsg::Copy {
+        op,
+        src,
+        dst,
+        completion: None,
+    });
+    assert!(r.is_ok(), "{r:?}");
+    {
+        let m = mem.borrow();
+        let (lo, hi) = m.split_at(half as usize);
+        assert!(lo == hi, "the destination holds the source's bytes");
+    }
+    assert!(
+        !c.inbox.iter().any(|m| matches!(
+            m,
+            ControllerMsg::MemRead { .. } | ControllerMsg::MemWrite { .. }
+        )),
+        "no memory messages reach a directly served process"
+    );
+    let s = w.nodes[0].stats();
+    assert_eq!(s.direct_read_bytes, half);
+    assert_eq!(s.direct_write_bytes, half);
+    assert_eq!(s.direct_faults, 0);
+
+    // A window outside every region the channel reaches fails the copy
+    // with a fault and touches nothing.
+    mem.borrow_mut()[half as usize..].fill(0xEE);
+    let r = w.op(&mut c, |op| ProcessMsg::Copy {
+        op,
+        src: outside,
+        dst,
+        completion: None,
+    });
+    assert_eq!(r, Err(ErrorCode::MemoryFault));
+    assert!(mem.borrow()[half as usize..].iter().all(|&b| b == 0xEE));
+    assert!(w.nodes[0].stats().direct_faults >= 1);
+    assert!(w.nodes[0]
+        .metrics_text()
+        .contains("fractos_node_direct_memory_bytes_total{node=\"1\",op=\"read\"} 524288"));
 }

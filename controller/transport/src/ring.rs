@@ -437,7 +437,11 @@ impl SharedMemory for AtomicMemory {
     }
 
     fn store_u64(&self, offset: usize, value: u64) {
-        if let Some(w) = self.words.get(offset / 8).filter(|_| offset.is_multiple_of(8)) {
+        if let Some(w) = self
+            .words
+            .get(offset / 8)
+            .filter(|_| offset.is_multiple_of(8))
+        {
             w.store(value, core::sync::atomic::Ordering::Release);
         }
     }
