@@ -81,6 +81,19 @@ pub enum SdkError {
     /// An argument was rejected before anything was sent.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// Registered memory could not be created or shared (memfd, mapping,
+    /// eventfd, descriptor passing).
+    #[error("shared memory: {0}")]
+    SharedMemory(#[from] fractos_shm::ShmError),
+    /// The controller refused what the process asked over its local
+    /// channel's socket (a region registration, the rings).
+    #[error("the controller refused the local channel's {what}: {reason}")]
+    LocalRefused {
+        /// What was refused.
+        what: &'static str,
+        /// The controller's reason.
+        reason: String,
+    },
     /// An invocation's capability is not of the expected kind.
     #[error("capability #{index} of the invocation is {found}, expected {expected}")]
     UnexpectedCap {

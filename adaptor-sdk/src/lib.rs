@@ -113,12 +113,14 @@ mod asynk;
 pub use caps::{Cap, MemoryCap, RequestCap};
 pub use error::{CapKindName, DisconnectReason, SdkError};
 pub use invocation::Invocation;
-pub use memory::{MemorySpace, Region};
+pub use memory::{Backing, MemorySpace, Region};
 pub use process::{AttachOptions, ByteStream, Pending, Process};
 
 #[cfg(feature = "tokio")]
 pub use asynk::AsyncProcess;
 
+/// Shared-memory mappings ([`shm::Mapping`]), for [`Backing::Window`].
+pub use fractos_shm as shm;
 /// The wire protocol crate, for [`wire::Rights`], [`wire::ErrorCode`],
 /// [`wire::Handle`] and friends.
 pub use fractos_wire as wire;

@@ -1,11 +1,34 @@
-//! Registered memory: SDK-owned buffers at distinct addresses of the
-//! process's registered address space, served to the controller by the
-//! SDK's reader thread through [`fractos_process::Memory`].
+//! Registered memory: page-aligned, memfd-backed mappings at distinct
+//! addresses of the process's registered address space.
+//!
+//! # What the controller may do, what the adaptor may rely on
+//!
+//! A region's bytes live in a sealed memfd mapped `MAP_SHARED` (see
+//! [`Backing`]), at a stable address ([`Region::as_ptr`]) for the
+//! region's life: device code may hand the pointer to a device.
+//!
+//! * Over TCP, the controller reaches a region only through the SDK's
+//!   reader thread (`MemRead` / `MemWrite`), which takes the region's lock
+//!   like [`Region::read_at`] / [`Region::write_at`] do.
+//! * Over a local channel ([`crate::Process::attach_local`]) the
+//!   controller maps the memfd itself and reads or writes the bytes
+//!   directly, **at any time a Memory capability covering them is used in
+//!   a copy**, without taking the SDK's lock and without telling the
+//!   process. It never touches bytes outside the regions the process
+//!   registered with it, and stops before [`crate::Process::unregister`]
+//!   returns.
+//!
+//! So an adaptor must not rely on atomicity of controller writes (a
+//! concurrent reader can see a chunk half written) nor on a region staying
+//! unchanged while a copy into it may run: synchronise through the copy's
+//! completion (or a continuation Request), as with any DMA buffer.
+//! [`Region::with_bytes`] slices are views of that shared memory.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use fractos_process::{Memory, OutOfWindow};
+use fractos_shm::{Mapping, PAGE as SHM_PAGE};
 use fractos_wire::{ErrorCode, MAX_DATA_LEN};
 
 use crate::error::SdkError;
@@ -16,21 +39,104 @@ use crate::slot::lock;
 const BASE: u64 = 0x1_0000_0000;
 /// Regions are aligned to and separated by at least one page, so an access
 /// can never span two regions.
-const PAGE: u64 = 4096;
+const PAGE: u64 = SHM_PAGE as u64;
+
+/// What holds a region's bytes: the seam between registered memory and
+/// where it comes from.
+///
+/// * [`Backing::Memfd`]: a sealed memfd of the region's own
+///   ([`MemorySpace::register`] makes these);
+/// * [`Backing::Window`]: a page-aligned window of a mapping someone else
+///   provides (e.g. the process's shared-memory slot of an appliance,
+///   mapped with [`fractos_shm::Mapping::open_trusted`]); register one with
+///   [`MemorySpace::register_backing`]. Regions in one mapping must not
+///   overlap; the space does not check that, the provider of the mapping
+///   does.
+///
+/// A local channel shares a region with its controller by passing the
+/// backing's descriptor and file offset ([`Backing::file_offset`]), so
+/// both kinds work as long as the descriptor is a sealed memfd.
+#[derive(Clone, Debug)]
+pub enum Backing {
+    /// A memfd of the region's own, mapped from its start.
+    Memfd(Mapping),
+    /// `len` bytes at `offset` (page-aligned) of `mapping`.
+    Window {
+        /// The provided mapping.
+        mapping: Mapping,
+        /// Where the region starts in it (a multiple of the page size).
+        offset: usize,
+    },
+}
+
+impl Backing {
+    /// A fresh sealed memfd of `len` bytes (rounded up to whole pages).
+    pub fn memfd(len: u64) -> Result<Backing, SdkError> {
+        let n = usize::try_from(len)
+            .map_err(|_| SdkError::invalid(format!("cannot register {len} bytes")))?;
+        Ok(Backing::Memfd(Mapping::create("fractos-region", n)?))
+    }
+
+    /// The mapping holding the bytes.
+    pub fn mapping(&self) -> &Mapping {
+        match self {
+            Backing::Memfd(m) | Backing::Window { mapping: m, .. } => m,
+        }
+    }
+
+    /// Where the region starts in the mapping.
+    pub fn offset(&self) -> usize {
+        match self {
+            Backing::Memfd(_) => 0,
+            Backing::Window { offset, .. } => *offset,
+        }
+    }
+
+    /// Where the region starts in the mapping's file.
+    pub fn file_offset(&self) -> u64 {
+        self.mapping().file_offset() + self.offset() as u64
+    }
+}
+
+/// Told about every region registered or unregistered (the local channel
+/// tells its controller and waits for its answer).
+pub(crate) trait Registrar: Send + Sync {
+    /// `region` is about to become reachable; `Err` refuses it.
+    fn register(&self, region: &Region) -> Result<(), SdkError>;
+    /// `region` is no longer registered; returns once the controller
+    /// stopped touching it.
+    fn unregister(&self, region: &Region);
+}
 
 struct RegionInner {
     space: u64,
     addr: u64,
-    bytes: RwLock<Vec<u8>>,
+    backing: Backing,
+    /// Serialises this process's accesses (application and reader thread);
+    /// a controller with direct access does not take it.
+    lock: RwLock<()>,
 }
 
 /// A window of registered memory owned by the SDK.
 ///
-/// The controller reads and writes it (through the SDK's reader thread)
-/// when a copy involves a Memory capability made from it; the application
-/// reads and writes it with the methods below. Clones share the same bytes.
-/// A region stays registered until [`crate::Process::unregister`] or the
-/// process closes, even if every `Region` value is dropped.
+/// The controller reads and writes it when a copy involves a Memory
+/// capability made from it (see *Concurrency* below);
+/// the application reads and writes it with the methods below, or through
+/// [`Region::as_ptr`]. Clones share the same bytes. A region stays
+/// registered until [`crate::Process::unregister`] or the process closes,
+/// even if every `Region` value is dropped.
+///
+/// # Concurrency
+///
+/// Over TCP the controller reaches the bytes only through the SDK's reader
+/// thread, which takes the region's lock as [`Region::read_at`] and
+/// [`Region::write_at`] do. Over a local channel the controller maps the
+/// memfd and reads or writes the bytes directly, at any time a Memory
+/// capability covering them is used in a copy, without the lock; it never
+/// touches other bytes and stops before [`crate::Process::unregister`]
+/// returns. Do not rely on atomicity of controller writes, nor on bytes
+/// staying unchanged while a copy into them may run: synchronise through
+/// the copy's completion, as with a DMA buffer.
 ///
 /// ```
 /// # use fractos_sdk::MemorySpace;
@@ -42,6 +148,7 @@ struct RegionInner {
 /// r.read_at(2, &mut buf).unwrap();
 /// assert_eq!(&buf, b"hi");
 /// assert!(r.write_at(7, b"xy").is_err());
+/// assert_eq!(r.as_ptr() as usize % 4096, 0);
 /// ```
 #[derive(Clone)]
 pub struct Region {
@@ -75,13 +182,34 @@ impl Region {
         self.len == 0
     }
 
+    /// The region's first byte in this process (page-aligned, stable for
+    /// the region's life): for device code. See [`Region`]'s *Concurrency*
+    /// for what the controller may do to the bytes concurrently.
+    pub fn as_ptr(&self) -> *const u8 {
+        self.as_mut_ptr().cast_const()
+    }
+
+    /// As [`Region::as_ptr`], for writing (a device's DMA target).
+    pub fn as_mut_ptr(&self) -> *mut u8 {
+        self.inner
+            .backing
+            .mapping()
+            .as_ptr()
+            .wrapping_add(self.inner.backing.offset())
+    }
+
+    /// What holds the bytes.
+    pub fn backing(&self) -> &Backing {
+        &self.inner.backing
+    }
+
     pub(crate) fn space(&self) -> u64 {
         self.inner.space
     }
 
-    fn check(&self, offset: u64, len: u64) -> Result<std::ops::Range<usize>, SdkError> {
+    fn check(&self, offset: u64, len: u64) -> Result<usize, SdkError> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.len => Ok(offset as usize..end as usize),
+            Some(end) if end <= self.len => Ok(self.inner.backing.offset() + offset as usize),
             _ => Err(SdkError::OutOfRange {
                 offset,
                 len,
@@ -90,48 +218,70 @@ impl Region {
         }
     }
 
-    fn read_guard(&self) -> RwLockReadGuard<'_, Vec<u8>> {
-        self.inner.bytes.read().unwrap_or_else(|e| e.into_inner())
+    fn read_guard(&self) -> RwLockReadGuard<'_, ()> {
+        self.inner.lock.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn write_guard(&self) -> RwLockWriteGuard<'_, Vec<u8>> {
-        self.inner.bytes.write().unwrap_or_else(|e| e.into_inner())
+    fn write_guard(&self) -> RwLockWriteGuard<'_, ()> {
+        self.inner.lock.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn mapping(&self) -> &Mapping {
+        self.inner.backing.mapping()
     }
 
     /// Copies `buf.len()` bytes at `offset` into `buf`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SdkError> {
-        let r = self.check(offset, buf.len() as u64)?;
-        buf.copy_from_slice(&self.read_guard()[r]);
+        let at = self.check(offset, buf.len() as u64)?;
+        let _g = self.read_guard();
+        self.mapping().read_at(at, buf)?;
         Ok(())
     }
 
     /// Copies `data` into the region at `offset`.
     pub fn write_at(&self, offset: u64, data: &[u8]) -> Result<(), SdkError> {
-        let r = self.check(offset, data.len() as u64)?;
-        self.write_guard()[r].copy_from_slice(data);
+        let at = self.check(offset, data.len() as u64)?;
+        let _g = self.write_guard();
+        self.mapping().write_at(at, data)?;
         Ok(())
     }
 
     /// Sets every byte to `value`.
     pub fn fill(&self, value: u8) {
-        self.write_guard().fill(value);
+        let _g = self.write_guard();
+        let _ = self
+            .mapping()
+            .fill(self.inner.backing.offset(), self.len as usize, value);
     }
 
     /// A copy of the whole region.
     pub fn to_vec(&self) -> Vec<u8> {
-        self.read_guard().clone()
+        let mut v = vec![0; self.len as usize];
+        let _ = self.read_at(0, &mut v);
+        v
     }
 
-    /// Runs `f` on the region's bytes (shared lock: controller reads may run
-    /// concurrently, controller writes wait).
+    /// Runs `f` on the region's bytes (shared lock: SDK-served controller
+    /// reads may run concurrently, SDK-served writes wait; a controller
+    /// with direct access does not wait, see [`Region`]'s *Concurrency*).
     pub fn with_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
-        f(&self.read_guard())
+        let _g = self.read_guard();
+        let (at, len) = (self.inner.backing.offset(), self.len as usize);
+        match self.mapping().with_bytes(at, len, f) {
+            Ok(r) => r,
+            Err(_) => unreachable!("a region lies inside its mapping"),
+        }
     }
 
-    /// Runs `f` on the region's bytes mutably (exclusive lock: controller
-    /// accesses wait until `f` returns, so keep it short).
+    /// Runs `f` on the region's bytes mutably (exclusive lock: SDK-served
+    /// controller accesses wait until `f` returns, so keep it short).
     pub fn with_bytes_mut<R>(&self, f: impl FnOnce(&mut [u8]) -> R) -> R {
-        f(&mut self.write_guard())
+        let _g = self.write_guard();
+        let (at, len) = (self.inner.backing.offset(), self.len as usize);
+        match self.mapping().with_bytes_mut(at, len, f) {
+            Ok(r) => r,
+            Err(_) => unreachable!("a region lies inside its mapping"),
+        }
     }
 }
 
@@ -152,6 +302,7 @@ struct SpaceInner {
 struct SpaceState {
     next: u64,
     regions: BTreeMap<u64, Region>,
+    registrar: Option<Arc<dyn Registrar>>,
 }
 
 impl Default for MemorySpace {
@@ -170,41 +321,80 @@ impl MemorySpace {
                 state: std::sync::Mutex::new(SpaceState {
                     next: BASE,
                     regions: BTreeMap::new(),
+                    registrar: None,
                 }),
             }),
         }
     }
 
-    /// Registers a zeroed region of `len` bytes.
-    pub fn register(&self, len: u64) -> Result<Region, SdkError> {
-        let n = usize::try_from(len)
-            .map_err(|_| SdkError::invalid(format!("cannot register {len} bytes")))?;
-        self.register_vec(vec![0; n])
+    /// Tells `registrar` about every later registration (set once, by a
+    /// local channel, before the application sees the space).
+    #[allow(dead_code)] // the local channel's (next change)
+    pub(crate) fn set_registrar(&self, registrar: Arc<dyn Registrar>) {
+        lock(&self.inner.state).registrar = Some(registrar);
     }
 
-    /// Registers `bytes` as a region (no copy).
-    pub fn register_vec(&self, bytes: Vec<u8>) -> Result<Region, SdkError> {
-        let len = bytes.len() as u64;
+    /// Registers a zeroed region of `len` bytes, backed by a fresh sealed
+    /// memfd.
+    pub fn register(&self, len: u64) -> Result<Region, SdkError> {
         if len == 0 {
             return Err(SdkError::invalid("cannot register an empty region"));
         }
-        let mut s = lock(&self.inner.state);
-        let addr = s.next;
-        let span = len
-            .checked_add(2 * PAGE - 1)
-            .map(|v| v / PAGE * PAGE)
-            .and_then(|span| addr.checked_add(span))
-            .ok_or_else(|| SdkError::invalid("registered address space exhausted"))?;
-        s.next = span;
+        self.register_backing(Backing::memfd(len)?, len)
+    }
+
+    /// Registers a region holding `bytes` (copied once into a fresh sealed
+    /// memfd).
+    pub fn register_vec(&self, bytes: Vec<u8>) -> Result<Region, SdkError> {
+        if bytes.is_empty() {
+            return Err(SdkError::invalid("cannot register an empty region"));
+        }
+        let backing = Backing::memfd(bytes.len() as u64)?;
+        backing.mapping().write_at(0, &bytes)?;
+        self.register_backing(backing, bytes.len() as u64)
+    }
+
+    /// Registers `len` bytes of `backing` as a region (the seam for memory
+    /// provided by someone else: see [`Backing::Window`]). The window must
+    /// lie inside the mapping and start on a page boundary.
+    pub fn register_backing(&self, backing: Backing, len: u64) -> Result<Region, SdkError> {
+        if len == 0 {
+            return Err(SdkError::invalid("cannot register an empty region"));
+        }
+        let (offset, mapped) = (backing.offset(), backing.mapping().len());
+        let fits = usize::try_from(len)
+            .ok()
+            .and_then(|l| offset.checked_add(l))
+            .is_some_and(|end| end <= mapped);
+        if !fits || offset as u64 % PAGE != 0 {
+            return Err(SdkError::invalid(format!(
+                "a region of {len} bytes at offset {offset} does not fit a {mapped}-byte mapping on a page boundary"
+            )));
+        }
+        let (addr, registrar) = {
+            let mut s = lock(&self.inner.state);
+            let addr = s.next;
+            let span = len
+                .checked_add(2 * PAGE - 1)
+                .map(|v| v / PAGE * PAGE)
+                .and_then(|span| addr.checked_add(span))
+                .ok_or_else(|| SdkError::invalid("registered address space exhausted"))?;
+            s.next = span;
+            (addr, s.registrar.clone())
+        };
         let region = Region {
             inner: Arc::new(RegionInner {
                 space: self.inner.id,
                 addr,
-                bytes: RwLock::new(bytes),
+                backing,
+                lock: RwLock::new(()),
             }),
             len,
         };
-        s.regions.insert(addr, region.clone());
+        if let Some(r) = registrar {
+            r.register(&region)?;
+        }
+        lock(&self.inner.state).regions.insert(addr, region.clone());
         Ok(region)
     }
 
@@ -214,10 +404,17 @@ impl MemorySpace {
         if region.space() != self.inner.id {
             return false;
         }
-        lock(&self.inner.state)
-            .regions
-            .remove(&region.addr())
-            .is_some()
+        let (removed, registrar) = {
+            let mut s = lock(&self.inner.state);
+            (s.regions.remove(&region.addr()), s.registrar.clone())
+        };
+        match (removed, registrar) {
+            (Some(r), Some(registrar)) => {
+                registrar.unregister(&r);
+                true
+            }
+            (removed, _) => removed.is_some(),
+        }
     }
 
     /// Whether `region` belongs to this space and is registered.
@@ -275,16 +472,12 @@ impl MemorySpace {
 impl Memory for &MemorySpace {
     fn read(&mut self, addr: u64, out: &mut [u8]) -> Result<(), OutOfWindow> {
         let (region, offset) = self.find(addr, out.len() as u64)?;
-        let start = offset as usize;
-        out.copy_from_slice(&region.read_guard()[start..start + out.len()]);
-        Ok(())
+        region.read_at(offset, out).map_err(|_| OutOfWindow)
     }
 
     fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), OutOfWindow> {
         let (region, offset) = self.find(addr, data.len() as u64)?;
-        let start = offset as usize;
-        region.write_guard()[start..start + data.len()].copy_from_slice(data);
-        Ok(())
+        region.write_at(offset, data).map_err(|_| OutOfWindow)
     }
 }
 
@@ -351,6 +544,59 @@ mod tests {
         let other = MemorySpace::new();
         assert!(!other.unregister(&r2));
         assert!(!other.contains(&r2));
+    }
+
+    #[test]
+    fn regions_are_shared_memory_at_stable_page_aligned_addresses() {
+        let s = MemorySpace::new();
+        let r = s.register(10_000).unwrap();
+        let p = r.as_ptr();
+        assert_eq!(p as usize % 4096, 0);
+        r.write_at(9_998, b"ok").unwrap();
+        assert_eq!(r.as_ptr(), p, "stable");
+        // Another mapping of the same memfd (what a controller maps) sees
+        // the bytes and its writes are seen.
+        let Backing::Memfd(m) = r.backing() else {
+            panic!("register makes memfd regions")
+        };
+        let other = Mapping::open(m.fd().try_clone_to_owned().unwrap(), 0, 10_000).unwrap();
+        let mut b = [0u8; 2];
+        other.read_at(9_998, &mut b).unwrap();
+        assert_eq!(&b, b"ok");
+        other.write_at(0, b"from afar").unwrap();
+        assert_eq!(s.serve_read(r.addr(), 9).unwrap(), b"from afar");
+        assert_eq!(r.with_bytes(|b| b.len()), 10_000);
+        // register_vec copies its bytes in.
+        let v = s.register_vec(vec![5; 3]).unwrap();
+        assert_eq!(v.to_vec(), vec![5, 5, 5]);
+    }
+
+    #[test]
+    fn windows_of_a_provided_mapping_are_regions_too() {
+        let s = MemorySpace::new();
+        let slot = Mapping::create("slot", 4 * 4096).unwrap();
+        let w = Backing::Window {
+            mapping: slot.clone(),
+            offset: 4096,
+        };
+        let r = s.register_backing(w, 2 * 4096).unwrap();
+        assert_eq!(r.backing().file_offset(), 4096);
+        s.serve_write(r.addr() + 1, b"xy").unwrap();
+        let mut b = [0u8; 2];
+        slot.read_at(4097, &mut b).unwrap();
+        assert_eq!(&b, b"xy");
+        assert_eq!(r.as_ptr(), slot.as_ptr().wrapping_add(4096).cast_const());
+        // Outside the mapping, or off a page boundary: refused.
+        let past = Backing::Window {
+            mapping: slot.clone(),
+            offset: 3 * 4096,
+        };
+        assert!(s.register_backing(past, 4097).is_err());
+        let odd = Backing::Window {
+            mapping: slot,
+            offset: 100,
+        };
+        assert!(s.register_backing(odd, 10).is_err());
     }
 
     #[test]
