@@ -630,6 +630,7 @@ impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
              fractos_storage_requests_total{{node=\"{node}\",kind=\"read\"}} {}\n\
              fractos_storage_requests_total{{node=\"{node}\",kind=\"write\"}} {}\n\
              fractos_storage_requests_total{{node=\"{node}\",kind=\"error\"}} {}\n\
+             # HELP fractos_storage_bytes_total Bytes the built-in storage service moved.\n\
              # TYPE fractos_storage_bytes_total counter\n\
              fractos_storage_bytes_total{{node=\"{node}\",direction=\"read\"}} {}\n\
              fractos_storage_bytes_total{{node=\"{node}\",direction=\"written\"}} {}\n",

@@ -237,6 +237,10 @@ pub fn render(ctrl: &Controller, traffic: &Traffic) -> String {
         "# HELP fractos_traffic_bytes_total Bytes on the wire by link kind."
     );
     let _ = writeln!(o, "# TYPE fractos_traffic_bytes_total counter");
+    let _ = writeln!(
+        o,
+        "# HELP fractos_traffic_frames_total Frames on the wire by link kind."
+    );
     let _ = writeln!(o, "# TYPE fractos_traffic_frames_total counter");
     let p = &traffic.processes;
     for (dir, b, f) in [

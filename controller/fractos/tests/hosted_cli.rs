@@ -173,6 +173,7 @@ fn controller_serves_metrics_and_stops_on_sigint() {
             &format!("127.0.0.1:{q}"),
         ])
         .args(["--metrics", &format!("127.0.0.1:{m}")])
+        .args(["--log-format", "json"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -203,8 +204,18 @@ fn controller_serves_metrics_and_stops_on_sigint() {
     let lines: Vec<String> = stderr.lines().map_while(Result::ok).collect();
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?} {lines:?}");
+    // `--log-format json`: one JSON object per line, for log collectors.
+    let logs: Vec<serde_json::Value> = lines
+        .iter()
+        .filter(|l| !l.starts_with("warning:"))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(logs
+        .iter()
+        .all(|v| v["level"].is_string() && v["timestamp"].is_string()));
     assert!(
-        lines.iter().any(|l| l.contains("controller stopped")),
+        logs.iter()
+            .any(|v| v["fields"]["message"] == "controller stopped"),
         "{lines:?}"
     );
 }

@@ -94,6 +94,11 @@ pub struct ControllerArgs {
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `fractos_hosted=debug`.
     #[arg(long, default_value = "info")]
     pub log: String,
+    /// Log line format on stderr: `text` for people, `json` (one object
+    /// per line, with timestamp, level, target and fields) for log
+    /// collectors.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 fn parse_security(s: &str) -> Result<fractos_core::PeerSecurity, String> {
@@ -102,12 +107,15 @@ fn parse_security(s: &str) -> Result<fractos_core::PeerSecurity, String> {
 
 /// Runs `fractos controller`.
 pub fn run(a: ControllerArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&a.log).context("bad --log filter")?,
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_new(&a.log).context("bad --log filter")?;
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if a.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let cfg = match &a.config {
         Some(path) => FileConfig::load(path)?.into_config()?,
         None => {
