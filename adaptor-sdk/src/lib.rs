@@ -103,6 +103,7 @@
 mod caps;
 mod error;
 mod invocation;
+mod local;
 mod memory;
 mod process;
 mod slot;
@@ -113,6 +114,7 @@ mod asynk;
 pub use caps::{Cap, MemoryCap, RequestCap};
 pub use error::{CapKindName, DisconnectReason, SdkError};
 pub use invocation::Invocation;
+pub use local::RingStream;
 pub use memory::{Backing, MemorySpace, Region};
 pub use process::{AttachOptions, ByteStream, Pending, Process};
 

@@ -329,7 +329,6 @@ impl MemorySpace {
 
     /// Tells `registrar` about every later registration (set once, by a
     /// local channel, before the application sees the space).
-    #[allow(dead_code)] // the local channel's (next change)
     pub(crate) fn set_registrar(&self, registrar: Arc<dyn Registrar>) {
         lock(&self.inner.state).registrar = Some(registrar);
     }

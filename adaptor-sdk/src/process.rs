@@ -310,10 +310,60 @@ impl Process {
     /// # drop(p); Ok(()) }
     /// ```
     pub fn attach_stream<S: ByteStream>(
+        stream: S,
+        name: &str,
+        token: [u8; 32],
+        options: AttachOptions,
+    ) -> Result<Process, SdkError> {
+        Self::attach_with(stream, name, token, options, MemorySpace::new())
+    }
+
+    /// Attaches as `name` with `token` to the controller of this host
+    /// through its local socket at `path` (`fractos controller
+    /// --local-socket PATH`): a **local channel**. The process and the
+    /// controller then talk through shared-memory rings (a sealed memfd
+    /// passed over the socket, with an eventfd per direction), and the
+    /// controller reads and writes the process's registered memory
+    /// directly: every region is registered with it (its memfd passed
+    /// once) before [`Process::register`] returns, and a copy between two
+    /// local processes moves no `MemRead`/`MemWrite` messages. The socket
+    /// stays open for registrations; its end is the process's exit for
+    /// the controller.
+    ///
+    /// Errors as [`Process::attach`], plus [`SdkError::LocalRefused`] if
+    /// the controller refuses the rings (and [`SdkError::SharedMemory`] if
+    /// they cannot be created).
+    ///
+    /// ```no_run
+    /// # fn f() -> Result<(), fractos_sdk::SdkError> {
+    /// use fractos_sdk::{AttachOptions, Process};
+    /// let p = Process::attach_local("/run/fractos/local.sock", "storage", [0; 32], AttachOptions::default())?;
+    /// let r = p.register(1 << 20)?; // mapped by the controller too
+    /// # drop(r); Ok(()) }
+    /// ```
+    pub fn attach_local(
+        path: impl AsRef<std::path::Path>,
+        name: &str,
+        token: [u8; 32],
+        options: AttachOptions,
+    ) -> Result<Process, SdkError> {
+        check_len("the process name", name.len(), MAX_PROCESS_NAME_LEN)?;
+        let (stream, registrar) = crate::local::connect(
+            path.as_ref(),
+            options.connect_timeout,
+            options.write_timeout,
+        )?;
+        let memory = MemorySpace::new();
+        memory.set_registrar(Arc::new(registrar));
+        Self::attach_with(stream, name, token, options, memory)
+    }
+
+    fn attach_with<S: ByteStream>(
         mut stream: S,
         name: &str,
         token: [u8; 32],
         options: AttachOptions,
+        memory: MemorySpace,
     ) -> Result<Process, SdkError> {
         check_len("the process name", name.len(), MAX_PROCESS_NAME_LEN)?;
         let epoch = std::time::Instant::now();
@@ -351,7 +401,7 @@ impl Process {
             closer: Mutex::new(Some(Box::new(move || {
                 let _ = closing.shutdown();
             }))),
-            memory: MemorySpace::new(),
+            memory,
             invocations: Queue::new(),
             handlers: RwLock::new(HashMap::new()),
             jobs: Queue::new(),

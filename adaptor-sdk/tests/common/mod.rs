@@ -73,3 +73,22 @@ pub fn share(p: &Process, cap: impl Into<Cap>, q: &Process, name: &str) -> Cap {
     retry(|| p.publish(name, cap)).expect("publish");
     retry(|| q.lookup(name, WAIT)).expect("lookup")
 }
+
+/// A fresh path for a local socket (a per-test directory under the
+/// temporary directory).
+pub fn socket_path(tag: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("fractos-sdk-{}-{tag}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temporary directory");
+    dir.join("local.sock")
+}
+
+/// Attaches an SDK process named `name` to `node` through its local
+/// socket.
+pub fn attach_local(node: &Running, name: &str) -> Process {
+    let path = node
+        .local_socket()
+        .expect("the controller has a local socket");
+    Process::attach_local(path, name, token(name), opts()).expect("attach_local")
+}

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::local::{self, LocalHandle, LocalParts};
 use crate::{HostedConfig, HostedError};
 
 pub(crate) enum Event {
@@ -37,6 +38,11 @@ pub(crate) enum Event {
     Metrics(oneshot::Sender<String>),
     Traffic(oneshot::Sender<Traffic>),
     Peers(oneshot::Sender<usize>),
+    /// A local process's rings are open: add its channel (answer whether
+    /// it was taken).
+    Local(Box<LocalParts>, oneshot::Sender<bool>),
+    /// Something happened on a local channel (a kick, the process left).
+    Wake,
     Shutdown,
 }
 
@@ -252,10 +258,15 @@ pub struct Running {
     process_addr: SocketAddr,
     peer_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    local_socket: Option<std::path::PathBuf>,
     node: NodeId,
 }
 
 impl Running {
+    /// Where local processes attach ([`HostedConfig::local_socket`]).
+    pub fn local_socket(&self) -> Option<&std::path::Path> {
+        self.local_socket.as_deref()
+    }
     /// Node id.
     pub fn node(&self) -> NodeId {
         self.node
@@ -364,6 +375,44 @@ struct Bound {
     process: std::net::TcpListener,
     peer: std::net::TcpListener,
     metrics: Option<std::net::TcpListener>,
+    local: Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>,
+}
+
+/// Binds the local socket at `path` (a stale socket file there is
+/// replaced; anything else is an error), with `mode` and `owner`.
+fn bind_local(
+    cfg: &HostedConfig,
+) -> Result<Option<(std::os::unix::net::UnixListener, std::path::PathBuf)>, HostedError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let Some(path) = &cfg.local_socket else {
+        return Ok(None);
+    };
+    let fail = |source: std::io::Error| HostedError::BindLocal {
+        path: path.clone(),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(fail(std::io::Error::other(
+                "the path exists and is not a socket",
+            )));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(fail(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "a controller already listens there",
+            )));
+        }
+        std::fs::remove_file(path).map_err(fail)?;
+    }
+    let l = std::os::unix::net::UnixListener::bind(path).map_err(fail)?;
+    l.set_nonblocking(true).map_err(fail)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(cfg.local_socket_mode))
+        .map_err(fail)?;
+    if let Some((uid, gid)) = cfg.local_socket_owner {
+        std::os::unix::fs::chown(path, uid, gid).map_err(fail)?;
+    }
+    Ok(Some((l, path.clone())))
 }
 
 fn bind(cfg: &HostedConfig) -> Result<Bound, HostedError> {
@@ -378,6 +427,7 @@ fn bind(cfg: &HostedConfig) -> Result<Bound, HostedError> {
         process: b(cfg.process_listen)?,
         peer: b(cfg.peer_listen)?,
         metrics: cfg.metrics_listen.map(b).transpose()?,
+        local: bind_local(cfg)?,
     })
 }
 
@@ -390,6 +440,7 @@ pub fn spawn(cfg: HostedConfig) -> Result<Running, HostedError> {
     let (tx, rx) = mpsc::channel(4096);
     let events = tx.clone();
     let node = cfg.node;
+    let local_socket = cfg.local_socket.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name(format!("fractos-controller-{}", cfg.node.0))
@@ -424,6 +475,7 @@ pub fn spawn(cfg: HostedConfig) -> Result<Running, HostedError> {
         process_addr,
         peer_addr,
         metrics_addr,
+        local_socket,
         node,
     })
 }
@@ -440,6 +492,9 @@ pub async fn run(
         peers = %bound.peer.local_addr().map_err(HostedError::Runtime)?,
         "controller listening"
     );
+    if let Some((_, path)) = &bound.local {
+        info!(path = %path.display(), mode = format_args!("{:o}", cfg.local_socket_mode), "local socket listening");
+    }
     let (tx, rx) = mpsc::channel(4096);
     let stop = tx.clone();
     let l = EventLoop::start(cfg, bound, tx, rx)?;
@@ -456,6 +511,12 @@ pub async fn run(
 
 struct EventLoop {
     node: Node<(), SocketAddr>,
+    /// Local channels, to spin and sleep on their rings.
+    locals: HashMap<u64, LocalHandle>,
+    /// How long the loop polls local rings before it sleeps.
+    spin: Duration,
+    /// The local socket's path, removed when the loop ends.
+    local_path: Option<std::path::PathBuf>,
     epoch: std::time::Instant,
     events: mpsc::Sender<Event>,
     rx: mpsc::Receiver<Event>,
@@ -535,8 +596,21 @@ impl EventLoop {
                 ConnKind::Metrics,
             )));
         }
+        let mut local_path = None;
+        if let Some((l, path)) = bound.local {
+            let l = tokio::net::UnixListener::from_std(l).map_err(HostedError::Runtime)?;
+            tasks.push(tokio::spawn(accept_local(
+                l,
+                events.clone(),
+                cfg.attach_timeout,
+            )));
+            local_path = Some(path);
+        }
         Ok(EventLoop {
             node,
+            locals: HashMap::new(),
+            spin: cfg.local_spin,
+            local_path,
             epoch,
             events,
             rx,
@@ -568,6 +642,12 @@ impl EventLoop {
                 tokio::task::yield_now().await;
                 continue;
             }
+            if !self.locals.is_empty() && !self.settle_locals() {
+                // Something arrived while spinning, or while announcing
+                // sleep: another turn.
+                tokio::task::yield_now().await;
+                continue;
+            }
             let deadline = self.node.poll_timeout();
             if let Some(d) = deadline {
                 if d <= self.now() {
@@ -583,11 +663,48 @@ impl EventLoop {
                 },
                 _ = &mut sleep, if deadline.is_some() => {}
             }
+            for l in self.locals.values() {
+                l.woke();
+            }
         }
         for t in self.tasks.iter().chain(&self.dials) {
             t.abort();
         }
+        if let Some(p) = &self.local_path {
+            let _ = std::fs::remove_file(p);
+        }
         info!(node = self.node.controller().node().0, "controller stopped");
+    }
+
+    /// Before sleeping: polls the local rings for up to `spin` (a busy
+    /// process's next message is then taken without a system call on
+    /// either side), then announces sleep on every ring. Returns `true` if
+    /// the loop may sleep, `false` if something arrived.
+    fn settle_locals(&mut self) -> bool {
+        let start = std::time::Instant::now();
+        loop {
+            if self.locals.values().any(LocalHandle::ready) {
+                return false;
+            }
+            if let Ok(ev) = self.rx.try_recv() {
+                self.handle(ev);
+                return false;
+            }
+            if start.elapsed() >= self.spin {
+                break;
+            }
+            std::hint::spin_loop();
+        }
+        let mut sleep = true;
+        for l in self.locals.values() {
+            sleep &= l.prepare_sleep();
+        }
+        if !sleep {
+            for l in self.locals.values() {
+                l.woke();
+            }
+        }
+        sleep
     }
 
     /// Runs the node until it settles (bounded; returns true if it did
@@ -624,6 +741,7 @@ impl EventLoop {
             }
         }
         self.inboxes.retain(|_, i| !i.borrow().dropped);
+        self.locals.retain(|_, l| !l.dropped());
         busy
     }
 
@@ -680,6 +798,20 @@ impl EventLoop {
             Event::Peers(reply) => {
                 let _ = reply.send(self.node.controller().stats().peers);
             }
+            Event::Local(parts, taken) => {
+                if self.stopping || !self.node.accepts(ConnKind::Process) {
+                    debug!("local process refused: at the limit");
+                    let _ = taken.send(false);
+                } else {
+                    let pid = parts.pid;
+                    let (ch, handle) = local::channel(*parts);
+                    let id = self.node.add(now, ConnKind::Process, Box::new(ch));
+                    debug!(id = id.0, pid, "local channel added");
+                    self.locals.insert(id.0, handle);
+                    let _ = taken.send(true);
+                }
+            }
+            Event::Wake => {}
             Event::Shutdown => {
                 if !self.stopping {
                     // Disconnect every process so the core revokes what
@@ -690,6 +822,24 @@ impl EventLoop {
                         d.abort();
                     }
                 }
+            }
+        }
+    }
+}
+
+async fn accept_local(
+    l: tokio::net::UnixListener,
+    events: mpsc::Sender<Event>,
+    attach_timeout: Duration,
+) {
+    loop {
+        match l.accept().await {
+            Ok((s, _)) => {
+                tokio::spawn(local::serve(s, events.clone(), attach_timeout));
+            }
+            Err(e) => {
+                warn!(error = %e, "local accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
     }

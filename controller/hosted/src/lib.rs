@@ -25,8 +25,10 @@
 
 mod config;
 mod driver;
+mod local;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 pub use config::{parse_key, parse_peer_security, FileConfig};
@@ -80,6 +82,18 @@ pub struct HostedConfig {
     /// Time a `/metrics` connection has to send its request and take the
     /// answer before it is dropped.
     pub metrics_timeout: Duration,
+    /// The Unix socket local processes attach through (shared-memory
+    /// rings and directly reached memory), if any.
+    pub local_socket: Option<PathBuf>,
+    /// Permission bits of the local socket (who may attach). Default
+    /// `0o660`.
+    pub local_socket_mode: u32,
+    /// Owner and group of the local socket (`None`: leave as created).
+    pub local_socket_owner: Option<(Option<u32>, Option<u32>)>,
+    /// How long the controller polls its local rings before it sleeps on
+    /// their eventfds (see the README for the measurement behind the
+    /// default).
+    pub local_spin: Duration,
 }
 
 impl HostedConfig {
@@ -107,9 +121,16 @@ impl HostedConfig {
             attach_timeout: Duration::from_secs(10),
             max_metrics_conns: 4,
             metrics_timeout: Duration::from_secs(5),
+            local_socket: None,
+            local_socket_mode: 0o660,
+            local_socket_owner: None,
+            local_spin: DEFAULT_LOCAL_SPIN,
         }
     }
 }
+
+/// Default of [`HostedConfig::local_spin`].
+pub const DEFAULT_LOCAL_SPIN: Duration = Duration::from_micros(50);
 
 /// Errors of the hosted controller.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +140,14 @@ pub enum HostedError {
     Bind {
         /// Address.
         addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The local socket could not be set up.
+    #[error("cannot listen on local socket {}: {source}", path.display())]
+    BindLocal {
+        /// Path.
+        path: PathBuf,
         /// Cause.
         source: std::io::Error,
     },

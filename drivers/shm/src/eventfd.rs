@@ -100,6 +100,44 @@ impl EventFd {
     }
 }
 
+/// An eventfd awaited on a tokio runtime (feature `tokio`).
+#[cfg(feature = "tokio")]
+#[derive(Debug)]
+pub struct AsyncEventFd {
+    fd: tokio::io::unix::AsyncFd<OwnedFd>,
+}
+
+#[cfg(feature = "tokio")]
+impl AsyncEventFd {
+    /// Registers (a duplicate of) `e` with the current runtime's reactor.
+    /// Must be called on a tokio runtime.
+    pub fn new(e: &EventFd) -> std::io::Result<AsyncEventFd> {
+        let fd = e.fd().try_clone_to_owned()?;
+        // SAFETY: `fd` is a valid open descriptor owned by the `AsyncFd`
+        // from here on: nothing else can close it or make it refer to
+        // another file while registered, and `OwnedFd::as_raw_fd` always
+        // returns the same number.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(std::io::Error::from)?;
+        Ok(AsyncEventFd { fd })
+    }
+
+    /// Waits until the eventfd is kicked, then resets it.
+    pub async fn kicked(&self) -> std::io::Result<()> {
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut buf = [0u8; 8];
+            match rustix::io::read(guard.get_inner(), &mut buf) {
+                Ok(_) => return Ok(()),
+                Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
 impl Kick for EventFd {
     fn kick(&mut self) {
         // EAGAIN (counter at its maximum) means a kick is pending anyway.

@@ -25,6 +25,8 @@ mod fdpass;
 pub mod local;
 mod mapping;
 
+#[cfg(feature = "tokio")]
+pub use eventfd::AsyncEventFd;
 pub use eventfd::EventFd;
 pub use fdpass::{peer_cred, recv_with_fds, send_with_fds, PeerCred, MAX_FDS};
 pub use mapping::{page_round, Mapping, PAGE, REQUIRED_SEALS};

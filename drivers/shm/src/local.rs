@@ -25,10 +25,14 @@ pub const LOCAL_VERSION: u32 = 1;
 /// Largest message (length field) accepted.
 pub const MAX_LOCAL_MSG: usize = 4096;
 
-const HELLO: u8 = 1;
-const REGISTER: u8 = 2;
-const UNREGISTER: u8 = 3;
-const ACK: u8 = 4;
+/// Kind byte of [`LocalMsg::Hello`].
+pub const HELLO: u8 = 1;
+/// Kind byte of [`LocalMsg::Register`].
+pub const REGISTER: u8 = 2;
+/// Kind byte of [`LocalMsg::Unregister`].
+pub const UNREGISTER: u8 = 3;
+/// Kind byte of [`LocalMsg::Ack`].
+pub const ACK: u8 = 4;
 
 /// One message of the local-socket protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -134,6 +134,17 @@ impl Mapping {
         Self::map(fd, offset, size)
     }
 
+    /// Maps the whole of a received memfd (checked as by
+    /// [`Mapping::open`]) if it holds at most `max_len` bytes.
+    pub fn open_whole(fd: OwnedFd, max_len: usize) -> Result<Mapping, ShmError> {
+        let st = rustix::fs::fstat(&fd).map_err(io("examining the memfd"))?;
+        let len = usize::try_from(st.st_size).unwrap_or(usize::MAX);
+        if len > max_len {
+            return Err(ShmError::BadLength { len });
+        }
+        Self::open(fd, 0, len)
+    }
+
     /// Maps `len` bytes at `offset` of a file this process trusts not to
     /// shrink while mapped (its own ivshmem slot file, say), checking only
     /// that it is long enough now. Use [`Mapping::open`] for anything

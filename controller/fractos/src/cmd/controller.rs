@@ -91,6 +91,20 @@ pub struct ControllerArgs {
     /// (every frame MAC'd) or `secure` (also encrypted).
     #[arg(long, default_value = "authenticated", value_parser = parse_security)]
     pub peer_security: fractos_core::PeerSecurity,
+    /// A Unix socket where processes of this host attach through a local
+    /// channel (shared-memory rings, memory the controller maps):
+    /// `Process::attach_local(PATH, ..)`. Also with `--config`.
+    #[arg(long)]
+    pub local_socket: Option<PathBuf>,
+    /// Permission bits of the local socket, octal (who may attach).
+    #[arg(long, default_value = "660", value_parser = parse_mode)]
+    pub local_socket_mode: u32,
+    /// Owner of the local socket, `UID` or `UID:GID` (numeric).
+    #[arg(long, value_parser = parse_owner)]
+    pub local_socket_owner: Option<(Option<u32>, Option<u32>)>,
+    /// Microseconds the controller polls its local rings before it sleeps.
+    #[arg(long)]
+    pub local_spin_us: Option<u64>,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `fractos_hosted=debug`.
     #[arg(long, default_value = "info")]
     pub log: String,
@@ -99,6 +113,24 @@ pub struct ControllerArgs {
     /// collectors.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| format!("bad mode {s:?}: give octal permission bits, e.g. 660"))
+}
+
+fn parse_owner(s: &str) -> Result<(Option<u32>, Option<u32>), String> {
+    let num = |v: &str| {
+        v.parse::<u32>()
+            .map_err(|_| format!("bad owner {s:?}: give UID or UID:GID (numeric)"))
+    };
+    match s.split_once(':') {
+        Some((u, g)) => Ok(((!u.is_empty()).then(|| num(u)).transpose()?, Some(num(g)?))),
+        None => Ok((Some(num(s)?), None)),
+    }
 }
 
 fn parse_security(s: &str) -> Result<fractos_core::PeerSecurity, String> {
@@ -135,6 +167,15 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<()> {
             c
         }
     };
+    let mut cfg = cfg;
+    if a.local_socket.is_some() {
+        cfg.local_socket = a.local_socket.clone();
+    }
+    cfg.local_socket_mode = a.local_socket_mode;
+    cfg.local_socket_owner = a.local_socket_owner;
+    if let Some(us) = a.local_spin_us {
+        cfg.local_spin = std::time::Duration::from_micros(us);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
