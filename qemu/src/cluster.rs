@@ -74,9 +74,7 @@ impl std::fmt::Debug for ControllerSetup {
 
 /// `key` as 64 hex digits, the form key files (`fractos token --key-file`,
 /// the appliance's fw_cfg file) and `fractos controller --key` take.
-pub fn key_hex(key: &[u8; 32]) -> String {
-    key.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use fractos_hosted::key_hex;
 
 /// The fw_cfg name appliances read their cluster key from.
 pub const KEY_FW_CFG_NAME: &str = "opt/fractos/cluster-key";
@@ -87,10 +85,11 @@ pub fn write_key_file(path: &Path, key: &[u8; 32]) -> Result<(), QemuError> {
     write_private_file(path, format!("{}\n", key_hex(key)).as_bytes())
 }
 
-/// Guest port of the controller's process listener.
-pub const GUEST_PROCESS_PORT: u16 = 7100;
+/// Guest port of the controller's process listener (the common
+/// [`fractos_hosted::PROCESS_PORT`]).
+pub const GUEST_PROCESS_PORT: u16 = fractos_hosted::PROCESS_PORT;
 /// Guest port of the controller's metrics endpoint.
-pub const GUEST_METRICS_PORT: u16 = 9100;
+pub const GUEST_METRICS_PORT: u16 = fractos_hosted::METRICS_PORT;
 
 impl ControllerSetup {
     /// A setup for `nodes` nodes with free host ports and a fresh segment.

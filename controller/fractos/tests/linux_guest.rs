@@ -66,7 +66,7 @@ fn controller_serves_metrics_from_the_linux_guest() {
     let g = guest();
     let dir = scratch("linux-controller");
     let (proc_port, metrics_port) = (free_port(), free_port());
-    let cfg = controller_config(1, &"0f".repeat(32));
+    let cfg = controller_config(1, &[0x0f; 32]).unwrap_or_else(|e| panic!("{e}"));
     let started = Instant::now();
     let (mut vm, ready) = g
         .launch_controller(

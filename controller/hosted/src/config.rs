@@ -3,8 +3,8 @@
 //! ```toml
 //! node = 1
 //! cluster_key = "000102…1f"          # 64 hex digits
-//! process_listen = "0.0.0.0:7100"    # the ports every controller uses:
-//! peer_listen = "0.0.0.0:7101"       # processes 7100, peers 7101, metrics 9100
+//! process_listen = "0.0.0.0:7100"    # the ports every controller uses
+//! peer_listen = "0.0.0.0:7101"       # (fractos_node::{PROCESS,PEER,METRICS}_PORT):
 //! metrics_listen = "127.0.0.1:9100"  # optional
 //! op_timeout_ms = 5000               # optional
 //! peer_timeout_ms = 3000             # optional
@@ -17,18 +17,24 @@
 //! node = 2
 //! address = "10.0.0.2:7101"
 //! ```
+//!
+//! The schema exists once, as [`FileConfig`]: the CLI parses it, and tools
+//! that write a config for a controller elsewhere (the Linux guest image
+//! builder) build a [`FileConfig`] (e.g. [`FileConfig::listen_all`]) and
+//! serialize it with [`FileConfig::to_toml`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use fractos_core::PeerSecurity;
+use fractos_node::{METRICS_PORT, PEER_PORT, PROCESS_PORT};
 use fractos_wire::NodeId;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{HostedConfig, HostedError};
 
 /// A peer entry of the file.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilePeer {
     /// Peer node id.
@@ -38,7 +44,7 @@ pub struct FilePeer {
 }
 
 /// The file's contents.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// Node id.
@@ -50,32 +56,49 @@ pub struct FileConfig {
     /// Peer listen address.
     pub peer_listen: SocketAddr,
     /// Metrics listen address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_listen: Option<SocketAddr>,
     /// Peer request timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub op_timeout_ms: Option<u64>,
     /// Peer silence timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_timeout_ms: Option<u64>,
     /// Limit: handles per process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_caps_per_process: Option<usize>,
     /// Limit: operations in flight per process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pending_per_process: Option<usize>,
     /// Limit: attached processes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_processes: Option<usize>,
     /// `"authenticated"` (default) or `"secure"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer_security: Option<String>,
     /// Monitors one process may register at this controller's objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_monitors_per_process: Option<usize>,
     /// Names one process may publish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_names_per_process: Option<usize>,
     /// Time a new process connection has to send its first frame.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attach_timeout_ms: Option<u64>,
     /// `/metrics` connections served at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_metrics_conns: Option<usize>,
     /// Time a `/metrics` connection may take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_timeout_ms: Option<u64>,
     /// Peers.
-    #[serde(default, rename = "peer")]
+    #[serde(default, rename = "peer", skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<FilePeer>,
+}
+
+/// A key as the 64 lower-case hex digits [`parse_key`] reads.
+pub fn key_hex(key: &[u8; 32]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Parses a 64-hex-digit key.
@@ -107,6 +130,37 @@ pub fn parse_peer_security(s: &str) -> Result<PeerSecurity, HostedError> {
 }
 
 impl FileConfig {
+    /// A file for node `node` with `cluster_key` listening on `ip` at the
+    /// ports every controller uses: processes on [`PROCESS_PORT`], peers
+    /// on [`PEER_PORT`], metrics on [`METRICS_PORT`]; everything else at
+    /// its default, no peers.
+    pub fn listen_all(node: NodeId, cluster_key: &[u8; 32], ip: IpAddr) -> Self {
+        FileConfig {
+            node: node.0,
+            cluster_key: key_hex(cluster_key),
+            process_listen: SocketAddr::new(ip, PROCESS_PORT),
+            peer_listen: SocketAddr::new(ip, PEER_PORT),
+            metrics_listen: Some(SocketAddr::new(ip, METRICS_PORT)),
+            op_timeout_ms: None,
+            peer_timeout_ms: None,
+            max_caps_per_process: None,
+            max_pending_per_process: None,
+            max_processes: None,
+            peer_security: None,
+            max_monitors_per_process: None,
+            max_names_per_process: None,
+            attach_timeout_ms: None,
+            max_metrics_conns: None,
+            metrics_timeout_ms: None,
+            peers: Vec::new(),
+        }
+    }
+
+    /// The file's TOML text (what [`FileConfig::parse`] reads back).
+    pub fn to_toml(&self) -> Result<String, HostedError> {
+        toml::to_string(self).map_err(|e| HostedError::Config(e.to_string()))
+    }
+
     /// Parses TOML text.
     pub fn parse(text: &str) -> Result<Self, HostedError> {
         toml::from_str(text).map_err(|e| HostedError::Config(e.to_string()))
@@ -191,6 +245,28 @@ mod tests {
             vec![(NodeId(1), "127.0.0.1:7101".parse().unwrap())]
         );
         assert_eq!(c.op_timeout, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn listen_all_round_trips_through_toml() {
+        let key: [u8; 32] = core::array::from_fn(|i| i as u8);
+        let mut f = FileConfig::listen_all(NodeId(3), &key, "0.0.0.0".parse().unwrap());
+        let text = f.to_toml().unwrap();
+        assert!(text.contains("process_listen = \"0.0.0.0:7100\""), "{text}");
+        assert!(text.contains("peer_listen = \"0.0.0.0:7101\""), "{text}");
+        assert!(text.contains("metrics_listen = \"0.0.0.0:9100\""), "{text}");
+        assert!(!text.contains("op_timeout_ms"), "{text}");
+        assert_eq!(FileConfig::parse(&text).unwrap(), f);
+        let c = FileConfig::parse(&text).unwrap().into_config().unwrap();
+        assert_eq!((c.node, c.cluster_key), (NodeId(3), key));
+        // Options and peers survive the trip too.
+        f.op_timeout_ms = Some(250);
+        f.peer_security = Some("secure".into());
+        f.peers.push(FilePeer {
+            node: 4,
+            address: "10.0.0.4:7101".parse().unwrap(),
+        });
+        assert_eq!(FileConfig::parse(&f.to_toml().unwrap()).unwrap(), f);
     }
 
     #[test]

@@ -31,10 +31,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use config::{parse_key, parse_peer_security, FileConfig};
+pub use config::{key_hex, parse_key, parse_peer_security, FileConfig, FilePeer};
 pub use driver::{run, spawn, Running};
 use fractos_core::{Limits, PeerSecurity};
 pub use fractos_core::{LinkTraffic, Traffic};
+pub use fractos_node::{METRICS_PORT, PEER_PORT, PROCESS_PORT};
 use fractos_wire::NodeId;
 
 /// Configuration of a hosted controller.

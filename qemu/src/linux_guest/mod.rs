@@ -31,6 +31,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use fractos_hosted::FileConfig;
+use fractos_wire::NodeId;
+
 use crate::build::{run, Workspace};
 use crate::node::{write_private_file, Accel, Appliance, Boot, NodeSpec, NvmeDisk};
 use crate::QemuError;
@@ -52,12 +55,13 @@ pub const GUEST_GW: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
 pub const GUEST_MODULES: &[&str] = &["virtio_pci", "virtio_net", "nvme"];
 /// Guest RAM used by [`LinuxGuest::node_spec`].
 pub const GUEST_MEMORY_MIB: u32 = 512;
-/// Process port of the controller in [`controller_config`].
-pub const GUEST_PROCESS_PORT: u16 = 7100;
+/// Process port of the controller in [`controller_config`] (the one port
+/// convention of every controller, [`fractos_hosted::PROCESS_PORT`]).
+pub const GUEST_PROCESS_PORT: u16 = fractos_hosted::PROCESS_PORT;
 /// Peer port of the controller in [`controller_config`].
-pub const GUEST_PEER_PORT: u16 = 7101;
+pub const GUEST_PEER_PORT: u16 = fractos_hosted::PEER_PORT;
 /// Metrics port of the controller in [`controller_config`].
-pub const GUEST_METRICS_PORT: u16 = 9100;
+pub const GUEST_METRICS_PORT: u16 = fractos_hosted::METRICS_PORT;
 /// Where [`controller_image`] puts the `fractos` binary and its config.
 pub const GUEST_FRACTOS: &str = "/bin/fractos";
 /// See [`GUEST_FRACTOS`].
@@ -153,15 +157,13 @@ impl GuestImage {
 
 /// A TOML config for `fractos controller --config` listening on all guest
 /// addresses: processes on [`GUEST_PROCESS_PORT`], peers on
-/// [`GUEST_PEER_PORT`], metrics on [`GUEST_METRICS_PORT`].
-pub fn controller_config(node: u32, cluster_key_hex: &str) -> String {
-    format!(
-        "node = {node}\n\
-         cluster_key = \"{cluster_key_hex}\"\n\
-         process_listen = \"0.0.0.0:{GUEST_PROCESS_PORT}\"\n\
-         peer_listen = \"0.0.0.0:{GUEST_PEER_PORT}\"\n\
-         metrics_listen = \"0.0.0.0:{GUEST_METRICS_PORT}\"\n"
-    )
+/// [`GUEST_PEER_PORT`], metrics on [`GUEST_METRICS_PORT`]. It is the
+/// hosted controller's own schema ([`fractos_hosted::FileConfig`])
+/// serialized, so it cannot drift from what the CLI reads.
+pub fn controller_config(node: u32, cluster_key: &[u8; 32]) -> Result<String, QemuError> {
+    FileConfig::listen_all(NodeId(node), cluster_key, Ipv4Addr::UNSPECIFIED.into())
+        .to_toml()
+        .map_err(|e| QemuError::Config(format!("writing the guest controller's config: {e}")))
 }
 
 /// A guest running `fractos controller --config /etc/fractos.toml` with the
@@ -388,16 +390,30 @@ mod tests {
 
     #[test]
     fn controller_config_listens_everywhere() {
-        let c = controller_config(3, &"ab".repeat(32));
-        assert!(c.contains("process_listen = \"0.0.0.0:7100\""));
-        assert!(c.contains("metrics_listen = \"0.0.0.0:9100\""));
+        let c = controller_config(3, &[0xab; 32]).unwrap();
+        assert!(c.contains("process_listen = \"0.0.0.0:7100\""), "{c}");
+        assert!(c.contains("metrics_listen = \"0.0.0.0:9100\""), "{c}");
+        // What the CLI reads: the hosted controller's schema.
+        let cfg = FileConfig::parse(&c).unwrap().into_config().unwrap();
+        assert_eq!(cfg.node, NodeId(3));
+        assert_eq!(cfg.cluster_key, [0xab; 32]);
+        assert_eq!(cfg.process_listen.port(), GUEST_PROCESS_PORT);
+        assert_eq!(cfg.peer_listen.port(), GUEST_PEER_PORT);
+        assert_eq!(
+            cfg.metrics_listen.map(|a| a.port()),
+            Some(GUEST_METRICS_PORT)
+        );
+        assert!(cfg.process_listen.ip().is_unspecified());
     }
 
     #[test]
     fn controller_key_stays_in_a_private_initramfs() {
         use std::os::unix::fs::PermissionsExt;
         let key = "5a".repeat(32);
-        let g = controller_image(Path::new("/bin/true"), &controller_config(0, &key));
+        let g = controller_image(
+            Path::new("/bin/true"),
+            &controller_config(0, &[0x5a; 32]).unwrap(),
+        );
         // The key is in the config file (root-only in the guest), not in
         // what the guest's kernel command line is built from.
         let GuestAction::Exec(argv) = &g.action else {

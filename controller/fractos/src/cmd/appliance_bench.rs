@@ -11,7 +11,7 @@ use anyhow::Context;
 use fractos_adaptors::bench::{measure, BenchConfig, Measured};
 use fractos_adaptors::demo::{attach_to, DEMO_KEY};
 use fractos_qemu::build::Workspace;
-use fractos_qemu::cluster::{key_hex, Cluster, ClusterSpec, ControllerSetup};
+use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::linux_guest::{
     controller_config, free_local_port, LinuxGuest, GUEST_MEMORY_MIB, GUEST_METRICS_PORT,
     GUEST_PROCESS_PORT,
@@ -76,7 +76,7 @@ fn linux_guest(b: &ApplianceBench, dir: &Path) -> anyhow::Result<Measured> {
     let (_vm, ready) = guest.launch_controller(
         "linux-guest",
         &fractos,
-        &controller_config(0, &key_hex(&DEMO_KEY)),
+        &controller_config(0, &DEMO_KEY)?,
         &[(p, GUEST_PROCESS_PORT), (m, GUEST_METRICS_PORT)],
         dir,
         Duration::from_secs(300),

@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use fractos_adaptors::demo::{attach_to, DEMO_KEY};
 use fractos_qemu::build::Workspace;
-use fractos_qemu::cluster::{key_hex, Cluster, ClusterSpec, ControllerSetup};
+use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::linux_guest::{
     controller_config, free_local_port, LinuxGuest, GUEST_MEMORY_MIB, GUEST_PROCESS_PORT,
 };
@@ -156,7 +156,7 @@ fn linux_serving(guest: &LinuxGuest, dir: &Path) -> anyhow::Result<(f64, f64)> {
     let (vm, ready) = guest.launch_controller(
         "linux-serving",
         &fractos,
-        &controller_config(0, &key_hex(&DEMO_KEY)),
+        &controller_config(0, &DEMO_KEY)?,
         &[(port, GUEST_PROCESS_PORT)],
         dir,
         Duration::from_secs(600),
