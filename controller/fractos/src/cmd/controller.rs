@@ -70,10 +70,10 @@ pub struct ControllerArgs {
     #[command(flatten)]
     pub key: KeyArgs,
     /// Where processes connect.
-    #[arg(long, default_value = "127.0.0.1:7100")]
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], fractos_hosted::PROCESS_PORT)))]
     pub listen: SocketAddr,
     /// Where peer controllers connect.
-    #[arg(long, default_value = "127.0.0.1:7101")]
+    #[arg(long, default_value_t = SocketAddr::from(([127, 0, 0, 1], fractos_hosted::PEER_PORT)))]
     pub peer_listen: SocketAddr,
     /// Prometheus metrics address (GET /metrics).
     #[arg(long)]
