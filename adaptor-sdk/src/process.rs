@@ -1224,7 +1224,7 @@ fn handshake<S: ByteStream>(
                 }
             }
             Ok(None) => {}
-            Err(e) => return Err(failed(e)),
+            Err(e) => return Err(failed(e.into())),
         }
         let t = now(epoch);
         conn.handle_timeout(t).map_err(failed)?;
@@ -1376,7 +1376,7 @@ impl Shared {
             let body = match reader.frame() {
                 Ok(Some(body)) => body,
                 Ok(None) => return Ok(()),
-                Err(e) => return Err(disconnect_reason(e)),
+                Err(e) => return Err(disconnect_reason(e.into())),
             };
             let (result, events, invocations) = {
                 let mut p = lock(&self.proto);
@@ -1490,7 +1490,7 @@ mod tests {
 
     /// Takes every complete frame out of `r`, decoded.
     fn drain(r: &mut FrameReader, got: &mut Vec<ControllerMsg>) -> Result<(), DisconnectReason> {
-        while let Some(body) = r.frame().map_err(disconnect_reason)? {
+        while let Some(body) = r.frame().map_err(|e| disconnect_reason(e.into()))? {
             got.push(ControllerMsg::decode(body).unwrap());
             r.consume();
         }

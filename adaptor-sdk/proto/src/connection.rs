@@ -11,8 +11,8 @@ use fractos_wire::{
 };
 
 use crate::memory::Memory;
-use crate::stream::FrameReader;
 use crate::Error;
+use crate::FrameReader;
 
 /// A point in time in nanoseconds since an epoch the host chooses; only
 /// differences matter. The connection never reads a clock.
@@ -374,7 +374,7 @@ impl<T> Connection<T> {
             let body = match reader.frame() {
                 Ok(Some(body)) => body,
                 Ok(None) => return Ok(()),
-                Err(e) => return Err(self.fail(e)),
+                Err(e) => return Err(self.fail(Error::Malformed(e))),
             };
             let r = self.handle_body(body, now, mem);
             if !matches!(r, Err(Error::InvocationQueueFull { .. })) {

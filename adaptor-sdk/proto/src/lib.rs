@@ -11,7 +11,8 @@
 //! blocking and async faces (over TCP or any byte stream) and inside the
 //! appliance's built-in storage process (over an in-memory channel).
 //!
-//! * Transports: byte streams through a [`FrameReader`] (splitting with
+//! * Transports: byte streams through a [`FrameReader`] (the transport
+//!   layer's, `fractos_transport::FrameReader`, splitting with
 //!   [`fractos_wire::FrameSplitter`]) into [`Connection::handle_stream`];
 //!   message transports hand one frame per message to
 //!   [`Connection::handle_frame`]; bare bodies go to
@@ -58,9 +59,11 @@ extern crate alloc;
 mod connection;
 mod error;
 mod memory;
-mod stream;
 
 pub use connection::{Config, Connection, Event, Instant, Invocation, Phase};
 pub use error::Error;
+/// The byte-stream frame reader is the transport layer's (one reader for
+/// the controller's and the process's side); re-exported so hosts of a
+/// [`Connection`] need not name `fractos-transport`.
+pub use fractos_transport::FrameReader;
 pub use memory::{Memory, NoMemory, OutOfWindow};
-pub use stream::FrameReader;
