@@ -860,3 +860,39 @@ async fn accept(l: TcpListener, events: mpsc::Sender<Event>, kind: ConnKind) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fractos_core::PeerSecurity;
+
+    #[test]
+    fn the_node_gets_the_hosted_configuration() {
+        let mut c = HostedConfig::local(NodeId(2), [1; 32]);
+        let peer: SocketAddr = "127.0.0.1:7101".parse().unwrap();
+        c.peers = vec![(NodeId(3), peer)];
+        c.attach_timeout = Duration::from_millis(300);
+        c.metrics_timeout = Duration::from_millis(400);
+        c.max_metrics_conns = 7;
+        c.max_queued_bytes = 1234;
+        c.limits.max_processes = 5;
+        c.op_timeout = Duration::from_millis(600);
+        c.peer_timeout = Duration::from_millis(700);
+        c.peer_security = PeerSecurity::Secure;
+        let n = node_config(&c).unwrap();
+        assert_eq!(n.peers, vec![(NodeId(3), peer)]);
+        assert_eq!(n.attach_timeout, Duration::from_millis(300));
+        assert_eq!(n.metrics_timeout, Duration::from_millis(400));
+        assert_eq!(n.max_metrics_conns, 7);
+        assert_eq!(n.max_queued_bytes, 1234);
+        assert_eq!(n.max_process_conns, 5);
+        assert_eq!(n.core.node, NodeId(2));
+        assert_eq!(n.core.cluster_key, [1; 32]);
+        assert_eq!(n.core.members, vec![NodeId(2), NodeId(3)]);
+        assert_eq!(n.core.op_timeout, Duration::from_millis(600));
+        assert_eq!(n.core.peer_timeout, Duration::from_millis(700));
+        assert_eq!(n.core.peer_security, PeerSecurity::Secure);
+        // Two controllers of one process get different handshake seeds.
+        assert_ne!(n.core.rng_seed, node_config(&c).unwrap().core.rng_seed);
+    }
+}

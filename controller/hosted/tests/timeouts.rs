@@ -1,6 +1,12 @@
 //! Connection slots of the hosted controller are bounded in number and time,
 //! as on the appliance: a process connection that never attaches, and
-//! `/metrics` connections beyond the bound or too slow, are closed.
+//! `/metrics` connections beyond the bound, are closed.
+//!
+//! The timeouts themselves (attach, metrics: slow and silent clients) are
+//! the node driver's, tested once in `controller/node`; the configuration
+//! that reaches the node is checked in `src/driver.rs`. Here: what only the
+//! tokio glue does, with real sockets: closing the socket, freeing the
+//! accept slot, refusing extra connections at accept.
 //!
 //! Timing is only checked against generous bounds: the machine may be slow.
 
@@ -160,26 +166,5 @@ fn metrics_connections_are_bounded_in_number() {
     drop(idle);
     let text = eventually(|| scrape(&node));
     assert!(text.contains("fractos_processes_attached{node=\"1\"} 0"));
-    node.shutdown();
-}
-
-#[test]
-fn slow_or_silent_metrics_clients_are_dropped() {
-    let mut c = HostedConfig::local(NodeId(1), KEY);
-    c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
-    c.max_metrics_conns = 2;
-    c.metrics_timeout = Duration::from_millis(300);
-    let node = spawn(c).unwrap();
-    let addr = node.metrics_addr().unwrap();
-    let mut silent = TcpStream::connect(addr).unwrap();
-    let mut slow = TcpStream::connect(addr).unwrap();
-    slow.write_all(b"GET /met").unwrap();
-    let start = Instant::now();
-    assert!(closed_by_server(&mut silent), "silent client kept");
-    assert!(closed_by_server(&mut slow), "slow client kept");
-    assert!(start.elapsed() < Duration::from_secs(25));
-    // Their slots are free again.
-    let text = eventually(|| scrape(&node));
-    assert!(text.contains("fractos_names{node=\"1\"} 0"));
     node.shutdown();
 }

@@ -1,10 +1,15 @@
 //! Nodes over in-memory channels: attach, limits, timeouts, metrics,
-//! linked nodes, stuck readers, link recovery.
+//! linked nodes, stuck readers, linger, link recovery, traffic.
+//!
+//! This is the one suite of the connection policy both hosts share; the
+//! appliance's (`kernel/tests/service.rs`, smoltcp over an Ethernet hub)
+//! and the hosted controller's (`controller/hosted/tests`, real sockets)
+//! only test their glue.
 
 use alloc::vec;
 
 use fractos_core::{process_token, Config as CoreConfig, PeerSecurity};
-use fractos_transport::{Framing, MemoryChannel};
+use fractos_transport::{Framing, MemoryChannel, TransportError};
 use fractos_wire::{ControllerMsg, ErrorCode, Handle, ProcessMsg, Reply, Rights};
 
 use super::*;
@@ -17,6 +22,8 @@ type TestNode = Node<(), usize>;
 
 struct World {
     nodes: Vec<TestNode>,
+    /// Nodes that are not polled (a stalled or crashed host).
+    paused: Vec<bool>,
     now: Instant,
 }
 
@@ -89,12 +96,17 @@ impl World {
                 Node::new(cfg, now)
             })
             .collect();
-        World { nodes, now }
+        World {
+            nodes,
+            paused: vec![false; n],
+            now,
+        }
     }
 
     fn with(cfgs: Vec<NodeConfig<usize>>) -> World {
         let now = Instant(1_000_000_000);
         World {
+            paused: vec![false; cfgs.len()],
             nodes: cfgs.into_iter().map(|c| Node::new(c, now)).collect(),
             now,
         }
@@ -105,6 +117,9 @@ impl World {
         for _ in 0..1000 {
             let mut moved = false;
             for i in 0..self.nodes.len() {
+                if self.paused[i] {
+                    continue;
+                }
                 while let Some((peer, j)) = self.nodes[i].poll_dial(self.now) {
                     let (a, b) = MemoryChannel::pair(Framing::Stream, 1 << 20);
                     self.nodes[i].dialed(self.now, peer, Box::new(a));
@@ -258,7 +273,20 @@ fn an_oversized_prefix_closes_only_that_connection() {
     bad.send_raw(&u32::MAX.to_le_bytes());
     w.settle();
     assert!(bad.closed());
-    assert_eq!(w.nodes[0].stats().unframeable, 1);
+    bad.read(true);
+    assert!(
+        bad.raw.is_empty(),
+        "the node answered garbage: {:?}",
+        bad.raw
+    );
+    assert!(bad.inbox.is_empty());
+    let s = w.nodes[0].stats();
+    assert_eq!((s.unframeable, s.attach_timeouts), (1, 0));
+    // Once the other side closes too, the slot is reaped.
+    bad.ch.close(&mut ());
+    w.settle();
+    assert_eq!(w.nodes[0].stats().open[0], 1);
+    assert_eq!(w.nodes[0].controller().stats().processes, 1);
     let r = w.op(&mut good, |op| ProcessMsg::MemoryCreate {
         op,
         addr: 0,
@@ -266,6 +294,40 @@ fn an_oversized_prefix_closes_only_that_connection() {
         rights: Rights::READ,
     });
     assert!(r.is_ok());
+}
+
+#[test]
+fn a_well_framed_garbage_body_is_the_cores_to_reject() {
+    let mut w = World::new(1);
+    let mut good = w.attach(0, "good");
+    let mut bad = w.attach(0, "bad");
+    // A frame of the right length and version whose body decodes to
+    // nothing.
+    bad.send_raw(&[4, 0, 0, 0, fractos_wire::PROTOCOL_VERSION, 0xff, 0xff, 0xff]);
+    w.settle();
+    assert!(bad.closed());
+    assert!(
+        matches!(
+            bad.inbox.first(),
+            Some(ControllerMsg::Rejected {
+                code: ErrorCode::Malformed,
+                ..
+            })
+        ),
+        "{:?}",
+        bad.inbox
+    );
+    // Not a framing failure: the node counts nothing of its own.
+    assert_eq!(w.nodes[0].stats().unframeable, 0);
+    assert_eq!(w.nodes[0].controller().stats().processes, 1);
+    assert!(w
+        .op(&mut good, |op| ProcessMsg::MemoryCreate {
+            op,
+            addr: 0,
+            len: 8,
+            rights: Rights::READ,
+        })
+        .is_ok());
 }
 
 #[test]
@@ -284,18 +346,50 @@ fn silent_connections_lose_their_slot_after_the_attach_timeout() {
 }
 
 #[test]
+fn the_attach_timeout_is_kept_to_the_step_and_spares_attached_processes() {
+    let mut cfg = NodeConfig::new(core(1, &[1]));
+    cfg.attach_timeout = Duration::from_millis(100);
+    let mut w = World::with(vec![cfg]);
+    let opened = w.now;
+    let (mut silent, _) = w.connect(0, ConnKind::Process);
+    let mut prompt = w.attach(0, "prompt");
+    // A host sleeping until `poll_timeout` wakes up in time.
+    assert!(w.nodes[0]
+        .poll_timeout()
+        .is_some_and(|t| t <= opened.after(Duration::from_millis(100))));
+    w.advance(Duration::from_millis(100));
+    assert!(!silent.closed(), "closed before the timeout");
+    w.advance(STEP * 20);
+    assert!(silent.closed(), "not closed within 20 ms of the timeout");
+    assert_eq!(w.nodes[0].stats().attach_timeouts, 1);
+    // The attached process is not subject to it.
+    w.advance(Duration::from_secs(1));
+    assert!(!prompt.closed());
+    assert_eq!(w.nodes[0].stats().attach_timeouts, 1);
+    assert_eq!(w.nodes[0].controller().stats().processes, 1);
+}
+
+#[test]
 fn connection_limits_are_reported_to_the_host() {
     let mut cfg = NodeConfig::new(core(1, &[1]));
     cfg.max_process_conns = 2;
     cfg.max_metrics_conns = 1;
+    cfg.max_peer_conns = 1;
     let mut w = World::with(vec![cfg]);
     assert!(w.nodes[0].accepts(ConnKind::Process));
-    let _a = w.connect(0, ConnKind::Process);
+    let (mut a, _) = w.connect(0, ConnKind::Process);
     let _b = w.connect(0, ConnKind::Process);
     assert!(!w.nodes[0].accepts(ConnKind::Process));
     let _m = w.connect(0, ConnKind::Metrics);
     assert!(!w.nodes[0].accepts(ConnKind::Metrics));
     assert!(w.nodes[0].accepts(ConnKind::Peer));
+    let _p = w.connect(0, ConnKind::Peer);
+    assert!(!w.nodes[0].accepts(ConnKind::Peer));
+    // A slot frees up once its connection is reaped.
+    a.ch.close(&mut ());
+    w.settle();
+    assert!(w.nodes[0].accepts(ConnKind::Process));
+    assert_eq!(w.nodes[0].stats().accepted, [2, 1, 1]);
 }
 
 #[test]
@@ -320,13 +414,31 @@ fn metrics_are_served_and_bounded() {
             text.starts_with(&alloc::format!("HTTP/1.1 {status}")),
             "{text}"
         );
+        let (head, body) = text.split_once("\r\n\r\n").expect("an end of head");
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .expect("a Content-Length")
+            .parse()
+            .unwrap();
+        assert_eq!(len, body.len(), "Content-Length does not match the body");
         if status == "200 OK" {
             assert!(
-                text.contains("fractos_processes_attached{node=\"1\"} 1"),
+                body.contains("fractos_processes_attached{node=\"1\"} 1"),
                 "{text}"
             );
-            assert!(text.contains("fractos_node_connections{node=\"1\",kind=\"process\"} 1"));
+            assert!(body.contains("fractos_ops_total"));
+            assert!(body.contains("fractos_node_connections{node=\"1\",kind=\"process\"} 1"));
+            // The metrics connection itself is open while the text is
+            // rendered.
+            assert!(body.contains("fractos_node_connections{node=\"1\",kind=\"metrics\"} 1"));
+            assert!(body.contains("fractos_node_accepted_total{node=\"1\",kind=\"metrics\"} 1"));
         }
+        // Answered connections close and are reaped.
+        assert!(m.ch.peer_gone());
+        m.ch.close(&mut ());
+        w.settle();
+        assert_eq!(w.nodes[0].stats().open[2], 0);
     }
     // An endless header: 431, not unbounded buffering.
     let (mut big, _) = w.connect(0, ConnKind::Metrics);
@@ -334,12 +446,21 @@ fn metrics_are_served_and_bounded() {
     w.settle();
     big.read(true);
     assert!(big.raw.starts_with(b"HTTP/1.1 431"));
-    // A silent client is dropped after the metrics timeout.
+    // A slow client (half a request) and a silent one (nothing) are
+    // dropped after the metrics timeout, and their slots freed.
     let (mut slow, _) = w.connect(0, ConnKind::Metrics);
     slow.send_raw(b"GET /met");
-    w.advance(Duration::from_secs(6));
-    assert!(slow.ch.peer_gone());
-    assert_eq!(w.nodes[0].stats().metrics_timeouts, 1);
+    let (silent, _) = w.connect(0, ConnKind::Metrics);
+    w.advance(Duration::from_secs(4));
+    assert!(!slow.ch.peer_gone() && !silent.ch.peer_gone());
+    w.advance(Duration::from_secs(2));
+    assert!(slow.ch.peer_gone() && silent.ch.peer_gone());
+    assert_eq!(w.nodes[0].stats().metrics_timeouts, 2);
+    slow.read(true);
+    assert!(slow.raw.is_empty(), "a timed-out client got an answer");
+    w.advance(Duration::from_secs(3));
+    assert_eq!(w.nodes[0].stats().open[2], 0);
+    assert!(w.nodes[0].accepts(ConnKind::Metrics));
 }
 
 #[test]
@@ -437,6 +558,114 @@ fn a_lost_link_is_redialled_with_backoff() {
     assert_eq!(gaps[1], Duration::from_millis(50));
     assert_eq!(gaps[2], Duration::from_millis(100));
     assert_eq!(*gaps.last().unwrap(), Duration::from_secs(1));
+}
+
+#[test]
+fn a_stalled_peer_loses_its_link_and_gets_it_back() {
+    let mut w = World::new(2);
+    w.settle();
+    assert_eq!(w.nodes[0].stats().dialled, 1);
+    // Node 2 stalls (nothing polled) past the peer timeout (3 s): node 1
+    // drops the link.
+    w.paused[1] = true;
+    w.advance(Duration::from_secs(5));
+    assert_eq!(w.nodes[0].controller().stats().peers, 0);
+    // Node 2 comes back: the link is dialled and authenticated again, and
+    // no stale connection is left on either side.
+    w.paused[1] = false;
+    w.advance(Duration::from_secs(5));
+    assert!(w.nodes[0].stats().dialled >= 2);
+    for n in &w.nodes {
+        assert_eq!(n.controller().stats().peers, 1);
+        assert_eq!(
+            n.stats().open,
+            [0, 1, 0],
+            "stale connections: {:?}",
+            n.stats()
+        );
+    }
+}
+
+#[test]
+fn traffic_of_closed_links_is_kept() {
+    let mut w = World::new(2);
+    w.settle();
+    w.advance(Duration::from_secs(2));
+    let before = w.nodes[0].traffic().peers[&2];
+    assert!(before.frames_in > 0 && before.frames_out > 0);
+    // The link breaks and is redialled: what crossed the old link still
+    // counts, under the same peer.
+    let link = *w.nodes[1]
+        .conns
+        .iter()
+        .find(|(_, c)| c.kind == ConnKind::Peer)
+        .map(|(k, _)| k)
+        .unwrap();
+    w.nodes[1].conns.get_mut(&link).unwrap().ch.abort(&mut ());
+    w.settle();
+    let closed = w.nodes[0].traffic().peers[&2];
+    assert!(closed.frames_in >= before.frames_in && closed.bytes_out >= before.bytes_out);
+    assert_eq!(w.nodes[0].traffic().peers.len(), 1);
+    w.advance(Duration::from_secs(2));
+    assert_eq!(w.nodes[0].stats().dialled, 2);
+    let after = w.nodes[0].traffic().peers[&2];
+    assert!(
+        after.frames_in > closed.frames_in,
+        "{after:?} vs {closed:?}"
+    );
+    // The accepting side accounts the same way.
+    assert!(w.nodes[1].traffic().peers[&1].frames_in >= before.frames_out);
+    // Process traffic survives its channel too.
+    let mut p = w.attach(0, "p");
+    let _ = w.op(&mut p, |op| ProcessMsg::MemoryCreate {
+        op,
+        addr: 0,
+        len: 8,
+        rights: Rights::READ,
+    });
+    p.ch.close(&mut ());
+    w.settle();
+    let t = w.nodes[0].traffic().processes;
+    assert_eq!((t.frames_in, t.frames_out), (2, 2));
+}
+
+#[test]
+fn finished_connections_linger_then_are_reset() {
+    let mut w = World::new(1);
+    // Rejected, and the other side neither reads nor closes.
+    let (mut bad, _) = w.connect(0, ConnKind::Process);
+    bad.send(&ProcessMsg::Attach {
+        name: b"bad".to_vec(),
+        token: [0; 32],
+    });
+    w.settle();
+    // The rejection is flushed and the channel half-closed, not reset...
+    w.advance(Duration::from_secs(1));
+    assert_eq!(w.nodes[0].stats().open[0], 1, "reaped before the linger");
+    // ...until the linger time (2 s) passes: then it is aborted.
+    w.advance(Duration::from_millis(1100));
+    assert_eq!(w.nodes[0].stats().open[0], 0);
+    let mut sink = Vec::new();
+    assert_eq!(
+        bad.ch.recv(&mut (), &mut sink, 1 << 20),
+        Err(TransportError::Reset)
+    );
+    // A client that reads and closes is reaped at once, well before.
+    let (mut polite, _) = w.connect(0, ConnKind::Process);
+    polite.send(&ProcessMsg::Attach {
+        name: b"bad".to_vec(),
+        token: [0; 32],
+    });
+    w.settle();
+    assert!(polite.closed());
+    assert!(matches!(
+        polite.inbox.first(),
+        Some(ControllerMsg::Rejected { .. })
+    ));
+    polite.ch.close(&mut ());
+    w.settle();
+    assert_eq!(w.nodes[0].stats().open[0], 0);
+    assert!(w.nodes[0].poll_timeout().is_none_or(|t| t > w.now));
 }
 
 #[test]
