@@ -13,7 +13,10 @@
 //!
 //! * [`Process::attach`] connects over TCP and authenticates (a
 //!   per-process token); [`Process::attach_stream`] does the same over any
-//!   connected [`ByteStream`] (a Unix socket, ...). A background reader
+//!   connected [`ByteStream`] (a Unix socket, ...), and
+//!   [`Process::attach_channel`] over any `fractos_transport::Channel`
+//!   (shared-memory rings, RDMA, test channels: [`ChannelStream`] is the
+//!   blocking adapter). A background reader
 //!   thread then routes each completion to the waiting operation, **serves
 //!   the controller's reads and writes of registered memory by itself**,
 //!   and queues invocations.
@@ -101,6 +104,7 @@
 #![forbid(unsafe_code)]
 
 mod caps;
+mod channel;
 mod error;
 mod invocation;
 mod local;
@@ -112,6 +116,7 @@ mod slot;
 mod asynk;
 
 pub use caps::{Cap, MemoryCap, RequestCap};
+pub use channel::{ChannelStream, FIRST_WAIT, LONGEST_WAIT};
 pub use error::{CapKindName, DisconnectReason, SdkError};
 pub use invocation::Invocation;
 pub use local::RingStream;

@@ -422,6 +422,24 @@ impl Process {
         })
     }
 
+    /// Attaches as `name` with `token` over any connected
+    /// [`fractos_transport::Channel`] (byte stream or messages), through the
+    /// blocking adapter [`crate::ChannelStream`]. Everything else is as in
+    /// [`Process::attach_stream`]. This is the entry point for channel
+    /// kinds other than TCP: implement `Channel` for the process's end, and
+    /// nothing in the SDK changes.
+    pub fn attach_channel<C>(
+        channel: C,
+        name: &str,
+        token: [u8; 32],
+        options: AttachOptions,
+    ) -> Result<Process, SdkError>
+    where
+        C: fractos_transport::Channel + Send + 'static,
+    {
+        Self::attach_stream(crate::ChannelStream::new(channel), name, token, options)
+    }
+
     fn shared(&self) -> &Arc<Shared> {
         &self.outer.shared
     }
