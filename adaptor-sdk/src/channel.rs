@@ -256,9 +256,13 @@ mod tests {
     use super::*;
     use fractos_transport::MemoryChannel;
 
-    fn frame(body: &[u8]) -> Vec<u8> {
-        let mut f = (body.len() as u32).to_le_bytes().to_vec();
-        f.extend_from_slice(body);
+    fn frame(name: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        fractos_wire::ProcessMsg::Unpublish {
+            op: 1,
+            name: name.to_vec(),
+        }
+        .encode(&mut f);
         f
     }
 

@@ -189,6 +189,29 @@ impl World {
         c
     }
 
+    /// Breaks `node`'s end of its (first) peer link, then settles.
+    fn break_link(&mut self, node: usize) {
+        let c = self.nodes[node]
+            .conns
+            .values_mut()
+            .find(|c| c.kind == ConnKind::Peer)
+            .expect("a peer link");
+        c.ch.abort(&mut ());
+        self.settle();
+    }
+
+    /// A process that attaches with a wrong token, after the node
+    /// answered it.
+    fn refused(&mut self, node: usize) -> Client {
+        let (mut c, _) = self.connect(node, ConnKind::Process);
+        c.send(&ProcessMsg::Attach {
+            name: b"bad".to_vec(),
+            token: [0; 32],
+        });
+        self.settle();
+        c
+    }
+
     fn op(
         &mut self,
         c: &mut Client,
@@ -242,12 +265,7 @@ fn processes_attach_and_a_wrong_token_is_refused() {
         rights: Rights::READ,
     }));
     assert_eq!(m, Handle(0));
-    let (mut bad, _) = w.connect(0, ConnKind::Process);
-    bad.send(&ProcessMsg::Attach {
-        name: b"bad".to_vec(),
-        token: [0; 32],
-    });
-    w.settle();
+    let mut bad = w.refused(0);
     assert!(bad.closed());
     assert!(matches!(
         bad.inbox.first(),
@@ -524,14 +542,7 @@ fn a_lost_link_is_redialled_with_backoff() {
     w.settle();
     assert_eq!(w.nodes[0].stats().dialled, 1);
     // Node 2's end of the link breaks.
-    let link = *w.nodes[1]
-        .conns
-        .iter()
-        .find(|(_, c)| c.kind == ConnKind::Peer)
-        .map(|(k, _)| k)
-        .unwrap();
-    w.nodes[1].conns.get_mut(&link).unwrap().ch.abort(&mut ());
-    w.settle();
+    w.break_link(1);
     assert_eq!(w.nodes[0].controller().stats().peers, 0);
     // Not at once: after the backoff.
     assert!(w.nodes[0].poll_dial(w.now).is_none());
@@ -595,14 +606,7 @@ fn traffic_of_closed_links_is_kept() {
     assert!(before.frames_in > 0 && before.frames_out > 0);
     // The link breaks and is redialled: what crossed the old link still
     // counts, under the same peer.
-    let link = *w.nodes[1]
-        .conns
-        .iter()
-        .find(|(_, c)| c.kind == ConnKind::Peer)
-        .map(|(k, _)| k)
-        .unwrap();
-    w.nodes[1].conns.get_mut(&link).unwrap().ch.abort(&mut ());
-    w.settle();
+    w.break_link(1);
     let closed = w.nodes[0].traffic().peers[&2];
     assert!(closed.frames_in >= before.frames_in && closed.bytes_out >= before.bytes_out);
     assert_eq!(w.nodes[0].traffic().peers.len(), 1);
@@ -633,12 +637,7 @@ fn traffic_of_closed_links_is_kept() {
 fn finished_connections_linger_then_are_reset() {
     let mut w = World::new(1);
     // Rejected, and the other side neither reads nor closes.
-    let (mut bad, _) = w.connect(0, ConnKind::Process);
-    bad.send(&ProcessMsg::Attach {
-        name: b"bad".to_vec(),
-        token: [0; 32],
-    });
-    w.settle();
+    let mut bad = w.refused(0);
     // The rejection is flushed and the channel half-closed, not reset...
     w.advance(Duration::from_secs(1));
     assert_eq!(w.nodes[0].stats().open[0], 1, "reaped before the linger");
@@ -651,12 +650,7 @@ fn finished_connections_linger_then_are_reset() {
         Err(TransportError::Reset)
     );
     // A client that reads and closes is reaped at once, well before.
-    let (mut polite, _) = w.connect(0, ConnKind::Process);
-    polite.send(&ProcessMsg::Attach {
-        name: b"bad".to_vec(),
-        token: [0; 32],
-    });
-    w.settle();
+    let mut polite = w.refused(0);
     assert!(polite.closed());
     assert!(matches!(
         polite.inbox.first(),
