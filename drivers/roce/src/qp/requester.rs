@@ -379,6 +379,9 @@ impl Requester {
                 self.rnr_until = Some(ctx.now.after(wait));
                 self.timer = None;
                 self.rewind(psn);
+                // Sequence NAKs for packets sent after the RNR'd one are
+                // part of this retry, not new ones.
+                self.retried_at = Some(self.una);
                 false
             }
             Syndrome::Nak(NakCode::SequenceError) => {
