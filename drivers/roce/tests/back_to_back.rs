@@ -29,6 +29,15 @@ fn post(pair: &mut Pair, side: Side, wr: SendWr) {
         .expect("post_send");
 }
 
+/// A send work request with one entry `[addr, addr + len)` of `lkey`.
+fn wr(wr_id: u64, op: SendOp, addr: u64, len: u32, lkey: u32) -> SendWr {
+    SendWr {
+        wr_id,
+        op,
+        sge: Sge { addr, len, lkey },
+    }
+}
+
 const LEN: u32 = 70_000; // 69 packets at 1 KiB, 18 at 4 KiB, not a multiple of any MTU
 
 #[test]
@@ -49,50 +58,18 @@ fn every_opcode_at_every_mtu() {
         pair.post_recv(Side::B, 1, 0x10000, LEN, lb);
         pair.post_recv(Side::B, 2, 0x30000, LEN + 100, lb);
         pair.post_recv(Side::B, 3, 0x60000, 16, lb);
+        post(&mut pair, Side::A, wr(10, SendOp::Send, 0, LEN, la));
         post(
             &mut pair,
             Side::A,
-            SendWr {
-                wr_id: 10,
-                op: SendOp::Send,
-                sge: Sge {
-                    addr: 0,
-                    len: LEN,
-                    lkey: la,
-                },
-            },
-        );
-        post(
-            &mut pair,
-            Side::A,
-            SendWr {
-                wr_id: 11,
-                op: SendOp::SendImm(0xDEAD),
-                sge: Sge {
-                    addr: 0,
-                    len: 1000,
-                    lkey: la,
-                },
-            },
+            wr(11, SendOp::SendImm(0xDEAD), 0, 1000, la),
         );
         // WRITE, WRITE with immediate (consumes receive 3), READ.
         let w = RemoteAddr {
             va: 0x80000,
             rkey: rb,
         };
-        post(
-            &mut pair,
-            Side::A,
-            SendWr {
-                wr_id: 12,
-                op: SendOp::Write(w),
-                sge: Sge {
-                    addr: 0,
-                    len: LEN,
-                    lkey: la,
-                },
-            },
-        );
+        post(&mut pair, Side::A, wr(12, SendOp::Write(w), 0, LEN, la));
         let wi = RemoteAddr {
             va: 0xA0000,
             rkey: rb,
@@ -100,15 +77,7 @@ fn every_opcode_at_every_mtu() {
         post(
             &mut pair,
             Side::A,
-            SendWr {
-                wr_id: 13,
-                op: SendOp::WriteImm(wi, 77),
-                sge: Sge {
-                    addr: 5,
-                    len: 333,
-                    lkey: la,
-                },
-            },
+            wr(13, SendOp::WriteImm(wi, 77), 5, 333, la),
         );
         let r = RemoteAddr {
             va: 0x40000,
@@ -117,56 +86,20 @@ fn every_opcode_at_every_mtu() {
         post(
             &mut pair,
             Side::A,
-            SendWr {
-                wr_id: 14,
-                op: SendOp::Read(r),
-                sge: Sge {
-                    addr: 0xC0000,
-                    len: LEN,
-                    lkey: la,
-                },
-            },
+            wr(14, SendOp::Read(r), 0xC0000, LEN, la),
         );
         // Zero-length SEND, WRITE and READ.
         pair.post_recv(Side::B, 4, 0x60000, 16, lb);
+        post(&mut pair, Side::A, wr(15, SendOp::Send, 0, 0, la));
         post(
             &mut pair,
             Side::A,
-            SendWr {
-                wr_id: 15,
-                op: SendOp::Send,
-                sge: Sge {
-                    addr: 0,
-                    len: 0,
-                    lkey: la,
-                },
-            },
+            wr(16, SendOp::Write(RemoteAddr { va: 0, rkey: 0 }), 0, 0, la),
         );
         post(
             &mut pair,
             Side::A,
-            SendWr {
-                wr_id: 16,
-                op: SendOp::Write(RemoteAddr { va: 0, rkey: 0 }),
-                sge: Sge {
-                    addr: 0,
-                    len: 0,
-                    lkey: la,
-                },
-            },
-        );
-        post(
-            &mut pair,
-            Side::A,
-            SendWr {
-                wr_id: 17,
-                op: SendOp::Read(RemoteAddr { va: 0, rkey: 0 }),
-                sge: Sge {
-                    addr: 0,
-                    len: 0,
-                    lkey: la,
-                },
-            },
+            wr(17, SendOp::Read(RemoteAddr { va: 0, rkey: 0 }), 0, 0, la),
         );
         assert!(pair.drive(100_000), "{mtu:?}: livelock");
 
@@ -232,48 +165,42 @@ fn large_messages_both_ways_and_psn_wrap() {
     post(
         &mut pair,
         Side::A,
-        SendWr {
-            wr_id: 1,
-            op: SendOp::Write(RemoteAddr { va: 0, rkey: rb }),
-            sge: Sge {
-                addr: 0,
-                len: len as u32,
-                lkey: la,
-            },
-        },
+        wr(
+            1,
+            SendOp::Write(RemoteAddr { va: 0, rkey: rb }),
+            0,
+            len as u32,
+            la,
+        ),
     );
     post(
         &mut pair,
         Side::B,
-        SendWr {
-            wr_id: 2,
-            op: SendOp::Write(RemoteAddr {
+        wr(
+            2,
+            SendOp::Write(RemoteAddr {
                 va: 4 << 20,
                 rkey: ra,
             }),
-            sge: Sge {
-                addr: 4 << 20,
-                len: len as u32,
-                lkey: lb,
-            },
-        },
+            4 << 20,
+            len as u32,
+            lb,
+        ),
     );
     // A READs back from B while both write.
     post(
         &mut pair,
         Side::A,
-        SendWr {
-            wr_id: 3,
-            op: SendOp::Read(RemoteAddr {
+        wr(
+            3,
+            SendOp::Read(RemoteAddr {
                 va: 4 << 20,
                 rkey: rb,
             }),
-            sge: Sge {
-                addr: 7 << 20,
-                len: 1 << 20,
-                lkey: la,
-            },
-        },
+            7 << 20,
+            1 << 20,
+            la,
+        ),
     );
     assert!(pair.drive(1_000_000));
     assert_eq!(
@@ -299,19 +226,7 @@ fn large_messages_both_ways_and_psn_wrap() {
 fn rnr_nak_then_receive_posted() {
     let (mut pair, keys) = Pair::new(PairConfig::default(), Faults::default(), 3);
     let (la, lb) = (keys.a.lkey, keys.b.lkey);
-    post(
-        &mut pair,
-        Side::A,
-        SendWr {
-            wr_id: 1,
-            op: SendOp::Send,
-            sge: Sge {
-                addr: 0,
-                len: 100,
-                lkey: la,
-            },
-        },
-    );
+    post(&mut pair, Side::A, wr(1, SendOp::Send, 0, 100, la));
     for _ in 0..50 {
         pair.step();
     }
@@ -339,32 +254,8 @@ fn rnr_retry_exceeded() {
         4,
     );
     let la = keys.a.lkey;
-    post(
-        &mut pair,
-        Side::A,
-        SendWr {
-            wr_id: 1,
-            op: SendOp::Send,
-            sge: Sge {
-                addr: 0,
-                len: 100,
-                lkey: la,
-            },
-        },
-    );
-    post(
-        &mut pair,
-        Side::A,
-        SendWr {
-            wr_id: 2,
-            op: SendOp::Send,
-            sge: Sge {
-                addr: 0,
-                len: 100,
-                lkey: la,
-            },
-        },
-    );
+    post(&mut pair, Side::A, wr(1, SendOp::Send, 0, 100, la));
+    post(&mut pair, Side::A, wr(2, SendOp::Send, 0, 100, la));
     assert!(pair.drive(10_000));
     let a = completions(&mut pair, Side::A);
     assert_eq!(
@@ -398,18 +289,16 @@ fn retry_exceeded_when_peer_is_gone() {
     post(
         &mut pair,
         Side::A,
-        SendWr {
-            wr_id: 1,
-            op: SendOp::Write(RemoteAddr {
+        wr(
+            1,
+            SendOp::Write(RemoteAddr {
                 va: 0,
                 rkey: keys.b.rkey,
             }),
-            sge: Sge {
-                addr: 0,
-                len: 5000,
-                lkey: la,
-            },
-        },
+            0,
+            5000,
+            la,
+        ),
     );
     assert!(pair.drive(10_000));
     let a = completions(&mut pair, Side::A);
@@ -438,19 +327,7 @@ fn arp_resolves_the_peer() {
         None
     );
     pair.post_recv(Side::B, 1, 0x1000, 64, keys.b.lkey);
-    post(
-        &mut pair,
-        Side::A,
-        SendWr {
-            wr_id: 1,
-            op: SendOp::Send,
-            sge: Sge {
-                addr: 0,
-                len: 64,
-                lkey: keys.a.lkey,
-            },
-        },
-    );
+    post(&mut pair, Side::A, wr(1, SendOp::Send, 0, 64, keys.a.lkey));
     assert!(pair.drive(10_000));
     assert_eq!(completions(&mut pair, Side::A)[0].status, WcStatus::Success);
     assert_eq!(
@@ -480,4 +357,91 @@ fn error_state_flushes_and_refuses() {
     let b = &mut pair.b;
     b.engine.modify_qp_reset(b.qpn).unwrap();
     assert_eq!(b.engine.qp_state(b.qpn), Some(QpState::Reset));
+}
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Frames seen by the taps below, per test (each test has its own).
+static GBN_SEEN: AtomicUsize = AtomicUsize::new(0);
+static READ_SEEN: AtomicUsize = AtomicUsize::new(0);
+static ACK_SEEN: AtomicUsize = AtomicUsize::new(0);
+
+#[test]
+fn lost_request_is_a_sequence_nak_and_go_back_n() {
+    let (mut pair, keys) = Pair::new(PairConfig::default(), Faults::default(), 11);
+    // Lose the third frame A sends, once.
+    pair.tap = Some(|to, _| !(to == Side::B && GBN_SEEN.fetch_add(1, Ordering::SeqCst) == 2));
+    fill(&mut pair, Side::A, 0, 20_000, 3);
+    let w = wr(
+        1,
+        SendOp::Write(RemoteAddr {
+            va: 0x10000,
+            rkey: keys.b.rkey,
+        }),
+        0,
+        20_000,
+        keys.a.lkey,
+    );
+    post(&mut pair, Side::A, w);
+    assert!(pair.drive(10_000));
+    assert_eq!(completions(&mut pair, Side::A)[0].status, WcStatus::Success);
+    assert!(same(&mut pair, 0, 0x10000, 20_000));
+    let (a, b) = (pair.a.engine.counters(), pair.b.engine.counters());
+    assert_eq!(b.nak_sent(fractos_roce::NakKind::SequenceError), 1);
+    assert_eq!(a.nak_received(fractos_roce::NakKind::SequenceError), 1);
+    assert_eq!(a.timeouts, 0, "recovered by the NAK, not by a timeout");
+    assert!(a.retransmits >= 1);
+    assert!(
+        b.dropped(fractos_roce::DropReason::OutOfSequence) >= 1,
+        "one NAK per gap: {b:?}"
+    );
+}
+
+#[test]
+fn lost_read_response_re_executes_the_read_from_the_gap() {
+    let (mut pair, keys) = Pair::new(PairConfig::default(), Faults::default(), 12);
+    // Lose the second frame B sends (a READ response in the middle), once.
+    pair.tap = Some(|to, _| !(to == Side::A && READ_SEEN.fetch_add(1, Ordering::SeqCst) == 1));
+    fill(&mut pair, Side::B, 0x20000, 10_000, 4);
+    let r = wr(
+        1,
+        SendOp::Read(RemoteAddr {
+            va: 0x20000,
+            rkey: keys.b.rkey,
+        }),
+        0x50000,
+        10_000,
+        keys.a.lkey,
+    );
+    post(&mut pair, Side::A, r);
+    assert!(pair.drive(10_000));
+    assert_eq!(completions(&mut pair, Side::A)[0].status, WcStatus::Success);
+    assert!(same(&mut pair, 0x50000, 0x20000, 10_000));
+    let (a, b) = (pair.a.engine.counters(), pair.b.engine.counters());
+    assert_eq!(
+        b.duplicates, 1,
+        "the re-issued READ is a duplicate, served again"
+    );
+    assert_eq!(a.timeouts, 0, "the gap in the responses triggers the retry");
+    assert_eq!(a.retransmits, 1, "one READ request for the rest");
+}
+
+#[test]
+fn lost_ack_makes_a_duplicate_that_is_re_acked_not_redelivered() {
+    let (mut pair, keys) = Pair::new(PairConfig::default(), Faults::default(), 13);
+    // Lose the first ACK B sends.
+    pair.tap = Some(|to, _| !(to == Side::A && ACK_SEEN.fetch_add(1, Ordering::SeqCst) == 0));
+    pair.post_recv(Side::B, 7, 0x1000, 100, keys.b.lkey);
+    pair.post_recv(Side::B, 8, 0x2000, 100, keys.b.lkey);
+    post(&mut pair, Side::A, wr(1, SendOp::Send, 0, 100, keys.a.lkey));
+    assert!(pair.drive(10_000));
+    assert_eq!(completions(&mut pair, Side::A)[0].status, WcStatus::Success);
+    let b = completions(&mut pair, Side::B);
+    assert_eq!(
+        b.iter().map(|c| c.wr_id).collect::<Vec<_>>(),
+        [7],
+        "delivered once"
+    );
+    assert_eq!(pair.a.engine.counters().timeouts, 1);
+    assert_eq!(pair.b.engine.counters().duplicates, 1);
 }

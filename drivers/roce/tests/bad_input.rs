@@ -695,3 +695,100 @@ fn remote_access_error_completes_the_requester() {
     assert_eq!(pair.states(), (Some(QpState::Error), Some(QpState::Error)));
     assert!(pair.b.mem.bytes[..3000].iter().all(|&b| b == 0));
 }
+
+#[test]
+fn acks_are_coalesced() {
+    let mut f = fixture();
+    let now = f.pair.now;
+    for psn in [EPSN, EPSN + 1] {
+        let p = send_only(&f, psn, &[1; 4]);
+        let b = &mut f.pair.b;
+        b.engine.receive(now, &p, &mut b.mem);
+    }
+    // Both arrive before B polls: one ACK, for the newer PSN (the empty
+    // frame only triggers the poll).
+    let out = feed(&mut f, &[]);
+    assert_eq!(
+        out,
+        [(
+            Opcode::Acknowledge,
+            EPSN + 1,
+            Some(Syndrome::Ack { credits: 0x1F })
+        )]
+    );
+    assert_eq!(f.pair.b.engine.counters().acks_sent, 1);
+}
+
+#[test]
+fn stray_responses_and_arp() {
+    let mut f = fixture();
+    // B has sent nothing: any ACK is stale.
+    let mut aeth = [0u8; 4];
+    Aeth {
+        syndrome: Syndrome::Ack { credits: 0x1F },
+        msn: 0,
+    }
+    .write(&mut aeth);
+    let qpn = f.pair.b.qpn;
+    let p = frame(
+        Side::A,
+        Side::B,
+        bth(Opcode::Acknowledge, qpn, 0xFF_FFF0),
+        &aeth,
+    );
+    expect_drop(&mut f, &p, DropReason::StaleResponse);
+    // A reserved AETH syndrome.
+    let p = frame(
+        Side::A,
+        Side::B,
+        bth(Opcode::Acknowledge, qpn, 0xFF_FFF0),
+        &[0x40, 0, 0, 0],
+    );
+    expect_drop(&mut f, &p, DropReason::BadResponse);
+    // ARP for someone else, and a malformed ARP.
+    let (a_mac, a_ip) = address(Side::A);
+    let arp = wire::Arp {
+        op: wire::ArpOp::Request,
+        sender_mac: a_mac,
+        sender_ip: a_ip,
+        target_mac: wire::MacAddr::default(),
+        target_ip: std::net::Ipv4Addr::new(10, 0, 0, 99),
+    };
+    let mut buf = [0u8; 64];
+    let n = wire::emit_arp(&mut buf, a_mac, &arp).unwrap();
+    expect_drop(&mut f, &buf[..n], DropReason::ArpNotForUs);
+    let arp = wire::Arp {
+        target_ip: address(Side::B).1,
+        ..arp
+    };
+    let n = wire::emit_arp(&mut buf, a_mac, &arp).unwrap();
+    let mut bad = buf[..n].to_vec();
+    bad[14 + 4] = 5;
+    expect_drop(&mut f, &bad, DropReason::ArpMalformed);
+    // A request for B's address is answered.
+    f.pair
+        .b
+        .engine
+        .receive(f.pair.now, &buf[..n], &mut f.pair.b.mem);
+    let mut out = vec![0u8; FRAME_BUF];
+    let b = &mut f.pair.b;
+    let len = b
+        .engine
+        .poll_transmit(f.pair.now, &mut out, &mut b.mem)
+        .unwrap();
+    let reply = wire::parse_frame(
+        &out[..len],
+        &LocalAddr {
+            mac: a_mac,
+            ip: a_ip,
+        },
+    )
+    .unwrap();
+    let Frame::Arp(reply) = reply else {
+        panic!("{reply:?}")
+    };
+    assert_eq!(
+        (reply.op, reply.sender_mac, reply.sender_ip),
+        (wire::ArpOp::Reply, address(Side::B).0, address(Side::B).1)
+    );
+}
