@@ -1,13 +1,14 @@
-//! Property tests over a wire that loses, duplicates and reorders frames:
-//! every message is delivered exactly once, in order, with the right
-//! bytes — or the QP goes to ERROR with an error completion, and every
-//! work request still completes exactly once.
+//! Property tests over a wire that loses, duplicates and reorders frames,
+//! with traffic in both directions at once: every message is delivered
+//! exactly once, in order, with the right bytes — or the QP goes to ERROR
+//! with an error completion, and every work request still completes
+//! exactly once.
 
 use std::time::Duration;
 
 use fractos_roce::testing::{Faults, Pair, PairConfig, Side};
 use fractos_roce::{
-    Mtu, QpState, RemoteAddr, SendOp, SendWr, Sge, WcOpcode, WcStatus, WorkCompletion,
+    MrKeys, Mtu, QpState, RemoteAddr, SendOp, SendWr, Sge, WcOpcode, WcStatus, WorkCompletion,
 };
 use proptest::prelude::*;
 
@@ -30,8 +31,13 @@ fn kind() -> impl Strategy<Value = Kind> {
     ]
 }
 
+type Msgs = [(Kind, usize)];
+
 const SLOT: u64 = 16 << 10;
+/// Where READ sources and destinations live.
 const READ_BASE: u64 = 1 << 20;
+/// Offset of the B → A direction's slots.
+const BA_BASE: u64 = 256 << 10;
 
 fn pattern(i: usize, len: usize, salt: u8) -> Vec<u8> {
     (0..len)
@@ -49,115 +55,121 @@ fn drain(pair: &mut Pair, side: Side) -> Vec<WorkCompletion> {
     std::iter::from_fn(|| n.engine.poll_cq(n.cq)).collect()
 }
 
-fn run(mtu: Mtu, faults: Faults, seed: u64, msgs: &[(Kind, usize)]) -> Result<(), TestCaseError> {
-    let cfg = PairConfig {
-        mtu,
-        mem: 2 << 20,
-        depth: 64,
-        ..PairConfig::default()
-    };
-    let (mut pair, keys) = Pair::new(cfg, faults, seed);
+fn other(side: Side) -> Side {
+    match side {
+        Side::A => Side::B,
+        Side::B => Side::A,
+    }
+}
+
+fn base(from: Side) -> u64 {
+    match from {
+        Side::A => 0,
+        Side::B => BA_BASE,
+    }
+}
+
+/// Posts `msgs` from `from` (and the receives they need at the peer).
+fn post_all(pair: &mut Pair, from: Side, msgs: &Msgs, keys: (MrKeys, MrKeys)) {
+    let (mine, theirs) = keys;
+    let to = other(from);
     for (i, &(k, len)) in msgs.iter().enumerate() {
-        let src = pattern(i, len, 1);
-        let off = i as u64 * SLOT;
-        pair.a.mem.bytes[off as usize..off as usize + len].copy_from_slice(&src);
-        let rsrc = pattern(i, len, 2);
-        let roff = (READ_BASE + off) as usize;
-        pair.b.mem.bytes[roff..roff + len].copy_from_slice(&rsrc);
+        let off = base(from) + i as u64 * SLOT;
+        let (o, r) = (off as usize, (READ_BASE + off) as usize);
+        pair.node(from).mem.bytes[o..o + len].copy_from_slice(&pattern(i, len, 1));
+        pair.node(to).mem.bytes[r..r + len].copy_from_slice(&pattern(i, len, 2));
         if matches!(k, Kind::Send | Kind::SendImm | Kind::WriteImm) {
-            pair.post_recv(Side::B, i as u64, off, SLOT as u32, keys.b.lkey);
+            pair.post_recv(to, i as u64, off, SLOT as u32, theirs.lkey);
         }
         let remote = RemoteAddr {
             va: off,
-            rkey: keys.b.rkey,
+            rkey: theirs.rkey,
         };
-        let op = match k {
-            Kind::Send => SendOp::Send,
-            Kind::SendImm => SendOp::SendImm(i as u32),
-            Kind::Write => SendOp::Write(remote),
-            Kind::WriteImm => SendOp::WriteImm(remote, i as u32),
-            Kind::Read => SendOp::Read(RemoteAddr {
-                va: READ_BASE + off,
-                rkey: keys.b.rkey,
-            }),
+        let (op, addr) = match k {
+            Kind::Send => (SendOp::Send, off),
+            Kind::SendImm => (SendOp::SendImm(i as u32), off),
+            Kind::Write => (SendOp::Write(remote), off),
+            Kind::WriteImm => (SendOp::WriteImm(remote, i as u32), off),
+            Kind::Read => (
+                SendOp::Read(RemoteAddr {
+                    va: READ_BASE + off,
+                    rkey: theirs.rkey,
+                }),
+                READ_BASE + off,
+            ),
         };
-        let sge = if matches!(k, Kind::Read) {
-            Sge {
-                addr: READ_BASE + off,
-                len: len as u32,
-                lkey: keys.a.lkey,
-            }
-        } else {
-            Sge {
-                addr: off,
-                len: len as u32,
-                lkey: keys.a.lkey,
-            }
+        let sge = Sge {
+            addr,
+            len: len as u32,
+            lkey: mine.lkey,
         };
-        let a = &mut pair.a;
-        a.engine
+        let n = pair.node(from);
+        n.engine
             .post_send(
-                a.qpn,
+                n.qpn,
                 SendWr {
                     wr_id: i as u64,
                     op,
                     sge,
                 },
-                &mut a.mem,
+                &mut n.mem,
             )
             .unwrap();
     }
-    prop_assert!(pair.drive(2_000_000), "livelock");
-    if std::env::var_os("ROCE_TRACE").is_some() {
-        eprintln!(
-            "{:?} {:?} frames={} a={:?} b={:?}",
-            faults,
-            pair.states(),
-            pair.frames,
-            pair.a.engine.counters(),
-            pair.b.engine.counters()
-        );
-    }
-    let a = drain(&mut pair, Side::A);
-    let b = drain(&mut pair, Side::B);
+}
+
+fn is_recv(c: &WorkCompletion) -> bool {
+    matches!(c.opcode, WcOpcode::Recv | WcOpcode::RecvRdmaWithImm)
+}
+
+/// Checks one direction: `sends` are `from`'s send completions, `recvs` the
+/// peer's receive completions. Returns whether `from`'s QP failed.
+fn check(
+    pair: &mut Pair,
+    from: Side,
+    msgs: &Msgs,
+    sends: &[WorkCompletion],
+    recvs: &[WorkCompletion],
+) -> Result<bool, TestCaseError> {
+    let to = other(from);
     // Every send WR completes exactly once, in order.
     prop_assert_eq!(
-        a.iter().map(|c| c.wr_id).collect::<Vec<_>>(),
+        sends.iter().map(|c| c.wr_id).collect::<Vec<_>>(),
         (0..msgs.len() as u64).collect::<Vec<_>>()
     );
-    let ok = a
+    let ok = sends
         .iter()
         .take_while(|c| c.status == WcStatus::Success)
         .count();
-    if ok < a.len() {
+    let failed = ok < sends.len();
+    if failed {
         prop_assert!(
             matches!(
-                a[ok].status,
+                sends[ok].status,
                 WcStatus::RetryExceeded | WcStatus::RnrRetryExceeded
             ),
             "unexpected error {:?}",
-            a[ok]
+            sends[ok]
         );
-        prop_assert!(a[ok + 1..].iter().all(|c| c.status == WcStatus::WrFlush));
-        prop_assert_eq!(pair.states().0, Some(QpState::Error));
-    } else {
-        prop_assert_eq!(pair.states(), (Some(QpState::Rts), Some(QpState::Rts)));
+        prop_assert!(sends[ok + 1..]
+            .iter()
+            .all(|c| c.status == WcStatus::WrFlush));
     }
-    prop_assert_ne!(
-        pair.states().1,
-        Some(QpState::Error),
-        "an honest requester never breaks the responder"
-    );
-    // Completed messages landed exactly, and receives matched them in order.
-    let mut recv = b.iter().filter(|c| c.status == WcStatus::Success);
+    let mut recv = recvs.iter().filter(|c| c.status == WcStatus::Success);
     for (i, &(k, len)) in msgs.iter().enumerate().take(ok) {
-        let off = (i as u64 * SLOT) as usize;
+        let off = (base(from) + i as u64 * SLOT) as usize;
         match k {
             Kind::Read => {
                 let at = READ_BASE as usize + off;
-                prop_assert_eq!(&pair.a.mem.bytes[at..at + len], &pattern(i, len, 2)[..]);
+                prop_assert_eq!(
+                    &pair.node(from).mem.bytes[at..at + len],
+                    &pattern(i, len, 2)[..]
+                );
             }
-            _ => prop_assert_eq!(&pair.b.mem.bytes[off..off + len], &pattern(i, len, 1)[..]),
+            _ => prop_assert_eq!(
+                &pair.node(to).mem.bytes[off..off + len],
+                &pattern(i, len, 1)[..]
+            ),
         }
         if matches!(k, Kind::Send | Kind::SendImm | Kind::WriteImm) {
             let wc = recv.next();
@@ -173,10 +185,60 @@ fn run(mtu: Mtu, faults: Faults, seed: u64, msgs: &[(Kind, usize)]) -> Result<()
             prop_assert_eq!((wc.imm, wc.opcode), (imm, opcode));
         }
     }
-    if ok == a.len() {
+    if !failed {
         prop_assert!(recv.next().is_none(), "a message was delivered twice");
     }
+    Ok(failed)
+}
+
+fn run(mtu: Mtu, faults: Faults, seed: u64, ab: &Msgs, ba: &Msgs) -> Result<(), TestCaseError> {
+    let cfg = PairConfig {
+        mtu,
+        mem: 2 << 20,
+        depth: 64,
+        ..PairConfig::default()
+    };
+    let (mut pair, keys) = Pair::new(cfg, faults, seed);
+    post_all(&mut pair, Side::A, ab, (keys.a, keys.b));
+    post_all(&mut pair, Side::B, ba, (keys.b, keys.a));
+    prop_assert!(pair.drive(2_000_000), "livelock");
+    if std::env::var_os("ROCE_TRACE").is_some() {
+        eprintln!(
+            "{:?} {:?} frames={} a={:?} b={:?}",
+            faults,
+            pair.states(),
+            pair.frames,
+            pair.a.engine.counters(),
+            pair.b.engine.counters()
+        );
+    }
+    let (a, b) = (drain(&mut pair, Side::A), drain(&mut pair, Side::B));
+    let split = |v: &[WorkCompletion]| -> (Vec<WorkCompletion>, Vec<WorkCompletion>) {
+        v.iter().partition(|c| !is_recv(c))
+    };
+    let ((a_sends, a_recvs), (b_sends, b_recvs)) = (split(&a), split(&b));
+    let a_failed = check(&mut pair, Side::A, ab, &a_sends, &b_recvs)?;
+    let b_failed = check(&mut pair, Side::B, ba, &b_sends, &a_recvs)?;
+    let (sa, sb) = pair.states();
+    // A QP with an error completion is in ERROR; a QP in ERROR reported it
+    // with an error completion, unless it had no work request to report on
+    // (it then failed because its peer gave up on it).
+    for (state, failed, sends) in [(sa, a_failed, &a_sends), (sb, b_failed, &b_sends)] {
+        if failed {
+            prop_assert_eq!(state, Some(QpState::Error));
+        }
+        if state == Some(QpState::Error) {
+            prop_assert!(failed || sends.is_empty());
+        }
+    }
+    if !faults_possible(&faults) {
+        prop_assert_eq!((sa, sb), (Some(QpState::Rts), Some(QpState::Rts)));
+    }
     Ok(())
+}
+
+fn faults_possible(f: &Faults) -> bool {
+    f.loss > 0 || f.duplicate > 0 || f.reorder > 0
 }
 
 fn faults() -> impl Strategy<Value = Faults> {
@@ -190,6 +252,10 @@ fn faults() -> impl Strategy<Value = Faults> {
     })
 }
 
+fn msgs() -> impl Strategy<Value = Vec<(Kind, usize)>> {
+    prop::collection::vec((kind(), 0usize..12_000), 0..12)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
 
@@ -198,22 +264,24 @@ proptest! {
         mtu in prop::sample::select(Mtu::ALL.to_vec()),
         faults in faults(),
         seed in any::<u64>(),
-        msgs in prop::collection::vec((kind(), 0usize..12_000), 1..12),
+        ab in msgs(),
+        ba in msgs(),
     ) {
-        run(mtu, faults, seed, &msgs)?;
+        run(mtu, faults, seed, &ab, &ba)?;
     }
 
     #[test]
     fn clean_wire_always_succeeds(
         mtu in prop::sample::select(Mtu::ALL.to_vec()),
         seed in any::<u64>(),
-        msgs in prop::collection::vec((kind(), 0usize..12_000), 1..12),
+        ab in msgs(),
+        ba in msgs(),
     ) {
-        run(mtu, Faults::default(), seed, &msgs)?;
+        run(mtu, Faults::default(), seed, &ab, &ba)?;
     }
 }
 
-/// A very lossy wire: the QP either finishes everything or fails cleanly.
+/// A very lossy wire: the QPs either finish everything or fail cleanly.
 #[test]
 fn heavy_loss_fails_cleanly_or_finishes() {
     for seed in 0..20 {
@@ -223,12 +291,8 @@ fn heavy_loss_fails_cleanly_or_finishes() {
             reorder: 300,
             jitter: Duration::from_micros(500),
         };
-        run(
-            Mtu::Mtu1024,
-            faults,
-            seed,
-            &[(Kind::Write, 9000), (Kind::Read, 9000), (Kind::Send, 5000)],
-        )
-        .unwrap();
+        let ab = [(Kind::Write, 9000), (Kind::Read, 9000), (Kind::Send, 5000)];
+        let ba = [(Kind::SendImm, 7000), (Kind::Read, 3000)];
+        run(Mtu::Mtu1024, faults, seed, &ab, &ba).unwrap();
     }
 }

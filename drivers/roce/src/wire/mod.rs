@@ -36,6 +36,8 @@ pub const ETHERTYPE_ARP: u16 = 0x0806;
 /// Bytes of framing around a payload with no extension headers: Ethernet,
 /// IPv4, UDP, BTH and ICRC.
 pub const ROCE_FRAMING: usize = ETH_HDR_LEN + IPV4_HDR_LEN + UDP_HDR_LEN + BTH_LEN + ICRC_LEN;
+/// The shortest Ethernet frame without its FCS (shorter ones are padded).
+pub const MIN_FRAME_LEN: usize = 60;
 /// The TTL of emitted packets.
 pub const TTL: u8 = 64;
 
@@ -452,11 +454,13 @@ pub fn emit_roce<E>(
     Ok(Some(len))
 }
 
-/// Writes an ARP frame into `buf`; `None` if `buf` is too small. Requests
-/// go to the broadcast MAC, replies to `arp.target_mac`.
+/// Writes an ARP frame into `buf`, zero-padded to the Ethernet minimum of
+/// [`MIN_FRAME_LEN`] bytes; `None` if `buf` is too small. Requests go to
+/// the broadcast MAC, replies to `arp.target_mac`.
 pub fn emit_arp(buf: &mut [u8], src_mac: MacAddr, arp: &Arp) -> Option<usize> {
-    let len = ETH_HDR_LEN + ARP_LEN;
+    let len = MIN_FRAME_LEN;
     let frame = buf.get_mut(..len)?;
+    frame[ETH_HDR_LEN + ARP_LEN..].fill(0);
     let dst = match arp.op {
         ArpOp::Request => MacAddr::BROADCAST,
         ArpOp::Reply => arp.target_mac,
