@@ -19,4 +19,5 @@ pub mod fw_cfg;
 pub mod pci;
 pub mod secret;
 pub mod service;
+pub mod shm;
 pub mod storage;

@@ -23,6 +23,7 @@ use fractos_kernel::fw_cfg::FwCfgError;
 use fractos_kernel::pci;
 use fractos_kernel::secret::{self, KeyError, KeySource, Redacted, KEY_FILE_MAX};
 use fractos_kernel::service::{PeerAddr, Service, ServiceConfig};
+use fractos_kernel::shm::{BarMemory, SlotPool};
 use fractos_kernel::storage::StorageProcess;
 use fractos_loader::{BootInfo, IdentityMapped, PhysMem};
 use fractos_wire::NodeId;
@@ -102,9 +103,13 @@ fn serve(mut devices: Devices, idle_poll: bool) -> ! {
     let mut next_report = time::now_ns() + REPORT_INTERVAL_NS;
     let mut busy_at = time::now_ns();
     let mut next_heap = 0;
+    let slots = &mut devices.slots;
     loop {
         let now = time::now_ns();
-        if service.poll(now, &mut nics) {
+        let attached = slots.poll(now, |ch| {
+            service.add_process_channel(now, ch);
+        });
+        if service.poll(now, &mut nics) | attached {
             busy_at = now;
         } else if !idle_poll && now.saturating_sub(busy_at) > IDLE_SPIN_NS {
             idle::halt_until_tick();
@@ -123,7 +128,7 @@ fn serve(mut devices: Devices, idle_poll: bool) -> ! {
             next_report = now + REPORT_INTERVAL_NS;
             let s = service.stats();
             let c = service.controller().stats();
-            debug!("controller: {s:?} {c:?}");
+            debug!("controller: {s:?} {c:?} {:?}", slots.stats());
         }
     }
 }
@@ -280,6 +285,8 @@ struct Devices {
     nvme: Vec<nvme::Disk>,
     net: Vec<net::Net>,
     service: Option<Service>,
+    /// Shared-memory slots (ivshmem devices), polled with the NICs.
+    slots: SlotPool<BarMemory>,
     config: Config,
 }
 
@@ -343,6 +350,7 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
 
     let mut nvme = nvme::bring_up(&devices, config.test == Some(TestHook::Nvme))?;
     let mut net = net::bring_up(&devices, &mmio, config);
+    let slots = bring_up_slots(&devices, &seed);
     let service = match service_config(config, &key, &seed, net.len()) {
         Ok(c) => {
             let members: Vec<u32> = c.node.core.members.iter().map(|n| n.0).collect();
@@ -393,8 +401,34 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
         nvme,
         net,
         service,
+        slots,
         config: config.clone(),
     })
+}
+
+/// Takes over every `ivshmem-plain` device's BAR2 as a shared-memory
+/// slot (mapped by `paging::init` with the other BARs).
+fn bring_up_slots(devices: &[pci::PciFunction], seed: &[u8; 32]) -> SlotPool<BarMemory> {
+    let mut pool = SlotPool::new(entropy::derive(seed, "slot-nonces"));
+    for (f, addr, size) in fractos_kernel::shm::ivshmem_windows(devices) {
+        let a = f.address;
+        let name = alloc::format!("{:02x}:{:02x}.{}", a.bus(), a.device(), a.function());
+        let Ok(len) = usize::try_from(size) else {
+            continue;
+        };
+        // SAFETY: enabling memory decoding of an ivshmem device: it does
+        // no DMA (it has no DMA engine), so bus mastering grants nothing.
+        unsafe { pci::enable_memory_and_bus_master(&pio::PortConfigAccess, a) };
+        // SAFETY: `paging::init` identity-mapped every assigned memory BAR,
+        // this one included; it is device memory (RAM shared with the host
+        // file), never part of the heap or of any Rust object, and the
+        // devices live as long as the kernel. PCI BARs are aligned to
+        // their size (at least 4 KiB).
+        let mem = unsafe { BarMemory::new(addr as *mut u8, len) };
+        info!("shm: slot {name}: {} KiB at {addr:#x}", size / 1024);
+        pool.add(&name, mem, time::now_ns());
+    }
+    pool
 }
 
 fn log_memory_map(boot: &BootInfo) {

@@ -311,6 +311,12 @@ impl Service {
         ChannelId(id.0)
     }
 
+    /// Connects a process that reached the appliance over a channel of its
+    /// own (a shared-memory slot); it attaches like any other process.
+    pub fn add_process_channel(&mut self, now_ns: u64, ch: Box<dyn Channel<Sockets>>) -> ConnId {
+        self.node.add(Instant(now_ns), ConnKind::Process, ch)
+    }
+
     /// Runs the node driver and the in-kernel processes until neither
     /// moves (in-kernel processes answer synchronously), bounded.
     fn run_node(&mut self, now_ns: u64) -> bool {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use std::net::{Ipv4Addr, SocketAddr};
 
 use crate::node::{
-    write_private_file, Accel, Appliance, Boot, FwCfgFile, L2Segment, NodeSpec, NvmeDisk,
+    write_private_file, Accel, Appliance, Boot, FwCfgFile, L2Segment, NodeSpec, NvmeDisk, ShmSlot,
 };
 use crate::{QemuError, READY_MARKER};
 
@@ -60,7 +60,18 @@ pub struct ControllerSetup {
     pub host_ports: Vec<(u16, u16)>,
     /// The peer network.
     pub l2: L2Segment,
+    /// Shared-memory slots per node (0: none), each
+    /// [`ControllerSetup::shm_slot_mib`] MiB, backed by
+    /// [`ControllerSetup::slot_path`].
+    pub shm_slots: u32,
+    /// Size of each slot in MiB (a power of two).
+    pub shm_slot_mib: u64,
+    /// Makes this cluster's slot file names unique on the host.
+    pub shm_tag: String,
 }
+
+/// Default size of a shared-memory slot in MiB.
+pub const SHM_SLOT_MIB: u64 = 32;
 
 impl std::fmt::Debug for ControllerSetup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -68,6 +79,7 @@ impl std::fmt::Debug for ControllerSetup {
             .field("key", &"<redacted>")
             .field("host_ports", &self.host_ports)
             .field("l2", &self.l2)
+            .field("shm_slots", &self.shm_slots)
             .finish()
     }
 }
@@ -111,7 +123,28 @@ impl ControllerSetup {
             key,
             host_ports: ports.chunks(2).map(|p| (p[0], p[1])).collect(),
             l2: L2Segment::pick()?,
+            shm_slots: 0,
+            shm_slot_mib: SHM_SLOT_MIB,
+            shm_tag: format!(
+                "{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() % 1_000_000_000_000)
+            ),
         })
+    }
+
+    /// The backing file of node `i`'s slot `j`:
+    /// `/dev/shm/fractos-<tag>-node<i>-slot<j>` (mode 0600, one per slot,
+    /// so a process can open only the slots it is given).
+    pub fn slot_path(&self, i: u32, j: u32) -> PathBuf {
+        PathBuf::from(format!("/dev/shm/fractos-{}-node{i}-slot{j}", self.shm_tag))
+    }
+
+    /// Node `i`'s slot files, in device order.
+    pub fn slot_paths(&self, i: u32) -> Vec<PathBuf> {
+        (0..self.shm_slots).map(|j| self.slot_path(i, j)).collect()
     }
 
     /// Where host processes attach to node `i`.
@@ -229,6 +262,16 @@ impl ClusterSpec {
                 .map(|(j, &size_mib)| NvmeDisk {
                     path: dir.join(format!("node{i}-nvme{j}.img")),
                     size_mib,
+                })
+                .collect(),
+            shm_slots: self
+                .controller
+                .iter()
+                .flat_map(|c| {
+                    c.slot_paths(i).into_iter().map(|path| ShmSlot {
+                        path,
+                        size_mib: c.shm_slot_mib,
+                    })
                 })
                 .collect(),
             accel: self.accel,

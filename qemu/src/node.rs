@@ -87,6 +87,19 @@ pub struct NvmeDisk {
     pub size_mib: u64,
 }
 
+/// A shared-memory slot: an `ivshmem-plain` device whose BAR2 is the host
+/// file `path` (QEMU `memory-backend-file,share=on`). A process on the
+/// host maps the same file to attach through the slot (see
+/// `fractos_transport::slot`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShmSlot {
+    /// Backing file, normally under `/dev/shm`; created mode 0600 (and
+    /// replaced if it exists) at launch, removed when the VM is dropped.
+    pub path: PathBuf,
+    /// Size in MiB (ivshmem wants a power of two).
+    pub size_mib: u64,
+}
+
 /// A VM-to-VM Ethernet segment: QEMU's `socket` netdev on a UDP multicast
 /// group over the host's loopback. Every NIC joined to the same group and
 /// port sees every frame the others send, like a hub; nothing leaves the
@@ -173,6 +186,8 @@ pub struct NodeSpec {
     pub hostfwd: Vec<(u16, u16)>,
     /// NVMe disks.
     pub nvme: Vec<NvmeDisk>,
+    /// Shared-memory slots (`ivshmem-plain` devices), one file each.
+    pub shm_slots: Vec<ShmSlot>,
     /// A further NIC on this VM-to-VM segment (after the user-mode ones),
     /// if any.
     pub l2: Option<L2Segment>,
@@ -203,6 +218,7 @@ impl NodeSpec {
             nics: 0,
             hostfwd: Vec::new(),
             nvme: Vec::new(),
+            shm_slots: Vec::new(),
             l2: None,
             accel: Accel::Tcg,
             serial_log: serial_log.to_path_buf(),
@@ -323,6 +339,18 @@ impl NodeSpec {
                 format!("nvme,serial=fractos{}n{i},drive=nvme{i}", self.index),
             ]);
         }
+        for (i, slot) in self.shm_slots.iter().enumerate() {
+            a.extend([
+                "-object".into(),
+                format!(
+                    "memory-backend-file,id=shm{i},share=on,mem-path={},size={}M",
+                    slot.path.display(),
+                    slot.size_mib
+                ),
+                "-device".into(),
+                format!("ivshmem-plain,memdev=shm{i}"),
+            ]);
+        }
         a
     }
 }
@@ -367,6 +395,7 @@ impl Appliance {
         let mut paths: Vec<&Path> = vec![&spec.serial_log];
         paths.extend(spec.pidfile.as_deref());
         paths.extend(spec.nvme.iter().map(|d| d.path.as_path()));
+        paths.extend(spec.shm_slots.iter().map(|d| d.path.as_path()));
         paths.extend(spec.fw_cfg.iter().map(|f| f.path.as_path()));
         if let Some(f) = spec.fw_cfg.iter().find(|f| f.name.contains(',')) {
             return Err(QemuError::Config(format!(
@@ -409,6 +438,9 @@ impl Appliance {
                 f.set_len(d.size_mib << 20)
                     .map_err(QemuError::io("sizing", &d.path))?;
             }
+        }
+        for slot in &spec.shm_slots {
+            create_slot_file(slot)?;
         }
         if let Some(dir) = spec.serial_log.parent() {
             fs::create_dir_all(dir).map_err(QemuError::io("creating", dir))?;
@@ -623,7 +655,30 @@ impl Appliance {
 impl Drop for Appliance {
     fn drop(&mut self) {
         self.kill();
+        if self.spec.die_with_parent {
+            for slot in &self.spec.shm_slots {
+                let _ = fs::remove_file(&slot.path);
+            }
+        }
     }
+}
+
+/// Creates a slot's backing file, mode 0600 from its creation (an old
+/// one is replaced), at its full size (sparse).
+fn create_slot_file(slot: &ShmSlot) -> Result<(), QemuError> {
+    if !slot.size_mib.is_power_of_two() {
+        return Err(QemuError::Config(format!(
+            "shared-memory slot size {} MiB is not a power of two (ivshmem needs one)",
+            slot.size_mib
+        )));
+    }
+    write_private_file(&slot.path, b"")?;
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .open(&slot.path)
+        .map_err(QemuError::io("opening", &slot.path))?;
+    f.set_len(slot.size_mib << 20)
+        .map_err(QemuError::io("sizing", &slot.path))
 }
 
 #[cfg(test)]
@@ -646,7 +701,15 @@ mod tests {
             path: "/tmp/d.img".into(),
             size_mib: 8,
         });
+        s.shm_slots.push(ShmSlot {
+            path: "/dev/shm/x-slot0".into(),
+            size_mib: 16,
+        });
         let a = s.args().join(" ");
+        assert!(
+            a.contains("-object memory-backend-file,id=shm0,share=on,mem-path=/dev/shm/x-slot0,size=16M -device ivshmem-plain,memdev=shm0"),
+            "{a}"
+        );
         assert!(a.contains("-m 256M"), "{a}");
         assert!(a.contains("-kernel /k -append fractos.node=1"), "{a}");
         assert!(

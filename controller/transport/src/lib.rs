@@ -19,6 +19,7 @@ mod frames;
 mod memory;
 pub mod ring;
 mod ring_channel;
+pub mod slot;
 
 pub use frames::{FrameError, FrameReader};
 pub use memory::MemoryChannel;

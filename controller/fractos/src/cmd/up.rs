@@ -53,6 +53,14 @@ pub struct UpArgs {
     /// File holding the cluster key as 64 hex digits.
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// Give every appliance N shared-memory slots (ivshmem devices backed by
+    /// mode-0600 files under /dev/shm, listed in cluster.json): local
+    /// processes attach through one with `Process::attach_slot`.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub shm_slots: u32,
+    /// Size of each shared-memory slot in MiB (a power of two).
+    #[arg(long, default_value_t = cluster::SHM_SLOT_MIB, value_name = "MIB")]
+    pub shm_slot_mib: u64,
     /// Boot the appliances without their controller service (bare kernels).
     #[arg(long)]
     pub no_controller: bool,
@@ -86,8 +94,14 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
             )?,
             (None, None) => random_key()?,
         };
-        Some(ControllerSetup::new(a.nodes, key)?)
+        let mut setup = ControllerSetup::new(a.nodes, key)?;
+        setup.shm_slots = a.shm_slots;
+        setup.shm_slot_mib = a.shm_slot_mib;
+        Some(setup)
     };
+    if a.no_controller && a.shm_slots > 0 {
+        anyhow::bail!("--shm-slots needs the controller service (drop --no-controller)");
+    }
     let spec = ClusterSpec {
         nodes: a.nodes,
         kernel,
@@ -126,7 +140,11 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
             .map(|i| {
                 let (p, m) = (c.process_addr(i).expect("node"), c.metrics_addr(i).expect("node"));
                 eprintln!("node{i}: processes attach to {p}, metrics at http://{m}/metrics");
-                serde_json::json!({"node": i, "process_addr": p.to_string(), "metrics_addr": m.to_string()})
+                let slots = c.slot_paths(i);
+                for s in &slots {
+                    eprintln!("node{i}: shared-memory slot {}", s.display());
+                }
+                serde_json::json!({"node": i, "process_addr": p.to_string(), "metrics_addr": m.to_string(), "shm_slots": slots})
             })
             .collect();
         // The key stays in its own mode-0600 file (written by
