@@ -94,6 +94,16 @@ pub enum SdkError {
         /// The controller's reason.
         reason: String,
     },
+    /// Attaching through an appliance's shared-memory slot failed (not a
+    /// slot, in use, refused, stale nonce).
+    #[error("shared-memory slot {path}: {source}")]
+    Slot {
+        /// The slot file.
+        path: String,
+        /// Why.
+        #[source]
+        source: fractos_transport::slot::SlotError,
+    },
     /// An invocation's capability is not of the expected kind.
     #[error("capability #{index} of the invocation is {found}, expected {expected}")]
     UnexpectedCap {

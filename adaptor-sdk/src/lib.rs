@@ -110,6 +110,7 @@ mod invocation;
 mod local;
 mod memory;
 mod process;
+mod shm_slot;
 mod slot;
 
 #[cfg(feature = "tokio")]

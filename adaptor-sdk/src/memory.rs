@@ -108,6 +108,15 @@ pub(crate) trait Registrar: Send + Sync {
     fn unregister(&self, region: &Region);
 }
 
+/// Chooses where new regions live when the memory is provided (a
+/// shared-memory slot's memory area): each region's backing and its
+/// registered address. Addresses handed out must never overlap nor be
+/// reused.
+pub(crate) trait Carver: Send + Sync {
+    /// A backing of `len` bytes and the address it is registered at.
+    fn carve(&self, len: u64) -> Result<(Backing, u64), SdkError>;
+}
+
 struct RegionInner {
     space: u64,
     addr: u64,
@@ -303,6 +312,7 @@ struct SpaceState {
     next: u64,
     regions: BTreeMap<u64, Region>,
     registrar: Option<Arc<dyn Registrar>>,
+    carver: Option<Arc<dyn Carver>>,
 }
 
 impl Default for MemorySpace {
@@ -322,6 +332,7 @@ impl MemorySpace {
                     next: BASE,
                     regions: BTreeMap::new(),
                     registrar: None,
+                    carver: None,
                 }),
             }),
         }
@@ -333,11 +344,32 @@ impl MemorySpace {
         lock(&self.inner.state).registrar = Some(registrar);
     }
 
+    /// Makes every later [`MemorySpace::register`] and
+    /// [`MemorySpace::register_vec`] take its memory from `carver` (set
+    /// once, by a shared-memory slot, before the application sees the
+    /// space).
+    pub(crate) fn set_carver(&self, carver: Arc<dyn Carver>) {
+        lock(&self.inner.state).carver = Some(carver);
+    }
+
+    fn carve(&self, len: u64) -> Result<Option<Region>, SdkError> {
+        let Some(c) = lock(&self.inner.state).carver.clone() else {
+            return Ok(None);
+        };
+        let (backing, addr) = c.carve(len)?;
+        let n = usize::try_from(len).map_err(|_| SdkError::invalid("region too large"))?;
+        backing.mapping().fill(backing.offset(), n, 0)?;
+        self.register_at(backing, len, Some(addr)).map(Some)
+    }
+
     /// Registers a zeroed region of `len` bytes, backed by a fresh sealed
-    /// memfd.
+    /// memfd (or carved out of the process's shared-memory slot).
     pub fn register(&self, len: u64) -> Result<Region, SdkError> {
         if len == 0 {
             return Err(SdkError::invalid("cannot register an empty region"));
+        }
+        if let Some(r) = self.carve(len)? {
+            return Ok(r);
         }
         self.register_backing(Backing::memfd(len)?, len)
     }
@@ -348,6 +380,10 @@ impl MemorySpace {
         if bytes.is_empty() {
             return Err(SdkError::invalid("cannot register an empty region"));
         }
+        if let Some(r) = self.carve(bytes.len() as u64)? {
+            r.write_at(0, &bytes)?;
+            return Ok(r);
+        }
         let backing = Backing::memfd(bytes.len() as u64)?;
         backing.mapping().write_at(0, &bytes)?;
         self.register_backing(backing, bytes.len() as u64)
@@ -357,6 +393,11 @@ impl MemorySpace {
     /// provided by someone else: see [`Backing::Window`]). The window must
     /// lie inside the mapping and start on a page boundary.
     pub fn register_backing(&self, backing: Backing, len: u64) -> Result<Region, SdkError> {
+        self.register_at(backing, len, None)
+    }
+
+    /// As [`MemorySpace::register_backing`], at address `at` if given.
+    fn register_at(&self, backing: Backing, len: u64, at: Option<u64>) -> Result<Region, SdkError> {
         if len == 0 {
             return Err(SdkError::invalid("cannot register an empty region"));
         }
@@ -372,13 +413,19 @@ impl MemorySpace {
         }
         let (addr, registrar) = {
             let mut s = lock(&self.inner.state);
-            let addr = s.next;
-            let span = len
-                .checked_add(2 * PAGE - 1)
-                .map(|v| v / PAGE * PAGE)
-                .and_then(|span| addr.checked_add(span))
-                .ok_or_else(|| SdkError::invalid("registered address space exhausted"))?;
-            s.next = span;
+            let addr = match at {
+                Some(addr) => addr,
+                None => {
+                    let addr = s.next;
+                    let span = len
+                        .checked_add(2 * PAGE - 1)
+                        .map(|v| v / PAGE * PAGE)
+                        .and_then(|span| addr.checked_add(span))
+                        .ok_or_else(|| SdkError::invalid("registered address space exhausted"))?;
+                    s.next = span;
+                    addr
+                }
+            };
             (addr, s.registrar.clone())
         };
         let region = Region {
