@@ -17,27 +17,44 @@ pub const ICRC_LEN: usize = 4;
 pub const DEFAULT_PKEY: u16 = 0xFFFF;
 
 /// Reliable-connection opcodes this engine speaks (transport bits `000`).
-#[allow(missing_docs)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum Opcode {
+    /// SEND, first packet of several.
     SendFirst = 0x00,
+    /// SEND, middle packet.
     SendMiddle = 0x01,
+    /// SEND, last packet.
     SendLast = 0x02,
+    /// SEND, last packet, with immediate data.
     SendLastImm = 0x03,
+    /// SEND in one packet.
     SendOnly = 0x04,
+    /// SEND in one packet, with immediate data.
     SendOnlyImm = 0x05,
+    /// RDMA WRITE, first packet (RETH).
     WriteFirst = 0x06,
+    /// RDMA WRITE, middle packet.
     WriteMiddle = 0x07,
+    /// RDMA WRITE, last packet.
     WriteLast = 0x08,
+    /// RDMA WRITE, last packet, with immediate data.
     WriteLastImm = 0x09,
+    /// RDMA WRITE in one packet (RETH).
     WriteOnly = 0x0A,
+    /// RDMA WRITE in one packet (RETH), with immediate data.
     WriteOnlyImm = 0x0B,
+    /// RDMA READ request (RETH).
     ReadRequest = 0x0C,
+    /// RDMA READ response, first packet (AETH).
     ReadResponseFirst = 0x0D,
+    /// RDMA READ response, middle packet.
     ReadResponseMiddle = 0x0E,
+    /// RDMA READ response, last packet (AETH).
     ReadResponseLast = 0x0F,
+    /// RDMA READ response in one packet (AETH).
     ReadResponseOnly = 0x10,
+    /// ACK, RNR NAK or NAK (AETH).
     Acknowledge = 0x11,
 }
 
