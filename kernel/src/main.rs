@@ -103,13 +103,20 @@ fn serve(mut devices: Devices, idle_poll: bool) -> ! {
     let mut next_report = time::now_ns() + REPORT_INTERVAL_NS;
     let mut busy_at = time::now_ns();
     let mut next_heap = 0;
+    let mut perf = PerfReport::default();
+    let mut next_perf = time::now_ns() + PERF_INTERVAL_NS;
     let slots = &mut devices.slots;
     loop {
         let now = time::now_ns();
         let attached = slots.poll(now, |ch| {
             service.add_process_channel(now, ch);
         });
-        if service.poll(now, &mut nics) | attached {
+        let moved = service.poll(now, &mut nics);
+        for (_, dev) in nics.iter_mut() {
+            // One doorbell for the frames this turn queued.
+            dev.flush();
+        }
+        if moved | attached {
             busy_at = now;
         } else if !idle_poll && now.saturating_sub(busy_at) > IDLE_SPIN_NS {
             idle::halt_until_tick();
@@ -124,12 +131,78 @@ fn serve(mut devices: Devices, idle_poll: bool) -> ! {
             let h = HEAP.lock();
             service.set_heap_usage(h.used(), h.size());
         }
+        if now >= next_perf {
+            next_perf = now + PERF_INTERVAL_NS;
+            perf.report(service.cycles(), nics.iter().map(|(_, d)| d.stats()));
+        }
         if now >= next_report {
             next_report = now + REPORT_INTERVAL_NS;
             let s = service.stats();
             let c = service.controller().stats();
             debug!("controller: {s:?} {c:?} {:?}", slots.stats());
         }
+    }
+}
+
+/// How often the event loop logs where its cycles went (when frames
+/// moved since the last report).
+const PERF_INTERVAL_NS: u64 = 2_000_000_000;
+
+/// The per-frame cycle breakdown of the event loop: totals at the last
+/// report, so that each report covers the interval since.
+#[derive(Default)]
+struct PerfReport {
+    cycles: fractos_kernel::service::Cycles,
+    nic: fractos_virtio_net::Stats,
+}
+
+impl PerfReport {
+    /// Logs cycles per frame by stage since the last report, if frames
+    /// moved: event-loop turn (busy and idle), smoltcp (with the driver
+    /// work it calls), of which the driver's receive and transmit queue
+    /// work, the node driver and core, of which socket copies.
+    fn report(
+        &mut self,
+        cycles: fractos_kernel::service::Cycles,
+        nics: impl Iterator<Item = fractos_virtio_net::Stats>,
+    ) {
+        let mut nic = fractos_virtio_net::Stats::default();
+        for s in nics {
+            nic.rx_frames += s.rx_frames;
+            nic.tx_frames += s.tx_frames;
+            nic.rx_bytes += s.rx_bytes;
+            nic.tx_bytes += s.tx_bytes;
+            nic.rx_cycles += s.rx_cycles;
+            nic.tx_cycles += s.tx_cycles;
+            nic.csum_cycles += s.csum_cycles;
+            nic.rx_bad_checksum += s.rx_bad_checksum;
+        }
+        let frames = (nic.rx_frames + nic.tx_frames) - (self.nic.rx_frames + self.nic.tx_frames);
+        if frames > 0 {
+            let per = |now: u64, then: u64| now.wrapping_sub(then) / frames;
+            let c = &cycles;
+            let o = &self.cycles;
+            info!(
+                "perf: {frames} frames (rx {} / {} B, tx {} / {} B), {} turns; cycles per frame: \
+                 loop {} = smoltcp {} (driver rx {}, tx {}, checksums {}) + node {} (socket copies {}) \
+                 + rest; {} bad checksums",
+                nic.rx_frames - self.nic.rx_frames,
+                nic.rx_bytes - self.nic.rx_bytes,
+                nic.tx_frames - self.nic.tx_frames,
+                nic.tx_bytes - self.nic.tx_bytes,
+                c.turns - o.turns,
+                per(c.total, o.total),
+                per(c.ifaces, o.ifaces),
+                per(nic.rx_cycles, self.nic.rx_cycles),
+                per(nic.tx_cycles, self.nic.tx_cycles),
+                per(nic.csum_cycles, self.nic.csum_cycles),
+                per(c.node, o.node),
+                per(c.socket_io, o.socket_io),
+                nic.rx_bad_checksum - self.nic.rx_bad_checksum,
+            );
+        }
+        self.cycles = cycles;
+        self.nic = nic;
     }
 }
 

@@ -129,8 +129,9 @@ pub(crate) struct Model {
     pub sent_headers: Vec<Vec<u8>>,
 }
 
-/// Features a QEMU virtio-net-pci device typically offers that matter here,
-/// plus some the driver must decline (checksum offload, TSO).
+/// Features a QEMU virtio-net-pci device with a vnet-header backend (tap)
+/// offers that matter here: checksum offload, which the driver takes, and
+/// some it must decline (TSO, mergeable buffers).
 pub(crate) const QEMU_LIKE_FEATURES: u64 = crate::F_VERSION_1
     | crate::F_MAC
     | crate::F_STATUS
@@ -340,6 +341,17 @@ impl FakeDevice {
         unsafe { rd(q.avail) }
     }
 
+    /// Sets the used ring's flags of `queue` (bit 0: no notifications
+    /// wanted), as a device does while it is busy with the queue.
+    pub(crate) fn set_used_flags(&self, queue: u16, flags: u16) {
+        let q = self.0.borrow().queues[usize::from(queue)];
+        assert!(q.ready, "queue {queue} not set up");
+        // SAFETY: the used ring is live device memory only the device
+        // writes; `flags` is at offset 0.
+        unsafe { wr(q.used, flags) };
+        fence(Ordering::Release);
+    }
+
     /// Pops the next available chain of `queue`: its head and descriptors.
     fn pop_avail(&self, queue: u16) -> Option<(u16, Vec<Desc>)> {
         if self.pending(queue) == 0 {
@@ -430,10 +442,21 @@ impl FakeDevice {
     /// Like [`deliver`](Self::deliver), but writes `claimed` as the used
     /// length when given (a misbehaving device).
     pub(crate) fn deliver_claiming(&self, frame: &[u8], claimed: Option<u32>) -> bool {
+        self.deliver_raw(RX_HEADER[0], frame, claimed)
+    }
+
+    /// Like [`deliver`](Self::deliver) with `flags` in the virtio-net
+    /// header (`DATA_VALID`, `NEEDS_CSUM`).
+    pub(crate) fn deliver_flagged(&self, flags: u8, frame: &[u8]) -> bool {
+        self.deliver_raw(flags, frame, None)
+    }
+
+    fn deliver_raw(&self, flags: u8, frame: &[u8], claimed: Option<u32>) -> bool {
         let Some((head, chain)) = self.pop_avail(crate::QUEUE_RECEIVE) else {
             return false;
         };
         let mut data = RX_HEADER.to_vec();
+        data[0] = flags;
         data.extend_from_slice(frame);
         let mut rest = &data[..];
         for d in &chain {

@@ -133,6 +133,11 @@ impl<H: Hal, const N: usize> RxPool<H, N> {
         self.posted
     }
 
+    /// Slots waiting to be reposted.
+    pub(crate) fn done_count(&self) -> usize {
+        self.done_len
+    }
+
     pub(crate) fn slot(&self, slot: u16) -> &[u8] {
         self.mem.slot(slot)
     }

@@ -14,7 +14,7 @@ use crate::fake::{
     fake, limit_dma, live_dma_pages, FakeDevice, FakeTransport, Model, TestHal, MAC,
 };
 use crate::{
-    Error, VirtioNet, BUF_LEN, F_MAC, F_STATUS, F_VERSION_1, MAX_FRAME_LEN, QUEUE_RECEIVE,
+    Error, VirtioNet, BUF_LEN, F_CSUM, F_MAC, F_STATUS, F_VERSION_1, MAX_FRAME_LEN, QUEUE_RECEIVE,
     QUEUE_TRANSMIT,
 };
 
@@ -61,11 +61,12 @@ fn init_error<const N: usize>(model: Model) -> (FakeDevice, Error) {
 #[test]
 fn init_negotiates_version_1_and_mac_and_posts_rx_buffers() {
     let (dev, net) = setup::<16>(Model::new(QEMU_LIKE_FEATURES));
-    // Checksum offload, TSO and mergeable buffers are offered but declined.
-    assert_eq!(net.features(), F_VERSION_1 | F_MAC | F_STATUS);
+    // Checksum offload is taken; TSO and mergeable buffers are offered but
+    // declined.
+    assert_eq!(net.features(), F_VERSION_1 | F_MAC | F_STATUS | F_CSUM);
     {
         let m = dev.model();
-        assert_eq!(m.driver_features, F_VERSION_1 | F_MAC | F_STATUS);
+        assert_eq!(m.driver_features, F_VERSION_1 | F_MAC | F_STATUS | F_CSUM);
         let ok = DeviceStatus::ACKNOWLEDGE
             | DeviceStatus::DRIVER
             | DeviceStatus::FEATURES_OK
@@ -95,6 +96,9 @@ fn transmit_puts_header_and_frame_on_the_tx_queue() {
     let data = frame(7, 60);
     assert!(send(&mut net, &data));
     assert_eq!(dev.pending(QUEUE_TRANSMIT), 1);
+    // The doorbell waits for the end of the batch.
+    assert_eq!(dev.model().notifications[usize::from(QUEUE_TRANSMIT)], 0);
+    net.flush();
     assert_eq!(dev.model().notifications[usize::from(QUEUE_TRANSMIT)], 1);
     assert_eq!(net.tx_free(), 7);
 
@@ -120,7 +124,10 @@ fn receive_hands_the_frame_to_smoltcp_and_reposts_the_slot() {
     assert_eq!(recv(&mut net), None);
     let s = net.stats();
     assert_eq!((s.rx_frames, s.rx_bytes, s.rx_errors), (1, 98, 0));
-    // `receive` already reposted the consumed slot during the second call.
+    // `receive` reposts in batches (2 slots for an 8-entry queue): one
+    // consumed slot waits; `poll` reposts everything.
+    assert_eq!(net.rx_posted(), 7);
+    net.poll().expect("poll");
     assert_eq!(net.rx_posted(), 8);
     assert_eq!(dev.pending(QUEUE_RECEIVE), 8);
 
@@ -238,7 +245,10 @@ fn device_that_rejects_features_fails_init_with_a_typed_error() {
     let mut model = Model::new(QEMU_LIKE_FEATURES);
     model.reject_features = true;
     let (dev, err) = init_error::<8>(model);
-    assert_eq!(err, Error::FeaturesRejected(F_VERSION_1 | F_MAC | F_STATUS));
+    assert_eq!(
+        err,
+        Error::FeaturesRejected(F_VERSION_1 | F_MAC | F_STATUS | F_CSUM)
+    );
     let m = dev.model();
     assert!(m.status.contains(DeviceStatus::FAILED));
     assert!(!m.status.contains(DeviceStatus::DRIVER_OK));
@@ -399,4 +409,297 @@ fn smoltcp_interface_answers_arp_through_the_driver() {
         }
     );
     assert_eq!(net.stats().rx_frames, 1);
+}
+
+#[test]
+fn event_idx_is_declined_so_the_used_ring_flags_govern_notifications() {
+    let offered = QEMU_LIKE_FEATURES | crate::F_RING_EVENT_IDX;
+    let (dev, net) = setup::<8>(Model::new(offered));
+    assert_eq!(net.features() & crate::F_RING_EVENT_IDX, 0);
+    assert_eq!(dev.model().driver_features & crate::F_RING_EVENT_IDX, 0);
+    // Without event indices, "no interrupts" is the avail ring's flag.
+    assert_eq!(dev.avail_flags(QUEUE_RECEIVE) & 1, 1);
+}
+
+#[test]
+fn a_burst_of_transmits_rings_the_doorbell_once() {
+    let (dev, mut net) = setup::<16>(Model::new(QEMU_LIKE_FEATURES));
+    let tx = usize::from(QUEUE_TRANSMIT);
+    for seq in 0..5 {
+        assert!(send(&mut net, &frame(seq, 100)));
+    }
+    assert_eq!(dev.pending(QUEUE_TRANSMIT), 5);
+    assert_eq!(dev.model().notifications[tx], 0);
+    net.flush();
+    assert_eq!(dev.model().notifications[tx], 1);
+    net.flush();
+    assert_eq!(dev.model().notifications[tx], 1, "nothing new: no doorbell");
+    // Receive polls leave a deferred doorbell alone: one per turn.
+    assert!(send(&mut net, &frame(9, 100)));
+    assert_eq!(recv(&mut net), None);
+    assert_eq!(dev.model().notifications[tx], 1);
+    net.flush();
+    assert_eq!(dev.model().notifications[tx], 2);
+    assert_eq!(dev.complete_tx(usize::MAX), 6);
+    let m = dev.model();
+    assert!((0..5)
+        .chain([9])
+        .zip(&m.sent)
+        .all(|(seq, f)| *f == frame(seq, 100)));
+}
+
+#[test]
+fn a_device_that_suppresses_notifications_gets_none() {
+    let (dev, mut net) = setup::<8>(Model::new(QEMU_LIKE_FEATURES));
+    let before = dev.model().notifications;
+    // The device is busy with both queues (QEMU: buffers in hand, flush
+    // scheduled) and says so in the used rings.
+    dev.set_used_flags(QUEUE_TRANSMIT, 1);
+    dev.set_used_flags(QUEUE_RECEIVE, 1);
+    assert!(send(&mut net, &frame(1, 80)));
+    net.flush();
+    assert!(dev.deliver(&frame(2, 80)));
+    assert_eq!(recv(&mut net), Some(frame(2, 80)));
+    net.poll().expect("poll reposts the slot");
+    assert_eq!(net.rx_posted(), 8);
+    assert_eq!(dev.model().notifications, before);
+    // Idle again: the next frame rings.
+    dev.set_used_flags(QUEUE_TRANSMIT, 0);
+    assert!(send(&mut net, &frame(3, 80)));
+    net.flush();
+    assert_eq!(
+        dev.model().notifications[usize::from(QUEUE_TRANSMIT)],
+        before[1] + 1
+    );
+}
+
+mod checksums {
+    use smoltcp::phy::{ChecksumCapabilities, Device};
+    use smoltcp::time::Instant;
+    use smoltcp::wire::{
+        EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, IpProtocol, Ipv4Address,
+        Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    };
+
+    use super::{recv, send, setup};
+    use crate::csum;
+    use crate::fake::{Model, QEMU_LIKE_FEATURES};
+    use crate::{F_CSUM, F_GUEST_CSUM, F_MAC, F_STATUS, F_VERSION_1};
+
+    const SRC: Ipv4Address = Ipv4Address::new(10, 0, 2, 2);
+    const DST: Ipv4Address = Ipv4Address::new(10, 0, 2, 15);
+
+    /// An Ethernet/IPv4/TCP frame with `payload`, its TCP checksum
+    /// computed by smoltcp (`good`) or left 0.
+    fn tcp_frame(payload: &[u8], good: bool) -> Vec<u8> {
+        let tcp = TcpRepr {
+            src_port: 7000,
+            dst_port: 40000,
+            control: TcpControl::Psh,
+            seq_number: TcpSeqNumber(0x1234_5678),
+            ack_number: Some(TcpSeqNumber(42)),
+            window_len: 4096,
+            window_scale: None,
+            max_seg_size: None,
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload,
+        };
+        let ip = Ipv4Repr {
+            src_addr: SRC,
+            dst_addr: DST,
+            next_header: IpProtocol::Tcp,
+            payload_len: tcp.buffer_len(),
+            hop_limit: 64,
+        };
+        let eth = EthernetRepr {
+            src_addr: EthernetAddress([2, 0, 0, 0, 0, 1]),
+            dst_addr: EthernetAddress(crate::fake::MAC),
+            ethertype: EthernetProtocol::Ipv4,
+        };
+        let mut buf = vec![0u8; eth.buffer_len() + ip.buffer_len() + tcp.buffer_len()];
+        let mut caps = ChecksumCapabilities::default();
+        if !good {
+            caps.tcp = smoltcp::phy::Checksum::None;
+        }
+        let mut f = EthernetFrame::new_unchecked(&mut buf[..]);
+        eth.emit(&mut f);
+        let mut p = Ipv4Packet::new_unchecked(f.payload_mut());
+        ip.emit(&mut p, &caps);
+        let mut t = TcpPacket::new_unchecked(p.payload_mut());
+        tcp.emit(&mut t, &SRC.into(), &DST.into(), &caps);
+        buf
+    }
+
+    fn tcp_checksum_ok(frame: &[u8]) -> bool {
+        let f = EthernetFrame::new_checked(frame).expect("ethernet");
+        let p = Ipv4Packet::new_checked(f.payload()).expect("ipv4");
+        let t = TcpPacket::new_checked(p.payload()).expect("tcp");
+        t.verify_checksum(&p.src_addr().into(), &p.dst_addr().into())
+    }
+
+    fn payload(len: usize, seed: u32) -> Vec<u8> {
+        super::frame(seed.wrapping_mul(2_654_435_761), len)
+    }
+
+    #[test]
+    fn software_checksum_matches_smoltcp_for_every_length_parity() {
+        for len in (0..64).chain([511, 512, 1023, 1459, 1460]) {
+            let want = tcp_frame(&payload(len, len as u32), true);
+            let mut got = tcp_frame(&payload(len, len as u32), false);
+            let csum::Frame::Tcp(seg) = csum::classify(&got) else {
+                panic!("not classified as TCP");
+            };
+            assert_eq!((seg.start, seg.len), (34, 20 + len));
+            csum::fill(&mut got, seg);
+            assert_eq!(got, want, "payload length {len}");
+            assert!(csum::verify(&got, seg));
+        }
+    }
+
+    #[test]
+    fn frames_go_out_with_a_valid_tcp_checksum_and_smoltcp_is_told_so() {
+        let (dev, mut net) = setup::<8>(Model::new(F_VERSION_1 | F_MAC));
+        let caps = net.capabilities().checksum.tcp;
+        assert!(
+            !caps.rx() && !caps.tx(),
+            "smoltcp leaves TCP checksums to us"
+        );
+        let unsummed = tcp_frame(&payload(1000, 1), false);
+        assert!(!tcp_checksum_ok(&unsummed));
+        assert!(send(&mut net, &unsummed));
+        // Not TCP: left alone.
+        assert!(send(&mut net, &super::frame(5, 60)));
+        assert_eq!(dev.complete_tx(usize::MAX), 2);
+        let m = dev.model();
+        assert_eq!(m.sent[0], tcp_frame(&payload(1000, 1), true));
+        assert_eq!(m.sent[1], super::frame(5, 60));
+        assert_eq!(m.sent_headers[0], vec![0u8; 12], "no offload asked");
+        assert!(net.stats().csum_cycles > 0 || cfg!(not(target_arch = "x86_64")));
+    }
+
+    #[test]
+    fn with_csum_offload_the_device_completes_the_checksum() {
+        let (dev, mut net) = setup::<8>(Model::new(QEMU_LIKE_FEATURES | F_GUEST_CSUM));
+        assert_eq!(
+            net.features(),
+            F_VERSION_1 | F_MAC | F_STATUS | F_CSUM | F_GUEST_CSUM
+        );
+        assert_eq!(
+            dev.model().driver_features,
+            F_VERSION_1 | F_MAC | F_STATUS | F_CSUM | F_GUEST_CSUM
+        );
+        assert!(send(&mut net, &tcp_frame(&payload(777, 3), false)));
+        assert_eq!(dev.complete_tx(1), 1);
+        let m = dev.model();
+        let h = &m.sent_headers[0];
+        assert_eq!(h[0], 1, "VIRTIO_NET_HDR_F_NEEDS_CSUM");
+        let start = usize::from(u16::from_le_bytes([h[6], h[7]]));
+        let offset = usize::from(u16::from_le_bytes([h[8], h[9]]));
+        assert_eq!((start, offset), (34, 16));
+        // Play the device: ones'-complement sum from csum_start, stored at
+        // csum_start + csum_offset.
+        let mut f = m.sent[0].clone();
+        let c = !csum::fold(csum::sum(&f[start..], 0));
+        f[start + offset..start + offset + 2].copy_from_slice(&c.to_be_bytes());
+        assert_eq!(f, tcp_frame(&payload(777, 3), true));
+        assert_eq!(net.stats().tx_csum_offloaded, 1);
+    }
+
+    #[test]
+    fn received_tcp_frames_with_a_bad_checksum_are_dropped() {
+        let (dev, mut net) = setup::<8>(Model::new(F_VERSION_1 | F_MAC));
+        let good = tcp_frame(&payload(1200, 7), true);
+        let mut bad = good.clone();
+        bad[100] ^= 0x40;
+        assert!(dev.deliver(&bad));
+        assert!(dev.deliver(&good));
+        assert_eq!(recv(&mut net), Some(good));
+        assert_eq!(recv(&mut net), None);
+        let s = net.stats();
+        assert_eq!((s.rx_frames, s.rx_bad_checksum), (1, 1));
+        net.poll().expect("poll");
+        assert_eq!(net.rx_posted(), 8, "the dropped frame's slot is reposted");
+    }
+
+    #[test]
+    fn malformed_or_fragmented_tcp_frames_are_dropped_and_others_pass() {
+        let (dev, mut net) = setup::<16>(Model::new(F_VERSION_1 | F_MAC));
+        let good = tcp_frame(&payload(100, 9), true);
+        // IPv4 total length beyond the frame.
+        let mut long = good.clone();
+        long[16..18].copy_from_slice(&2000u16.to_be_bytes());
+        // A header length below 20 bytes.
+        let mut ihl = good.clone();
+        ihl[14] = 0x44;
+        // More fragments follow.
+        let mut frag = good.clone();
+        frag[20] |= 0x20;
+        // Cut inside the IPv4 header, after the protocol byte.
+        let short = good[..30].to_vec();
+        for f in [&long, &ihl, &frag, &short] {
+            assert!(dev.deliver(f));
+        }
+        // Not IPv4 + TCP: smoltcp's business.
+        let other = super::frame(4, 64);
+        assert!(dev.deliver(&other));
+        assert_eq!(recv(&mut net), Some(other));
+        assert_eq!(recv(&mut net), None);
+        assert_eq!(net.stats().rx_bad_checksum, 4);
+    }
+
+    #[test]
+    fn a_frame_the_device_validated_is_not_summed_again() {
+        let (dev, mut net) = setup::<8>(Model::new(F_VERSION_1 | F_MAC | F_GUEST_CSUM));
+        let mut f = tcp_frame(&payload(300, 11), true);
+        f[60] ^= 1; // Would fail a software check.
+        assert!(dev.deliver_flagged(2, &f)); // VIRTIO_NET_HDR_F_DATA_VALID
+        assert_eq!(recv(&mut net), Some(f.clone()));
+        // Without GUEST_CSUM negotiated the flag means nothing.
+        let (dev, mut net) = setup::<8>(Model::new(F_VERSION_1 | F_MAC));
+        assert!(dev.deliver_flagged(2, &f));
+        assert_eq!(recv(&mut net), None);
+        assert_eq!(net.stats().rx_bad_checksum, 1);
+    }
+
+    #[test]
+    fn garbage_claiming_ipv4_tcp_never_panics() {
+        let (dev, mut net) = setup::<8>(Model::new(F_VERSION_1 | F_MAC));
+        for seed in 0..2000u32 {
+            let len = (seed as usize * 7) % 200;
+            let mut f = payload(len, seed);
+            if f.len() > 23 {
+                f[12] = 0x08;
+                f[13] = 0x00;
+                f[14] = 0x40 | (f[14] & 0x0f);
+                f[23] = 6;
+            }
+            let _ = csum::classify(&f);
+            assert!(dev.deliver(&f));
+            let _ = recv(&mut net);
+            net.poll().expect("poll");
+        }
+        assert_eq!(net.rx_posted(), 8);
+        let _ = net.receive(Instant::ZERO);
+    }
+}
+
+#[test]
+fn a_starved_receive_queue_is_refilled_and_notified_once_per_batch() {
+    let (dev, mut net) = setup::<16>(Model::new(QEMU_LIKE_FEATURES));
+    let rx = usize::from(QUEUE_RECEIVE);
+    let before = dev.model().notifications[rx];
+    for seq in 0..16 {
+        assert!(dev.deliver(&frame(seq, 90)));
+    }
+    assert_eq!(dev.pending(QUEUE_RECEIVE), 0, "the device ran dry");
+    for seq in 0..16 {
+        assert_eq!(recv(&mut net), Some(frame(seq, 90)));
+    }
+    assert_eq!(recv(&mut net), None);
+    // Batches of 4 (a quarter of the queue): 16 frames, 4 doorbells.
+    assert_eq!(dev.model().notifications[rx] - before, 4);
+    assert_eq!(net.rx_posted(), 16);
+    assert_eq!(dev.pending(QUEUE_RECEIVE), 16);
 }
