@@ -5,7 +5,7 @@
 //! The rings carry the same byte stream as a TCP connection, so the SDK's
 //! reader thread and writers run over a [`RingStream`] (a
 //! [`crate::ByteStream`]) unchanged. Reading spins on the down ring for
-//! [`SPIN`] before it announces sleep and blocks on its eventfd (or the
+//! [`crate::AttachOptions::local_spin`] before it announces sleep and blocks on its eventfd (or the
 //! socket hanging up: the controller is gone).
 
 use std::io::{self, Read, Write};
@@ -29,9 +29,10 @@ use crate::slot::lock;
 /// Bytes of each ring (process → controller, controller → process).
 pub const RING_CAPACITY: u64 = 1 << 20;
 
-/// How long a reader polls its ring before it sleeps on its eventfd
-/// (see the README's measurement).
-pub const SPIN: Duration = Duration::from_micros(50);
+/// How long a reader polls its ring before it sleeps on its eventfd, by
+/// default ([`crate::AttachOptions::local_spin`]; see the README's
+/// measurement).
+pub const DEFAULT_SPIN: Duration = Duration::ZERO;
 
 /// What both halves of a [`RingStream`] share.
 struct Rings {
@@ -48,6 +49,7 @@ struct Rings {
     closed: AtomicBool,
     read_timeout: Mutex<Option<Duration>>,
     write_timeout: Duration,
+    spin: Duration,
 }
 
 impl Rings {
@@ -100,7 +102,7 @@ impl Read for RingStream {
             if deadline.is_some_and(|d| now >= d) {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "read timed out"));
             }
-            if now.duration_since(spin_from) < SPIN {
+            if now.duration_since(spin_from) < r.spin {
                 std::hint::spin_loop();
                 continue;
             }
@@ -288,9 +290,9 @@ impl Registrar for LocalRegistrar {
 /// registrar for the process's memory.
 pub(crate) fn connect(
     path: &Path,
-    connect_timeout: Duration,
-    write_timeout: Duration,
+    opts: &crate::AttachOptions,
 ) -> Result<(RingStream, LocalRegistrar), SdkError> {
+    let (connect_timeout, write_timeout) = (opts.connect_timeout, opts.write_timeout);
     let sock = UnixStream::connect(path)
         .map_err(|e| SdkError::io("connecting to the controller's local socket", e))?;
     let mem = Mapping::create("fractos-rings", ring_area_len(RING_CAPACITY))?;
@@ -321,6 +323,7 @@ pub(crate) fn connect(
         closed: AtomicBool::new(false),
         read_timeout: Mutex::new(None),
         write_timeout: write_timeout.max(Duration::from_millis(1)),
+        spin: opts.local_spin,
     });
     Ok((
         RingStream {

@@ -7,7 +7,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use fractos_adaptors::demo::{run_on, scrape_metrics, DemoConfig, DemoNode, DEMO_KEY};
+use fractos_adaptors::demo::{
+    run_on, scrape_metrics, DemoConfig, DemoNode, DemoTransport, DEMO_KEY,
+};
 use fractos_core::process_token;
 use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
 use fractos_sdk::{Cap, ErrorCode, Process, Rights, SdkError};
@@ -246,6 +248,7 @@ fn three_appliances_run_the_pipeline_revoke_across_nodes_and_survive_a_killed_pe
         // The storage stage is node 0's NVMe (its built-in storage service).
         storage_write: Some("storage/0/write".into()),
         corrupt_stored_images: false,
+        transport: DemoTransport::Tcp,
     };
     let report = run_on(&cfg, &c.demo_nodes(), None, |_, _, _| {})
         .unwrap_or_else(|e| panic!("demo over appliances: {e}\n{}", c.log(0)));

@@ -9,9 +9,19 @@
 //!   transfer, both timed until the receiver has every byte);
 //!
 //! each through controllers whose peer link is `authenticated` (every
-//! frame MAC'd, the default) and `secure` (also encrypted). Every copied
-//! byte is checked: each copy's source holds a fresh pattern and the whole
-//! destination is compared after it, outside the timed region.
+//! frame MAC'd, the default) and `secure` (also encrypted), with both
+//! processes on local channels (shared-memory rings, memory the
+//! controllers reach directly); and on one controller, two processes on
+//! local channels:
+//!
+//! * `shm_invoke_rtt_ratio` — invoke round trip between them ÷ the raw TCP
+//!   ping-pong above;
+//! * `shm_copy_ratio` — 64 MiB copies between them ÷ a single-thread
+//!   `memcpy` of 64 MiB.
+//!
+//! Every copied byte is checked: each copy's source holds a fresh pattern
+//! and the whole destination is compared after it, outside the timed
+//! region.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -22,7 +32,7 @@ use fractos_hosted::{spawn, HostedConfig, Running};
 use fractos_sdk::wire::{NodeId, Rights};
 use fractos_sdk::{Process, Region};
 
-use crate::demo::{attach, DEMO_KEY};
+use crate::demo::{attach_local_spin, DEMO_KEY};
 use crate::PipelineError;
 
 const PING: u64 = 0xbe_0001;
@@ -38,6 +48,13 @@ pub struct BenchConfig {
     pub copy_bytes: usize,
     /// Copies measured.
     pub copies: usize,
+    /// Bytes per copy on one controller (`shm_copy_ratio`).
+    pub shm_copy_bytes: usize,
+    /// Copies measured on one controller.
+    pub shm_copies: usize,
+    /// How long controllers and processes poll local rings before they
+    /// sleep.
+    pub local_spin: Duration,
 }
 
 impl Default for BenchConfig {
@@ -46,6 +63,9 @@ impl Default for BenchConfig {
             round_trips: 2000,
             copy_bytes: 4 << 20,
             copies: 20,
+            shm_copy_bytes: 64 << 20,
+            shm_copies: 5,
+            local_spin: fractos_hosted::DEFAULT_LOCAL_SPIN,
         }
     }
 }
@@ -69,6 +89,14 @@ pub struct BenchReport {
     pub tcp_stream_gbps: f64,
     /// Copied bytes compared with their source (all copies, both modes).
     pub bytes_verified: u64,
+    /// Median invoke round trip between two local-channel processes of
+    /// one controller.
+    pub shm_invoke_rtt_us: f64,
+    /// Copy bandwidth between two local-channel processes of one
+    /// controller ([`BenchConfig::shm_copy_bytes`] per copy).
+    pub shm_copy_gbps: f64,
+    /// Single-thread `memcpy` bandwidth of the same size.
+    pub memcpy_gbps: f64,
 }
 
 impl BenchReport {
@@ -84,6 +112,16 @@ impl BenchReport {
     pub fn secure_copy_cost(&self) -> f64 {
         self.copy_gbps_secure / self.copy_gbps
     }
+    /// Local-channel invoke round trip on one controller ÷ raw TCP round
+    /// trip (goal ≤ 1).
+    pub fn shm_invoke_rtt_ratio(&self) -> f64 {
+        self.shm_invoke_rtt_us / self.tcp_rtt_us
+    }
+    /// Local-channel copy on one controller ÷ `memcpy` bandwidth (goal
+    /// ≥ 0.5).
+    pub fn shm_copy_ratio(&self) -> f64 {
+        self.shm_copy_gbps / self.memcpy_gbps
+    }
     /// Secure ÷ authenticated invoke round trip.
     pub fn secure_rtt_cost(&self) -> f64 {
         self.invoke_rtt_us_secure / self.invoke_rtt_us
@@ -91,7 +129,7 @@ impl BenchReport {
     /// Machine-readable results.
     pub fn to_json(&self) -> String {
         format!(
-            "{{\n  \"invoke_rtt_us\": {:.2},\n  \"invoke_rtt_us_secure\": {:.2},\n  \"tcp_rtt_us\": {:.2},\n  \"invoke_rtt_ratio\": {:.3},\n  \"secure_rtt_cost\": {:.3},\n  \"copy_gbps\": {:.3},\n  \"copy_gbps_secure\": {:.3},\n  \"tcp_stream_gbps\": {:.3},\n  \"copy_bw_ratio\": {:.3},\n  \"secure_copy_cost\": {:.3},\n  \"bytes_verified\": {}\n}}\n",
+            "{{\n  \"invoke_rtt_us\": {:.2},\n  \"invoke_rtt_us_secure\": {:.2},\n  \"tcp_rtt_us\": {:.2},\n  \"invoke_rtt_ratio\": {:.3},\n  \"secure_rtt_cost\": {:.3},\n  \"copy_gbps\": {:.3},\n  \"copy_gbps_secure\": {:.3},\n  \"tcp_stream_gbps\": {:.3},\n  \"copy_bw_ratio\": {:.3},\n  \"secure_copy_cost\": {:.3},\n  \"shm_invoke_rtt_us\": {:.2},\n  \"shm_invoke_rtt_ratio\": {:.3},\n  \"shm_copy_gbps\": {:.3},\n  \"memcpy_gbps\": {:.3},\n  \"shm_copy_ratio\": {:.3},\n  \"bytes_verified\": {}\n}}\n",
             self.invoke_rtt_us,
             self.invoke_rtt_us_secure,
             self.tcp_rtt_us,
@@ -102,6 +140,11 @@ impl BenchReport {
             self.tcp_stream_gbps,
             self.copy_bw_ratio(),
             self.secure_copy_cost(),
+            self.shm_invoke_rtt_us,
+            self.shm_invoke_rtt_ratio(),
+            self.shm_copy_gbps,
+            self.memcpy_gbps,
+            self.shm_copy_ratio(),
             self.bytes_verified,
         )
     }
@@ -111,6 +154,8 @@ impl BenchReport {
             "                    authenticated      secure             raw TCP\n\
              invoke round trip   {:>9.1} us       {:>9.1} us       {:>9.1} us   ratio {:.2} (secure x{:.2})\n\
              copy bandwidth      {:>9.2} GB/s     {:>9.2} GB/s     {:>9.2} GB/s ratio {:.2} (secure x{:.2})\n\
+             one controller, local channels: invoke round trip {:.1} us (ratio to raw TCP {:.2}), \
+             copy {:.2} GB/s (memcpy {:.2} GB/s, ratio {:.2})\n\
              {} copied bytes compared with their source\n",
             self.invoke_rtt_us,
             self.invoke_rtt_us_secure,
@@ -122,6 +167,11 @@ impl BenchReport {
             self.tcp_stream_gbps,
             self.copy_bw_ratio(),
             self.secure_copy_cost(),
+            self.shm_invoke_rtt_us,
+            self.shm_invoke_rtt_ratio(),
+            self.shm_copy_gbps,
+            self.memcpy_gbps,
+            self.shm_copy_ratio(),
             self.bytes_verified,
         )
     }
@@ -210,15 +260,59 @@ pub fn tcp_stream_gbps(warmup: usize, total: usize, chunk: usize) -> std::io::Re
     Ok(total as f64 / secs / 1e9)
 }
 
+/// Single-thread `memcpy` bandwidth of `bytes` (median of `runs`, both
+/// buffers touched first), GB/s.
+pub fn memcpy_gbps(bytes: usize, runs: usize) -> f64 {
+    let mut src = vec![0u8; bytes];
+    fill_pattern(&mut src, run_seed());
+    let mut dst = vec![1u8; bytes];
+    let mut samples = Vec::new();
+    for _ in 0..runs.max(1) + 1 {
+        let t = Instant::now();
+        dst.copy_from_slice(std::hint::black_box(&src));
+        std::hint::black_box(&mut dst);
+        samples.push(bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    samples.remove(0);
+    median(samples)
+}
+
+/// A fresh local-socket path under the temporary directory (its directory
+/// is made here; [`remove_socket_dir`] removes it).
+pub fn socket_path(tag: &str) -> std::path::PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("fractos-{tag}-{}-{n}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    dir.join("local.sock")
+}
+
+/// Removes the directory [`socket_path`] made for `node`'s socket.
+pub fn remove_socket_dir(node: &Running) {
+    if let Some(dir) = node.local_socket().and_then(|p| p.parent()) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// Two hosted controllers (nodes 1 and 2) whose peer link runs in
-/// `security` mode.
+/// `security` mode, each with a local socket.
 pub fn start_pair(security: PeerSecurity) -> Result<Vec<Running>, PipelineError> {
+    start_pair_spin(security, fractos_hosted::DEFAULT_LOCAL_SPIN)
+}
+
+/// [`start_pair`] with the controllers' local spin bound.
+pub fn start_pair_spin(
+    security: PeerSecurity,
+    spin: Duration,
+) -> Result<Vec<Running>, PipelineError> {
     let err = |e: fractos_hosted::HostedError| PipelineError::Protocol(format!("controller: {e}"));
     let mut nodes = Vec::new();
     for i in 1..=2u32 {
         let mut c = HostedConfig::local(NodeId(i), DEMO_KEY);
         c.members = vec![NodeId(1), NodeId(2)];
         c.peer_security = security;
+        c.local_socket = Some(socket_path("bench"));
+        c.local_spin = spin;
         nodes.push(spawn(c).map_err(err)?);
     }
     nodes[0].add_peer(nodes[1].node(), nodes[1].peer_addr());
@@ -230,10 +324,33 @@ pub fn start_pair(security: PeerSecurity) -> Result<Vec<Running>, PipelineError>
 }
 
 fn through(security: PeerSecurity, cfg: &BenchConfig) -> Result<Measured, PipelineError> {
-    let nodes = start_pair(security)?;
-    let a = attach(&nodes[0], "bench-a")?;
-    let b = attach(&nodes[1], "bench-b")?;
-    measure(&a, &b, cfg)
+    let nodes = start_pair_spin(security, cfg.local_spin)?;
+    let a = attach_local_spin(&nodes[0], "bench-a", cfg.local_spin)?;
+    let b = attach_local_spin(&nodes[1], "bench-b", cfg.local_spin)?;
+    let m = measure(&a, &b, cfg);
+    drop((a, b));
+    nodes.iter().for_each(remove_socket_dir);
+    m
+}
+
+/// Two processes on local channels of one controller.
+fn on_one(cfg: &BenchConfig) -> Result<Measured, PipelineError> {
+    let err = |e: fractos_hosted::HostedError| PipelineError::Protocol(format!("controller: {e}"));
+    let mut c = HostedConfig::local(NodeId(1), DEMO_KEY);
+    c.local_socket = Some(socket_path("bench"));
+    c.local_spin = cfg.local_spin;
+    let node = spawn(c).map_err(err)?;
+    let a = attach_local_spin(&node, "shm-a", cfg.local_spin)?;
+    let b = attach_local_spin(&node, "shm-b", cfg.local_spin)?;
+    let one = BenchConfig {
+        copy_bytes: cfg.shm_copy_bytes,
+        copies: cfg.shm_copies,
+        ..cfg.clone()
+    };
+    let m = measure(&a, &b, &one);
+    drop((a, b));
+    remove_socket_dir(&node);
+    m
 }
 
 /// Runs every benchmark: the raw TCP baselines, then two embedded
@@ -245,14 +362,19 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, PipelineError> {
         tcp_stream_gbps(cfg.copy_bytes, cfg.copy_bytes * cfg.copies, 256 * 1024).map_err(io)?;
     let auth = through(PeerSecurity::Authenticated, cfg)?;
     let secure = through(PeerSecurity::Secure, cfg)?;
+    let one = on_one(cfg)?;
+    let memcpy = memcpy_gbps(cfg.shm_copy_bytes, 5);
     Ok(BenchReport {
+        shm_invoke_rtt_us: one.invoke_rtt_us,
+        shm_copy_gbps: one.copy_gbps,
+        memcpy_gbps: memcpy,
         invoke_rtt_us: auth.invoke_rtt_us,
         invoke_rtt_us_secure: secure.invoke_rtt_us,
         tcp_rtt_us: tcp_rtt,
         copy_gbps: auth.copy_gbps,
         copy_gbps_secure: secure.copy_gbps,
         tcp_stream_gbps: tcp_bw,
-        bytes_verified: auth.bytes_verified + secure.bytes_verified,
+        bytes_verified: auth.bytes_verified + secure.bytes_verified + one.bytes_verified,
     })
 }
 

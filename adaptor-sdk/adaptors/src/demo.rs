@@ -50,6 +50,32 @@ pub struct DemoConfig {
     /// first byte flipped, as a faulty storage device would (reference
     /// storage adaptor only). Every verification must then fail.
     pub corrupt_stored_images: bool,
+    /// How the adaptors attach to embedded hosted controllers: through
+    /// their local sockets (shared-memory rings, memory the controller
+    /// reaches directly; the default) or over TCP. Remote controllers are
+    /// always reached over TCP.
+    pub transport: DemoTransport,
+}
+
+/// How demo processes attach to an embedded hosted controller.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DemoTransport {
+    /// Local channels (`Process::attach_local`).
+    #[default]
+    Local,
+    /// TCP (`Process::attach`), the old path, for comparison.
+    Tcp,
+}
+
+impl std::str::FromStr for DemoTransport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "local" | "shm" => Ok(DemoTransport::Local),
+            "tcp" => Ok(DemoTransport::Tcp),
+            _ => Err(format!("unknown transport {s:?}: local or tcp")),
+        }
+    }
 }
 
 impl Default for DemoConfig {
@@ -63,6 +89,7 @@ impl Default for DemoConfig {
             stride: 4,
             storage_write: None,
             corrupt_stored_images: false,
+            transport: DemoTransport::Local,
         }
     }
 }
@@ -453,6 +480,16 @@ impl DemoNode {
         }
     }
 
+    /// Attaches a process named `name` with the demo key: through the
+    /// local socket of an embedded controller when `transport` is
+    /// [`DemoTransport::Local`], else over TCP.
+    pub fn attach(&self, name: &str, transport: DemoTransport) -> Result<Process, PipelineError> {
+        match self {
+            DemoNode::Hosted(r) if transport == DemoTransport::Local => attach_local(r, name),
+            _ => attach_to(self.process_addr(), name),
+        }
+    }
+
     /// Controller-to-controller traffic so far (all peers).
     pub fn peer_traffic(&self) -> Result<LinkTraffic, DemoError> {
         match self {
@@ -577,6 +614,7 @@ pub fn start_cluster_in(net: Option<&Netns>) -> Result<Vec<Running>, DemoError> 
     for i in 0..3usize {
         let mut c = HostedConfig::local(NodeId(i as u32 + 1), DEMO_KEY);
         c.members = (1..=3).map(NodeId).collect();
+        c.local_socket = Some(crate::bench::socket_path("demo"));
         if let Some(ns) = net {
             c.peer_listen = std::net::SocketAddr::new(ns.addr(i), 0);
         }
@@ -662,6 +700,32 @@ pub fn attach(node: &Running, name: &str) -> Result<Process, PipelineError> {
     attach_to(node.process_addr(), name)
 }
 
+/// Attaches a process named `name` to `node` through its local socket
+/// (a local channel) with the demo key.
+pub fn attach_local(node: &Running, name: &str) -> Result<Process, PipelineError> {
+    attach_local_spin(node, name, fractos_sdk::AttachOptions::default().local_spin)
+}
+
+/// [`attach_local`] with the reader's spin bound.
+pub fn attach_local_spin(
+    node: &Running,
+    name: &str,
+    spin: Duration,
+) -> Result<Process, PipelineError> {
+    let path = node.local_socket().ok_or_else(|| {
+        PipelineError::Protocol(format!("controller {} has no local socket", node.node().0))
+    })?;
+    let opts = AttachOptions::default()
+        .op_timeout(Duration::from_secs(20))
+        .local_spin(spin);
+    Ok(Process::attach_local(
+        path,
+        name,
+        process_token(&DEMO_KEY, name.as_bytes()),
+        opts,
+    )?)
+}
+
 /// Attaches a process named `name` to the controller at `addr` with the
 /// demo key.
 pub fn attach_to(addr: SocketAddr, name: &str) -> Result<Process, PipelineError> {
@@ -712,7 +776,13 @@ pub fn run_in(
         .into_iter()
         .map(DemoNode::Hosted)
         .collect();
-    run_on(cfg, &nodes, net, progress)
+    let report = run_on(cfg, &nodes, net, progress);
+    for n in &nodes {
+        if let DemoNode::Hosted(r) = n {
+            crate::bench::remove_socket_dir(r);
+        }
+    }
+    report
 }
 
 /// Runs the demo on three controllers that already form a cluster with the
@@ -793,25 +863,25 @@ pub fn run_on(
     let storage = in_node(net, 0, || -> Result<Process, PipelineError> {
         match &stage {
             Stage::Adaptor(store) => {
-                let p = attach_to(nodes[0].process_addr(), "storage")?;
+                let p = nodes[0].attach("storage", cfg.transport)?;
                 serve_storage(&p, store.clone(), slot)?;
                 Ok(p)
             }
             Stage::Service(write) => {
-                let p = attach_to(nodes[0].process_addr(), "storage-loader")?;
+                let p = nodes[0].attach("storage-loader", cfg.transport)?;
                 load_images(&p, write, &images, slot)?;
                 Ok(p)
             }
         }
     })??;
     let compute = in_node(net, 1, || -> Result<Process, PipelineError> {
-        let p = attach_to(nodes[1].process_addr(), "compute")?;
+        let p = nodes[1].attach("compute", cfg.transport)?;
         serve_compute(&p, backend, enrolled, slot)?;
         Ok(p)
     })??;
     let client = in_node(net, 2, || {
         Client::connect(
-            attach_to(nodes[2].process_addr(), "client")?,
+            nodes[2].attach("client", cfg.transport)?,
             slot,
             Duration::from_secs(10),
         )

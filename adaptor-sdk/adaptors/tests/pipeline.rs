@@ -1,6 +1,6 @@
 //! The three pipeline modes over a real embedded 3-controller cluster.
 
-use fractos_adaptors::demo::{run, DemoConfig};
+use fractos_adaptors::demo::{run, DemoConfig, DemoTransport};
 
 #[test]
 fn all_modes_agree_and_fractos_moves_each_image_once() {
@@ -13,6 +13,7 @@ fn all_modes_agree_and_fractos_moves_each_image_once() {
         stride: 1,
         storage_write: None,
         corrupt_stored_images: false,
+        transport: DemoTransport::Local,
     };
     let r = run(&cfg, |_, _, _| {}).expect("demo runs");
     // Every score of every mode is the expected result of its image pair:
@@ -87,6 +88,7 @@ fn netns_mode_moves_bytes_between_namespaces() {
         stride: 2,
         storage_write: None,
         corrupt_stored_images: false,
+        transport: DemoTransport::Local,
     };
     let r = run_in(&cfg, Some(&net), |_, _, _| {}).expect("demo runs across namespaces");
     r.check().expect("every score is the expected one");

@@ -131,7 +131,7 @@ impl HostedConfig {
 }
 
 /// Default of [`HostedConfig::local_spin`].
-pub const DEFAULT_LOCAL_SPIN: Duration = Duration::from_micros(50);
+pub const DEFAULT_LOCAL_SPIN: Duration = Duration::ZERO;
 
 /// Errors of the hosted controller.
 #[derive(Debug, thiserror::Error)]

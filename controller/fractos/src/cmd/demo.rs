@@ -67,6 +67,11 @@ pub struct DemoArgs {
     /// controllers only); every verification must then fail.
     #[arg(long, hide = true, conflicts_with = "appliance")]
     pub corrupt_stored_images: bool,
+    /// How adaptors attach to embedded hosted controllers: `local` (a
+    /// local channel: shared-memory rings, memory the controller maps) or
+    /// `tcp` (the old path). Appliances are always reached over TCP.
+    #[arg(long, default_value = "local")]
+    pub transport: fractos_adaptors::demo::DemoTransport,
     /// --appliance: kernel ELF to boot [default: build it].
     #[arg(long)]
     pub kernel: Option<PathBuf>,
@@ -92,6 +97,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         stride: a.stride,
         storage_write: None,
         corrupt_stored_images: a.corrupt_stored_images,
+        transport: a.transport,
     };
     let appliance = if a.appliance {
         fractos_qemu::node::check_qemu()

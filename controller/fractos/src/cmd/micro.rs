@@ -19,6 +19,10 @@ pub struct MicroArgs {
     /// Copies of 4 MiB measured.
     #[arg(long, default_value_t = 20)]
     pub copies: usize,
+    /// Microseconds controllers and processes poll local rings before they
+    /// sleep on their eventfds.
+    #[arg(long)]
+    pub local_spin_us: Option<u64>,
     /// Measure through an appliance VM and through the hosted controller
     /// in a Debian Linux guest (QEMU) instead of two embedded controllers.
     #[arg(long)]
@@ -37,11 +41,14 @@ pub fn run(a: MicroArgs) -> anyhow::Result<()> {
         a.round_trips >= 10 && a.copies > 0,
         "--round-trips must be >= 10 and --copies > 0"
     );
-    let cfg = BenchConfig {
+    let mut cfg = BenchConfig {
         round_trips: a.round_trips,
         copies: a.copies,
         ..BenchConfig::default()
     };
+    if let Some(us) = a.local_spin_us {
+        cfg.local_spin = std::time::Duration::from_micros(us);
+    }
     if a.appliance {
         return super::appliance_bench::run(super::appliance_bench::ApplianceBench {
             kernel: a.kernel,
@@ -50,7 +57,7 @@ pub fn run(a: MicroArgs) -> anyhow::Result<()> {
             json: a.json,
         });
     }
-    eprintln!("benchmarking invoke round trips and 4 MiB copies through two hosted controllers...");
+    eprintln!("benchmarking invoke round trips and 4 MiB copies through two hosted controllers, and 64 MiB copies on one...");
     let r = run_bench(&cfg).context("the benchmark failed")?;
     print!("{}", r.table());
     if let Some(path) = a.json {
