@@ -153,7 +153,10 @@ impl Channel for LocalChannel {
     }
 
     fn is_finished(&self, cx: &mut ()) -> bool {
-        self.gone.load(Ordering::Acquire) || self.rings.borrow().is_finished(cx)
+        // A corrupt ring carries nothing more: done at once (no linger, so
+        // the loop does not keep finding it ready).
+        let mut rings = self.rings.borrow_mut();
+        self.gone.load(Ordering::Acquire) || rings.ring().is_corrupt() || rings.is_finished(cx)
     }
 
     fn direct_memory(&mut self) -> Option<&mut dyn DirectMemory> {
@@ -474,6 +477,33 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_corrupt_ring_is_a_reset_and_finishes_the_channel_at_once() {
+        use fractos_transport::ring::RING_MIN;
+        use fractos_transport::ring::SharedMemory;
+        let mem = Mapping::create("ring", ring_area_len(RING_MIN)).unwrap();
+        let _process = RingEndpoint::init(mem.clone(), 0, RING_MIN).unwrap();
+        let ctl = RingEndpoint::open(mem.clone(), 0, RingSide::Controller).unwrap();
+        let parts = LocalParts {
+            rings: RingChannel::new(ctl, EventFd::new().unwrap()),
+            regions: Arc::default(),
+            gone: Arc::default(),
+            pid: 0,
+        };
+        let (mut ch, handle) = channel(parts);
+        let mut out = Vec::new();
+        assert_eq!(ch.recv(&mut (), &mut out, 100), Ok(Received::Empty));
+        assert!(!handle.ready() && !ch.is_finished(&mut ()));
+        // The process claims more bytes than the ring holds.
+        mem.store_u64(256, RING_MIN + 1);
+        assert!(handle.ready(), "the loop must look at it");
+        assert_eq!(ch.recv(&mut (), &mut out, 100), Err(TransportError::Reset));
+        assert!(ch.is_finished(&mut ()), "no linger for a corrupt ring");
+        assert!(ch.direct_memory().is_some());
+        drop(ch);
+        assert!(handle.dropped());
+    }
 
     #[test]
     fn region_table_checks_bounds_and_overlaps() {
