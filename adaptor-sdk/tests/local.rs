@@ -256,6 +256,35 @@ fn unsealed_and_short_memfds_are_refused_with_the_reason() {
     p.register(10).unwrap();
 }
 
+#[test]
+fn a_bad_token_or_no_attach_gets_the_socket_closed() {
+    let mut c = HostedConfig::local(NodeId(1), KEY);
+    c.local_socket = Some(socket_path("timeout"));
+    c.attach_timeout = Duration::from_millis(300);
+    let node = spawn(c).unwrap();
+    let path = node.local_socket().unwrap();
+    match Process::attach_local(path, "p", token("someone-else"), opts()) {
+        Err(e) => assert_eq!(e.code(), Some(ErrorCode::AuthFailed), "{e}"),
+        Ok(_) => panic!("a wrong token attached"),
+    }
+    // Rings offered, but no attach through them: the node drops the
+    // channel after the attach timeout and the socket is closed.
+    let raw = raw_hello(&node);
+    raw.sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 16];
+    let n = recv_with_fds(raw.sock.as_fd(), &mut buf, &mut Vec::new()).unwrap();
+    assert_eq!(n, 0, "the controller closes the socket");
+    wait_until(
+        || {
+            metric(
+                &node,
+                "fractos_node_connections{node=\"1\",kind=\"process\"}",
+            ) == 0.0
+        },
+        "the channel to go",
+    );
+}
+
 struct XorShift(u64);
 impl XorShift {
     fn next(&mut self) -> u64 {

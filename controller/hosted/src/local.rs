@@ -118,6 +118,11 @@ pub(crate) struct LocalChannel {
     rings: Rc<RefCell<Rings>>,
     memory: LocalMemory,
     gone: Arc<AtomicBool>,
+    /// Dropped with the channel: the socket's task then ends (and closes
+    /// the socket, unmapping the regions), so a process whose channel the
+    /// node dropped (attach timeout, rejected token, corrupt ring) keeps
+    /// nothing.
+    _alive: oneshot::Sender<()>,
 }
 
 impl Channel for LocalChannel {
@@ -166,6 +171,7 @@ impl Channel for LocalChannel {
 
 /// What a connection's task hands the event loop once the rings are open.
 pub(crate) struct LocalParts {
+    pub(crate) alive: oneshot::Sender<()>,
     pub(crate) rings: Rings,
     pub(crate) regions: Arc<Mutex<Regions>>,
     pub(crate) gone: Arc<AtomicBool>,
@@ -218,6 +224,7 @@ pub(crate) fn channel(parts: LocalParts) -> (LocalChannel, LocalHandle) {
             regions: parts.regions,
         },
         gone: parts.gone.clone(),
+        _alive: parts.alive,
     };
     (
         ch,
@@ -390,7 +397,9 @@ pub(crate) async fn serve(s: UnixStream, events: mpsc::Sender<Event>, attach_tim
     let regions = Arc::new(Mutex::new(Regions::default()));
     let gone = Arc::new(AtomicBool::new(false));
     let (ok_tx, ok_rx) = oneshot::channel();
+    let (alive, mut dropped) = oneshot::channel();
     let parts = LocalParts {
+        alive,
         rings,
         regions: regions.clone(),
         gone: gone.clone(),
@@ -416,7 +425,13 @@ pub(crate) async fn serve(s: UnixStream, events: mpsc::Sender<Event>, attach_tim
         let _ = events.send(Event::Wake).await;
         return;
     }
-    let why = run(&s, &mut inbox, &regions, &waker, &events, &gone).await;
+    let why = tokio::select! {
+        r = run(&s, &mut inbox, &regions, &waker, &events, &gone) => r,
+        _ = &mut dropped => {
+            debug!(pid, "local channel dropped by the node; closing its socket");
+            Ok(())
+        }
+    };
     match why {
         Ok(()) => debug!(pid, "local process left"),
         Err(e) => warn!(pid, error = %e, "local channel closed"),
@@ -480,12 +495,14 @@ mod tests {
 
     #[test]
     fn a_corrupt_ring_is_a_reset_and_finishes_the_channel_at_once() {
-        use fractos_transport::ring::RING_MIN;
         use fractos_transport::ring::SharedMemory;
+        use fractos_transport::ring::RING_MIN;
         let mem = Mapping::create("ring", ring_area_len(RING_MIN)).unwrap();
         let _process = RingEndpoint::init(mem.clone(), 0, RING_MIN).unwrap();
         let ctl = RingEndpoint::open(mem.clone(), 0, RingSide::Controller).unwrap();
+        let (alive, _dropped) = oneshot::channel();
         let parts = LocalParts {
+            alive,
             rings: RingChannel::new(ctl, EventFd::new().unwrap()),
             regions: Arc::default(),
             gone: Arc::default(),
