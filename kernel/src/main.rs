@@ -224,7 +224,7 @@ fn start_storage(svc: &mut Service, disk: nvme::Disk, config: &Config, key: &[u8
     let blocks = match nvme::NvmeBlocks::new(disk) {
         Ok(b) => b,
         Err(e) => {
-            warn!("storage: not started: staging buffer: {e}");
+            warn!("storage: not started: DMA pool: {e}");
             return;
         }
     };

@@ -563,7 +563,8 @@ impl Service {
         }
         self.replenish_listeners();
         moved |= self.poll_ifaces(at, nics);
-        moved
+        // A process waiting for its device keeps the loop from idling.
+        moved || self.locals.iter().any(|l| !l.closed && l.process.is_busy())
     }
 
     fn poll_ifaces<D: Device>(

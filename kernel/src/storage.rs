@@ -4,21 +4,21 @@
 //!
 //! It speaks the process protocol to the controller core through an
 //! in-memory channel ([`LocalProcess`]): it attaches with a token like an
-//! adaptor, makes a Memory capability over its DMA staging buffer and two
-//! Requests, publishes them, and serves invocations:
+//! adaptor, makes a Memory capability over its DMA pool and two Requests,
+//! publishes them, and serves invocations:
 //!
 //! * **read** — immediates end with `(offset: u64, len: u64)` (bytes,
 //!   little-endian, any alignment); capabilities `[dst Memory (WRITE),
-//!   done Request?, err Request?]`. The covering blocks are read into the
-//!   staging buffer by DMA, then the window is copied straight into `dst`
+//!   done Request?, err Request?]`. The covering blocks are read by DMA into
+//!   a window of the pool, then that window is copied straight into `dst`
 //!   with `done` as the copy's completion Request. This is the reference
 //!   storage adaptor's read protocol, so the pipeline can use it unchanged.
 //! * **write** — same immediates; capabilities `[src Memory (READ), done?,
-//!   err?]`. `src` is copied into the staging buffer (read-modify-write of
-//!   partial blocks), written to the device and flushed; then `done` is
-//!   invoked. `src` must not be longer than `len` (the whole window is
-//!   copied; a longer one fails the copy with `SizeMismatch` and nothing
-//!   is written).
+//!   err?]`. `src` is copied into a window of the pool (after a device read
+//!   of partial first or last blocks), written to the device and flushed;
+//!   then `done` is invoked. `src` must not be longer than `len` (the whole
+//!   window is copied; a longer one fails the copy with `SizeMismatch` and
+//!   nothing is written).
 //!
 //! Failures invoke `err` (when given) with immediates `[status u8, code
 //! u16 LE]` ([`StorageStatus`]; `code` is the wire [`ErrorCode`] of a
@@ -26,20 +26,41 @@
 //! timeout: a range past the end of the device is `OutOfRange`, a `dst`
 //! without the WRITE right fails the copy with `MissingRight`.
 //!
-//! Bytes move between the NVMe DMA buffer and the controller's copy frames
-//! with one memory copy each way (the frame has to be built anyway); the
-//! device I/O itself is polled synchronously, one request at a time.
+//! # Data path
+//!
+//! Nothing waits for the device inside the event loop. Requests are
+//! admitted in arrival order as long as the pool has room for their
+//! covering blocks ([`BUFFER_ADDR`]-relative windows, page-granular); each
+//! one is cut into commands of at most the device's per-command limit
+//! ([`fractos_nvme::split_transfer`]) and submitted with
+//! [`BlockDevice::submit`]; [`LocalProcess::tick`], called on every turn of
+//! the event loop, reaps completions with [`BlockDevice::poll`] and moves
+//! each request on (diminish its window, copy, answer). So up to
+//! [`BlockDevice::queue_depth`] commands (at most [`MAX_COMMANDS`]) are in
+//! flight while the controller moves earlier requests' bytes over the
+//! network. The device writes the window the copy is then served from
+//! (`MemRead` of the pool): the only CPU copy is the one into the copy
+//! frame, which has to be built anyway. Writes run alone (no request is
+//! admitted while one is active, and it waits for earlier ones), so
+//! overlapping writes and reads keep their arrival order.
+//!
+//! The destination of a device transfer is a [`DmaTarget`]: today always a
+//! pool window; [`DmaTarget::Phys`] is the seam for DMA straight into other
+//! guest-physical memory (a shared-memory slot of a local process, issue 12
+//! point 5), where a request whose bytes are block-aligned in the
+//! destination would skip the pool and the copy.
 //!
 //! The process protocol itself — attach, op ids, routing completions,
-//! serving the controller's `MemRead`/`MemWrite` of the staging buffer
-//! (out of window: `MemoryFault`, as in the SDK), the invocation queue — is
-//! the sans-IO [`fractos_process::Connection`]; this module is the storage
-//! logic on top of it plus the [`LocalProcess`] wiring into the service.
+//! serving the controller's `MemRead`/`MemWrite` of the pool (out of window:
+//! `MemoryFault`, as in the SDK), the invocation queue — is the sans-IO
+//! [`fractos_process::Connection`]; this module is the storage logic on top
+//! of it plus the [`LocalProcess`] wiring into the service.
 
-use alloc::collections::VecDeque;
+use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use fractos_nvme::split_transfer;
 use fractos_process::{Config, Connection, Event, Instant, Memory, OutOfWindow};
 use fractos_wire::{
     CapInfo, ErrorCode, Handle, ObjectKind, ProcessMsg, Reply, Rights, FRAME_HEADER_LEN,
@@ -50,28 +71,119 @@ use log::{info, warn};
 pub const TAG_READ: u64 = 0x5354_0001;
 /// Handler tag of the write Request.
 pub const TAG_WRITE: u64 = 0x5354_0002;
-/// Address of the staging buffer in the process's registered memory.
+/// Address of the DMA pool in the process's registered memory.
 pub const BUFFER_ADDR: u64 = 0x1000_0000;
+/// Most device commands the service keeps in flight (fewer if the device's
+/// queue is shorter).
+pub const MAX_COMMANDS: usize = 32;
+/// Largest request: its covering blocks, in bytes (and at most the pool).
+pub const MAX_REQUEST: usize = 2 << 20;
+/// Granule of pool windows.
+const GRANULE: usize = 4096;
 
-/// A block device with a DMA staging buffer: what the storage service
-/// serves.
+/// Where the bytes of one device transfer land (reads) or come from
+/// (writes).
+///
+/// This is the seam for DMA into memory other than the service's own pool
+/// (issue 12 point 5): the target is any guest-physical range, so a later
+/// change can point a read at a local process's shared-memory slot with
+/// [`DmaTarget::Phys`] and fall back to a pool window (then a copy) only
+/// where alignment forbids it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DmaTarget {
+    /// This many bytes into the device's pool (checked by the device).
+    Pool(usize),
+    /// Guest-physical address of physically contiguous memory, dword
+    /// aligned (see [`BlockDevice::submit`]'s safety contract).
+    Phys(u64),
+}
+
+/// One device command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Io {
+    /// Read `blocks` blocks at `lba` into `to`.
+    Read {
+        /// First block.
+        lba: u64,
+        /// Blocks, at most [`BlockDevice::max_blocks_per_command`].
+        blocks: u32,
+        /// Destination.
+        to: DmaTarget,
+    },
+    /// Write `blocks` blocks at `lba` from `from`.
+    Write {
+        /// First block.
+        lba: u64,
+        /// Blocks, at most [`BlockDevice::max_blocks_per_command`].
+        blocks: u32,
+        /// Source.
+        from: DmaTarget,
+    },
+    /// Make written blocks durable.
+    Flush,
+}
+
+/// Why a device command failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// No room in the device's queue now; submit again after a completion.
+    #[error("device queue full")]
+    Busy,
+    /// The target lies outside the pool (or cannot be reached by DMA).
+    #[error("transfer target outside the DMA pool")]
+    BadTarget,
+    /// The command's outcome is unknown (it timed out, or the controller
+    /// failed): the device may still access its memory, which must never
+    /// be reused.
+    #[error("command abandoned: {0}")]
+    Abandoned(String),
+    /// The device failed the command; its memory is free again.
+    #[error("device error: {0}")]
+    Failed(String),
+}
+
+/// A completed device command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IoDone {
+    /// The token given to [`BlockDevice::submit`].
+    pub token: u64,
+    /// Its outcome.
+    pub result: Result<(), DeviceError>,
+}
+
+/// A block device with a DMA pool and a queue of commands: what the
+/// storage service serves.
 pub trait BlockDevice {
     /// Bytes per block.
     fn block_size(&self) -> u32;
     /// Number of blocks.
     fn blocks(&self) -> u64;
-    /// Bytes of the staging buffer (a whole number of blocks).
-    fn buffer_len(&self) -> usize;
-    /// Copies staging-buffer bytes at `offset` into `out`.
-    fn buffer_read(&self, offset: usize, out: &mut [u8]);
-    /// Copies `data` into the staging buffer at `offset`.
-    fn buffer_write(&mut self, offset: usize, data: &[u8]);
-    /// Reads `count` blocks at `lba` into the start of the staging buffer.
-    fn read(&mut self, lba: u64, count: u32) -> Result<(), String>;
-    /// Writes `count` blocks at `lba` from the start of the staging buffer.
-    fn write(&mut self, lba: u64, count: u32) -> Result<(), String>;
-    /// Makes written blocks durable.
-    fn flush(&mut self) -> Result<(), String>;
+    /// Most blocks one command moves (`MDTS`, PRP list limits).
+    fn max_blocks_per_command(&self) -> u32;
+    /// Commands that may be in flight at once.
+    fn queue_depth(&self) -> usize;
+    /// Bytes of the DMA pool (a whole number of pages).
+    fn pool_len(&self) -> usize;
+    /// Copies pool bytes at `offset` into `out` (in range: the caller
+    /// checks).
+    fn pool_read(&self, offset: usize, out: &mut [u8]);
+    /// Copies `data` into the pool at `offset` (in range: the caller
+    /// checks).
+    fn pool_write(&mut self, offset: usize, data: &[u8]);
+    /// Submits `io`; its completion comes back from [`poll`](Self::poll)
+    /// with `token`. [`DeviceError::Busy`] when the queue is full (nothing
+    /// submitted).
+    ///
+    /// # Safety
+    ///
+    /// A [`DmaTarget::Phys`] range (the transfer's length from its address)
+    /// must be memory the device may access, that nothing else uses and that
+    /// stays allocated until the command's completion has been polled (or,
+    /// for [`DeviceError::Abandoned`], forever). Pool targets are checked by
+    /// the device; the caller gives each in-flight command its own bytes.
+    unsafe fn submit(&mut self, io: Io, token: u64) -> Result<(), DeviceError>;
+    /// The next completed command, if any. Never blocks.
+    fn poll(&mut self) -> Option<IoDone>;
 }
 
 /// A process living inside the appliance, wired to the controller core
@@ -83,11 +195,17 @@ pub trait LocalProcess {
     fn poll_message(&mut self) -> Option<Vec<u8>>;
     /// Its name, for logs.
     fn name(&self) -> &str;
-    /// Called on every turn of the event loop with the time, for retries.
+    /// Called on every turn of the event loop with the time, for retries
+    /// and device completions.
     fn tick(&mut self, _now_ns: u64) {}
     /// Prometheus lines of its own (each ending in a newline), if any.
     fn metrics_text(&self, _node: u32) -> String {
         String::new()
+    }
+    /// Whether it waits for its device (commands in flight): the event
+    /// loop then keeps polling instead of idling.
+    fn is_busy(&self) -> bool {
+        false
     }
     /// Whether it has given up its channel (the service then closes it,
     /// and the controller revokes what it owned).
@@ -104,7 +222,7 @@ pub enum StorageStatus {
     /// The byte range ends past the device.
     OutOfRange = 1,
     /// Malformed request: immediates, capabilities, or a length of 0 or
-    /// above the staging buffer.
+    /// above [`MAX_REQUEST`] (or the pool).
     BadRequest = 2,
     /// The device failed the I/O.
     Device = 3,
@@ -125,6 +243,17 @@ pub struct StorageStats {
     pub bytes_written: u64,
     /// Requests answered with an error.
     pub errors: u64,
+    /// Device commands submitted (reads, writes, flushes).
+    pub commands: u64,
+    /// Most device commands in flight at once.
+    pub in_flight_max: u64,
+    /// Requests whose device transfer used the very memory the copy is
+    /// served from (reads) or lands in (whole-block writes): no CPU copy
+    /// in the service.
+    pub direct: u64,
+    /// Requests that merged bytes in a staging window first (writes of
+    /// partial blocks: the blocks are read, the new bytes copied over).
+    pub staged: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,8 +273,26 @@ enum Op {
     BufferCap,
     RequestCap(u64),
     Publish(String, Handle),
+    /// The window of job `.0`.
+    Diminish(u64),
+    /// The copy of job `.0`.
+    Copy(u64),
+}
+
+/// Where an admitted job is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Device reads of the covering blocks into the window (reads, and
+    /// writes of partial blocks).
+    Fetch,
+    /// Waiting for the window's Memory capability.
     Diminish,
+    /// The FractOS copy runs.
     Copy,
+    /// Device writes from the window.
+    Store,
+    /// The flush after the writes.
+    Flush,
 }
 
 /// One invocation being served.
@@ -154,12 +301,79 @@ struct Job {
     tag: u64,
     offset: u64,
     len: u64,
-    target: (Handle, CapInfo),
+    target: Handle,
     done: Option<Handle>,
     err: Option<Handle>,
     received: Vec<Handle>,
-    /// The diminished window of the staging buffer.
+    /// The diminished window of the pool.
     part: Option<Handle>,
+    /// Covering blocks: first, count, offset of the range in the first.
+    lba: u64,
+    count: u64,
+    skew: u64,
+    /// The pool window (bytes from the pool's start, length).
+    window: (usize, usize),
+    stage: Stage,
+    /// Blocks of this stage submitted (1 once a flush is).
+    next: u64,
+    /// Commands of this job in flight.
+    outstanding: u32,
+    /// The first device failure; the job ends once nothing is in flight.
+    error: Option<DeviceError>,
+    /// A command was abandoned: the window is never reused.
+    leak: bool,
+}
+
+impl Job {
+    /// Units of the current stage to submit: blocks, or 1 flush.
+    fn todo(&self) -> u64 {
+        match self.stage {
+            Stage::Fetch | Stage::Store => self.count,
+            Stage::Flush => 1,
+            Stage::Diminish | Stage::Copy => 0,
+        }
+    }
+
+    fn partial(&self, bs: u64) -> bool {
+        self.skew != 0 || (self.offset + self.len) % bs != 0
+    }
+}
+
+/// Page-granular first-fit allocation of pool windows.
+#[derive(Debug)]
+struct Windows {
+    used: Vec<bool>,
+}
+
+impl Windows {
+    fn new(pool_len: usize) -> Self {
+        Windows {
+            used: alloc::vec![false; pool_len / GRANULE],
+        }
+    }
+
+    /// A free window of `bytes` (rounded up to granules): its offset.
+    fn alloc(&mut self, bytes: usize) -> Option<usize> {
+        let n = bytes.div_ceil(GRANULE).max(1);
+        let mut run = 0;
+        for i in 0..self.used.len() {
+            run = if self.used[i] { 0 } else { run + 1 };
+            if run == n {
+                let first = i + 1 - n;
+                self.used[first..=i].fill(true);
+                return Some(first * GRANULE);
+            }
+        }
+        None
+    }
+
+    fn free(&mut self, offset: usize, bytes: usize) {
+        let first = offset / GRANULE;
+        let end = (first + bytes.div_ceil(GRANULE).max(1)).min(self.used.len());
+        if let Some(s) = self.used.get_mut(first..end) {
+            s.fill(false);
+        }
+    }
 }
 
 /// The storage service process. See the module doc.
@@ -172,30 +386,36 @@ pub struct StorageProcess<B: BlockDevice> {
     conn: Connection<Op>,
     buffer_cap: Option<Handle>,
     setup_left: usize,
+    /// Requests not admitted yet, in arrival order.
     queue: VecDeque<Job>,
-    current: Option<Job>,
+    /// Admitted requests by id.
+    active: BTreeMap<u64, Job>,
+    next_id: u64,
+    windows: Windows,
+    /// Device commands in flight.
+    in_flight: usize,
     stats: StorageStats,
     now_ns: u64,
     /// Publishes to retry: (name, Request, when).
     retries: Vec<(String, Handle, u64)>,
 }
 
-/// The staging buffer as the controller reaches it: registered memory
-/// `[BUFFER_ADDR, BUFFER_ADDR + buffer_len)`.
+/// The pool as the controller reaches it: registered memory
+/// `[BUFFER_ADDR, BUFFER_ADDR + pool_len)`.
 struct Staging<'a, B>(&'a mut B);
 
 impl<B: BlockDevice> Memory for Staging<'_, B> {
     fn read(&mut self, addr: u64, out: &mut [u8]) -> Result<(), OutOfWindow> {
-        let len = self.0.buffer_len() as u64;
+        let len = self.0.pool_len() as u64;
         let off = OutOfWindow::check(BUFFER_ADDR, len, addr, out.len() as u64)?;
-        self.0.buffer_read(off as usize, out);
+        self.0.pool_read(off as usize, out);
         Ok(())
     }
 
     fn write(&mut self, addr: u64, data: &[u8]) -> Result<(), OutOfWindow> {
-        let len = self.0.buffer_len() as u64;
+        let len = self.0.pool_len() as u64;
         let off = OutOfWindow::check(BUFFER_ADDR, len, addr, data.len() as u64)?;
-        self.0.buffer_write(off as usize, data);
+        self.0.pool_write(off as usize, data);
         Ok(())
     }
 }
@@ -228,6 +448,7 @@ impl<B: BlockDevice> StorageProcess<B> {
                 (closed, Phase::Failed)
             }
         };
+        let windows = Windows::new(dev.pool_len());
         StorageProcess {
             dev,
             name: String::from(name),
@@ -237,7 +458,10 @@ impl<B: BlockDevice> StorageProcess<B> {
             buffer_cap: None,
             setup_left: 0,
             queue: VecDeque::new(),
-            current: None,
+            active: BTreeMap::new(),
+            next_id: 1,
+            windows,
+            in_flight: 0,
             stats: StorageStats::default(),
             now_ns: 0,
             retries: Vec::new(),
@@ -286,7 +510,7 @@ impl<B: BlockDevice> StorageProcess<B> {
 
     fn start_setup(&mut self) {
         self.phase = Phase::Setup;
-        let len = self.dev.buffer_len() as u64;
+        let len = self.dev.pool_len() as u64;
         self.setup_left = 3;
         self.send(Op::BufferCap, |op| ProcessMsg::MemoryCreate {
             op,
@@ -309,13 +533,15 @@ impl<B: BlockDevice> StorageProcess<B> {
         if self.setup_left == 0 && self.phase == Phase::Setup {
             self.phase = Phase::Ready;
             info!(
-                "storage: {} ready: {} blocks of {} bytes, staging buffer {} KiB",
+                "storage: {} ready: {} blocks of {} bytes, DMA pool {} KiB, up to {} commands in flight of at most {} blocks",
                 self.name,
                 self.dev.blocks(),
                 self.dev.block_size(),
-                self.dev.buffer_len() / 1024
+                self.dev.pool_len() / 1024,
+                self.max_in_flight(),
+                self.dev.max_blocks_per_command(),
             );
-            self.next_job();
+            self.advance();
         }
     }
 
@@ -348,13 +574,14 @@ impl<B: BlockDevice> StorageProcess<B> {
                 warn!("storage: {}: setup failed: {r:?}", self.name);
                 self.phase = Phase::Failed;
             }
-            (Op::Diminish, Ok(Reply::Cap { handle, .. })) => self.on_part(handle),
-            (Op::Diminish, r) => {
+            (Op::Diminish(id), Ok(Reply::Cap { handle, .. })) => self.on_part(id, handle),
+            (Op::Diminish(id), r) => {
                 warn!("storage: {}: diminish failed: {r:?}", self.name);
-                self.fail(StorageStatus::Device, None);
+                self.finish_failed(id, StorageStatus::Device, None);
             }
-            (Op::Copy, r) => self.on_copied(r.err()),
+            (Op::Copy(id), r) => self.on_copied(id, r.err()),
         }
+        self.advance();
     }
 
     fn on_invocation(&mut self, tag: u64, imms: &[u8], caps: &[(Handle, CapInfo)]) {
@@ -365,31 +592,49 @@ impl<B: BlockDevice> StorageProcess<B> {
                 .map(|c| c.0)
         };
         let n = imms.len();
-        let range = (n >= 16).then(|| {
-            let at = |i: usize| u64::from_le_bytes(imms[i..i + 8].try_into().expect("8 bytes"));
-            (at(n - 16), at(n - 8))
-        });
+        let at = |i: usize| {
+            imms.get(i..i + 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_le_bytes)
+        };
+        let range = n.checked_sub(16).and_then(|s| Some((at(s)?, at(s + 8)?)));
         let target = caps
             .first()
             .filter(|c| c.1.kind == ObjectKind::Memory)
-            .copied();
-        let job = Job {
+            .map(|c| c.0);
+        let mut job = Job {
             tag,
             offset: range.map_or(0, |r| r.0),
             len: range.map_or(0, |r| r.1),
-            target: target.unwrap_or((Handle(0), caps.first().map_or(NO_CAP, |c| c.1))),
+            target: target.unwrap_or(Handle(0)),
             done: request(1),
             err: request(2),
             received,
             part: None,
+            lba: 0,
+            count: 0,
+            skew: 0,
+            window: (0, 0),
+            stage: Stage::Fetch,
+            next: 0,
+            outstanding: 0,
+            error: None,
+            leak: false,
         };
         if range.is_none() || target.is_none() || !matches!(tag, TAG_READ | TAG_WRITE) {
             // Malformed: answered at once (it needs no buffer).
             self.answer_error(&job, StorageStatus::BadRequest, None);
             return;
         }
+        match self.covering(&job) {
+            Ok((lba, count, skew)) => (job.lba, job.count, job.skew) = (lba, count, skew),
+            Err(status) => {
+                self.answer_error(&job, status, None);
+                return;
+            }
+        }
         self.queue.push_back(job);
-        self.next_job();
+        self.advance();
     }
 
     /// Counts a failed request, invokes its `err` Request (if any) with
@@ -410,24 +655,48 @@ impl<B: BlockDevice> StorageProcess<B> {
     }
 
     /// Drops every handle the invocation brought (and the window of the
-    /// staging buffer).
+    /// pool).
     fn release(&mut self, job: &Job) {
         for &h in job.received.iter().chain(job.part.iter()) {
             self.send_detached(|op| ProcessMsg::Drop { op, cap: h });
         }
     }
 
-    fn fail(&mut self, status: StorageStatus, code: Option<ErrorCode>) {
-        if let Some(job) = self.current.take() {
+    /// Ends admitted job `id` with an error (nothing of it in flight).
+    fn finish_failed(&mut self, id: u64, status: StorageStatus, code: Option<ErrorCode>) {
+        if let Some(job) = self.active.remove(&id) {
+            self.free_window(&job);
             self.answer_error(&job, status, code);
         }
-        self.next_job();
+    }
+
+    fn free_window(&mut self, job: &Job) {
+        if job.leak {
+            warn!(
+                "storage: {}: {} KiB of the DMA pool at {:#x} withheld for good (the device may still write it)",
+                self.name,
+                job.window.1 / 1024,
+                job.window.0
+            );
+        } else {
+            self.windows.free(job.window.0, job.window.1);
+        }
+    }
+
+    /// Most commands to keep in flight.
+    fn max_in_flight(&self) -> usize {
+        self.dev.queue_depth().clamp(1, MAX_COMMANDS)
+    }
+
+    /// Largest covering range of a request, in bytes.
+    fn max_request(&self) -> u64 {
+        MAX_REQUEST.min(self.dev.pool_len()) as u64
     }
 
     /// The blocks covering the job's byte range: (first lba, count, offset
     /// of the range in the first block).
-    fn covering(&self, job: &Job) -> Result<(u64, u32, u64), StorageStatus> {
-        let bs = u64::from(self.dev.block_size());
+    fn covering(&self, job: &Job) -> Result<(u64, u64, u64), StorageStatus> {
+        let bs = u64::from(self.dev.block_size().max(1));
         let capacity = self.dev.blocks().saturating_mul(bs);
         let end = job
             .offset
@@ -440,75 +709,250 @@ impl<B: BlockDevice> StorageProcess<B> {
             return Err(StorageStatus::OutOfRange);
         }
         let first = job.offset / bs;
-        let last = end.div_ceil(bs);
-        let count = last - first;
-        if count * bs > self.dev.buffer_len() as u64 {
+        let count = end.div_ceil(bs) - first;
+        if count.saturating_mul(bs) > self.max_request() {
             return Err(StorageStatus::BadRequest);
         }
-        Ok((first, count as u32, job.offset % bs))
+        Ok((first, count, job.offset % bs))
     }
 
-    /// Starts the next queued job if the buffer is free.
-    fn next_job(&mut self) {
-        while self.phase == Phase::Ready && self.current.is_none() {
-            let Some(job) = self.queue.pop_front() else {
+    /// Moves everything on that can move: admits queued requests, then
+    /// submits device commands while the queue has room.
+    fn advance(&mut self) {
+        self.admit();
+        self.submit_io();
+    }
+
+    /// Admits queued requests in order while their windows fit (a write
+    /// only alone).
+    fn admit(&mut self) {
+        let bs = u64::from(self.dev.block_size().max(1));
+        while self.phase == Phase::Ready {
+            let Some(front) = self.queue.front() else {
                 return;
             };
-            let (lba, count, skew) = match self.covering(&job) {
-                Ok(c) => c,
-                Err(status) => {
-                    self.current = Some(job);
-                    self.fail(status, None);
-                    continue;
-                }
-            };
-            let bs = u64::from(self.dev.block_size());
-            // Reads need the blocks; writes need them only for partial
-            // first or last blocks.
-            let partial = skew != 0 || (job.offset + job.len) % bs != 0;
-            if job.tag == TAG_READ || partial {
-                if let Err(e) = self.dev.read(lba, count) {
-                    warn!(
-                        "storage: {}: read of {count} blocks at {lba} failed: {e}",
-                        self.name
-                    );
-                    self.current = Some(job);
-                    self.fail(StorageStatus::Device, None);
-                    continue;
-                }
+            let writing = self.active.values().any(|j| j.tag == TAG_WRITE);
+            if writing || (front.tag == TAG_WRITE && !self.active.is_empty()) {
+                return;
             }
-            let rights = if job.tag == TAG_READ {
-                Rights::READ
-            } else {
-                Rights::WRITE
+            // At most `max_request()` (checked on arrival), so it fits in usize.
+            let bytes = (front.count * bs) as usize;
+            let Some(at) = self.windows.alloc(bytes) else {
+                return;
             };
-            let (buffer, len) = (self.buffer_cap.expect("ready has a buffer"), job.len);
-            self.current = Some(job);
-            self.send(Op::Diminish, |op| ProcessMsg::Diminish {
-                op,
-                cap: buffer,
-                offset: skew,
-                len,
-                rights,
-            });
+            let Some(mut job) = self.queue.pop_front() else {
+                return;
+            };
+            job.window = (at, bytes);
+            let id = self.next_id;
+            self.next_id += 1;
+            if job.tag == TAG_WRITE && job.partial(bs) {
+                self.stats.staged += 1;
+            } else {
+                self.stats.direct += 1;
+            }
+            let fetch = job.tag == TAG_READ || job.partial(bs);
+            job.stage = if fetch { Stage::Fetch } else { Stage::Diminish };
+            self.active.insert(id, job);
+            if !fetch {
+                self.diminish(id);
+            }
         }
     }
 
-    fn on_part(&mut self, part: Handle) {
-        let Some(job) = self.current.as_mut() else {
+    /// Asks for the Memory capability of job `id`'s window.
+    fn diminish(&mut self, id: u64) {
+        let Some(job) = self.active.get_mut(&id) else {
+            return;
+        };
+        job.stage = Stage::Diminish;
+        let rights = if job.tag == TAG_READ {
+            Rights::READ
+        } else {
+            Rights::WRITE
+        };
+        let (offset, len) = (job.window.0 as u64 + job.skew, job.len);
+        let Some(buffer) = self.buffer_cap else {
+            self.finish_failed(id, StorageStatus::Device, None);
+            return;
+        };
+        self.send(Op::Diminish(id), |op| ProcessMsg::Diminish {
+            op,
+            cap: buffer,
+            offset,
+            len,
+            rights,
+        });
+    }
+
+    /// Submits device commands of admitted jobs, oldest first, while the
+    /// device queue has room.
+    fn submit_io(&mut self) {
+        let max = self.dev.max_blocks_per_command();
+        let bs = u64::from(self.dev.block_size().max(1));
+        let limit = self.max_in_flight();
+        let mut ended = Vec::new();
+        'jobs: for (&id, job) in self.active.iter_mut() {
+            while job.error.is_none() && job.next < job.todo() {
+                if self.in_flight >= limit {
+                    break 'jobs;
+                }
+                let (io, units) = match job.stage {
+                    Stage::Flush => (Io::Flush, 1),
+                    stage => {
+                        let Some(c) =
+                            split_transfer(job.lba + job.next, job.count - job.next, max).next()
+                        else {
+                            break;
+                        };
+                        // Inside the window: `next < count` blocks of it.
+                        let at = DmaTarget::Pool(job.window.0 + (job.next * bs) as usize);
+                        let io = if stage == Stage::Fetch {
+                            Io::Read {
+                                lba: c.lba,
+                                blocks: c.blocks,
+                                to: at,
+                            }
+                        } else {
+                            Io::Write {
+                                lba: c.lba,
+                                blocks: c.blocks,
+                                from: at,
+                            }
+                        };
+                        (io, u64::from(c.blocks))
+                    }
+                };
+                // SAFETY: pool targets only (the device checks their
+                // bounds); each command gets its own blocks of a window
+                // that belongs to this job alone until every one of its
+                // commands has completed.
+                match unsafe { self.dev.submit(io, id) } {
+                    Ok(()) => {
+                        job.next += units;
+                        job.outstanding += 1;
+                        self.in_flight += 1;
+                        self.stats.commands += 1;
+                        self.stats.in_flight_max =
+                            self.stats.in_flight_max.max(self.in_flight as u64);
+                    }
+                    Err(DeviceError::Busy) => break 'jobs,
+                    Err(e) => {
+                        warn!("storage: {}: submit failed: {e}", self.name);
+                        job.error = Some(e);
+                        if job.outstanding == 0 {
+                            ended.push(id);
+                        }
+                    }
+                }
+            }
+        }
+        for id in ended {
+            self.stage_done(id);
+        }
+    }
+
+    /// Takes the device's completions and moves their jobs on.
+    fn reap(&mut self) {
+        // Until the device has nothing more: a device that completes at
+        // once answers what `advance` submitted in the same call.
+        loop {
+            if !self.reap_once() {
+                return;
+            }
+            self.advance();
+        }
+    }
+
+    /// Takes the completions the device has now; whether there were any.
+    fn reap_once(&mut self) -> bool {
+        let mut any = false;
+        while let Some(d) = self.dev.poll() {
+            any = true;
+            self.in_flight = self.in_flight.saturating_sub(1);
+            let Some(job) = self.active.get_mut(&d.token) else {
+                warn!(
+                    "storage: {}: completion for unknown request {}",
+                    self.name, d.token
+                );
+                continue;
+            };
+            job.outstanding = job.outstanding.saturating_sub(1);
+            if let Err(e) = d.result {
+                job.leak |= matches!(e, DeviceError::Abandoned(_));
+                job.error.get_or_insert(e);
+            }
+            if job.outstanding == 0 && (job.error.is_some() || job.next >= job.todo()) {
+                self.stage_done(d.token);
+            }
+        }
+        any
+    }
+
+    /// Every command of job `id`'s stage has completed (or one failed and
+    /// nothing is in flight).
+    fn stage_done(&mut self, id: u64) {
+        let Some(job) = self.active.get_mut(&id) else {
+            return;
+        };
+        if let Some(e) = &job.error {
+            warn!(
+                "storage: {}: {} of {} blocks at {} failed: {e}",
+                self.name,
+                if job.stage == Stage::Fetch {
+                    "read"
+                } else {
+                    "write"
+                },
+                job.count,
+                job.lba
+            );
+            self.finish_failed(id, StorageStatus::Device, None);
+            return;
+        }
+        job.next = 0;
+        match job.stage {
+            Stage::Fetch => self.diminish(id),
+            Stage::Store => job.stage = Stage::Flush,
+            Stage::Flush => {
+                let Some(job) = self.active.remove(&id) else {
+                    return;
+                };
+                self.stats.writes += 1;
+                self.stats.bytes_written += job.len;
+                if let Some(done) = job.done {
+                    self.send_detached(|op| ProcessMsg::Invoke {
+                        op,
+                        cap: done,
+                        imms: Vec::new(),
+                        caps: Vec::new(),
+                    });
+                }
+                self.free_window(&job);
+                self.release(&job);
+            }
+            Stage::Diminish | Stage::Copy => {}
+        }
+    }
+
+    fn on_part(&mut self, id: u64, part: Handle) {
+        let Some(job) = self.active.get_mut(&id) else {
+            // Nobody waits for it any more.
+            self.send_detached(|op| ProcessMsg::Drop { op, cap: part });
             return;
         };
         job.part = Some(part);
-        let (tag, target, done) = (job.tag, job.target.0, job.done);
+        job.stage = Stage::Copy;
+        let (tag, target, done) = (job.tag, job.target, job.done);
         if tag == TAG_READ {
-            self.send(Op::Copy, |op| ProcessMsg::Copy {
+            self.send(Op::Copy(id), |op| ProcessMsg::Copy {
                 op,
                 src: part,
                 dst: target,
                 completion: done,
             });
         } else {
-            self.send(Op::Copy, |op| ProcessMsg::Copy {
+            self.send(Op::Copy(id), |op| ProcessMsg::Copy {
                 op,
                 src: target,
                 dst: part,
@@ -517,51 +961,28 @@ impl<B: BlockDevice> StorageProcess<B> {
         }
     }
 
-    fn on_copied(&mut self, error: Option<ErrorCode>) {
+    fn on_copied(&mut self, id: u64, error: Option<ErrorCode>) {
         if let Some(code) = error {
-            self.fail(StorageStatus::Copy, Some(code));
+            self.finish_failed(id, StorageStatus::Copy, Some(code));
             return;
         }
-        let Some(job) = self.current.take() else {
+        let Some(job) = self.active.get_mut(&id) else {
             return;
         };
-        if job.tag == TAG_READ {
-            self.stats.reads += 1;
-            self.stats.bytes_read += job.len;
-        } else {
-            let (lba, count, _) = self.covering(&job).expect("checked before");
-            let written = self.dev.write(lba, count).and_then(|()| self.dev.flush());
-            if let Err(e) = written {
-                warn!(
-                    "storage: {}: write of {count} blocks at {lba} failed: {e}",
-                    self.name
-                );
-                self.current = Some(job);
-                self.fail(StorageStatus::Device, None);
-                return;
-            }
-            self.stats.writes += 1;
-            self.stats.bytes_written += job.len;
-            if let Some(done) = job.done {
-                self.send_detached(|op| ProcessMsg::Invoke {
-                    op,
-                    cap: done,
-                    imms: Vec::new(),
-                    caps: Vec::new(),
-                });
-            }
+        if job.tag == TAG_WRITE {
+            job.stage = Stage::Store;
+            job.next = 0;
+            return;
         }
+        let Some(job) = self.active.remove(&id) else {
+            return;
+        };
+        self.stats.reads += 1;
+        self.stats.bytes_read += job.len;
+        self.free_window(&job);
         self.release(&job);
-        self.next_job();
     }
 }
-
-/// Placeholder info for a missing capability (a malformed invocation).
-const NO_CAP: CapInfo = CapInfo {
-    kind: ObjectKind::Request,
-    rights: Rights::NONE,
-    len: 0,
-};
 
 impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
     fn on_message(&mut self, body: &[u8]) {
@@ -585,7 +1006,7 @@ impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
             }
         }
         // Drained after every message, so the connection's bound is never
-        // reached; jobs queue here until the staging buffer is free.
+        // reached; jobs queue here until the pool has room.
         while let Some(inv) = self.conn.poll_invocation() {
             self.on_invocation(inv.tag, &inv.imms, &inv.caps);
         }
@@ -593,6 +1014,10 @@ impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
 
     fn is_closed(&self) -> bool {
         self.phase == Phase::Failed
+    }
+
+    fn is_busy(&self) -> bool {
+        self.in_flight > 0
     }
 
     fn poll_message(&mut self) -> Option<Vec<u8>> {
@@ -616,6 +1041,7 @@ impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
                 self.publish(name, cap);
             }
         }
+        self.reap();
     }
 
     fn name(&self) -> &str {
@@ -633,8 +1059,28 @@ impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
              # HELP fractos_storage_bytes_total Bytes the built-in storage service moved.\n\
              # TYPE fractos_storage_bytes_total counter\n\
              fractos_storage_bytes_total{{node=\"{node}\",direction=\"read\"}} {}\n\
-             fractos_storage_bytes_total{{node=\"{node}\",direction=\"written\"}} {}\n",
-            s.reads, s.writes, s.errors, s.bytes_read, s.bytes_written
+             fractos_storage_bytes_total{{node=\"{node}\",direction=\"written\"}} {}\n\
+             # HELP fractos_storage_commands_total Device commands the storage service submitted.\n\
+             # TYPE fractos_storage_commands_total counter\n\
+             fractos_storage_commands_total{{node=\"{node}\"}} {}\n\
+             # HELP fractos_storage_in_flight Device commands in flight: now, and the most at once.\n\
+             # TYPE fractos_storage_in_flight gauge\n\
+             fractos_storage_in_flight{{node=\"{node}\",kind=\"now\"}} {}\n\
+             fractos_storage_in_flight{{node=\"{node}\",kind=\"max\"}} {}\n\
+             # HELP fractos_storage_transfers_total Requests by data path: direct (device DMA into the memory the copy uses) or staged (partial blocks merged first).\n\
+             # TYPE fractos_storage_transfers_total counter\n\
+             fractos_storage_transfers_total{{node=\"{node}\",path=\"direct\"}} {}\n\
+             fractos_storage_transfers_total{{node=\"{node}\",path=\"staged\"}} {}\n",
+            s.reads,
+            s.writes,
+            s.errors,
+            s.bytes_read,
+            s.bytes_written,
+            s.commands,
+            self.in_flight,
+            s.in_flight_max,
+            s.direct,
+            s.staged
         )
     }
 }
@@ -642,35 +1088,115 @@ impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use core::cell::Cell;
     use fractos_wire::{ControllerMsg, NodeId};
 
-    /// A device with only a staging buffer.
-    struct Buf(Vec<u8>);
+    const BS: usize = 512;
 
-    impl BlockDevice for Buf {
+    /// A block device model: `disk` bytes, a DMA `pool`, commands queued
+    /// until polled and completed last first (out of order) unless `hold`.
+    struct Disk {
+        disk: Vec<u8>,
+        pool: Vec<u8>,
+        max_blocks: u32,
+        depth: usize,
+        queued: Vec<(Io, u64)>,
+        hold: Cell<bool>,
+        /// Reads touching this block fail.
+        bad_block: Option<u64>,
+        most_queued: usize,
+    }
+
+    impl Disk {
+        fn new(blocks: usize, pool: usize) -> Self {
+            Disk {
+                disk: (0..blocks * BS)
+                    .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[2])
+                    .collect(),
+                pool: vec![0; pool],
+                max_blocks: 8,
+                depth: 16,
+                queued: Vec::new(),
+                hold: Cell::new(false),
+                bad_block: None,
+                most_queued: 0,
+            }
+        }
+
+        fn pool_range(&self, t: DmaTarget, blocks: u32) -> Result<usize, DeviceError> {
+            match t {
+                DmaTarget::Pool(at) if at + blocks as usize * BS <= self.pool.len() => Ok(at),
+                _ => Err(DeviceError::BadTarget),
+            }
+        }
+    }
+
+    impl BlockDevice for Disk {
         fn block_size(&self) -> u32 {
-            512
+            BS as u32
         }
         fn blocks(&self) -> u64 {
-            1
+            (self.disk.len() / BS) as u64
         }
-        fn buffer_len(&self) -> usize {
-            self.0.len()
+        fn max_blocks_per_command(&self) -> u32 {
+            self.max_blocks
         }
-        fn buffer_read(&self, offset: usize, out: &mut [u8]) {
-            out.copy_from_slice(&self.0[offset..offset + out.len()]);
+        fn queue_depth(&self) -> usize {
+            self.depth
         }
-        fn buffer_write(&mut self, offset: usize, data: &[u8]) {
-            self.0[offset..offset + data.len()].copy_from_slice(data);
+        fn pool_len(&self) -> usize {
+            self.pool.len()
         }
-        fn read(&mut self, _: u64, _: u32) -> Result<(), String> {
+        fn pool_read(&self, offset: usize, out: &mut [u8]) {
+            out.copy_from_slice(&self.pool[offset..offset + out.len()]);
+        }
+        fn pool_write(&mut self, offset: usize, data: &[u8]) {
+            self.pool[offset..offset + data.len()].copy_from_slice(data);
+        }
+        unsafe fn submit(&mut self, io: Io, token: u64) -> Result<(), DeviceError> {
+            if self.queued.len() >= self.depth {
+                return Err(DeviceError::Busy);
+            }
+            match io {
+                Io::Read { blocks, to, .. } => self.pool_range(to, blocks)?,
+                Io::Write { blocks, from, .. } => self.pool_range(from, blocks)?,
+                Io::Flush => 0,
+            };
+            assert!(
+                !matches!(io, Io::Read { blocks, .. } | Io::Write { blocks, .. } if blocks > self.max_blocks),
+                "{io:?} exceeds one command"
+            );
+            self.queued.push((io, token));
+            self.most_queued = self.most_queued.max(self.queued.len());
             Ok(())
         }
-        fn write(&mut self, _: u64, _: u32) -> Result<(), String> {
-            Ok(())
-        }
-        fn flush(&mut self) -> Result<(), String> {
-            Ok(())
+        fn poll(&mut self) -> Option<IoDone> {
+            if self.hold.get() {
+                return None;
+            }
+            let (io, token) = self.queued.pop()?;
+            let mut result = Ok(());
+            match io {
+                Io::Read { lba, blocks, to } => {
+                    let (d, n) = (lba as usize * BS, blocks as usize * BS);
+                    let at = self.pool_range(to, blocks).expect("checked on submit");
+                    if self
+                        .bad_block
+                        .is_some_and(|b| (lba..lba + u64::from(blocks)).contains(&b))
+                    {
+                        result = Err(DeviceError::Failed("unrecovered read".into()));
+                    } else {
+                        self.pool[at..at + n].copy_from_slice(&self.disk[d..d + n]);
+                    }
+                }
+                Io::Write { lba, blocks, from } => {
+                    let (d, n) = (lba as usize * BS, blocks as usize * BS);
+                    let at = self.pool_range(from, blocks).expect("checked on submit");
+                    self.disk[d..d + n].copy_from_slice(&self.pool[at..at + n]);
+                }
+                Io::Flush => {}
+            }
+            Some(IoDone { token, result })
         }
     }
 
@@ -680,18 +1206,259 @@ mod tests {
         f.split_off(FRAME_HEADER_LEN)
     }
 
-    fn sent(p: &mut StorageProcess<Buf>) -> Vec<ProcessMsg> {
+    fn sent(p: &mut StorageProcess<Disk>) -> Vec<ProcessMsg> {
         core::iter::from_fn(|| p.poll_message())
             .map(|b| ProcessMsg::decode(&b).unwrap())
             .collect()
     }
 
+    const MEM: CapInfo = CapInfo {
+        kind: ObjectKind::Memory,
+        rights: Rights::READ_WRITE,
+        len: 0,
+    };
+    const REQ: CapInfo = CapInfo {
+        kind: ObjectKind::Request,
+        rights: Rights::NONE,
+        len: 0,
+    };
+
+    /// The controller's side, as far as the storage service needs it:
+    /// answers setup, diminishes and copies (a read copy fetches the
+    /// window with `MemRead`; a write copy stores `sources[src]` with
+    /// `MemWrite`), records what reached each destination and which
+    /// continuations were invoked.
+    #[derive(Default)]
+    struct Controller {
+        next_handle: u32,
+        /// Part handle → (offset in the pool, len).
+        parts: BTreeMap<u32, (u64, u64)>,
+        /// Destination handle → bytes copied into it.
+        copied: BTreeMap<u32, Vec<u8>>,
+        /// Source handle → bytes a write copies.
+        sources: BTreeMap<u32, Vec<u8>>,
+        /// Invoked Requests: (handle, immediates).
+        invoked: Vec<(u32, Vec<u8>)>,
+        /// Copies to answer: (op, error).
+        copies: Vec<(u64, Option<ErrorCode>)>,
+        xfer: u64,
+    }
+
+    impl Controller {
+        fn reply(p: &mut StorageProcess<Disk>, op: u64, result: Result<Reply, ErrorCode>) {
+            p.on_message(&body(&ControllerMsg::Completion { op, result }));
+        }
+
+        fn cap(&mut self) -> Reply {
+            self.next_handle += 1;
+            Reply::Cap {
+                handle: Handle(1000 + self.next_handle),
+                info: MEM,
+            }
+        }
+
+        /// Answers everything the process sent, until it is quiet.
+        fn run(&mut self, p: &mut StorageProcess<Disk>) {
+            for _ in 0..1000 {
+                p.tick(1);
+                let msgs = sent(p);
+                if msgs.is_empty() && self.copies.is_empty() && p.device().queued.is_empty() {
+                    return;
+                }
+                for m in msgs {
+                    self.answer(p, m);
+                }
+                for (op, e) in core::mem::take(&mut self.copies) {
+                    Self::reply(p, op, e.map_or(Ok(Reply::Done), Err));
+                }
+            }
+            panic!("the storage process never went quiet");
+        }
+
+        fn answer(&mut self, p: &mut StorageProcess<Disk>, m: ProcessMsg) {
+            match m {
+                ProcessMsg::Attach { .. } => {
+                    p.on_message(&body(&ControllerMsg::Attached { node: NodeId(1) }))
+                }
+                ProcessMsg::MemoryCreate { op, .. } | ProcessMsg::RequestCreate { op, .. } => {
+                    let cap = self.cap();
+                    Self::reply(p, op, Ok(cap));
+                }
+                ProcessMsg::Diminish {
+                    op, offset, len, ..
+                } => {
+                    let cap = self.cap();
+                    if let Reply::Cap { handle, .. } = cap {
+                        self.parts.insert(handle.0, (offset, len));
+                    }
+                    Self::reply(p, op, Ok(cap));
+                }
+                ProcessMsg::Copy { op, src, dst, .. } => {
+                    if let Some(&(offset, len)) = self.parts.get(&src.0) {
+                        self.xfer += 1;
+                        p.on_message(&body(&ControllerMsg::MemRead {
+                            xfer: self.xfer,
+                            addr: BUFFER_ADDR + offset,
+                            len: len as u32,
+                        }));
+                        let data = sent(p)
+                            .into_iter()
+                            .find_map(|m| match m {
+                                ProcessMsg::MemReadReply { result, .. } => result.ok(),
+                                _ => None,
+                            })
+                            .expect("the window is served");
+                        self.copied.insert(dst.0, data);
+                    } else {
+                        let (offset, _) = self.parts[&dst.0];
+                        self.xfer += 1;
+                        p.on_message(&body(&ControllerMsg::MemWrite {
+                            xfer: self.xfer,
+                            addr: BUFFER_ADDR + offset,
+                            data: self.sources[&src.0].clone(),
+                        }));
+                        let _ = sent(p);
+                    }
+                    self.copies.push((op, None));
+                }
+                ProcessMsg::Invoke { cap, imms, .. } => self.invoked.push((cap.0, imms)),
+                _ => {}
+            }
+        }
+    }
+
+    fn ready(disk: Disk) -> (StorageProcess<Disk>, Controller) {
+        let mut p = StorageProcess::new(disk, "s", [0; 32], &[], &[]);
+        let mut c = Controller::default();
+        c.run(&mut p);
+        assert!(p.is_ready());
+        (p, c)
+    }
+
+    /// Invokes `tag` for `offset+len` with Memory `mem` and `done`/`err`
+    /// Requests `mem + 1` and `mem + 2`.
+    fn invoke(p: &mut StorageProcess<Disk>, tag: u64, offset: u64, len: u64, mem: u32) {
+        let mut imms = offset.to_le_bytes().to_vec();
+        imms.extend_from_slice(&len.to_le_bytes());
+        p.on_message(&body(&ControllerMsg::Invocation {
+            tag,
+            imms,
+            caps: vec![
+                (Handle(mem), MEM),
+                (Handle(mem + 1), REQ),
+                (Handle(mem + 2), REQ),
+            ],
+        }));
+    }
+
     #[test]
-    fn staging_buffer_is_served_and_faults_outside_like_the_sdk() {
-        let mut p = StorageProcess::new(Buf(vec![1, 2, 3, 4]), "s", [0; 32], &[], &[]);
+    fn concurrent_reads_keep_commands_in_flight_split_and_return_their_own_bytes() {
+        let disk = Disk::new(4096, 256 * 1024);
+        disk.hold.set(true);
+        let (mut p, mut c) = ready(disk);
+        // Ten reads at once: aligned, unaligned, one of 5 commands (20 KiB
+        // over 8-block commands), one of a single byte.
+        let reads: Vec<(u64, u64)> = (0..10u64)
+            .map(|i| match i {
+                3 => (7 * 4096 + 100, 20 * 1024),
+                7 => (1_000_001, 1),
+                _ => (i * 40_000 + (i % 2) * 77, 4096 + i * 100),
+            })
+            .collect();
+        for (i, &(offset, len)) in reads.iter().enumerate() {
+            invoke(&mut p, TAG_READ, offset, len, 10 * (i as u32 + 1));
+        }
+        // Nothing completes yet: commands pile up to the device's depth,
+        // no request waits on another.
+        p.tick(1);
+        assert_eq!(
+            p.device().most_queued,
+            16,
+            "the device's whole queue in use"
+        );
+        assert_eq!(p.stats().in_flight_max, 16);
+        p.device().hold.set(false);
+        c.run(&mut p);
+        for (i, &(offset, len)) in reads.iter().enumerate() {
+            let mem = 10 * (i as u32 + 1);
+            let want = &p.device().disk[offset as usize..(offset + len) as usize];
+            assert_eq!(c.copied[&mem], want, "read {i} at {offset}+{len}");
+        }
+        let s = p.stats();
+        assert_eq!((s.reads, s.errors, s.direct, s.staged), (10, 0, 10, 0));
+        let blocks = |o: u64, l: u64| (o + l).div_ceil(BS as u64) - o / BS as u64;
+        let commands: u64 = reads.iter().map(|&(o, l)| blocks(o, l).div_ceil(8)).sum();
+        assert_eq!(s.commands, commands);
+        assert!(
+            c.invoked.is_empty(),
+            "done goes with the copy: {:?}",
+            c.invoked
+        );
+        // Every window went back to the pool.
+        assert!(p.windows.used.iter().all(|u| !u));
+        assert!(p.active.is_empty() && p.queue.is_empty());
+    }
+
+    #[test]
+    fn requests_wait_for_pool_room_and_writes_run_alone_in_order() {
+        // A pool of 8 KiB: one 6 KiB request at a time.
+        let (mut p, mut c) = ready(Disk::new(256, 8 * 1024));
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+        c.sources.insert(20, data.clone());
+        invoke(&mut p, TAG_READ, 1000, 6000, 10);
+        invoke(&mut p, TAG_WRITE, 3000, 5000, 20);
+        invoke(&mut p, TAG_READ, 3000, 5000, 30);
+        assert_eq!(p.queue.len(), 2, "the write waits for the read");
+        c.run(&mut p);
+        let before = Disk::new(256, 0).disk;
+        assert_eq!(c.copied[&10], before[1000..7000], "read before the write");
+        assert_eq!(c.copied[&30], data, "read after the write");
+        assert_eq!(p.device().disk[3000..8000], data[..]);
+        assert_eq!(p.device().disk[..3000], before[..3000], "bytes around kept");
+        assert_eq!(p.device().disk[8000..], before[8000..]);
+        assert_eq!(c.invoked, [(21, vec![])], "the write's done");
+        let s = p.stats();
+        assert_eq!((s.reads, s.writes, s.direct, s.staged), (2, 1, 2, 1));
+        // Too large for the pool: refused at once.
+        invoke(&mut p, TAG_READ, 0, 9000, 40);
+        c.run(&mut p);
+        assert_eq!(
+            c.invoked[1],
+            (42, vec![StorageStatus::BadRequest as u8, 0, 0])
+        );
+    }
+
+    #[test]
+    fn device_errors_answer_err_and_free_the_window() {
+        let mut disk = Disk::new(256, 64 * 1024);
+        disk.bad_block = Some(20);
+        let (mut p, mut c) = ready(disk);
+        // 16 blocks over two commands, one of which fails.
+        invoke(&mut p, TAG_READ, 16 * BS as u64, 16 * BS as u64, 10);
+        invoke(&mut p, TAG_READ, 0, 100, 20);
+        invoke(&mut p, TAG_READ, 256 * BS as u64 - 10, 20, 30);
+        c.run(&mut p);
+        assert_eq!(
+            c.invoked,
+            [
+                (32, vec![StorageStatus::OutOfRange as u8, 0, 0]),
+                (12, vec![StorageStatus::Device as u8, 0, 0]),
+            ]
+        );
+        assert_eq!(c.copied[&20], p.device().disk[..100]);
+        assert_eq!(p.stats().errors, 2);
+        assert!(p.windows.used.iter().all(|u| !u));
+        assert!(p.active.is_empty());
+    }
+
+    #[test]
+    fn pool_is_served_and_faults_outside_like_the_sdk() {
+        let mut disk = Disk::new(1, 0);
+        disk.pool = vec![1, 2, 3, 4];
+        let mut p = StorageProcess::new(disk, "s", [0; 32], &[], &[]);
         assert!(matches!(sent(&mut p)[..], [ProcessMsg::Attach { .. }]));
         p.on_message(&body(&ControllerMsg::Attached { node: NodeId(1) }));
-        // Setup: the buffer's Memory cap and the two Requests.
+        // Setup: the pool's Memory cap and the two Requests.
         assert_eq!(sent(&mut p).len(), 3);
         let read = |xfer, addr, len| ControllerMsg::MemRead { xfer, addr, len };
         p.on_message(&body(&read(1, BUFFER_ADDR + 1, 2)));
@@ -727,7 +1494,7 @@ mod tests {
 
     #[test]
     fn malformed_input_fails_the_process_without_panicking() {
-        let mut p = StorageProcess::new(Buf(vec![0; 4]), "s", [0; 32], &[], &[]);
+        let mut p = StorageProcess::new(Disk::new(1, 4096), "s", [0; 32], &[], &[]);
         let _ = sent(&mut p);
         p.on_message(&[fractos_wire::PROTOCOL_VERSION, 200]);
         assert!(!p.is_ready());
@@ -735,8 +1502,26 @@ mod tests {
         assert!(sent(&mut p).is_empty());
         // A name the protocol cannot carry fails at once.
         let long = "n".repeat(fractos_wire::MAX_PROCESS_NAME_LEN + 1);
-        let mut p = StorageProcess::new(Buf(vec![0; 4]), &long, [0; 32], &[], &[]);
+        let mut p = StorageProcess::new(Disk::new(1, 4096), &long, [0; 32], &[], &[]);
         assert_eq!(p.phase, Phase::Failed);
         assert!(sent(&mut p).is_empty());
+        // Short immediates and missing capabilities: BadRequest, no panic.
+        let (mut p, mut c) = ready(Disk::new(8, 4096));
+        p.on_message(&body(&ControllerMsg::Invocation {
+            tag: TAG_READ,
+            imms: vec![1, 2, 3],
+            caps: vec![(Handle(5), MEM), (Handle(6), REQ), (Handle(7), REQ)],
+        }));
+        p.on_message(&body(&ControllerMsg::Invocation {
+            tag: TAG_READ,
+            imms: vec![0; 16],
+            caps: vec![],
+        }));
+        c.run(&mut p);
+        assert_eq!(
+            c.invoked,
+            [(7, vec![StorageStatus::BadRequest as u8, 0, 0])]
+        );
+        assert_eq!(p.stats().errors, 2);
     }
 }

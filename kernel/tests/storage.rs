@@ -5,13 +5,16 @@
 //! accesses to its own memory.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Duration;
 
 use fractos_core::{
     process_token, ChannelId, Config, Controller, Dest, Instant, LinkId, LinkRole, Output,
 };
-use fractos_kernel::storage::{BlockDevice, LocalProcess, StorageProcess, StorageStatus};
+use fractos_kernel::storage::{
+    BlockDevice, DeviceError, DmaTarget, Io, IoDone, LocalProcess, StorageProcess, StorageStatus,
+};
 use fractos_wire::{
     frame_body, CapInfo, ControllerMsg, ErrorCode, Handle, NodeId, ObjectKind, ProcessMsg, Reply,
     Rights, FRAME_HEADER_LEN, MAX_FRAME_LEN,
@@ -19,7 +22,7 @@ use fractos_wire::{
 
 const KEY: [u8; 32] = [9; 32];
 const BS: usize = 512;
-/// 128 KiB: larger than the staging buffer.
+/// 128 KiB: larger than the DMA pool.
 const BLOCKS: usize = 256;
 const STAGING: usize = 64 * 1024;
 const READ_NAME: &str = "storage/0/read";
@@ -39,6 +42,7 @@ type Delivered = (u64, Vec<u8>, Vec<(Handle, CapInfo)>);
 #[derive(Default)]
 struct DiskState {
     data: Vec<u8>,
+    /// The DMA pool.
     buf: Vec<u8>,
     reads: u64,
     writes: u64,
@@ -46,6 +50,9 @@ struct DiskState {
     fail_read: bool,
     fail_write: bool,
     fail_flush: bool,
+    /// Commands are carried out when submitted; their completions wait
+    /// here for `poll`.
+    done: VecDeque<IoDone>,
 }
 
 #[derive(Clone)]
@@ -65,6 +72,17 @@ impl Disk {
     }
 }
 
+/// The pool bytes `[at, at + n)` of a pool target.
+fn pool_at(t: DmaTarget, n: usize) -> usize {
+    match t {
+        DmaTarget::Pool(at) => {
+            assert!(at + n <= STAGING, "transfer past the pool");
+            at
+        }
+        DmaTarget::Phys(p) => panic!("the service used a physical target {p:#x}"),
+    }
+}
+
 impl BlockDevice for Disk {
     fn block_size(&self) -> u32 {
         BS as u32
@@ -72,47 +90,56 @@ impl BlockDevice for Disk {
     fn blocks(&self) -> u64 {
         BLOCKS as u64
     }
-    fn buffer_len(&self) -> usize {
+    fn max_blocks_per_command(&self) -> u32 {
+        (STAGING / BS) as u32
+    }
+    fn queue_depth(&self) -> usize {
+        8
+    }
+    fn pool_len(&self) -> usize {
         STAGING
     }
-    fn buffer_read(&self, offset: usize, out: &mut [u8]) {
+    fn pool_read(&self, offset: usize, out: &mut [u8]) {
         out.copy_from_slice(&self.0.borrow().buf[offset..offset + out.len()]);
     }
-    fn buffer_write(&mut self, offset: usize, data: &[u8]) {
+    fn pool_write(&mut self, offset: usize, data: &[u8]) {
         self.0.borrow_mut().buf[offset..offset + data.len()].copy_from_slice(data);
     }
-    fn read(&mut self, lba: u64, count: u32) -> Result<(), String> {
+    unsafe fn submit(&mut self, io: Io, token: u64) -> Result<(), DeviceError> {
         let mut s = self.0.borrow_mut();
-        if s.fail_read {
-            return Err("injected read failure".into());
-        }
-        let (at, n) = (lba as usize * BS, count as usize * BS);
-        assert!(at + n <= s.data.len(), "read past the disk");
-        assert!(n <= STAGING, "read past the staging buffer");
-        s.reads += 1;
-        let DiskState { data, buf, .. } = &mut *s;
-        buf[..n].copy_from_slice(&data[at..at + n]);
+        let fail = |what: &str| Err(DeviceError::Failed(format!("injected {what} failure")));
+        let result = match io {
+            Io::Read { .. } if s.fail_read => fail("read"),
+            Io::Read { lba, blocks, to } => {
+                let (at, n) = (lba as usize * BS, blocks as usize * BS);
+                assert!(at + n <= s.data.len(), "read past the disk");
+                let p = pool_at(to, n);
+                s.reads += 1;
+                let DiskState { data, buf, .. } = &mut *s;
+                buf[p..p + n].copy_from_slice(&data[at..at + n]);
+                Ok(())
+            }
+            Io::Write { .. } if s.fail_write => fail("write"),
+            Io::Write { lba, blocks, from } => {
+                let (at, n) = (lba as usize * BS, blocks as usize * BS);
+                assert!(at + n <= s.data.len(), "write past the disk");
+                let p = pool_at(from, n);
+                s.writes += 1;
+                let DiskState { data, buf, .. } = &mut *s;
+                data[at..at + n].copy_from_slice(&buf[p..p + n]);
+                Ok(())
+            }
+            Io::Flush if s.fail_flush => fail("flush"),
+            Io::Flush => {
+                s.flushes += 1;
+                Ok(())
+            }
+        };
+        s.done.push_back(IoDone { token, result });
         Ok(())
     }
-    fn write(&mut self, lba: u64, count: u32) -> Result<(), String> {
-        let mut s = self.0.borrow_mut();
-        if s.fail_write {
-            return Err("injected write failure".into());
-        }
-        let (at, n) = (lba as usize * BS, count as usize * BS);
-        assert!(at + n <= s.data.len(), "write past the disk");
-        s.writes += 1;
-        let DiskState { data, buf, .. } = &mut *s;
-        data[at..at + n].copy_from_slice(&buf[..n]);
-        Ok(())
-    }
-    fn flush(&mut self) -> Result<(), String> {
-        let mut s = self.0.borrow_mut();
-        if s.fail_flush {
-            return Err("injected flush failure".into());
-        }
-        s.flushes += 1;
-        Ok(())
+    fn poll(&mut self) -> Option<IoDone> {
+        self.0.borrow_mut().done.pop_front()
     }
 }
 
@@ -650,7 +677,7 @@ fn malformed_immediates_are_bad_requests() {
     let op = h.invoke(rd, range(0, 0), vec![dst, done, err], true);
     assert_invoked(&mut h, op);
     assert_eq!(h.one_invocation(), (TAG_ERR, vec![2, 0, 0]));
-    // Longer than the staging buffer.
+    // Longer than the DMA pool.
     let op = h.invoke(rd, range(0, STAGING as u64 + 1), vec![dst, done, err], true);
     assert_invoked(&mut h, op);
     assert_eq!(h.one_invocation(), (TAG_ERR, vec![2, 0, 0]));
@@ -757,13 +784,15 @@ fn back_to_back_requests_are_served_in_order() {
     for op in ops {
         assert_invoked(&mut h, op);
     }
+    // The range past the end is refused on arrival, before the device is
+    // involved; the others are answered in order.
     let tags: Vec<u64> = h.invocations().iter().map(|i| i.0).collect();
     assert_eq!(
         tags,
         vec![
+            TAG_ERR,
             TAG_DONE,
             TAG_DONE + 0x100,
-            TAG_ERR,
             TAG_DONE + 0x300,
             TAG_DONE + 0x400
         ]
@@ -825,7 +854,7 @@ fn publish_is_retried_while_the_home_is_unreachable() {
 #[test]
 fn write_source_longer_than_the_range_is_a_copy_error() {
     // The whole `src` window is copied into the range's window of the
-    // staging buffer: a longer source fails the copy, nothing is written.
+    // DMA pool: a longer source fails the copy, nothing is written.
     let mut h = H::new();
     let wr = h.lookup_cap(WRITE_NAME);
     let (done, err) = (h.request(TAG_DONE), h.request(TAG_ERR));

@@ -122,6 +122,63 @@ fn fnv(data: &[u8]) -> u64 {
     })
 }
 
+/// A write larger than one NVMe command (split by the service), then
+/// sixteen reads of different blocks in flight at once, each into its own
+/// memory with its own `done`: every one returns its own bytes.
+fn concurrent_reads_return_their_own_bytes(client: &Client) {
+    const BASE: u64 = 8 << 20;
+    const SPAN: usize = (1 << 20) + 512 * 1024 + 1000;
+    let data = random(SPAN, 77);
+    assert_eq!(client.write_at(BASE, &data), Outcome::Done, "split write");
+    let p = &client.p;
+    let reads: Vec<(usize, usize)> = (0..16)
+        .map(|k| match k {
+            // Larger than one command (QEMU: 512 KiB), unaligned.
+            0 => (333, (1 << 20) + 4096),
+            k => (k * 90_001 % (SPAN - 40_000), 512 + k * 2_345),
+        })
+        .collect();
+    let mut pending = Vec::new();
+    for (k, &(at, len)) in reads.iter().enumerate() {
+        let region = p.register(len as u64).unwrap();
+        region.with_bytes_mut(|b| b.fill(0xa5));
+        let cap = p
+            .memory_create(&region, 0, len as u64, Rights::WRITE)
+            .unwrap();
+        let done = p.request_create(0x100 + k as u64, &[], &[]).unwrap();
+        let mut imms = (BASE + at as u64).to_le_bytes().to_vec();
+        imms.extend_from_slice(&(len as u64).to_le_bytes());
+        let ack = p
+            .start_invoke(
+                &client.read,
+                &imms,
+                &[cap.into(), done.into(), client.err.into()],
+            )
+            .unwrap();
+        pending.push((region, ack));
+    }
+    let mut seen = vec![false; reads.len()];
+    for _ in 0..reads.len() {
+        let inv = p.next_invocation_timeout(WAIT).unwrap();
+        assert!(inv.tag != ERR, "a concurrent read failed: {:?}", inv.imms);
+        let k = (inv.tag - 0x100) as usize;
+        assert!(
+            !std::mem::replace(&mut seen[k], true),
+            "read {k} done twice"
+        );
+        let (at, len) = reads[k];
+        let back = pending[k].0.to_vec();
+        assert_eq!(
+            fnv(&back),
+            fnv(&data[at..at + len]),
+            "read {k} at {at}+{len}"
+        );
+    }
+    for (_, ack) in pending {
+        ack.wait().unwrap();
+    }
+}
+
 #[test]
 fn storage_service_keeps_data_across_reboots_and_reports_typed_errors() {
     let dir = scratch("storage");
@@ -173,6 +230,8 @@ fn storage_service_keeps_data_across_reboots_and_reports_typed_errors() {
     // And the service still works afterwards.
     let (out, back) = client.read_at(1 << 20, 4096, Rights::WRITE);
     assert_eq!((out, fnv(&back)), (Outcome::Done, fnv(&random(4096, 2))));
+
+    concurrent_reads_return_their_own_bytes(&client);
     drop(client);
 
     // The bytes are in the disk image on the host, and survive a reboot.

@@ -82,6 +82,35 @@ impl DataBuffer<'_> {
     }
 }
 
+/// One command's share of a transfer cut by [`split_transfer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    /// First block of this command.
+    pub lba: u64,
+    /// Blocks this command moves (1 ..= the limit given).
+    pub blocks: u32,
+    /// Blocks of the transfer before this command's (its data starts
+    /// `skip * block_size` bytes into the transfer's buffer).
+    pub skip: u64,
+}
+
+/// Cuts a transfer of `blocks` blocks at `lba` into commands of at most
+/// `max` blocks each (pass [`NvmeController::max_blocks_per_command`], which
+/// folds in `MDTS`, the one-page PRP list and the 16-bit block count), in
+/// ascending order. Nothing for `blocks == 0`; `max == 0` is taken as 1.
+pub fn split_transfer(lba: u64, blocks: u64, max: u32) -> impl Iterator<Item = Chunk> {
+    let max = u64::from(max.max(1));
+    (0..blocks.div_ceil(max)).map(move |i| {
+        let skip = i * max;
+        Chunk {
+            lba: lba.saturating_add(skip),
+            // At most `max`, which came from a u32.
+            blocks: (blocks - skip).min(max) as u32,
+            skip,
+        }
+    })
+}
+
 /// A poll-mode NVMe controller with one namespace and its I/O queue pairs.
 ///
 /// Built by [`NvmeController::init`]; I/O goes through the `submit_*`

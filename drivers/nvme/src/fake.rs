@@ -108,6 +108,8 @@ struct Device {
     cqs: BTreeMap<u16, Cq>,
     store: Vec<u8>,
     auto: bool,
+    /// Post the completions of one batch of commands last first.
+    reverse: bool,
     swallow: Option<u8>,
     swallow_admin: Option<u8>,
     media_error_lba: Option<u64>,
@@ -143,6 +145,7 @@ impl FakeNvme {
                 cqs: BTreeMap::new(),
                 store: alloc::vec![0; bytes],
                 auto: true,
+                reverse: false,
                 swallow: None,
                 swallow_admin: None,
                 media_error_lba: None,
@@ -157,6 +160,13 @@ impl FakeNvme {
     /// only on [`step`](Self::step).
     pub fn set_auto(&self, auto: bool) {
         self.dev.borrow_mut().auto = auto;
+    }
+
+    /// Post the completions of every batch of commands processed together
+    /// (everything submitted since the last processing) in reverse order, as
+    /// a controller working on several commands at once may.
+    pub fn set_complete_in_reverse(&self, reverse: bool) {
+        self.dev.borrow_mut().reverse = reverse;
     }
 
     /// Processes every submitted command now.
@@ -518,14 +528,16 @@ impl Device {
         if self.fatal || self.cc & cc::EN == 0 || !self.rdy {
             return;
         }
+        // Completions held back to be posted last first (`reverse`).
+        let mut batch = Vec::new();
         while let Some(sq) = self.sqs.get(&qid).copied() {
             if sq.head == sq.tail {
-                return;
+                break;
             }
             let cq = self.cqs[&sq.cqid];
-            if (cq.tail + 1) % cq.size == cq.head {
+            if (cq.tail + 1 + batch.len() as u16) % cq.size == cq.head {
                 // A full completion queue: a real controller waits too.
-                return;
+                break;
             }
             let mut raw = [0u8; SQE_SIZE];
             if !self.dma_read(sq.base + sq.head as u64 * SQE_SIZE as u64, &mut raw) {
@@ -548,8 +560,19 @@ impl Device {
                 self.io(&dw)
             };
             if let Some((status, result)) = outcome {
-                self.complete(sq.cqid, qid, new_head, (dw[0] >> 16) as u16, status, result);
+                let done = (sq.cqid, new_head, (dw[0] >> 16) as u16, status, result);
+                if self.reverse {
+                    batch.push(done);
+                } else {
+                    self.complete(done.0, qid, done.1, done.2, done.3, done.4);
+                }
             }
+        }
+        // Each entry reports the SQ head as it is when the entry is posted
+        // (never moving backwards), as hardware does.
+        let head = self.sqs.get(&qid).map_or(0, |sq| sq.head);
+        for (cqid, _, cid, status, result) in batch.into_iter().rev() {
+            self.complete(cqid, qid, head, cid, status, result);
         }
     }
 

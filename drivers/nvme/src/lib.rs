@@ -55,7 +55,7 @@ pub mod fake;
 #[cfg(test)]
 mod tests;
 
-pub use controller::{Config, DataBuffer, NvmeController};
+pub use controller::{split_transfer, Chunk, Config, DataBuffer, NvmeController};
 pub use error::{CommandStatus, NvmeError};
 pub use hal::{Dma, Hal, MmioRegisters, PhysAddr, PAGE_SIZE};
 pub use queue::{Command, CommandId, Completion, CompletionEntry};

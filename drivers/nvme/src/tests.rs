@@ -632,3 +632,167 @@ fn shutdown_and_drop_release_everything() {
     assert_eq!(fake.live_allocations(), 0);
     assert!(fake.violations().is_empty(), "{:?}", fake.violations());
 }
+
+/// Fills the fake's disk with `pattern(seed)`, `blocks` blocks from 0.
+fn fill_disk(fake: &FakeNvme, blocks: usize, seed: u8) -> Vec<u8> {
+    let data = pattern(seed, blocks * BLOCK);
+    fake.fill_store(0, &data);
+    data
+}
+
+#[test]
+fn eight_multi_page_reads_in_flight_complete_out_of_order_into_their_own_buffers() {
+    let (fake, clock, mut ctrl) = default_setup();
+    let disk = fill_disk(&fake, 8 * 24, 7);
+    fake.set_auto(false);
+    fake.set_complete_in_reverse(true);
+    let now = clock.now();
+    // 24 blocks = 3 pages each: PRP1 + a PRP list per command.
+    let len = 24 * BLOCK;
+    let bufs: Vec<Dma<FakeNvme>> = (0..8)
+        .map(|_| Dma::new(&fake, len / PAGE_SIZE).unwrap())
+        .collect();
+    let mut ids = Vec::new();
+    for (i, b) in bufs.iter().enumerate() {
+        // SAFETY: the buffers live until the end of the test and are not
+        // touched until their completion has been polled.
+        let id = unsafe {
+            ctrl.submit_read(
+                1,
+                (i * 24) as u64,
+                24,
+                DataBuffer::Contiguous(b.paddr()),
+                now,
+            )
+        };
+        ids.push(id.unwrap());
+    }
+    assert_eq!(ctrl.in_flight(1), 8);
+    fake.step();
+    let order: Vec<_> = (0..8)
+        .map(|_| next_completion(&mut ctrl, 1, now))
+        .inspect(|c| assert_eq!(c.result, Ok(0)))
+        .map(|c| c.id)
+        .collect();
+    let mut reversed = ids.clone();
+    reversed.reverse();
+    assert_eq!(order, reversed, "completions come back last first");
+    assert_eq!(ctrl.in_flight(1), 0);
+    for (i, b) in bufs.iter().enumerate() {
+        assert_eq!(
+            read_back(b, len),
+            disk[i * len..(i + 1) * len],
+            "buffer {i} got another command's data"
+        );
+    }
+    assert!(fake.violations().is_empty(), "{:?}", fake.violations());
+}
+
+#[test]
+fn queue_wraps_with_eight_in_flight_and_ids_reused_out_of_order() {
+    let cfg = Config {
+        io_queue_depth: 11,
+        ..Config::default()
+    };
+    let (fake, clock, mut ctrl) = setup(FakeConfig::default(), cfg);
+    let disk = fill_disk(&fake, 512, 3);
+    fake.set_auto(false);
+    let now = clock.now();
+    let bufs: Vec<Dma<FakeNvme>> = (0..8).map(|_| Dma::new(&fake, 1).unwrap()).collect();
+    // Which buffer each command id reads into, and which block.
+    let mut pending = std::collections::BTreeMap::new();
+    let mut free: Vec<usize> = (0..8).collect();
+    let (mut next_block, mut checked) = (0u64, 0);
+    for round in 0..40 {
+        // Keep eight in flight: the ring (11 entries) wraps every few rounds.
+        while let Some(slot) = free.pop() {
+            let b = &bufs[slot];
+            // SAFETY: `b` is not read until this command completes.
+            let id = unsafe {
+                ctrl.submit_read(
+                    1,
+                    next_block % 512,
+                    1,
+                    DataBuffer::Contiguous(b.paddr()),
+                    now,
+                )
+            }
+            .unwrap();
+            assert!(pending.insert(id, (slot, next_block % 512)).is_none());
+            next_block += 1;
+        }
+        assert_eq!(ctrl.in_flight(1), 8);
+        fake.set_complete_in_reverse(round % 2 == 1);
+        fake.step();
+        while let Some(c) = ctrl.poll(1, now).unwrap() {
+            assert_eq!(c.result, Ok(0));
+            let (slot, block) = pending.remove(&c.id).expect("an id in flight");
+            let at = block as usize * BLOCK;
+            assert_eq!(read_back(&bufs[slot], BLOCK), disk[at..at + BLOCK]);
+            free.push(slot);
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 40 * 8);
+    assert!(fake.violations().is_empty(), "{:?}", fake.violations());
+}
+
+#[test]
+fn transfers_split_into_commands_within_the_limit() {
+    use crate::{split_transfer, Chunk};
+    let c = |lba, blocks, skip| Chunk { lba, blocks, skip };
+    assert_eq!(split_transfer(5, 0, 8).count(), 0);
+    assert_eq!(split_transfer(5, 3, 8).collect::<Vec<_>>(), [c(5, 3, 0)]);
+    assert_eq!(
+        split_transfer(10, 20, 8).collect::<Vec<_>>(),
+        [c(10, 8, 0), c(18, 8, 8), c(26, 4, 16)]
+    );
+    assert_eq!(split_transfer(0, 2, 0).count(), 2, "a zero limit is 1");
+
+    // A read four times larger than one command, split and in flight at
+    // once into one buffer, arrives whole.
+    let (fake, clock, mut ctrl) = setup(
+        FakeConfig {
+            mdts: 1,
+            ..FakeConfig::default()
+        },
+        Config::default(),
+    );
+    let max = ctrl.max_blocks_per_command();
+    assert_eq!(max, 16, "MDTS 1: two pages of 4 KiB");
+    let disk = fill_disk(&fake, 4 * max as usize + 3, 9);
+    let blocks = 4 * u64::from(max) + 3;
+    let len = blocks as usize * BLOCK;
+    let buf = Dma::new(&fake, len.div_ceil(PAGE_SIZE)).unwrap();
+    fake.set_auto(false);
+    let now = clock.now();
+    let mut n = 0;
+    for chunk in split_transfer(0, blocks, max) {
+        let at = buf.paddr() + chunk.skip * BLOCK as u64;
+        // SAFETY: each command gets its own part of `buf`, untouched until
+        // all have completed.
+        let whole = unsafe {
+            ctrl.submit_read(1, chunk.lba, chunk.blocks, DataBuffer::Contiguous(at), now)
+        };
+        whole.unwrap();
+        n += 1;
+    }
+    assert_eq!(n, 5);
+    // SAFETY: refused before submission, as asserted.
+    let too_big =
+        unsafe { ctrl.submit_read(1, 0, max + 1, DataBuffer::Contiguous(buf.paddr()), now) };
+    assert_eq!(
+        too_big,
+        Err(NvmeError::TransferTooLarge {
+            blocks: max + 1,
+            max
+        })
+    );
+    fake.set_complete_in_reverse(true);
+    fake.step();
+    for _ in 0..n {
+        assert_eq!(next_completion(&mut ctrl, 1, now).result, Ok(0));
+    }
+    assert_eq!(read_back(&buf, len), disk[..len]);
+    assert!(fake.violations().is_empty(), "{:?}", fake.violations());
+}

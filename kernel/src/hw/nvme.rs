@@ -7,9 +7,10 @@ use core::fmt;
 use core::ptr::NonNull;
 
 use fractos_kernel::pci::{self, PciAddress, PciFunction};
+use fractos_kernel::storage::{BlockDevice, DeviceError, DmaTarget, Io, IoDone};
 use fractos_nvme::{
-    Clock, CommandStatus, DataBuffer, Dma, Hal, Instant, MmioRegisters, NvmeController, NvmeError,
-    PhysAddr, PAGE_SIZE,
+    Clock, CommandId, CommandStatus, DataBuffer, Dma, Hal, Instant, MmioRegisters, NvmeController,
+    NvmeError, PhysAddr, PAGE_SIZE,
 };
 use log::{debug, info, warn};
 
@@ -344,33 +345,49 @@ fn run_self_test(disk: &mut Disk) -> Result<(), SelfTestError> {
     Ok(())
 }
 
-/// Largest staging buffer of the storage service.
-const STORAGE_BUFFER_MAX: usize = 1 << 20;
+/// DMA pool of the storage service: windows for the requests in flight.
+/// Halved (down to one command's worth) while memory is short.
+const STORAGE_POOL_BYTES: usize = 4 << 20;
 
-/// Namespace 1 of a controller as the storage service's block device:
-/// one I/O queue, a DMA staging buffer of up to 1 MiB (and at most one
-/// command's worth), blocking polled I/O with the driver's deadlines.
+/// Namespace 1 of a controller as the storage service's block device: one
+/// I/O queue driven without waiting (submit, then poll on later turns of
+/// the event loop) and a DMA pool of up to 4 MiB.
 pub struct NvmeBlocks {
     disk: Disk,
-    buf: Dma<KernelHal>,
-    buf_len: usize,
+    pool: Dma<KernelHal>,
     qid: u16,
+    /// The storage service's token of every command in flight.
+    tokens: Vec<(CommandId, u64)>,
+    /// Set once the controller failed: every later command fails.
+    failed: Option<NvmeError>,
+    /// Tokens of commands lost with the controller, still to report.
+    lost: Vec<u64>,
 }
 
 impl NvmeBlocks {
-    /// Wraps `disk`, allocating the staging buffer.
+    /// Wraps `disk`, allocating the pool.
     pub fn new(disk: Disk) -> Result<Self, NvmeError> {
         let ns = *disk.ctrl.namespace();
-        let bs = ns.block_size as usize;
-        let max = (disk.ctrl.max_blocks_per_command() as usize).saturating_mul(bs);
-        let buf_len = STORAGE_BUFFER_MAX.min(max).max(bs) / bs * bs;
-        let buf = Dma::new(&disk.hal, buf_len.div_ceil(PAGE_SIZE))?;
+        let bs = (ns.block_size as usize).max(1);
+        let one = (disk.ctrl.max_blocks_per_command() as usize)
+            .saturating_mul(bs)
+            .clamp(PAGE_SIZE, STORAGE_POOL_BYTES);
+        let mut want = STORAGE_POOL_BYTES;
+        let pool = loop {
+            match Dma::new(&disk.hal, want.div_ceil(PAGE_SIZE)) {
+                Ok(p) => break p,
+                Err(e) if want <= one => return Err(e),
+                Err(_) => want = (want / 2).max(one),
+            }
+        };
         let qid = *disk.ctrl.io_queues().start();
         Ok(NvmeBlocks {
             disk,
-            buf,
-            buf_len,
+            pool,
             qid,
+            tokens: Vec::new(),
+            failed: None,
+            lost: Vec::new(),
         })
     }
 
@@ -380,38 +397,134 @@ impl NvmeBlocks {
     }
 }
 
-impl fractos_kernel::storage::BlockDevice for NvmeBlocks {
+/// Guest-physical address of `target` for `bytes` (a pool window must lie
+/// inside `pool`).
+fn resolve(
+    pool: &Dma<KernelHal>,
+    target: DmaTarget,
+    bytes: usize,
+) -> Result<PhysAddr, DeviceError> {
+    match target {
+        DmaTarget::Pool(at) => at
+            .checked_add(bytes)
+            .filter(|&end| end <= pool.len())
+            .map(|_| pool.paddr() + at as u64)
+            .ok_or(DeviceError::BadTarget),
+        DmaTarget::Phys(p) => Ok(p),
+    }
+}
+
+fn device_error(e: NvmeError) -> DeviceError {
+    match e {
+        NvmeError::QueueFull { .. } => DeviceError::Busy,
+        NvmeError::CommandTimeout(_) => DeviceError::Abandoned(alloc::format!("{e}")),
+        e => DeviceError::Failed(alloc::format!("{e}")),
+    }
+}
+
+impl BlockDevice for NvmeBlocks {
     fn block_size(&self) -> u32 {
         self.disk.ctrl.namespace().block_size
     }
     fn blocks(&self) -> u64 {
         self.disk.ctrl.namespace().blocks
     }
-    fn buffer_len(&self) -> usize {
-        self.buf_len
+    fn max_blocks_per_command(&self) -> u32 {
+        self.disk.ctrl.max_blocks_per_command()
     }
-    fn buffer_read(&self, offset: usize, out: &mut [u8]) {
-        self.buf.read_bytes(offset, out);
+    fn queue_depth(&self) -> usize {
+        // At most depth - 1 commands in flight on a queue of `depth`.
+        usize::from(self.disk.ctrl.io_queue_depth().saturating_sub(1)).max(1)
     }
-    fn buffer_write(&mut self, offset: usize, data: &[u8]) {
-        self.buf.write_bytes(offset, data);
+    fn pool_len(&self) -> usize {
+        self.pool.len()
     }
-    fn read(&mut self, lba: u64, count: u32) -> Result<(), alloc::string::String> {
-        self.disk
-            .ctrl
-            .read_blocking(self.qid, lba, count, &mut self.buf, &TscClock)
-            .map_err(|e| alloc::format!("{e}"))
+    fn pool_read(&self, offset: usize, out: &mut [u8]) {
+        if offset
+            .checked_add(out.len())
+            .is_some_and(|e| e <= self.pool.len())
+        {
+            self.pool.read_bytes(offset, out);
+        }
     }
-    fn write(&mut self, lba: u64, count: u32) -> Result<(), alloc::string::String> {
-        self.disk
-            .ctrl
-            .write_blocking(self.qid, lba, count, &self.buf, &TscClock)
-            .map_err(|e| alloc::format!("{e}"))
+    fn pool_write(&mut self, offset: usize, data: &[u8]) {
+        if offset
+            .checked_add(data.len())
+            .is_some_and(|e| e <= self.pool.len())
+        {
+            self.pool.write_bytes(offset, data);
+        }
     }
-    fn flush(&mut self) -> Result<(), alloc::string::String> {
-        self.disk
-            .ctrl
-            .flush_blocking(self.qid, &TscClock)
-            .map_err(|e| alloc::format!("{e}"))
+
+    unsafe fn submit(&mut self, io: Io, token: u64) -> Result<(), DeviceError> {
+        if let Some(e) = &self.failed {
+            return Err(DeviceError::Failed(alloc::format!("{e}")));
+        }
+        let bs = self.block_size() as usize;
+        let now = TscClock.now();
+        let (qid, ctrl) = (self.qid, &mut self.disk.ctrl);
+        let id = match io {
+            Io::Read { lba, blocks, to } => {
+                let at = resolve(&self.pool, to, blocks as usize * bs)?;
+                // SAFETY: a pool target lies inside the pool (checked by
+                // `resolve`), DMA memory that stays allocated (the kernel
+                // never frees DMA frames) and that the storage service gives
+                // to one command at a time; a `Phys` target is the caller's
+                // promise (this function's contract).
+                unsafe { ctrl.submit_read(qid, lba, blocks, DataBuffer::Contiguous(at), now) }
+            }
+            Io::Write { lba, blocks, from } => {
+                let at = resolve(&self.pool, from, blocks as usize * bs)?;
+                // SAFETY: as for reads; the device only reads this memory.
+                unsafe { ctrl.submit_write(qid, lba, blocks, DataBuffer::Contiguous(at), now) }
+            }
+            Io::Flush => ctrl.submit_flush(qid, now),
+        }
+        .map_err(device_error)?;
+        self.tokens.push((id, token));
+        Ok(())
+    }
+
+    fn poll(&mut self) -> Option<IoDone> {
+        if let Some(token) = self.lost.pop() {
+            return Some(IoDone {
+                token,
+                result: Err(DeviceError::Abandoned(alloc::string::String::from(
+                    "the controller failed",
+                ))),
+            });
+        }
+        if self.failed.is_some() || self.tokens.is_empty() {
+            return None;
+        }
+        loop {
+            match self.disk.ctrl.poll(self.qid, TscClock.now()) {
+                Ok(None) => return None,
+                Ok(Some(c)) => {
+                    let Some(i) = self.tokens.iter().position(|t| t.0 == c.id) else {
+                        warn!(
+                            "nvme: {}: completion of unknown command {:?}",
+                            self.bdf(),
+                            c.id
+                        );
+                        continue;
+                    };
+                    let (_, token) = self.tokens.swap_remove(i);
+                    return Some(IoDone {
+                        token,
+                        result: c.result.map(|_| ()).map_err(device_error),
+                    });
+                }
+                Err(e) => {
+                    // The controller is gone (fatal status, or it completed
+                    // a command that is not in flight): every command in
+                    // flight is lost, and nothing may reuse its memory.
+                    warn!("nvme: {}: controller failed: {e}", self.bdf());
+                    self.lost = self.tokens.drain(..).map(|t| t.1).collect();
+                    self.failed = Some(e);
+                    return self.poll();
+                }
+            }
+        }
     }
 }

@@ -22,6 +22,12 @@
 //!   blocks of `bs` bytes (default: the whole device) and prints
 //!   `fractos-guest: read bs=.. bytes=.. secs=.. mbps=.. iops=.. ops=.. first=..`
 //!   (`mbps` is 10^6 bytes per second; `first` the first 8 bytes read, hex).
+//!   With `qd=8` and/or `stride=7919`, read `i` (of `count`, default the
+//!   device's blocks) is at block `i * stride % blocks`, and Linux AIO
+//!   (`io_submit`, one thread) keeps `qd` reads in flight; each read lands
+//!   in its own slot of one buffer, so `fnv` covers the reads in index
+//!   order, computed after the timed reads (`secs` is wall time from the
+//!   first read to the last).
 //! * `fractos_guest.wait=30` — seconds to wait for a NIC or block device to
 //!   appear (default 60).
 
@@ -443,23 +449,8 @@ fn fnv1a(mut h: u64, data: &[u8]) -> u64 {
     h
 }
 
-fn read_bench(spec: &str, wait: Duration) -> Result<(), String> {
-    let mut parts = spec.split(',');
-    let dev = parts
-        .next()
-        .filter(|d| !d.is_empty())
-        .ok_or("read= needs a device")?;
-    let (mut bs, mut count) = (131072usize, None::<u64>);
-    for kv in parts {
-        match kv.split_once('=') {
-            Some(("bs", v)) => bs = v.parse().map_err(|_| format!("bad bs={v}"))?,
-            Some(("count", v)) => count = Some(v.parse().map_err(|_| format!("bad count={v}"))?),
-            _ => return Err(format!("unknown read option {kv:?}")),
-        }
-    }
-    if bs == 0 || bs % 512 != 0 {
-        return Err(format!("bs={bs} must be a non-zero multiple of 512"));
-    }
+/// Waits for `dev`, opens it with `O_DIRECT` and sizes it.
+fn open_direct(dev: &str, wait: Duration) -> Result<(File, u64), String> {
     wait_for(dev, wait, || Path::new(dev).exists())?;
     let mut f = OpenOptions::new()
         .read(true)
@@ -469,6 +460,33 @@ fn read_bench(spec: &str, wait: Duration) -> Result<(), String> {
     let size = f
         .seek(SeekFrom::End(0))
         .map_err(|e| format!("sizing {dev}: {e}"))?;
+    Ok((f, size))
+}
+
+fn read_bench(spec: &str, wait: Duration) -> Result<(), String> {
+    let mut parts = spec.split(',');
+    let dev = parts
+        .next()
+        .filter(|d| !d.is_empty())
+        .ok_or("read= needs a device")?;
+    let (mut bs, mut count) = (131072usize, None::<u64>);
+    let (mut qd, mut stride) = (None::<usize>, None::<u64>);
+    for kv in parts {
+        match kv.split_once('=') {
+            Some(("bs", v)) => bs = v.parse().map_err(|_| format!("bad bs={v}"))?,
+            Some(("count", v)) => count = Some(v.parse().map_err(|_| format!("bad count={v}"))?),
+            Some(("qd", v)) => qd = Some(v.parse().map_err(|_| format!("bad qd={v}"))?),
+            Some(("stride", v)) => stride = Some(v.parse().map_err(|_| format!("bad stride={v}"))?),
+            _ => return Err(format!("unknown read option {kv:?}")),
+        }
+    }
+    if bs == 0 || bs % 512 != 0 {
+        return Err(format!("bs={bs} must be a non-zero multiple of 512"));
+    }
+    if qd.is_some() || stride.is_some() {
+        return read_bench_deep(dev, wait, bs, count, qd.unwrap_or(1), stride.unwrap_or(1));
+    }
+    let (f, size) = open_direct(dev, wait)?;
     let count = count.unwrap_or(size / bs as u64);
     let buf = AlignedBuf::new(bs)?;
     let fd = f.as_raw_fd();
@@ -508,6 +526,185 @@ fn read_bench(spec: &str, wait: Duration) -> Result<(), String> {
         "read bs={bs} bytes={bytes} secs={secs:.6} mbps={:.2} iops={:.1} ops={ops} first={hex} fnv={sum:016x}",
         bytes as f64 / secs / 1e6,
         ops as f64 / secs
+    ));
+    Ok(())
+}
+
+/// Block of read `i`: `i * stride` modulo the device's `blocks`.
+fn strided(i: u64, stride: u64, blocks: u64) -> u64 {
+    ((u128::from(i) * u128::from(stride)) % u128::from(blocks.max(1))) as u64
+}
+
+/// Linux AIO control block (`struct iocb`, x86-64 little-endian layout).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Iocb {
+    data: u64,
+    key: u32,
+    rw_flags: i32,
+    lio_opcode: u16,
+    reqprio: i16,
+    fildes: u32,
+    buf: u64,
+    nbytes: u64,
+    offset: i64,
+    reserved2: u64,
+    flags: u32,
+    resfd: u32,
+}
+
+/// Linux AIO completion (`struct io_event`).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct IoEvent {
+    data: u64,
+    obj: u64,
+    res: i64,
+    res2: i64,
+}
+
+/// `IOCB_CMD_PREAD`.
+const IOCB_CMD_PREAD: u16 = 0;
+
+/// A Linux AIO context (`io_setup`), destroyed on drop.
+struct Aio(libc::c_ulong);
+
+impl Aio {
+    fn new(depth: usize) -> Result<Self, String> {
+        let mut ctx: libc::c_ulong = 0;
+        // SAFETY: io_setup writes the new context into `ctx`.
+        let r = unsafe { libc::syscall(libc::SYS_io_setup, depth as libc::c_long, &mut ctx) };
+        if r != 0 {
+            return Err(format!("io_setup: {}", errno()));
+        }
+        Ok(Aio(ctx))
+    }
+
+    /// Submits one read.
+    fn submit(&self, cb: &mut Iocb) -> Result<(), String> {
+        let mut list = [cb as *mut Iocb];
+        // SAFETY: one valid control block whose buffer the caller keeps
+        // alive and untouched until its event is reaped.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_io_submit,
+                self.0,
+                1 as libc::c_long,
+                list.as_mut_ptr(),
+            )
+        };
+        if r != 1 {
+            return Err(format!("io_submit: {r}, {}", errno()));
+        }
+        Ok(())
+    }
+
+    /// Waits for at least one completion; fills `events`, returns how many.
+    fn reap(&self, events: &mut [IoEvent]) -> Result<usize, String> {
+        loop {
+            // SAFETY: `events` has room for `events.len()` entries; no
+            // timeout (null): waits until one completes.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_io_getevents,
+                    self.0,
+                    1 as libc::c_long,
+                    events.len() as libc::c_long,
+                    events.as_mut_ptr(),
+                    std::ptr::null_mut::<libc::timespec>(),
+                )
+            };
+            if r >= 0 {
+                return Ok(r as usize);
+            }
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return Err(format!("io_getevents: {}", errno()));
+            }
+        }
+    }
+}
+
+impl Drop for Aio {
+    fn drop(&mut self) {
+        // SAFETY: destroys our own context (waiting for anything in flight).
+        unsafe { libc::syscall(libc::SYS_io_destroy, self.0) };
+    }
+}
+
+/// The read benchmark with `qd` reads in flight (Linux AIO, one thread,
+/// `O_DIRECT`) at strided offsets; see the module doc.
+fn read_bench_deep(
+    dev: &str,
+    wait: Duration,
+    bs: usize,
+    count: Option<u64>,
+    qd: usize,
+    stride: u64,
+) -> Result<(), String> {
+    if qd == 0 || qd > 256 {
+        return Err(format!("qd={qd} must be 1..=256"));
+    }
+    let (f, size) = open_direct(dev, wait)?;
+    let blocks = size / bs as u64;
+    let count = count.unwrap_or(blocks);
+    if blocks == 0 || count == 0 {
+        return Err(format!("{dev}: nothing to read"));
+    }
+    let total = usize::try_from(count)
+        .ok()
+        .and_then(|c| c.checked_mul(bs))
+        .ok_or("count * bs too large")?;
+    // Read `i` lands in slot `i` of one buffer (aligned to `bs`, a multiple
+    // of 512, from a 4 KiB-aligned base, as O_DIRECT needs).
+    let buf = AlignedBuf::new(total)?;
+    let aio = Aio::new(qd)?;
+    let fd = f.as_raw_fd() as u32;
+    let mut cbs = vec![Iocb::default(); qd];
+    let mut events = vec![IoEvent::default(); qd];
+    let start = |cb: &mut Iocb, slot: usize, i: u64| -> Result<(), String> {
+        *cb = Iocb {
+            data: (slot as u64) << 32 | i,
+            lio_opcode: IOCB_CMD_PREAD,
+            fildes: fd,
+            buf: buf.ptr as u64 + i * bs as u64,
+            nbytes: bs as u64,
+            offset: (strided(i, stride, blocks) * bs as u64) as i64,
+            ..Iocb::default()
+        };
+        aio.submit(cb)
+    };
+    let t = Instant::now();
+    let mut next = 0u64;
+    for (slot, cb) in cbs.iter_mut().enumerate().take(count as usize) {
+        start(cb, slot, next)?;
+        next += 1;
+    }
+    let mut done = 0u64;
+    while done < count {
+        let n = aio.reap(&mut events)?;
+        for e in &events[..n] {
+            let (slot, i) = ((e.data >> 32) as usize, e.data & 0xffff_ffff);
+            if e.res != bs as i64 {
+                return Err(format!("reading {dev}: read {i} returned {}", e.res));
+            }
+            done += 1;
+            if next < count {
+                let cb = cbs.get_mut(slot).ok_or("bad event")?;
+                start(cb, slot, next)?;
+                next += 1;
+            }
+        }
+    }
+    let secs = t.elapsed().as_secs_f64().max(1e-9);
+    // SAFETY: every slot was filled by a successful read (else we failed
+    // above), so all `total` bytes are initialised.
+    let all = unsafe { std::slice::from_raw_parts(buf.ptr, total) };
+    let sum = fnv1a(FNV_OFFSET, all);
+    let hex: String = all[..8].iter().map(|b| format!("{b:02x}")).collect();
+    say(&format!(
+        "read bs={bs} bytes={total} secs={secs:.6} mbps={:.2} iops={:.1} ops={count} first={hex} fnv={sum:016x} qd={qd} stride={stride}",
+        total as f64 / secs / 1e6,
+        count as f64 / secs
     ));
     Ok(())
 }

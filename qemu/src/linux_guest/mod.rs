@@ -120,6 +120,12 @@ pub struct ReadSpec {
     pub block_size: u64,
     /// Reads; `None` reads the whole device.
     pub count: Option<u64>,
+    /// Reads kept in flight (one guest thread each); `None`: one at a
+    /// time, in the original loop.
+    pub queue_depth: Option<u32>,
+    /// Read `i` is at block `i * stride` modulo the device's blocks;
+    /// `None`: sequential.
+    pub stride: Option<u64>,
 }
 
 /// The contents and behaviour of one guest.
@@ -259,6 +265,12 @@ impl LinuxGuest {
                 ));
                 if let Some(n) = r.count {
                     c.push_str(&format!(",count={n}"));
+                }
+                if let Some(qd) = r.queue_depth {
+                    c.push_str(&format!(",qd={qd}"));
+                }
+                if let Some(stride) = r.stride {
+                    c.push_str(&format!(",stride={stride}"));
                 }
             }
         }

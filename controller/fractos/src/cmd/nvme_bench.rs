@@ -1,7 +1,9 @@
 //! `fractos bench nvme`: read throughput (128 KiB reads) and IOPS (4 KiB
-//! reads, one at a time) of the appliance's built-in storage service end to
-//! end into a Linux adaptor's memory, next to the same QEMU NVMe disk image
-//! read with `O_DIRECT` inside a Debian Linux guest, in the same run.
+//! reads, one at a time, and 4 KiB reads at strided "random" offsets with
+//! [`QD`] in flight) of the appliance's built-in storage service end to end
+//! into a Linux adaptor's memory, next to the same QEMU NVMe disk image read
+//! with `O_DIRECT` inside a Debian Linux guest (the deep reads by as many
+//! guest threads), in the same run.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::linux_guest::{LinuxGuest, ReadSpec, GUEST_MEMORY_MIB};
 use fractos_qemu::node::{Accel, NvmeDisk};
 use fractos_sdk::wire::Rights;
+use fractos_sdk::{MemoryCap, Pending, RequestCap};
 use serde_json::json;
 
 /// Options of `fractos bench nvme`.
@@ -42,6 +45,19 @@ const BIG: u64 = 128 * 1024;
 const SMALL: u64 = 4096;
 const DONE: u64 = 0xbe_00d0;
 const ERR: u64 = 0xbe_00e0;
+/// Reads in flight in the deep 4 KiB run.
+const QD: u64 = 8;
+/// Read `i` of the 4 KiB runs is at block `i * STRIDE` modulo the disk's
+/// 4 KiB blocks (prime: a permutation that jumps around the disk).
+const STRIDE: u64 = 7919;
+
+/// Appliance or guest figures: 128 KiB MB/s, 4 KiB IOPS one at a time,
+/// 4 KiB IOPS with [`QD`] in flight.
+struct Figures {
+    mbps: f64,
+    iops: f64,
+    iops_qd: f64,
+}
 
 /// Fills `path` with `mib` MiB of pseudo-random bytes (so neither side
 /// reads a sparse hole).
@@ -62,8 +78,24 @@ fn make_disk(path: &Path, mib: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// (MB/s of 128 KiB reads over the whole disk, IOPS of 4 KiB reads).
-fn appliance(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<(f64, f64)> {
+/// One of the [`QD`] reads in flight: its window and continuations, and
+/// the read (index, invoke acknowledgement) it serves.
+struct Slot {
+    window: MemoryCap,
+    done: RequestCap,
+    err: RequestCap,
+    read: Option<(u64, Pending<()>)>,
+}
+
+/// Byte offset of 4 KiB read `i` on a disk of `disk_mib`.
+fn strided(i: u64, disk_mib: u64) -> u64 {
+    let span = (disk_mib << 20) / SMALL;
+    (i * STRIDE % span) * SMALL
+}
+
+/// 128 KiB reads over the whole disk, 4 KiB reads one at a time and with
+/// [`QD`] in flight.
+fn appliance(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<Figures> {
     let kernel = super::kernel_or_build(&a.kernel)?;
     let setup = ControllerSetup::new(1, DEMO_KEY)?;
     let spec = ClusterSpec {
@@ -87,7 +119,7 @@ fn appliance(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<(f64, f64)
     let region = p.register(BIG)?;
     let big = p.memory_create(&region, 0, BIG, Rights::WRITE)?;
     let small = p.diminish(&big, 0, SMALL, Rights::WRITE)?;
-    let one = |offset: u64, dst: fractos_sdk::MemoryCap, len: u64| -> anyhow::Result<()> {
+    let one = |offset: u64, dst: MemoryCap, len: u64| -> anyhow::Result<()> {
         let mut imms = offset.to_le_bytes().to_vec();
         imms.extend_from_slice(&len.to_le_bytes());
         p.invoke(&read, &imms, &[dst.into(), done.into(), err.into()])?;
@@ -123,22 +155,88 @@ fn appliance(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<(f64, f64)
         spent += timed_read(i * BIG, big, BIG)?;
     }
     let mbps = (blocks * BIG) as f64 / spent.as_secs_f64() / 1e6;
-    let span = (a.disk_mib << 20) / SMALL;
     let mut spent = Duration::ZERO;
     for i in 0..a.small_reads {
-        spent += timed_read((i * 7919 % span) * SMALL, small, SMALL)?;
+        spent += timed_read(strided(i, a.disk_mib), small, SMALL)?;
     }
     let iops = a.small_reads as f64 / spent.as_secs_f64();
-    Ok((mbps, iops))
+
+    // QD reads in flight, each into its own 4 KiB window of the region with
+    // its own done/err continuations; a finished window is checked against
+    // the disk image, scribbled over and reused at once (both take
+    // microseconds; the reads take milliseconds).
+    let mut slots = Vec::new();
+    for k in 0..QD {
+        slots.push(Slot {
+            window: p.diminish(&big, k * SMALL, SMALL, Rights::WRITE)?,
+            done: p.request_create(DONE + 1 + k, &[], &[])?,
+            err: p.request_create(ERR + 1 + k, &[], &[])?,
+            read: None,
+        });
+    }
+    let n = a.small_reads;
+    let issue = |slot: &mut Slot, k: u64, i: u64| -> anyhow::Result<()> {
+        let offset = strided(i, a.disk_mib);
+        region.with_bytes_mut(|b| {
+            let w = &mut b[(k * SMALL) as usize..((k + 1) * SMALL) as usize];
+            fractos_adaptors::bench::fill_pattern(w, i + 1);
+        });
+        let mut imms = offset.to_le_bytes().to_vec();
+        imms.extend_from_slice(&SMALL.to_le_bytes());
+        let caps = [slot.window.into(), slot.done.into(), slot.err.into()];
+        slot.read = Some((i, p.start_invoke(&read, &imms, &caps)?));
+        Ok(())
+    };
+    let t = Instant::now();
+    let mut next = 0;
+    for (k, slot) in slots.iter_mut().enumerate().take(n as usize) {
+        issue(slot, k as u64, next)?;
+        next += 1;
+    }
+    for _ in 0..n {
+        let inv = p.next_invocation_timeout(wait)?;
+        let k = match inv.tag {
+            t if (DONE + 1..=DONE + QD).contains(&t) => t - DONE - 1,
+            t if (ERR + 1..=ERR + QD).contains(&t) => {
+                bail!("a deep read failed: status {:?}", inv.imms)
+            }
+            t => bail!("unexpected invocation {t:#x}"),
+        };
+        let slot = &mut slots[k as usize];
+        let (i, ack) = slot
+            .read
+            .take()
+            .context("a done for a read not in flight")?;
+        ack.wait()?;
+        let offset = strided(i, a.disk_mib) as usize;
+        let expected = &want[offset..offset + SMALL as usize];
+        let at = (k * SMALL) as usize;
+        if let Some(d) = region.with_bytes(|b| {
+            fractos_adaptors::bench::first_difference(&b[at..at + SMALL as usize], expected)
+        }) {
+            bail!("the deep read at {offset} differs from the disk image at byte {d}");
+        }
+        if next < n {
+            issue(slot, k, next)?;
+            next += 1;
+        }
+    }
+    let iops_qd = n as f64 / t.elapsed().as_secs_f64();
+    Ok(Figures {
+        mbps,
+        iops,
+        iops_qd,
+    })
 }
 
 /// The same disk read inside a Debian Linux guest.
-fn linux_guest(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<(f64, f64)> {
+fn linux_guest(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<Figures> {
     eprintln!("preparing the Debian Linux guest…");
     let mut guest = LinuxGuest::prepare(&Workspace::locate())?;
     // Like with like: the guest runs on the appliance's accelerator.
     guest.accel = a.accel;
-    let run = |name: &str, bs: u64, count: Option<u64>| -> anyhow::Result<f64> {
+    let want = std::fs::read(disk)?;
+    let run = |name: &str, bs: u64, count: Option<u64>, qd: Option<u32>| -> anyhow::Result<f64> {
         let path = dir.join(format!("{name}.img"));
         std::fs::copy(disk, &path).context("placing the disk image")?;
         let r = guest.run_read(
@@ -151,16 +249,26 @@ fn linux_guest(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<(f64, f6
                 device: "/dev/nvme0n1".into(),
                 block_size: bs,
                 count,
+                queue_depth: qd,
+                stride: qd.map(|_| STRIDE),
             },
             dir,
             Duration::from_secs(600),
         )?;
-        // Every byte the guest read must be the disk image's (its reads
-        // are sequential from offset 0).
-        let want = std::fs::read(disk)?;
-        let read = &want[..(r.bytes as usize).min(want.len())];
-        let sum = fractos_qemu::linux_guest::fnv1a(fractos_qemu::linux_guest::FNV_OFFSET, read);
-        if r.fnv != sum || r.bytes != read.len() as u64 {
+        // Every byte the guest read must be the disk image's: sequential
+        // from offset 0, or (deep reads) read `i` at `strided(i)`.
+        use fractos_qemu::linux_guest::{fnv1a, FNV_OFFSET};
+        let (sum, len) = match qd {
+            None => {
+                let read = &want[..(r.bytes as usize).min(want.len())];
+                (fnv1a(FNV_OFFSET, read), read.len() as u64)
+            }
+            Some(_) => (0..count.unwrap_or(0)).fold((FNV_OFFSET, 0), |(h, len), i| {
+                let at = strided(i, a.disk_mib) as usize;
+                (fnv1a(h, &want[at..at + bs as usize]), len + bs)
+            }),
+        };
+        if r.fnv != sum || r.bytes != len {
             bail!(
                 "the guest's {} bytes read ({name}) differ from the disk image (checksum {:016x}, want {sum:016x})",
                 r.bytes,
@@ -169,9 +277,19 @@ fn linux_guest(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<(f64, f6
         }
         Ok(if bs == BIG { r.mbps } else { r.iops })
     };
-    let mbps = run("linux-guest-128k", BIG, None)?;
-    let iops = run("linux-guest-4k", SMALL, Some(a.small_reads))?;
-    Ok((mbps, iops))
+    let mbps = run("linux-guest-128k", BIG, None, None)?;
+    let iops = run("linux-guest-4k", SMALL, Some(a.small_reads), None)?;
+    let iops_qd = run(
+        "linux-guest-4k-qd8",
+        SMALL,
+        Some(a.small_reads),
+        Some(QD as u32),
+    )?;
+    Ok(Figures {
+        mbps,
+        iops,
+        iops_qd,
+    })
 }
 
 /// Runs `fractos bench nvme`.
@@ -185,27 +303,40 @@ pub fn run(a: NvmeArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let disk = dir.join("source.img");
     make_disk(&disk, a.disk_mib)?;
-    let (app_mbps, app_iops) = appliance(&a, &dir, &disk)?;
-    let (lin_mbps, lin_iops) = linux_guest(&a, &dir, &disk)?;
+    let app = appliance(&a, &dir, &disk)?;
+    let lin = linux_guest(&a, &dir, &disk)?;
     let report = json!({
-        "appliance_read_mbps_128k": app_mbps,
-        "linux_guest_read_mbps_128k": lin_mbps,
-        "read_ratio_128k": app_mbps / lin_mbps,
-        "appliance_iops_4k": app_iops,
-        "linux_guest_iops_4k": lin_iops,
-        "iops_ratio_4k": app_iops / lin_iops,
+        "appliance_read_mbps_128k": app.mbps,
+        "linux_guest_read_mbps_128k": lin.mbps,
+        "read_ratio_128k": app.mbps / lin.mbps,
+        "appliance_iops_4k": app.iops,
+        "linux_guest_iops_4k": lin.iops,
+        "iops_ratio_4k": app.iops / lin.iops,
+        "appliance_iops_4k_qd8": app.iops_qd,
+        "linux_guest_iops_4k_qd8": lin.iops_qd,
+        "iops_ratio_4k_qd8": app.iops_qd / lin.iops_qd,
         "disk_mib": a.disk_mib,
         "small_reads": a.small_reads,
         "accel": a.accel.name(),
     });
     println!("                         appliance (end to end)   Linux guest (O_DIRECT, in guest)   ratio");
     println!(
-        "128 KiB reads, MB/s     {app_mbps:>12.1} {lin_mbps:>24.1} {:>18.3}",
-        app_mbps / lin_mbps
+        "128 KiB reads, MB/s     {:>12.1} {:>24.1} {:>18.3}",
+        app.mbps,
+        lin.mbps,
+        app.mbps / lin.mbps
     );
     println!(
-        "4 KiB reads, IOPS       {app_iops:>12.0} {lin_iops:>24.0} {:>18.3}",
-        app_iops / lin_iops
+        "4 KiB reads, IOPS       {:>12.0} {:>24.0} {:>18.3}",
+        app.iops,
+        lin.iops,
+        app.iops / lin.iops
+    );
+    println!(
+        "4 KiB random, QD {QD}, IOPS {:>10.0} {:>24.0} {:>18.3}",
+        app.iops_qd,
+        lin.iops_qd,
+        app.iops_qd / lin.iops_qd
     );
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
