@@ -105,6 +105,8 @@ pub struct ModeReport {
     pub latency_p50_us: f64,
     /// 99th percentile latency.
     pub latency_p99_us: f64,
+    /// Every request's latency in microseconds, sorted (for distributions).
+    pub latencies_us: Vec<f64>,
     /// Scores, in request order.
     pub scores: Vec<f32>,
     /// Requests whose score was not the expected result of its image pair
@@ -287,9 +289,10 @@ impl DemoReport {
     /// The machine-readable report.
     pub fn to_json(&self) -> String {
         let mode = |m: &ModeReport| {
+            let latencies: Vec<String> = m.latencies_us.iter().map(|l| format!("{l:.1}")).collect();
             format!(
-                "{{\"inter_node_bytes\": {}, \"inter_node_messages\": {}, \"latency_p50_us\": {:.1}, \"latency_p99_us\": {:.1}, \"failures\": {}}}",
-                m.inter_node_bytes, m.inter_node_messages, m.latency_p50_us, m.latency_p99_us, m.failures.len()
+                "{{\"inter_node_bytes\": {}, \"inter_node_messages\": {}, \"latency_p50_us\": {:.1}, \"latency_p99_us\": {:.1}, \"failures\": {}, \"latencies_us\": [{}]}}",
+                m.inter_node_bytes, m.inter_node_messages, m.latency_p50_us, m.latency_p99_us, m.failures.len(), latencies.join(", ")
             )
         };
         let threshold = match self.verification.threshold {
@@ -929,6 +932,7 @@ pub fn run_on(
         l.sort_by(|a, b| a.total_cmp(b));
         r.latency_p50_us = percentile(l, 0.5);
         r.latency_p99_us = percentile(l, 0.99);
+        r.latencies_us = l.clone();
     }
     let [fractos, centralized, remote_api] = reports;
     drop(client);

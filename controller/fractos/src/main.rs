@@ -3,6 +3,9 @@
 //! One module per subcommand under `cmd/`; add a variant to [`Command`] and a
 //! module to grow it (e.g. `controller`, `demo`).
 
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 mod cmd;
@@ -12,6 +15,11 @@ mod cmd;
 #[derive(Debug, Parser)]
 #[command(name = "fractos", version, about)]
 struct Cli {
+    /// Also write the JSON of every benchmark and demo into this results
+    /// directory (`bench.json`, `bench-appliance.json`, `bench-nvme.json`,
+    /// `bench-boot.json`, `demo-<controllers>.json`), for `fractos report`.
+    #[arg(long, global = true, env = "FRACTOS_RESULTS")]
+    results: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,10 +43,67 @@ enum Command {
     Demo(cmd::demo::DemoArgs),
     /// Print the attach token of a process name under a cluster key.
     Token(cmd::token::TokenArgs),
+    /// Plot the results in a results directory: SVGs, one self-contained
+    /// HTML page and a Markdown page.
+    Report(cmd::report::ReportArgs),
+}
+
+/// Where the command writes its JSON (`None`: it writes none), and the file
+/// the results directory should get.
+fn json_slot<'a>(
+    command: &'a mut Command,
+    dir: &Path,
+) -> Option<(&'a mut Option<PathBuf>, PathBuf)> {
+    use cmd::bench::BenchCommand;
+    let (json, kind) = match command {
+        Command::Bench(a) => match &mut a.command {
+            Some(BenchCommand::Boot(b)) => (&mut b.json, "bench-boot"),
+            Some(BenchCommand::Nvme(n)) => (&mut n.json, "bench-nvme"),
+            None if a.micro.appliance => (&mut a.micro.json, "bench-appliance"),
+            None => (&mut a.micro.json, "bench"),
+        },
+        Command::Demo(a) => {
+            let kind = if a.netns {
+                "demo-netns"
+            } else if a.hosted {
+                "demo-hosted"
+            } else if a.appliance {
+                "demo-appliance"
+            } else {
+                "demo"
+            };
+            (&mut a.json, kind)
+        }
+        _ => return None,
+    };
+    Some((json, cmd::report::results_file(dir, kind)))
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let mut cli = Cli::parse();
+    // With --results, a command that writes JSON writes it there too: to
+    // its --json file and then a copy, or straight there.
+    let mut copy = None;
+    if let Some(dir) = &cli.results {
+        if let Some((json, target)) = json_slot(&mut cli.command, dir) {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            match json {
+                Some(own) => copy = Some((own.clone(), target)),
+                None => *json = Some(target),
+            }
+        }
+    }
+    run(cli.command)?;
+    if let Some((from, to)) = copy {
+        std::fs::copy(&from, &to)
+            .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+    }
+    Ok(())
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Image(c) => cmd::image::run(c),
         Command::Up(a) => cmd::up::run(a),
         Command::Down(a) => cmd::down::run(a),
@@ -46,5 +111,6 @@ fn main() -> anyhow::Result<()> {
         Command::Controller(a) => cmd::controller::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Token(a) => cmd::token::run(a),
+        Command::Report(a) => cmd::report::run(a),
     }
 }

@@ -8,6 +8,7 @@ pub mod down;
 pub mod image;
 pub mod micro;
 pub mod nvme_bench;
+pub mod report;
 pub mod token;
 pub mod up;
 
