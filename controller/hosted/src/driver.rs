@@ -562,7 +562,8 @@ fn node_config(cfg: &HostedConfig) -> Result<NodeConfig<SocketAddr>, HostedError
     n.max_queued_bytes = cfg.max_queued_bytes;
     n.attach_timeout = cfg.attach_timeout;
     n.metrics_timeout = cfg.metrics_timeout;
-    n.dial_backoff = (Duration::from_millis(20), Duration::from_secs(1));
+    // Dial backoff, linger and buffer bounds: the node's defaults, the
+    // same as the appliance's.
     Ok(n)
 }
 
