@@ -11,9 +11,10 @@
 //! messages, no network.
 //!
 //! ivshmem-plain has no interrupts, so both sides poll: the SDK's reader
-//! thread spins briefly, then yields, then sleeps in growing steps up to
-//! 1 ms (an idle process costs little CPU; a busy one makes no system
-//! call per message). The reader also bumps the slot's liveness counter:
+//! thread spins briefly, then sleeps in the shortest steps the host
+//! timer gives for a few milliseconds, then in growing steps up to 1 ms
+//! (an idle process costs little CPU; a busy one makes no system call
+//! per message). The reader also bumps the slot's liveness counter:
 //! an appliance closes the channel of a process whose counter stalls.
 //!
 //! Regions are carved by a bump allocator: addresses are never reused
@@ -38,10 +39,13 @@ use crate::slot::lock;
 /// Capacity of each of the slot's rings.
 pub const SLOT_RING_CAPACITY: u64 = 256 * 1024;
 
-/// Polls before sleeping: spin this long, then yield until
-/// [`YIELD_FOR`], then sleep in growing steps up to [`MAX_SLEEP`].
+/// Polls before sleeping: spin this long, then sleep in short steps
+/// (each a timer wake-up, ~50-60 µs with Linux's default timer slack)
+/// until [`SHORT_SLEEPS_FOR`], then in growing steps up to [`MAX_SLEEP`].
+/// No `yield`: on a machine whose cores are busy (a TCG vCPU), a yielding
+/// thread waits a whole time slice.
 const SPIN_FOR: Duration = Duration::from_micros(20);
-const YIELD_FOR: Duration = Duration::from_micros(500);
+const SHORT_SLEEPS_FOR: Duration = Duration::from_millis(5);
 const MAX_SLEEP: Duration = Duration::from_millis(1);
 
 /// Waits a little, more the longer nothing happened since `idle_since`.
@@ -49,11 +53,10 @@ fn backoff(idle_since: Instant) {
     let idle = idle_since.elapsed();
     if idle < SPIN_FOR {
         std::hint::spin_loop();
-    } else if idle < YIELD_FOR {
-        std::thread::yield_now();
+    } else if idle < SHORT_SLEEPS_FOR {
+        std::thread::sleep(Duration::from_micros(1));
     } else {
-        let step = (idle / 4).min(MAX_SLEEP);
-        std::thread::sleep(step);
+        std::thread::sleep((idle / 16).min(MAX_SLEEP));
     }
 }
 

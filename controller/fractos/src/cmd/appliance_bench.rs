@@ -2,7 +2,9 @@
 //! through an appliance VM, next to the same through the hosted controller
 //! (this very binary) running inside a Debian Linux guest in the same QEMU
 //! configuration (TCG, RAM, one virtio-net NIC with user networking and
-//! host forwards), measured in the same run.
+//! host forwards), measured in the same run; and the same two measurements
+//! through the appliance with both processes attached through its
+//! shared-memory slots (ivshmem) instead of TCP.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -52,9 +54,21 @@ fn through(addr: std::net::SocketAddr, cfg: &BenchConfig) -> anyhow::Result<Meas
     Ok(measure(&a, &b, cfg)?)
 }
 
-fn appliance(b: &ApplianceBench, dir: &Path) -> anyhow::Result<Measured> {
+/// Attaches `name` through the slot file `path`.
+fn attach_slot(path: &Path, name: &str) -> anyhow::Result<fractos_sdk::Process> {
+    let opts = fractos_sdk::AttachOptions::default()
+        .op_timeout(Duration::from_secs(20))
+        .connect_timeout(Duration::from_secs(60));
+    let token = fractos_core::process_token(&DEMO_KEY, name.as_bytes());
+    fractos_sdk::Process::attach_slot(path, name, token, opts)
+        .with_context(|| format!("attaching {name} through {}", path.display()))
+}
+
+/// The appliance's figures: over TCP, then through shared-memory slots.
+fn appliance(b: &ApplianceBench, dir: &Path) -> anyhow::Result<(Measured, Measured)> {
     let kernel = super::kernel_or_build(&b.kernel)?;
-    let setup = ControllerSetup::new(1, DEMO_KEY)?;
+    let mut setup = ControllerSetup::new(1, DEMO_KEY)?;
+    setup.shm_slots = 2;
     let spec = ClusterSpec {
         memory_mib: GUEST_MEMORY_MIB,
         accel: b.accel,
@@ -62,8 +76,14 @@ fn appliance(b: &ApplianceBench, dir: &Path) -> anyhow::Result<Measured> {
     };
     let mut c = Cluster::launch(&spec)?;
     c.wait_ready(Duration::from_secs(300))?;
-    eprintln!("appliance up; measuring…");
-    through(setup.process_addr(0).expect("one node"), &b.cfg)
+    eprintln!("appliance up; measuring over TCP…");
+    let tcp = through(setup.process_addr(0).expect("one node"), &b.cfg)?;
+    eprintln!("measuring through shared-memory slots…");
+    let slots = setup.slot_paths(0);
+    let a = attach_slot(&slots[0], "bench-a")?;
+    let s = attach_slot(&slots[1], "bench-b")?;
+    let shm = measure(&a, &s, &b.cfg)?;
+    Ok((tcp, shm))
 }
 
 fn linux_guest(b: &ApplianceBench, dir: &Path) -> anyhow::Result<Measured> {
@@ -93,7 +113,7 @@ pub fn run(b: ApplianceBench) -> anyhow::Result<()> {
     fractos_qemu::node::check_qemu()?;
     let dir = super::default_state_dir().join("bench-appliance");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let app = appliance(&b, &dir)?;
+    let (app, shm) = appliance(&b, &dir)?;
     let lin = linux_guest(&b, &dir)?;
     let mbps = |m: &Measured| m.copy_gbps * 1000.0;
     let report = json!({
@@ -103,6 +123,10 @@ pub fn run(b: ApplianceBench) -> anyhow::Result<()> {
         "appliance_copy_mbps": mbps(&app),
         "linux_guest_copy_mbps": mbps(&lin),
         "copy_ratio": mbps(&app) / mbps(&lin),
+        "shm_rtt_us": shm.invoke_rtt_us,
+        "shm_copy_mbps": mbps(&shm),
+        "shm_copy_speedup": mbps(&shm) / mbps(&app),
+        "shm_rtt_speedup": app.invoke_rtt_us / shm.invoke_rtt_us,
         "round_trips": b.cfg.round_trips,
         "copy_bytes": b.cfg.copy_bytes,
         "copies": b.cfg.copies,
@@ -121,6 +145,13 @@ pub fn run(b: ApplianceBench) -> anyhow::Result<()> {
         mbps(&app),
         mbps(&lin),
         mbps(&app) / mbps(&lin)
+    );
+    println!(
+        "through slots (shm): invoke RTT {:.1} µs ({:.1}x TCP), copy {:.1} MB/s ({:.1}x TCP)",
+        shm.invoke_rtt_us,
+        app.invoke_rtt_us / shm.invoke_rtt_us,
+        mbps(&shm),
+        mbps(&shm) / mbps(&app)
     );
     if let Some(path) = &b.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
