@@ -309,6 +309,13 @@ impl Cluster {
         fs::create_dir_all(&spec.state_dir).map_err(QemuError::io("creating", &spec.state_dir))?;
         if let Some(c) = &spec.controller {
             write_key_file(&spec.key_file(), &c.key)?;
+            // For `down`: the slot files of every node.
+            let slots: Vec<String> = (0..spec.nodes)
+                .flat_map(|i| c.slot_paths(i))
+                .map(|p| p.display().to_string())
+                .collect();
+            let list = spec.state_dir.join(SLOT_LIST);
+            fs::write(&list, slots.join("\n")).map_err(QemuError::io("writing", &list))?;
         }
         let mut nodes = Vec::new();
         for i in 0..spec.nodes {
@@ -338,12 +345,37 @@ impl Cluster {
     }
 }
 
+/// The file in a state directory naming the cluster's shared-memory slot
+/// files (one path a line), for [`down`].
+const SLOT_LIST: &str = "shm-slots";
+
+/// Removes the slot files a state directory's [`SLOT_LIST`] names (only
+/// ones shaped like [`ControllerSetup::slot_path`]'s), then the list.
+fn remove_slot_files(state_dir: &Path) {
+    let list = state_dir.join(SLOT_LIST);
+    let Ok(text) = fs::read_to_string(&list) else {
+        return;
+    };
+    for line in text.lines() {
+        let p = Path::new(line);
+        let ours = p.parent() == Some(Path::new("/dev/shm"))
+            && p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("fractos-") && n.contains("-slot"));
+        if ours {
+            let _ = fs::remove_file(p);
+        }
+    }
+    let _ = fs::remove_file(&list);
+}
+
 /// Stops every QEMU recorded by a pidfile in `state_dir` (as left by an
 /// earlier `fractos up`), returning `(pidfile name, pid)` of each stopped.
 /// Pids whose process is not QEMU any more are skipped; stale pidfiles are
 /// removed.
 pub fn down(state_dir: &Path) -> Result<Vec<(String, i32)>, QemuError> {
     let mut stopped = Vec::new();
+    remove_slot_files(state_dir);
     let entries = match fs::read_dir(state_dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(stopped),
