@@ -6,13 +6,18 @@
 //! [`fractos_process::Connection`]; this module owns what it leaves out:
 //! the byte stream, the reader thread that feeds it, the writes it asks
 //! for, and the waits (blocking and async) of the application's threads.
+//! Handlers registered with [`Process::serve_inline`] run on the reader
+//! thread, and their operation waits read the channel themselves (the
+//! stream and its frame buffer sit under a lock the reader thread takes
+//! for each read and releases while it runs them).
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::thread::{self, JoinHandle, ThreadId};
+use std::time::{Duration, Instant};
 
 use fractos_process::{Config, Connection, Event, FrameReader, NoMemory};
 use fractos_wire::{
@@ -107,6 +112,9 @@ impl AttachOptions {
 
 type OpResult = Result<Reply, SdkError>;
 type Handler = Arc<dyn Fn(&Process, Invocation) + Send + Sync + 'static>;
+/// A registered handler and whether it runs on the reader thread
+/// ([`Process::serve_inline`]).
+type HandlerEntry = (Handler, bool);
 /// The protocol state machine, each operation carrying its waiter's slot.
 type Conn = Connection<Arc<Slot<OpResult>>>;
 type Events = Vec<Event<Arc<Slot<OpResult>>>>;
@@ -159,6 +167,25 @@ impl ByteStream for std::os::unix::net::UnixStream {
     }
 }
 
+/// The reading half of the channel, used by the reader thread only (and by
+/// inline handlers, which run on it).
+trait ReadHalf: Read + Send {
+    /// Bounds the next reads (`None`: block).
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+}
+
+impl<S: ByteStream> ReadHalf for S {
+    fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(timeout)
+    }
+}
+
+/// The stream being read and the frames read from it so far.
+struct ReaderIo {
+    stream: Box<dyn ReadHalf>,
+    frames: FrameReader,
+}
+
 /// The protocol state and why the channel closed, under one lock.
 struct Proto {
     conn: Conn,
@@ -180,10 +207,20 @@ struct Shared {
     closer: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     memory: MemorySpace,
     invocations: Queue<Invocation>,
-    handlers: RwLock<HashMap<u64, Handler>>,
+    handlers: RwLock<HashMap<u64, HandlerEntry>>,
     jobs: Queue<(Handler, Invocation)>,
+    /// Invocations for inline handlers, run by the reader thread between
+    /// reads.
+    inline_jobs: Mutex<VecDeque<(Handler, Invocation)>>,
     pool_started: Mutex<bool>,
     reader: Mutex<Option<JoinHandle<()>>>,
+    /// The channel's read half; locked by the reader thread for each read
+    /// (never while it runs an inline handler).
+    io: Mutex<Option<ReaderIo>>,
+    /// The reader thread, whose waits read the channel themselves.
+    reader_id: OnceLock<ThreadId>,
+    /// The application's handles, for inline handlers.
+    outer: OnceLock<Weak<Outer>>,
 }
 /// Closes the channel when the last application handle goes.
 struct Outer {
@@ -413,21 +450,29 @@ impl Process {
             invocations: Queue::new(),
             handlers: RwLock::new(HashMap::new()),
             jobs: Queue::new(),
+            inline_jobs: Mutex::new(VecDeque::new()),
             pool_started: Mutex::new(false),
             reader: Mutex::new(None),
+            io: Mutex::new(Some(ReaderIo {
+                stream: Box::new(stream),
+                frames: reader,
+            })),
+            reader_id: OnceLock::new(),
+            outer: OnceLock::new(),
             opts: options,
         });
+        let outer = Arc::new(Outer {
+            shared: shared.clone(),
+        });
+        let _ = shared.outer.set(Arc::downgrade(&outer));
         let reader_shared = shared.clone();
         let handle = thread::Builder::new()
             .name(format!("fractos-sdk-reader:{name}"))
-            .spawn(move || reader_loop(reader_shared, stream, reader))
+            .spawn(move || reader_loop(reader_shared))
             .map_err(|e| SdkError::io("starting the reader thread", e))?;
         *lock(&shared.reader) = Some(handle);
         let timeout = shared.opts.op_timeout;
-        Ok(Process {
-            outer: Arc::new(Outer { shared }),
-            timeout,
-        })
+        Ok(Process { outer, timeout })
     }
 
     /// Attaches as `name` with `token` over any connected
@@ -962,15 +1007,59 @@ impl Process {
     where
         F: Fn(&Process, Invocation) + Send + Sync + 'static,
     {
+        let (handler, queued) = self.set_handler(tag, Arc::new(handler), false);
+        self.start_pool();
+        for inv in queued {
+            let _ = self.shared().jobs.push((handler.clone(), inv));
+        }
+    }
+
+    /// Registers `handler` for `tag` and takes the invocations with `tag`
+    /// already queued for [`Process::next_invocation`].
+    fn set_handler(&self, tag: u64, handler: Handler, inline: bool) -> (Handler, Vec<Invocation>) {
         let s = self.shared();
-        let handler: Handler = Arc::new(handler);
         s.handlers
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(tag, handler.clone());
-        self.start_pool();
-        for inv in s.invocations.take_where(|i| i.tag == tag) {
-            let _ = s.jobs.push((handler.clone(), inv));
+            .insert(tag, (handler.clone(), inline));
+        (handler, s.invocations.take_where(|i| i.tag == tag))
+    }
+
+    /// Like [`Process::serve`], but runs `handler` on the channel's reader
+    /// thread itself, as soon as the invocation is read: no hand-off to
+    /// another thread. An operation the handler waits for
+    /// ([`Pending::wait`] and every blocking operation) is read off the
+    /// channel by the same thread, so an invoke-and-answer handler costs no
+    /// thread wake-up inside the SDK. Invocations with this tag that were
+    /// already queued for [`Process::next_invocation`] run on the calling
+    /// thread before `serve_inline` returns.
+    ///
+    /// For cheap handlers only: while one runs (outside its operation
+    /// waits), nothing else of this process is read. It must not wait for
+    /// anything but its own operations: not for
+    /// [`Process::next_invocation`], [`Process::dispatch`],
+    /// `Pending::wait_async`, or another thread of the application that
+    /// may itself wait for an operation (that is a deadlock). Invocations
+    /// arriving during one of its waits are run after it returns, in order.
+    ///
+    /// ```no_run
+    /// # fn f(p: &fractos_sdk::Process) -> Result<(), fractos_sdk::SdkError> {
+    /// const PING: u64 = 2;
+    /// p.serve_inline(PING, |p, inv| {
+    ///     if let Ok(k) = inv.request(0) {
+    ///         let _ = p.invoke(&k, &[], &[]);
+    ///         let _ = p.drop_cap(k);
+    ///     }
+    /// });
+    /// # Ok(()) }
+    /// ```
+    pub fn serve_inline<F>(&self, tag: u64, handler: F)
+    where
+        F: Fn(&Process, Invocation) + Send + Sync + 'static,
+    {
+        let (handler, queued) = self.set_handler(tag, Arc::new(handler), true);
+        for inv in queued {
+            handler(self, inv);
         }
     }
 
@@ -1086,7 +1175,13 @@ impl PendingOp {
     }
 
     fn wait(&mut self) -> OpResult {
-        match self.slot.wait(self.timeout) {
+        let got = if self.shared.on_reader_thread() {
+            // An inline handler: nobody else reads the channel.
+            self.shared.wait_reading(&self.slot, self.timeout)
+        } else {
+            self.slot.wait(self.timeout)
+        };
+        match got {
             Some(r) => {
                 self.done = true;
                 r
@@ -1384,6 +1479,77 @@ impl Shared {
         self.jobs.close();
     }
 
+    fn on_reader_thread(&self) -> bool {
+        self.reader_id.get() == Some(&thread::current().id())
+    }
+
+    /// Reads the channel once (up to `deadline`, or until data or its end
+    /// if `None`) and hands what came to the connection. `Err` is why the
+    /// channel must close.
+    fn read_once(&self, deadline: Option<Instant>) -> Result<(), DisconnectReason> {
+        let mut io = lock(&self.io);
+        let Some(io) = io.as_mut() else {
+            return Err(DisconnectReason::Closed);
+        };
+        self.on_frames(&mut io.frames)?;
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            let _ = io
+                .stream
+                .set_timeout(Some(left.max(Duration::from_millis(1))));
+        }
+        let got = read_chunk(&mut io.stream, &mut io.frames);
+        if deadline.is_some() {
+            let _ = io.stream.set_timeout(None);
+        }
+        match got {
+            Ok(true) => self.on_frames(&mut io.frames),
+            Ok(false) => Ok(()),
+            Err(Some(reason)) => Err(reason),
+            // Nothing came before the deadline.
+            Err(None) => Ok(()),
+        }
+    }
+
+    /// Waits for `slot` on the reader thread (an inline handler's wait) by
+    /// reading the channel until it is filled or `timeout` passes.
+    fn wait_reading<T>(&self, slot: &Slot<T>, timeout: Duration) -> Option<T> {
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            if let Some(v) = slot.wait(Duration::ZERO) {
+                return Some(v);
+            }
+            let d = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            if Instant::now() >= d {
+                return None;
+            }
+            if let Err(reason) = self.read_once(Some(d)) {
+                // Fails every pending operation, ours included.
+                self.shutdown(reason);
+                return slot.wait(Duration::ZERO);
+            }
+        }
+    }
+
+    /// Runs the invocations queued for inline handlers, in order.
+    fn run_inline(&self) {
+        loop {
+            let job = lock(&self.inline_jobs).pop_front();
+            let Some((handler, inv)) = job else {
+                return;
+            };
+            let Some(outer) = self.outer.get().and_then(Weak::upgrade) else {
+                continue;
+            };
+            let p = Process {
+                outer,
+                timeout: self.opts.op_timeout,
+            };
+            // A panicking handler must not take the reader down with it.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(&p, inv)));
+        }
+    }
+
     fn close_and_join(&self) {
         self.shutdown(DisconnectReason::Closed);
         let handle = lock(&self.reader).take();
@@ -1455,24 +1621,63 @@ impl Shared {
             .get(&inv.tag)
             .cloned();
         let _ = match handler {
-            Some(h) => self.jobs.push((h, inv)).map_err(drop),
+            Some((h, true)) => {
+                lock(&self.inline_jobs).push_back((h, inv));
+                Ok(())
+            }
+            Some((h, false)) => self.jobs.push((h, inv)).map_err(drop),
             None => self.invocations.push(inv).map_err(drop),
         };
     }
 }
 
-fn reader_loop<S: Read>(shared: Arc<Shared>, mut stream: S, mut reader: FrameReader) {
-    let reason = match read_frames(&mut stream, &mut reader, |r| shared.on_frames(r)) {
-        Ok(()) => DisconnectReason::ControllerClosed,
-        Err(r) => r,
+fn reader_loop(shared: Arc<Shared>) {
+    let _ = shared.reader_id.set(thread::current().id());
+    let reason = loop {
+        if let Err(reason) = shared.read_once(None) {
+            break reason;
+        }
+        shared.run_inline();
     };
     shared.shutdown(reason);
-    // Don't keep the shared state (and the stream) alive from here.
+    // Don't keep the stream (and the shared state) alive from here.
+    lock(&shared.io).take();
+    lock(&shared.inline_jobs).clear();
     drop(shared);
 }
 
-/// Reads `stream` until EOF (`Ok`) or an error, straight into `reader`'s
-/// buffer (no intermediate copy), calling `on_frames` after every read.
+/// One read of `stream` straight into `frames`' buffer (no intermediate
+/// copy): `Ok(true)` if bytes came, `Ok(false)` if interrupted,
+/// `Err(None)` if a read timeout passed, `Err(Some(why))` at the end of the
+/// stream or on an error.
+fn read_chunk(
+    stream: &mut impl Read,
+    frames: &mut FrameReader,
+) -> Result<bool, Option<DisconnectReason>> {
+    match stream.read(frames.read_buf()) {
+        Ok(0) => Err(Some(DisconnectReason::ControllerClosed)),
+        Ok(n) => {
+            frames.filled(n);
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(false),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Err(None)
+        }
+        Err(e) => Err(Some(DisconnectReason::Io(format!(
+            "reading from the controller: {e}"
+        )))),
+    }
+}
+
+/// Reads `stream` until its end (`Ok`) or an error, calling `on_frames`
+/// after every read.
+#[cfg(test)]
 fn read_frames(
     stream: &mut impl Read,
     reader: &mut FrameReader,
@@ -1480,15 +1685,11 @@ fn read_frames(
 ) -> Result<(), DisconnectReason> {
     loop {
         on_frames(reader)?;
-        match stream.read(reader.read_buf()) {
-            Ok(0) => return Ok(()),
-            Ok(n) => reader.filled(n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                return Err(DisconnectReason::Io(format!(
-                    "reading from the controller: {e}"
-                )))
-            }
+        match read_chunk(stream, reader) {
+            Ok(_) => {}
+            Err(Some(DisconnectReason::ControllerClosed)) => return Ok(()),
+            Err(Some(r)) => return Err(r),
+            Err(None) => return Err(DisconnectReason::Io("timed out".into())),
         }
     }
 }

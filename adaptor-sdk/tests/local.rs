@@ -413,3 +413,27 @@ fn a_process_scribbling_over_its_rings_hurts_only_itself() {
     let late = attach_local(&node, "late");
     late.register(1).unwrap();
 }
+
+#[test]
+fn inline_handlers_answer_over_local_channels() {
+    let node = local_controller("inline");
+    let a = attach_local(&node, "inline-a");
+    let b = attach_local(&node, "inline-b");
+    let ping = b.request_create(1, &[], &[]).unwrap();
+    b.publish("inline/ping", ping).unwrap();
+    let ping = a.lookup("inline/ping", WAIT).unwrap().as_request().unwrap();
+    let pong = a.request_create(2, &[], &[]).unwrap();
+    b.serve_inline(1, |p, inv| {
+        let k = inv.request(0).expect("continuation");
+        p.invoke(&k, &inv.imms, &[]).expect("pong");
+        p.drop_cap(k).expect("drop");
+    });
+    for i in 0..200u8 {
+        a.invoke(&ping, &[i], &[pong.into()]).unwrap();
+        let inv = a.next_invocation_timeout(WAIT).unwrap();
+        assert_eq!((inv.tag, inv.imms.as_slice()), (2, &[i][..]));
+    }
+    // B's application thread still gets its operations answered.
+    b.publish("inline/more", b.request_create(3, &[], &[]).unwrap())
+        .unwrap();
+}

@@ -348,22 +348,9 @@ fn lookup_waits_for_a_later_publish() {
     assert_eq!((inv.tag, inv.imms.as_slice()), (3, &b"hi"[..]));
 }
 
-#[test]
-fn serve_dispatches_handlers_on_the_pool() {
-    let nodes = cluster(1);
-    let server = attach(&nodes[0], "server");
-    let client = attach(&nodes[0], "client");
-    // Echo: invoke the continuation (cap 0) with the same immediates.
-    server.serve(1, |p, inv| {
-        let k = inv.request(0).expect("continuation");
-        p.invoke(&k, &inv.imms, &[]).expect("reply");
-        p.drop_cap(k).expect("drop");
-    });
-    let echo = server.request_create(1, &[], &[]).unwrap();
-    let echo = share(&server, echo, &client, "echo").as_request().unwrap();
-    let reply = client.request_create(2, &[], &[]).unwrap();
-
-    // Several client threads at once.
+/// Four threads of `client` invoke `echo` 50 times each with `reply` as
+/// the continuation; every one of the 200 answers (tag 2) comes, once.
+fn echo_from_four_threads(client: &Process, echo: RequestCap, reply: RequestCap) {
     let threads: Vec<_> = (0..4u8)
         .map(|t| {
             let c = client.clone();
@@ -384,6 +371,25 @@ fn serve_dispatches_handlers_on_the_pool() {
         assert!(seen.insert(inv.imms.clone()), "duplicate {:?}", inv.imms);
     }
     assert_eq!(seen.len(), 200);
+}
+
+#[test]
+fn serve_dispatches_handlers_on_the_pool() {
+    let nodes = cluster(1);
+    let server = attach(&nodes[0], "server");
+    let client = attach(&nodes[0], "client");
+    // Echo: invoke the continuation (cap 0) with the same immediates.
+    server.serve(1, |p, inv| {
+        let k = inv.request(0).expect("continuation");
+        p.invoke(&k, &inv.imms, &[]).expect("reply");
+        p.drop_cap(k).expect("drop");
+    });
+    let echo = server.request_create(1, &[], &[]).unwrap();
+    let echo = share(&server, echo, &client, "echo").as_request().unwrap();
+    let reply = client.request_create(2, &[], &[]).unwrap();
+
+    // Several client threads at once.
+    echo_from_four_threads(&client, echo, reply);
     assert!(client
         .next_invocation_timeout(Duration::from_millis(10))
         .unwrap_err()
@@ -694,4 +700,72 @@ fn handlers_run_in_the_callers_loop_without_a_pool() {
     assert_eq!(*seen.lock().unwrap(), vec![b"a".to_vec(), b"b".to_vec()]);
     p.clone().close();
     assert!(p.dispatch(WAIT).unwrap_err().is_disconnected());
+}
+
+#[test]
+fn serve_inline_answers_on_the_reader_thread() {
+    let nodes = cluster(1);
+    let server = attach(&nodes[0], "server");
+    let client = attach(&nodes[0], "client");
+    let req = server.request_create(1, &[], &[]).unwrap();
+    let echo = share(&server, req, &client, "echo").as_request().unwrap();
+    let reply = client.request_create(2, &[], &[]).unwrap();
+    // Queued before the handler exists: run by serve_inline's caller.
+    client.invoke(&echo, b"early", &[reply.into()]).unwrap();
+    let t = Instant::now();
+    while server.queued_invocations() == 0 {
+        assert!(t.elapsed() < WAIT, "the invocation never queued");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    // Echo through the continuation; its waits read the channel themselves.
+    server.serve_inline(1, move |p, inv| {
+        let thread = std::thread::current().name().unwrap_or("").to_owned();
+        let k = inv.request(0).expect("continuation");
+        p.invoke(&k, &inv.imms, &[]).expect("reply");
+        p.drop_cap(k).expect("drop");
+        let _ = tx.lock().unwrap().send(thread);
+    });
+    let first = rx.recv_timeout(WAIT).unwrap();
+    assert!(!first.starts_with("fractos-sdk-reader"), "{first}");
+    assert_eq!(client.next_invocation().unwrap().imms, b"early");
+
+    // Several client threads at once: every answer comes, once.
+    echo_from_four_threads(&client, echo, reply);
+    for _ in 0..200 {
+        let thread = rx.recv_timeout(WAIT).unwrap();
+        assert!(thread.starts_with("fractos-sdk-reader"), "{thread}");
+    }
+    // Operations of the application's threads still complete meanwhile.
+    let other = server.request_create(99, &[], &[]).unwrap();
+    server.publish("still", other).unwrap();
+}
+
+#[test]
+fn closing_a_process_while_an_inline_handler_waits_fails_its_wait() {
+    let nodes = cluster(1);
+    let server = attach(&nodes[0], "server");
+    let client = attach(&nodes[0], "client");
+    let req = server.request_create(5, &[], &[]).unwrap();
+    let cap = share(&server, req, &client, "slow").as_request().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let tx = std::sync::Mutex::new(tx);
+    let (started_tx, started_rx) = mpsc::channel();
+    let started_tx = std::sync::Mutex::new(started_tx);
+    server.serve_inline(5, move |p, _inv| {
+        let _ = started_tx.lock().unwrap().send(());
+        // Never published: the lookup waits until the channel closes.
+        let r = p.lookup("never/there", Duration::from_secs(30));
+        let _ = tx.lock().unwrap().send(r.map(drop));
+    });
+    client.invoke(&cap, &[], &[]).unwrap();
+    started_rx.recv_timeout(WAIT).unwrap();
+    let t = Instant::now();
+    server.close();
+    match rx.recv_timeout(WAIT).unwrap() {
+        Err(SdkError::Disconnected { .. }) => {}
+        other => panic!("expected Disconnected, got {other:?}"),
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 }

@@ -467,7 +467,8 @@ pub fn measure(a: &Process, b: &Process, cfg: &BenchConfig) -> Result<Measured, 
         .recv_timeout(wait)
         .map_err(|_| PipelineError::Protocol("setup never arrived".into()))?;
     let pong_at_b = k;
-    b.serve(PING, move |p, _inv| {
+    // Inline: B's reader thread answers without a hand-off to the pool.
+    b.serve_inline(PING, move |p, _inv| {
         let _ = p.invoke(&pong_at_b, &[], &[]);
     });
 
