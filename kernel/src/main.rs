@@ -505,6 +505,10 @@ fn bring_up_slots(devices: &[pci::PciFunction], seed: &[u8; 32]) -> SlotPool<Bar
 }
 
 fn log_memory_map(boot: &BootInfo) {
+    info!(
+        "memory: {} memory map",
+        if boot.memory_from_efi { "EFI" } else { "E820" }
+    );
     for r in boot.memory.regions() {
         info!(
             "memory: [{:#014x}-{:#014x}] {} ({} KiB)",

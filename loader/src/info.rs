@@ -354,6 +354,8 @@ pub struct BootInfo {
     pub cmdline: Cmdline,
     /// ACPI root pointer contents, when the firmware provides one.
     pub acpi: Option<AcpiRoot>,
+    /// The memory map came from UEFI (Multiboot2 tag 17), not E820.
+    pub memory_from_efi: bool,
 }
 
 impl BootInfo {
@@ -365,6 +367,7 @@ impl BootInfo {
             modules: Modules::new(),
             cmdline: Cmdline::new(),
             acpi: None,
+            memory_from_efi: false,
         }
     }
 }

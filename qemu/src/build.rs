@@ -159,9 +159,11 @@ pub struct IsoModule {
     pub cmdline: String,
 }
 
-/// Builds a bootable GRUB ISO (BIOS, Multiboot2) at `out` from `elf`, with
+/// Builds a bootable GRUB ISO (Multiboot2) at `out` from `elf`, with
 /// `cmdline` baked into `grub.cfg`. Needs `grub-mkrescue` (grub-pc-bin,
-/// grub-common), `xorriso` and `mtools`.
+/// grub-common), `xorriso` and `mtools`. The ISO boots under legacy BIOS
+/// and, when `grub-efi-amd64-bin` is installed (`/usr/lib/grub/x86_64-efi`,
+/// which `grub-mkrescue` then picks up by itself), under UEFI too.
 pub fn build_iso(elf: &Path, cmdline: &str, out: &Path) -> Result<PathBuf, QemuError> {
     build_iso_with_modules(elf, cmdline, &[], out)
 }
@@ -205,7 +207,11 @@ pub fn build_iso_with_modules(
     cmd.arg("-o")
         .arg(out)
         .args([
-            "--install-modules=multiboot2 normal serial terminal boot configfile iso9660 biosdisk part_msdos",
+            // Modules present for both platforms: `grub-mkrescue` adds
+            // `biosdisk` to the BIOS core image itself, and an
+            // `--install-modules` name missing from one platform (as
+            // `biosdisk` is from x86_64-efi) fails the whole build.
+            "--install-modules=multiboot2 normal serial terminal boot configfile iso9660 part_msdos",
             "--locales=",
             "--fonts=",
             "--themes=",

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use std::net::{Ipv4Addr, SocketAddr};
 
 use crate::node::{
-    write_private_file, Accel, Appliance, Boot, FwCfgFile, L2Segment, NodeSpec, NvmeDisk, ShmSlot,
+    write_private_file, Accel, Appliance, Boot, Firmware, FwCfgFile, L2Segment, NodeSpec, NvmeDisk,
+    ShmSlot,
 };
 use crate::{QemuError, READY_MARKER};
 
@@ -29,6 +30,10 @@ pub struct ClusterSpec {
     pub nvme_mib: Vec<u64>,
     /// Accelerator.
     pub accel: Accel,
+    /// Firmware. With [`Firmware::Uefi`] every node boots a GRUB ISO
+    /// (`<state_dir>/node<i>.iso`, built by [`Cluster::launch`]) under
+    /// OVMF instead of the kernel ELF via PVH.
+    pub firmware: Firmware,
     /// Directory for serial logs, pidfiles and disk images.
     pub state_dir: PathBuf,
     /// Whether the nodes die with the launching thread (see
@@ -202,6 +207,7 @@ impl ClusterSpec {
             nics: 1,
             nvme_mib: Vec::new(),
             accel: Accel::Tcg,
+            firmware: Firmware::Bios,
             state_dir,
             die_with_parent: true,
             controller: Some(setup),
@@ -215,19 +221,24 @@ impl ClusterSpec {
         self.state_dir.join("cluster.key")
     }
 
-    /// The spec of node `i`.
-    pub fn node(&self, i: u32) -> NodeSpec {
-        let dir = &self.state_dir;
+    /// The kernel command line of node `i`.
+    pub fn node_cmdline(&self, i: u32) -> String {
         let service = self
             .controller
             .as_ref()
             .map(|c| c.cmdline(i, self.nodes))
             .unwrap_or_default();
         let own = self.node_cmdline.get(i as usize).map_or("", String::as_str);
-        let cmdline = format!("fractos.node={i} {service} {} {own}", self.cmdline)
+        format!("fractos.node={i} {service} {} {own}", self.cmdline)
             .split_whitespace()
             .collect::<Vec<_>>()
-            .join(" ");
+            .join(" ")
+    }
+
+    /// The spec of node `i`.
+    pub fn node(&self, i: u32) -> NodeSpec {
+        let dir = &self.state_dir;
+        let cmdline = self.node_cmdline(i);
         let hostfwd = match self
             .controller
             .as_ref()
@@ -243,9 +254,12 @@ impl ClusterSpec {
             .map(|c| c.l2);
         NodeSpec {
             name: format!("node{i}"),
-            boot: Boot::Elf {
-                kernel: self.kernel.clone(),
-                cmdline,
+            boot: match self.firmware {
+                Firmware::Bios => Boot::Elf {
+                    kernel: self.kernel.clone(),
+                    cmdline,
+                },
+                Firmware::Uefi => Boot::Iso(dir.join(format!("node{i}.iso"))),
             },
             memory_mib: self.memory_mib,
             nics: if self.controller.is_some() {
@@ -275,6 +289,7 @@ impl ClusterSpec {
                 })
                 .collect(),
             accel: self.accel,
+            firmware: self.firmware,
             serial_log: dir.join(format!("node{i}.log")),
             pidfile: Some(dir.join(format!("node{i}.pid"))),
             fw_cfg: self
@@ -319,7 +334,13 @@ impl Cluster {
         }
         let mut nodes = Vec::new();
         for i in 0..spec.nodes {
-            nodes.push(Appliance::launch(spec.node(i))?);
+            let node = spec.node(i);
+            if let Boot::Iso(iso) = &node.boot {
+                // The command line lives in the ISO's grub.cfg; the key
+                // still comes through fw_cfg, so the ISO holds no secret.
+                crate::build::build_iso(&spec.kernel, &spec.node_cmdline(i), iso)?;
+            }
+            nodes.push(Appliance::launch(node)?);
         }
         Ok(Cluster { nodes })
     }
@@ -440,6 +461,7 @@ mod tests {
             nics: 1,
             nvme_mib: vec![16],
             accel: Accel::Tcg,
+            firmware: Firmware::Bios,
             state_dir: "/s".into(),
             die_with_parent: true,
             controller: None,
@@ -467,6 +489,7 @@ mod tests {
             nics: 0,
             nvme_mib: vec![],
             accel: Accel::Tcg,
+            firmware: Firmware::Bios,
             state_dir: "/s".into(),
             die_with_parent: true,
             controller: Some(setup.clone()),

@@ -11,6 +11,50 @@ use std::time::{Duration, Instant};
 use crate::exit::KernelExit;
 use crate::{QemuError, QEMU};
 
+/// The machine's firmware.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Firmware {
+    /// QEMU's default legacy BIOS (SeaBIOS).
+    #[default]
+    Bios,
+    /// UEFI: OVMF (Debian's `ovmf`), loaded with `-bios`; its variable
+    /// store is then volatile, which a GRUB ISO boot does not need. Only
+    /// ISO boots use it: `-kernel` (PVH) ignores the firmware.
+    Uefi,
+}
+
+impl Firmware {
+    /// Where Debian's `ovmf` puts the combined code + variables image.
+    pub const OVMF_DEFAULT: &'static str = "/usr/share/ovmf/OVMF.fd";
+
+    /// Short lower-case name (`bios`, `uefi`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+        }
+    }
+
+    /// The OVMF image: `FRACTOS_OVMF` if set, else [`Self::OVMF_DEFAULT`].
+    pub fn ovmf_path() -> PathBuf {
+        std::env::var_os("FRACTOS_OVMF")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(Self::OVMF_DEFAULT))
+    }
+}
+
+impl std::str::FromStr for Firmware {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "bios" | "seabios" => Ok(Firmware::Bios),
+            "uefi" | "ovmf" => Ok(Firmware::Uefi),
+            _ => Err(format!("unknown firmware `{s}`: use `bios` or `uefi`")),
+        }
+    }
+}
+
 /// CPU accelerator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Accel {
@@ -193,6 +237,8 @@ pub struct NodeSpec {
     pub l2: Option<L2Segment>,
     /// Accelerator.
     pub accel: Accel,
+    /// Firmware (BIOS by default; UEFI boots ISOs with OVMF).
+    pub firmware: Firmware,
     /// Serial console output file.
     pub serial_log: PathBuf,
     /// Where QEMU writes its pid (for `fractos down`), if anywhere.
@@ -221,6 +267,7 @@ impl NodeSpec {
             shm_slots: Vec::new(),
             l2: None,
             accel: Accel::Tcg,
+            firmware: Firmware::Bios,
             serial_log: serial_log.to_path_buf(),
             pidfile: None,
             fw_cfg: Vec::new(),
@@ -264,6 +311,9 @@ impl NodeSpec {
         // (from the host's getrandom) but not RDSEED.
         a.extend(["-cpu".into(), self.accel.cpu().into()]);
         a.extend(["-m".into(), format!("{}M", self.memory_mib)]);
+        if self.firmware == Firmware::Uefi {
+            a.extend(["-bios".into(), Firmware::ovmf_path().display().to_string()]);
+        }
         a.extend([
             "-serial".into(),
             format!("file:{}", self.serial_log.display()),
@@ -397,6 +447,16 @@ impl Appliance {
         paths.extend(spec.nvme.iter().map(|d| d.path.as_path()));
         paths.extend(spec.shm_slots.iter().map(|d| d.path.as_path()));
         paths.extend(spec.fw_cfg.iter().map(|f| f.path.as_path()));
+        let ovmf = Firmware::ovmf_path();
+        if spec.firmware == Firmware::Uefi {
+            if !ovmf.is_file() {
+                return Err(QemuError::ToolMissing {
+                    tool: format!("OVMF UEFI firmware ({})", ovmf.display()),
+                    package: "ovmf".into(),
+                });
+            }
+            paths.push(&ovmf);
+        }
         if let Some(f) = spec.fw_cfg.iter().find(|f| f.name.contains(',')) {
             return Err(QemuError::Config(format!(
                 "fw_cfg name `{}` contains a comma: QEMU options cannot carry it",
@@ -684,6 +744,21 @@ fn create_slot_file(slot: &ShmSlot) -> Result<(), QemuError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uefi_firmware_loads_ovmf_for_an_iso() {
+        let mut s = NodeSpec::new("n", Boot::Iso("/x.iso".into()), Path::new("/tmp/s.log"));
+        assert!(!s.args().iter().any(|a| a == "-bios"));
+        s.firmware = "uefi".parse().unwrap();
+        let a = s.args().join(" ");
+        assert!(
+            a.contains(&format!("-bios {}", Firmware::ovmf_path().display())),
+            "{a}"
+        );
+        assert!(a.contains("-cdrom /x.iso -boot d"), "{a}");
+        assert_eq!("bios".parse::<Firmware>(), Ok(Firmware::Bios));
+        assert!("coreboot".parse::<Firmware>().is_err());
+    }
 
     #[test]
     fn args_describe_devices() {

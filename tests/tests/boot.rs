@@ -344,6 +344,7 @@ fn cluster_comes_up_and_down_tears_it_down() {
         nics: 1,
         nvme_mib: vec![2],
         accel: Accel::Tcg,
+        firmware: fractos_qemu::node::Firmware::Bios,
         state_dir: state.clone(),
         die_with_parent: true,
         controller: None,

@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use fractos_adaptors::demo::DEMO_KEY;
 use fractos_qemu::cluster::{key_hex, write_key_file, Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::exit::KernelExit;
-use fractos_qemu::node::{Appliance, Boot, FwCfgFile, NodeSpec};
+use fractos_qemu::node::{Appliance, Boot, Firmware, FwCfgFile, NodeSpec};
 use fractos_qemu::READY_MARKER;
 use fractos_sdk::Process;
 use fractos_tests::{
@@ -114,7 +114,18 @@ fn key_on_the_command_line_is_refused() {
 
 #[test]
 fn key_by_multiboot2_module_on_a_grub_iso() {
-    let dir = scratch("secrets-iso");
+    grub_iso_serves_a_process(Firmware::Bios);
+}
+
+/// The same ISO under UEFI (OVMF, GRUB EFI): GRUB exits boot services and
+/// passes the EFI memory map; the appliance comes up and serves a process.
+#[test]
+fn grub_iso_boots_under_uefi_and_serves_a_process() {
+    grub_iso_serves_a_process(Firmware::Uefi);
+}
+
+fn grub_iso_serves_a_process(firmware: Firmware) {
+    let dir = scratch(&format!("secrets-iso-{}", firmware.name()));
     let key_file = dir.join("cluster.key");
     write_key_file(&key_file, &DEMO_KEY).expect("key file");
     let iso = iso_with_key("fractos.node=0", &key_file, &dir.join("fractos-key.iso"));
@@ -128,12 +139,22 @@ fn key_by_multiboot2_module_on_a_grub_iso() {
     spec.nics = 1;
     spec.memory_mib = 256;
     spec.hostfwd = vec![(port, 7100)];
+    spec.firmware = firmware;
+    let started = std::time::Instant::now();
     let mut vm = Appliance::launch(spec).expect("launch QEMU");
     if let Err(e) = vm.wait_for(READY_MARKER, READY_TIMEOUT) {
         panic!("{e}");
     }
+    eprintln!(
+        "{} ISO boot: ready after {} ms",
+        firmware.name(),
+        started.elapsed().as_millis()
+    );
     let log = vm.log();
     assert!(log.contains("protocol=multiboot2"), "{log}");
+    if firmware == Firmware::Uefi {
+        assert!(log.contains("memory: EFI memory map"), "{log}");
+    }
     assert!(
         log.contains("INFO  controller: node 0 members [0]"),
         "controller not started from the module key:\n{log}"

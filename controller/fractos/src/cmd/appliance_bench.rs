@@ -72,6 +72,7 @@ fn appliance(b: &ApplianceBench, dir: &Path) -> anyhow::Result<(Measured, Measur
     let spec = ClusterSpec {
         memory_mib: GUEST_MEMORY_MIB,
         accel: b.accel,
+        firmware: fractos_qemu::node::Firmware::Bios,
         ..ClusterSpec::controllers(kernel, dir.join("appliance"), setup.clone())
     };
     let mut c = Cluster::launch(&spec)?;

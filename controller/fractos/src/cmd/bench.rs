@@ -139,6 +139,7 @@ fn appliance_serving(elf: &Path, a: &BootArgs, dir: &Path) -> anyhow::Result<(f6
     let spec = ClusterSpec {
         memory_mib: GUEST_MEMORY_MIB,
         accel: a.accel,
+        firmware: fractos_qemu::node::Firmware::Bios,
         ..ClusterSpec::controllers(elf.to_path_buf(), dir.join("serving"), setup.clone())
     };
     let mut c = Cluster::launch(&spec)?;

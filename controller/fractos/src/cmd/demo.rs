@@ -177,6 +177,7 @@ fn run_appliances(a: &DemoArgs, cfg: &DemoConfig) -> anyhow::Result<DemoReport> 
         // service also publishes the pipeline's read name.
         nvme_mib: vec![DEMO_DISK_MIB],
         accel: a.accel,
+        firmware: fractos_qemu::node::Firmware::Bios,
         node_cmdline: vec![format!("fractos.storage_names={}", names::STORAGE_READ)],
         ..ClusterSpec::controllers(kernel, state_dir.clone(), setup.clone())
     };

@@ -102,6 +102,7 @@ fn appliance(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<Figures> {
         memory_mib: GUEST_MEMORY_MIB,
         nvme_mib: vec![a.disk_mib],
         accel: a.accel,
+        firmware: fractos_qemu::node::Firmware::Bios,
         ..ClusterSpec::controllers(kernel, dir.join("appliance"), setup.clone())
     };
     std::fs::create_dir_all(&spec.state_dir)?;

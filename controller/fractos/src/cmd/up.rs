@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use fractos_qemu::cluster::{self, Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::exit::KernelExit;
-use fractos_qemu::node::Accel;
+use fractos_qemu::node::{Accel, Firmware};
 
 /// Options of `fractos up`.
 #[derive(Debug, Args)]
@@ -21,6 +21,11 @@ pub struct UpArgs {
     /// CPU accelerator: tcg (works everywhere) or kvm (needs /dev/kvm).
     #[arg(long, default_value = "tcg")]
     pub accel: Accel,
+    /// Firmware: bios (SeaBIOS; the kernel boots directly via PVH) or uefi
+    /// (OVMF from Debian's `ovmf`; each node boots a GRUB ISO built into
+    /// the state directory, which needs `grub-efi-amd64-bin`).
+    #[arg(long, default_value = "bios")]
+    pub firmware: Firmware,
     /// RAM per appliance in MiB.
     #[arg(long, default_value_t = 256)]
     pub memory: u32,
@@ -110,6 +115,7 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
         nics: a.nics,
         nvme_mib: a.nvme,
         accel: a.accel,
+        firmware: a.firmware,
         state_dir: state_dir.clone(),
         die_with_parent: !a.detach,
         controller: controller.clone(),
@@ -122,9 +128,10 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
 
     let mut c = Cluster::launch(&spec)?;
     eprintln!(
-        "launched {} appliance(s) ({}, {} MiB each); serial logs in {}",
+        "launched {} appliance(s) ({}, {}, {} MiB each); serial logs in {}",
         a.nodes,
         a.accel.name(),
+        a.firmware.name(),
         a.memory,
         state_dir.display()
     );
