@@ -176,6 +176,8 @@ pub struct SlotStats {
     pub attaches: u64,
     /// Attaches refused.
     pub refusals: u64,
+    /// Free slots whose rewritten header was published again.
+    pub repairs: u64,
 }
 
 impl<M: SharedMemory + Clone + 'static> SlotPool<M> {
@@ -216,6 +218,7 @@ impl<M: SharedMemory + Clone + 'static> SlotPool<M> {
             s.attached += usize::from(slot.host.is_attached());
             s.attaches += slot.host.attaches;
             s.refusals += slot.host.refusals;
+            s.repairs += slot.host.repairs;
         }
         s
     }

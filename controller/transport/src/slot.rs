@@ -498,6 +498,9 @@ pub struct SlotHost<M> {
     pub attaches: u64,
     /// Attaches refused so far.
     pub refusals: u64,
+    /// Times a free slot's header had to be published again because it
+    /// had been rewritten.
+    pub repairs: u64,
 }
 
 impl<M> core::fmt::Debug for SlotHost<M> {
@@ -526,6 +529,7 @@ impl<M: SharedMemory + Clone> SlotHost<M> {
             liveness_timeout_ns: LIVENESS_TIMEOUT_NS,
             attaches: 0,
             refusals: 0,
+            repairs: 0,
         };
         h.reset(nonce, SlotState::Free);
         h
@@ -575,7 +579,18 @@ impl<M: SharedMemory + Clone> SlotHost<M> {
         fresh_nonce: impl FnOnce() -> [u8; NONCE_LEN],
     ) -> Option<SlotEvent<M>> {
         match &mut self.state {
-            HostState::Free => self.try_attach(now_ns, fresh_nonce),
+            HostState::Free => {
+                if !self.header_intact() {
+                    // Someone (a process that held the slot before, or
+                    // anyone who can write the file) rewrote the words
+                    // the controller owns: publish them again, with a
+                    // fresh nonce, so the slot stays usable.
+                    self.repairs += 1;
+                    self.reset(fresh_nonce(), SlotState::Free);
+                    return None;
+                }
+                self.try_attach(now_ns, fresh_nonce)
+            }
             HostState::Attached {
                 kill,
                 gone,
@@ -601,6 +616,17 @@ impl<M: SharedMemory + Clone> SlotHost<M> {
                 None
             }
         }
+    }
+
+    /// Whether the header words the controller owns (magic, version,
+    /// size, generation, nonce) still hold what it wrote.
+    fn header_intact(&self) -> bool {
+        let m = &self.mem;
+        m.load_u64(OFF_MAGIC) == SLOT_MAGIC
+            && m.load_u64(OFF_VERSION) == SLOT_VERSION
+            && m.load_u64(OFF_SIZE) == m.len() as u64
+            && m.load_u64(OFF_GENERATION) == self.generation
+            && read_nonce(m, OFF_NONCE) == self.nonce
     }
 
     fn try_attach(
@@ -753,6 +779,37 @@ mod tests {
         let _ch = attach(&mut h, &mem);
         assert_eq!(h.attaches, 1);
         assert_eq!(h.refusals, 2);
+    }
+
+    #[test]
+    fn a_free_slot_whose_header_was_rewritten_is_published_again() {
+        let (mem, mut h) = host();
+        for (off, junk) in [
+            (OFF_SIZE, 90_608_403_914_686_464u64),
+            (OFF_MAGIC, 1),
+            (OFF_VERSION, 99),
+            (OFF_GENERATION, 5),
+            (OFF_NONCE + 8, 0xdead),
+        ] {
+            // A process that held the slot keeps writing after its
+            // channel closed: a header with a wrong size, magic or
+            // version turns every later process away.
+            mem.store_u64(off, junk);
+            if off < OFF_GENERATION {
+                assert!(SlotClient::begin(mem.clone(), RING_MIN, |_| {}).is_err());
+            }
+            assert!(h.poll(0, || [11; 32]).is_none());
+            assert_eq!(mem.load_u64(OFF_SIZE), SLOT as u64);
+            assert_eq!(mem.load_u64(OFF_MAGIC), SLOT_MAGIC);
+            assert_eq!(read_nonce(&mem, OFF_NONCE), [11; 32], "a fresh nonce");
+            let _ch = attach(&mut h, &mem);
+            drop(_ch);
+            assert!(h.poll(0, || [12; 32]).is_some(), "detached");
+        }
+        assert_eq!(h.repairs, 5);
+        // An intact header is left alone.
+        assert!(h.poll(0, || [13; 32]).is_none());
+        assert_eq!(h.repairs, 5);
     }
 
     #[test]
