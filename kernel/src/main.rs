@@ -130,6 +130,7 @@ fn serve(mut devices: Devices, idle_poll: bool) -> ! {
             next_heap = now + HEAP_SAMPLE_NS;
             let h = HEAP.lock();
             service.set_heap_usage(h.used(), h.size());
+            service.set_slot_stats(slots.stats());
         }
         if now >= next_perf {
             next_perf = now + PERF_INTERVAL_NS;

@@ -287,6 +287,7 @@ pub struct Service {
     dialing: Vec<Dialing>,
     next_local_port: u16,
     heap: Option<(usize, usize)>,
+    slots: Option<crate::shm::SlotStats>,
     /// The DHCP client socket and its interface.
     dhcp: Option<(usize, SocketHandle)>,
     locals: Vec<Local>,
@@ -321,6 +322,7 @@ impl Service {
             dialing: Vec::new(),
             next_local_port: 49152,
             heap: None,
+            slots: None,
             dhcp: None,
             locals: Vec::new(),
             local_conns: 0,
@@ -499,13 +501,21 @@ impl Service {
         self.heap = Some((used, size));
     }
 
+    /// Records the shared-memory slots' counters, exported as
+    /// `fractos_appliance_shm_slots` and
+    /// `fractos_appliance_shm_slot_events_total` (absent without slots).
+    pub fn set_slot_stats(&mut self, stats: crate::shm::SlotStats) {
+        self.slots = (stats.slots > 0).then_some(stats);
+    }
+
     /// Traffic so far (live links included).
     pub fn traffic(&self) -> Traffic {
         self.node.traffic()
     }
 
     /// The Prometheus metrics text (what `GET /metrics` returns): the
-    /// node's (core and connections), the in-kernel processes', the heap.
+    /// node's (core and connections), the in-kernel processes', the heap,
+    /// the shared-memory slots.
     pub fn metrics_text(&self) -> String {
         let mut text = self.node.metrics_text();
         let node = self.cfg.node.core.node.0;
@@ -520,6 +530,22 @@ impl Service {
                  # TYPE fractos_appliance_heap_bytes gauge\n\
                  fractos_appliance_heap_bytes{{node=\"{node}\",kind=\"used\"}} {used}\n\
                  fractos_appliance_heap_bytes{{node=\"{node}\",kind=\"size\"}} {size}"
+            );
+        }
+        if let Some(s) = &self.slots {
+            use core::fmt::Write;
+            let _ = writeln!(
+                text,
+                "# HELP fractos_appliance_shm_slots Shared-memory (ivshmem) slots, and those with a process attached.\n\
+                 # TYPE fractos_appliance_shm_slots gauge\n\
+                 fractos_appliance_shm_slots{{node=\"{node}\",kind=\"total\"}} {}\n\
+                 fractos_appliance_shm_slots{{node=\"{node}\",kind=\"attached\"}} {}\n\
+                 # HELP fractos_appliance_shm_slot_events_total Slot attaches accepted, attaches refused (wrong echo, bad layout), and free slots whose rewritten header was published again.\n\
+                 # TYPE fractos_appliance_shm_slot_events_total counter\n\
+                 fractos_appliance_shm_slot_events_total{{node=\"{node}\",event=\"attach\"}} {}\n\
+                 fractos_appliance_shm_slot_events_total{{node=\"{node}\",event=\"refusal\"}} {}\n\
+                 fractos_appliance_shm_slot_events_total{{node=\"{node}\",event=\"repair\"}} {}",
+                s.slots, s.attached, s.attaches, s.refusals, s.repairs
             );
         }
         text

@@ -518,6 +518,10 @@ fn metrics_endpoint_serves_metrics() {
         "body: {body}"
     );
     assert!(body.contains("fractos_node_accepted_total{node=\"1\",kind=\"metrics\"} 1"));
+    assert!(
+        !body.contains("fractos_appliance_shm_slots"),
+        "no slots, no slot metrics"
+    );
 
     // 404, 405, 431 and the metrics timeout are the node driver's
     // (`controller/node/src/tests.rs`); here: the answer crossed smoltcp

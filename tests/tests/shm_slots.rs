@@ -183,6 +183,30 @@ fn slots_attach_copy_stay_isolated_and_survive_a_hostile_writer() {
     exercise(&again, &a, "three", 64 << 10);
     phase("done");
     assert!(!log().contains("PANIC"), "{}", log());
+    // The slot counters reach /metrics (sampled by the kernel loop).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let m = scrape_metrics(setup.metrics_addr(0).unwrap()).unwrap();
+        let value = |prefix: &str| {
+            m.lines()
+                .find(|l| l.starts_with(prefix))
+                .and_then(|l| l.rsplit_once(' '))
+                .and_then(|(_, v)| v.parse::<u64>().ok())
+        };
+        let total = value("fractos_appliance_shm_slots{node=\"0\",kind=\"total\"}");
+        let attaches =
+            value("fractos_appliance_shm_slot_events_total{node=\"0\",event=\"attach\"}");
+        let refusals =
+            value("fractos_appliance_shm_slot_events_total{node=\"0\",event=\"refusal\"}");
+        if total == Some(slots.len() as u64) && attaches >= Some(4) && refusals >= Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "slot metrics missing or wrong:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let e = a.lookup("missing", Duration::ZERO).unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::NameNotFound), "{e}");
 }
