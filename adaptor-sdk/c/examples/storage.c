@@ -106,19 +106,10 @@ static void fail(struct store *st, const fractos_cap *err, enum storage_status s
     }
 }
 
-static int full_pread(int fd, uint8_t *buf, uint64_t len, uint64_t off) {
+/* The whole of a pread or pwrite (retried on EINTR and short transfers). */
+static int full_io(int fd, uint8_t *buf, uint64_t len, uint64_t off, int write) {
     while (len > 0) {
-        ssize_t n = pread(fd, buf, len, (off_t)off);
-        if (n < 0 && errno == EINTR) continue;
-        if (n <= 0) return -1;
-        buf += n, len -= (uint64_t)n, off += (uint64_t)n;
-    }
-    return 0;
-}
-
-static int full_pwrite(int fd, const uint8_t *buf, uint64_t len, uint64_t off) {
-    while (len > 0) {
-        ssize_t n = pwrite(fd, buf, len, (off_t)off);
+        ssize_t n = write ? pwrite(fd, buf, len, (off_t)off) : pread(fd, buf, len, (off_t)off);
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) return -1;
         buf += n, len -= (uint64_t)n, off += (uint64_t)n;
@@ -130,7 +121,7 @@ static int full_pwrite(int fd, const uint8_t *buf, uint64_t len, uint64_t off) {
 static void serve_read(struct store *st, uint64_t off, uint64_t len, const fractos_cap *dst,
                        const fractos_cap *done, const fractos_cap *err) {
     pthread_mutex_lock(&st->lock);
-    if (full_pread(st->fd, st->data, len, off) != 0) {
+    if (full_io(st->fd, st->data, len, off, 0) != 0) {
         pthread_mutex_unlock(&st->lock);
         fprintf(stderr, "storage: reading %" PRIu64 " bytes at %" PRIu64 ": %s\n", len, off,
                 strerror(errno));
@@ -170,7 +161,7 @@ static void serve_write(struct store *st, uint64_t off, uint64_t len, const frac
         return;
     }
     if (st->corrupt) st->data[0] ^= 0xff;
-    int io = full_pwrite(st->fd, st->data, len, off);
+    int io = full_io(st->fd, st->data, len, off, 1);
     if (io == 0) io = fdatasync(st->fd);
     if (io == 0) st->writes++;
     pthread_mutex_unlock(&st->lock);

@@ -11,7 +11,7 @@
 //!   `FRACTOS_ERR_PANIC`, never unwinds into C and never aborts (with the
 //!   `c-sdk` profile);
 //! * checks every pointer argument for NULL (and byte buffers for a length
-//!   that fits), and every handle against its table ([`handles`]), so a
+//!   that fits), and every handle against its table (`src/handles.rs`), so a
 //!   freed or foreign handle is an error code, not undefined behaviour;
 //! * returns a [`fractos_status`] and sets the thread's last error message
 //!   (`fractos_last_error_message`).
@@ -243,6 +243,26 @@ unsafe fn caps_arg(ptr: *const fractos_cap, n: usize, what: &str) -> Result<Vec<
         .enumerate()
         .map(|(i, c)| to_cap(*c, &format!("{what}[{i}]")))
         .collect()
+}
+
+/// Runs `get` on the object behind `handle` and stores its answer in
+/// `*out`: the shape of every accessor.
+///
+/// # Safety
+/// `out` is NULL or writable.
+unsafe fn answer<T, P, U: Copy>(
+    what: &str,
+    table: &Table<T>,
+    handle: *const P,
+    out: *mut U,
+    get: impl FnOnce(&T) -> Result<U, Fail>,
+) -> fractos_status {
+    guard(what, || {
+        // SAFETY: forwarded contract (`out` is NULL or writable).
+        let out = unsafe { out_arg(out, "out") }?;
+        out.put(get(&*table.get(handle)?)?);
+        Ok(())
+    })
 }
 
 fn to_rights(bits: u32, what: &str) -> Result<Rights, Fail> {
@@ -581,13 +601,12 @@ pub unsafe extern "C" fn fractos_node_id(
     process: *const fractos_process,
     out: *mut u32,
 ) -> fractos_status {
-    guard("fractos_node_id", || {
-        // SAFETY: this function's contract (`out` is NULL or writable).
-        let out = unsafe { out_arg(out, "out") }?;
-        let p = PROCESSES.get(process)?;
-        out.put(p.node().0);
-        Ok(())
-    })
+    // SAFETY: this function's contract.
+    unsafe {
+        answer("fractos_node_id", &PROCESSES, process, out, |p| {
+            Ok(p.node().0)
+        })
+    }
 }
 
 /// Sets the timeout of this handle's blocking calls (operations,
@@ -677,12 +696,12 @@ pub unsafe extern "C" fn fractos_region_len(
     region: *const fractos_region,
     out: *mut u64,
 ) -> fractos_status {
-    guard("fractos_region_len", || {
-        // SAFETY: this function's contract (`out` is NULL or writable).
-        let out = unsafe { out_arg(out, "out") }?;
-        out.put(REGIONS.get(region)?.region.len());
-        Ok(())
-    })
+    // SAFETY: this function's contract.
+    unsafe {
+        answer("fractos_region_len", &REGIONS, region, out, |r| {
+            Ok(r.region.len())
+        })
+    }
 }
 
 /// Stores a pointer to the region's first byte in `*out` (page-aligned,
@@ -700,12 +719,12 @@ pub unsafe extern "C" fn fractos_region_data(
     region: *const fractos_region,
     out: *mut *mut u8,
 ) -> fractos_status {
-    guard("fractos_region_data", || {
-        // SAFETY: this function's contract (`out` is NULL or writable).
-        let out = unsafe { out_arg(out, "out") }?;
-        out.put(REGIONS.get(region)?.region.as_mut_ptr());
-        Ok(())
-    })
+    // SAFETY: this function's contract.
+    unsafe {
+        answer("fractos_region_data", &REGIONS, region, out, |r| {
+            Ok(r.region.as_mut_ptr())
+        })
+    }
 }
 
 /// Copies `len` bytes at `offset` of the region into `buf`
@@ -1113,12 +1132,12 @@ pub unsafe extern "C" fn fractos_invocation_tag(
     inv: *const fractos_invocation,
     out: *mut u64,
 ) -> fractos_status {
-    guard("fractos_invocation_tag", || {
-        // SAFETY: this function's contract (`out` is NULL or writable).
-        let out = unsafe { out_arg(out, "out") }?;
-        out.put(INVOCATIONS.get(inv)?.tag);
-        Ok(())
-    })
+    // SAFETY: this function's contract.
+    unsafe {
+        answer("fractos_invocation_tag", &INVOCATIONS, inv, out, |i| {
+            Ok(i.tag)
+        })
+    }
 }
 
 /// Copies the invocation's immediates (bound ones first, then the
@@ -1158,12 +1177,16 @@ pub unsafe extern "C" fn fractos_invocation_cap_count(
     inv: *const fractos_invocation,
     out: *mut usize,
 ) -> fractos_status {
-    guard("fractos_invocation_cap_count", || {
-        // SAFETY: this function's contract (`out` is NULL or writable).
-        let out = unsafe { out_arg(out, "out") }?;
-        out.put(INVOCATIONS.get(inv)?.caps.len());
-        Ok(())
-    })
+    // SAFETY: this function's contract.
+    unsafe {
+        answer(
+            "fractos_invocation_cap_count",
+            &INVOCATIONS,
+            inv,
+            out,
+            |i| Ok(i.caps.len()),
+        )
+    }
 }
 
 /// Stores capability `index` of the invocation (bound ones first, then
@@ -1178,22 +1201,21 @@ pub unsafe extern "C" fn fractos_invocation_cap(
     index: usize,
     out: *mut fractos_cap,
 ) -> fractos_status {
-    guard("fractos_invocation_cap", || {
-        // SAFETY: this function's contract (`out` is NULL or writable).
-        let out = unsafe { out_arg(out, "out") }?;
-        let inv = INVOCATIONS.get(inv)?;
-        let cap = inv.caps.get(index).ok_or_else(|| {
-            Fail::new(
-                FRACTOS_ERR_UNEXPECTED_CAP,
-                format!(
-                    "the invocation has {} capabilities, no #{index}",
-                    inv.caps.len()
-                ),
-            )
-        })?;
-        out.put(cap_out(*cap));
-        Ok(())
-    })
+    // SAFETY: this function's contract.
+    unsafe {
+        answer("fractos_invocation_cap", &INVOCATIONS, inv, out, |i| {
+            let cap = i.caps.get(index).ok_or_else(|| {
+                Fail::new(
+                    FRACTOS_ERR_UNEXPECTED_CAP,
+                    format!(
+                        "the invocation has {} capabilities, no #{index}",
+                        i.caps.len()
+                    ),
+                )
+            })?;
+            Ok(cap_out(*cap))
+        })
+    }
 }
 
 /// Drops every capability the invocation delivered from this process's
