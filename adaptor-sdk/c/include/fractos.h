@@ -93,6 +93,11 @@
 #define FRACTOS_SERVE_INLINE 1
 
 /**
+ * Most handler threads `fractos_attach_options.handler_threads` may ask.
+ */
+#define FRACTOS_MAX_HANDLER_THREADS 256
+
+/**
  * Bytes of a process token.
  */
 #define FRACTOS_TOKEN_LEN 32
@@ -105,7 +110,7 @@
  * itself. `fractos_status_str` names a code; `fractos_last_error_message`
  * tells what went wrong in the calling thread's last failed call.
  */
-typedef enum {
+typedef enum fractos_status {
   /**
    * Success.
    */
@@ -268,7 +273,7 @@ typedef struct fractos_region fractos_region;
  * Attach options. Start from `fractos_attach_options_default()` and
  * change fields; a 0 timeout means the default.
  */
-typedef struct {
+typedef struct fractos_attach_options {
   /**
    * Timeout of every blocking call, in milliseconds (default 10000).
    */
@@ -279,7 +284,8 @@ typedef struct {
   uint32_t connect_timeout_ms;
   /**
    * Threads running `fractos_serve` handlers (default 2). 0: no pool;
-   * the application runs handlers with `fractos_dispatch`.
+   * the application runs handlers with `fractos_dispatch`. At most
+   * `FRACTOS_MAX_HANDLER_THREADS`.
    */
   uint32_t handler_threads;
 } fractos_attach_options;
@@ -290,7 +296,7 @@ typedef struct {
  * owns nothing on the C side. The table entry is released with
  * `fractos_drop_cap`.
  */
-typedef struct {
+typedef struct fractos_cap {
   /**
    * Handle in this process's capability table.
    */
@@ -319,7 +325,9 @@ typedef struct {
  * Runs on an SDK thread: `user` must be safe to use from there. Must not
  * unwind (no C++ exception may leave it).
  */
-typedef void (*fractos_handler)(fractos_process *process, const fractos_invocation *inv, void *user);
+typedef void (*fractos_handler)(struct fractos_process *process,
+                                const struct fractos_invocation *inv,
+                                void *user);
 
 #ifdef __cplusplus
 extern "C" {
@@ -351,13 +359,13 @@ const char *fractos_version(void);
  * message in `fractos_last_error_message`). A library built without
  * unwinding (not with `install.sh`) aborts the program instead.
  */
-fractos_status fractos_selftest_panic(void);
+enum fractos_status fractos_selftest_panic(void);
 
 /**
  * The default attach options (10 s operations, 5 s connect, 2 handler
  * threads).
  */
-fractos_attach_options fractos_attach_options_default(void);
+struct fractos_attach_options fractos_attach_options_default(void);
 
 /**
  * Connects to the controller at `addr` ("host:port") over TCP and
@@ -371,11 +379,11 @@ fractos_attach_options fractos_attach_options_default(void);
  * points to 32 bytes; `opts` is NULL or points to options; `out` is NULL
  * or writable.
  */
-fractos_status fractos_attach_tcp(const char *addr,
-                                  const char *name,
-                                  const uint8_t *token,
-                                  const fractos_attach_options *opts,
-                                  fractos_process **out);
+enum fractos_status fractos_attach_tcp(const char *addr,
+                                       const char *name,
+                                       const uint8_t *token,
+                                       const struct fractos_attach_options *opts,
+                                       struct fractos_process **out);
 
 /**
  * Attaches through the local socket of a controller on this host
@@ -386,11 +394,11 @@ fractos_status fractos_attach_tcp(const char *addr,
  * # Safety
  * As `fractos_attach_tcp`, with `socket_path` for `addr`.
  */
-fractos_status fractos_attach_local(const char *socket_path,
-                                    const char *name,
-                                    const uint8_t *token,
-                                    const fractos_attach_options *opts,
-                                    fractos_process **out);
+enum fractos_status fractos_attach_local(const char *socket_path,
+                                         const char *name,
+                                         const uint8_t *token,
+                                         const struct fractos_attach_options *opts,
+                                         struct fractos_process **out);
 
 /**
  * Attaches through an appliance's shared-memory slot file (listed under
@@ -400,11 +408,11 @@ fractos_status fractos_attach_local(const char *socket_path,
  * # Safety
  * As `fractos_attach_tcp`, with `slot_path` for `addr`.
  */
-fractos_status fractos_attach_slot(const char *slot_path,
-                                   const char *name,
-                                   const uint8_t *token,
-                                   const fractos_attach_options *opts,
-                                   fractos_process **out);
+enum fractos_status fractos_attach_slot(const char *slot_path,
+                                        const char *name,
+                                        const uint8_t *token,
+                                        const struct fractos_attach_options *opts,
+                                        struct fractos_process **out);
 
 /**
  * Parses a token written as 64 hex digits into `out` (32 bytes).
@@ -413,7 +421,7 @@ fractos_status fractos_attach_slot(const char *slot_path,
  * `hex` is NULL or a NUL-terminated string; `out` is NULL or points to 32
  * writable bytes.
  */
-fractos_status fractos_token_from_hex(const char *hex, uint8_t *out);
+enum fractos_status fractos_token_from_hex(const char *hex, uint8_t *out);
 
 /**
  * Closes the channel (process exit for the controller: everything the
@@ -423,13 +431,13 @@ fractos_status fractos_token_from_hex(const char *hex, uint8_t *out);
  * them too). A second close of the same handle is
  * `FRACTOS_ERR_INVALID_HANDLE`.
  */
-fractos_status fractos_close(fractos_process *process);
+enum fractos_status fractos_close(struct fractos_process *process);
 
 /**
  * Whether the channel to the controller is still open (false for an
  * invalid handle).
  */
-bool fractos_is_connected(const fractos_process *process);
+bool fractos_is_connected(const struct fractos_process *process);
 
 /**
  * Stores the controller's node id in `*out`.
@@ -438,13 +446,13 @@ bool fractos_is_connected(const fractos_process *process);
  * Every pointer argument is NULL (refused with `FRACTOS_ERR_NULL_POINTER`)
  * or valid for the call: out-pointers writable, inputs readable.
  */
-fractos_status fractos_node_id(const fractos_process *process, uint32_t *out);
+enum fractos_status fractos_node_id(const struct fractos_process *process, uint32_t *out);
 
 /**
  * Sets the timeout of this handle's blocking calls (operations,
  * `fractos_next_invocation` is given its own). 0 is refused.
  */
-fractos_status fractos_set_timeout(fractos_process *process, uint32_t timeout_ms);
+enum fractos_status fractos_set_timeout(struct fractos_process *process, uint32_t timeout_ms);
 
 /**
  * Registers a zeroed region of `len` bytes (page-aligned) and stores its
@@ -457,7 +465,9 @@ fractos_status fractos_set_timeout(fractos_process *process, uint32_t timeout_ms
  * Every pointer argument is NULL (refused with `FRACTOS_ERR_NULL_POINTER`)
  * or valid for the call: out-pointers writable, inputs readable.
  */
-fractos_status fractos_register(const fractos_process *process, uint64_t len, fractos_region **out);
+enum fractos_status fractos_register(const struct fractos_process *process,
+                                     uint64_t len,
+                                     struct fractos_region **out);
 
 /**
  * Unregisters `region`: later copies through capabilities over it fail
@@ -465,7 +475,8 @@ fractos_status fractos_register(const fractos_process *process, uint64_t len, fr
  * `FRACTOS_ERR_REVOKED`). Returns once the controller stopped touching it.
  * The region handle stays valid (free it with `fractos_region_free`).
  */
-fractos_status fractos_unregister(const fractos_process *process, const fractos_region *region);
+enum fractos_status fractos_unregister(const struct fractos_process *process,
+                                       const struct fractos_region *region);
 
 /**
  * Releases a region handle. The bytes stay registered (and reachable by
@@ -473,7 +484,7 @@ fractos_status fractos_unregister(const fractos_process *process, const fractos_
  * from `fractos_region_data` must not be used after this call. A second
  * free is `FRACTOS_ERR_INVALID_HANDLE`.
  */
-fractos_status fractos_region_free(fractos_region *region);
+enum fractos_status fractos_region_free(struct fractos_region *region);
 
 /**
  * Stores the region's length in bytes in `*out`.
@@ -482,7 +493,7 @@ fractos_status fractos_region_free(fractos_region *region);
  * Every pointer argument is NULL (refused with `FRACTOS_ERR_NULL_POINTER`)
  * or valid for the call: out-pointers writable, inputs readable.
  */
-fractos_status fractos_region_len(const fractos_region *region, uint64_t *out);
+enum fractos_status fractos_region_len(const struct fractos_region *region, uint64_t *out);
 
 /**
  * Stores a pointer to the region's first byte in `*out` (page-aligned,
@@ -496,7 +507,7 @@ fractos_status fractos_region_len(const fractos_region *region, uint64_t *out);
  * Every pointer argument is NULL (refused with `FRACTOS_ERR_NULL_POINTER`)
  * or valid for the call: out-pointers writable, inputs readable.
  */
-fractos_status fractos_region_data(const fractos_region *region, uint8_t **out);
+enum fractos_status fractos_region_data(const struct fractos_region *region, uint8_t **out);
 
 /**
  * Copies `len` bytes at `offset` of the region into `buf`
@@ -505,10 +516,10 @@ fractos_status fractos_region_data(const fractos_region *region, uint8_t **out);
  * # Safety
  * `buf` is NULL or points to `len` writable bytes.
  */
-fractos_status fractos_region_read(const fractos_region *region,
-                                   uint64_t offset,
-                                   uint8_t *buf,
-                                   size_t len);
+enum fractos_status fractos_region_read(const struct fractos_region *region,
+                                        uint64_t offset,
+                                        uint8_t *buf,
+                                        size_t len);
 
 /**
  * Copies `len` bytes from `data` into the region at `offset`.
@@ -516,10 +527,10 @@ fractos_status fractos_region_read(const fractos_region *region,
  * # Safety
  * `data` is NULL or points to `len` readable bytes.
  */
-fractos_status fractos_region_write(const fractos_region *region,
-                                    uint64_t offset,
-                                    const uint8_t *data,
-                                    size_t len);
+enum fractos_status fractos_region_write(const struct fractos_region *region,
+                                         uint64_t offset,
+                                         const uint8_t *data,
+                                         size_t len);
 
 /**
  * Makes a Memory capability for `[offset, offset+len)` of `region` with
@@ -530,12 +541,12 @@ fractos_status fractos_region_write(const fractos_region *region,
  * Every pointer argument is NULL (refused with `FRACTOS_ERR_NULL_POINTER`)
  * or valid for the call: out-pointers writable, inputs readable.
  */
-fractos_status fractos_memory_create(const fractos_process *process,
-                                     const fractos_region *region,
-                                     uint64_t offset,
-                                     uint64_t len,
-                                     uint32_t rights,
-                                     fractos_cap *out);
+enum fractos_status fractos_memory_create(const struct fractos_process *process,
+                                          const struct fractos_region *region,
+                                          uint64_t offset,
+                                          uint64_t len,
+                                          uint32_t rights,
+                                          struct fractos_cap *out);
 
 /**
  * Derives from the Memory capability `*cap` one for its sub-window
@@ -545,12 +556,12 @@ fractos_status fractos_memory_create(const fractos_process *process,
  * # Safety
  * `cap` is NULL or points to a `fractos_cap`; `out` is NULL or writable.
  */
-fractos_status fractos_diminish(const fractos_process *process,
-                                const fractos_cap *cap,
-                                uint64_t offset,
-                                uint64_t len,
-                                uint32_t rights,
-                                fractos_cap *out);
+enum fractos_status fractos_diminish(const struct fractos_process *process,
+                                     const struct fractos_cap *cap,
+                                     uint64_t offset,
+                                     uint64_t len,
+                                     uint32_t rights,
+                                     struct fractos_cap *out);
 
 /**
  * Makes a Request capability for this process's handler `tag`, with
@@ -561,13 +572,13 @@ fractos_status fractos_diminish(const fractos_process *process,
  * `imms` is NULL or points to `imms_len` bytes; `caps` is NULL or points
  * to `ncaps` capabilities; `out` is NULL or writable.
  */
-fractos_status fractos_request_create(const fractos_process *process,
-                                      uint64_t tag,
-                                      const uint8_t *imms,
-                                      size_t imms_len,
-                                      const fractos_cap *caps,
-                                      size_t ncaps,
-                                      fractos_cap *out);
+enum fractos_status fractos_request_create(const struct fractos_process *process,
+                                           uint64_t tag,
+                                           const uint8_t *imms,
+                                           size_t imms_len,
+                                           const struct fractos_cap *caps,
+                                           size_t ncaps,
+                                           struct fractos_cap *out);
 
 /**
  * Derives from the Request `*request` one with more bound arguments
@@ -577,13 +588,13 @@ fractos_status fractos_request_create(const fractos_process *process,
  * As `fractos_request_create`, and `request` is NULL or points to a
  * `fractos_cap`.
  */
-fractos_status fractos_derive(const fractos_process *process,
-                              const fractos_cap *request,
-                              const uint8_t *imms,
-                              size_t imms_len,
-                              const fractos_cap *caps,
-                              size_t ncaps,
-                              fractos_cap *out);
+enum fractos_status fractos_derive(const struct fractos_process *process,
+                                   const struct fractos_cap *request,
+                                   const uint8_t *imms,
+                                   size_t imms_len,
+                                   const struct fractos_cap *caps,
+                                   size_t ncaps,
+                                   struct fractos_cap *out);
 
 /**
  * Invokes the Request `*request` with immediates and capabilities.
@@ -595,12 +606,12 @@ fractos_status fractos_derive(const fractos_process *process,
  * points to `imms_len` bytes; `caps` is NULL or points to `ncaps`
  * capabilities.
  */
-fractos_status fractos_invoke(const fractos_process *process,
-                              const fractos_cap *request,
-                              const uint8_t *imms,
-                              size_t imms_len,
-                              const fractos_cap *caps,
-                              size_t ncaps);
+enum fractos_status fractos_invoke(const struct fractos_process *process,
+                                   const struct fractos_cap *request,
+                                   const uint8_t *imms,
+                                   size_t imms_len,
+                                   const struct fractos_cap *caps,
+                                   size_t ncaps);
 
 /**
  * Copies the bytes of the Memory capability `*src` (READ) into the start
@@ -612,10 +623,10 @@ fractos_status fractos_invoke(const fractos_process *process,
  * `src` and `dst` are NULL or point to capabilities; `completion` is NULL
  * or points to a capability.
  */
-fractos_status fractos_copy(const fractos_process *process,
-                            const fractos_cap *src,
-                            const fractos_cap *dst,
-                            const fractos_cap *completion);
+enum fractos_status fractos_copy(const struct fractos_process *process,
+                                 const struct fractos_cap *src,
+                                 const struct fractos_cap *dst,
+                                 const struct fractos_cap *completion);
 
 /**
  * Revokes `*cap` and every capability derived from it, everywhere. The
@@ -624,7 +635,8 @@ fractos_status fractos_copy(const fractos_process *process,
  * # Safety
  * `cap` is NULL or points to a `fractos_cap`.
  */
-fractos_status fractos_revoke(const fractos_process *process, const fractos_cap *cap);
+enum fractos_status fractos_revoke(const struct fractos_process *process,
+                                   const struct fractos_cap *cap);
 
 /**
  * Removes `*cap` from this process's capability table (derived
@@ -635,7 +647,8 @@ fractos_status fractos_revoke(const fractos_process *process, const fractos_cap 
  * # Safety
  * `cap` is NULL or points to a `fractos_cap`.
  */
-fractos_status fractos_drop_cap(const fractos_process *process, const fractos_cap *cap);
+enum fractos_status fractos_drop_cap(const struct fractos_process *process,
+                                     const struct fractos_cap *cap);
 
 /**
  * Invokes the Request `*notify` (without arguments) when the object
@@ -644,9 +657,9 @@ fractos_status fractos_drop_cap(const fractos_process *process, const fractos_ca
  * # Safety
  * `cap` and `notify` are NULL or point to capabilities.
  */
-fractos_status fractos_monitor(const fractos_process *process,
-                               const fractos_cap *cap,
-                               const fractos_cap *notify);
+enum fractos_status fractos_monitor(const struct fractos_process *process,
+                                    const struct fractos_cap *cap,
+                                    const struct fractos_cap *notify);
 
 /**
  * Publishes `*cap` under `name` in the cluster's name service (withdrawn
@@ -656,9 +669,9 @@ fractos_status fractos_monitor(const fractos_process *process,
  * `name` is NULL or a NUL-terminated string; `cap` is NULL or points to a
  * capability.
  */
-fractos_status fractos_publish(const fractos_process *process,
-                               const char *name,
-                               const fractos_cap *cap);
+enum fractos_status fractos_publish(const struct fractos_process *process,
+                                    const char *name,
+                                    const struct fractos_cap *cap);
 
 /**
  * Withdraws this process's publication of `name`.
@@ -666,7 +679,7 @@ fractos_status fractos_publish(const fractos_process *process,
  * # Safety
  * `name` is NULL or a NUL-terminated string.
  */
-fractos_status fractos_unpublish(const fractos_process *process, const char *name);
+enum fractos_status fractos_unpublish(const struct fractos_process *process, const char *name);
 
 /**
  * Fetches the capability published under `name` into `*out` (a fresh
@@ -677,10 +690,10 @@ fractos_status fractos_unpublish(const fractos_process *process, const char *nam
  * # Safety
  * `name` is NULL or a NUL-terminated string; `out` is NULL or writable.
  */
-fractos_status fractos_lookup(const fractos_process *process,
-                              const char *name,
-                              uint32_t wait_ms,
-                              fractos_cap *out);
+enum fractos_status fractos_lookup(const struct fractos_process *process,
+                                   const char *name,
+                                   uint32_t wait_ms,
+                                   struct fractos_cap *out);
 
 /**
  * Waits up to `timeout_ms` for the next invocation of one of this
@@ -694,15 +707,15 @@ fractos_status fractos_lookup(const fractos_process *process,
  * Every pointer argument is NULL (refused with `FRACTOS_ERR_NULL_POINTER`)
  * or valid for the call: out-pointers writable, inputs readable.
  */
-fractos_status fractos_next_invocation(const fractos_process *process,
-                                       uint32_t timeout_ms,
-                                       fractos_invocation **out);
+enum fractos_status fractos_next_invocation(const struct fractos_process *process,
+                                            uint32_t timeout_ms,
+                                            struct fractos_invocation **out);
 
 /**
  * Releases an invocation handle from `fractos_next_invocation` (not the
  * capabilities it delivered: see `fractos_invocation_drop_caps`).
  */
-fractos_status fractos_invocation_free(fractos_invocation *inv);
+enum fractos_status fractos_invocation_free(struct fractos_invocation *inv);
 
 /**
  * Stores the invocation's handler tag (given at `fractos_request_create`)
@@ -712,7 +725,7 @@ fractos_status fractos_invocation_free(fractos_invocation *inv);
  * Every pointer argument is NULL (refused with `FRACTOS_ERR_NULL_POINTER`)
  * or valid for the call: out-pointers writable, inputs readable.
  */
-fractos_status fractos_invocation_tag(const fractos_invocation *inv, uint64_t *out);
+enum fractos_status fractos_invocation_tag(const struct fractos_invocation *inv, uint64_t *out);
 
 /**
  * Copies the invocation's immediates (bound ones first, then the
@@ -723,10 +736,10 @@ fractos_status fractos_invocation_tag(const fractos_invocation *inv, uint64_t *o
  * `buf` is NULL or points to `cap` writable bytes; `len` is NULL or
  * writable.
  */
-fractos_status fractos_invocation_imms(const fractos_invocation *inv,
-                                       uint8_t *buf,
-                                       size_t cap,
-                                       size_t *len);
+enum fractos_status fractos_invocation_imms(const struct fractos_invocation *inv,
+                                            uint8_t *buf,
+                                            size_t cap,
+                                            size_t *len);
 
 /**
  * Stores the number of capabilities the invocation delivered in `*out`.
@@ -735,7 +748,7 @@ fractos_status fractos_invocation_imms(const fractos_invocation *inv,
  * Every pointer argument is NULL (refused with `FRACTOS_ERR_NULL_POINTER`)
  * or valid for the call: out-pointers writable, inputs readable.
  */
-fractos_status fractos_invocation_cap_count(const fractos_invocation *inv, size_t *out);
+enum fractos_status fractos_invocation_cap_count(const struct fractos_invocation *inv, size_t *out);
 
 /**
  * Stores capability `index` of the invocation (bound ones first, then
@@ -745,17 +758,17 @@ fractos_status fractos_invocation_cap_count(const fractos_invocation *inv, size_
  * Every pointer argument is NULL (refused with `FRACTOS_ERR_NULL_POINTER`)
  * or valid for the call: out-pointers writable, inputs readable.
  */
-fractos_status fractos_invocation_cap(const fractos_invocation *inv,
-                                      size_t index,
-                                      fractos_cap *out);
+enum fractos_status fractos_invocation_cap(const struct fractos_invocation *inv,
+                                           size_t index,
+                                           struct fractos_cap *out);
 
 /**
  * Drops every capability the invocation delivered from this process's
  * table (what a handler does when done with them). Tries all; returns the
  * first failure.
  */
-fractos_status fractos_invocation_drop_caps(const fractos_process *process,
-                                            const fractos_invocation *inv);
+enum fractos_status fractos_invocation_drop_caps(const struct fractos_process *process,
+                                                 const struct fractos_invocation *inv);
 
 /**
  * Runs `handler` for every invocation with `tag` (replacing a previous
@@ -777,17 +790,17 @@ fractos_status fractos_invocation_drop_caps(const fractos_process *process,
  * process is attached; `user` is what it expects, usable from other
  * threads until `fractos_unserve` or `fractos_close`.
  */
-fractos_status fractos_serve(fractos_process *process,
-                             uint64_t tag,
-                             fractos_handler handler,
-                             void *user,
-                             uint32_t flags);
+enum fractos_status fractos_serve(struct fractos_process *process,
+                                  uint64_t tag,
+                                  fractos_handler handler,
+                                  void *user,
+                                  uint32_t flags);
 
 /**
  * Removes the handler of `tag` (later invocations with it are queued for
  * `fractos_next_invocation`). `FRACTOS_ERR_INVALID_ARGUMENT` if none.
  */
-fractos_status fractos_unserve(const fractos_process *process, uint64_t tag);
+enum fractos_status fractos_unserve(const struct fractos_process *process, uint64_t tag);
 
 /**
  * Runs the next invocation that has a handler on the calling thread (for
@@ -799,7 +812,9 @@ fractos_status fractos_unserve(const fractos_process *process, uint64_t tag);
  * Every pointer argument is NULL (refused with `FRACTOS_ERR_NULL_POINTER`)
  * or valid for the call: out-pointers writable, inputs readable.
  */
-fractos_status fractos_dispatch(const fractos_process *process, uint32_t timeout_ms, uint64_t *tag);
+enum fractos_status fractos_dispatch(const struct fractos_process *process,
+                                     uint32_t timeout_ms,
+                                     uint64_t *tag);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -69,6 +69,8 @@ pub const FRACTOS_RIGHT_READ_WRITE: u32 = 3;
 /// `fractos_serve` flag: run the handler on the channel's reader thread
 /// (see `fractos_serve`).
 pub const FRACTOS_SERVE_INLINE: u32 = 1;
+/// Most handler threads `fractos_attach_options.handler_threads` may ask.
+pub const FRACTOS_MAX_HANDLER_THREADS: u32 = 256;
 /// Bytes of a process token.
 pub const FRACTOS_TOKEN_LEN: usize = 32;
 
@@ -99,7 +101,8 @@ pub struct fractos_attach_options {
     /// Timeout of the connection and the attach handshake (default 5000).
     pub connect_timeout_ms: u32,
     /// Threads running `fractos_serve` handlers (default 2). 0: no pool;
-    /// the application runs handlers with `fractos_dispatch`.
+    /// the application runs handlers with `fractos_dispatch`. At most
+    /// `FRACTOS_MAX_HANDLER_THREADS`.
     pub handler_threads: u32,
 }
 
@@ -389,10 +392,10 @@ pub extern "C" fn fractos_attach_options_default() -> fractos_attach_options {
 ///
 /// # Safety
 /// `opts` is NULL or points to a readable `fractos_attach_options`.
-unsafe fn options(opts: *const fractos_attach_options) -> AttachOptions {
+unsafe fn options(opts: *const fractos_attach_options) -> Result<AttachOptions, Fail> {
     let mut o = AttachOptions::default();
     if opts.is_null() {
-        return o;
+        return Ok(o);
     }
     // SAFETY: non-null and readable by the function's contract; every bit
     // pattern is valid (plain integers).
@@ -403,7 +406,13 @@ unsafe fn options(opts: *const fractos_attach_options) -> AttachOptions {
     if c.connect_timeout_ms > 0 {
         o = o.connect_timeout(millis(c.connect_timeout_ms));
     }
-    o.handler_threads(c.handler_threads as usize)
+    if c.handler_threads > FRACTOS_MAX_HANDLER_THREADS {
+        return Err(Fail::invalid(format!(
+            "handler_threads {} is above FRACTOS_MAX_HANDLER_THREADS ({FRACTOS_MAX_HANDLER_THREADS})",
+            c.handler_threads
+        )));
+    }
+    Ok(o.handler_threads(c.handler_threads as usize))
 }
 
 /// The token argument.
@@ -439,7 +448,7 @@ unsafe fn attach_with(
             text(target, what)?,
             text(name, "the process name")?,
             token_arg(token)?,
-            options(opts),
+            options(opts)?,
         )
     };
     let p = connect(target, name, token, opts)?;

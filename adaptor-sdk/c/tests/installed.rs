@@ -378,3 +378,37 @@ fn c_boundary_checks_pass_with_the_shared_and_static_library() {
     }
     assert!(installed().prefix.join("include/fractos.h").is_file());
 }
+
+#[test]
+fn header_compiles_pedantically_as_c99_and_cxx11() {
+    let prefix = &installed().prefix;
+    let src = prefix.join("header-check.c");
+    std::fs::write(
+        &src,
+        "#include <fractos.h>\n\
+         int main(void) { fractos_cap c = {0, FRACTOS_CAP_MEMORY, FRACTOS_RIGHT_READ, 0}; \
+         return fractos_status_str(FRACTOS_OK) != 0 && c.kind == 0 ? 0 : 1; }\n",
+    )
+    .unwrap();
+    let cflags = pkg_config(prefix, &["--cflags"]);
+    for (compiler, std, lang) in [("cc", "-std=c99", "c"), ("c++", "-std=c++11", "c++")] {
+        run(
+            Command::new(compiler)
+                .args([
+                    std,
+                    "-pedantic",
+                    "-Wall",
+                    "-Wextra",
+                    "-Werror",
+                    "-x",
+                    lang,
+                    "-c",
+                ])
+                .arg(&src)
+                .args(&cflags)
+                .arg("-o")
+                .arg(prefix.join(format!("header-check-{lang}.o"))),
+            &format!("compiling fractos.h as {std}"),
+        );
+    }
+}

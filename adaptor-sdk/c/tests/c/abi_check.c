@@ -52,6 +52,10 @@ int main(int argc, char **argv) {
     check(fractos_attach_tcp("127.0.0.1:1", "x", token, NULL, &p) == FRACTOS_ERR_IO && p == NULL,
           "nothing listening -> FRACTOS_ERR_IO");
     check(fractos_token_from_hex(argv[3], token) == FRACTOS_OK, "token parses");
+    fractos_attach_options many = fractos_attach_options_default();
+    many.handler_threads = 0xffffffffu;
+    check(fractos_attach_tcp(argv[1], argv[2], token, &many, &p) == FRACTOS_ERR_INVALID_ARGUMENT && p == NULL,
+          "absurd handler_threads -> FRACTOS_ERR_INVALID_ARGUMENT");
     check(fractos_attach_tcp(argv[1], argv[2], token, NULL, NULL) == FRACTOS_ERR_NULL_POINTER,
           "NULL out -> FRACTOS_ERR_NULL_POINTER");
     uint8_t wrong[FRACTOS_TOKEN_LEN];
