@@ -24,9 +24,9 @@
  *      $(pkg-config --cflags --libs fractos) -o fractos-storage
  *
  * Usage:
- *   fractos-storage (--tcp HOST:PORT | --local SOCKET) --token HEX64
- *       --file PATH --size BYTES [--name storage] [--max-io BYTES]
- *       [--read-name NAME] [--write-name NAME] [--corrupt]
+ *   fractos-storage (--tcp HOST:PORT | --local SOCKET | --slot FILE)
+ *       --token HEX64 --file PATH --size BYTES [--name storage]
+ *       [--max-io BYTES] [--read-name NAME] [--write-name NAME] [--corrupt]
  *
  * --corrupt flips the first byte of every write before storing it, as a
  * faulty device would: for tests that the pipeline's checks notice.
@@ -216,13 +216,13 @@ static void handle(fractos_process *p, const fractos_invocation *inv, void *user
 
 static void usage(void) {
     fprintf(stderr,
-            "usage: fractos-storage (--tcp HOST:PORT | --local SOCKET) --token HEX64 --file PATH\n"
-            "       --size BYTES [--name storage] [--max-io BYTES] [--read-name NAME]\n"
-            "       [--write-name NAME] [--corrupt]\n");
+            "usage: fractos-storage (--tcp HOST:PORT | --local SOCKET | --slot FILE) --token HEX64\n"
+            "       --file PATH --size BYTES [--name storage] [--max-io BYTES]\n"
+            "       [--read-name NAME] [--write-name NAME] [--corrupt]\n");
 }
 
 int main(int argc, char **argv) {
-    const char *tcp = NULL, *local = NULL, *token_hex = getenv("FRACTOS_TOKEN"), *file = NULL;
+    const char *tcp = NULL, *local = NULL, *slot = NULL, *token_hex = getenv("FRACTOS_TOKEN"), *file = NULL;
     const char *name = "storage", *read_name = "pipeline/storage/read";
     const char *write_name = "pipeline/storage/write";
     struct store st;
@@ -234,6 +234,7 @@ int main(int argc, char **argv) {
         if (!v) { usage(); return 2; }
         if (!strcmp(a, "--tcp")) tcp = v;
         else if (!strcmp(a, "--local")) local = v;
+        else if (!strcmp(a, "--slot")) slot = v;
         else if (!strcmp(a, "--token")) token_hex = v;
         else if (!strcmp(a, "--file")) file = v;
         else if (!strcmp(a, "--size")) st.size = strtoull(v, NULL, 0);
@@ -244,7 +245,7 @@ int main(int argc, char **argv) {
         else { usage(); return 2; }
         i++;
     }
-    if ((!tcp == !local) || !token_hex || !file || st.size == 0 || st.max_io == 0) {
+    if ((!!tcp + !!local + !!slot) != 1 || !token_hex || !file || st.size == 0 || st.max_io == 0) {
         usage();
         return 2;
     }
@@ -266,8 +267,9 @@ int main(int argc, char **argv) {
 
     fractos_attach_options opts = fractos_attach_options_default();
     opts.op_timeout_ms = 20000;
-    s = tcp ? fractos_attach_tcp(tcp, name, token, &opts, &st.p)
-            : fractos_attach_local(local, name, token, &opts, &st.p);
+    s = tcp     ? fractos_attach_tcp(tcp, name, token, &opts, &st.p)
+        : local ? fractos_attach_local(local, name, token, &opts, &st.p)
+                : fractos_attach_slot(slot, name, token, &opts, &st.p);
     if (s != FRACTOS_OK) { report("attach", s); return 1; }
 
     fractos_cap read_req, write_req;

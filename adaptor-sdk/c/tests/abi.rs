@@ -294,6 +294,43 @@ fn dispatch_inline_handlers_and_local_channels() {
 }
 
 #[test]
+fn slot_attach_errors_are_typed() {
+    // No appliance here: a missing file is FRACTOS_ERR_IO, a file that is
+    // not a slot FRACTOS_ERR_SLOT (the QEMU tests attach to real slots
+    // through the same Rust call).
+    let dir = std::env::temp_dir().join(format!("fractos-csdk-slot-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let not_slot = dir.join("not-a-slot");
+    std::fs::write(&not_slot, vec![0x5a; 1 << 16]).unwrap();
+    let token = [0u8; 32];
+    for (path, want) in [
+        (dir.join("missing"), FRACTOS_ERR_IO),
+        (not_slot, FRACTOS_ERR_SLOT),
+    ] {
+        let path = CString::new(path.to_str().unwrap()).unwrap();
+        let mut p = ptr::null_mut();
+        // SAFETY: valid strings, token, NULL options and an out-pointer.
+        let got = unsafe {
+            fractos_attach_slot(
+                path.as_ptr(),
+                c"x".as_ptr(),
+                token.as_ptr(),
+                ptr::null(),
+                &mut p,
+            )
+        };
+        assert_eq!(got, want, "{}", last_error());
+        assert!(p.is_null());
+        assert!(
+            last_error().starts_with("fractos_attach_slot: "),
+            "{}",
+            last_error()
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn every_status_has_a_description() {
     for code in (0..=18).chain(100..=113) {
         // SAFETY: static NUL-terminated strings.
