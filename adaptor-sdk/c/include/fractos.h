@@ -17,6 +17,8 @@
  * - fractos_invocation *: from fractos_next_invocation, owned by the
  *   caller (fractos_invocation_free); the one passed to a fractos_handler
  *   is lent for the call only and freed by the SDK.
+ * - fractos_pending *: from fractos_start_*; released by
+ *   fractos_pending_wait (which awaits it) or fractos_pending_free.
  * - fractos_cap: a plain value (copy it freely). It names an entry of the
  *   process's capability table, released with fractos_drop_cap. Every
  *   capability received (fractos_lookup, invocations) counts against the
@@ -33,7 +35,8 @@
  * - Every object-model operation (fractos_memory_create ... fractos_lookup)
  *   blocks until the controller answers or the handle's timeout passes
  *   (fractos_attach_options.op_timeout_ms, fractos_set_timeout):
- *   FRACTOS_ERR_TIMEOUT then, and the outcome is unknown.
+ *   FRACTOS_ERR_TIMEOUT then, and the outcome is unknown. The
+ *   fractos_start_* forms only send; fractos_pending_wait blocks.
  * - fractos_attach_* block up to connect_timeout_ms; fractos_close waits
  *   for the SDK's reader thread; fractos_next_invocation and
  *   fractos_dispatch block up to their timeout_ms; fractos_lookup adds its
@@ -256,6 +259,13 @@ typedef enum fractos_status {
  * lent to a `fractos_handler` for the duration of the call.
  */
 typedef struct fractos_invocation fractos_invocation;
+
+/**
+ * An operation in flight (opaque), from a `fractos_start_*` function:
+ * awaited and released by `fractos_pending_wait`, or abandoned with
+ * `fractos_pending_free`.
+ */
+typedef struct fractos_pending fractos_pending;
 
 /**
  * A process attached to its controller. Opaque; made by the
@@ -694,6 +704,79 @@ enum fractos_status fractos_lookup(const struct fractos_process *process,
                                    const char *name,
                                    uint32_t wait_ms,
                                    struct fractos_cap *out);
+
+/**
+ * `fractos_copy` without waiting: sends the copy and stores a handle to
+ * await it in `*out` (`fractos_pending_wait`), so one thread can keep
+ * many copies in flight. The call itself does not wait for the
+ * controller.
+ *
+ * # Safety
+ * As `fractos_copy`; `out` is NULL or writable.
+ */
+enum fractos_status fractos_start_copy(const struct fractos_process *process,
+                                       const struct fractos_cap *src,
+                                       const struct fractos_cap *dst,
+                                       const struct fractos_cap *completion,
+                                       struct fractos_pending **out);
+
+/**
+ * `fractos_invoke` without waiting (see `fractos_start_copy`).
+ *
+ * # Safety
+ * As `fractos_invoke`; `out` is NULL or writable.
+ */
+enum fractos_status fractos_start_invoke(const struct fractos_process *process,
+                                         const struct fractos_cap *request,
+                                         const uint8_t *imms,
+                                         size_t imms_len,
+                                         const struct fractos_cap *caps,
+                                         size_t ncaps,
+                                         struct fractos_pending **out);
+
+/**
+ * `fractos_diminish` without waiting: the new capability comes out of
+ * `fractos_pending_wait` (see `fractos_start_copy`).
+ *
+ * # Safety
+ * As `fractos_diminish`.
+ */
+enum fractos_status fractos_start_diminish(const struct fractos_process *process,
+                                           const struct fractos_cap *cap,
+                                           uint64_t offset,
+                                           uint64_t len,
+                                           uint32_t rights,
+                                           struct fractos_pending **out);
+
+/**
+ * `fractos_drop_cap` without waiting (see `fractos_start_copy`).
+ *
+ * # Safety
+ * `cap` is NULL or points to a `fractos_cap`; `out` is NULL or writable.
+ */
+enum fractos_status fractos_start_drop_cap(const struct fractos_process *process,
+                                           const struct fractos_cap *cap,
+                                           struct fractos_pending **out);
+
+/**
+ * Waits for a started operation (up to the timeout of the process handle
+ * that started it) and releases `pending`, whatever the outcome. Returns
+ * the operation's status. `result` receives the capability of a
+ * `fractos_start_diminish` (required there: NULL is refused before
+ * anything is consumed); it may be NULL for the others.
+ *
+ * # Safety
+ * `result` is NULL or writable.
+ */
+enum fractos_status fractos_pending_wait(struct fractos_pending *pending,
+                                         struct fractos_cap *result);
+
+/**
+ * Abandons a started operation without waiting and releases `pending`: it
+ * still happens (or not) at the controller; a capability it returns
+ * later is dropped automatically.
+ */
+enum fractos_status fractos_pending_free(struct fractos_pending *pending);
 
 /**
  * Waits up to `timeout_ms` for the next invocation of one of this

@@ -27,9 +27,10 @@ use std::ptr::NonNull;
 use std::time::Duration;
 
 use fractos_sdk::{
-    AttachOptions, Cap, Handle, Invocation, MemoryCap, ObjectKind, Process, Region, RequestCap,
-    Rights,
+    AttachOptions, Cap, Handle, Invocation, MemoryCap, ObjectKind, Pending, Process, Region,
+    RequestCap, Rights,
 };
+use std::sync::Mutex;
 
 use handles::Table;
 pub use status::fractos_status;
@@ -53,6 +54,13 @@ pub struct fractos_region {
 /// `fractos_next_invocation` (released by `fractos_invocation_free`) or
 /// lent to a `fractos_handler` for the duration of the call.
 pub struct fractos_invocation {
+    _opaque: [u8; 0],
+}
+
+/// An operation in flight (opaque), from a `fractos_start_*` function:
+/// awaited and released by `fractos_pending_wait`, or abandoned with
+/// `fractos_pending_free`.
+pub struct fractos_pending {
     _opaque: [u8; 0],
 }
 
@@ -128,8 +136,18 @@ static PROCESSES: Table<Process> = Table::new(1, "process");
 static REGIONS: Table<RegionEntry> = Table::new(2, "region");
 static INVOCATIONS: Table<Invocation> = Table::new(3, "invocation");
 
+static PENDING: Table<Mutex<Option<InFlight>>> = Table::new(4, "pending operation");
+
 struct RegionEntry {
     region: Region,
+}
+
+/// What a `fractos_pending` handle holds until it is awaited.
+enum InFlight {
+    /// An operation answered with nothing.
+    Done(Pending<()>),
+    /// An operation answered with a Memory capability.
+    Memory(Pending<MemoryCap>),
 }
 
 // ---------------------------------------------------- pointer arguments
@@ -803,6 +821,16 @@ pub unsafe extern "C" fn fractos_memory_create(
     })
 }
 
+/// `fractos_diminish`'s capability and rights.
+///
+/// # Safety
+/// `cap` is NULL or points to a `fractos_cap`.
+unsafe fn diminish_args(cap: *const fractos_cap, rights: u32) -> Result<(MemoryCap, Rights), Fail> {
+    // SAFETY: forwarded contract.
+    let cap = memory_arg(unsafe { cap_arg(cap, "cap") }?, "cap")?;
+    Ok((cap, to_rights(rights, "rights")?))
+}
+
 /// Derives from the Memory capability `*cap` one for its sub-window
 /// `[offset, offset+len)` with `rights` (a subset of its own), stored in
 /// `*out`.
@@ -822,8 +850,7 @@ pub unsafe extern "C" fn fractos_diminish(
         // SAFETY: this function's contract (`out` is NULL or writable).
         let out = unsafe { out_arg(out, "out") }?;
         // SAFETY: this function's contract.
-        let cap = memory_arg(unsafe { cap_arg(cap, "cap") }?, "cap")?;
-        let rights = to_rights(rights, "rights")?;
+        let (cap, rights) = unsafe { diminish_args(cap, rights) }?;
         let d = proc_of(process)?.diminish(&cap, offset, len, rights)?;
         out.put(cap_out(d.into()));
         Ok(())
@@ -896,6 +923,47 @@ pub unsafe extern "C" fn fractos_derive(
     })
 }
 
+/// `fractos_invoke`'s Request, immediates and capabilities.
+///
+/// # Safety
+/// As `fractos_invoke`.
+unsafe fn invoke_args<'a>(
+    request: *const fractos_cap,
+    imms: *const u8,
+    imms_len: usize,
+    caps: *const fractos_cap,
+    ncaps: usize,
+) -> Result<(RequestCap, &'a [u8], Vec<Cap>), Fail> {
+    // SAFETY: forwarded contract.
+    unsafe {
+        Ok((
+            request_arg(cap_arg(request, "request")?, "request")?,
+            bytes(imms, imms_len, "imms")?,
+            caps_arg(caps, ncaps, "caps")?,
+        ))
+    }
+}
+
+/// `fractos_copy`'s source, destination and optional completion.
+///
+/// # Safety
+/// As `fractos_copy`.
+unsafe fn copy_args(
+    src: *const fractos_cap,
+    dst: *const fractos_cap,
+    completion: *const fractos_cap,
+) -> Result<(MemoryCap, MemoryCap, Option<RequestCap>), Fail> {
+    // SAFETY: forwarded contract.
+    let (src, dst) = unsafe { (cap_arg(src, "src")?, cap_arg(dst, "dst")?) };
+    let (src, dst) = (memory_arg(src, "src")?, memory_arg(dst, "dst")?);
+    if completion.is_null() {
+        return Ok((src, dst, None));
+    }
+    // SAFETY: non-null, so a capability by the forwarded contract.
+    let completion = unsafe { cap_arg(completion, "completion") }?;
+    Ok((src, dst, Some(request_arg(completion, "completion")?)))
+}
+
 /// Invokes the Request `*request` with immediates and capabilities.
 /// Returns once the owner's controller delivered the invocation (pass a
 /// continuation Request to learn when the owner handled it).
@@ -915,13 +983,7 @@ pub unsafe extern "C" fn fractos_invoke(
 ) -> fractos_status {
     guard("fractos_invoke", || {
         // SAFETY: this function's contract.
-        let (request, imms, caps) = unsafe {
-            (
-                request_arg(cap_arg(request, "request")?, "request")?,
-                bytes(imms, imms_len, "imms")?,
-                caps_arg(caps, ncaps, "caps")?,
-            )
-        };
+        let (request, imms, caps) = unsafe { invoke_args(request, imms, imms_len, caps, ncaps) }?;
         Ok(proc_of(process)?.invoke(&request, imms, &caps)?)
     })
 }
@@ -943,17 +1005,7 @@ pub unsafe extern "C" fn fractos_copy(
 ) -> fractos_status {
     guard("fractos_copy", || {
         // SAFETY: this function's contract.
-        let (src, dst) = unsafe { (cap_arg(src, "src")?, cap_arg(dst, "dst")?) };
-        let (src, dst) = (memory_arg(src, "src")?, memory_arg(dst, "dst")?);
-        let completion = if completion.is_null() {
-            None
-        } else {
-            // SAFETY: non-null, so a capability by this function's contract.
-            Some(request_arg(
-                unsafe { cap_arg(completion, "completion") }?,
-                "completion",
-            )?)
-        };
+        let (src, dst, completion) = unsafe { copy_args(src, dst, completion) }?;
         Ok(proc_of(process)?.copy(&src, &dst, completion.as_ref())?)
     })
 }
@@ -1092,6 +1144,160 @@ pub unsafe extern "C" fn fractos_lookup(
         out.put(cap_out(cap));
         Ok(())
     })
+}
+
+// ------------------------------------------------------------ pipelining
+
+/// Stores a started operation's handle in `*out`.
+fn started(out: Out<*mut fractos_pending>, op: InFlight) {
+    out.put(PENDING.insert(Mutex::new(Some(op))));
+}
+
+/// `fractos_copy` without waiting: sends the copy and stores a handle to
+/// await it in `*out` (`fractos_pending_wait`), so one thread can keep
+/// many copies in flight. The call itself does not wait for the
+/// controller.
+///
+/// # Safety
+/// As `fractos_copy`; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn fractos_start_copy(
+    process: *const fractos_process,
+    src: *const fractos_cap,
+    dst: *const fractos_cap,
+    completion: *const fractos_cap,
+    out: *mut *mut fractos_pending,
+) -> fractos_status {
+    guard("fractos_start_copy", || {
+        // SAFETY: this function's contract (`out` is NULL or writable).
+        let out = unsafe { out_arg(out, "out") }?;
+        // SAFETY: this function's contract.
+        let (src, dst, completion) = unsafe { copy_args(src, dst, completion) }?;
+        let op = proc_of(process)?.start_copy(&src, &dst, completion.as_ref())?;
+        started(out, InFlight::Done(op));
+        Ok(())
+    })
+}
+
+/// `fractos_invoke` without waiting (see `fractos_start_copy`).
+///
+/// # Safety
+/// As `fractos_invoke`; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn fractos_start_invoke(
+    process: *const fractos_process,
+    request: *const fractos_cap,
+    imms: *const u8,
+    imms_len: usize,
+    caps: *const fractos_cap,
+    ncaps: usize,
+    out: *mut *mut fractos_pending,
+) -> fractos_status {
+    guard("fractos_start_invoke", || {
+        // SAFETY: this function's contract (`out` is NULL or writable).
+        let out = unsafe { out_arg(out, "out") }?;
+        // SAFETY: this function's contract.
+        let (request, imms, caps) = unsafe { invoke_args(request, imms, imms_len, caps, ncaps) }?;
+        let op = proc_of(process)?.start_invoke(&request, imms, &caps)?;
+        started(out, InFlight::Done(op));
+        Ok(())
+    })
+}
+
+/// `fractos_diminish` without waiting: the new capability comes out of
+/// `fractos_pending_wait` (see `fractos_start_copy`).
+///
+/// # Safety
+/// As `fractos_diminish`.
+#[no_mangle]
+pub unsafe extern "C" fn fractos_start_diminish(
+    process: *const fractos_process,
+    cap: *const fractos_cap,
+    offset: u64,
+    len: u64,
+    rights: u32,
+    out: *mut *mut fractos_pending,
+) -> fractos_status {
+    guard("fractos_start_diminish", || {
+        // SAFETY: this function's contract (`out` is NULL or writable).
+        let out = unsafe { out_arg(out, "out") }?;
+        // SAFETY: this function's contract.
+        let (cap, rights) = unsafe { diminish_args(cap, rights) }?;
+        let op = proc_of(process)?.start_diminish(&cap, offset, len, rights)?;
+        started(out, InFlight::Memory(op));
+        Ok(())
+    })
+}
+
+/// `fractos_drop_cap` without waiting (see `fractos_start_copy`).
+///
+/// # Safety
+/// `cap` is NULL or points to a `fractos_cap`; `out` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn fractos_start_drop_cap(
+    process: *const fractos_process,
+    cap: *const fractos_cap,
+    out: *mut *mut fractos_pending,
+) -> fractos_status {
+    guard("fractos_start_drop_cap", || {
+        // SAFETY: this function's contract (`out` is NULL or writable).
+        let out = unsafe { out_arg(out, "out") }?;
+        // SAFETY: this function's contract.
+        let cap = to_cap(unsafe { cap_arg(cap, "cap") }?, "cap")?;
+        let op = proc_of(process)?.start_drop_cap(cap)?;
+        started(out, InFlight::Done(op));
+        Ok(())
+    })
+}
+
+/// Waits for a started operation (up to the timeout of the process handle
+/// that started it) and releases `pending`, whatever the outcome. Returns
+/// the operation's status. `result` receives the capability of a
+/// `fractos_start_diminish` (required there: NULL is refused before
+/// anything is consumed); it may be NULL for the others.
+///
+/// # Safety
+/// `result` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn fractos_pending_wait(
+    pending: *mut fractos_pending,
+    result: *mut fractos_cap,
+) -> fractos_status {
+    guard("fractos_pending_wait", || {
+        let wants_cap = {
+            let slot = PENDING.get(pending)?;
+            let op = slot.lock().unwrap_or_else(|e| e.into_inner());
+            matches!(*op, Some(InFlight::Memory(_)))
+        };
+        let result = if wants_cap {
+            // SAFETY: this function's contract (`result` is NULL or writable).
+            Some(unsafe { out_arg(result, "result") }?)
+        } else {
+            None
+        };
+        let slot = PENDING.remove(pending)?;
+        let op = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
+        match (op, result) {
+            (Some(InFlight::Done(op)), _) => Ok(op.wait()?),
+            (Some(InFlight::Memory(op)), Some(out)) => {
+                out.put(cap_out(op.wait()?.into()));
+                Ok(())
+            }
+            // Another thread waited on the same handle concurrently.
+            _ => Err(Fail::new(
+                FRACTOS_ERR_INVALID_HANDLE,
+                "the operation was already awaited",
+            )),
+        }
+    })
+}
+
+/// Abandons a started operation without waiting and releases `pending`: it
+/// still happens (or not) at the controller; a capability it returns
+/// later is dropped automatically.
+#[no_mangle]
+pub extern "C" fn fractos_pending_free(pending: *mut fractos_pending) -> fractos_status {
+    guard("fractos_pending_free", || PENDING.remove(pending).map(drop))
 }
 
 // ---------------------------------------------------------- invocations

@@ -294,6 +294,126 @@ fn dispatch_inline_handlers_and_local_channels() {
 }
 
 #[test]
+fn pipelined_operations() {
+    let node = controller(3, false);
+    let p = attach(&node, "abi-pipeline", 2);
+    let (mut a, mut b) = (ptr::null_mut(), ptr::null_mut());
+    let (mut src, mut dst) = (fractos_cap::default(), fractos_cap::default());
+    // SAFETY: out-pointers and a buffer with its length.
+    unsafe {
+        ok(fractos_register(p, 8 * 512, &mut a));
+        ok(fractos_register(p, 8 * 512, &mut b));
+        let bytes: Vec<u8> = (0..8 * 512).map(|i| (i / 512) as u8 + 1).collect();
+        ok(fractos_region_write(a, 0, bytes.as_ptr(), bytes.len()));
+        ok(fractos_memory_create(
+            p,
+            a,
+            0,
+            8 * 512,
+            FRACTOS_RIGHT_READ,
+            &mut src,
+        ));
+        ok(fractos_memory_create(
+            p,
+            b,
+            0,
+            8 * 512,
+            FRACTOS_RIGHT_WRITE,
+            &mut dst,
+        ));
+    }
+    // Eight windows of src and dst derived in flight, then eight copies.
+    let start_windows = |cap: &fractos_cap, rights| -> Vec<*mut fractos_pending> {
+        (0..8u64)
+            .map(|i| {
+                let mut h = ptr::null_mut();
+                // SAFETY: a capability pointer and an out-pointer.
+                ok(unsafe { fractos_start_diminish(p, cap, i * 512, 512, rights, &mut h) });
+                h
+            })
+            .collect()
+    };
+    let wait_windows = |hs: Vec<*mut fractos_pending>| -> Vec<fractos_cap> {
+        hs.into_iter()
+            .map(|h| {
+                let mut c = fractos_cap::default();
+                // SAFETY: NULL is refused for a diminish, and the handle survives.
+                let refused = unsafe { fractos_pending_wait(h, ptr::null_mut()) };
+                assert_eq!(refused, FRACTOS_ERR_NULL_POINTER);
+                // SAFETY: an out-pointer.
+                ok(unsafe { fractos_pending_wait(h, &mut c) });
+                // SAFETY: the handle is gone now.
+                let again = unsafe { fractos_pending_wait(h, &mut c) };
+                assert_eq!(again, FRACTOS_ERR_INVALID_HANDLE);
+                c
+            })
+            .collect()
+    };
+    let srcs = wait_windows(start_windows(&src, FRACTOS_RIGHT_READ));
+    let dsts = wait_windows(start_windows(&dst, FRACTOS_RIGHT_WRITE));
+    assert!(srcs
+        .iter()
+        .all(|c| c.len == 512 && c.rights == FRACTOS_RIGHT_READ));
+    // Window i of src into window 7-i of dst: reversed blocks.
+    let copies: Vec<_> = (0..8)
+        .map(|i| {
+            let mut h = ptr::null_mut();
+            // SAFETY: capability pointers and an out-pointer.
+            ok(unsafe { fractos_start_copy(p, &srcs[i], &dsts[7 - i], ptr::null(), &mut h) });
+            h
+        })
+        .collect();
+    for h in copies {
+        // SAFETY: NULL result is fine for a copy.
+        ok(unsafe { fractos_pending_wait(h, ptr::null_mut()) });
+    }
+    let mut back = vec![0u8; 8 * 512];
+    // SAFETY: a buffer with its length.
+    ok(unsafe { fractos_region_read(b, 0, back.as_mut_ptr(), back.len()) });
+    for (i, block) in back.chunks(512).enumerate() {
+        assert!(block.iter().all(|x| *x == 8 - i as u8), "block {i}");
+    }
+    // Invoke and drop in flight; one abandoned.
+    let k = request(p, 21, &[], &[]);
+    let (mut inv, mut dropped, mut abandoned) = (ptr::null_mut(), ptr::null_mut(), ptr::null_mut());
+    // SAFETY: capability pointers, bytes with length, out-pointers.
+    unsafe {
+        ok(fractos_start_invoke(
+            p,
+            &k,
+            b"x".as_ptr(),
+            1,
+            ptr::null(),
+            0,
+            &mut inv,
+        ));
+        ok(fractos_start_drop_cap(p, &srcs[0], &mut dropped));
+        ok(fractos_start_copy(
+            p,
+            &srcs[1],
+            &dsts[1],
+            ptr::null(),
+            &mut abandoned,
+        ));
+        ok(fractos_pending_wait(inv, ptr::null_mut()));
+        ok(fractos_pending_wait(dropped, ptr::null_mut()));
+    }
+    ok(fractos_pending_free(abandoned));
+    assert_eq!(fractos_pending_free(abandoned), FRACTOS_ERR_INVALID_HANDLE);
+    assert_eq!(next(p, 5000).0, 21);
+    // The dropped window is gone from the table.
+    // SAFETY: capability pointers.
+    let gone = unsafe { fractos_copy(p, &srcs[0], &dsts[0], ptr::null()) };
+    assert_eq!(gone, FRACTOS_ERR_BAD_HANDLE, "{}", last_error());
+    // A pending handle is not a region handle.
+    let mut len = 0u64;
+    // SAFETY: an out-pointer.
+    let foreign = unsafe { fractos_region_len(inv.cast(), &mut len) };
+    assert_eq!(foreign, FRACTOS_ERR_INVALID_HANDLE);
+    ok(fractos_close(p));
+}
+
+#[test]
 fn slot_attach_errors_are_typed() {
     // No appliance here: a missing file is FRACTOS_ERR_IO, a file that is
     // not a slot FRACTOS_ERR_SLOT (the QEMU tests attach to real slots
