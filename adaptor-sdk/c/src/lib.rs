@@ -207,6 +207,22 @@ unsafe fn bytes<'a>(ptr: *const u8, len: usize, what: &str) -> Result<&'a [u8], 
     Ok(unsafe { std::slice::from_raw_parts(ptr, len) })
 }
 
+/// An immediates argument: refused above the protocol's limit before the
+/// buffer is touched.
+///
+/// # Safety
+/// As [`bytes`].
+unsafe fn imms_arg<'a>(ptr: *const u8, len: usize) -> Result<&'a [u8], Fail> {
+    let max = fractos_sdk::wire::MAX_IMMEDIATES;
+    if len > max {
+        return Err(Fail::invalid(format!(
+            "imms: {len} bytes, at most {max} per message"
+        )));
+    }
+    // SAFETY: forwarded contract.
+    unsafe { bytes(ptr, len, "imms") }
+}
+
 /// A writable byte buffer argument of `len` bytes.
 ///
 /// # Safety
@@ -878,12 +894,7 @@ pub unsafe extern "C" fn fractos_request_create(
         // SAFETY: this function's contract (`out` is NULL or writable).
         let out = unsafe { out_arg(out, "out") }?;
         // SAFETY: this function's contract.
-        let (imms, caps) = unsafe {
-            (
-                bytes(imms, imms_len, "imms")?,
-                caps_arg(caps, ncaps, "caps")?,
-            )
-        };
+        let (imms, caps) = unsafe { (imms_arg(imms, imms_len)?, caps_arg(caps, ncaps, "caps")?) };
         let r = proc_of(process)?.request_create(tag, imms, &caps)?;
         out.put(cap_out(r.into()));
         Ok(())
@@ -913,7 +924,7 @@ pub unsafe extern "C" fn fractos_derive(
         let (request, imms, caps) = unsafe {
             (
                 request_arg(cap_arg(request, "request")?, "request")?,
-                bytes(imms, imms_len, "imms")?,
+                imms_arg(imms, imms_len)?,
                 caps_arg(caps, ncaps, "caps")?,
             )
         };
@@ -938,7 +949,7 @@ unsafe fn invoke_args<'a>(
     unsafe {
         Ok((
             request_arg(cap_arg(request, "request")?, "request")?,
-            bytes(imms, imms_len, "imms")?,
+            imms_arg(imms, imms_len)?,
             caps_arg(caps, ncaps, "caps")?,
         ))
     }

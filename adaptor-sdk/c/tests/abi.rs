@@ -139,6 +139,12 @@ fn derive_monitor_names_and_polling() {
     // SAFETY: as above.
     let again = unsafe { fractos_invoke(p, &d, ptr::null(), 0, ptr::null(), 0) };
     assert_eq!(again, FRACTOS_ERR_REVOKED, "{}", last_error());
+    // Immediates over the protocol's limit are refused before the buffer
+    // is read (a dangling pointer is never touched).
+    let dangling = std::ptr::NonNull::<u8>::dangling().as_ptr();
+    // SAFETY: the length is refused before `dangling` is read.
+    let big = unsafe { fractos_invoke(p, &k, dangling, usize::MAX, ptr::null(), 0) };
+    assert_eq!(big, FRACTOS_ERR_INVALID_ARGUMENT, "{}", last_error());
 
     // Names: publish, lookup from another process, unpublish.
     let name = c"abi/request";
@@ -462,6 +468,9 @@ fn every_status_has_a_description() {
     // SAFETY: as above.
     let unknown = unsafe { CStr::from_ptr(fractos_status_str(19)) };
     assert_eq!(unknown.to_str().unwrap(), "unknown status");
+    // SAFETY: a static NUL-terminated string.
+    let version = unsafe { CStr::from_ptr(fractos_version()) };
+    assert_eq!(version.to_str().unwrap(), env!("CARGO_PKG_VERSION"));
     assert_eq!(fractos_selftest_panic(), FRACTOS_ERR_PANIC);
     assert!(last_error().contains("forced by fractos_selftest_panic"));
 }
