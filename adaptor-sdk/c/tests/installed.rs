@@ -59,7 +59,8 @@ fn installed() -> &'static Installed {
     static ONCE: OnceLock<Installed> = OnceLock::new();
     ONCE.get_or_init(|| {
         let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let prefix = std::env::temp_dir().join(format!("fractos-csdk-{}", std::process::id()));
+        // Under target/tmp, replaced by every run (nothing left in /tmp).
+        let prefix = Path::new(env!("CARGO_TARGET_TMPDIR")).join("c-sdk-prefix");
         let _ = std::fs::remove_dir_all(&prefix);
         run(
             Command::new("bash")
