@@ -105,6 +105,7 @@ impl BootedCluster {
             .map(|i| DemoNode::Remote {
                 process_addr: self.process_addr(i),
                 metrics_addr: self.setup.metrics_addr(i).expect("node exists"),
+                key: DEMO_KEY,
             })
             .collect()
     }

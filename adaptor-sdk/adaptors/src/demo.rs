@@ -471,6 +471,9 @@ pub enum DemoNode {
         process_addr: SocketAddr,
         /// Its `GET /metrics` endpoint.
         metrics_addr: SocketAddr,
+        /// The cluster key its process tokens are minted under
+        /// ([`DEMO_KEY`] for the clusters the demo boots itself).
+        key: [u8; 32],
     },
 }
 
@@ -483,13 +486,17 @@ impl DemoNode {
         }
     }
 
-    /// Attaches a process named `name` with the demo key: through the
-    /// local socket of an embedded controller when `transport` is
-    /// [`DemoTransport::Local`], else over TCP.
+    /// Attaches a process named `name`: to an embedded controller with the
+    /// demo key, through its local socket when `transport` is
+    /// [`DemoTransport::Local`], else over TCP; to a remote one over TCP
+    /// with its cluster key.
     pub fn attach(&self, name: &str, transport: DemoTransport) -> Result<Process, PipelineError> {
         match self {
             DemoNode::Hosted(r) if transport == DemoTransport::Local => attach_local(r, name),
-            _ => attach_to(self.process_addr(), name),
+            DemoNode::Hosted(r) => attach(r, name),
+            DemoNode::Remote {
+                process_addr, key, ..
+            } => attach_with_key(*process_addr, key, name),
         }
     }
 
@@ -533,12 +540,20 @@ pub fn wait_linked(nodes: &[DemoNode], peers: usize, timeout: Duration) -> Resul
 
 /// Fetches the Prometheus text from `GET http://addr/metrics`.
 pub fn scrape_metrics(addr: SocketAddr) -> Result<String, DemoError> {
+    scrape_metrics_within(addr, Duration::from_secs(10), Duration::from_secs(20))
+}
+
+/// [`scrape_metrics`] giving up after `connect` to connect and `read`
+/// without data.
+pub fn scrape_metrics_within(
+    addr: SocketAddr,
+    connect: Duration,
+    read: Duration,
+) -> Result<String, DemoError> {
     use std::io::{Read, Write};
     let err = |source| DemoError::Metrics { addr, source };
-    let mut s =
-        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10)).map_err(err)?;
-    s.set_read_timeout(Some(Duration::from_secs(20)))
-        .map_err(err)?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, connect).map_err(err)?;
+    s.set_read_timeout(Some(read)).map_err(err)?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: fractos\r\nConnection: close\r\n\r\n")
         .map_err(err)?;
     let mut text = String::new();
@@ -732,11 +747,21 @@ pub fn attach_local_spin(
 /// Attaches a process named `name` to the controller at `addr` with the
 /// demo key.
 pub fn attach_to(addr: SocketAddr, name: &str) -> Result<Process, PipelineError> {
+    attach_with_key(addr, &DEMO_KEY, name)
+}
+
+/// Attaches a process named `name` to the controller at `addr` with a
+/// token minted under the cluster key `key`.
+pub fn attach_with_key(
+    addr: SocketAddr,
+    key: &[u8; 32],
+    name: &str,
+) -> Result<Process, PipelineError> {
     let opts = AttachOptions::default().op_timeout(Duration::from_secs(20));
     Ok(Process::attach(
         addr,
         name,
-        process_token(&DEMO_KEY, name.as_bytes()),
+        process_token(key, name.as_bytes()),
         opts,
     )?)
 }
@@ -788,8 +813,9 @@ pub fn run_in(
     report
 }
 
-/// Runs the demo on three controllers that already form a cluster with the
-/// demo key ([`DEMO_KEY`]): storage on `nodes[0]`, compute on `nodes[1]`,
+/// Runs the demo on three controllers that already form a cluster (the
+/// embedded ones with the demo key [`DEMO_KEY`], remote ones with the key
+/// each [`DemoNode::Remote`] names): storage on `nodes[0]`, compute on `nodes[1]`,
 /// the client on `nodes[2]`. `net` is where the embedded nodes live
 /// (processes are attached from inside it), `None` for anything reachable
 /// from here.

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod cmd;
 
@@ -31,21 +31,30 @@ enum Command {
     Image(cmd::image::ImageCommand),
     /// Boot one appliance or a cluster under QEMU and follow its log until Ctrl-C.
     Up(cmd::up::UpArgs),
-    /// Stop appliances left running by `fractos up`.
+    /// Stop appliances left running by `fractos up` and forget the cluster.
     Down(cmd::down::DownArgs),
+    /// Show every node of the cluster `fractos up` recorded: up or down,
+    /// address, processes, objects, capability nodes, bytes copied, uptime.
+    Status(cmd::status::StatusArgs),
     /// Benchmarks: without a subcommand, invoke round trip and copy
     /// bandwidth through hosted controllers against raw TCP.
     Bench(cmd::bench::BenchArgs),
     /// Run a hosted controller (a FractOS node as a Linux process).
     Controller(cmd::controller::ControllerArgs),
-    /// Run the storage -> compute -> client pipeline in three modes on an
-    /// embedded 3-node cluster and compare traffic and latency.
+    /// Run the storage -> compute -> client pipeline in three modes on a
+    /// 3-node cluster (booted for it, or with --cluster the one `fractos
+    /// up` started) and compare traffic and latency.
     Demo(cmd::demo::DemoArgs),
     /// Print the attach token of a process name under a cluster key.
     Token(cmd::token::TokenArgs),
     /// Plot the results in a results directory: SVGs, one self-contained
     /// HTML page and a Markdown page.
     Report(cmd::report::ReportArgs),
+    /// Print a shell completion script (e.g. `fractos completions bash >
+    /// ~/.local/share/bash-completion/completions/fractos`).
+    Completions(cmd::completions::CompletionsArgs),
+    /// Print the man page (roff), or write one per subcommand with --out.
+    Man(cmd::completions::ManArgs),
 }
 
 /// Where the command writes its JSON (`None`: it writes none), and the file
@@ -63,7 +72,9 @@ fn json_slot<'a>(
             None => (&mut a.micro.json, "bench"),
         },
         Command::Demo(a) => {
-            let kind = if a.netns {
+            let kind = if a.cluster.is_some() {
+                "demo-cluster"
+            } else if a.netns {
                 "demo-netns"
             } else if a.hosted {
                 "demo-hosted"
@@ -107,10 +118,38 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Image(c) => cmd::image::run(c),
         Command::Up(a) => cmd::up::run(a),
         Command::Down(a) => cmd::down::run(a),
+        Command::Status(a) => cmd::status::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Controller(a) => cmd::controller::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Token(a) => cmd::token::run(a),
         Command::Report(a) => cmd::report::run(a),
+        Command::Completions(a) => cmd::completions::completions(a, Cli::command()),
+        Command::Man(a) => cmd::completions::man(a, Cli::command()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn the_man_page_names_every_subcommand() {
+        let page = String::from_utf8(cmd::completions::man_page(Cli::command()).unwrap()).unwrap();
+        let subs: Vec<String> = Cli::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .collect();
+        assert!(subs.len() >= 11, "{subs:?}");
+        for sub in subs {
+            // The SUBCOMMANDS section points at each page; roff escapes `-`.
+            let entry = format!("fractos\\-{}(1)", sub.replace('-', "\\-"));
+            assert!(page.contains(&entry), "{entry} missing from:\n{page}");
+        }
     }
 }

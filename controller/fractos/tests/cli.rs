@@ -205,3 +205,122 @@ fn installed_binary_finds_its_kernel_and_state_away_from_the_source() {
     assert!(!state.join("node0.pid").exists());
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn completions_and_man_page_cover_the_subcommands() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = fractos().args(["completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}");
+        let s = String::from_utf8_lossy(&out.stdout);
+        assert!(s.len() > 1000, "{shell}: {s}");
+        for sub in ["status", "demo", "completions"] {
+            assert!(s.contains(sub), "{shell} completions lack {sub}");
+        }
+    }
+    let out = fractos().args(["completions", "tcsh"]).output().unwrap();
+    assert!(!out.status.success());
+    let out = fractos().arg("man").output().unwrap();
+    assert!(out.status.success());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.starts_with(".ie") || page.contains(".TH fractos"), "{page}");
+    for sub in [
+        "image", "up", "down", "status", "bench", "controller", "demo", "token", "report",
+        "completions", "man",
+    ] {
+        assert!(page.contains(&format!("fractos\\-{sub}(1)")), "{sub} missing");
+    }
+    let dir = std::env::temp_dir().join(format!("fractos-cli-man-{}", std::process::id()));
+    let out = fractos().args(["man", "--out"]).arg(&dir).output().unwrap();
+    assert!(out.status.success());
+    for page in ["fractos.1", "fractos-status.1", "fractos-demo.1"] {
+        assert!(std::fs::metadata(dir.join(page)).unwrap().len() > 100, "{page}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A port nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn status_without_a_cluster_and_with_one_that_is_gone() {
+    let dir = std::env::temp_dir().join(format!("fractos-cli-status-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let status = |args: &[&str]| {
+        fractos()
+            .arg("status")
+            .args(args)
+            .env("FRACTOS_STATE_DIR", &dir)
+            .env_remove("FRACTOS_CLUSTER")
+            .output()
+            .unwrap()
+    };
+    let out = status(&[]);
+    assert!(out.status.success());
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(s.contains("no cluster is up"), "{s}");
+    // Named explicitly, a missing cluster is an error that says what to do.
+    let missing = dir.join("nowhere.json");
+    let out = status(&["--cluster", missing.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("fractos up --detach"), "{e}");
+
+    // A recorded cluster whose nodes are gone: every node is shown down.
+    let key = dir.join("cluster.key");
+    std::fs::write(&key, "11".repeat(32)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let up = dir.join("up");
+    std::fs::create_dir_all(&up).unwrap();
+    let nodes: Vec<serde_json::Value> = (0..2)
+        .map(|i| {
+            serde_json::json!({"node": i,
+                "process_addr": format!("127.0.0.1:{}", closed_port()),
+                "metrics_addr": format!("127.0.0.1:{}", closed_port())})
+        })
+        .collect();
+    std::fs::write(
+        up.join("cluster.json"),
+        serde_json::json!({"key_file": key, "nodes": nodes}).to_string(),
+    )
+    .unwrap();
+    let out = status(&["--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ns = j["nodes"].as_array().unwrap();
+    assert_eq!(ns.len(), 2);
+    assert!(ns.iter().all(|n| n["up"] == false && n["error"].is_string()), "{j}");
+    let out = status(&[]);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(s.lines().filter(|l| l.contains(" down ")).count(), 2, "{s}");
+
+    // The recorded cluster's key mints tokens; a key others can read is refused.
+    let token = |dir: &std::path::Path| {
+        fractos()
+            .args(["token", "p"])
+            .env("FRACTOS_STATE_DIR", dir)
+            .env_remove("FRACTOS_CLUSTER")
+            .output()
+            .unwrap()
+    };
+    let out = token(&dir);
+    let from_key = fractos()
+        .args(["token", "p", "--key-file"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success() && from_key.status.success());
+    assert_eq!(out.stdout, from_key.stdout);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = token(&dir);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+    let _ = std::fs::remove_dir_all(&dir);
+}

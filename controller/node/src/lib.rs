@@ -205,6 +205,9 @@ pub struct Node<Cx: ?Sized, A> {
     stats: NodeStats,
     metrics_asks: VecDeque<ConnId>,
     now: Instant,
+    /// When [`Node::new`] made the node: `fractos_uptime_seconds` counts
+    /// from here.
+    started: Instant,
 }
 
 fn elapsed(now: Instant, since: Instant) -> Duration {
@@ -236,6 +239,7 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
             stats: NodeStats::default(),
             metrics_asks: VecDeque::new(),
             now,
+            started: now,
         }
     }
 
@@ -435,6 +439,13 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
         let mut text = fractos_core::prometheus::render(&self.ctrl, &self.traffic());
         let s = self.stats();
         let node = self.cfg.core.node.0;
+        let _ = writeln!(
+            text,
+            "# HELP fractos_uptime_seconds Seconds since the node started (as of its last event-loop turn).\n\
+             # TYPE fractos_uptime_seconds gauge\n\
+             fractos_uptime_seconds{{node=\"{node}\"}} {:.3}",
+            elapsed(self.now, self.started).as_secs_f64()
+        );
         let _ = writeln!(
             text,
             "# HELP fractos_node_connections Open connections, by kind.\n\

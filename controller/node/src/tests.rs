@@ -860,3 +860,19 @@ fn directly_reachable_memory_is_copied_by_the_node_without_messages() {
         .metrics_text()
         .contains("fractos_node_direct_memory_bytes_total{node=\"1\",op=\"read\"} 524288"));
 }
+
+#[test]
+fn uptime_counts_from_the_nodes_start() {
+    let mut w = World::new(1);
+    let uptime = |w: &World| -> f64 {
+        let text = w.nodes[0].metrics_text();
+        text.lines()
+            .find_map(|l| l.strip_prefix("fractos_uptime_seconds{node=\"1\"} "))
+            .unwrap_or_else(|| panic!("no uptime in {text}"))
+            .parse()
+            .unwrap()
+    };
+    assert_eq!(uptime(&w), 0.0);
+    w.advance(Duration::from_millis(2500));
+    assert!((uptime(&w) - 2.5).abs() < 1e-9, "{}", uptime(&w));
+}

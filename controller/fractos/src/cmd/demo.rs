@@ -19,6 +19,8 @@ use fractos_adaptors::pipeline::names;
 use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::node::Accel;
 
+use super::cluster::{cluster_path, ClusterFile};
+
 /// NVMe disk of each demo appliance, MiB.
 const DEMO_DISK_MIB: u64 = 256;
 
@@ -78,6 +80,15 @@ pub struct DemoArgs {
     /// --appliance: CPU accelerator (tcg works everywhere).
     #[arg(long, default_value = "tcg")]
     pub accel: Accel,
+    /// Run on a cluster that is already up instead of booting one: its
+    /// `cluster.json` (written by `fractos up`) or that file's directory;
+    /// without a value (or with FRACTOS_CLUSTER set), the cluster `fractos
+    /// up` recorded. Uses nodes 0, 1 and 2; storage is node 0's storage
+    /// service when `fractos up --nvme MIB --storage-names
+    /// pipeline/storage/read` made it one, else the reference storage
+    /// adaptor attached to node 0.
+    #[arg(long, value_name = "FILE|DIR", num_args = 0..=1, default_missing_value = "", env = "FRACTOS_CLUSTER")]
+    pub cluster: Option<String>,
 }
 
 /// Runs `fractos demo`.
@@ -99,6 +110,15 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
         corrupt_stored_images: a.corrupt_stored_images,
         transport: a.transport,
     };
+    if let Some(c) = &a.cluster {
+        anyhow::ensure!(
+            !(a.appliance || a.hosted || a.netns || a.corrupt_stored_images),
+            "--cluster runs on a cluster that is already up: drop --appliance, --hosted and --netns \
+             (or unset FRACTOS_CLUSTER)"
+        );
+        let report = run_cluster(c, &cfg)?;
+        return finish(&a, report);
+    }
     let appliance = if a.appliance {
         fractos_qemu::node::check_qemu()
             .context("--appliance needs QEMU (or run with --hosted)")?;
@@ -119,9 +139,14 @@ pub fn run(a: DemoArgs) -> anyhow::Result<()> {
     } else {
         run_hosted(&a, &cfg)?
     };
+    finish(&a, report)
+}
+
+/// Prints and saves the report and checks every score.
+fn finish(a: &DemoArgs, report: DemoReport) -> anyhow::Result<()> {
     println!();
     print!("{}", report.table());
-    if let Some(path) = a.json {
+    if let Some(path) = &a.json {
         std::fs::write(&path, report.to_json())
             .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("wrote {}", path.display());
@@ -189,6 +214,7 @@ fn run_appliances(a: &DemoArgs, cfg: &DemoConfig) -> anyhow::Result<DemoReport> 
         .map(|i| DemoNode::Remote {
             process_addr: setup.process_addr(i).expect("3 nodes"),
             metrics_addr: setup.metrics_addr(i).expect("3 nodes"),
+            key: DEMO_KEY,
         })
         .collect();
     wait_linked(&nodes, 2, Duration::from_secs(120))
@@ -217,6 +243,61 @@ fn run_appliances(a: &DemoArgs, cfg: &DemoConfig) -> anyhow::Result<DemoReport> 
     let report = run_on(&cfg, &nodes, None, progress()).context("the demo failed")?;
     drop(cluster);
     Ok(report)
+}
+
+/// Runs the demo on nodes 0, 1 and 2 of the cluster recorded at `arg`.
+fn run_cluster(arg: &str, cfg: &DemoConfig) -> anyhow::Result<DemoReport> {
+    let path = cluster_path(Some(arg));
+    let cluster = ClusterFile::load(&path)?;
+    anyhow::ensure!(
+        cluster.nodes.len() >= 3,
+        "the demo needs 3 nodes and {} has {}: start the cluster with `fractos up --nodes 3`",
+        path.display(),
+        cluster.nodes.len()
+    );
+    let key = cluster.key()?;
+    let used = &cluster.nodes[..3];
+    let nodes: Vec<DemoNode> = used
+        .iter()
+        .map(|n| DemoNode::Remote {
+            process_addr: n.process_addr,
+            metrics_addr: n.metrics_addr,
+            key,
+        })
+        .collect();
+    wait_linked(&nodes, 2, Duration::from_secs(120)).with_context(|| {
+        format!(
+            "the nodes of {} are not linked (is the cluster up? see `fractos status`)",
+            path.display()
+        )
+    })?;
+    let mut cfg = cfg.clone();
+    let store = &used[0];
+    let needed = (cfg.images as u64) * (encoded_len(cfg.image_side, cfg.image_side) as u64);
+    let storage = if store.storage_names.iter().any(|n| n == names::STORAGE_READ) {
+        let disk = store.nvme_mib.first().copied().unwrap_or(0);
+        anyhow::ensure!(
+            needed <= disk << 20,
+            "{} images of {} pixels need {needed} bytes; node 0's disk has {disk} MiB",
+            cfg.images,
+            cfg.image_side
+        );
+        cfg.storage_write = Some("storage/0/write".into());
+        "node 0's NVMe, built-in storage service"
+    } else {
+        "the reference storage adaptor attached to node 0"
+    };
+    eprintln!(
+        "FractOS pipeline demo on the cluster in {}: storage ({storage}) -> compute (node 1) -> client (node 2)",
+        path.display()
+    );
+    for n in used {
+        eprintln!(
+            "  node{}: processes {} metrics http://{}/metrics",
+            n.node, n.process_addr, n.metrics_addr
+        );
+    }
+    Ok(run_on(&cfg, &nodes, None, progress()).context("the demo failed")?)
 }
 
 fn run_hosted(a: &DemoArgs, cfg: &DemoConfig) -> anyhow::Result<DemoReport> {

@@ -49,7 +49,13 @@ pub fn build_images(
     cmdline: &str,
     key_file: Option<&std::path::Path>,
 ) -> anyhow::Result<Images> {
-    let ws = Workspace::locate();
+    let ws = Workspace::source_tree().ok_or_else(|| {
+        anyhow::anyhow!(
+            "`fractos image build` builds the kernel from its sources, and {} holds none: run it \
+             in a source checkout (or set FRACTOS_WORKSPACE to one)",
+            Workspace::locate().root.display()
+        )
+    })?;
     let out = out.unwrap_or_else(|| ws.images_dir());
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     eprintln!(

@@ -2,6 +2,8 @@
 
 pub mod appliance_bench;
 pub mod bench;
+pub mod cluster;
+pub mod completions;
 pub mod controller;
 pub mod demo;
 pub mod down;
@@ -9,6 +11,7 @@ pub mod image;
 pub mod micro;
 pub mod nvme_bench;
 pub mod report;
+pub mod status;
 pub mod token;
 pub mod up;
 
@@ -16,15 +19,27 @@ use std::path::PathBuf;
 
 use fractos_qemu::build::Workspace;
 
+/// The source checkout this binary was built in, when it runs from that
+/// checkout's target directory (`cargo run`, tests): a development build.
+/// An installed copy (`cargo install`, a copied binary) gets `None` even
+/// when its sources are still there.
+fn dev_build() -> Option<Workspace> {
+    let ws = Workspace::source_tree()?;
+    let exe = std::env::current_exe().ok()?.canonicalize().ok()?;
+    let target = ws.target.canonicalize().ok()?;
+    exe.starts_with(target).then_some(ws)
+}
+
 /// Where `fractos` keeps its state (serial logs, pidfiles, disks, key
-/// files, `cluster.json`): `$FRACTOS_STATE_DIR`; else, when running from a
-/// source checkout, `<target>/fractos`; else the XDG state directory
+/// files, `cluster.json`): `$FRACTOS_STATE_DIR`; else, for a development
+/// build running from a source checkout's target directory,
+/// `<target>/fractos`; else the XDG state directory
 /// (`$XDG_STATE_HOME/fractos`, `~/.local/state/fractos`).
 pub fn state_root() -> PathBuf {
-    if let Some(d) = std::env::var_os("FRACTOS_STATE_DIR") {
+    if let Some(d) = std::env::var_os("FRACTOS_STATE_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(d);
     }
-    if let Some(ws) = Workspace::source_tree() {
+    if let Some(ws) = dev_build() {
         return ws.target.join("fractos");
     }
     let xdg = std::env::var_os("XDG_STATE_HOME")
@@ -61,29 +76,43 @@ fn installed_kernel_candidates() -> Vec<PathBuf> {
     c
 }
 
-/// The kernel ELF given on the command line; else an installed one (see
-/// [`installed_kernel_candidates`]); else, in a source checkout, a freshly
-/// built one.
+/// The kernel ELF given on the command line; else, for a development
+/// build, a freshly built one (unless `$FRACTOS_KERNEL` names one); else an
+/// installed one (see [`installed_kernel_candidates`]); else one built
+/// from the source checkout the binary was built in, if it is still there.
 pub fn kernel_or_build(kernel: &Option<PathBuf>) -> anyhow::Result<PathBuf> {
     if let Some(k) = kernel {
         return Ok(k.clone());
     }
-    let candidates = installed_kernel_candidates();
-    if let Some(ws) = Workspace::source_tree() {
+    let build = |ws: &Workspace| -> anyhow::Result<PathBuf> {
+        eprintln!(
+            "building the appliance kernel from {} (cargo, target dir {})…",
+            ws.root.display(),
+            ws.kernel_target().display()
+        );
+        Ok(fractos_qemu::build::build_kernel(ws)?)
+    };
+    if let Some(ws) = dev_build() {
         if std::env::var_os("FRACTOS_KERNEL").is_none() {
-            eprintln!("building the appliance kernel…");
-            return Ok(fractos_qemu::build::build_kernel(&ws)?);
+            return build(&ws);
         }
     }
+    let candidates = installed_kernel_candidates();
     if let Some(k) = candidates.iter().find(|k| k.is_file()) {
         return Ok(k.clone());
     }
+    if let Some(ws) = Workspace::source_tree() {
+        if std::env::var_os("FRACTOS_KERNEL").is_none() {
+            return build(&ws);
+        }
+    }
     let looked: Vec<String> = candidates.iter().map(|p| p.display().to_string()).collect();
     anyhow::bail!(
-        "no appliance kernel found (looked in {}); pass --kernel PATH, set FRACTOS_KERNEL, \
-         or copy `fractos-kernel` (from `fractos image build` in a source checkout) next to \
-         this binary",
-        looked.join(", ")
+        "no appliance kernel found (looked in {}) and no source checkout to build one from; \
+         pass --kernel PATH, set FRACTOS_KERNEL, or copy the kernel ELF (`fractos-kernel.elf` \
+         from `fractos image build` in a source checkout) to {}",
+        looked.join(", "),
+        state_root().join("images").join(KERNEL_FILE).display()
     )
 }
 

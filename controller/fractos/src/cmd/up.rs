@@ -12,6 +12,8 @@ use fractos_qemu::cluster::{self, Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::exit::KernelExit;
 use fractos_qemu::node::{Accel, Firmware};
 
+use super::cluster::{ClusterFile, ClusterNode, CLUSTER_FILE};
+
 /// Options of `fractos up`.
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -69,6 +71,22 @@ pub struct UpArgs {
     /// Boot the appliances without their controller service (bare kernels).
     #[arg(long)]
     pub no_controller: bool,
+    /// Extra names (comma-separated) under which node 0's built-in storage
+    /// service publishes its read Request; needs --nvme. `--storage-names
+    /// pipeline/storage/read` makes node 0's disk the storage stage of
+    /// `fractos demo --cluster`.
+    #[arg(long, value_name = "NAMES", value_delimiter = ',')]
+    pub storage_names: Vec<String>,
+}
+
+/// Removes the cluster file when `fractos up` (not detached) stops its
+/// appliances: what it recorded is no longer running.
+struct Forget(PathBuf);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 fn random_key() -> anyhow::Result<[u8; 32]> {
@@ -83,9 +101,30 @@ fn random_key() -> anyhow::Result<[u8; 32]> {
 pub fn run(a: UpArgs) -> anyhow::Result<()> {
     fractos_qemu::node::check_qemu()?;
     let state_dir = a.state_dir.unwrap_or_else(super::default_state_dir);
+    // Absolute, so the paths recorded in cluster.json hold from anywhere.
+    let state_dir = std::path::absolute(&state_dir)
+        .with_context(|| format!("cannot resolve {}", state_dir.display()))?;
+    if !a.storage_names.is_empty() && a.nvme.is_empty() {
+        anyhow::bail!("--storage-names names node 0's storage service, which needs a disk: add --nvme MIB");
+    }
+    if let Some(bad) = a
+        .storage_names
+        .iter()
+        .find(|n| n.is_empty() || n.chars().any(|c| c.is_whitespace()))
+    {
+        anyhow::bail!("--storage-names: {bad:?} is not a name (names are non-empty, without spaces)");
+    }
     let leftover = cluster::down(&state_dir)?;
     for (name, pid) in leftover {
         eprintln!("stopped leftover {name} (pid {pid}) from an earlier `fractos up`");
+    }
+    // What an earlier `fractos up` recorded no longer runs. (The key file
+    // stays until the launch rewrites it: --key-file may name it.)
+    let recorded = state_dir.join(CLUSTER_FILE);
+    if let Err(e) = std::fs::remove_file(&recorded) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return Err(e).with_context(|| format!("cannot remove {}", recorded.display()));
+        }
     }
     let kernel = super::kernel_or_build(&a.kernel)?;
     let controller = if a.no_controller {
@@ -113,13 +152,17 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
         cmdline: a.cmdline,
         memory_mib: a.memory,
         nics: a.nics,
-        nvme_mib: a.nvme,
+        nvme_mib: a.nvme.clone(),
         accel: a.accel,
         firmware: a.firmware,
         state_dir: state_dir.clone(),
         die_with_parent: !a.detach,
         controller: controller.clone(),
-        node_cmdline: Vec::new(),
+        node_cmdline: if a.storage_names.is_empty() {
+            Vec::new()
+        } else {
+            vec![format!("fractos.storage_names={}", a.storage_names.join(","))]
+        },
     };
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
@@ -142,8 +185,9 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
     for (i, t) in times.iter().enumerate() {
         eprintln!("node{i} ready after {} ms", t.as_millis());
     }
+    let mut _forget = None;
     if let Some(c) = &controller {
-        let nodes: Vec<serde_json::Value> = (0..a.nodes)
+        let nodes: Vec<ClusterNode> = (0..a.nodes)
             .map(|i| {
                 let (p, m) = (c.process_addr(i).expect("node"), c.metrics_addr(i).expect("node"));
                 eprintln!("node{i}: processes attach to {p}, metrics at http://{m}/metrics");
@@ -151,22 +195,47 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
                 for s in &slots {
                     eprintln!("node{i}: shared-memory slot {}", s.display());
                 }
-                serde_json::json!({"node": i, "process_addr": p.to_string(), "metrics_addr": m.to_string(), "shm_slots": slots})
+                ClusterNode {
+                    node: i,
+                    process_addr: p,
+                    metrics_addr: m,
+                    shm_slots: slots,
+                    nvme_mib: a.nvme.clone(),
+                    storage_names: if i == 0 {
+                        a.storage_names.clone()
+                    } else {
+                        Vec::new()
+                    },
+                }
             })
             .collect();
         // The key stays in its own mode-0600 file (written by
         // `Cluster::launch` for the appliances' fw_cfg); cluster.json only
         // names it.
         let key_file = spec.key_file();
-        let info = serde_json::json!({"key_file": key_file, "nodes": nodes});
-        let path = state_dir.join("cluster.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&info)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        let info = ClusterFile {
+            key_file: key_file.clone(),
+            nodes,
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        let path = state_dir.join(CLUSTER_FILE);
+        info.save(&path)?;
+        if !a.detach {
+            _forget = Some(Forget(path.clone()));
+        }
+        let which = if std::path::absolute(super::default_state_dir()).ok() == Some(state_dir.clone()) {
+            String::new()
+        } else {
+            format!(" --cluster {}", state_dir.display())
+        };
         eprintln!(
-            "cluster key in {} (mode 0600; tokens: `fractos token --key-file {} <process name>`); addresses in {}",
+            "cluster key in {} (mode 0600); addresses in {}; see `fractos status{which}`, \
+             `fractos demo --cluster{}`, tokens from `fractos token{which} <process name>`",
             key_file.display(),
-            key_file.display(),
-            path.display()
+            path.display(),
+            if which.is_empty() { String::new() } else { format!(" {}", state_dir.display()) }
         );
     }
     if a.detach {
