@@ -222,18 +222,36 @@ fn completions_and_man_page_cover_the_subcommands() {
     let out = fractos().arg("man").output().unwrap();
     assert!(out.status.success());
     let page = String::from_utf8_lossy(&out.stdout);
-    assert!(page.starts_with(".ie") || page.contains(".TH fractos"), "{page}");
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH fractos"),
+        "{page}"
+    );
     for sub in [
-        "image", "up", "down", "status", "bench", "controller", "demo", "token", "report",
-        "completions", "man",
+        "image",
+        "up",
+        "down",
+        "status",
+        "bench",
+        "controller",
+        "demo",
+        "token",
+        "report",
+        "completions",
+        "man",
     ] {
-        assert!(page.contains(&format!("fractos\\-{sub}(1)")), "{sub} missing");
+        assert!(
+            page.contains(&format!("fractos\\-{sub}(1)")),
+            "{sub} missing"
+        );
     }
     let dir = std::env::temp_dir().join(format!("fractos-cli-man-{}", std::process::id()));
     let out = fractos().args(["man", "--out"]).arg(&dir).output().unwrap();
     assert!(out.status.success());
     for page in ["fractos.1", "fractos-status.1", "fractos-demo.1"] {
-        assert!(std::fs::metadata(dir.join(page)).unwrap().len() > 100, "{page}");
+        assert!(
+            std::fs::metadata(dir.join(page)).unwrap().len() > 100,
+            "{page}"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -292,11 +310,19 @@ fn status_without_a_cluster_and_with_one_that_is_gone() {
     )
     .unwrap();
     let out = status(&["--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let ns = j["nodes"].as_array().unwrap();
     assert_eq!(ns.len(), 2);
-    assert!(ns.iter().all(|n| n["up"] == false && n["error"].is_string()), "{j}");
+    assert!(
+        ns.iter()
+            .all(|n| n["up"] == false && n["error"].is_string()),
+        "{j}"
+    );
     let out = status(&[]);
     let s = String::from_utf8_lossy(&out.stdout);
     assert_eq!(s.lines().filter(|l| l.contains(" down ")).count(), 2, "{s}");

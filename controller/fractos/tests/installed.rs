@@ -28,7 +28,12 @@ impl Installed {
         let root = std::env::temp_dir().join(format!("fractos-installed-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let share = root.join("share/fractos");
-        for d in [root.join("bin"), share.clone(), root.join("empty"), root.join("home")] {
+        for d in [
+            root.join("bin"),
+            share.clone(),
+            root.join("empty"),
+            root.join("home"),
+        ] {
             std::fs::create_dir_all(d).unwrap();
         }
         let exe = root.join("bin/fractos");
@@ -117,7 +122,11 @@ fn up_status_demo_down_from_an_installed_binary() {
         assert!(n["uptime_seconds"].as_f64().unwrap() > 0.0, "{s}");
     }
     let table = f.ok(&["status"]);
-    assert_eq!(table.lines().filter(|l| l.contains(" up ")).count(), 3, "{table}");
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" up ")).count(),
+        3,
+        "{table}"
+    );
 
     // The pipeline on the cluster that is up: node 0's disk is the store.
     let demo = f.run(&[
@@ -135,7 +144,10 @@ fn up_status_demo_down_from_an_installed_binary() {
     let err = String::from_utf8_lossy(&demo.stderr);
     assert!(demo.status.success(), "{err}");
     assert!(err.contains("node 0's NVMe"), "{err}");
-    assert!(err.contains("all 12 verifications returned the expected score"), "{err}");
+    assert!(
+        err.contains("all 12 verifications returned the expected score"),
+        "{err}"
+    );
     let s = f.status();
     let copied: u64 = s["nodes"]
         .as_array()
@@ -167,7 +179,11 @@ fn up_status_demo_down_from_an_installed_binary() {
     ]))
     .unwrap();
     assert!(
-        s["nodes"].as_array().unwrap().iter().all(|n| n["up"] == false),
+        s["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["up"] == false),
         "{s}"
     );
 }

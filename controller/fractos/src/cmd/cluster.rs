@@ -120,10 +120,11 @@ impl ClusterFile {
                 })
             }
         };
-        let mut c: ClusterFile = serde_json::from_str(&text).map_err(|source| ClusterError::Parse {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let mut c: ClusterFile =
+            serde_json::from_str(&text).map_err(|source| ClusterError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?;
         if c.nodes.is_empty() {
             return Err(ClusterError::NoNodes(path.to_path_buf()));
         }
@@ -185,7 +186,8 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("fractos-clusterfile-{name}-{}", std::process::id()));
+        let d =
+            std::env::temp_dir().join(format!("fractos-clusterfile-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
@@ -211,7 +213,10 @@ mod tests {
         let d = scratch("roundtrip");
         let path = d.join(CLUSTER_FILE);
         sample("cluster.key").save(&path).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let back = ClusterFile::load(&path).unwrap();
         assert_eq!(back.key_file, d.join("cluster.key"));
         assert_eq!(back.nodes, sample("x").nodes);

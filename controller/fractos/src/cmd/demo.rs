@@ -147,7 +147,7 @@ fn finish(a: &DemoArgs, report: DemoReport) -> anyhow::Result<()> {
     println!();
     print!("{}", report.table());
     if let Some(path) = &a.json {
-        std::fs::write(&path, report.to_json())
+        std::fs::write(path, report.to_json())
             .with_context(|| format!("cannot write {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
@@ -297,7 +297,7 @@ fn run_cluster(arg: &str, cfg: &DemoConfig) -> anyhow::Result<DemoReport> {
             n.node, n.process_addr, n.metrics_addr
         );
     }
-    Ok(run_on(&cfg, &nodes, None, progress()).context("the demo failed")?)
+    run_on(&cfg, &nodes, None, progress()).context("the demo failed")
 }
 
 fn run_hosted(a: &DemoArgs, cfg: &DemoConfig) -> anyhow::Result<DemoReport> {

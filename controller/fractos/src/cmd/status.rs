@@ -117,10 +117,7 @@ fn table(rows: &[Row]) -> String {
                 human_bytes(s.copy_bytes),
                 human_duration(s.uptime_s)
             ),
-            Err(why) => format!(
-                "{:<5} {:<5} {:<22} {why}",
-                n.node, "down", n.process_addr
-            ),
+            Err(why) => format!("{:<5} {:<5} {:<22} {why}", n.node, "down", n.process_addr),
         };
         out.push_str(line.trim_end());
         out.push('\n');
@@ -254,15 +251,24 @@ mod tests {
             nvme_mib: vec![],
             storage_names: vec![],
         };
-        let down = ClusterNode { node: 1, ..up.clone() };
+        let down = ClusterNode {
+            node: 1,
+            ..up.clone()
+        };
         let rows: Vec<Row> = vec![
             (&up, Ok(NodeStatus::from_metrics(TEXT))),
             (&down, Err("connection refused".into())),
         ];
         let t = table(&rows);
         let lines: Vec<&str> = t.lines().collect();
-        assert!(lines[1].starts_with("0     up") && lines[1].contains("1.0 KiB"), "{t}");
-        assert!(lines[2].starts_with("1     down") && lines[2].ends_with("connection refused"), "{t}");
+        assert!(
+            lines[1].starts_with("0     up") && lines[1].contains("1.0 KiB"),
+            "{t}"
+        );
+        assert!(
+            lines[2].starts_with("1     down") && lines[2].ends_with("connection refused"),
+            "{t}"
+        );
         let j = json(std::path::Path::new("/c.json"), &rows);
         assert_eq!(j["nodes"][0]["up"], true);
         assert_eq!(j["nodes"][0]["copy_bytes"], 1024);

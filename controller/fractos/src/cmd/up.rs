@@ -105,14 +105,18 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
     let state_dir = std::path::absolute(&state_dir)
         .with_context(|| format!("cannot resolve {}", state_dir.display()))?;
     if !a.storage_names.is_empty() && a.nvme.is_empty() {
-        anyhow::bail!("--storage-names names node 0's storage service, which needs a disk: add --nvme MIB");
+        anyhow::bail!(
+            "--storage-names names node 0's storage service, which needs a disk: add --nvme MIB"
+        );
     }
     if let Some(bad) = a
         .storage_names
         .iter()
         .find(|n| n.is_empty() || n.chars().any(|c| c.is_whitespace()))
     {
-        anyhow::bail!("--storage-names: {bad:?} is not a name (names are non-empty, without spaces)");
+        anyhow::bail!(
+            "--storage-names: {bad:?} is not a name (names are non-empty, without spaces)"
+        );
     }
     let leftover = cluster::down(&state_dir)?;
     for (name, pid) in leftover {
@@ -161,7 +165,10 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
         node_cmdline: if a.storage_names.is_empty() {
             Vec::new()
         } else {
-            vec![format!("fractos.storage_names={}", a.storage_names.join(","))]
+            vec![format!(
+                "fractos.storage_names={}",
+                a.storage_names.join(",")
+            )]
         },
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -189,7 +196,10 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
     if let Some(c) = &controller {
         let nodes: Vec<ClusterNode> = (0..a.nodes)
             .map(|i| {
-                let (p, m) = (c.process_addr(i).expect("node"), c.metrics_addr(i).expect("node"));
+                let (p, m) = (
+                    c.process_addr(i).expect("node"),
+                    c.metrics_addr(i).expect("node"),
+                );
                 eprintln!("node{i}: processes attach to {p}, metrics at http://{m}/metrics");
                 let slots = c.slot_paths(i);
                 for s in &slots {
@@ -225,17 +235,22 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
         if !a.detach {
             _forget = Some(Forget(path.clone()));
         }
-        let which = if std::path::absolute(super::default_state_dir()).ok() == Some(state_dir.clone()) {
-            String::new()
-        } else {
-            format!(" --cluster {}", state_dir.display())
-        };
+        let which =
+            if std::path::absolute(super::default_state_dir()).ok() == Some(state_dir.clone()) {
+                String::new()
+            } else {
+                format!(" --cluster {}", state_dir.display())
+            };
         eprintln!(
             "cluster key in {} (mode 0600); addresses in {}; see `fractos status{which}`, \
              `fractos demo --cluster{}`, tokens from `fractos token{which} <process name>`",
             key_file.display(),
             path.display(),
-            if which.is_empty() { String::new() } else { format!(" {}", state_dir.display()) }
+            if which.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", state_dir.display())
+            }
         );
     }
     if a.detach {
