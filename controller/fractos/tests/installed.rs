@@ -1,18 +1,20 @@
-//! An installed `fractos`, away from its source tree, run from an empty
-//! directory: `up` (3 appliances under QEMU TCG), `status`, `demo
-//! --cluster`, `token`, `down`, `status`.
+//! `cargo install` then, from an empty directory: `up` (3 appliances under
+//! QEMU TCG), `status`, `demo --cluster`, `token`, `down`, `status` — the
+//! README's flow, with the installed binary.
 //!
-//! "Installed" is what `cargo install` leaves: the binary in `<root>/bin`
-//! and (copied by hand, as the README says) the kernel ELF in
-//! `<root>/share/fractos/fractos-kernel`. The test copies the binary cargo
-//! built for it instead of running `cargo install`: that would rebuild the
-//! whole dependency tree in a second target directory (the test's own is
-//! locked by the `cargo test` running it), minutes of CPU for the same
-//! bytes. `FRACTOS_WORKSPACE` points at a directory without sources, so
-//! the binary cannot fall back on building the kernel from the checkout.
+//! The install is real (`cargo install --locked --offline --debug --path
+//! controller/fractos --root <tmp>`) into the target directory this test
+//! was built in, so it reuses what that build compiled: well under a
+//! second after `cargo test -p fractos`; after a workspace-wide build,
+//! whose feature unification differs, a few crates are compiled again (at
+//! most ~3 minutes from scratch on 2 cores). The installed binary finds no
+//! kernel next to itself and builds it from the checkout it was compiled
+//! from (a no-op when the kernel is built already); its state goes to
+//! `FRACTOS_STATE_DIR`, never to the working directory.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Instant;
 
 struct Installed {
     root: PathBuf,
@@ -23,22 +25,30 @@ struct Installed {
 
 impl Installed {
     fn new() -> Self {
-        let kernel = fractos_qemu::build::build_kernel(&fractos_qemu::build::Workspace::locate())
-            .expect("build the kernel");
         let root = std::env::temp_dir().join(format!("fractos-installed-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
-        let share = root.join("share/fractos");
-        for d in [
-            root.join("bin"),
-            share.clone(),
-            root.join("empty"),
-            root.join("home"),
-        ] {
-            std::fs::create_dir_all(d).unwrap();
-        }
+        std::fs::create_dir_all(root.join("empty")).unwrap();
+        // <target>/debug/fractos: install into the same target directory.
+        let built = Path::new(env!("CARGO_BIN_EXE_fractos"));
+        let target = built.parent().and_then(Path::parent).unwrap();
+        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let t0 = Instant::now();
+        let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            .args(["install", "--locked", "--offline", "--debug", "--path"])
+            .arg(crate_dir)
+            .arg("--root")
+            .arg(&root)
+            .env("CARGO_TARGET_DIR", target)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cargo install failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("cargo install took {:.1} s", t0.elapsed().as_secs_f64());
         let exe = root.join("bin/fractos");
-        std::fs::copy(env!("CARGO_BIN_EXE_fractos"), &exe).unwrap();
-        std::fs::copy(kernel, share.join("fractos-kernel")).unwrap();
+        assert!(exe.is_file(), "cargo install left no {}", exe.display());
         Installed {
             exe,
             cwd: root.join("empty"),
@@ -52,12 +62,10 @@ impl Installed {
             .args(args)
             .current_dir(&self.cwd)
             .env("FRACTOS_STATE_DIR", &self.state)
-            .env("FRACTOS_WORKSPACE", self.root.join("no-source-here"))
-            .env("HOME", self.root.join("home"))
             .env_remove("FRACTOS_CLUSTER")
             .env_remove("FRACTOS_KERNEL")
             .env_remove("FRACTOS_RESULTS")
-            .env_remove("CARGO_TARGET_DIR")
+            .env_remove("FRACTOS_WORKSPACE")
             .output()
             .unwrap();
         eprintln!(
@@ -95,7 +103,7 @@ fn mode(p: &Path) -> u32 {
 #[test]
 fn up_status_demo_down_from_an_installed_binary() {
     let f = Installed::new();
-    f.ok(&[
+    let out = f.run(&[
         "up",
         "--detach",
         "--nodes",
@@ -105,6 +113,19 @@ fn up_status_demo_down_from_an_installed_binary() {
         "--storage-names",
         "pipeline/storage/read",
     ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap();
+    assert!(
+        err.contains(&format!(
+            "building the appliance kernel from {}",
+            checkout.display()
+        )),
+        "{err}"
+    );
     let up = f.state.join("up");
     let cluster = up.join("cluster.json");
     assert_eq!(mode(&cluster), 0o600);
