@@ -219,3 +219,169 @@ fn controller_serves_metrics_and_stops_on_sigint() {
         "{lines:?}"
     );
 }
+
+/// Kills the child controllers however the test ends.
+struct Children(Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A cluster file written by hand for three hosted controllers (the
+/// cluster `fractos up` records is of appliances; the format is the same):
+/// `status` reads them, `demo --cluster` runs on them with the reference
+/// storage adaptor, and once they are killed `status` shows them down.
+#[test]
+fn status_and_demo_on_a_cluster_file_of_hosted_controllers() {
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let dir =
+        std::env::temp_dir().join(format!("fractos-cli-hosted-cluster-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("cluster.key");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&key_file)
+            .unwrap();
+        writeln!(f, "{}", "5a".repeat(32)).unwrap();
+    }
+    // (process, peer, metrics) ports of nodes 1..=3.
+    let ports: Vec<(u16, u16, u16)> = (0..3).map(|_| (port(), port(), port())).collect();
+    let mut children = Children(Vec::new());
+    for (i, (p, q, m)) in ports.iter().enumerate() {
+        let mut c = fractos();
+        c.args(["controller", "--node", &(i + 1).to_string(), "--key-file"])
+            .arg(&key_file)
+            .args(["--listen", &format!("127.0.0.1:{p}")])
+            .args(["--peer-listen", &format!("127.0.0.1:{q}")])
+            .args(["--metrics", &format!("127.0.0.1:{m}")])
+            .args(["--log", "warn"]);
+        for (j, (_, q2, _)) in ports.iter().enumerate() {
+            if j != i {
+                c.args(["--peer", &format!("{}=127.0.0.1:{q2}", j + 1)]);
+            }
+        }
+        children.0.push(
+            c.stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let nodes: Vec<serde_json::Value> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _, m))| {
+            serde_json::json!({"node": i + 1, "process_addr": format!("127.0.0.1:{p}"),
+                "metrics_addr": format!("127.0.0.1:{m}")})
+        })
+        .collect();
+    std::fs::write(
+        dir.join("cluster.json"),
+        // A relative key file is taken from the cluster file's directory.
+        serde_json::json!({"key_file": "cluster.key", "nodes": nodes}).to_string(),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = fractos()
+            .args(args)
+            .env_remove("FRACTOS_CLUSTER")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let d = dir.to_str().unwrap();
+    let status = |want_up: bool| -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (ok, out, err) = run(&["status", "--json", "--cluster", d]);
+            assert!(ok, "{err}");
+            let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+            let nodes = j["nodes"].as_array().unwrap();
+            assert_eq!(nodes.len(), 3, "{j}");
+            if nodes.iter().all(|n| n["up"] == want_up) {
+                return j;
+            }
+            assert!(Instant::now() < deadline, "not all up={want_up}: {j}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    status(true);
+    let (ok, out, err) = run(&[
+        "demo",
+        "--cluster",
+        d,
+        "--requests",
+        "3",
+        "--image-side",
+        "96",
+        "--images",
+        "2",
+    ]);
+    assert!(ok, "{out}\n{err}");
+    assert!(
+        err.contains("the reference storage adaptor attached to node 0"),
+        "{err}"
+    );
+    assert!(
+        err.contains("all 9 verifications returned the expected score"),
+        "{err}"
+    );
+    let j = status(true);
+    let copied: u64 = j["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["copy_bytes"].as_u64().unwrap())
+        .sum();
+    assert!(copied > 0, "{j}");
+    assert!(
+        j["nodes"][0]["uptime_seconds"].as_f64().unwrap() > 0.0,
+        "{j}"
+    );
+    let (ok, table, _) = run(&["status", "--cluster", d]);
+    assert!(ok);
+    assert_eq!(
+        table.lines().filter(|l| l.contains(" up ")).count(),
+        3,
+        "{table}"
+    );
+    // Under another key the controllers refuse the demo's processes.
+    let wrong = dir.join("wrong");
+    std::fs::create_dir_all(&wrong).unwrap();
+    std::fs::copy(dir.join("cluster.json"), wrong.join("cluster.json")).unwrap();
+    std::fs::copy(&key_file, wrong.join("cluster.key")).unwrap();
+    std::fs::write(wrong.join("cluster.key"), "77".repeat(32)).unwrap();
+    let (ok, _, err) = run(&[
+        "demo",
+        "--cluster",
+        wrong.to_str().unwrap(),
+        "--requests",
+        "3",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("wrong process token or cluster key"), "{err}");
+    drop(children);
+    status(false);
+    let _ = std::fs::remove_dir_all(&dir);
+}
