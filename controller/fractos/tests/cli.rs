@@ -35,6 +35,26 @@ fn down_with_nothing_running_says_so() {
     assert!(out.status.success());
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("no running appliances"), "{s}");
+
+    // `--cluster FILE` names the state directory by its cluster file;
+    // `down` forgets the recorded cluster there.
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["cluster.json", "cluster.key"] {
+        std::fs::write(dir.join(f), "x").unwrap();
+    }
+    let out = fractos()
+        .args(["down", "--cluster"])
+        .arg(dir.join("cluster.json"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("removed") && !dir.join("cluster.json").exists(),
+        "{s}"
+    );
+    assert!(!dir.join("cluster.key").exists());
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
