@@ -543,8 +543,12 @@ pub fn scrape_metrics(addr: SocketAddr) -> Result<String, DemoError> {
     scrape_metrics_within(addr, Duration::from_secs(10), Duration::from_secs(20))
 }
 
-/// [`scrape_metrics`] giving up after `connect` to connect and `read`
-/// without data.
+/// Largest metrics answer [`scrape_metrics_within`] reads.
+pub const METRICS_MAX_BYTES: usize = 16 << 20;
+
+/// [`scrape_metrics`] giving up after `connect` to connect and `read` for
+/// the whole answer (an endpoint that trickles bytes cannot hold the
+/// caller), and on answers over [`METRICS_MAX_BYTES`].
 pub fn scrape_metrics_within(
     addr: SocketAddr,
     connect: Duration,
@@ -552,18 +556,50 @@ pub fn scrape_metrics_within(
 ) -> Result<String, DemoError> {
     use std::io::{Read, Write};
     let err = |source| DemoError::Metrics { addr, source };
-    let mut s = std::net::TcpStream::connect_timeout(&addr, connect).map_err(err)?;
-    s.set_read_timeout(Some(read)).map_err(err)?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: fractos\r\nConnection: close\r\n\r\n")
-        .map_err(err)?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).map_err(err)?;
     let bad = |what: &str| {
         err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             what.to_string(),
         ))
     };
+    let mut s = std::net::TcpStream::connect_timeout(&addr, connect).map_err(err)?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: fractos\r\nConnection: close\r\n\r\n")
+        .map_err(err)?;
+    let deadline = std::time::Instant::now() + read;
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 << 10];
+    let late = || {
+        err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no complete answer within {read:?}"),
+        ))
+    };
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(late());
+        }
+        s.set_read_timeout(Some(left)).map_err(err)?;
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) if raw.len() + n > METRICS_MAX_BYTES => {
+                return Err(bad("answer larger than 16 MiB"));
+            }
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // A read timeout: Linux reports it as WouldBlock.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(late())
+            }
+            Err(e) => return Err(err(e)),
+        }
+    }
+    let text = String::from_utf8(raw).map_err(|_| bad("answer is not UTF-8"))?;
     let (head, body) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| bad("no HTTP header end"))?;
@@ -1034,6 +1070,62 @@ pub fn schedule(requests: usize, block: usize) -> Vec<Block> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Serves one connection: reads the request, then runs `answer`.
+    fn one_shot(answer: impl FnOnce(std::net::TcpStream) + Send + 'static) -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let (mut s, _) = l.accept().unwrap();
+            let mut req = [0u8; 256];
+            let _ = s.read(&mut req);
+            answer(s);
+        });
+        addr
+    }
+
+    #[test]
+    fn scrapes_are_bounded_in_time_and_size() {
+        use std::io::Write;
+        let t = Duration::from_secs(5);
+        let ok = one_shot(|mut s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nfractos_objects{node=\"1\"} 3\n");
+        });
+        assert_eq!(
+            scrape_metrics_within(ok, t, t).unwrap(),
+            "fractos_objects{node=\"1\"} 3\n"
+        );
+        // A trickle that would finish after 10 s: the 300 ms budget is for
+        // the whole answer, not for each read.
+        let slow = one_shot(|mut s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n");
+            for _ in 0..200 {
+                if s.write_all(b"#").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let e = scrape_metrics_within(slow, t, Duration::from_millis(300)).unwrap_err();
+        assert!(e.to_string().contains("no complete answer"), "{e}");
+        let huge = one_shot(|mut s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n");
+            let chunk = vec![b'#'; 1 << 20];
+            for _ in 0..20 {
+                if s.write_all(&chunk).is_err() {
+                    return;
+                }
+            }
+        });
+        let e = scrape_metrics_within(huge, t, Duration::from_secs(60)).unwrap_err();
+        assert!(e.to_string().contains("larger than 16 MiB"), "{e}");
+        let refused = one_shot(|mut s| {
+            let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\n\r\n");
+        });
+        let e = scrape_metrics_within(refused, t, t).unwrap_err();
+        assert!(e.to_string().contains("404"), "{e}");
+    }
 
     #[test]
     fn schedule_interleaves_every_mode_in_every_round() {

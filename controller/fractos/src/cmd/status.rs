@@ -172,27 +172,26 @@ pub fn run(a: StatusArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     let wait = Duration::from_secs(a.timeout.max(1));
-    // Ask every node at once: a node that does not answer costs the
-    // timeout once, not once per node.
-    let rows: Vec<Row> = std::thread::scope(|s| {
-        let asks: Vec<_> = cluster
-            .nodes
-            .iter()
-            .map(|n| {
-                s.spawn(move || {
-                    scrape_metrics_within(n.metrics_addr, wait, wait)
-                        .map(|t| NodeStatus::from_metrics(&t))
-                        .map_err(|e| e.to_string())
+    // Ask the nodes at once (64 at a time): a node that does not answer
+    // costs the timeout once, not once per node.
+    let mut rows: Vec<Row> = Vec::with_capacity(cluster.nodes.len());
+    for batch in cluster.nodes.chunks(64) {
+        std::thread::scope(|s| {
+            let asks: Vec<_> = batch
+                .iter()
+                .map(|n| {
+                    s.spawn(move || {
+                        scrape_metrics_within(n.metrics_addr, wait, wait)
+                            .map(|t| NodeStatus::from_metrics(&t))
+                            .map_err(|e| e.to_string())
+                    })
                 })
-            })
-            .collect();
-        cluster
-            .nodes
-            .iter()
-            .zip(asks)
-            .map(|(n, h)| (n, h.join().unwrap_or_else(|_| Err("probe failed".into()))))
-            .collect()
-    });
+                .collect();
+            for (n, h) in batch.iter().zip(asks) {
+                rows.push((n, h.join().unwrap_or_else(|_| Err("probe failed".into()))));
+            }
+        });
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&json(&path, &rows))?);
     } else {
