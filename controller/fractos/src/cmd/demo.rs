@@ -87,7 +87,7 @@ pub struct DemoArgs {
     /// service when `fractos up --nvme MIB --storage-names
     /// pipeline/storage/read` made it one, else the reference storage
     /// adaptor attached to node 0.
-    #[arg(long, value_name = "FILE|DIR", num_args = 0..=1, default_missing_value = "", env = "FRACTOS_CLUSTER")]
+    #[arg(long, value_name = "FILE|DIR", num_args = 0..=1, default_missing_value = "", env = "FRACTOS_CLUSTER", value_hint = clap::ValueHint::AnyPath)]
     pub cluster: Option<String>,
 }
 

@@ -28,7 +28,7 @@ pub struct ClusterArg {
     /// The cluster: a `cluster.json` written by `fractos up`, or its
     /// directory [default: the one `fractos up` recorded in the state
     /// directory].
-    #[arg(long, value_name = "FILE|DIR", env = "FRACTOS_CLUSTER")]
+    #[arg(long, value_name = "FILE|DIR", env = "FRACTOS_CLUSTER", value_hint = clap::ValueHint::AnyPath)]
     pub cluster: Option<String>,
 }
 
