@@ -155,14 +155,6 @@ impl Peer {
     }
 }
 
-fn parse_list<T>(v: &str, item: impl Fn(&str) -> Option<T>) -> Option<Vec<T>> {
-    v.split(',').filter(|w| !w.is_empty()).map(item).collect()
-}
-
-fn parse_port(v: &str, zero_ok: bool) -> Option<u16> {
-    v.parse::<u16>().ok().filter(|p| zero_ok || *p != 0)
-}
-
 /// The appliance configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -239,8 +231,20 @@ impl Config {
     }
 
     /// Parses `cmdline`, calling `on_error` for every word it cannot use.
-    pub fn parse<'a>(cmdline: &'a str, mut on_error: impl FnMut(ConfigError<'a>)) -> Self {
+    pub fn parse<'a>(cmdline: &'a str, on_error: impl FnMut(ConfigError<'a>)) -> Self {
         let mut c = Config::default();
+        c.apply_cmdline(cmdline, on_error);
+        c
+    }
+
+    /// Applies the `fractos.*` words of `cmdline` on top of `self`,
+    /// calling `on_error` for every word it cannot use (that option keeps
+    /// its value).
+    pub fn apply_cmdline<'a>(
+        &mut self,
+        cmdline: &'a str,
+        mut on_error: impl FnMut(ConfigError<'a>),
+    ) {
         for word in cmdline.split_ascii_whitespace() {
             let Some(rest) = word.strip_prefix("fractos.") else {
                 continue;
@@ -249,98 +253,456 @@ impl Config {
                 Some((k, v)) => (&word[..k.len() + "fractos.".len()], v),
                 None => (word, ""),
             };
-            let bad = |expected| ConfigError::BadValue {
+            let name = &key["fractos.".len()..];
+            let result = match name {
+                // Refused before this parse (`secret::key_on_cmdline` stops
+                // the controller); its value is a secret, never echoed here.
+                "key" => Ok(()),
+                "key_source" => KeySource::parse(value)
+                    .map(|_| ())
+                    .ok_or(Refusal::Bad("fw_cfg:<name> (1..=55 bytes), module:<name> or auto")),
+                "log" => value
+                    .parse::<LevelFilter>()
+                    .map(|l| self.log_level = l)
+                    .map_err(|_| Refusal::Bad("off, error, warn, info, debug or trace")),
+                "test" => TestHook::parse(value).map(|t| self.test = Some(t)).ok_or(Refusal::Bad(
+                    "exit, pagefault, divzero, invalidopcode, interrupt, panic, stackoverflow, nvme or net",
+                )),
+                _ => self.set(name, value),
+            };
+            match result {
+                Ok(()) => {}
+                Err(Refusal::Unknown) => on_error(ConfigError::UnknownOption(key)),
+                Err(refusal) => on_error(ConfigError::BadValue {
+                    key,
+                    value,
+                    expected: match refusal {
+                        Refusal::Bad(e) | Refusal::BadItem { expected: e, .. } => e,
+                        Refusal::DuplicateItem(_) => "a list naming each node once",
+                        _ => "a list of at most 16384 items",
+                    },
+                }),
+            }
+        }
+    }
+
+    /// Sets the cluster option `name` (without `fractos.`) from `value`:
+    /// every option a configuration file may carry. `self` is unchanged
+    /// on error.
+    fn set<'v>(&mut self, name: &str, value: &'v str) -> Result<(), Refusal<'v>> {
+        let port = |zero_ok, expected| parse_port(value, zero_ok).ok_or(Refusal::Bad(expected));
+        match name {
+            "node" => {
+                self.node = value
+                    .parse::<u32>()
+                    .map_err(|_| Refusal::Bad("a node id (0..=4294967295)"))?
+            }
+            "ip" if value == "dhcp" => self.ip_dhcp = true,
+            "ip" => {
+                self.ip = Ipv4Net::parse(value).ok_or(Refusal::Bad(
+                    "an IPv4 address with prefix, like 10.0.2.15/24, or dhcp",
+                ))?
+            }
+            "gw" => {
+                self.gateway = match value {
+                    "none" => None,
+                    v => Some(
+                        v.parse::<Ipv4Addr>()
+                            .map_err(|_| Refusal::Bad("an IPv4 address or `none`"))?,
+                    ),
+                }
+            }
+            "test_port" => self.test_port = port(false, "a TCP port (1..=65535)")?,
+            "ip1" => {
+                self.ip1 = Some(Ipv4Net::parse(value).ok_or(Refusal::Bad(
+                    "an IPv4 address with prefix, like 10.1.0.1/24",
+                ))?)
+            }
+            "members" => {
+                let members = parse_list(value, "comma-separated node ids, like 0,1,2", |w| {
+                    w.parse::<u32>().ok()
+                })?;
+                unique(members.iter().copied())?;
+                self.members = members;
+            }
+            "peers" => {
+                let peers = parse_list(
+                    value,
+                    "comma-separated node@ipv4[:port], like 1@10.1.0.2",
+                    Peer::parse,
+                )?;
+                unique(peers.iter().map(|p| p.node))?;
+                self.peers = peers;
+            }
+            "process_port" => self.process_port = port(false, "a TCP port (1..=65535)")?,
+            "peer_port" => self.peer_port = port(false, "a TCP port (1..=65535)")?,
+            "metrics_port" => {
+                self.metrics_port = port(true, "a TCP port (1..=65535), or 0 for none")?
+            }
+            "storage_names" => {
+                self.storage_names = value
+                    .split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(alloc::string::String::from)
+                    .collect()
+            }
+            "idle" => {
+                self.idle_poll = match value {
+                    "halt" => false,
+                    "poll" => true,
+                    _ => return Err(Refusal::Bad("halt or poll")),
+                }
+            }
+            "peer_security" => {
+                self.peer_security = match value {
+                    "authenticated" => fractos_core::PeerSecurity::Authenticated,
+                    "secure" => fractos_core::PeerSecurity::Secure,
+                    _ => return Err(Refusal::Bad("authenticated or secure")),
+                }
+            }
+            _ => return Err(Refusal::Unknown),
+        }
+        Ok(())
+    }
+
+    /// Parses a configuration file (see [`parse_blob`]) and applies the
+    /// command line over it: an option in both takes the command line's
+    /// value. Command-line problems go to `on_error` as with
+    /// [`Config::parse`]; any problem in the file is an error.
+    pub fn layered<'a>(
+        cmdline: &'a str,
+        blob: &'a [u8],
+        on_error: impl FnMut(ConfigError<'a>),
+    ) -> Result<Layered<'a>, BlobError<'a>> {
+        let (mut config, keys) = parse_blob(blob)?;
+        let overridden = keys
+            .into_iter()
+            .filter(|k| {
+                cmdline.split_ascii_whitespace().any(|w| {
+                    w.strip_prefix("fractos.")
+                        .and_then(|r| r.strip_prefix(*k))
+                        .is_some_and(|r| r.is_empty() || r.starts_with('='))
+                })
+            })
+            .collect();
+        config.apply_cmdline(cmdline, on_error);
+        Ok(Layered { config, overridden })
+    }
+}
+
+/// A configuration file with the command line applied over it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layered<'a> {
+    /// The result.
+    pub config: Config,
+    /// Keys of the file whose value the command line replaced.
+    pub overridden: Vec<&'a str>,
+}
+
+/// Why [`Config::set`] did not take a value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal<'v> {
+    /// No such option.
+    Unknown,
+    /// The value does not parse; what is accepted.
+    Bad(&'static str),
+    /// One item of a list does not parse.
+    BadItem {
+        item: &'v str,
+        expected: &'static str,
+    },
+    /// A node id appears twice in a list.
+    DuplicateItem(u32),
+    /// A list has this many items, more than [`MAX_LIST_ITEMS`].
+    TooMany(usize),
+}
+
+fn parse_list<'v, T>(
+    v: &'v str,
+    expected: &'static str,
+    item: impl Fn(&str) -> Option<T>,
+) -> Result<Vec<T>, Refusal<'v>> {
+    let mut out = Vec::new();
+    for w in v.split(',').filter(|w| !w.is_empty()) {
+        if out.len() == MAX_LIST_ITEMS {
+            return Err(Refusal::TooMany(
+                v.split(',').filter(|w| !w.is_empty()).count(),
+            ));
+        }
+        out.push(item(w).ok_or(Refusal::BadItem { item: w, expected })?);
+    }
+    Ok(out)
+}
+
+/// `Err` naming the first node id that repeats.
+fn unique<'v>(ids: impl Iterator<Item = u32>) -> Result<(), Refusal<'v>> {
+    let mut seen: Vec<u32> = ids.collect();
+    seen.sort_unstable();
+    match seen.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(Refusal::DuplicateItem(w[0])),
+        None => Ok(()),
+    }
+}
+
+fn parse_port(v: &str, zero_ok: bool) -> Option<u16> {
+    v.parse::<u16>().ok().filter(|p| zero_ok || *p != 0)
+}
+
+/// Largest configuration file accepted, in bytes (1 MiB: about 40,000
+/// peers with addresses).
+pub const BLOB_MAX: usize = 1 << 20;
+
+/// Most items in one list (`members`, `peers`, `storage_names` are not
+/// counted).
+pub const MAX_LIST_ITEMS: usize = 16_384;
+
+/// The first line of a configuration file, version 1.
+pub const BLOB_HEADER: &str = "fractos-config 1";
+
+/// The last line of a configuration file: a file cut short is detected.
+pub const BLOB_END: &str = "end";
+
+/// Options only the command line sets: they are needed before the
+/// configuration file is read (`log`, `key_source`), are secrets (`key`)
+/// or are test switches (`test`).
+pub const BOOT_ONLY: [&str; 4] = ["log", "key_source", "key", "test"];
+
+/// A value or item shown in an error, cut to 48 characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clip<'a>(pub &'a str);
+
+impl core::fmt::Display for Clip<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0.char_indices().nth(48) {
+            Some((at, _)) => write!(f, "{}…", &self.0[..at]),
+            None => f.write_str(self.0),
+        }
+    }
+}
+
+/// Why a configuration file was refused. Lines count from 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BlobError<'a> {
+    /// The file is over [`BLOB_MAX`].
+    #[error("configuration is {size} bytes, more than the {max} accepted: split the cluster or drop unused peers")]
+    TooLarge {
+        /// Its size.
+        size: u64,
+        /// [`BLOB_MAX`].
+        max: usize,
+    },
+    /// A line is not UTF-8.
+    #[error("configuration line {line} is not UTF-8 text: write the file as plain ASCII")]
+    NotUtf8 {
+        /// The line.
+        line: usize,
+    },
+    /// A line holds a NUL byte (a binary file, or a short read).
+    #[error(
+        "configuration line {line} holds a NUL byte: the file is binary or was not fully read"
+    )]
+    Nul {
+        /// The line.
+        line: usize,
+    },
+    /// The first line is not [`BLOB_HEADER`].
+    #[error("configuration line 1 is `{}`, expected `fractos-config 1`: the file is not a FractOS configuration", Clip(found))]
+    NoHeader {
+        /// What the first line holds.
+        found: &'a str,
+    },
+    /// The header names a version this kernel does not read.
+    #[error("configuration version `{}` is not supported: this kernel reads version 1; regenerate the file or update the kernel", Clip(found))]
+    Version {
+        /// The version given.
+        found: &'a str,
+    },
+    /// A line is not `key=value`.
+    #[error("configuration line {line} is `{}`: expected key=value", Clip(text))]
+    NotKeyValue {
+        /// The line.
+        line: usize,
+        /// Its text.
+        text: &'a str,
+    },
+    /// A key this kernel does not know.
+    #[error("configuration line {line}: unknown key `{}`: keys are node, ip, gw, ip1, members, peers, process_port, peer_port, metrics_port, test_port, storage_names, idle, peer_security (without the `fractos.` prefix)", Clip(key))]
+    UnknownKey {
+        /// The line.
+        line: usize,
+        /// The key.
+        key: &'a str,
+    },
+    /// A key only the command line may set.
+    #[error("configuration line {line}: `{key}` is a boot option: set it on the kernel command line (`fractos.{key}=`), not in the configuration")]
+    BootOnly {
+        /// The line.
+        line: usize,
+        /// The key.
+        key: &'a str,
+    },
+    /// A key given twice.
+    #[error(
+        "configuration line {line}: `{key}` was already set on line {first}: give each key once"
+    )]
+    DuplicateKey {
+        /// The line.
+        line: usize,
+        /// The key.
+        key: &'a str,
+        /// Where it was first set.
+        first: usize,
+    },
+    /// A value that does not parse.
+    #[error(
+        "configuration line {line}: bad value `{}` for `{key}`: expected {expected}",
+        Clip(value)
+    )]
+    BadValue {
+        /// The line.
+        line: usize,
+        /// The key.
+        key: &'a str,
+        /// The value (or the list item) given.
+        value: &'a str,
+        /// What is accepted.
+        expected: &'static str,
+    },
+    /// A node id listed twice.
+    #[error(
+        "configuration line {line}: node {node} appears twice in `{key}`: list each node once"
+    )]
+    DuplicateNode {
+        /// The line.
+        line: usize,
+        /// The key.
+        key: &'a str,
+        /// The repeated id.
+        node: u32,
+    },
+    /// A list longer than [`MAX_LIST_ITEMS`].
+    #[error("configuration line {line}: `{key}` has {count} items, more than the {max} accepted")]
+    TooManyItems {
+        /// The line.
+        line: usize,
+        /// The key.
+        key: &'a str,
+        /// How many were given.
+        count: usize,
+        /// [`MAX_LIST_ITEMS`].
+        max: usize,
+    },
+    /// No [`BLOB_END`] line.
+    #[error("configuration ends without its `end` line: it was cut short (a truncated file or a short read); regenerate it")]
+    NoEnd,
+    /// Text after the [`BLOB_END`] line.
+    #[error("configuration line {line} follows the `end` line: nothing may follow it")]
+    AfterEnd {
+        /// The line.
+        line: usize,
+    },
+}
+
+/// Parses a configuration file, version 1:
+///
+/// ```text
+/// fractos-config 1
+/// # comments and blank lines are ignored
+/// members=0,1,2
+/// peers=1@10.1.0.2,2@10.1.0.3:7101
+/// end
+/// ```
+///
+/// Keys are the command-line options without `fractos.` (except
+/// [`BOOT_ONLY`] ones), each at most once, with the same values; spaces
+/// around keys and values and a `\r` before `\n` are ignored. Returns the
+/// configuration (defaults for keys not given) and the keys given, in
+/// order. Every problem is an error naming its line: a file that is only
+/// partly understood is never used.
+pub fn parse_blob(blob: &[u8]) -> Result<(Config, Vec<&str>), BlobError<'_>> {
+    if blob.len() > BLOB_MAX {
+        return Err(BlobError::TooLarge {
+            size: blob.len() as u64,
+            max: BLOB_MAX,
+        });
+    }
+    let mut config = Config::default();
+    let mut keys: Vec<(&str, usize)> = Vec::new();
+    let mut header = false;
+    let mut ended = false;
+    for (i, raw) in blob.split(|&b| b == b'\n').enumerate() {
+        let line = i + 1;
+        if raw.contains(&0) {
+            return Err(BlobError::Nul { line });
+        }
+        let text = core::str::from_utf8(raw).map_err(|_| BlobError::NotUtf8 { line })?;
+        let text = text.strip_suffix('\r').unwrap_or(text).trim();
+        if ended {
+            if text.is_empty() {
+                continue;
+            }
+            return Err(BlobError::AfterEnd { line });
+        }
+        if !header {
+            header = true;
+            let Some(version) = text.strip_prefix("fractos-config") else {
+                return Err(BlobError::NoHeader { found: text });
+            };
+            if version.trim() != "1" || !version.starts_with([' ', '\t']) {
+                return Err(BlobError::Version {
+                    found: version.trim(),
+                });
+            }
+            continue;
+        }
+        if text.is_empty() || text.starts_with('#') {
+            continue;
+        }
+        if text == BLOB_END {
+            ended = true;
+            continue;
+        }
+        let Some((key, value)) = text.split_once('=') else {
+            return Err(BlobError::NotKeyValue { line, text });
+        };
+        let (key, value) = (key.trim(), value.trim());
+        if BOOT_ONLY.contains(&key) {
+            return Err(BlobError::BootOnly { line, key });
+        }
+        if let Some(&(_, first)) = keys.iter().find(|(k, _)| *k == key) {
+            return Err(BlobError::DuplicateKey { line, key, first });
+        }
+        config.set(key, value).map_err(|r| match r {
+            Refusal::Unknown => BlobError::UnknownKey { line, key },
+            Refusal::Bad(expected) => BlobError::BadValue {
+                line,
                 key,
                 value,
                 expected,
-            };
-            match &key["fractos.".len()..] {
-                "log" => match value.parse::<LevelFilter>() {
-                    Ok(l) => c.log_level = l,
-                    Err(_) => on_error(bad("off, error, warn, info, debug or trace")),
-                },
-                "node" => match value.parse::<u32>() {
-                    Ok(n) => c.node = n,
-                    Err(_) => on_error(bad("a node id (0..=4294967295)")),
-                },
-                "test" => match TestHook::parse(value) {
-                    Some(t) => c.test = Some(t),
-                    None => on_error(bad(
-                        "exit, pagefault, divzero, invalidopcode, interrupt, panic, stackoverflow, nvme or net",
-                    )),
-                },
-                "ip" if value == "dhcp" => c.ip_dhcp = true,
-                "ip" => match Ipv4Net::parse(value) {
-                    Some(n) => c.ip = n,
-                    None => on_error(bad(
-                        "an IPv4 address with prefix, like 10.0.2.15/24, or dhcp",
-                    )),
-                },
-                "gw" => match value {
-                    "none" => c.gateway = None,
-                    v => match v.parse::<Ipv4Addr>() {
-                        Ok(a) => c.gateway = Some(a),
-                        Err(_) => on_error(bad("an IPv4 address or `none`")),
-                    },
-                },
-                "test_port" => match value.parse::<u16>() {
-                    Ok(p) if p != 0 => c.test_port = p,
-                    _ => on_error(bad("a TCP port (1..=65535)")),
-                },
-                "ip1" => match Ipv4Net::parse(value) {
-                    Some(n) => c.ip1 = Some(n),
-                    None => on_error(bad("an IPv4 address with prefix, like 10.1.0.1/24")),
-                },
-                // Refused before this parse (`secret::key_on_cmdline` stops
-                // the controller); its value is a secret, never echoed here.
-                "key" => {}
-                "key_source" => {
-                    if KeySource::parse(value).is_none() {
-                        on_error(bad("fw_cfg:<name> (1..=55 bytes), module:<name> or auto"))
-                    }
-                }
-                "members" => match parse_list(value, |w| w.parse::<u32>().ok()) {
-                    Some(m) => c.members = m,
-                    None => on_error(bad("comma-separated node ids, like 0,1,2")),
-                },
-                "peers" => match parse_list(value, Peer::parse) {
-                    Some(p) => c.peers = p,
-                    None => on_error(bad("comma-separated node@ipv4[:port], like 1@10.1.0.2")),
-                },
-                "process_port" => match parse_port(value, false) {
-                    Some(p) => c.process_port = p,
-                    None => on_error(bad("a TCP port (1..=65535)")),
-                },
-                "peer_port" => match parse_port(value, false) {
-                    Some(p) => c.peer_port = p,
-                    None => on_error(bad("a TCP port (1..=65535)")),
-                },
-                "metrics_port" => match parse_port(value, true) {
-                    Some(p) => c.metrics_port = p,
-                    None => on_error(bad("a TCP port (1..=65535), or 0 for none")),
-                },
-                "storage_names" => {
-                    c.storage_names = value
-                        .split(',')
-                        .filter(|n| !n.is_empty())
-                        .map(alloc::string::String::from)
-                        .collect()
-                }
-                "idle" => match value {
-                    "halt" => c.idle_poll = false,
-                    "poll" => c.idle_poll = true,
-                    _ => on_error(bad("halt or poll")),
-                },
-                "peer_security" => match value {
-                    "authenticated" => c.peer_security = fractos_core::PeerSecurity::Authenticated,
-                    "secure" => c.peer_security = fractos_core::PeerSecurity::Secure,
-                    _ => on_error(bad("authenticated or secure")),
-                },
-                _ => on_error(ConfigError::UnknownOption(key)),
-            }
-        }
-        c
+            },
+            Refusal::BadItem { item, expected } => BlobError::BadValue {
+                line,
+                key,
+                value: item,
+                expected,
+            },
+            Refusal::DuplicateItem(node) => BlobError::DuplicateNode { line, key, node },
+            Refusal::TooMany(count) => BlobError::TooManyItems {
+                line,
+                key,
+                count,
+                max: MAX_LIST_ITEMS,
+            },
+        })?;
+        keys.push((key, line));
     }
+    if !header {
+        return Err(BlobError::NoHeader { found: "" });
+    }
+    if !ended {
+        return Err(BlobError::NoEnd);
+    }
+    Ok((config, keys.into_iter().map(|(k, _)| k).collect()))
 }
 
 #[cfg(test)]
@@ -467,5 +829,211 @@ mod tests {
             }
         ));
         assert!(errs[3].to_string().contains("expected exit, pagefault"));
+    }
+    fn blob(body: &str) -> alloc::string::String {
+        alloc::format!("fractos-config 1\n{body}end\n")
+    }
+
+    #[test]
+    fn blob_carries_cluster_options() {
+        let text = blob(
+            "# a comment\n\nmembers = 0,1,2\r\npeers=1@10.1.0.2,2@10.1.0.3:7201\nip1=10.1.0.1/16\n\
+             process_port=8100\nmetrics_port=0\nidle=poll\nstorage_names=a/b,c\n",
+        );
+        let (c, keys) = parse_blob(text.as_bytes()).unwrap();
+        assert_eq!(c.members, [0, 1, 2]);
+        assert_eq!(c.peers.len(), 2);
+        assert_eq!(c.peers[1].port, Some(7201));
+        assert_eq!(c.ip1.map(|n| n.to_string()).as_deref(), Some("10.1.0.1/16"));
+        assert_eq!(
+            (c.process_port, c.metrics_port, c.idle_poll),
+            (8100, 0, true)
+        );
+        assert_eq!(c.storage_names, ["a/b", "c"]);
+        assert_eq!(
+            keys,
+            [
+                "members",
+                "peers",
+                "ip1",
+                "process_port",
+                "metrics_port",
+                "idle",
+                "storage_names"
+            ]
+        );
+        // No final newline after `end`, trailing blank lines: both fine.
+        assert!(parse_blob(b"fractos-config 1\nend").is_ok());
+        assert!(parse_blob(b"fractos-config 1\nend\n\n  \n").is_ok());
+        assert_eq!(
+            parse_blob(b"fractos-config 1\nend").unwrap().0,
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn command_line_wins_over_the_blob() {
+        let text = blob("node=3\nmembers=0,1,2,3\nprocess_port=8100\n");
+        let l = Config::layered(
+            "fractos.node=5 fractos.log=debug fractos.process_port_x=1 fractos.members=5",
+            text.as_bytes(),
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(l.config.node, 5);
+        assert_eq!(l.config.members, [5]);
+        assert_eq!(l.config.process_port, 8100);
+        assert_eq!(l.config.log_level, LevelFilter::Debug);
+        assert_eq!(l.overridden, ["node", "members"]);
+        // A bad command-line word keeps the file's value.
+        let l = Config::layered("fractos.node=x", text.as_bytes(), |_| {}).unwrap();
+        assert_eq!((l.config.node, l.overridden), (3, vec!["node"]));
+    }
+
+    #[test]
+    fn blob_of_ten_thousand_members() {
+        let members: Vec<alloc::string::String> = (0..10_000).map(|n| n.to_string()).collect();
+        let peers: Vec<alloc::string::String> = (1..10_000u32)
+            .map(|n| alloc::format!("{n}@10.{}.{}.{}:7101", n >> 16, (n >> 8) & 0xff, n & 0xff))
+            .collect();
+        let text = blob(&alloc::format!(
+            "members={}\npeers={}\n",
+            members.join(","),
+            peers.join(",")
+        ));
+        assert!(text.len() < BLOB_MAX, "{}", text.len());
+        let (c, _) = parse_blob(text.as_bytes()).unwrap();
+        assert_eq!(c.members.len(), 10_000);
+        assert_eq!(c.members[9_999], 9_999);
+        assert_eq!(c.peers.len(), 9_999);
+        assert_eq!(
+            c.peers[9_998],
+            Peer {
+                node: 9_999,
+                addr: Ipv4Addr::new(10, 0, 39, 15),
+                port: Some(7101)
+            }
+        );
+    }
+
+    fn err(text: &[u8]) -> alloc::string::String {
+        parse_blob(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn hostile_blobs_are_refused_with_their_line() {
+        // Over the limit: refused before looking at a byte.
+        let huge = vec![b'#'; BLOB_MAX + 1];
+        assert_eq!(
+            parse_blob(&huge).unwrap_err(),
+            BlobError::TooLarge {
+                size: BLOB_MAX as u64 + 1,
+                max: BLOB_MAX
+            }
+        );
+        // Cut short: no `end` line, even mid-list.
+        let full = blob("members=0,1,2\npeers=1@10.1.0.2\n");
+        let mid_list = full.find(",2").unwrap();
+        for cut in [full.len() - 4, mid_list] {
+            assert_eq!(
+                parse_blob(&full.as_bytes()[..cut]).unwrap_err(),
+                BlobError::NoEnd,
+                "{cut}"
+            );
+        }
+        for cut in 0..full.len() - 1 {
+            assert!(parse_blob(&full.as_bytes()[..cut]).is_err(), "{cut}");
+        }
+        assert!(err(b"").contains("line 1 is ``"));
+        assert!(err(b"members=1\nend\n").contains("expected `fractos-config 1`"));
+        assert!(err(b"fractos-config 2\nend\n").contains("version `2`"));
+        assert!(err(b"fractos-config\nend\n").contains("version ``"));
+        assert_eq!(
+            parse_blob(b"fractos-config 1\nmembers=0\n\xff\xfe=1\nend\n").unwrap_err(),
+            BlobError::NotUtf8 { line: 3 }
+        );
+        assert_eq!(
+            parse_blob(b"fractos-config 1\nmembers=0\0\0\0\nend\n").unwrap_err(),
+            BlobError::Nul { line: 2 }
+        );
+        assert_eq!(
+            parse_blob(blob("node=1\n# x\nnode=2\n").as_bytes()).unwrap_err(),
+            BlobError::DuplicateKey {
+                line: 4,
+                key: "node",
+                first: 2
+            }
+        );
+        assert_eq!(
+            parse_blob(blob("members=0,1,2,1\n").as_bytes()).unwrap_err(),
+            BlobError::DuplicateNode {
+                line: 2,
+                key: "members",
+                node: 1
+            }
+        );
+        assert!(
+            err(blob("peers=1@10.1.0.2,1@10.1.0.3\n").as_bytes()).contains("node 1 appears twice")
+        );
+        assert_eq!(
+            parse_blob(blob("peers=1@10.1.0.2,x@10.1.0.3\n").as_bytes()).unwrap_err(),
+            BlobError::BadValue {
+                line: 2,
+                key: "peers",
+                value: "x@10.1.0.3",
+                expected: "comma-separated node@ipv4[:port], like 1@10.1.0.2"
+            }
+        );
+        assert!(
+            err(blob("fractos.members=1\n").as_bytes()).contains("unknown key `fractos.members`")
+        );
+        assert!(
+            err(blob("members\n").as_bytes()).contains("line 2 is `members`: expected key=value")
+        );
+        for key in BOOT_ONLY {
+            let e = err(blob(&alloc::format!("{key}=x\n")).as_bytes());
+            assert!(e.contains("is a boot option"), "{e}");
+            assert!(!e.contains("=x"), "a key's value is never echoed: {e}");
+        }
+        assert_eq!(
+            parse_blob(b"fractos-config 1\nend\nnode=1\n").unwrap_err(),
+            BlobError::AfterEnd { line: 3 }
+        );
+        assert!(err(blob("process_port=0\n").as_bytes()).contains("expected a TCP port"));
+        // A list over the item limit, and a giant value: clipped in the message.
+        let many: Vec<alloc::string::String> = (0..MAX_LIST_ITEMS as u32 + 1)
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            parse_blob(blob(&alloc::format!("members={}\n", many.join(","))).as_bytes())
+                .unwrap_err(),
+            BlobError::TooManyItems {
+                line: 2,
+                key: "members",
+                count: MAX_LIST_ITEMS + 1,
+                max: MAX_LIST_ITEMS
+            }
+        );
+        let giant = alloc::format!("ip={}\n", "9".repeat(100_000));
+        let e = err(blob(&giant).as_bytes());
+        assert!(e.len() < 300, "{e}");
+        assert!(e.contains("99999…"), "{e}");
+    }
+
+    #[test]
+    fn blob_parse_never_panics_on_mangled_input() {
+        // Every prefix and every single-byte corruption of a valid file
+        // either parses or returns an error.
+        let good = blob("members=0,1\npeers=1@10.1.0.2:7101\nip1=10.1.0.1/16\n");
+        for cut in 0..good.len() {
+            let _ = parse_blob(&good.as_bytes()[..cut]);
+        }
+        for at in 0..good.len() {
+            for b in [0u8, b'\n', b'=', b',', b'@', b':', 0xff, b'#'] {
+                let mut m = good.clone().into_bytes();
+                m[at] = b;
+                let _ = parse_blob(&m);
+            }
+        }
     }
 }
