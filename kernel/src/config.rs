@@ -467,6 +467,49 @@ pub const BLOB_END: &str = "end";
 /// or are test switches (`test`).
 pub const BOOT_ONLY: [&str; 4] = ["log", "key_source", "key", "test"];
 
+/// The fw_cfg file the appliance reads its configuration from (QEMU:
+/// `-fw_cfg name=opt/org.fractos/config,file=<path>`).
+pub const BLOB_FW_CFG_NAME: &str = "opt/org.fractos/config";
+
+/// The command line of the Multiboot2 module holding the configuration
+/// (GRUB: `module2 /boot/node.config fractos-config`).
+pub const BLOB_MODULE_NAME: &str = "fractos-config";
+
+/// Largest command line QEMU's PVH boot ROM holds, its NUL included: the
+/// ROM copies the `-append` string into a 4096-byte buffer without a
+/// bound, so a longer one overwrites what follows (the PVH start info).
+pub const QEMU_PVH_CMDLINE_MAX: u32 = 4096;
+
+/// A kernel command line the appliance cannot use whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CmdlineError {
+    /// QEMU's PVH boot ROM copied more than its buffer holds.
+    #[error("the kernel command line is {size} bytes (NUL included) but QEMU's PVH boot ROM holds at most {max}: the excess overwrote the PVH start info. Keep the command line to a few options (fractos.node, fractos.log, ...) and pass members and peers in the configuration file, fw_cfg `opt/org.fractos/config` (see docs/appliance.md)")]
+    PvhOverflow {
+        /// The size QEMU reports (fw_cfg `FW_CFG_CMDLINE_SIZE`).
+        size: u32,
+        /// [`QEMU_PVH_CMDLINE_MAX`].
+        max: u32,
+    },
+    /// The boot loader's command line is longer than the kernel keeps.
+    #[error("the kernel command line is longer than the {max} bytes the appliance keeps: options past that would be lost. Pass members and peers in the configuration file instead (fw_cfg `opt/org.fractos/config`, or a Multiboot2 module named `fractos-config`; see docs/appliance.md)")]
+    TooLong {
+        /// The kernel's limit.
+        max: usize,
+    },
+}
+
+/// Checks the command-line size QEMU reports for a PVH boot.
+pub fn check_pvh_cmdline_size(size: u32) -> Result<(), CmdlineError> {
+    if size > QEMU_PVH_CMDLINE_MAX {
+        return Err(CmdlineError::PvhOverflow {
+            size,
+            max: QEMU_PVH_CMDLINE_MAX,
+        });
+    }
+    Ok(())
+}
+
 /// A value or item shown in an error, cut to 48 characters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Clip<'a>(pub &'a str);
@@ -1035,5 +1078,26 @@ mod tests {
                 let _ = parse_blob(&m);
             }
         }
+    }
+
+    #[test]
+    fn pvh_command_line_over_the_rom_buffer_is_named() {
+        assert!(check_pvh_cmdline_size(0).is_ok());
+        assert!(check_pvh_cmdline_size(QEMU_PVH_CMDLINE_MAX).is_ok());
+        let e = check_pvh_cmdline_size(5121).unwrap_err();
+        assert_eq!(
+            e,
+            CmdlineError::PvhOverflow {
+                size: 5121,
+                max: 4096
+            }
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.contains("5121 bytes") && msg.contains("at most 4096"),
+            "{msg}"
+        );
+        assert!(msg.contains("opt/org.fractos/config"), "{msg}");
+        assert!(!msg.contains("not PVH-compliant"), "{msg}");
     }
 }

@@ -25,6 +25,9 @@ pub const DATA_PORT: u16 = 0x511;
 pub const SIGNATURE_ITEM: u16 = 0x0000;
 /// Item holding the file directory.
 pub const FILE_DIR_ITEM: u16 = 0x0019;
+/// Item holding the size of the `-append` command line, NUL included,
+/// as a little-endian `u32` (`FW_CFG_CMDLINE_SIZE`; 0 without `-kernel`).
+pub const CMDLINE_SIZE_ITEM: u16 = 0x0014;
 /// Length of a directory entry's name field, NUL included.
 pub const NAME_LEN: usize = 56;
 /// Bytes of one directory entry.
@@ -124,17 +127,45 @@ impl<P: FwCfgPorts> FwCfg<P> {
     /// Reads the file `name` into `buf`; returns how many bytes it has.
     /// Files larger than `buf` are refused without reading them.
     pub fn read_file<'b>(&mut self, name: &str, buf: &'b mut [u8]) -> Result<&'b [u8], FwCfgError> {
+        let len = self.select_file(name, buf.len())?;
+        self.ports.read(&mut buf[..len]);
+        Ok(&buf[..len])
+    }
+
+    /// The size QEMU gives for the `-append` command line, NUL included
+    /// (0 when it booted no `-kernel`).
+    pub fn cmdline_size(&mut self) -> u32 {
+        self.ports.select(CMDLINE_SIZE_ITEM);
+        let mut b = [0u8; 4];
+        self.ports.read(&mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// Reads the file `name` into a new buffer of its size; files larger
+    /// than `max` are refused without reading them.
+    pub fn read_file_to_vec(
+        &mut self,
+        name: &str,
+        max: usize,
+    ) -> Result<alloc::vec::Vec<u8>, FwCfgError> {
+        let mut buf = alloc::vec![0u8; self.select_file(name, max)?];
+        self.ports.read(&mut buf);
+        Ok(buf)
+    }
+
+    /// Selects the file `name` if it has at most `max` bytes; returns its
+    /// size.
+    fn select_file(&mut self, name: &str, max: usize) -> Result<usize, FwCfgError> {
         let file = self.find(name)?;
         let len = usize::try_from(file.size)
             .ok()
-            .filter(|&l| l <= buf.len())
+            .filter(|&l| l <= max)
             .ok_or(FwCfgError::TooLarge {
                 size: file.size,
-                max: buf.len(),
+                max,
             })?;
         self.ports.select(file.select);
-        self.ports.read(&mut buf[..len]);
-        Ok(&buf[..len])
+        Ok(len)
     }
 }
 
@@ -359,5 +390,29 @@ mod tests {
         let mut fw = FwCfg::probe(dev).unwrap();
         let mut buf = [0xaa; 8];
         assert_eq!(fw.read_file("f", &mut buf).unwrap(), b"abc\0\0\0\0\0");
+    }
+
+    #[test]
+    fn reads_the_command_line_size_and_whole_files() {
+        let mut dev =
+            FakeFwCfg::with_files(&[("opt/org.fractos/config", b"fractos-config 1\nend\n")]);
+        dev.set(CMDLINE_SIZE_ITEM, 5000u32.to_le_bytes().to_vec());
+        let mut fw = FwCfg::probe(dev).unwrap();
+        assert_eq!(fw.cmdline_size(), 5000);
+        assert_eq!(
+            fw.read_file_to_vec("opt/org.fractos/config", 64).unwrap(),
+            b"fractos-config 1\nend\n"
+        );
+        assert_eq!(
+            fw.read_file_to_vec("opt/org.fractos/config", 8),
+            Err(FwCfgError::TooLarge { size: 21, max: 8 })
+        );
+        assert_eq!(
+            fw.read_file_to_vec("opt/other", 64),
+            Err(FwCfgError::NotFound)
+        );
+        // No `-kernel`: the item is absent and reads as zeros.
+        let mut fw = FwCfg::probe(FakeFwCfg::with_files(&[])).unwrap();
+        assert_eq!(fw.cmdline_size(), 0);
     }
 }

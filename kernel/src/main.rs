@@ -15,7 +15,7 @@ mod hw;
 use alloc::vec::Vec;
 
 use fractos_core::Config as CoreConfig;
-use fractos_kernel::config::{Config, TestHook};
+use fractos_kernel::config::{self, Config, TestHook};
 use fractos_kernel::entropy::{self, EntropySource};
 use fractos_kernel::exit::ExitReason;
 use fractos_kernel::frames::{FrameAllocator, FRAME_SIZE};
@@ -25,7 +25,7 @@ use fractos_kernel::secret::{self, KeyError, KeySource, Redacted, KEY_FILE_MAX};
 use fractos_kernel::service::{PeerAddr, Service, ServiceConfig};
 use fractos_kernel::shm::{BarMemory, SlotPool};
 use fractos_kernel::storage::StorageProcess;
-use fractos_loader::{BootInfo, IdentityMapped, PhysMem};
+use fractos_loader::{BootInfo, BootModule, BootProtocol, IdentityMapped, PhysMem};
 use fractos_wire::NodeId;
 use linked_list_allocator::LockedHeap;
 use log::{debug, error, info, warn};
@@ -47,6 +47,17 @@ extern "C" fn fractos_kernel_entry(protocol: u32, magic: u32, info: u64) -> ! {
     // Exceptions are reported from here on, even while parsing boot data.
     cpu::init();
     hw::entropy::note_boot_info(protocol, info);
+    // QEMU's PVH boot ROM copies the command line into a 4 KiB buffer
+    // without a bound: a longer one has overwritten the start info, so it
+    // is named by its size before the start info is read.
+    if protocol == BootProtocol::Pvh as u32 {
+        if let Ok(mut fw) = fw_cfg::open() {
+            if let Err(e) = config::check_pvh_cmdline_size(fw.cmdline_size()) {
+                kprintln!("fractos: boot failed: {e}");
+                pio::exit(ExitReason::BootFailed);
+            }
+        }
+    }
     // SAFETY: the stub passes the loader's pointer unchanged; the first
     // 4 GiB are identity-mapped and nothing else runs.
     let boot = match unsafe { fractos_loader::from_entry(protocol, magic, info, &IdentityMapped) } {
@@ -56,6 +67,13 @@ extern "C" fn fractos_kernel_entry(protocol: u32, magic: u32, info: u64) -> ! {
             pio::exit(ExitReason::BootFailed);
         }
     };
+    if boot.cmdline.truncated() {
+        let e = config::CmdlineError::TooLong {
+            max: fractos_loader::Cmdline::CAPACITY,
+        };
+        kprintln!("fractos: boot failed: {e}");
+        pio::exit(ExitReason::BootFailed);
+    }
     // The full configuration allocates: it is parsed once the heap exists.
     serial::init_logger(Config::log_level_of(boot.cmdline.as_str()));
     let (tsc_hz, tsc_src) = time::init();
@@ -338,6 +356,85 @@ fn service_config<'a>(
     Ok(s)
 }
 
+/// The Multiboot2 module named [`config::BLOB_MODULE_NAME`], if any;
+/// one over [`config::BLOB_MAX`] is refused here, before its memory is
+/// reserved.
+fn config_module(boot: &BootInfo) -> Result<Option<&BootModule>, BootError> {
+    let mut named = boot
+        .modules
+        .as_slice()
+        .iter()
+        .filter(|m| secret::module_named(m.cmdline(), config::BLOB_MODULE_NAME));
+    let Some(m) = named.next() else {
+        return Ok(None);
+    };
+    if named.next().is_some() {
+        return Err(BootError::ConfigTwice("two Multiboot2 modules"));
+    }
+    if m.len() > config::BLOB_MAX as u64 {
+        return Err(BootError::ConfigTooLarge {
+            what: "Multiboot2 module `fractos-config`",
+            size: m.len(),
+        });
+    }
+    Ok(Some(m))
+}
+
+/// The configuration: the configuration file (fw_cfg
+/// [`config::BLOB_FW_CFG_NAME`] or the module [`config::BLOB_MODULE_NAME`],
+/// never both), if any, with the command line applied over it.
+fn load_config(cmdline: &str, module: Option<&BootModule>) -> Result<Config, BootError> {
+    let from_fw_cfg = match fw_cfg::open() {
+        Ok(mut fw) => match fw.read_file_to_vec(config::BLOB_FW_CFG_NAME, config::BLOB_MAX) {
+            Ok(b) => Some(b),
+            Err(FwCfgError::NotFound) => None,
+            Err(FwCfgError::TooLarge { size, .. }) => {
+                return Err(BootError::ConfigTooLarge {
+                    what: "fw_cfg file `opt/org.fractos/config`",
+                    size: u64::from(size),
+                })
+            }
+            Err(e) => {
+                warn!("config: fw_cfg: {e}");
+                None
+            }
+        },
+        Err(_) => None,
+    };
+    let blob = match (from_fw_cfg, module) {
+        (Some(_), Some(_)) => return Err(BootError::ConfigTwice(
+            "the fw_cfg file `opt/org.fractos/config` and the Multiboot2 module `fractos-config`",
+        )),
+        (Some(b), None) => {
+            info!(
+                "config: {} bytes from fw_cfg {}",
+                b.len(),
+                config::BLOB_FW_CFG_NAME
+            );
+            b
+        }
+        (None, Some(m)) => {
+            let mut b = alloc::vec![0u8; m.len() as usize];
+            IdentityMapped
+                .read(m.start, &mut b)
+                .map_err(|_| BootError::ConfigUnreadable { start: m.start })?;
+            info!(
+                "config: {} bytes from module {}",
+                b.len(),
+                config::BLOB_MODULE_NAME
+            );
+            b
+        }
+        (None, None) => return Ok(Config::parse(cmdline, |e| warn!("cmdline: {e}"))),
+    };
+    let layered = Config::layered(cmdline, &blob, |e| warn!("cmdline: {e}"))
+        .map_err(|e| BootError::Config(alloc::string::ToString::to_string(&e)))?;
+    for key in &layered.overridden {
+        info!("config: `{key}` from the command line overrides the configuration file");
+    }
+    Ok(layered.config)
+}
+
 /// Largest frame body the appliance accepts: copy chunks are 64 KiB, so
 /// this leaves room while bounding each connection's receive buffer.
 const MAX_MESSAGE_LEN: usize = 256 * 1024;
@@ -351,6 +448,14 @@ enum BootError {
     Paging(#[from] paging::PagingError),
     #[error("nvme: self-test FAILED: {0}")]
     NvmeSelfTest(#[from] nvme::SelfTestError),
+    #[error("config: {0}")]
+    Config(alloc::string::String),
+    #[error("config: the {what} is {size} bytes, more than the {max} accepted", max = config::BLOB_MAX)]
+    ConfigTooLarge { what: &'static str, size: u64 },
+    #[error("config: configuration given twice ({0}): give one")]
+    ConfigTwice(&'static str),
+    #[error("config: the Multiboot2 module `fractos-config` at {start:#x} is outside readable memory: the loader placed it above 4 GiB")]
+    ConfigUnreadable { start: u64 },
 }
 
 /// What the boot brought up.
@@ -387,13 +492,16 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
     }
 
     let kernel = (layout::kernel_start(), layout::kernel_end());
-    let mut frames = FrameAllocator::new(&boot.memory, &[(0, 0x10_0000), kernel])?;
+    // A configuration module stays intact until the heap holds a copy.
+    let module = config_module(boot)?;
+    let module_range = module.map_or((0, 0), |m| (m.start, m.end));
+    let mut frames = FrameAllocator::new(&boot.memory, &[(0, 0x10_0000), kernel, module_range])?;
     let heap_len = heap_bytes(boot.memory.usable_bytes());
     let heap = frames.alloc_contiguous(heap_len / FRAME_SIZE, FRAME_SIZE)?;
     // SAFETY: `[heap, heap + heap_len)` is fresh usable RAM below the
     // frame allocator's cursor, identity-mapped, and never handed out again.
     unsafe { HEAP.lock().init(heap as *mut u8, heap_len as usize) };
-    let config = Config::parse(boot.cmdline.as_str(), |e| warn!("cmdline: {e}"));
+    let config = load_config(boot.cmdline.as_str(), module)?;
     let config = &config;
     info!(
         "memory: kernel {:#x}-{:#x}, heap {} KiB at {:#x}",

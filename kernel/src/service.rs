@@ -74,13 +74,22 @@ pub struct ServiceConfig {
     pub process_buffers: (usize, usize),
     /// Receive and send buffer bytes of a peer socket.
     pub peer_buffers: (usize, usize),
+    /// Most dials in flight at once: a peer socket's buffers are
+    /// allocated when its dial starts, so a cluster of a thousand
+    /// unreachable peers must not dial them all at once. The others wait
+    /// their turn: with more peers than this, [`Service::new`] raises the
+    /// dial backoff to one dial timeout (3 s) per round of `max_dials`
+    /// peers, so every peer is tried (a thousand peers: a retry every
+    /// 189 s).
+    pub max_dials: usize,
 }
 
 impl ServiceConfig {
     /// Defaults: the common ports ([`fractos_node::PROCESS_PORT`],
     /// [`fractos_node::PEER_PORT`], [`fractos_node::METRICS_PORT`]),
     /// everything on interface 0, limits sized for a small appliance
-    /// (64 processes, 16 accepted peer links, 8 MiB queued per connection).
+    /// (64 processes, 16 accepted peer links, 8 MiB queued per connection,
+    /// 16 dials in flight).
     pub fn new(core: CoreConfig) -> Self {
         let mut node = NodeConfig::new(core);
         node.max_process_conns = 64;
@@ -97,6 +106,7 @@ impl ServiceConfig {
             backlog: 4,
             process_buffers: (64 * 1024, 128 * 1024),
             peer_buffers: (128 * 1024, 128 * 1024),
+            max_dials: 16,
         }
     }
 }
@@ -309,6 +319,16 @@ impl Service {
         let mut cfg = cfg;
         cfg.front_iface = cfg.front_iface.min(ifaces - 1);
         cfg.peer_iface = cfg.peer_iface.min(ifaces - 1);
+        cfg.max_dials = cfg.max_dials.max(1);
+        // The node driver redials the first peer whose backoff ran out:
+        // with more peers than dials in flight, a backoff shorter than a
+        // round through all of them would keep redialling the first few.
+        if cfg.node.peers.len() > cfg.max_dials {
+            let rounds = cfg.node.peers.len().div_ceil(cfg.max_dials) as u64;
+            let round = core::time::Duration::from_nanos(DIAL_TIMEOUT_NS.saturating_mul(rounds));
+            cfg.node.dial_backoff.0 = cfg.node.dial_backoff.0.max(round);
+            cfg.node.dial_backoff.1 = cfg.node.dial_backoff.1.max(round);
+        }
         let node = Node::new(cfg.node.clone(), Instant(now_ns));
         let mut s = Service {
             sockets: Sockets {
@@ -476,6 +496,11 @@ impl Service {
     /// The controller core.
     pub fn controller(&self) -> &Controller {
         self.node.controller()
+    }
+
+    /// The nodes being dialled now (at most [`ServiceConfig::max_dials`]).
+    pub fn dials_in_flight(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.dialing.iter().map(|d| d.node)
     }
 
     /// The service's counters.
@@ -768,7 +793,10 @@ impl Service {
                 }
             }
         }
-        while let Some((node, peer)) = self.node.poll_dial(now) {
+        while self.dialing.len() < self.cfg.max_dials {
+            let Some((node, peer)) = self.node.poll_dial(now) else {
+                break;
+            };
             let Some((iface, _)) = nics.get_mut(pi) else {
                 self.node.dial_failed(now, node);
                 break;

@@ -752,3 +752,33 @@ fn link_comes_back_after_a_peer_stalls() {
         assert_eq!(s.stats().open, 1, "stale connections left: {:?}", s.stats());
     }
 }
+
+#[test]
+fn unreachable_peers_are_dialled_a_few_at_a_time() {
+    // 300 peers on a subnet nobody answers on (ARP goes unanswered): the
+    // service keeps at most `max_dials` dials, each with its buffers, in
+    // flight, and rotates through the peers as dials time out.
+    let mut core = CoreConfig::new(NodeId(0), 10, KEY);
+    core.members = (0..=300).map(NodeId).collect();
+    let mut cfg = ServiceConfig::new(core);
+    cfg.node.peers = (1..=300u32)
+        .map(|n| {
+            let addr = Ipv4Addr::new(10, 0, 1 + (n >> 8) as u8, (n & 0xff) as u8);
+            (NodeId(n), PeerAddr { addr, port: 7101 })
+        })
+        .collect();
+    let max = cfg.max_dials;
+    let mut net = Net::new(vec![cfg]);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut peak = 0;
+    for _ in 0..300_000 {
+        net.step();
+        let now: Vec<NodeId> = net.svc().dials_in_flight().collect();
+        peak = peak.max(now.len());
+        seen.extend(now);
+    }
+    assert_eq!(peak, max, "dials in flight never reached the cap");
+    // 300 s: every peer had its turn, not only the first few.
+    assert_eq!(seen.len(), 300, "only {} peers dialled", seen.len());
+    assert_eq!(net.svc().stats().dialled, 0);
+}

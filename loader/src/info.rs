@@ -182,8 +182,10 @@ impl Default for Cmdline {
 }
 
 impl Cmdline {
-    /// Longest command line kept, in bytes.
-    pub const CAPACITY: usize = 2048;
+    /// Longest command line kept, in bytes: what QEMU's PVH boot ROM
+    /// holds (4096 with the NUL). Longer ones are marked
+    /// [`Self::truncated`]; the kernel refuses them.
+    pub const CAPACITY: usize = 4095;
 
     /// An empty command line.
     pub const fn new() -> Self {

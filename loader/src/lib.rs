@@ -82,7 +82,7 @@ impl PhysMem for IdentityMapped {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum LoaderError {
     /// The PVH `hvm_start_info` magic is wrong.
-    #[error("PVH start info has magic {found:#x}, expected 0x336ec578: the loader is not PVH-compliant; boot with `qemu -kernel` or a PVH-capable VMM")]
+    #[error("PVH start info has magic {found:#x}, expected 0x336ec578: it was overwritten (under QEMU: by a kernel command line over 4095 bytes, which the kernel reports by its size first) or the VMM is not PVH-compliant; boot with `qemu -kernel` or a PVH-capable VMM")]
     BadPvhMagic {
         /// The value found.
         found: u32,

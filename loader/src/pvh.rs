@@ -187,4 +187,20 @@ mod tests {
             Err(LoaderError::OutOfRange { .. })
         ));
     }
+
+    #[test]
+    fn command_line_up_to_qemus_limit_is_kept_whole() {
+        let mut mem = qemu_like(true);
+        let mut line = vec![b'x'; Cmdline::CAPACITY];
+        line.push(0);
+        mem.write(0x7000, &line);
+        let info = from_pvh(0x6000, &mem).unwrap();
+        assert_eq!(info.cmdline.as_str().len(), 4095);
+        assert!(!info.cmdline.truncated());
+        // One byte more is marked, for the kernel to refuse.
+        let mut mem = qemu_like(true);
+        mem.write(0x7000, &[b'y'; Cmdline::CAPACITY + 1]);
+        let info = from_pvh(0x6000, &mem).unwrap();
+        assert!(info.cmdline.truncated());
+    }
 }
