@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use std::net::{Ipv4Addr, SocketAddr};
 
+use crate::build::IsoModule;
 use crate::node::{
     write_private_file, Accel, Appliance, Boot, Firmware, FwCfgFile, L2Segment, NodeSpec, NvmeDisk,
     ShmSlot,
@@ -52,10 +53,12 @@ pub struct ClusterSpec {
 ///
 /// Node `i` gets the key as the fw_cfg file [`KEY_FW_CFG_NAME`] (from
 /// [`ClusterSpec::key_file`], written mode 0600 by [`Cluster::launch`]:
-/// never on a command line), `fractos.members` (all nodes) and — with
-/// more than one node — a second NIC on [`ControllerSetup::l2`] with
-/// address `10.1.0.<i+1>/24` and `fractos.peers` naming every other node
-/// there. Its process port (7100) and metrics port (9100) are forwarded
+/// never on a command line) and a configuration file
+/// ([`ControllerSetup::config`]: fw_cfg [`CONFIG_FW_CFG_NAME`], or a
+/// Multiboot2 module in an ISO) with `members` (all nodes) and — with
+/// more than one node — `ip1` for a second NIC on [`ControllerSetup::l2`]
+/// (address `10.1.x.y/16`) and `peers` naming every other node there, so
+/// the command line stays short whatever the cluster's size. Its process port (7100) and metrics port (9100) are forwarded
 /// from `127.0.0.1:<host port>`.
 #[derive(Clone)]
 pub struct ControllerSetup {
@@ -95,6 +98,18 @@ pub use fractos_hosted::key_hex;
 
 /// The fw_cfg name appliances read their cluster key from.
 pub const KEY_FW_CFG_NAME: &str = "opt/fractos/cluster-key";
+
+/// The fw_cfg name appliances read their configuration file from (PVH
+/// boots).
+pub const CONFIG_FW_CFG_NAME: &str = "opt/org.fractos/config";
+
+/// The command line of the Multiboot2 module holding an appliance's
+/// configuration file (ISO boots).
+pub const CONFIG_MODULE_NAME: &str = "fractos-config";
+
+/// The first line of a configuration file (format version 1, see
+/// docs/appliance.md).
+pub const CONFIG_HEADER: &str = "fractos-config 1";
 
 /// Writes `key` as a key file (64 hex digits and a newline) at `path`,
 /// mode 0600 from its creation.
@@ -174,21 +189,23 @@ impl ControllerSetup {
         key_hex(&self.key)
     }
 
-    /// The command-line words of node `i` of `nodes` (never the key).
-    pub fn cmdline(&self, i: u32, nodes: u32) -> String {
+    /// The configuration file of node `i` of `nodes` (never the key):
+    /// `members`, and with several nodes `ip1` and `peers`.
+    pub fn config(&self, i: u32, nodes: u32) -> String {
         let members: Vec<String> = (0..nodes).map(|n| n.to_string()).collect();
-        let mut c = format!("fractos.members={}", members.join(","));
+        let mut c = format!("{CONFIG_HEADER}\nmembers={}\n", members.join(","));
         if nodes > 1 {
             let peers: Vec<String> = (0..nodes)
                 .filter(|&n| n != i)
                 .map(|n| format!("{n}@{}", Self::peer_ip(n)))
                 .collect();
             c.push_str(&format!(
-                " fractos.ip1={}/16 fractos.peers={}",
+                "ip1={}/16\npeers={}\n",
                 Self::peer_ip(i),
                 peers.join(",")
             ));
         }
+        c.push_str("end\n");
         c
     }
 }
@@ -221,18 +238,27 @@ impl ClusterSpec {
         self.state_dir.join("cluster.key")
     }
 
-    /// The kernel command line of node `i`.
+    /// The kernel command line of node `i`: a few scalar options; the
+    /// cluster's members and peers are in [`ClusterSpec::node_config`].
     pub fn node_cmdline(&self, i: u32) -> String {
-        let service = self
-            .controller
-            .as_ref()
-            .map(|c| c.cmdline(i, self.nodes))
-            .unwrap_or_default();
         let own = self.node_cmdline.get(i as usize).map_or("", String::as_str);
-        format!("fractos.node={i} {service} {} {own}", self.cmdline)
+        format!("fractos.node={i} {} {own}", self.cmdline)
             .split_whitespace()
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    /// The configuration file of node `i`, if it runs a controller.
+    pub fn node_config(&self, i: u32) -> Option<String> {
+        self.controller.as_ref().map(|c| c.config(i, self.nodes))
+    }
+
+    /// Where [`Cluster::launch`] writes node `i`'s configuration file:
+    /// `<state_dir>/node<i>.config` (passed as fw_cfg
+    /// [`CONFIG_FW_CFG_NAME`], or in the ISO as the module
+    /// [`CONFIG_MODULE_NAME`]).
+    pub fn config_file(&self, i: u32) -> PathBuf {
+        self.state_dir.join(format!("node{i}.config"))
     }
 
     /// The spec of node `i`.
@@ -295,9 +321,17 @@ impl ClusterSpec {
             fw_cfg: self
                 .controller
                 .iter()
-                .map(|_| FwCfgFile {
-                    name: KEY_FW_CFG_NAME.into(),
-                    path: self.key_file(),
+                .flat_map(|_| {
+                    let key = FwCfgFile {
+                        name: KEY_FW_CFG_NAME.into(),
+                        path: self.key_file(),
+                    };
+                    // An ISO carries the configuration as a module.
+                    let config = (self.firmware == Firmware::Bios).then(|| FwCfgFile {
+                        name: CONFIG_FW_CFG_NAME.into(),
+                        path: self.config_file(i),
+                    });
+                    std::iter::once(key).chain(config)
                 })
                 .collect(),
             index: i,
@@ -335,10 +369,27 @@ impl Cluster {
         let mut nodes = Vec::new();
         for i in 0..spec.nodes {
             let node = spec.node(i);
+            if let Some(config) = spec.node_config(i) {
+                write_private_file(&spec.config_file(i), config.as_bytes())?;
+            }
             if let Boot::Iso(iso) = &node.boot {
-                // The command line lives in the ISO's grub.cfg; the key
-                // still comes through fw_cfg, so the ISO holds no secret.
-                crate::build::build_iso(&spec.kernel, &spec.node_cmdline(i), iso)?;
+                // The command line lives in the ISO's grub.cfg and the
+                // configuration in a module; the key still comes through
+                // fw_cfg, so the ISO holds no secret.
+                let modules: Vec<IsoModule> = spec
+                    .node_config(i)
+                    .map(|_| IsoModule {
+                        file: spec.config_file(i),
+                        cmdline: CONFIG_MODULE_NAME.into(),
+                    })
+                    .into_iter()
+                    .collect();
+                crate::build::build_iso_with_modules(
+                    &spec.kernel,
+                    &spec.node_cmdline(i),
+                    &modules,
+                    iso,
+                )?;
             }
             nodes.push(Appliance::launch(node)?);
         }
@@ -499,25 +550,35 @@ mod tests {
         let Boot::Elf { cmdline, .. } = &n2.boot else {
             panic!("{:?}", n2.boot)
         };
-        assert!(
-            cmdline.starts_with("fractos.node=2 fractos.members=0,1,2 "),
-            "{cmdline}"
-        );
-        assert!(!cmdline.contains("key"), "{cmdline}");
+        // Members and peers travel in the configuration file.
+        assert_eq!(cmdline, "fractos.node=2");
         assert_eq!(
             n2.fw_cfg,
-            [FwCfgFile {
-                name: KEY_FW_CFG_NAME.into(),
-                path: "/s/cluster.key".into()
-            }]
+            [
+                FwCfgFile {
+                    name: KEY_FW_CFG_NAME.into(),
+                    path: "/s/cluster.key".into()
+                },
+                FwCfgFile {
+                    name: CONFIG_FW_CFG_NAME.into(),
+                    path: "/s/node2.config".into()
+                }
+            ]
         );
+        assert_eq!(
+            spec.node_config(2).unwrap(),
+            "fractos-config 1\nmembers=0,1,2\nip1=10.1.0.3/16\npeers=0@10.1.0.1,1@10.1.0.2\nend\n"
+        );
+        assert!(!spec.node_config(2).unwrap().contains(&setup.key_hex()));
+        // An ISO node carries the configuration as a module instead.
+        let iso = ClusterSpec {
+            firmware: Firmware::Uefi,
+            ..spec.clone()
+        };
+        assert_eq!(iso.node(2).fw_cfg.len(), 1);
         let args = n2.args().join(" ");
         assert!(!args.contains(&setup.key_hex()), "{args}");
         assert!(!format!("{setup:?}").contains(&setup.key_hex()));
-        assert!(
-            cmdline.ends_with("fractos.ip1=10.1.0.3/16 fractos.peers=0@10.1.0.1,1@10.1.0.2"),
-            "{cmdline}"
-        );
         assert_eq!(n2.nics, 1);
         assert_eq!(n2.l2, Some(setup.l2));
         let (p, m) = setup.host_ports[2];
@@ -553,5 +614,44 @@ mod tests {
         assert!(dir.join("keep.txt").exists());
         fs::remove_dir_all(&dir).unwrap();
         assert!(down(&dir).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_thousand_nodes_keep_a_short_command_line() {
+        let setup = ControllerSetup::new(1, [1; 32]).unwrap();
+        let spec = ClusterSpec {
+            nodes: 1000,
+            ..ClusterSpec::controllers("/k".into(), "/s".into(), setup)
+        };
+        let Boot::Elf { cmdline, .. } = spec.node(999).boot else {
+            panic!()
+        };
+        assert_eq!(cmdline, "fractos.node=999");
+        let config = spec.node_config(999).unwrap();
+        assert!(config.len() > 10_000, "{}", config.len());
+        assert!(config.contains(",998@10.1.3.231\nend\n"), "{config}");
+    }
+
+    #[test]
+    fn an_overlong_pvh_command_line_is_refused_by_its_length() {
+        let spec = NodeSpec::pvh(
+            "big",
+            "/k".as_ref(),
+            &"x".repeat(5000),
+            "/tmp/big.log".as_ref(),
+        );
+        let e = Appliance::launch(spec).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                QemuError::CommandLineTooLong {
+                    len: 5000,
+                    max: 4095,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("opt/org.fractos/config"), "{e}");
     }
 }

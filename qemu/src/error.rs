@@ -71,6 +71,16 @@ pub enum QemuError {
         /// Its last lines.
         tail: String,
     },
+    /// A kernel command line longer than the boot protocol carries.
+    #[error("node `{node}`: kernel command line is {len} bytes, more than the {max} QEMU's PVH boot passes (its boot ROM would overwrite the boot information): keep a few options on the command line and put members and peers in the node's configuration file (fw_cfg `opt/org.fractos/config`, see docs/appliance.md)")]
+    CommandLineTooLong {
+        /// Node name.
+        node: String,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The requested configuration is not possible.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -433,10 +433,23 @@ pub struct Appliance {
     exit: Option<KernelExit>,
 }
 
+/// Longest `-append` command line for a PVH boot: QEMU's PVH boot ROM
+/// copies it, NUL included, into a 4096-byte buffer without a bound.
+pub const MAX_PVH_CMDLINE: usize = 4095;
+
 impl Appliance {
     /// Starts QEMU for `spec` (creating NVMe backing files and truncating
     /// the serial log).
     pub fn launch(spec: NodeSpec) -> Result<Self, QemuError> {
+        if let Boot::Elf { cmdline, .. } = &spec.boot {
+            if cmdline.len() > MAX_PVH_CMDLINE {
+                return Err(QemuError::CommandLineTooLong {
+                    node: spec.name.clone(),
+                    len: cmdline.len(),
+                    max: MAX_PVH_CMDLINE,
+                });
+            }
+        }
         if spec.accel == Accel::Kvm && !Path::new("/dev/kvm").exists() {
             return Err(QemuError::Config(
                 "--accel kvm needs /dev/kvm; use --accel tcg on this machine".into(),
