@@ -1,7 +1,11 @@
-//! The appliance configuration, parsed from the kernel command line.
+//! The appliance configuration: the configuration file ([`parse_blob`],
+//! from fw_cfg [`BLOB_FW_CFG_NAME`] or the Multiboot2 module
+//! [`BLOB_MODULE_NAME`]) with the kernel command line applied over it
+//! ([`Config::layered`]).
 //!
-//! Options are `fractos.<key>=<value>` words; other words (for example ones
-//! a boot loader adds) are ignored. Recognised keys:
+//! Command-line options are `fractos.<key>=<value>` words; other words
+//! (for example ones a boot loader adds) are ignored. The file carries the
+//! same keys without `fractos.` except [`BOOT_ONLY`] ones. Recognised keys:
 //!
 //! | key | values | default |
 //! |---|---|---|
