@@ -60,28 +60,25 @@ fn fw_cfg_configuration_is_read_under_the_command_line() {
     assert!(log.contains("fractos: ready node=7 "), "{log}");
 }
 
+/// Boots a node with `config`; checks the boot failed before the ready
+/// line and returns the serial log.
+fn refused(test: &str, config: &str) -> String {
+    let (exit, log) = boot_and_exit(with_config(test, "fractos.test=exit", config));
+    assert_eq!(exit, KernelExit::BootFailed, "{log}");
+    assert!(!log.contains(READY_MARKER), "{log}");
+    log
+}
+
 #[test]
 fn a_bad_configuration_stops_the_boot_naming_its_line() {
-    let spec = with_config(
+    let log = refused(
         "config-bad",
-        "fractos.test=exit",
         "fractos-config 1\nmembers=0,1\n# again\nmembers=2\nend\n",
     );
-    let (exit, log) = boot_and_exit(spec);
-    assert_eq!(exit, KernelExit::BootFailed, "{log}");
-    assert!(
-        log.contains("config: configuration line 4: `members` was already set on line 2"),
-        "{log}"
-    );
-    assert!(!log.contains(READY_MARKER), "{log}");
+    let why = "config: configuration line 4: `members` was already set on line 2";
+    assert!(log.contains(why), "{log}");
     // Cut short: no `end` line.
-    let spec = with_config(
-        "config-cut",
-        "fractos.test=exit",
-        "fractos-config 1\nnode=3\n",
-    );
-    let (exit, log) = boot_and_exit(spec);
-    assert_eq!(exit, KernelExit::BootFailed, "{log}");
+    let log = refused("config-cut", "fractos-config 1\nnode=3\n");
     assert!(log.contains("ends without its `end` line"), "{log}");
 }
 
