@@ -177,6 +177,7 @@ pub fn build_iso_with_modules(
     modules: &[IsoModule],
     out: &Path,
 ) -> Result<PathBuf, QemuError> {
+    crate::node::check_cmdline(&out.display().to_string(), cmdline)?;
     if !Path::new("/usr/lib/grub/i386-pc").is_dir() {
         return Err(QemuError::ToolMissing {
             tool: "GRUB BIOS modules (/usr/lib/grub/i386-pc)".into(),

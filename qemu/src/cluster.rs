@@ -653,5 +653,29 @@ mod tests {
             "{e}"
         );
         assert!(e.to_string().contains("opt/org.fractos/config"), "{e}");
+        let iso = crate::build::build_iso("/k".as_ref(), &"y".repeat(4096), "/tmp/x.iso".as_ref());
+        assert!(
+            matches!(iso, Err(QemuError::CommandLineTooLong { len: 4096, .. })),
+            "{iso:?}"
+        );
+    }
+
+    #[test]
+    fn an_oversized_configuration_file_is_refused_before_qemu_starts() {
+        let dir = std::env::temp_dir().join(format!("fractos-config-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("node0.config");
+        write_private_file(&path, &vec![b'#'; (1 << 20) + 1]).unwrap();
+        let mut spec = NodeSpec::pvh("big", "/k".as_ref(), "", &dir.join("serial.log"));
+        spec.fw_cfg.push(FwCfgFile {
+            name: CONFIG_FW_CFG_NAME.into(),
+            path: path.clone(),
+        });
+        let e = Appliance::launch(spec).unwrap_err();
+        assert!(
+            matches!(e, QemuError::ConfigTooLarge { size, max: 1_048_576, .. } if size == (1 << 20) + 1),
+            "{e}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

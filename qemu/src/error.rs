@@ -72,14 +72,26 @@ pub enum QemuError {
         tail: String,
     },
     /// A kernel command line longer than the boot protocol carries.
-    #[error("node `{node}`: kernel command line is {len} bytes, more than the {max} QEMU's PVH boot passes (its boot ROM would overwrite the boot information): keep a few options on the command line and put members and peers in the node's configuration file (fw_cfg `opt/org.fractos/config`, see docs/appliance.md)")]
+    #[error("`{node}`: kernel command line is {len} bytes, more than the {max} the appliance takes (QEMU's PVH boot ROM would overwrite the boot information past it): keep a few options on the command line and put members and peers in the node's configuration file (fw_cfg `opt/org.fractos/config` or the module `fractos-config`, see docs/appliance.md)")]
     CommandLineTooLong {
-        /// Node name.
+        /// Node name, or the ISO being built.
         node: String,
         /// Its length in bytes.
         len: usize,
         /// The limit.
         max: usize,
+    },
+    /// A configuration file over the appliance's limit.
+    #[error("`{node}`: configuration file {} is {size} bytes, more than the {max} the appliance reads: split the cluster or drop unused peers", path.display())]
+    ConfigTooLarge {
+        /// Node name.
+        node: String,
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The limit.
+        max: u64,
     },
     /// The requested configuration is not possible.
     #[error("invalid configuration: {0}")]

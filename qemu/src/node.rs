@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::cluster::CONFIG_FW_CFG_NAME;
 use crate::exit::KernelExit;
 use crate::{QemuError, QEMU};
 
@@ -433,20 +434,44 @@ pub struct Appliance {
     exit: Option<KernelExit>,
 }
 
-/// Longest `-append` command line for a PVH boot: QEMU's PVH boot ROM
-/// copies it, NUL included, into a 4096-byte buffer without a bound.
+/// Longest kernel command line: QEMU's PVH boot ROM copies `-append`,
+/// NUL included, into a 4096-byte buffer without a bound, and the kernel
+/// keeps no more under any loader.
 pub const MAX_PVH_CMDLINE: usize = 4095;
+
+/// Largest configuration file the appliance reads (1 MiB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// [`QemuError::CommandLineTooLong`] if `cmdline` is over
+/// [`MAX_PVH_CMDLINE`].
+pub(crate) fn check_cmdline(node: &str, cmdline: &str) -> Result<(), QemuError> {
+    if cmdline.len() > MAX_PVH_CMDLINE {
+        return Err(QemuError::CommandLineTooLong {
+            node: node.to_string(),
+            len: cmdline.len(),
+            max: MAX_PVH_CMDLINE,
+        });
+    }
+    Ok(())
+}
 
 impl Appliance {
     /// Starts QEMU for `spec` (creating NVMe backing files and truncating
     /// the serial log).
     pub fn launch(spec: NodeSpec) -> Result<Self, QemuError> {
         if let Boot::Elf { cmdline, .. } = &spec.boot {
-            if cmdline.len() > MAX_PVH_CMDLINE {
-                return Err(QemuError::CommandLineTooLong {
+            check_cmdline(&spec.name, cmdline)?;
+        }
+        for f in spec.fw_cfg.iter().filter(|f| f.name == CONFIG_FW_CFG_NAME) {
+            let size = fs::metadata(&f.path)
+                .map_err(QemuError::io("reading", &f.path))?
+                .len();
+            if size > MAX_CONFIG_BYTES {
+                return Err(QemuError::ConfigTooLarge {
                     node: spec.name.clone(),
-                    len: cmdline.len(),
-                    max: MAX_PVH_CMDLINE,
+                    path: f.path.clone(),
+                    size,
+                    max: MAX_CONFIG_BYTES,
                 });
             }
         }

@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 use fractos_adaptors::demo::DEMO_KEY;
 use fractos_qemu::build::{build_iso_with_modules, IsoModule};
 use fractos_qemu::cluster::{
-    write_key_file, ClusterSpec, ControllerSetup, CONFIG_FW_CFG_NAME, CONFIG_MODULE_NAME,
+    write_key_file, Cluster, ClusterSpec, ControllerSetup, CONFIG_FW_CFG_NAME, CONFIG_MODULE_NAME,
 };
 use fractos_qemu::exit::KernelExit;
-use fractos_qemu::node::{write_private_file, Appliance, Boot, FwCfgFile, NodeSpec};
+use fractos_qemu::node::{write_private_file, Appliance, Boot, Firmware, FwCfgFile, NodeSpec};
 use fractos_qemu::{QEMU, READY_MARKER};
 use fractos_sdk::Rights;
-use fractos_tests::{attach_demo, kernel, scratch, EXIT_TIMEOUT, READY_TIMEOUT};
+use fractos_tests::{attach_demo, kernel, scratch, APPLIANCE_WAIT, EXIT_TIMEOUT, READY_TIMEOUT};
 
 /// A PVH node whose configuration file holds `config`.
 fn with_config(test: &str, cmdline: &str, config: &str) -> NodeSpec {
@@ -219,4 +219,46 @@ fn thousand_member_configuration_boots_and_serves_a_process() {
         size / 1048576.0,
         config.len()
     );
+}
+
+#[test]
+fn uefi_cluster_nodes_link_from_their_configuration_modules() {
+    // `fractos up --firmware uefi`: every node boots its own ISO under
+    // OVMF, members and peers in the ISO's `fractos-config` module.
+    let dir = scratch("config-uefi-cluster");
+    let setup = ControllerSetup::new(2, DEMO_KEY).expect("pick ports");
+    let spec = ClusterSpec {
+        firmware: Firmware::Uefi,
+        ..ClusterSpec::controllers(kernel(), dir.clone(), setup.clone())
+    };
+    let mut c = Cluster::launch(&spec).expect("launch QEMU");
+    c.wait_ready(READY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    for (i, n) in c.nodes().iter().enumerate() {
+        let log = n.log();
+        let config = spec.node_config(i as u32).unwrap();
+        let read = format!("config: {} bytes from module fractos-config", config.len());
+        assert!(log.contains(&read), "node{i}:\n{log}");
+        assert!(log.contains("members [0, 1]"), "node{i}:\n{log}");
+        assert!(!log.contains("fractos.peers"), "node{i}:\n{log}");
+    }
+    let deadline = Instant::now() + APPLIANCE_WAIT;
+    for i in 0..2 {
+        loop {
+            let m = fractos_adaptors::demo::scrape_metrics(setup.metrics_addr(i).unwrap())
+                .unwrap_or_default();
+            let linked = m
+                .lines()
+                .any(|l| l.starts_with("fractos_peers_connected{") && l.ends_with(" 1"));
+            if linked {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node{i} not linked:\n{m}\n{}",
+                c.nodes()[i as usize].log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
