@@ -155,6 +155,9 @@ pub struct NodeStats {
     pub direct_faults: u64,
     /// Connections currently open, by kind.
     pub open: [usize; 3],
+    /// Most accepted (not dialled) connections of each kind open at once
+    /// since the node started: what the connection limits bound.
+    pub accepted_peak: [usize; 3],
 }
 
 struct Conn<Cx: ?Sized> {
@@ -270,12 +273,15 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
             ConnKind::Peer => self.cfg.max_peer_conns,
             ConnKind::Metrics => self.cfg.max_metrics_conns,
         };
-        let dialled = |c: &Conn<Cx>| c.dialed.is_some();
+        self.accepted_open(kind) < max
+    }
+
+    /// Open connections of `kind` that were accepted (not dialled).
+    fn accepted_open(&self, kind: ConnKind) -> usize {
         self.conns
             .values()
-            .filter(|c| c.kind == kind && !dialled(c))
+            .filter(|c| c.kind == kind && c.dialed.is_none())
             .count()
-            < max
     }
 
     fn insert(&mut self, now: Instant, kind: ConnKind, ch: Box<dyn Channel<Cx>>) -> ConnId {
@@ -310,6 +316,9 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
     pub fn add(&mut self, now: Instant, kind: ConnKind, ch: Box<dyn Channel<Cx>>) -> ConnId {
         self.now = now;
         let id = self.insert(now, kind, ch);
+        let open = self.accepted_open(kind);
+        let peak = &mut self.stats.accepted_peak[kind.index()];
+        *peak = (*peak).max(open);
         match kind {
             ConnKind::Process => {
                 self.ctrl.process_connected(now, ChannelId(id.0));
@@ -463,6 +472,15 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
              fractos_node_accepted_total{{node=\"{node}\",kind=\"peer\"}} {}\n\
              fractos_node_accepted_total{{node=\"{node}\",kind=\"metrics\"}} {}",
             s.accepted[0], s.accepted[1], s.accepted[2]
+        );
+        let _ = writeln!(
+            text,
+            "# HELP fractos_node_accepted_peak Most accepted connections open at once since start, by kind (bounded by the connection limits).\n\
+             # TYPE fractos_node_accepted_peak gauge\n\
+             fractos_node_accepted_peak{{node=\"{node}\",kind=\"process\"}} {}\n\
+             fractos_node_accepted_peak{{node=\"{node}\",kind=\"peer\"}} {}\n\
+             fractos_node_accepted_peak{{node=\"{node}\",kind=\"metrics\"}} {}",
+            s.accepted_peak[0], s.accepted_peak[1], s.accepted_peak[2]
         );
         let _ = writeln!(
             text,

@@ -408,6 +408,16 @@ fn connection_limits_are_reported_to_the_host() {
     w.settle();
     assert!(w.nodes[0].accepts(ConnKind::Process));
     assert_eq!(w.nodes[0].stats().accepted, [2, 1, 1]);
+    // A replacement raises the total but not the peak held at once.
+    let _c = w.connect(0, ConnKind::Process);
+    let stats = w.nodes[0].stats();
+    assert_eq!(stats.accepted, [3, 1, 1]);
+    assert_eq!(stats.accepted_peak, [2, 1, 1]);
+    let text = w.nodes[0].metrics_text();
+    assert!(
+        text.contains("fractos_node_accepted_peak{node=\"1\",kind=\"process\"} 2"),
+        "{text}"
+    );
 }
 
 #[test]
