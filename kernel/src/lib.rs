@@ -21,3 +21,4 @@ pub mod secret;
 pub mod service;
 pub mod shm;
 pub mod storage;
+pub mod virtio_mmio;

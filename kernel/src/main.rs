@@ -4,7 +4,8 @@
 //! mode on the boot stack, with SSE on and the first 4 GiB identity-mapped.
 //! Boot order: serial → GDT/TSS/IDT → boot info → command line → logger →
 //! TSC → cluster key (fw_cfg or boot module) → entropy → frames → heap →
-//! PCI → page tables → NVMe → virtio-net → controller → ready.
+//! PCI → virtio-mmio announcements → page tables → NVMe → virtio-net →
+//! controller → ready.
 #![no_std]
 #![no_main]
 
@@ -111,7 +112,9 @@ fn serve(mut devices: Devices, idle_poll: bool) -> ! {
         pio::halt_forever()
     };
     if !idle_poll {
-        idle::init_tick(IDLE_TICK_HZ);
+        if idle::init_tick(IDLE_TICK_HZ) {
+            info!("idle: local APIC LINT0 was masked; set to ExtINT for the 8259's {IDLE_TICK_HZ} Hz tick");
+        }
     }
     let mut nics: Vec<(&mut smoltcp::iface::Interface, &mut net::Device)> = devices
         .net
@@ -266,7 +269,7 @@ fn start_storage(svc: &mut Service, disk: nvme::Disk, config: &Config, key: &[u8
 enum NotStarted<'a> {
     #[error("{0}")]
     Key(KeyError<'a>),
-    #[error("no NIC: give the appliance a virtio-net NIC (QEMU: -device virtio-net-pci)")]
+    #[error("no NIC: give the appliance a virtio-net NIC (QEMU: -device virtio-net-pci; QEMU microvm or Firecracker: a virtio-mmio net device announced as virtio_mmio.device=<size>@<base>:<irq> on the command line)")]
     NoNic,
 }
 
@@ -516,14 +519,30 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
         info!("pci: {d}");
     }
     info!("pci: {} functions", devices.len());
+    if devices.is_empty() {
+        info!("pci: no PCI functions (a VMM without PCI, e.g. QEMU microvm or Firecracker): no NVMe storage service, no shared-memory slots");
+    }
+    let virtio_mmio =
+        fractos_kernel::virtio_mmio::devices(boot.cmdline.as_str(), boot.memory.regions(), |e| {
+            warn!("virtio-mmio: {e}")
+        });
+    for d in &virtio_mmio {
+        info!(
+            "virtio-mmio: device at {:#x} size {:#x} irq {} (polled)",
+            d.base, d.size, d.irq
+        );
+    }
     let mmio: Vec<(u64, u64)> = devices
         .iter()
         .flat_map(|d| d.memory_windows().map(|(_, a, s)| (a, s)))
+        .chain(virtio_mmio.iter().map(|d| (d.base, d.size)))
         .collect();
 
     let g = cpu::ist_guards();
     let guards = [layout::boot_stack_guard(), g[0], g[1], g[2]];
-    let stats = paging::init(&boot.memory, &mut frames, &guards, &mmio)?;
+    // The local APIC's page too, for routing the idle tick (hw/idle.rs).
+    let windows: Vec<(u64, u64)> = mmio.iter().copied().chain(idle::lapic_window()).collect();
+    let stats = paging::init(&boot.memory, &mut frames, &guards, &windows)?;
     info!(
         "paging: {} x 2MiB + {} x 4KiB pages, {} MMIO windows uncached, {} guard pages unmapped",
         stats.huge, stats.small, stats.mmio_windows, stats.guards
@@ -531,7 +550,7 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
     dma::install(frames);
 
     let mut nvme = nvme::bring_up(&devices, config.test == Some(TestHook::Nvme))?;
-    let mut net = net::bring_up(&devices, &mmio, config);
+    let mut net = net::bring_up(&devices, &virtio_mmio, &mmio, config);
     let slots = bring_up_slots(&devices, &seed);
     let service = match service_config(config, &key, &seed, net.len()) {
         Ok(c) => {

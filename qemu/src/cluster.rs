@@ -9,8 +9,8 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use crate::build::IsoModule;
 use crate::node::{
-    write_private_file, Accel, Appliance, Boot, Firmware, FwCfgFile, L2Segment, NodeSpec, NvmeDisk,
-    ShmSlot,
+    write_private_file, Accel, Appliance, Boot, Firmware, FwCfgFile, L2Segment, Machine, NodeSpec,
+    NvmeDisk, ShmSlot,
 };
 use crate::{QemuError, READY_MARKER};
 
@@ -35,6 +35,9 @@ pub struct ClusterSpec {
     /// (`<state_dir>/node<i>.iso`, built by [`Cluster::launch`]) under
     /// OVMF instead of the kernel ELF via PVH.
     pub firmware: Firmware,
+    /// Machine type of every node ([`Machine::Microvm`]: virtio-mmio NICs,
+    /// no NVMe disks or shared-memory slots).
+    pub machine: Machine,
     /// Directory for serial logs, pidfiles and disk images.
     pub state_dir: PathBuf,
     /// Whether the nodes die with the launching thread (see
@@ -225,6 +228,7 @@ impl ClusterSpec {
             nvme_mib: Vec::new(),
             accel: Accel::Tcg,
             firmware: Firmware::Bios,
+            machine: Machine::Pc,
             state_dir,
             die_with_parent: true,
             controller: Some(setup),
@@ -316,6 +320,7 @@ impl ClusterSpec {
                 .collect(),
             accel: self.accel,
             firmware: self.firmware,
+            machine: self.machine,
             serial_log: dir.join(format!("node{i}.log")),
             pidfile: Some(dir.join(format!("node{i}.pid"))),
             fw_cfg: self
@@ -354,6 +359,10 @@ impl Cluster {
             return Err(QemuError::Config(
                 "a cluster needs at least one node".into(),
             ));
+        }
+        // Before writing anything: a node the machine cannot have.
+        for i in 0..spec.nodes {
+            spec.node(i).check_machine()?;
         }
         fs::create_dir_all(&spec.state_dir).map_err(QemuError::io("creating", &spec.state_dir))?;
         if let Some(c) = &spec.controller {
@@ -513,6 +522,7 @@ mod tests {
             nvme_mib: vec![16],
             accel: Accel::Tcg,
             firmware: Firmware::Bios,
+            machine: Machine::Pc,
             state_dir: "/s".into(),
             die_with_parent: true,
             controller: None,
@@ -541,6 +551,7 @@ mod tests {
             nvme_mib: vec![],
             accel: Accel::Tcg,
             firmware: Firmware::Bios,
+            machine: Machine::Pc,
             state_dir: "/s".into(),
             die_with_parent: true,
             controller: Some(setup.clone()),

@@ -56,6 +56,66 @@ impl std::str::FromStr for Firmware {
     }
 }
 
+/// The QEMU machine type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Machine {
+    /// The PC (`-machine pc`): PCI, virtio-net-pci NICs, NVMe disks,
+    /// ivshmem slots, SeaBIOS or OVMF.
+    #[default]
+    Pc,
+    /// QEMU's `microvm`, the Firecracker-class machine: no PCI, no
+    /// firmware beyond qboot, the kernel booted via PVH, NICs as
+    /// virtio-mmio devices (`virtio-net-device`, modern: `-global
+    /// virtio-mmio.force-legacy=false`) that QEMU announces on the kernel
+    /// command line (`virtio_mmio.device=512@0xfeb00e00:12`; `acpi=off`
+    /// makes it do so). No NVMe disks or shared-memory slots (they are PCI
+    /// devices); the cluster key still arrives over fw_cfg, which microvm
+    /// has.
+    Microvm,
+}
+
+impl Machine {
+    /// Short lower-case name (`pc`, `microvm`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Machine::Pc => "pc",
+            Machine::Microvm => "microvm",
+        }
+    }
+
+    /// The `-machine` argument.
+    fn arg(self) -> &'static str {
+        match self {
+            Machine::Pc => "pc",
+            // Without ACPI, QEMU writes the virtio-mmio devices onto the
+            // kernel command line (its `auto-kernel-cmdline`); with ACPI it
+            // describes them only in the DSDT, which the kernel does not
+            // parse.
+            Machine::Microvm => "microvm,acpi=off,auto-kernel-cmdline=on",
+        }
+    }
+
+    /// The `-device` driver of a virtio-net NIC, with its options.
+    fn nic(self) -> &'static str {
+        match self {
+            Machine::Pc => "virtio-net-pci,disable-legacy=on",
+            Machine::Microvm => "virtio-net-device",
+        }
+    }
+}
+
+impl std::str::FromStr for Machine {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pc" | "q35" => Ok(Machine::Pc),
+            "microvm" => Ok(Machine::Microvm),
+            _ => Err(format!("unknown machine `{s}`: use `pc` or `microvm`")),
+        }
+    }
+}
+
 /// CPU accelerator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Accel {
@@ -240,6 +300,8 @@ pub struct NodeSpec {
     pub accel: Accel,
     /// Firmware (BIOS by default; UEFI boots ISOs with OVMF).
     pub firmware: Firmware,
+    /// Machine type (PC by default).
+    pub machine: Machine,
     /// Serial console output file.
     pub serial_log: PathBuf,
     /// Where QEMU writes its pid (for `fractos down`), if anywhere.
@@ -269,6 +331,7 @@ impl NodeSpec {
             l2: None,
             accel: Accel::Tcg,
             firmware: Firmware::Bios,
+            machine: Machine::Pc,
             serial_log: serial_log.to_path_buf(),
             pidfile: None,
             fw_cfg: Vec::new(),
@@ -287,11 +350,40 @@ impl NodeSpec {
         Self::new(name, boot, serial_log)
     }
 
+    /// Refuses what the machine type cannot have: on microvm (no PCI, no
+    /// firmware choice) NVMe disks, shared-memory slots, UEFI and ISO or
+    /// bzImage boots.
+    pub fn check_machine(&self) -> Result<(), QemuError> {
+        if self.machine != Machine::Microvm {
+            return Ok(());
+        }
+        let refuse = |what: &str| {
+            Err(QemuError::Config(format!(
+                "{}: the microvm machine has no PCI and boots only the kernel ELF via PVH, so it cannot have {what}; use --machine pc for it",
+                self.name
+            )))
+        };
+        if !self.nvme.is_empty() {
+            return refuse("NVMe disks (PCI devices)");
+        }
+        if !self.shm_slots.is_empty() {
+            return refuse("shared-memory slots (ivshmem, a PCI device)");
+        }
+        if self.firmware == Firmware::Uefi {
+            return refuse("UEFI firmware");
+        }
+        match self.boot {
+            Boot::Elf { .. } => Ok(()),
+            Boot::Iso(_) => refuse("an ISO boot"),
+            Boot::Linux { .. } => refuse("a Linux bzImage boot here"),
+        }
+    }
+
     /// The QEMU arguments for this node.
     pub fn args(&self) -> Vec<String> {
         let mut a: Vec<String> = [
             "-machine",
-            "pc",
+            self.machine.arg(),
             "-nodefaults",
             "-no-reboot",
             "-display",
@@ -306,6 +398,11 @@ impl NodeSpec {
         .collect();
         a.push("-accel".into());
         a.push(self.accel.name().into());
+        if self.machine == Machine::Microvm {
+            // Modern (version 2) virtio-mmio devices: QEMU's default is
+            // legacy, which the driver refuses (Firecracker's are modern).
+            a.extend(["-global".into(), "virtio-mmio.force-legacy=false".into()]);
+        }
         // A CPU with RDRAND, so the appliance seeds its nonces from the
         // CPU's generator (`entropy: rdrand` in its log) instead of TSC
         // jitter: QEMU's default `qemu64` has none, and TCG emulates RDRAND
@@ -361,7 +458,8 @@ impl NodeSpec {
                 netdev,
                 "-device".into(),
                 format!(
-                    "virtio-net-pci,netdev=net{n},disable-legacy=on,mac=52:54:00:fa:{:02x}:{:02x}",
+                    "{},netdev=net{n},mac=52:54:00:fa:{:02x}:{:02x}",
+                    self.machine.nic(),
                     self.index & 0xff,
                     n & 0xff
                 ),
@@ -376,7 +474,8 @@ impl NodeSpec {
                 ),
                 "-device".into(),
                 format!(
-                    "virtio-net-pci,netdev=l2,disable-legacy=on,mac=52:54:00:fb:{:02x}:{:02x}",
+                    "{},netdev=l2,mac=52:54:00:fb:{:02x}:{:02x}",
+                    self.machine.nic(),
                     (self.index >> 8) & 0xff,
                     self.index & 0xff
                 ),
@@ -480,6 +579,7 @@ impl Appliance {
                 "--accel kvm needs /dev/kvm; use --accel tcg on this machine".into(),
             ));
         }
+        spec.check_machine()?;
         let mut paths: Vec<&Path> = vec![&spec.serial_log];
         paths.extend(spec.pidfile.as_deref());
         paths.extend(spec.nvme.iter().map(|d| d.path.as_path()));
@@ -826,7 +926,7 @@ mod tests {
         assert!(a.contains("-m 256M"), "{a}");
         assert!(a.contains("-kernel /k -append fractos.node=1"), "{a}");
         assert!(
-            a.contains("virtio-net-pci,netdev=net1,disable-legacy=on,mac=52:54:00:fa:03:01"),
+            a.contains("virtio-net-pci,disable-legacy=on,netdev=net1,mac=52:54:00:fa:03:01"),
             "{a}"
         );
         assert!(
@@ -891,6 +991,64 @@ mod tests {
         assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         assert_eq!(fs::read(&path).unwrap(), b"secret\n");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn microvm_uses_virtio_mmio_nics_and_refuses_pci_devices() {
+        let mut s = NodeSpec::pvh(
+            "n",
+            Path::new("/k"),
+            "fractos.node=0",
+            Path::new("/tmp/s.log"),
+        );
+        s.machine = "microvm".parse().unwrap();
+        s.nics = 1;
+        s.hostfwd.push((17100, 7100));
+        s.l2 = Some(L2Segment {
+            group: std::net::Ipv4Addr::new(239, 70, 0, 1),
+            port: 4000,
+        });
+        let a = s.args().join(" ");
+        assert!(
+            a.contains("-machine microvm,acpi=off,auto-kernel-cmdline=on "),
+            "{a}"
+        );
+        assert!(a.contains("-global virtio-mmio.force-legacy=false"), "{a}");
+        assert!(
+            a.contains("-device virtio-net-device,netdev=net0,mac=52:54:00:fa:00:00"),
+            "{a}"
+        );
+        assert!(
+            a.contains("-device virtio-net-device,netdev=l2,mac="),
+            "{a}"
+        );
+        assert!(!a.contains("-pci"), "{a}");
+        assert!(s.check_machine().is_ok());
+        let pc = NodeSpec::pvh("n", Path::new("/k"), "", Path::new("/tmp/s.log"));
+        assert!(!pc.args().join(" ").contains("virtio-mmio"));
+
+        let mut disk = s.clone();
+        disk.nvme.push(NvmeDisk {
+            path: "/tmp/d.img".into(),
+            size_mib: 8,
+        });
+        let err = Appliance::launch(disk).unwrap_err().to_string();
+        assert!(err.contains("cannot have NVMe disks"), "{err}");
+        let mut slot = s.clone();
+        slot.shm_slots.push(ShmSlot {
+            path: "/dev/shm/x".into(),
+            size_mib: 16,
+        });
+        let err = slot.check_machine().unwrap_err().to_string();
+        assert!(err.contains("shared-memory slots"), "{err}");
+        let mut iso = s.clone();
+        iso.boot = Boot::Iso("/x.iso".into());
+        assert!(iso.check_machine().is_err());
+        let mut uefi = s;
+        uefi.firmware = Firmware::Uefi;
+        assert!(uefi.check_machine().is_err());
+        assert_eq!("pc".parse::<Machine>(), Ok(Machine::Pc));
+        assert!("firecracker".parse::<Machine>().is_err());
     }
 
     #[test]

@@ -345,6 +345,7 @@ fn cluster_comes_up_and_down_tears_it_down() {
         nvme_mib: vec![2],
         accel: Accel::Tcg,
         firmware: fractos_qemu::node::Firmware::Bios,
+        machine: fractos_qemu::node::Machine::Pc,
         state_dir: state.clone(),
         die_with_parent: true,
         controller: None,

@@ -80,6 +80,7 @@ extern crate alloc;
 mod csum;
 #[cfg(test)]
 mod fake;
+mod mmio;
 mod negotiated;
 mod pci;
 mod pool;
@@ -92,9 +93,11 @@ use smoltcp::wire::EthernetAddress;
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::DeviceStatus;
 
+pub use mmio::mmio_transport;
 pub use pci::{pci_transport, PciConfig};
+pub use virtio_drivers::transport::mmio::{MmioError, MmioTransport};
 pub use virtio_drivers::transport::pci::{PciTransport, VirtioPciError};
-pub use virtio_drivers::transport::{DeviceType, Transport};
+pub use virtio_drivers::transport::{DeviceType, SomeTransport, Transport};
 pub use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 
 use negotiated::Negotiated;
@@ -215,6 +218,26 @@ pub enum Error {
     /// The PCI function is not a usable virtio 1.x device.
     #[error("virtio PCI transport: {0}")]
     Pci(VirtioPciError),
+    /// The virtio-mmio register block is not a usable device.
+    #[error("virtio-mmio device at {base:#x}: {error}")]
+    Mmio {
+        /// Its physical address.
+        base: PhysAddr,
+        /// What `virtio-drivers` found.
+        error: MmioError,
+    },
+    /// The virtio-mmio device speaks the legacy (version 1) register layout.
+    #[error("virtio-mmio device at {0:#x} is legacy (version 1): the driver needs a virtio 1.x device (version 2); QEMU: -global virtio-mmio.force-legacy=false (Firecracker's devices are version 2)")]
+    MmioLegacy(PhysAddr),
+    /// The virtio-mmio window's address is not usable (0, or not 4-byte
+    /// aligned).
+    #[error("virtio-mmio window {base:#x}+{size:#x} is not usable: its base must be non-zero and 4-byte aligned")]
+    MmioWindow {
+        /// Its physical address.
+        base: PhysAddr,
+        /// Its size.
+        size: usize,
+    },
     /// An error from `virtio-drivers` (transport, queue).
     #[error(transparent)]
     Virtio(#[from] virtio_drivers::Error),

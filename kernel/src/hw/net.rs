@@ -1,5 +1,7 @@
 //! virtio-net bring-up at boot: the `fractos-virtio-net` driver's [`Hal`]
-//! over the kernel's DMA frames and the identity-mapped (uncached) BARs, a
+//! over the kernel's DMA frames and the identity-mapped (uncached) device
+//! windows — PCI BARs, and virtio-mmio register blocks announced on the
+//! command line (`virtio_mmio.device=`, Firecracker / QEMU microvm) — a
 //! smoltcp [`Interface`] with the static IPv4 address of the command line,
 //! and the `fractos.test=net` echo server.
 //!
@@ -11,9 +13,10 @@ use core::ptr::NonNull;
 
 use fractos_kernel::config::Config;
 use fractos_kernel::pci::{self, PciFunction};
+use fractos_kernel::virtio_mmio::MmioDevice;
 use fractos_virtio_net::{
-    is_virtio_net, pci_transport, BufferDirection, Hal, PciConfig, PciTransport, PhysAddr,
-    VirtioNet,
+    is_virtio_net, mmio_transport, pci_transport, BufferDirection, Hal, PciConfig, PhysAddr,
+    SomeTransport, VirtioNet,
 };
 use log::{debug, info, warn};
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketSet};
@@ -32,8 +35,9 @@ pub const QUEUE: usize = 64;
 /// served, in TSC time.
 pub const TEST_TIMEOUT_NS: u64 = 60_000_000_000;
 
-/// Memory windows of all enumerated BARs, each `(address, size)`: the only
-/// ranges [`KernelHal::mmio_phys_to_virt`] hands out.
+/// Memory windows of all enumerated BARs and announced virtio-mmio
+/// devices, each `(address, size)`: the only ranges
+/// [`KernelHal::mmio_phys_to_virt`] hands out.
 static MMIO: Once<Vec<(u64, u64)>> = Once::new();
 
 /// The virtio driver's hardware boundary (stateless: DMA comes from the
@@ -48,9 +52,10 @@ pub struct KernelHal;
 // address 0, which `virtio-drivers` checks. `dma_dealloc` never returns
 // frames to anyone (the allocator does not free), so memory the device may
 // still touch is never reused. `mmio_phys_to_virt` only returns addresses
-// inside a BAR window found by enumeration, which `paging::init` maps
-// identity and uncached and which no other driver uses (each BAR belongs to
-// one function). `share` returns the buffer's own address: all RAM the
+// inside a BAR window found by enumeration or a virtio-mmio window checked
+// against the memory map (`fractos_kernel::virtio_mmio`), which
+// `paging::init` maps identity and uncached and which no other driver uses
+// (each BAR belongs to one function, each window to one device). `share` returns the buffer's own address: all RAM the
 // kernel uses (image, stacks, heap, frames) is identity-mapped.
 unsafe impl Hal for KernelHal {
     fn dma_alloc(pages: usize, _direction: BufferDirection) -> (PhysAddr, NonNull<u8>) {
@@ -72,7 +77,7 @@ unsafe impl Hal for KernelHal {
             .is_some_and(|w| w.iter().any(|&(a, s)| paddr >= a && end <= a + s));
         assert!(
             inside,
-            "virtio: MMIO range {paddr:#x}+{size:#x} is not inside a mapped BAR"
+            "virtio: MMIO range {paddr:#x}+{size:#x} is not inside a mapped device window"
         );
         NonNull::new(paddr as *mut u8).expect("BAR at address 0")
     }
@@ -84,13 +89,56 @@ unsafe impl Hal for KernelHal {
     unsafe fn unshare(_paddr: PhysAddr, _buffer: NonNull<[u8]>, _direction: BufferDirection) {}
 }
 
-/// The driver type the kernel uses.
-pub type Device = VirtioNet<KernelHal, PciTransport, QUEUE>;
+/// The driver type the kernel uses (over PCI or virtio-mmio).
+pub type Device = VirtioNet<KernelHal, SomeTransport<'static>, QUEUE>;
+
+/// Where a NIC sits: a PCI function or a virtio-mmio window.
+#[derive(Debug, Clone, Copy)]
+pub enum NicAddr {
+    /// A virtio-net PCI function.
+    Pci(Bdf),
+    /// A virtio-mmio device.
+    Mmio(MmioDevice),
+}
+
+impl core::fmt::Display for NicAddr {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            NicAddr::Pci(b) => b.fmt(f),
+            NicAddr::Mmio(d) => d.fmt(f),
+        }
+    }
+}
+
+impl NicAddr {
+    /// A small number that differs between NICs (seeds smoltcp).
+    fn salt(&self) -> u64 {
+        match self {
+            NicAddr::Pci(b) => u64::from(b.0.device()),
+            NicAddr::Mmio(d) => d.base >> 9,
+        }
+    }
+}
+
+/// A NIC found at boot, not yet brought up.
+enum Found<'a> {
+    Pci(&'a PciFunction),
+    Mmio(&'a MmioDevice),
+}
+
+impl Found<'_> {
+    fn addr(&self) -> NicAddr {
+        match self {
+            Found::Pci(f) => NicAddr::Pci(Bdf(f.address)),
+            Found::Mmio(d) => NicAddr::Mmio(**d),
+        }
+    }
+}
 
 /// A NIC, brought up, with its smoltcp interface.
 pub struct Net {
-    /// Where it sits on the PCI bus.
-    pub bdf: Bdf,
+    /// Where it sits.
+    pub bdf: NicAddr,
     /// The driver.
     pub dev: Device,
     /// smoltcp's interface over it.
@@ -152,17 +200,27 @@ pub fn now() -> Instant {
     Instant::from_micros((time::now_ns() / 1000) as i64)
 }
 
-/// Brings up every virtio-net function in `devices` (logging
-/// `net: <bdf> mac=...` for each) and returns the ones used, each with an
-/// interface: the first NIC gets `fractos.ip`/`fractos.gw`, the second
-/// `fractos.ip1` (no gateway; the peer network) if set. `mmio` lists the
-/// BAR windows the page tables mapped uncached. Failures are logged as
-/// warnings.
-pub fn bring_up(devices: &[PciFunction], mmio: &[(u64, u64)], config: &Config) -> Vec<Net> {
+/// Brings up every virtio-net function in `devices`, then every
+/// virtio-mmio NIC of `mmio_devices` (logging `net: <where> mac=...` for
+/// each) and returns the ones used, each with an interface: the first NIC
+/// gets `fractos.ip`/`fractos.gw`, the second `fractos.ip1` (no gateway;
+/// the peer network) if set. `mmio` lists the device windows (BARs and
+/// virtio-mmio blocks) the page tables mapped uncached. Failures are
+/// logged as warnings.
+pub fn bring_up(
+    devices: &[PciFunction],
+    mmio_devices: &[MmioDevice],
+    mmio: &[(u64, u64)],
+    config: &Config,
+) -> Vec<Net> {
     MMIO.call_once(|| mmio.to_vec());
     let mut nics = Vec::new();
-    for f in devices.iter().filter(|f| is_virtio_net(f.vendor, f.device)) {
-        let bdf = Bdf(f.address);
+    let pci = devices
+        .iter()
+        .filter(|f| is_virtio_net(f.vendor, f.device))
+        .map(Found::Pci);
+    for found in pci.chain(mmio_devices.iter().map(Found::Mmio)) {
+        let bdf = found.addr();
         let ip = match nics.len() {
             0 if config.ip_dhcp => Some((None, None)),
             0 => Some((Some(config.ip), config.gateway)),
@@ -173,7 +231,11 @@ pub fn bring_up(devices: &[PciFunction], mmio: &[(u64, u64)], config: &Config) -
             info!("net: {bdf} not used (no address configured for it)");
             continue;
         };
-        match init_one(f) {
+        let dev = match found {
+            Found::Pci(f) => init_pci(f),
+            Found::Mmio(d) => init_mmio(d),
+        };
+        match dev {
             Ok(dev) => {
                 info!("net: {bdf} mac={}", Mac(dev.mac_address()));
                 debug!(
@@ -187,7 +249,7 @@ pub fn bring_up(devices: &[PciFunction], mmio: &[(u64, u64)], config: &Config) -
         }
     }
     if nics.is_empty() {
-        warn!("net: no usable virtio-net NIC; continuing without networking");
+        warn!("net: no usable virtio-net NIC (PCI or virtio-mmio); continuing without networking");
     } else {
         log_costs();
     }
@@ -239,13 +301,13 @@ fn log_costs() {
 }
 
 fn configure(
-    bdf: Bdf,
+    bdf: NicAddr,
     mut dev: Device,
     ip: Option<fractos_kernel::config::Ipv4Net>,
     gateway: Option<core::net::Ipv4Addr>,
 ) -> Net {
     let mut c = IfaceConfig::new(HardwareAddress::Ethernet(dev.mac_address()));
-    c.random_seed = time::now_ns() ^ 0x6e65_7466_7261_6374 ^ u64::from(bdf.0.device());
+    c.random_seed = time::now_ns() ^ 0x6e65_7466_7261_6374 ^ bdf.salt();
     let mut iface = Interface::new(c, &mut dev, now());
     let Some(ip) = ip else {
         info!("net: {bdf} address by DHCP (once the event loop runs)");
@@ -267,7 +329,7 @@ fn configure(
     Net { bdf, dev, iface }
 }
 
-fn init_one(f: &PciFunction) -> Result<Device, BringUpError> {
+fn init_pci(f: &PciFunction) -> Result<Device, BringUpError> {
     // SAFETY: the driver resets the device and then only points it at DMA
     // frames it allocated itself (rings and buffer pools, which it keeps for
     // its lifetime); no other code programs this device.
@@ -279,7 +341,23 @@ fn init_one(f: &PciFunction) -> Result<Device, BringUpError> {
     // interleave.
     let config = unsafe { PciConfig::new(pio::PortConfigAccess) };
     let transport = pci_transport::<KernelHal, _>(config, f.address)?;
-    Ok(VirtioNet::new(transport)?)
+    Ok(VirtioNet::new(transport.into())?)
+}
+
+fn init_mmio(d: &MmioDevice) -> Result<Device, BringUpError> {
+    // At most 1 MiB (checked when parsed); 0 would be refused as too small.
+    let size = usize::try_from(d.size).unwrap_or(0);
+    // SAFETY: `d` was announced on the command line and checked against
+    // the memory map (`virtio_mmio::devices`: not RAM, ACPI or the first
+    // MiB, no overlap with another device); `paging::init` mapped it
+    // identity and uncached and `MMIO` lists it, so the HAL hands out a
+    // pointer valid for the kernel's lifetime; only this driver touches
+    // it. If nothing is there, reads return what the VMM returns for
+    // unassigned space and the magic check refuses it.
+    let transport = unsafe { mmio_transport::<KernelHal>(d.base, size) }?;
+    // The driver resets the device and then only points it at DMA frames
+    // it allocated itself, which it keeps for its lifetime.
+    Ok(VirtioNet::new(transport.into())?)
 }
 
 /// What the echo server did.

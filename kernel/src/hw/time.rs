@@ -13,6 +13,9 @@ pub enum Source {
     Cpuid,
     /// Counted against PIT channel 2 for 10 ms.
     Pit,
+    /// Counted against PIT channel 0 for 50 ms (no speaker gate at port
+    /// 0x61, as on QEMU microvm).
+    PitChannel0,
 }
 
 fn rdtsc() -> u64 {
@@ -28,6 +31,56 @@ fn from_cpuid() -> Option<u64> {
     let l = core::arch::x86_64::__cpuid(0x15);
     (l.eax != 0 && l.ebx != 0 && l.ecx != 0)
         .then(|| u64::from(l.ecx) * u64::from(l.ebx) / u64::from(l.eax))
+}
+
+/// Whether the PC speaker / PIT channel 2 gate port (0x61) exists: on
+/// machines without it (QEMU microvm) it reads as all ones, while its
+/// high bits (parity, channel check) read 0 on a PC.
+fn has_speaker_port() -> bool {
+    // SAFETY: reading port 0x61 (system control port B) has no side effect.
+    unsafe { Port::<u8>::new(0x61).read() != 0xff }
+}
+
+/// Counts TSC ticks over 50 ms of PIT channel 0, read back with latch
+/// commands (channel 0's gate is always on) and summed across the
+/// counter's wrap-arounds. Interrupts are off; the idle tick reprograms
+/// the channel later.
+fn from_pit_channel0() -> u64 {
+    const PIT_HZ: u64 = 1_193_182;
+    const TICKS: u64 = PIT_HZ / 20; // 50 ms
+    let mut cmd = Port::<u8>::new(0x43);
+    let mut ch0 = Port::<u8>::new(0x40);
+    // SAFETY: ports 0x43/0x40 are the PIT command and channel 0 ports:
+    // rate generator with the full count (its interrupt stays masked:
+    // interrupts are disabled), then latched reads, which only observe.
+    unsafe {
+        cmd.write(0b0011_0100); // channel 0, lo/hi, mode 2
+        ch0.write(0);
+        ch0.write(0);
+    }
+    let mut read = || {
+        // SAFETY: as above.
+        unsafe {
+            cmd.write(0b0000_0000); // latch channel 0
+            let lo = ch0.read();
+            let hi = ch0.read();
+            u16::from_le_bytes([lo, hi])
+        }
+    };
+    let mut last = read();
+    let t0 = rdtsc();
+    let mut elapsed = 0u64;
+    // Bounded: a PIT that never counts gives up after 2^24 reads.
+    for _ in 0..(1u32 << 24) {
+        let now = read();
+        elapsed += u64::from(last.wrapping_sub(now));
+        last = now;
+        if elapsed >= TICKS {
+            let t1 = rdtsc();
+            return (t1 - t0) * PIT_HZ / elapsed;
+        }
+    }
+    0
 }
 
 fn from_pit() -> u64 {
@@ -59,7 +112,8 @@ fn from_pit() -> u64 {
 pub fn init() -> (u64, Source) {
     let (hz, src) = match from_cpuid() {
         Some(hz) => (hz, Source::Cpuid),
-        None => (from_pit(), Source::Pit),
+        None if has_speaker_port() => (from_pit(), Source::Pit),
+        None => (from_pit_channel0(), Source::PitChannel0),
     };
     TSC_HZ.store(hz.max(1), Ordering::Relaxed);
     (hz, src)

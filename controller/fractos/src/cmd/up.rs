@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use fractos_qemu::cluster::{self, Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::exit::KernelExit;
-use fractos_qemu::node::{Accel, Firmware};
+use fractos_qemu::node::{Accel, Firmware, Machine};
 
 use super::cluster::{ClusterFile, ClusterNode, CLUSTER_FILE};
 
@@ -28,6 +28,12 @@ pub struct UpArgs {
     /// the state directory, which needs `grub-efi-amd64-bin`).
     #[arg(long, default_value = "bios")]
     pub firmware: Firmware,
+    /// Machine type: pc (PCI: virtio-net-pci NICs, NVMe, shared-memory
+    /// slots) or microvm (QEMU's Firecracker-class machine: no PCI,
+    /// virtio-mmio NICs announced on the kernel command line; no --nvme,
+    /// --shm-slots or --firmware uefi).
+    #[arg(long, default_value = "pc")]
+    pub machine: Machine,
     /// RAM per appliance in MiB.
     #[arg(long, default_value_t = 256)]
     pub memory: u32,
@@ -159,6 +165,7 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
         nvme_mib: a.nvme.clone(),
         accel: a.accel,
         firmware: a.firmware,
+        machine: a.machine,
         state_dir: state_dir.clone(),
         die_with_parent: !a.detach,
         controller: controller.clone(),
@@ -178,8 +185,9 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
 
     let mut c = Cluster::launch(&spec)?;
     eprintln!(
-        "launched {} appliance(s) ({}, {}, {} MiB each); serial logs in {}",
+        "launched {} appliance(s) ({}, {}, {}, {} MiB each); serial logs in {}",
         a.nodes,
+        a.machine.name(),
         a.accel.name(),
         a.firmware.name(),
         a.memory,
