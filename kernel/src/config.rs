@@ -16,7 +16,7 @@
 //! | `fractos.gw` | IPv4 default gateway, or `none` | `10.0.2.2` |
 //! | `fractos.test_port` | TCP port of the `fractos.test=net` echo server | `7000` |
 //! | `fractos.ip1` | IPv4 address/prefix of the second NIC (the peer network) | none |
-//! | `fractos.key_source` | where the cluster key is read: `fw_cfg:<name>`, `module:<name>` or `auto` (see [`crate::secret`]) | `auto`: fw_cfg `opt/fractos/cluster-key`, else module `fractos-cluster-key` |
+//! | `fractos.key_source` | where the cluster key is read: `fw_cfg:<name>`, `module:<name>`, `initrd` or `auto` (see [`crate::secret`]) | `auto`: fw_cfg `opt/fractos/cluster-key`, else module `fractos-cluster-key` |
 //! | `fractos.key` | **refused**: a key on the command line stops the controller from starting | — |
 //! | `fractos.members` | every node id of the cluster, `0,1,2` | this node only |
 //! | `fractos.peers` | peers to link to, `1@10.1.0.2,2@10.1.0.3:7101` | none |
@@ -264,7 +264,7 @@ impl Config {
                 "key" => Ok(()),
                 "key_source" => KeySource::parse(value)
                     .map(|_| ())
-                    .ok_or(Refusal::Bad("fw_cfg:<name> (1..=55 bytes), module:<name> or auto")),
+                    .ok_or(Refusal::Bad("fw_cfg:<name> (1..=55 bytes), module:<name>, initrd or auto")),
                 "log" => value
                     .parse::<LevelFilter>()
                     .map(|l| self.log_level = l)

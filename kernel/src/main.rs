@@ -111,10 +111,10 @@ fn serve(mut devices: Devices, idle_poll: bool) -> ! {
     let Some(service) = devices.service.as_mut() else {
         pio::halt_forever()
     };
-    if !idle_poll {
-        if idle::init_tick(IDLE_TICK_HZ) {
-            info!("idle: local APIC LINT0 was masked; set to ExtINT for the 8259's {IDLE_TICK_HZ} Hz tick");
-        }
+    if !idle_poll && idle::init_tick(IDLE_TICK_HZ) {
+        info!(
+            "idle: local APIC LINT0 was masked; set to ExtINT for the 8259's {IDLE_TICK_HZ} Hz tick"
+        );
     }
     let mut nics: Vec<(&mut smoltcp::iface::Interface, &mut net::Device)> = devices
         .net

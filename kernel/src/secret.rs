@@ -10,6 +10,7 @@
 //! |---|---|
 //! | `fw_cfg:<name>` | the QEMU fw_cfg file `<name>` |
 //! | `module:<name>` | the Multiboot2 module whose command line is `<name>` |
+//! | `initrd` | the first boot module without a command line: the PVH initrd (Firecracker's `initrd_path`, QEMU's `-initrd`), for VMMs without fw_cfg |
 //! | `auto` (default) | fw_cfg [`DEFAULT_FW_CFG_NAME`], else module [`DEFAULT_MODULE_NAME`] |
 //!
 //! The key file holds the 32-byte key as exactly 64 hex digits (either
@@ -37,13 +38,17 @@ pub enum KeySource<'a> {
     FwCfg(&'a str),
     /// The Multiboot2 module with this command line.
     Module(&'a str),
+    /// The first boot module without a command line (the PVH initrd).
+    Initrd,
 }
 
 impl<'a> KeySource<'a> {
     /// Parses a `fractos.key_source=` value.
     pub fn parse(v: &'a str) -> Option<Self> {
-        if v == "auto" {
-            return Some(KeySource::Auto);
+        match v {
+            "auto" => return Some(KeySource::Auto),
+            "initrd" => return Some(KeySource::Initrd),
+            _ => {}
         }
         let (kind, name) = v.split_once(':')?;
         if name.is_empty() {
@@ -78,6 +83,7 @@ impl core::fmt::Display for KeySource<'_> {
             ),
             KeySource::FwCfg(n) => write!(f, "fw_cfg file {n}"),
             KeySource::Module(n) => write!(f, "boot module {n}"),
+            KeySource::Initrd => write!(f, "initrd (boot module without a command line)"),
         }
     }
 }
@@ -229,6 +235,7 @@ where
     let found = match source {
         KeySource::FwCfg(name) => from_fw_cfg(name, &mut buf, &mut fw_cfg),
         KeySource::Module(name) => from_module(name, &mut buf, modules, &mut read_module),
+        KeySource::Initrd => from_module(INITRD, &mut buf, modules, &mut read_module),
         KeySource::Auto => match from_fw_cfg(DEFAULT_FW_CFG_NAME, &mut buf, &mut fw_cfg) {
             Ok(None) => from_module(DEFAULT_MODULE_NAME, &mut buf, modules, &mut read_module),
             other => other,
@@ -262,7 +269,11 @@ fn from_module<'a, 'm>(
     mut modules: impl Iterator<Item = (&'m str, u64, u64)>,
     read_module: &mut impl FnMut(u64, &mut [u8]) -> bool,
 ) -> Result<Option<[u8; 32]>, KeyError<'a>> {
-    let Some((_, start, len)) = modules.find(|(c, _, _)| module_named(c, name)) else {
+    let wanted = |c: &str| match name {
+        INITRD => c.trim().is_empty(),
+        _ => module_named(c, name),
+    };
+    let Some((_, start, len)) = modules.find(|(c, _, _)| wanted(c)) else {
         return Ok(None);
     };
     let n = usize::try_from(len)
@@ -275,10 +286,17 @@ fn from_module<'a, 'm>(
     parse_key_file(&buf[..n])
         .map(Some)
         .map_err(|err| KeyError::Malformed {
-            from: KeySource::Module(name),
+            from: match name {
+                INITRD => KeySource::Initrd,
+                _ => KeySource::Module(name),
+            },
             err,
         })
 }
+
+/// The name [`from_module`] gives the initrd: it is matched by having no
+/// command line, never by name.
+const INITRD: &str = "<initrd>";
 
 #[cfg(test)]
 mod tests {
@@ -428,6 +446,45 @@ mod tests {
                 err: KeyFileError::Length { len: 63 }
             })
         );
+    }
+
+    #[test]
+    fn loads_from_the_initrd_module() {
+        // Firecracker's PVH initrd: a module without a command line.
+        let mem = |start: u64, buf: &mut [u8]| {
+            if start != 0x30_0000 {
+                return false;
+            }
+            buf.copy_from_slice(&HEX[..buf.len()]);
+            true
+        };
+        let nodev = |_: &str, _: &mut [u8; KEY_FILE_MAX]| Err(FwCfgError::NoDevice);
+        let mods = [("other", 0x10_0000u64, 64u64), ("", 0x30_0000, 64)];
+        assert_eq!(
+            KeySource::of("fractos.key_source=initrd"),
+            KeySource::Initrd
+        );
+        assert_eq!(
+            load_key(KeySource::Initrd, nodev, mods.iter().copied(), mem),
+            Ok(key())
+        );
+        // Not picked by `auto`, and named modules are not an initrd.
+        assert_eq!(
+            load_key(KeySource::Auto, nodev, mods.iter().copied(), mem),
+            Err(KeyError::Missing(KeySource::Auto))
+        );
+        let named = [("other", 0x30_0000u64, 64u64)];
+        let err = load_key(KeySource::Initrd, nodev, named.iter().copied(), mem).unwrap_err();
+        assert_eq!(err, KeyError::Missing(KeySource::Initrd));
+        assert!(err.to_string().contains("initrd"), "{err}");
+        let short = [("", 0x30_0000u64, 10u64)];
+        assert!(matches!(
+            load_key(KeySource::Initrd, nodev, short.iter().copied(), mem),
+            Err(KeyError::Malformed {
+                from: KeySource::Initrd,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -350,7 +350,7 @@ pub struct BootInfo {
     pub protocol: BootProtocol,
     /// Physical memory map, sorted.
     pub memory: MemoryMap,
-    /// Boot modules (Multiboot2 only).
+    /// Boot modules (Multiboot2 modules; the PVH module list, e.g. the initrd).
     pub modules: Modules,
     /// Kernel command line.
     pub cmdline: Cmdline,

@@ -1,7 +1,7 @@
 //! PVH direct boot: `struct hvm_start_info` (Xen public `arch-x86/hvm/start_info.h`).
 
 use crate::acpi::{find_rsdp_in_bios, read_rsdp};
-use crate::{BootInfo, BootProtocol, Cmdline, LoaderError, MemoryKind, PhysMem};
+use crate::{BootInfo, BootModule, BootProtocol, Cmdline, LoaderError, MemoryKind, PhysMem};
 
 /// `hvm_start_info.magic`: "xEn3" with the top bit set.
 pub const PVH_START_MAGIC: u32 = 0x336e_c578;
@@ -54,10 +54,37 @@ impl HvmStartInfo {
 /// One `hvm_memmap_table_entry`: addr u64, size u64, type u32, reserved u32.
 const MEMMAP_ENTRY_SIZE: u64 = 24;
 
+/// One `hvm_modlist_entry`: paddr u64, size u64, cmdline_paddr u64,
+/// reserved u64.
+const MODLIST_ENTRY_SIZE: u64 = 32;
+
+/// Most module entries read (the rest are counted as dropped): bounds the
+/// work a bogus `nr_modules` can cause.
+const MAX_MODULE_ENTRIES: u32 = 64;
+
+/// Reads the NUL-terminated string at `paddr` into `buf` in small chunks
+/// (so one near the end of readable memory is still found); returns the
+/// bytes read, the NUL included if it was reached.
+fn read_cstr(mem: &impl PhysMem, paddr: u64, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        let chunk = (buf.len() - n).min(64);
+        if mem.read(paddr + n as u64, &mut buf[n..n + chunk]).is_err() {
+            break;
+        }
+        if buf[n..n + chunk].contains(&0) {
+            return n + chunk;
+        }
+        n += chunk;
+    }
+    n
+}
+
 /// Builds the [`BootInfo`] from the `hvm_start_info` at physical `start_info`.
 ///
 /// The memory map comes from the start info (version ≥ 1). The command line
-/// is copied; the RSDP is read from `rsdp_paddr`, or found by scanning the
+/// and the modules (the VMM's initrd: Firecracker's `initrd_path`, QEMU's
+/// `-initrd`; their command lines, usually none) are copied; the RSDP is read from `rsdp_paddr`, or found by scanning the
 /// BIOS area when the VMM leaves it 0 (QEMU does).
 pub fn from_pvh(start_info: u64, mem: &impl PhysMem) -> Result<BootInfo, LoaderError> {
     let mut raw = [0u8; HvmStartInfo::SIZE];
@@ -79,24 +106,24 @@ pub fn from_pvh(start_info: u64, mem: &impl PhysMem) -> Result<BootInfo, LoaderE
     }
     if si.cmdline_paddr != 0 {
         let mut buf = [0u8; Cmdline::CAPACITY + 1];
-        // Read in small chunks so a command line near the end of readable
-        // memory is still found.
-        let mut n = 0;
-        while n < buf.len() {
-            let chunk = (buf.len() - n).min(64);
-            if mem
-                .read(si.cmdline_paddr + n as u64, &mut buf[n..n + chunk])
-                .is_err()
-            {
-                break;
-            }
-            if buf[n..n + chunk].contains(&0) {
-                n += chunk;
-                break;
-            }
-            n += chunk;
-        }
+        let n = read_cstr(mem, si.cmdline_paddr, &mut buf);
         info.cmdline = Cmdline::from_bytes(&buf[..n]);
+    }
+    if si.modlist_paddr != 0 {
+        for i in 0..si.nr_modules.min(MAX_MODULE_ENTRIES) {
+            let e = si.modlist_paddr + u64::from(i) * MODLIST_ENTRY_SIZE;
+            let start = mem.read_u64(e)?;
+            let size = mem.read_u64(e + 8)?;
+            let cmdline_paddr = mem.read_u64(e + 16)?;
+            let mut name = [0u8; BootModule::CMDLINE_CAPACITY];
+            let n = match cmdline_paddr {
+                0 => 0,
+                p => read_cstr(mem, p, &mut name),
+            };
+            // An overflowing range is kept empty (never readable).
+            let end = start.checked_add(size).unwrap_or(start);
+            info.modules.push(BootModule::new(start, end, &name[..n]));
+        }
     }
     info.acpi = if si.rsdp_paddr != 0 {
         Some(read_rsdp(si.rsdp_paddr, mem)?)
@@ -160,6 +187,39 @@ mod tests {
         let acpi = info.acpi.unwrap();
         assert_eq!(acpi.rsdp_addr, Some(0xF_5A00));
         assert_eq!(acpi.rsdt_addr, 0x7fe_2000);
+    }
+
+    #[test]
+    fn reads_modules_like_firecrackers_initrd() {
+        let mut mem = qemu_like(true);
+        let mut si = start_info(0x7000, 0xF_5A00, 0x6100, 3);
+        si[12..16].copy_from_slice(&3u32.to_le_bytes()); // nr_modules
+        si[16..24].copy_from_slice(&0x8000u64.to_le_bytes()); // modlist
+        mem.write(0x6000, &si);
+        let module = |paddr: u64, size: u64, cmdline: u64| {
+            [paddr, size, cmdline, 0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+        };
+        // The initrd (no command line), a named one, an overflowing one.
+        mem.write(0x8000, &module(0x20_0000, 65, 0));
+        mem.write(0x8020, &module(0x30_0000, 4096, 0x8100));
+        mem.write(0x8040, &module(u64::MAX - 1, 16, 0));
+        mem.write(0x8100, b"fractos-cluster-key\0");
+        let info = from_pvh(0x6000, &mem).unwrap();
+        let m = info.modules.as_slice();
+        assert_eq!(m.len(), 3);
+        assert_eq!(
+            (m[0].start, m[0].len(), m[0].cmdline()),
+            (0x20_0000, 65, "")
+        );
+        assert_eq!((m[1].len(), m[1].cmdline()), (4096, "fractos-cluster-key"));
+        assert!(m[2].is_empty());
+        // A module list outside memory is an error, not a panic.
+        si[16..24].copy_from_slice(&0x7fff_0000u64.to_le_bytes());
+        mem.write(0x6000, &si);
+        assert!(from_pvh(0x6000, &mem).is_err());
     }
 
     #[test]

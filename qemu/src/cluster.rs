@@ -339,6 +339,7 @@ impl ClusterSpec {
                     std::iter::once(key).chain(config)
                 })
                 .collect(),
+            initrd: None,
             index: i,
             die_with_parent: self.die_with_parent,
         }

@@ -308,6 +308,11 @@ pub struct NodeSpec {
     pub pidfile: Option<PathBuf>,
     /// Files offered to the guest through fw_cfg (the cluster key).
     pub fw_cfg: Vec<FwCfgFile>,
+    /// An initrd for a [`Boot::Elf`] boot (`-initrd`), which reaches the
+    /// kernel as the PVH module without a command line: how a VMM without
+    /// fw_cfg (Firecracker's `initrd_path`) delivers the cluster key, read
+    /// with `fractos.key_source=initrd`. Keep it mode 0600.
+    pub initrd: Option<PathBuf>,
     /// Index used to derive unique MAC addresses in a cluster.
     pub index: u32,
     /// Kill QEMU when the thread that launched it dies (default). Turn off
@@ -335,6 +340,7 @@ impl NodeSpec {
             serial_log: serial_log.to_path_buf(),
             pidfile: None,
             fw_cfg: Vec::new(),
+            initrd: None,
             index: 0,
             die_with_parent: true,
         }
@@ -429,6 +435,9 @@ impl NodeSpec {
             Boot::Elf { kernel, cmdline } => {
                 a.extend(["-kernel".into(), kernel.display().to_string()]);
                 a.extend(["-append".into(), cmdline.clone()]);
+                if let Some(i) = &self.initrd {
+                    a.extend(["-initrd".into(), i.display().to_string()]);
+                }
             }
             Boot::Linux {
                 kernel,
@@ -585,6 +594,7 @@ impl Appliance {
         paths.extend(spec.nvme.iter().map(|d| d.path.as_path()));
         paths.extend(spec.shm_slots.iter().map(|d| d.path.as_path()));
         paths.extend(spec.fw_cfg.iter().map(|f| f.path.as_path()));
+        paths.extend(spec.initrd.as_deref());
         let ovmf = Firmware::ovmf_path();
         if spec.firmware == Firmware::Uefi {
             if !ovmf.is_file() {
@@ -602,19 +612,10 @@ impl Appliance {
             )));
         }
         for f in &spec.fw_cfg {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(&f.path)
-                .map_err(QemuError::io("reading", &f.path))?
-                .permissions()
-                .mode();
-            if mode & 0o077 != 0 {
-                return Err(QemuError::Config(format!(
-                    "{} (fw_cfg {}) is readable by other users (mode {:o}): it holds a secret; `chmod 600` it",
-                    f.path.display(),
-                    f.name,
-                    mode & 0o777
-                )));
-            }
+            check_private(&f.path, &format!("fw_cfg {}", f.name))?;
+        }
+        if let Some(i) = &spec.initrd {
+            check_private(i, "initrd")?;
         }
         match &spec.boot {
             Boot::Elf { kernel, .. } => paths.push(kernel),
@@ -861,6 +862,24 @@ impl Drop for Appliance {
     }
 }
 
+/// Refuses a secret file (`what` names its use) that users other than its
+/// owner can read or write.
+fn check_private(path: &Path, what: &str) -> Result<(), QemuError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = fs::metadata(path)
+        .map_err(QemuError::io("reading", path))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(QemuError::Config(format!(
+            "{} ({what}) is readable by other users (mode {:o}): it holds a secret; `chmod 600` it",
+            path.display(),
+            mode & 0o777
+        )));
+    }
+    Ok(())
+}
+
 /// Creates a slot's backing file, mode 0600 from its creation (an old
 /// one is replaced), at its full size (sparse).
 fn create_slot_file(slot: &ShmSlot) -> Result<(), QemuError> {
@@ -1023,6 +1042,14 @@ mod tests {
             "{a}"
         );
         assert!(!a.contains("-pci"), "{a}");
+        assert!(!a.contains("-initrd"), "{a}");
+        let mut with_key = s.clone();
+        with_key.initrd = Some("/s/cluster.key".into());
+        let a = with_key.args().join(" ");
+        assert!(
+            a.contains("-kernel /k -append fractos.node=0 -initrd /s/cluster.key"),
+            "{a}"
+        );
         assert!(s.check_machine().is_ok());
         let pc = NodeSpec::pvh("n", Path::new("/k"), "", Path::new("/tmp/s.log"));
         assert!(!pc.args().join(" ").contains("virtio-mmio"));

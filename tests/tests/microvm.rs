@@ -158,3 +158,65 @@ fn microvm_appliances_serve_processes_over_virtio_mmio_nics() {
     );
     drop(cluster);
 }
+
+/// Firecracker's configuration as QEMU microvm can play it: no fw_cfg for
+/// the key (Firecracker has none), which arrives as the PVH initrd
+/// (Firecracker's `initrd_path`) named by `fractos.key_source=initrd`; one
+/// virtio-mmio NIC announced on the command line.
+#[test]
+fn microvm_appliance_takes_its_key_from_the_initrd_like_firecracker() {
+    use fractos_qemu::cluster::write_key_file;
+    use fractos_qemu::node::{Appliance, NodeSpec};
+
+    let dir = scratch("microvm-initrd");
+    let key_file = dir.join("cluster.key");
+    write_key_file(&key_file, &DEMO_KEY).unwrap();
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = probe.local_addr().unwrap().port();
+    drop(probe);
+    let mut spec = NodeSpec::pvh(
+        "fc",
+        &kernel(),
+        "fractos.node=0 fractos.key_source=initrd",
+        &dir.join("fc.log"),
+    );
+    spec.machine = Machine::Microvm;
+    spec.nics = 1;
+    spec.memory_mib = 128;
+    spec.hostfwd.push((port, 7100));
+    spec.initrd = Some(key_file);
+    assert!(spec.fw_cfg.is_empty());
+    let mut vm = Appliance::launch(spec).expect("launch QEMU");
+    vm.wait_for("fractos: ready", READY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let l = vm.log();
+    assert!(l.contains("virtio-mmio: device at 0xfeb00e00"), "{l}");
+    assert!(l.contains("controller: node 0"), "{l}");
+    assert!(!l.contains("not started"), "{l}");
+    // The key is not on the command line the kernel logged.
+    assert!(
+        !l.contains(&fractos_qemu::cluster::key_hex(&DEMO_KEY)),
+        "{l}"
+    );
+
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let a = attach(addr, "a");
+    let b = attach(addr, "b");
+    let req = a.request_create(3, b"fc:", &[]).unwrap();
+    a.publish("fc-req", req).unwrap();
+    let r = b
+        .lookup("fc-req", WAIT)
+        .unwrap()
+        .as_request()
+        .expect("a Request capability");
+    b.invoke(&r, b"go", &[]).unwrap();
+    let inv = a.next_invocation().unwrap();
+    assert_eq!((inv.tag, inv.imms.as_slice()), (3, &b"fc:go"[..]));
+    // A process holding a token from another key is refused.
+    let wrong = fractos_core::process_token(&[7; 32], b"c");
+    let e =
+        fractos_sdk::Process::attach(addr, "c", wrong, fractos_tests::appliance_attach_options())
+            .err()
+            .expect("a wrong key must not attach");
+    assert_eq!(e.code(), Some(ErrorCode::AuthFailed), "{e}");
+}

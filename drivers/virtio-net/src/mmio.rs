@@ -3,8 +3,6 @@
 //! a device is a register block at a physical address the kernel learns
 //! from its command line (`virtio_mmio.device=<size>@<base>:<irq>`).
 
-use core::ptr::NonNull;
-
 use virtio_drivers::transport::mmio::{MmioTransport, MmioVersion, VirtIOHeader};
 
 use crate::{Error, Hal, PhysAddr};
@@ -39,8 +37,8 @@ pub unsafe fn mmio_transport<H: Hal>(
     // `size` bytes the caller vouches for, valid (and ours alone) for the
     // rest of the program; `MmioTransport::new` checks `size` covers the
     // header.
-    let t = unsafe { MmioTransport::new(NonNull::from(header), size) }
-        .map_err(|e| Error::Mmio { base, error: e })?;
+    let t =
+        unsafe { MmioTransport::new(header, size) }.map_err(|e| Error::Mmio { base, error: e })?;
     match t.version() {
         MmioVersion::Modern => Ok(t),
         MmioVersion::Legacy => Err(Error::MmioLegacy(base)),
