@@ -138,6 +138,22 @@ pub fn attach_demo(addr: std::net::SocketAddr, name: &str) -> fractos_sdk::Proce
         .unwrap_or_else(|e| panic!("attach {name} at {addr}: {e}"))
 }
 
+/// Registers `len` bytes in `user`, makes a WRITE capability over them
+/// and copies `src` into it (panicking on failure); returns the region
+/// and the capability.
+pub fn copy_to_new_region(
+    user: &fractos_sdk::Process,
+    src: &fractos_sdk::MemoryCap,
+    len: u64,
+) -> (fractos_sdk::Region, fractos_sdk::MemoryCap) {
+    let dst = user.register(len).expect("register");
+    let cap = user
+        .memory_create(&dst, 0, len, fractos_sdk::Rights::WRITE)
+        .expect("memory_create");
+    user.copy(src, &cap, None).expect("copy");
+    (dst, cap)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,8 @@ use fractos_core::process_token;
 use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
 use fractos_sdk::{Cap, ErrorCode, Process, Rights, SdkError};
 use fractos_tests::{
-    appliance_attach_options as opts, attach_demo as attach, kernel, scratch, READY_TIMEOUT,
+    appliance_attach_options as opts, attach_demo as attach, copy_to_new_region, kernel, scratch,
+    READY_TIMEOUT,
 };
 
 /// Waits on conditions, never on sleeps; generous for TCG.
@@ -161,11 +162,7 @@ fn exercise(owner: &Process, user: &Process, tag: &str) {
         .as_request()
         .expect("a Request capability");
 
-    let dst = user.register(LEN as u64).unwrap();
-    let dst_cap = user
-        .memory_create(&dst, 0, LEN as u64, Rights::WRITE)
-        .unwrap();
-    user.copy(&got_mem, &dst_cap, None).unwrap();
+    let (dst, dst_cap) = copy_to_new_region(user, &got_mem, LEN as u64);
     assert!(dst.to_vec() == data, "copied bytes differ");
 
     user.invoke(&got_req, b"hello", &[dst_cap.into()]).unwrap();

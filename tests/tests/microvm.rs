@@ -11,7 +11,7 @@ use fractos_adaptors::demo::{scrape_metrics, DEMO_KEY};
 use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::node::Machine;
 use fractos_sdk::{ErrorCode, Rights, SdkError};
-use fractos_tests::{attach_demo as attach, kernel, scratch, READY_TIMEOUT};
+use fractos_tests::{attach_demo as attach, copy_to_new_region, kernel, scratch, READY_TIMEOUT};
 
 const WAIT: Duration = fractos_tests::APPLIANCE_WAIT;
 
@@ -125,11 +125,7 @@ fn microvm_appliances_serve_processes_over_virtio_mmio_nics() {
             .unwrap()
             .as_request()
             .expect("a Request capability");
-        let dst = user.register(LEN as u64).unwrap();
-        let dst_cap = user
-            .memory_create(&dst, 0, LEN as u64, Rights::WRITE)
-            .unwrap();
-        user.copy(&mem, &dst_cap, None).unwrap();
+        let (dst, dst_cap) = copy_to_new_region(user, &mem, LEN as u64);
         assert!(dst.to_vec() == data, "{name}: copied bytes differ");
         user.invoke(&r, name.as_bytes(), &[]).unwrap();
         let inv = owner.next_invocation().unwrap();
