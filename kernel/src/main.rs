@@ -522,19 +522,25 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
     if devices.is_empty() {
         info!("pci: no PCI functions (a VMM without PCI, e.g. QEMU microvm or Firecracker): no NVMe storage service, no shared-memory slots");
     }
-    let virtio_mmio =
-        fractos_kernel::virtio_mmio::devices(boot.cmdline.as_str(), boot.memory.regions(), |e| {
-            warn!("virtio-mmio: {e}")
-        });
+    let bars: Vec<(u64, u64)> = devices
+        .iter()
+        .flat_map(|d| d.memory_windows().map(|(_, a, s)| (a, s)))
+        .collect();
+    let virtio_mmio = fractos_kernel::virtio_mmio::devices(
+        boot.cmdline.as_str(),
+        boot.memory.regions(),
+        &bars,
+        |e| warn!("virtio-mmio: {e}"),
+    );
     for d in &virtio_mmio {
         info!(
             "virtio-mmio: device at {:#x} size {:#x} irq {} (polled)",
             d.base, d.size, d.irq
         );
     }
-    let mmio: Vec<(u64, u64)> = devices
+    let mmio: Vec<(u64, u64)> = bars
         .iter()
-        .flat_map(|d| d.memory_windows().map(|(_, a, s)| (a, s)))
+        .copied()
         .chain(virtio_mmio.iter().map(|d| (d.base, d.size)))
         .collect();
 

@@ -21,7 +21,7 @@
 //! refuses windows the page tables must not map as a device: overlapping
 //! RAM or ACPI memory of the memory map, the first MiB, beyond the
 //! identity map's reach, too small for the register block, or overlapping
-//! another announced device.
+//! a PCI BAR, the APICs or another announced device.
 
 use alloc::vec::Vec;
 
@@ -141,6 +141,21 @@ pub enum MmioEntryError<'a> {
         /// One past its last byte.
         end: u64,
     },
+    /// The window overlaps another device: a PCI BAR, the I/O APIC or the
+    /// local APIC.
+    #[error(
+        "virtio-mmio device at {base:#x} ignored: it overlaps the {what} at [{start:#x}-{end:#x})"
+    )]
+    OverlapsDeviceWindow {
+        /// Base address.
+        base: u64,
+        /// What is there.
+        what: &'static str,
+        /// Its first byte.
+        start: u64,
+        /// One past its last byte.
+        end: u64,
+    },
     /// The window overlaps one announced before it.
     #[error("virtio-mmio device at {base:#x} ignored: it overlaps the device at {other:#x} announced before it")]
     OverlapsDevice {
@@ -252,17 +267,39 @@ fn kind_name(kind: MemoryKind) -> &'static str {
     }
 }
 
+/// The x86 interrupt controllers' fixed windows: the I/O APIC's registers
+/// and the local APIC / MSI range.
+pub const APIC_WINDOWS: [(&str, u64, u64); 2] = [
+    ("I/O APIC", 0xfec0_0000, 0x1000),
+    ("local APIC", 0xfee0_0000, 0x10_0000),
+];
+
 /// Checks that `dev` may be mapped as a device window: outside the first
 /// MiB, outside every non-reserved region of the memory map (RAM, ACPI,
-/// bad RAM), and not overlapping any of `earlier` (the devices accepted
-/// before it).
+/// bad RAM), outside the APICs' windows and every PCI BAR of `bars`
+/// (`(address, size)`), and not overlapping any of `earlier` (the devices
+/// accepted before it).
 pub fn check_window<'a>(
     dev: &MmioDevice,
     memory: &[MemoryRegion],
+    bars: &[(u64, u64)],
     earlier: &[MmioDevice],
 ) -> Result<(), MmioEntryError<'a>> {
     if dev.base < 0x10_0000 {
         return Err(MmioEntryError::LowMemory(dev.base));
+    }
+    let fixed = APIC_WINDOWS.iter().copied();
+    let pci = bars.iter().map(|&(a, s)| ("PCI BAR", a, s));
+    if let Some((what, start, len)) = fixed
+        .chain(pci)
+        .find(|&(_, a, s)| a < dev.end() && dev.base < a.saturating_add(s))
+    {
+        return Err(MmioEntryError::OverlapsDeviceWindow {
+            base: dev.base,
+            what,
+            start,
+            end: start.saturating_add(len),
+        });
     }
     if let Some(r) = memory
         .iter()
@@ -288,16 +325,17 @@ pub fn check_window<'a>(
     Ok(())
 }
 
-/// The usable devices of `cmdline` against the memory map: each entry
-/// parsed and checked; `on_error` gets every refused one.
+/// The usable devices of `cmdline` against the memory map and the PCI
+/// BARs: each entry parsed and checked; `on_error` gets every refused one.
 pub fn devices<'a>(
     cmdline: &'a str,
     memory: &[MemoryRegion],
+    bars: &[(u64, u64)],
     mut on_error: impl FnMut(MmioEntryError<'a>),
 ) -> Vec<MmioDevice> {
     let mut ok: Vec<MmioDevice> = Vec::new();
     for entry in parse_cmdline(cmdline) {
-        match entry.and_then(|d| check_window(&d, memory, &ok).map(|()| d)) {
+        match entry.and_then(|d| check_window(&d, memory, bars, &ok).map(|()| d)) {
             Ok(d) => ok.push(d),
             Err(e) => on_error(e),
         }
@@ -405,27 +443,52 @@ mod tests {
     fn windows_must_not_overlap_memory_or_each_other() {
         let map = qemu_map();
         let d = |s: &str| parse_entry(s).unwrap();
-        assert_eq!(check_window(&d("512@0xfeb00e00:12"), &map, &[]), Ok(()));
+        assert_eq!(
+            check_window(&d("512@0xfeb00e00:12"), &map, &[], &[]),
+            Ok(())
+        );
         // A reserved region is device space: fine.
-        assert_eq!(check_window(&d("4K@0xfeffc000:12"), &map, &[]), Ok(()));
-        let err = check_window(&d("4K@0x7fff000:12"), &map, &[]).unwrap_err();
+        assert_eq!(check_window(&d("4K@0xfeffc000:12"), &map, &[], &[]), Ok(()));
+        let err = check_window(&d("4K@0x7fff000:12"), &map, &[], &[]).unwrap_err();
         assert!(
             matches!(err, MmioEntryError::OverlapsMemory { kind: "usable", .. }),
             "{err}"
         );
         assert_eq!(
-            check_window(&d("4K@0xf0000:12"), &map, &[]),
+            check_window(&d("4K@0xf0000:12"), &map, &[], &[]),
             Err(MmioEntryError::LowMemory(0xf0000))
         );
         let first = d("4K@0xd0000000:5");
         assert_eq!(
-            check_window(&d("512@0xd0000e00:6"), &map, &[first]),
+            check_window(&d("512@0xd0000e00:6"), &map, &[], &[first]),
             Err(MmioEntryError::OverlapsDevice {
                 base: 0xd000_0e00,
                 other: 0xd000_0000
             })
         );
-        assert_eq!(check_window(&d("4K@0xd0001000:6"), &map, &[first]), Ok(()));
+        assert_eq!(
+            check_window(&d("4K@0xd0001000:6"), &map, &[], &[first]),
+            Ok(())
+        );
+        // Other devices' windows: a PCI BAR, the APICs.
+        let bar = [(0xfebf_0000u64, 0x4000u64)];
+        assert_eq!(
+            check_window(&d("512@0xfebf1000:6"), &map, &bar, &[]),
+            Err(MmioEntryError::OverlapsDeviceWindow {
+                base: 0xfebf_1000,
+                what: "PCI BAR",
+                start: 0xfebf_0000,
+                end: 0xfebf_4000
+            })
+        );
+        assert_eq!(
+            check_window(&d("512@0xfebf4000:6"), &map, &bar, &[]),
+            Ok(())
+        );
+        for apic in ["4K@0xfec00000:6", "4K@0xfee00000:6"] {
+            let err = check_window(&d(apic), &map, &[], &[]).unwrap_err();
+            assert!(err.to_string().contains("APIC"), "{err}");
+        }
     }
 
     #[test]
@@ -435,12 +498,12 @@ mod tests {
                        virtio_mmio.device=512@0xfeb00e00:13 virtio_mmio.device=512@0xfeb00c00:11";
         assert_eq!(parse_cmdline(cmdline).len(), 4);
         let mut errors = Vec::new();
-        let devs = devices(cmdline, &qemu_map(), |e| errors.push(e));
+        let devs = devices(cmdline, &qemu_map(), &[], |e| errors.push(e));
         let bases: Vec<u64> = devs.iter().map(|d| d.base).collect();
         assert_eq!(bases, [0xfeb0_0e00, 0xfeb0_0c00]);
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert_eq!(errors[0], MmioEntryError::Syntax("oops"));
         assert!(matches!(errors[1], MmioEntryError::OverlapsDevice { .. }));
-        assert!(devices("fractos.node=1", &qemu_map(), |_| panic!()).is_empty());
+        assert!(devices("fractos.node=1", &qemu_map(), &[], |_| panic!()).is_empty());
     }
 }
