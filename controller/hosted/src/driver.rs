@@ -603,7 +603,7 @@ impl EventLoop {
             tasks.push(tokio::spawn(accept_local(
                 l,
                 events.clone(),
-                cfg.attach_timeout,
+                local::LocalShared::new(cfg.attach_timeout),
             )));
             local_path = Some(path);
         }
@@ -831,13 +831,19 @@ impl EventLoop {
 async fn accept_local(
     l: tokio::net::UnixListener,
     events: mpsc::Sender<Event>,
-    attach_timeout: Duration,
+    shared: local::LocalShared,
 ) {
     loop {
         match l.accept().await {
-            Ok((s, _)) => {
-                tokio::spawn(local::serve(s, events.clone(), attach_timeout));
-            }
+            Ok((s, _)) => match shared.admit(s, events.clone()) {
+                Some(task) => {
+                    tokio::spawn(task);
+                }
+                None => debug!(
+                    "local connection closed: {} are already waiting for their hello",
+                    local::MAX_PENDING_LOCAL
+                ),
+            },
             Err(e) => {
                 warn!(error = %e, "local accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;

@@ -37,6 +37,7 @@ use fractos_core::{Limits, PeerSecurity};
 pub use fractos_core::{LinkTraffic, Traffic};
 pub use fractos_node::{METRICS_PORT, PEER_PORT, PROCESS_PORT};
 use fractos_wire::NodeId;
+pub use local::{MAX_LOCAL_REGIONS, MAX_PENDING_LOCAL, MAX_REGIONS};
 
 /// Configuration of a hosted controller.
 #[derive(Clone, Debug)]

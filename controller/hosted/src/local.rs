@@ -16,12 +16,12 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fractos_shm::local::{LocalMsg, HELLO, LOCAL_VERSION, MAX_LOCAL_MSG, REGISTER, UNREGISTER};
-use fractos_shm::{AsyncEventFd, EventFd, Mapping};
+use fractos_shm::{AsyncEventFd, EventFd, Mapping, MAX_FDS};
 use fractos_transport::ring::{ring_area_len, RingEndpoint, RingSide, RING_MAX};
 use fractos_transport::{Channel, DirectMemory, Framing, Received, RingChannel, TransportError};
 use fractos_wire::ErrorCode;
@@ -33,7 +33,19 @@ use tracing::{debug, info, warn};
 use crate::driver::Event;
 
 /// Regions one process may register with its controller.
-pub const MAX_REGIONS: usize = 65_536;
+pub const MAX_REGIONS: usize = 4096;
+
+/// Regions all local processes of one controller may have registered at
+/// once. Each is one mapping of the controller (Linux allows 65 530 per
+/// process by default, `vm.max_map_count`): the bound keeps the
+/// controller's own allocations and other processes' rings mappable
+/// whatever registering processes do.
+pub const MAX_LOCAL_REGIONS: usize = 16_384;
+
+/// Local connections that may be between their accept and their `Hello`
+/// at once; more are closed at once (each waits at most the attach
+/// timeout for its `Hello`).
+pub const MAX_PENDING_LOCAL: usize = 64;
 
 /// The controller's side of the rings.
 pub(crate) type Rings = RingChannel<Mapping, EventFd>;
@@ -43,9 +55,26 @@ pub(crate) type Rings = RingChannel<Mapping, EventFd>;
 #[derive(Default)]
 pub(crate) struct Regions {
     map: BTreeMap<u64, (u64, Mapping)>,
+    /// Regions registered by all processes of the controller (this table's
+    /// share is given back when it is dropped).
+    total: Arc<AtomicUsize>,
+}
+
+impl Drop for Regions {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.map.len(), Ordering::AcqRel);
+    }
 }
 
 impl Regions {
+    /// An empty table counting against the controller-wide `total`.
+    pub(crate) fn new(total: Arc<AtomicUsize>) -> Self {
+        Regions {
+            map: BTreeMap::new(),
+            total,
+        }
+    }
+
     /// The mapping and offset holding all of `[addr, addr+len)`.
     fn find(&self, addr: u64, len: usize) -> Result<(&Mapping, usize), ErrorCode> {
         let (&start, (rlen, m)) = self
@@ -68,7 +97,9 @@ impl Regions {
             .filter(|_| len > 0)
             .ok_or_else(|| format!("region [{addr:#x}, +{len}) is empty or wraps around"))?;
         if self.map.len() >= MAX_REGIONS {
-            return Err(format!("at most {MAX_REGIONS} regions per process"));
+            return Err(format!(
+                "at most {MAX_REGIONS} regions per process; unregister some or register larger ones"
+            ));
         }
         let before = self.map.range(..end).next_back();
         if let Some((&s, (l, _))) = before {
@@ -78,12 +109,26 @@ impl Regions {
                 ));
             }
         }
+        let taken = self
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_LOCAL_REGIONS).then_some(n + 1)
+            });
+        if taken.is_err() {
+            return Err(format!(
+                "the controller holds {MAX_LOCAL_REGIONS} regions of local processes, its limit; try again later"
+            ));
+        }
         self.map.insert(addr, (len, m));
         Ok(())
     }
 
     fn remove(&mut self, addr: u64) -> bool {
-        self.map.remove(&addr).is_some()
+        let removed = self.map.remove(&addr).is_some();
+        if removed {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+        }
+        removed
     }
 }
 
@@ -263,9 +308,9 @@ impl Inbox {
             if let Some((msg, n)) = LocalMsg::decode(&self.buf)? {
                 self.buf.drain(..n);
                 let want = msg.fds();
-                if self.fds.len() < want {
+                if self.fds.len() != want {
                     return Err(LocalError::Protocol(format!(
-                        "a {:?} message came with {} descriptors, {want} are needed",
+                        "a message of kind {} came with {} descriptors; it takes {want} (send one message at a time, with exactly its descriptors)",
                         msg.kind(),
                         self.fds.len()
                     )));
@@ -290,6 +335,12 @@ impl Inbox {
             .await?;
         if n == 0 {
             return Ok(false);
+        }
+        if self.fds.len() > MAX_FDS {
+            return Err(LocalError::Protocol(format!(
+                "{} descriptors sent before a whole message; no message takes more than 3",
+                self.fds.len()
+            )));
         }
         if self.buf.len() + n > 4 * MAX_LOCAL_MSG {
             return Err(LocalError::Protocol(
@@ -320,6 +371,38 @@ async fn ack(s: &UnixStream, of: u8, addr: u64, error: String) -> Result<(), Loc
     send(s, &LocalMsg::Ack { of, addr, error }).await
 }
 
+/// What every local connection of one controller shares: the bound on
+/// connections still waiting for their `Hello`, and the count of regions
+/// registered.
+#[derive(Clone)]
+pub(crate) struct LocalShared {
+    pending: Arc<tokio::sync::Semaphore>,
+    regions: Arc<AtomicUsize>,
+    attach_timeout: Duration,
+}
+
+impl LocalShared {
+    pub(crate) fn new(attach_timeout: Duration) -> Self {
+        LocalShared {
+            pending: Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_LOCAL)),
+            regions: Arc::default(),
+            attach_timeout,
+        }
+    }
+
+    /// Takes on a freshly accepted connection: its task, or `None` (the
+    /// connection is dropped, hence closed) when [`MAX_PENDING_LOCAL`]
+    /// connections are already waiting for their `Hello`.
+    pub(crate) fn admit(
+        &self,
+        s: UnixStream,
+        events: mpsc::Sender<Event>,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let permit = self.pending.clone().try_acquire_owned().ok()?;
+        Some(serve(s, events, self.clone(), permit))
+    }
+}
+
 /// Opens the rings of a `Hello`'s descriptors.
 fn open_rings(fds: Vec<OwnedFd>) -> Result<(Rings, AsyncEventFd), LocalError> {
     let mut fds = fds.into_iter();
@@ -336,8 +419,14 @@ fn open_rings(fds: Vec<OwnedFd>) -> Result<(Rings, AsyncEventFd), LocalError> {
     Ok((RingChannel::new(endpoint, down), waker))
 }
 
-/// Serves one local connection until the process goes.
-pub(crate) async fn serve(s: UnixStream, events: mpsc::Sender<Event>, attach_timeout: Duration) {
+/// Serves one local connection until the process goes. `pending` is
+/// released once the `Hello` is answered.
+async fn serve(
+    s: UnixStream,
+    events: mpsc::Sender<Event>,
+    shared: LocalShared,
+    pending: tokio::sync::OwnedSemaphorePermit,
+) {
     let cred = fractos_shm::peer_cred(&s);
     let pid = match &cred {
         Ok(c) => {
@@ -358,7 +447,7 @@ pub(crate) async fn serve(s: UnixStream, events: mpsc::Sender<Event>, attach_tim
         buf: Vec::new(),
         fds: Vec::new(),
     };
-    let hello = tokio::time::timeout(attach_timeout, inbox.next(&s)).await;
+    let hello = tokio::time::timeout(shared.attach_timeout, inbox.next(&s)).await;
     let (rings, waker) = match hello {
         Ok(Ok(Some((LocalMsg::Hello { version }, fds)))) if version == LOCAL_VERSION => {
             match open_rings(fds) {
@@ -386,7 +475,8 @@ pub(crate) async fn serve(s: UnixStream, events: mpsc::Sender<Event>, attach_tim
         }
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
-            debug!(pid, error = %e, "local connection dropped before its hello");
+            debug!(pid, error = %e, "local connection refused before its hello");
+            let _ = ack(&s, HELLO, 0, e.to_string()).await;
             return;
         }
         Err(_) => {
@@ -394,7 +484,7 @@ pub(crate) async fn serve(s: UnixStream, events: mpsc::Sender<Event>, attach_tim
             return;
         }
     };
-    let regions = Arc::new(Mutex::new(Regions::default()));
+    let regions = Arc::new(Mutex::new(Regions::new(shared.regions.clone())));
     let gone = Arc::new(AtomicBool::new(false));
     let (ok_tx, ok_rx) = oneshot::channel();
     let (alive, mut dropped) = oneshot::channel();
@@ -425,6 +515,7 @@ pub(crate) async fn serve(s: UnixStream, events: mpsc::Sender<Event>, attach_tim
         let _ = events.send(Event::Wake).await;
         return;
     }
+    drop(pending);
     let why = tokio::select! {
         r = run(&s, &mut inbox, &regions, &waker, &events, &gone) => r,
         _ = &mut dropped => {
@@ -434,7 +525,13 @@ pub(crate) async fn serve(s: UnixStream, events: mpsc::Sender<Event>, attach_tim
     };
     match why {
         Ok(()) => debug!(pid, "local process left"),
-        Err(e) => warn!(pid, error = %e, "local channel closed"),
+        Err(e) => {
+            warn!(pid, error = %e, "local channel closed");
+            // Tell the process why, if it still listens (`of` 0: the
+            // message could not be read).
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), ack(&s, 0, 0, e.to_string())).await;
+        }
     }
     gone.store(true, Ordering::Release);
     let _ = events.send(Event::Wake).await;
@@ -461,7 +558,8 @@ async fn run(
                             .map_err(|_| "region too large".to_string())
                             .and_then(|n| {
                                 let fd = fds.into_iter().next().ok_or("no descriptor")?;
-                                Mapping::open(fd, file_offset, n).map_err(|e| e.to_string())
+                                Mapping::open_detached(fd, file_offset, n)
+                                    .map_err(|e| e.to_string())
                             })
                             .and_then(|m| lock().insert(addr, len, m));
                         ack(s, REGISTER, addr, r.err().unwrap_or_default()).await?;
@@ -524,7 +622,8 @@ mod tests {
 
     #[test]
     fn region_table_checks_bounds_and_overlaps() {
-        let mut r = Regions::default();
+        let total = Arc::new(AtomicUsize::new(0));
+        let mut r = Regions::new(total.clone());
         let m = Mapping::create("r", 8192).unwrap();
         r.insert(0x1000, 100, m.clone()).unwrap();
         r.insert(0x3000, 8192, m.clone()).unwrap();
@@ -561,6 +660,39 @@ mod tests {
         assert_eq!(
             mem.read(&mut (), 0x1000, &mut out),
             Err(ErrorCode::MemoryFault)
+        );
+        assert_eq!(total.load(Ordering::Acquire), 1, "one region left");
+        drop(mem);
+        assert_eq!(
+            total.load(Ordering::Acquire),
+            0,
+            "a dropped table gives back its share"
+        );
+    }
+
+    #[test]
+    fn region_counts_are_bounded_per_process_and_per_controller() {
+        let total = Arc::new(AtomicUsize::new(0));
+        let m = Mapping::create("r", 4096).unwrap();
+        let mut r = Regions::new(total.clone());
+        for i in 0..MAX_REGIONS as u64 {
+            r.insert(i * 4096, 4096, m.clone()).unwrap();
+        }
+        let e = r.insert(u64::MAX / 2, 1, m.clone()).unwrap_err();
+        assert!(e.contains("regions per process"), "{e}");
+        assert!(r.remove(0));
+        r.insert(u64::MAX / 2, 1, m.clone()).unwrap();
+        assert_eq!(total.load(Ordering::Acquire), MAX_REGIONS);
+        // Other processes fill the controller's budget.
+        total.fetch_add(MAX_LOCAL_REGIONS - MAX_REGIONS, Ordering::AcqRel);
+        let mut other = Regions::new(total.clone());
+        let e = other.insert(0, 1, m.clone()).unwrap_err();
+        assert!(e.contains("its limit"), "{e}");
+        drop(r);
+        other.insert(0, 1, m).unwrap();
+        assert_eq!(
+            total.load(Ordering::Acquire),
+            MAX_LOCAL_REGIONS - MAX_REGIONS + 1
         );
     }
 }

@@ -57,7 +57,10 @@ pub fn send_with_fds(
 
 /// Receives at most `buf.len()` bytes from `sock`, appending the
 /// descriptors that came with them to `fds` (close-on-exec). `Ok(0)`: the
-/// other side closed.
+/// other side closed. A message that carried more than [`MAX_FDS`]
+/// descriptors is an `InvalidData` error (the kernel closed the ones that
+/// did not fit; the ones that did are closed here), as is a pile of more
+/// than 64 unclaimed descriptors in `fds`.
 pub fn recv_with_fds(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
@@ -72,15 +75,25 @@ pub fn recv_with_fds(
             r => break r,
         }
     }?;
+    let mut got = Vec::new();
     for msg in control.drain() {
         if let RecvAncillaryMessage::ScmRights(received) = msg {
-            for fd in received {
-                if fds.len() < 64 {
-                    fds.push(fd);
-                }
-            }
+            got.extend(received);
         }
     }
+    if r.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a message carried more than {MAX_FDS} file descriptors"),
+        ));
+    }
+    if fds.len() + got.len() > 64 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "more than 64 file descriptors received and not claimed",
+        ));
+    }
+    fds.extend(got);
     Ok(r.bytes)
 }
 

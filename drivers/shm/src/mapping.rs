@@ -48,7 +48,9 @@ fn window(fd: &OwnedFd, offset: u64, len: usize) -> Result<usize, ShmError> {
 struct Inner {
     ptr: NonNull<u8>,
     len: usize,
-    fd: OwnedFd,
+    /// `None` for [`Mapping::open_detached`]: the mapping outlives its
+    /// descriptor.
+    fd: Option<OwnedFd>,
     /// Offset of the mapping in the file.
     offset: u64,
 }
@@ -134,6 +136,19 @@ impl Mapping {
         Self::map(fd, offset, size)
     }
 
+    /// As [`Mapping::open`], then closes the descriptor: the mapping stays
+    /// valid (and backed: the seals outlive every descriptor) but costs
+    /// the caller no file descriptor, so a process registering many
+    /// regions cannot exhaust its controller's descriptor table.
+    /// [`Mapping::fd`] must not be called on the result.
+    pub fn open_detached(fd: OwnedFd, offset: u64, len: usize) -> Result<Mapping, ShmError> {
+        let mut m = Self::open(fd, offset, len)?;
+        if let Some(inner) = Arc::get_mut(&mut m.inner) {
+            inner.fd = None;
+        }
+        Ok(m)
+    }
+
     /// Maps the whole of a received memfd (checked as by
     /// [`Mapping::open`]) if it holds at most `max_len` bytes.
     pub fn open_whole(fd: OwnedFd, max_len: usize) -> Result<Mapping, ShmError> {
@@ -180,7 +195,7 @@ impl Mapping {
             inner: Arc::new(Inner {
                 ptr,
                 len,
-                fd,
+                fd: Some(fd),
                 offset,
             }),
         })
@@ -208,8 +223,17 @@ impl Mapping {
     }
 
     /// The memfd, to pass to another process.
+    ///
+    /// # Panics
+    ///
+    /// On a mapping made by [`Mapping::open_detached`], which closed it (a
+    /// bug of the caller: such mappings are only read and written).
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.inner.fd.as_fd()
+        self.inner
+            .fd
+            .as_ref()
+            .expect("Mapping::fd on a detached mapping")
+            .as_fd()
     }
 
     /// Whether `a` and `b` are the same mapping.
