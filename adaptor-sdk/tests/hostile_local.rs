@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use fractos_hosted::{spawn, HostedConfig, Running};
-use fractos_sdk::wire::{ProcessMsg, Rights};
-use fractos_sdk::{NodeId, Process};
+use fractos_sdk::wire::{ControllerMsg, FrameSplitter, ProcessMsg, Reply, Rights};
+use fractos_sdk::{ErrorCode, Handle, NodeId, Process};
 use rustix::fs::{MemfdFlags, SealFlags};
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
 
@@ -287,6 +287,9 @@ struct RawProcess {
     up: OwnedFd,
     _down: OwnedFd,
     head: u64,
+    /// What this side read of the down ring, and the bytes not yet framed.
+    down_tail: u64,
+    down_buf: Vec<u8>,
 }
 
 impl RawProcess {
@@ -302,6 +305,8 @@ impl RawProcess {
             up,
             _down: down,
             head: 0,
+            down_tail: 0,
+            down_buf: Vec::new(),
         };
         let mut frame = Vec::new();
         ProcessMsg::Attach {
@@ -322,6 +327,64 @@ impl RawProcess {
         self.head += bytes.len() as u64;
         put_u64(&self.ring, 256, self.head);
         kick(&self.up);
+    }
+
+    fn get_u64(&self, at: u64) -> u64 {
+        let mut b = [0u8; 8];
+        rustix::io::pread(&self.ring, &mut b, at).unwrap();
+        u64::from_le_bytes(b)
+    }
+
+    /// The next message from the controller (polls the down ring).
+    fn next_msg(&mut self) -> ControllerMsg {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if let Some((body, n)) = FrameSplitter::default().split(&self.down_buf).unwrap() {
+                let m = ControllerMsg::decode(body).unwrap();
+                self.down_buf.drain(..n);
+                return m;
+            }
+            let head = self.get_u64(512);
+            while self.down_tail < head {
+                let at = 1024 + RING + self.down_tail % RING;
+                let mut b = [0u8; 1];
+                rustix::io::pread(&self.ring, &mut b, at).unwrap();
+                self.down_buf.push(b[0]);
+                self.down_tail += 1;
+            }
+            put_u64(&self.ring, 512 + 64, self.down_tail);
+            assert!(Instant::now() < deadline, "no message from the controller");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Sends `msg` (whose op id is `op`) and returns its completion.
+    fn call(&mut self, op: u64, msg: ProcessMsg) -> Result<Reply, ErrorCode> {
+        let mut f = Vec::new();
+        msg.encode(&mut f);
+        self.send_up(&f);
+        loop {
+            if let ControllerMsg::Completion { op: o, result } = self.next_msg() {
+                if o == op {
+                    return result;
+                }
+            }
+        }
+    }
+
+    fn memory(&mut self, op: u64, addr: u64, len: u64, rights: Rights) -> Handle {
+        match self.call(
+            op,
+            ProcessMsg::MemoryCreate {
+                op,
+                addr,
+                len,
+                rights,
+            },
+        ) {
+            Ok(Reply::Cap { handle, .. }) => handle,
+            other => panic!("memory_create [{addr:#x}, +{len}): {other:?}"),
+        }
     }
 
     /// Waits until the controller took everything from the up ring.
@@ -835,5 +898,93 @@ fn impossible_rings_close_only_their_own_channel() {
         by.progress();
     }
     no_leak(baseline);
+    by.finish();
+}
+
+/// A process that asks the controller (not the SDK) for capabilities over
+/// windows it never registered, or that straddle a region's end: copies
+/// through them fault, for it and for anyone it hands them to; windows
+/// ending exactly at the region's end copy.
+#[test]
+fn capabilities_past_registered_memory_fault_and_hurt_no_one() {
+    let _serial = serial();
+    let node = controller("windows", |_| {});
+    let by = Bystanders::start(&node, "windows");
+    let mut p = RawProcess::attach(&node, "raw-windows");
+    match p.next_msg() {
+        ControllerMsg::Attached { .. } => {}
+        other => panic!("not attached: {other:?}"),
+    }
+    let region = sealed(PAGE);
+    put(&region, PAGE - 1, b"z");
+    const BASE: u64 = 0x10000;
+    assert_eq!(
+        p.ask(&register(BASE, PAGE, 0), &[region.as_fd()])
+            .as_deref(),
+        Some("")
+    );
+    let rw = Rights::READ_WRITE;
+    let whole = p.memory(1, BASE, PAGE, rw);
+    let last = p.memory(2, BASE + PAGE - 1, 1, rw);
+    let first = p.memory(3, BASE, 1, rw);
+    let straddle = p.memory(4, BASE + PAGE - 1, 2, rw);
+    let nowhere = p.memory(5, 0x90_0000, PAGE, rw);
+    let below = p.memory(6, BASE - 1, 2, rw);
+    let huge = p.memory(7, BASE, u64::MAX - BASE, rw);
+    let two = p.memory(8, BASE, 2, rw);
+    let mut op = 100;
+    let mut copy = |p: &mut RawProcess, src: Handle, dst: Handle| {
+        op += 1;
+        p.call(
+            op,
+            ProcessMsg::Copy {
+                op,
+                src,
+                dst,
+                completion: None,
+            },
+        )
+    };
+    for (what, src, dst) in [
+        ("from a straddling window", straddle, whole),
+        ("into a straddling window", two, straddle),
+        ("from unregistered memory", nowhere, whole),
+        ("into unregistered memory", whole, nowhere),
+        ("from below the region", below, whole),
+        ("into below the region", first, below),
+        ("through a 2^64-byte window", huge, huge),
+    ] {
+        let r = copy(&mut p, src, dst);
+        assert_eq!(r, Err(ErrorCode::MemoryFault), "{what}");
+    }
+    // The last byte of the region is reachable, and lands at its start.
+    assert_eq!(copy(&mut p, last, first), Ok(Reply::Done));
+    let mut b = [0u8; 1];
+    rustix::io::pread(&region, &mut b, 0).unwrap();
+    assert_eq!(&b, b"z");
+    // A bystander handed the straddling window faults too.
+    op += 1;
+    assert_eq!(
+        p.call(
+            op,
+            ProcessMsg::Publish {
+                op,
+                name: b"windows/straddle".to_vec(),
+                cap: straddle,
+            }
+        ),
+        Ok(Reply::Done)
+    );
+    let victim = attach_local(&node, "windows-victim");
+    let d = victim
+        .lookup("windows/straddle", WAIT)
+        .unwrap()
+        .as_memory()
+        .unwrap();
+    let r = victim.register_vec(vec![1, 2]).unwrap();
+    let s = victim.memory_create(&r, 0, 2, Rights::READ).unwrap();
+    let e = victim.copy(&s, &d, None).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::MemoryFault), "{e}");
+    by.progress();
     by.finish();
 }
