@@ -219,7 +219,23 @@ fn exchange(
 ) -> Result<(), SdkError> {
     let mut out = Vec::new();
     msg.encode(&mut out);
-    fractos_shm::send_with_fds(s.as_fd(), &out, fds)?;
+    fractos_shm::send_with_fds(s.as_fd(), &out, fds).map_err(|e| match e {
+        // The socket is shut (this process closed, or the controller went):
+        // a disconnection, not a shared-memory failure.
+        fractos_shm::ShmError::Io { source, .. }
+            if matches!(
+                source.kind(),
+                io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::NotConnected
+            ) =>
+        {
+            SdkError::Disconnected {
+                reason: crate::DisconnectReason::Io(format!("local socket: {source}")),
+            }
+        }
+        e => e.into(),
+    })?;
     s.set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
         .map_err(|e| SdkError::io("configuring the local socket", e))?;
     let mut buf = Vec::new();
