@@ -641,6 +641,11 @@ fn hostile_registrations_are_refused_and_regions_hold_no_descriptors() {
     let unsealed = memfd(4 * PAGE, SealFlags::empty());
     let (pipe_r, _pipe_w) = rustix::pipe::pipe().unwrap();
     let devzero = std::fs::File::open("/dev/zero").unwrap();
+    let write_sealed = memfd(PAGE, SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE);
+    let future_sealed = memfd(
+        PAGE,
+        SealFlags::SHRINK | SealFlags::GROW | SealFlags::FUTURE_WRITE,
+    );
     let refused: Vec<(&str, Vec<u8>, Vec<BorrowedFd<'_>>, &str)> = vec![
         (
             "a pipe",
@@ -659,6 +664,18 @@ fn hostile_registrations_are_refused_and_regions_hold_no_descriptors() {
             register(0x10000, PAGE, 0),
             vec![unsealed.as_fd()],
             "F_SEAL",
+        ),
+        (
+            "a memfd sealed against writes",
+            register(0x10000, PAGE, 0),
+            vec![write_sealed.as_fd()],
+            "mapping the memfd",
+        ),
+        (
+            "a memfd sealed against future writes",
+            register(0x10000, PAGE, 0),
+            vec![future_sealed.as_fd()],
+            "mapping the memfd",
         ),
         (
             "more than the memfd holds",
@@ -773,7 +790,7 @@ fn hostile_registrations_are_refused_and_regions_hold_no_descriptors() {
     by.progress();
     drop(region);
     drop(unsealed);
-    drop((pipe_r, _pipe_w, devzero));
+    drop((pipe_r, _pipe_w, devzero, write_sealed, future_sealed));
     no_leak(baseline);
     by.finish();
 }

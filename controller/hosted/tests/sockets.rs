@@ -470,3 +470,79 @@ fn request_floods_get_limit_errors_and_mid_operation_exits_are_cleaned_up() {
     }
     assert!(good.op(|op| ProcessMsg::Drop { op, cap: m }).is_ok());
 }
+
+/// The peer port under attack: more half-open connections than it takes,
+/// connections that send part of a frame and stop, a length prefix of
+/// 4 GiB, a garbage frame. Links already up keep carrying invocations;
+/// every hostile connection is closed (at once beyond the bound, after the
+/// peer timeout otherwise).
+#[test]
+fn peer_port_floods_and_oversized_frames_leave_links_alone() {
+    let nodes: Vec<Running> = (1..=2)
+        .map(|i| {
+            let mut c = HostedConfig::local(NodeId(i), KEY);
+            c.members = vec![NodeId(1), NodeId(2)];
+            c.heartbeat_interval = Duration::from_millis(100);
+            c.peer_timeout = Duration::from_secs(1);
+            spawn(c).unwrap()
+        })
+        .collect();
+    nodes[0].add_peer(NodeId(2), nodes[1].peer_addr());
+    nodes[1].add_peer(NodeId(1), nodes[0].peer_addr());
+    nodes[0].wait_peers(1, Duration::from_secs(10)).unwrap();
+    let mut server = RawProc::attach(nodes[0].process_addr(), "server");
+    let mut client = RawProc::attach(nodes[1].process_addr(), "client");
+    let req = server.cap(|op| ProcessMsg::RequestCreate {
+        op,
+        tag: 4,
+        imms: vec![],
+        caps: vec![],
+    });
+    let r = share(&mut server, req, &mut client, "peer-flood/req");
+    let round = |client: &mut RawProc, server: &mut RawProc, i: u8| {
+        assert_eq!(
+            client.op(|op| ProcessMsg::Invoke {
+                op,
+                cap: r,
+                imms: vec![i],
+                caps: vec![],
+            }),
+            Ok(Reply::Done)
+        );
+        assert_eq!(server.wait_invocation(), (4, vec![i]));
+    };
+    round(&mut client, &mut server, 0);
+
+    let peer = nodes[0].peer_addr();
+    let mut hostile: Vec<TcpStream> = Vec::new();
+    for i in 0..100 {
+        let mut s = TcpStream::connect(peer).unwrap();
+        let _ = match i % 4 {
+            0 => s.write_all(&[200, 0, 0]),
+            1 => s.write_all(&u32::MAX.to_le_bytes()),
+            2 => s.write_all(&[8, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]),
+            _ => Ok(()),
+        };
+        hostile.push(s);
+    }
+    round(&mut client, &mut server, 1);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (i, s) in hostile.iter_mut().enumerate() {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = [0u8; 256];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hostile peer connection {i} still open"
+        );
+    }
+    round(&mut client, &mut server, 2);
+    nodes[0]
+        .wait_peers(1, Duration::from_secs(1))
+        .expect("the link is still up");
+}
