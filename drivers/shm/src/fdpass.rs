@@ -81,7 +81,9 @@ pub fn recv_with_fds(
             got.extend(received);
         }
     }
-    if r.flags.contains(rustix::net::ReturnFlags::CTRUNC) {
+    // The control buffer's padding can hold a few more than `MAX_FDS`:
+    // those are refused too.
+    if r.flags.contains(rustix::net::ReturnFlags::CTRUNC) || got.len() > MAX_FDS {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("a message carried more than {MAX_FDS} file descriptors"),

@@ -22,20 +22,24 @@ fn excess_descriptors_are_refused_and_detached_mappings_hold_none() {
     let region = Mapping::create("region", PAGE).unwrap();
     let before = open_fds();
 
-    // Eight descriptors in one message, sent around `send_with_fds`'s own
-    // check, as a hostile process would.
-    let fds = [e.fd(); 8];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
-    rustix::net::sendmsg(&a, &[IoSlice::new(b"x")], &mut control, SendFlags::empty()).unwrap();
-    let mut buf = [0u8; 8];
-    let mut got = Vec::new();
-    let err = recv_with_fds(b.as_fd(), &mut buf, &mut got).unwrap_err();
-    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
-    assert!(err.to_string().contains("more than 4"), "{err}");
-    assert!(got.is_empty());
-    assert_eq!(open_fds(), before, "every received descriptor is closed");
+    // Five (fits the receive buffer's padding) and eight (does not)
+    // descriptors in one message, sent around `send_with_fds`'s own check,
+    // as a hostile process would.
+    for n in [5, 8] {
+        let fds = vec![e.fd(); n];
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
+        rustix::net::sendmsg(&a, &[IoSlice::new(b"x")], &mut control, SendFlags::empty())
+            .unwrap();
+        let mut buf = [0u8; 8];
+        let mut got = Vec::new();
+        let err = recv_with_fds(b.as_fd(), &mut buf, &mut got).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{n}");
+        assert!(err.to_string().contains("more than 4"), "{err}");
+        assert!(got.is_empty());
+        assert_eq!(open_fds(), before, "every received descriptor is closed");
+    }
 
     // A detached mapping shares the bytes and closes its descriptor.
     let dup = || region.fd().try_clone_to_owned().unwrap();
