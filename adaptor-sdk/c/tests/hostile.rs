@@ -122,8 +122,8 @@ fn null_pointers_and_overflowing_lengths_are_refused() {
     let mut byte = [0u8; 16];
     let name = CString::new("x").unwrap();
     let rq = request(p, 1);
-    // SAFETY (whole block): every pointer is NULL or valid for its call;
-    // the lengths lie only where the library must refuse before reading.
+    // SAFETY: every pointer is NULL or valid for its call; the lengths lie
+    // only where the library must refuse before reading.
     unsafe {
         refused(
             fractos_register(p, 4096, ptr::null_mut()),
