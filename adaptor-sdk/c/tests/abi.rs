@@ -3,51 +3,17 @@
 //! do not use (derive, monitor, unpublish, dispatch, inline handlers,
 //! per-handle timeouts, local channels), with their error codes.
 
+mod common;
+
 use std::ffi::{c_void, CStr, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::*;
 use fractos_c::fractos_status::{self, *};
 use fractos_c::*;
 use fractos_core::process_token;
-use fractos_hosted::{spawn, HostedConfig, Running};
-use fractos_sdk::NodeId;
-
-const KEY: [u8; 32] = *b"fractos-c-sdk-abi-test-cluster-k";
-
-fn controller(node: u32, local: bool) -> Running {
-    let mut c = HostedConfig::local(NodeId(node), KEY);
-    if local {
-        c.local_socket = Some(fractos_adaptors::bench::socket_path("csdk"));
-    }
-    spawn(c).expect("starting a hosted controller")
-}
-
-fn last_error() -> String {
-    // SAFETY: the SDK returns a NUL-terminated string valid until the
-    // thread's next failing call.
-    unsafe { CStr::from_ptr(fractos_last_error_message()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-#[track_caller]
-fn ok(s: fractos_status) {
-    assert_eq!(s, FRACTOS_OK, "{}", last_error());
-}
-
-fn attach(node: &Running, name: &str, handler_threads: u32) -> *mut fractos_process {
-    let addr = CString::new(node.process_addr().to_string()).unwrap();
-    let cname = CString::new(name).unwrap();
-    let token = process_token(&KEY, name.as_bytes());
-    let mut opts = fractos_attach_options_default();
-    opts.handler_threads = handler_threads;
-    let mut p = ptr::null_mut();
-    // SAFETY: valid strings, a 32-byte token, options and an out-pointer.
-    ok(unsafe { fractos_attach_tcp(addr.as_ptr(), cname.as_ptr(), token.as_ptr(), &opts, &mut p) });
-    p
-}
 
 fn request(p: *mut fractos_process, tag: u64, imms: &[u8], caps: &[fractos_cap]) -> fractos_cap {
     let mut out = fractos_cap::default();

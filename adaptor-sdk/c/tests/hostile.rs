@@ -7,59 +7,27 @@
 //! never hang (each risky call runs under a watchdog) and never touch
 //! memory it was not given.
 
-use std::ffi::{c_void, CStr, CString};
+mod common;
+
+use std::ffi::{c_void, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use common::*;
 use fractos_c::fractos_status::{self, *};
 use fractos_c::*;
 use fractos_core::process_token;
-use fractos_hosted::{spawn, HostedConfig, Running};
-use fractos_sdk::NodeId;
+use fractos_hosted::Running;
 
-const KEY: [u8; 32] = *b"fractos-c-sdk-hostile-cluster-k!";
 const WAIT: Duration = Duration::from_secs(20);
-
-fn controller(local: bool) -> Running {
-    let mut c = HostedConfig::local(NodeId(1), KEY);
-    if local {
-        c.local_socket = Some(fractos_adaptors::bench::socket_path("csdk-hostile"));
-    }
-    spawn(c).expect("starting a hosted controller")
-}
-
-fn last_error() -> String {
-    // SAFETY: the SDK returns a NUL-terminated string valid until the
-    // thread's next failing call.
-    unsafe { CStr::from_ptr(fractos_last_error_message()) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-#[track_caller]
-fn ok(s: fractos_status) {
-    assert_eq!(s, FRACTOS_OK, "{}", last_error());
-}
 
 /// `s` is the error `want`, with a message.
 #[track_caller]
 fn refused(s: fractos_status, want: fractos_status, what: &str) {
     assert_eq!(s, want, "{what}: {}", last_error());
     assert!(!last_error().is_empty(), "{what}: no message");
-}
-
-fn attach(node: &Running, name: &str, handler_threads: u32) -> *mut fractos_process {
-    let addr = CString::new(node.process_addr().to_string()).unwrap();
-    let cname = CString::new(name).unwrap();
-    let token = process_token(&KEY, name.as_bytes());
-    let mut opts = fractos_attach_options_default();
-    opts.handler_threads = handler_threads;
-    let mut p = ptr::null_mut();
-    // SAFETY: valid strings, a 32-byte token, options and an out-pointer.
-    ok(unsafe { fractos_attach_tcp(addr.as_ptr(), cname.as_ptr(), token.as_ptr(), &opts, &mut p) });
-    p
 }
 
 fn attach_local(node: &Running, name: &str) -> *mut fractos_process {
@@ -114,7 +82,7 @@ unsafe impl<T> Send for H<T> {}
 
 #[test]
 fn null_pointers_and_overflowing_lengths_are_refused() {
-    let node = controller(false);
+    let node = controller(1, false);
     let p = attach(&node, "nulls", 1);
     let r = register(p, 8192);
     let mut cap = fractos_cap::default();
@@ -164,29 +132,21 @@ fn null_pointers_and_overflowing_lengths_are_refused() {
             (1, usize::MAX, "length usize::MAX"),
             (u64::MAX - 3, 8, "offset + length wraps"),
         ] {
-            let n_real = n.min(byte.len());
-            let s = fractos_region_read(
-                r,
-                off,
-                byte.as_mut_ptr(),
-                if n == usize::MAX { n } else { n_real },
-            );
-            assert!(
-                matches!(s, FRACTOS_ERR_OUT_OF_RANGE | FRACTOS_ERR_INVALID_ARGUMENT),
-                "read {what}: {s:?} {}",
-                last_error()
-            );
-            let s = fractos_region_write(
-                r,
-                off,
-                byte.as_ptr(),
-                if n == usize::MAX { n } else { n_real },
-            );
-            assert!(
-                matches!(s, FRACTOS_ERR_OUT_OF_RANGE | FRACTOS_ERR_INVALID_ARGUMENT),
-                "write {what}: {s:?} {}",
-                last_error()
-            );
+            let n = if n == usize::MAX {
+                n
+            } else {
+                n.min(byte.len())
+            };
+            for (op, s) in [
+                ("read", fractos_region_read(r, off, byte.as_mut_ptr(), n)),
+                ("write", fractos_region_write(r, off, byte.as_ptr(), n)),
+            ] {
+                assert!(
+                    matches!(s, FRACTOS_ERR_OUT_OF_RANGE | FRACTOS_ERR_INVALID_ARGUMENT),
+                    "{op} {what}: {s:?} {}",
+                    last_error()
+                );
+            }
         }
         for (off, n) in [(u64::MAX, 2), (8192, 1), (0, 0), (1, u64::MAX), (0, 8193)] {
             let s = fractos_memory_create(p, r, off, n, FRACTOS_RIGHT_READ, &mut cap);
@@ -506,7 +466,7 @@ fn null_pointers_and_overflowing_lengths_are_refused() {
 
 #[test]
 fn made_up_freed_and_cross_type_handles_are_refused() {
-    let node = controller(false);
+    let node = controller(1, false);
     let p = attach(&node, "handles", 1);
     let r = register(p, 4096);
     let rq = request(p, 9);
@@ -721,7 +681,7 @@ fn reentrant_round(
 
 #[test]
 fn handlers_that_call_back_into_the_library_neither_deadlock_nor_crash() {
-    let node = controller(false);
+    let node = controller(1, false);
     for (threads, inline) in [(1, false), (4, false), (1, true)] {
         for mode in 0..3 {
             let name = format!("reenter-{threads}-{inline}-{mode}");
@@ -755,7 +715,7 @@ fn handlers_that_call_back_into_the_library_neither_deadlock_nor_crash() {
 
 #[test]
 fn one_process_hammered_from_many_threads_then_closed_under_them() {
-    let node = controller(true);
+    let node = controller(1, true);
     for local in [false, true] {
         let p = if local {
             attach_local(&node, "hammer-l")

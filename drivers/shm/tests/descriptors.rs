@@ -30,8 +30,7 @@ fn excess_descriptors_are_refused_and_detached_mappings_hold_none() {
         let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(8))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         assert!(control.push(SendAncillaryMessage::ScmRights(&fds)));
-        rustix::net::sendmsg(&a, &[IoSlice::new(b"x")], &mut control, SendFlags::empty())
-            .unwrap();
+        rustix::net::sendmsg(&a, &[IoSlice::new(b"x")], &mut control, SendFlags::empty()).unwrap();
         let mut buf = [0u8; 8];
         let mut got = Vec::new();
         let err = recv_with_fds(b.as_fd(), &mut buf, &mut got).unwrap_err();
