@@ -163,7 +163,11 @@ fn controller_serves_metrics_and_stops_on_sigint() {
             .unwrap();
         writeln!(f, "{}", "01".repeat(32)).unwrap();
     }
-    let mut child = fractos()
+    // Started with a low soft limit on open files, which the controller
+    // raises to the hard one.
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -S -n 64 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_fractos"))
         .args(["controller", "--node", "1", "--key-file"])
         .arg(&key_file)
         .args([
@@ -192,6 +196,17 @@ fn controller_serves_metrics_and_stops_on_sigint() {
     assert!(
         text.contains("fractos_processes_attached{node=\"1\"} 0"),
         "{text}"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        files[3], files[4],
+        "soft limit raised to the hard one: {limits}"
     );
     // SIGINT: graceful shutdown.
     let pid = child.id().to_string();

@@ -176,6 +176,7 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<()> {
     if let Some(us) = a.local_spin_us {
         cfg.local_spin = std::time::Duration::from_micros(us);
     }
+    raise_open_files_limit();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -183,4 +184,18 @@ pub fn run(a: ControllerArgs) -> anyhow::Result<()> {
         let _ = tokio::signal::ctrl_c().await;
     }))?;
     Ok(())
+}
+
+/// Raises this process's soft limit on open files to its hard limit: every
+/// process, peer and local connection costs the controller a descriptor
+/// (and a local hello up to four more while it is read), and the usual
+/// soft limit of 1024 would otherwise be the first thing connection
+/// floods exhaust. Best effort: a limit that cannot be raised stays.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        l.current = l.maximum;
+        let _ = setrlimit(Resource::Nofile, l);
+    }
 }
