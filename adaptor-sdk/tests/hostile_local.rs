@@ -734,6 +734,17 @@ fn hostile_registrations_are_refused_and_regions_hold_no_descriptors() {
         );
     }
     drop(refused);
+    // A huge-page memfd (where the kernel has hugetlbfs): holes punched in
+    // it could fault the controller's mapping.
+    if let Ok(h) = rustix::fs::memfd_create(
+        "huge",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING | MemfdFlags::HUGETLB,
+    ) {
+        rustix::fs::ftruncate(&h, 2 << 20).unwrap();
+        rustix::fs::fcntl_add_seals(&h, SealFlags::SHRINK | SealFlags::GROW).unwrap();
+        let err = p.ask(&register(0x10000, 2 << 20, 0), &[h.as_fd()]).unwrap();
+        assert!(err.contains("MFD_HUGETLB"), "{err}");
+    }
     // A region twice, and overlapping.
     assert_eq!(
         p.ask(&register(0x10000, 2 * PAGE, 0), &[region.as_fd()])

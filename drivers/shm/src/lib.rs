@@ -47,6 +47,13 @@ pub enum ShmError {
         "the descriptor is not a sealable memfd (create it with memfd_create(MFD_ALLOW_SEALING))"
     )]
     NotSealable,
+    /// A sealable file that is not plain shared memory (a `MFD_HUGETLB`
+    /// memfd: punching holes in it could make the mapping fault).
+    #[error("the memfd is not plain shared memory (filesystem magic {magic:#x}); create it without MFD_HUGETLB")]
+    NotShmem {
+        /// The file system's magic number (`statfs.f_type`).
+        magic: u64,
+    },
     /// The memfd can still be shrunk or grown.
     #[error("the memfd is not sealed with F_SEAL_SHRINK|F_SEAL_GROW (seals {seals:#x}); seal it before sharing it")]
     NotSealed {

@@ -26,6 +26,9 @@ pub fn page_round(len: usize) -> Option<usize> {
 
 /// Checks that `fd` holds `len` bytes (rounded up to pages) at the
 /// page-aligned `offset`; returns the rounded length.
+/// `statfs.f_type` of tmpfs/shmem, where plain memfds live.
+const TMPFS_MAGIC: u64 = 0x0102_1994;
+
 fn window(fd: &OwnedFd, offset: u64, len: usize) -> Result<usize, ShmError> {
     let size = page_round(len)
         .filter(|&s| s > 0)
@@ -131,6 +134,14 @@ impl Mapping {
             return Err(ShmError::NotSealed {
                 seals: seals.bits(),
             });
+        }
+        // Seals keep a shmem file's pages; on hugetlbfs a punched hole
+        // would need a huge page that may not exist when touched (SIGBUS).
+        let magic = rustix::fs::fstatfs(&fd)
+            .map_err(io("examining the memfd's file system"))?
+            .f_type as u64;
+        if magic != TMPFS_MAGIC {
+            return Err(ShmError::NotShmem { magic });
         }
         let size = window(&fd, offset, len)?;
         Self::map(fd, offset, size)
@@ -430,6 +441,18 @@ mod tests {
         rustix::fs::fcntl_add_seals(&fd2, SealFlags::GROW).unwrap();
         let e = Mapping::open(fd2.try_clone().unwrap(), 0, PAGE).unwrap_err();
         assert!(e.to_string().contains("F_SEAL_SHRINK"), "{e}");
+        // A huge-page memfd, sealed and sized (created where the kernel
+        // has hugetlbfs; refused whether or not huge pages are reserved).
+        if let Ok(h) = rustix::fs::memfd_create(
+            "h",
+            MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING | MemfdFlags::HUGETLB,
+        ) {
+            rustix::fs::ftruncate(&h, 2 << 20).unwrap();
+            rustix::fs::fcntl_add_seals(&h, REQUIRED_SEALS).unwrap();
+            let e = Mapping::open(h, 0, 2 << 20).unwrap_err();
+            assert!(matches!(e, ShmError::NotShmem { .. }), "{e}");
+            assert!(e.to_string().contains("MFD_HUGETLB"), "{e}");
+        }
         // A memfd created without sealing support.
         let plain = rustix::fs::memfd_create("p", MemfdFlags::CLOEXEC).unwrap();
         rustix::fs::ftruncate(&plain, PAGE as u64).unwrap();
