@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | `fractos.log` | `off error warn info debug trace` | `info` |
 //! | `fractos.node` | node id, `u32` | `0` |
-//! | `fractos.test` | `exit pagefault divzero invalidopcode interrupt panic stackoverflow nvme net` | none |
+//! | `fractos.test` | `exit pagefault divzero invalidopcode interrupt panic stackoverflow nvme net rc_pingpong` | none |
 //! | `fractos.ip` | IPv4 address/prefix of the first NIC, or `dhcp` | `10.0.2.15/24` |
 //! | `fractos.gw` | IPv4 default gateway, or `none` | `10.0.2.2` |
 //! | `fractos.test_port` | TCP port of the `fractos.test=net` echo server | `7000` |
@@ -26,6 +26,10 @@
 //! | `fractos.storage_names` | extra names for the storage service's read Request, `pipeline/storage/read` | none |
 //! | `fractos.idle` | `halt` (sleep to the next 1 ms tick when idle) or `poll` (spin) | `halt` |
 //! | `fractos.peer_security` | `authenticated` (peer frames MAC'd) or `secure` (also encrypted) | `authenticated` |
+//! | `fractos.rdma` | `on`: the RoCEv2 engine on the peer-network NIC (see [`crate::rdma`]) | `off` (`on` with `fractos.test=rc_pingpong`) |
+//! | `fractos.rc_mtu` | path MTU of the `rc_pingpong` server (the client's `-m`): `256 512 1024 2048 4096` | `1024` |
+//! | `fractos.rc_size` | message bytes of the `rc_pingpong` server (the client's `-s`), 1..=1048576 | `4096` |
+//! | `fractos.rc_iters` | iterations of the `rc_pingpong` server (the client's `-n`), 1..=1000000 | `1000` |
 //!
 //! The network defaults suit QEMU user networking (slirp). Peer links use
 //! the second NIC when `fractos.ip1` is set, else the first.
@@ -64,6 +68,11 @@ pub enum TestHook {
     /// [`TestHook::Exit`]; no NIC, a failure or 60 s without a finished
     /// connection is a boot failure.
     Net,
+    /// Run the controller service with the RoCEv2 engine on the peer
+    /// NIC and serve `ibv_rc_pingpong` clients (its TCP exchange on port
+    /// 18515, then the SEND ping-pong; [`crate::rdma::PingPong`]). The
+    /// exchange is the example's own, unauthenticated: a test mode only.
+    RcPingpong,
 }
 
 impl TestHook {
@@ -78,6 +87,7 @@ impl TestHook {
             "interrupt" => TestHook::Interrupt,
             "nvme" => TestHook::Nvme,
             "net" => TestHook::Net,
+            "rc_pingpong" => TestHook::RcPingpong,
             _ => return None,
         })
     }
@@ -89,7 +99,7 @@ impl TestHook {
 pub enum ConfigError<'a> {
     /// `fractos.<key>` is not an option this kernel knows.
     #[error(
-        "unknown option `{0}` ignored: known options are fractos.log, fractos.node, fractos.test, fractos.ip, fractos.gw, fractos.test_port, fractos.ip1, fractos.key_source, fractos.members, fractos.peers, fractos.process_port, fractos.peer_port, fractos.metrics_port, fractos.idle, fractos.peer_security, fractos.storage_names"
+        "unknown option `{0}` ignored: known options are fractos.log, fractos.node, fractos.test, fractos.ip, fractos.gw, fractos.test_port, fractos.ip1, fractos.key_source, fractos.members, fractos.peers, fractos.process_port, fractos.peer_port, fractos.metrics_port, fractos.idle, fractos.peer_security, fractos.storage_names, fractos.rdma, fractos.rc_mtu, fractos.rc_size, fractos.rc_iters"
     )]
     UnknownOption(&'a str),
     /// The value does not parse.
@@ -194,6 +204,14 @@ pub struct Config {
     pub peer_security: fractos_core::PeerSecurity,
     /// Extra names to publish the storage service's read Request under.
     pub storage_names: Vec<alloc::string::String>,
+    /// Run the RoCEv2 engine on the peer-network NIC.
+    pub rdma: bool,
+    /// Path MTU of the `rc_pingpong` server, bytes.
+    pub rc_mtu: u32,
+    /// Message bytes of the `rc_pingpong` server.
+    pub rc_size: u32,
+    /// Iterations of the `rc_pingpong` server.
+    pub rc_iters: u32,
 }
 
 impl Default for Config {
@@ -218,6 +236,10 @@ impl Default for Config {
             idle_poll: false,
             peer_security: fractos_core::PeerSecurity::Authenticated,
             storage_names: Vec::new(),
+            rdma: false,
+            rc_mtu: 1024,
+            rc_size: 4096,
+            rc_iters: 1000,
         }
     }
 }
@@ -270,7 +292,7 @@ impl Config {
                     .map(|l| self.log_level = l)
                     .map_err(|_| Refusal::Bad("off, error, warn, info, debug or trace")),
                 "test" => TestHook::parse(value).map(|t| self.test = Some(t)).ok_or(Refusal::Bad(
-                    "exit, pagefault, divzero, invalidopcode, interrupt, panic, stackoverflow, nvme or net",
+                    "exit, pagefault, divzero, invalidopcode, interrupt, panic, stackoverflow, nvme, net or rc_pingpong",
                 )),
                 _ => self.set(name, value),
             };
@@ -317,6 +339,31 @@ impl Config {
                 }
             }
             "test_port" => self.test_port = port(false, "a TCP port (1..=65535)")?,
+            "rdma" => {
+                self.rdma = match value {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(Refusal::Bad("on or off")),
+                }
+            }
+            "rc_mtu" => {
+                self.rc_mtu = match value.parse::<u32>() {
+                    Ok(m @ (256 | 512 | 1024 | 2048 | 4096)) => m,
+                    _ => return Err(Refusal::Bad("256, 512, 1024, 2048 or 4096")),
+                }
+            }
+            "rc_size" => {
+                self.rc_size = match value.parse::<u32>() {
+                    Ok(n @ 1..=1_048_576) => n,
+                    _ => return Err(Refusal::Bad("a message size in bytes, 1..=1048576")),
+                }
+            }
+            "rc_iters" => {
+                self.rc_iters = match value.parse::<u32>() {
+                    Ok(n @ 1..=1_000_000) => n,
+                    _ => return Err(Refusal::Bad("an iteration count, 1..=1000000")),
+                }
+            }
             "ip1" => {
                 self.ip1 = Some(Ipv4Net::parse(value).ok_or(Refusal::Bad(
                     "an IPv4 address with prefix, like 10.1.0.1/24",
@@ -774,6 +821,26 @@ mod tests {
             LevelFilter::Warn
         );
         assert_eq!(Config::log_level_of("fractos.node=1"), LevelFilter::Info);
+    }
+
+    #[test]
+    fn parses_rdma_options() {
+        let c = Config::parse(
+            "fractos.test=rc_pingpong fractos.rdma=on fractos.rc_mtu=4096 fractos.rc_size=8192 fractos.rc_iters=10",
+            |e| panic!("{e}"),
+        );
+        assert_eq!(c.test, Some(TestHook::RcPingpong));
+        assert!(c.rdma);
+        assert_eq!((c.rc_mtu, c.rc_size, c.rc_iters), (4096, 8192, 10));
+        let mut errs = Vec::new();
+        let c = Config::parse(
+            "fractos.rdma=yes fractos.rc_mtu=1500 fractos.rc_size=0 fractos.rc_iters=x",
+            |e| errs.push(e.to_string()),
+        );
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert!(errs[1].contains("1024"), "{errs:?}");
+        assert!(!c.rdma);
+        assert_eq!((c.rc_mtu, c.rc_size, c.rc_iters), (1024, 4096, 1000));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! this library holds the parts whose correctness can be checked on the host:
 //! command-line parsing, exit codes, the frame allocator, PCI enumeration
 //! over an abstract configuration space, fault-report decoding, the QEMU
-//! fw_cfg file directory over abstract ports, the cluster-key sources and
-//! the boot entropy pool.
+//! fw_cfg file directory over abstract ports, the cluster-key sources,
+//! the boot entropy pool and the RDMA port.
 #![cfg_attr(not(test), no_std)]
 
 extern crate alloc;
@@ -17,6 +17,7 @@ pub mod fault;
 pub mod frames;
 pub mod fw_cfg;
 pub mod pci;
+pub mod rdma;
 pub mod secret;
 pub mod service;
 pub mod shm;

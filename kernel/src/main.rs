@@ -22,6 +22,7 @@ use fractos_kernel::exit::ExitReason;
 use fractos_kernel::frames::{FrameAllocator, FRAME_SIZE};
 use fractos_kernel::fw_cfg::FwCfgError;
 use fractos_kernel::pci;
+use fractos_kernel::rdma::{PingPong, PingPongConfig, RdmaPort};
 use fractos_kernel::secret::{self, KeyError, KeySource, Redacted, KEY_FILE_MAX};
 use fractos_kernel::service::{PeerAddr, Service, ServiceConfig};
 use fractos_kernel::shm::{BarMemory, SlotPool};
@@ -127,12 +128,16 @@ fn serve(mut devices: Devices, idle_poll: bool) -> ! {
     let mut perf = PerfReport::default();
     let mut next_perf = time::now_ns() + PERF_INTERVAL_NS;
     let slots = &mut devices.slots;
+    let mut rdma = devices.rdma.take();
     loop {
         let now = time::now_ns();
         let attached = slots.poll(now, |ch| {
             service.add_process_channel(now, ch);
         });
-        let moved = service.poll(now, &mut nics);
+        let mut moved = service.poll(now, &mut nics);
+        if let Some(r) = rdma.as_mut() {
+            moved |= r.poll(now, service, &mut nics);
+        }
         for (_, dev) in nics.iter_mut() {
             // One doorbell for the frames this turn queued.
             dev.flush();
@@ -163,6 +168,100 @@ fn serve(mut devices: Devices, idle_poll: bool) -> ! {
             let c = service.controller().stats();
             debug!("controller: {s:?} {c:?} {:?}", slots.stats());
         }
+    }
+}
+
+/// The RoCEv2 engine on one NIC, and the `rc_pingpong` server if that
+/// test mode is on.
+struct Rdma {
+    iface: usize,
+    port: RdmaPort,
+    pingpong: Option<PingPong>,
+}
+
+impl Rdma {
+    /// Brings the engine up on the peer NIC (the second when it has an
+    /// address, else the first); `None` without one.
+    fn start(
+        config: &Config,
+        net: &[net::Net],
+        service: Option<&mut Service>,
+        seed: &[u8; 32],
+    ) -> Option<Rdma> {
+        let iface = net::rdma_nic(config)?;
+        let nic = net.get(iface)?;
+        let Some(ip) = nic.iface.ipv4_addr() else {
+            warn!("rdma: nic {iface} has no IPv4 address; RoCEv2 engine not started");
+            return None;
+        };
+        let size = config.rc_size as usize;
+        let mut port = RdmaPort::new(nic.dev.mac_address().0, ip, size.next_multiple_of(4096));
+        info!(
+            "rdma: RoCEv2 engine on {} ip {ip}, GID {}, frames up to {} bytes",
+            nic.bdf,
+            core::net::Ipv6Addr::from(port.gid().octets()),
+            nic.dev.max_frame_len()
+        );
+        let mut pingpong = None;
+        if config.test == Some(TestHook::RcPingpong) {
+            let Some(sockets) = service.and_then(|s| s.socket_set(iface)) else {
+                error!("rc_pingpong: no controller service to serve the exchange; not started");
+                return Some(Rdma {
+                    iface,
+                    port,
+                    pingpong,
+                });
+            };
+            let cfg = PingPongConfig {
+                size: config.rc_size,
+                iters: config.rc_iters,
+                mtu: fractos_roce::Mtu::from_bytes(config.rc_mtu)
+                    .unwrap_or(fractos_roce::Mtu::Mtu1024),
+                ..PingPongConfig::default()
+            };
+            let psn_seed = u64::from_le_bytes(seed[..8].try_into().unwrap_or_default());
+            match PingPong::new(cfg, &mut port, sockets, psn_seed) {
+                Ok(p) => {
+                    info!(
+                        "rc_pingpong: serving ibv_rc_pingpong on {ip}:{} (-g 1 -s {} -n {} -m {}); the exchange is the example's own, unauthenticated (test mode)",
+                        fractos_kernel::rdma::PINGPONG_PORT,
+                        cfg.size,
+                        cfg.iters,
+                        cfg.mtu.bytes()
+                    );
+                    pingpong = Some(p);
+                }
+                Err(e) => error!("rc_pingpong: not started: {e}"),
+            }
+        }
+        Some(Rdma {
+            iface,
+            port,
+            pingpong,
+        })
+    }
+
+    /// Frames the driver diverted go to the engine, the ping-pong server
+    /// runs, the engine's timers fire and its frames leave. Returns
+    /// whether anything moved.
+    fn poll(
+        &mut self,
+        now: u64,
+        service: &mut Service,
+        nics: &mut [(&mut smoltcp::iface::Interface, &mut net::Device)],
+    ) -> bool {
+        let Some((_, dev)) = nics.get_mut(self.iface) else {
+            return false;
+        };
+        let port = &mut self.port;
+        let mut moved = dev.drain_diverted(|f| port.receive(now, f)) > 0;
+        if let (Some(p), Some(sockets)) = (self.pingpong.as_mut(), service.socket_set(self.iface)) {
+            p.poll(now, port, sockets);
+        }
+        let room = dev.tx_free();
+        moved |= port.poll(now, room, |f| dev.send_frame(f)) > 0;
+        service.set_roce_counters(port.engine.counters());
+        moved
     }
 }
 
@@ -467,6 +566,8 @@ struct Devices {
     nvme: Vec<nvme::Disk>,
     net: Vec<net::Net>,
     service: Option<Service>,
+    /// The RoCEv2 engine, if on.
+    rdma: Option<Rdma>,
     /// Shared-memory slots (ivshmem devices), polled with the NICs.
     slots: SlotPool<BarMemory>,
     config: Config,
@@ -558,7 +659,7 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
     let mut nvme = nvme::bring_up(&devices, config.test == Some(TestHook::Nvme))?;
     let mut net = net::bring_up(&devices, &virtio_mmio, &mmio, config);
     let slots = bring_up_slots(&devices, &seed);
-    let service = match service_config(config, &key, &seed, net.len()) {
+    let mut service = match service_config(config, &key, &seed, net.len()) {
         Ok(c) => {
             let members: Vec<u32> = c.node.core.members.iter().map(|n| n.0).collect();
             info!(
@@ -586,6 +687,7 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
             None
         }
     };
+    let rdma = Rdma::start(config, &net, service.as_mut(), &seed);
     if let Some((allocated, free)) = dma::usage() {
         info!(
             "memory: {allocated} frames allocated, {} MiB free",
@@ -608,6 +710,7 @@ fn run(boot: &BootInfo) -> Result<Devices, BootError> {
         nvme,
         net,
         service,
+        rdma,
         slots,
         config: config.clone(),
     })
@@ -702,6 +805,8 @@ fn run_test_hook(hook: Option<TestHook>) {
         TestHook::Exit | TestHook::Nvme => pio::exit(ExitReason::Success),
         // Run by `run_net_test` before this.
         TestHook::Net => error!("net test hook not run"),
+        // Served by the event loop.
+        TestHook::RcPingpong => return,
         TestHook::PageFault => {
             let p = core::hint::black_box(0x0000_7fff_dead_b000u64) as *const u64;
             // SAFETY: deliberately unsound: this address is never mapped and

@@ -298,6 +298,7 @@ pub struct Service {
     next_local_port: u16,
     heap: Option<(usize, usize)>,
     slots: Option<crate::shm::SlotStats>,
+    roce: Option<fractos_roce::Counters>,
     /// The DHCP client socket and its interface.
     dhcp: Option<(usize, SocketHandle)>,
     locals: Vec<Local>,
@@ -343,6 +344,7 @@ impl Service {
             next_local_port: 49152,
             heap: None,
             slots: None,
+            roce: None,
             dhcp: None,
             locals: Vec::new(),
             local_conns: 0,
@@ -533,6 +535,23 @@ impl Service {
         self.slots = (stats.slots > 0).then_some(stats);
     }
 
+    /// Records the RoCEv2 engine's counters, exported as the
+    /// `fractos_roce_*` families ([`crate::rdma::metrics_text`]; absent
+    /// without an engine).
+    pub fn set_roce_counters(&mut self, c: &fractos_roce::Counters) {
+        match &mut self.roce {
+            Some(mine) => mine.clone_from(c),
+            None => self.roce = Some(c.clone()),
+        }
+    }
+
+    /// The smoltcp socket set of interface `iface`, for sockets the
+    /// appliance serves outside the node driver (the `rc_pingpong` test
+    /// server's exchange); they are polled with the interface.
+    pub fn socket_set(&mut self, iface: usize) -> Option<&mut SocketSet<'static>> {
+        self.sockets.sets.get_mut(iface)
+    }
+
     /// Traffic so far (live links included).
     pub fn traffic(&self) -> Traffic {
         self.node.traffic()
@@ -540,7 +559,7 @@ impl Service {
 
     /// The Prometheus metrics text (what `GET /metrics` returns): the
     /// node's (core and connections), the in-kernel processes', the heap,
-    /// the shared-memory slots.
+    /// the shared-memory slots, the RoCEv2 engine.
     pub fn metrics_text(&self) -> String {
         let mut text = self.node.metrics_text();
         let node = self.cfg.node.core.node.0;
@@ -572,6 +591,9 @@ impl Service {
                  fractos_appliance_shm_slot_events_total{{node=\"{node}\",event=\"repair\"}} {}",
                 s.slots, s.attached, s.attaches, s.refusals, s.repairs
             );
+        }
+        if let Some(c) = &self.roce {
+            text.push_str(&crate::rdma::metrics_text(node, c));
         }
         text
     }

@@ -103,9 +103,39 @@ pub use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 use negotiated::Negotiated;
 use pool::{RxPool, TxPool};
 
-/// Size of one receive or transmit buffer slot: the 12-byte virtio-net
-/// header plus a full Ethernet frame fit with room to spare.
+/// Size of one receive or transmit buffer slot by default
+/// ([`VirtioNet::new`]): the 12-byte virtio-net header plus a full
+/// 1514-byte Ethernet frame fit with room to spare.
 pub const BUF_LEN: usize = 2048;
+
+/// Largest Ethernet frame [`VirtioNet::with_frame_len`] accepts: a
+/// 9000-byte MTU (jumbo frames) plus the Ethernet header.
+pub const MAX_JUMBO_FRAME_LEN: usize = 9014;
+
+/// Small frames [`RxRoute::Copy`] keeps for [`VirtioNet::drain_diverted`]
+/// at most (the oldest wait; more are counted in [`Stats::rx_copy_overflow`]).
+pub const RX_COPIES: usize = 8;
+
+/// Largest frame [`RxRoute::Copy`] copies (an ARP packet is 42 bytes,
+/// padded to 60 on the wire).
+pub const RX_COPY_LEN: usize = 64;
+
+/// Where a received frame goes (see [`VirtioNet::set_rx_filter`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RxRoute {
+    /// To smoltcp, as without a filter.
+    Stack,
+    /// Held in its receive slot for [`VirtioNet::drain_diverted`]; smoltcp
+    /// never sees it (no copy).
+    Divert,
+    /// To smoltcp, and a copy (if at most [`RX_COPY_LEN`] bytes) for
+    /// [`VirtioNet::drain_diverted`]: for small frames both consumers need
+    /// (ARP replies).
+    Copy,
+}
+
+/// Classifies a received Ethernet frame (without the virtio-net header).
+pub type RxFilter = fn(&[u8]) -> RxRoute;
 
 /// Largest Ethernet frame (without FCS) the driver sends or expects.
 pub const MAX_FRAME_LEN: usize = 1514;
@@ -278,6 +308,15 @@ pub struct Stats {
     /// TSC cycles spent on the transmit queue: headers, posting frames
     /// (notifications included), reclaiming completions.
     pub tx_cycles: u64,
+    /// Frames the receive filter diverted away from smoltcp.
+    pub rx_diverted: u64,
+    /// Frames the receive filter copied (and also gave smoltcp).
+    pub rx_copied: u64,
+    /// Copies not kept because [`RX_COPIES`] were waiting, or the frame
+    /// was longer than [`RX_COPY_LEN`].
+    pub rx_copy_overflow: u64,
+    /// Frames sent with [`VirtioNet::send_frame`].
+    pub tx_raw: u64,
 }
 
 /// The 16-bit ones'-complement sum of `data` (RFC 1071, network byte
@@ -315,26 +354,159 @@ pub struct VirtioNet<H: Hal, T: Transport, const N: usize = 64> {
     features: u64,
     stats: Stats,
     last_error: Option<Error>,
+    filter: Option<RxFilter>,
+    /// Diverted frames in arrival order: `(slot, start, len)`, a ring.
+    diverted: [(u16, u16, u16); N],
+    diverted_head: usize,
+    diverted_len: usize,
+    /// Copied small frames in arrival order: `(bytes, len)`, a ring.
+    copies: [([u8; RX_COPY_LEN], u8); RX_COPIES],
+    copies_head: usize,
+    copies_len: usize,
 }
 
 impl<H: Hal, T: Transport, const N: usize> VirtioNet<H, T, N> {
     /// Initialises the device: checked feature negotiation, both queues set
-    /// up, interrupts suppressed, every receive slot posted.
-    pub fn new(mut transport: T) -> Result<Self, Error> {
+    /// up, interrupts suppressed, every receive slot posted; frames up to
+    /// [`MAX_FRAME_LEN`] bytes ([`BUF_LEN`]-byte slots).
+    pub fn new(transport: T) -> Result<Self, Error> {
+        Self::with_slots(transport, BUF_LEN)
+    }
+
+    /// As [`VirtioNet::new`], for Ethernet frames of up to `max_frame`
+    /// bytes ([`MAX_FRAME_LEN`]..=[`MAX_JUMBO_FRAME_LEN`], e.g. 9014 for a
+    /// 9000-byte MTU): every slot holds a whole frame, as a device without
+    /// mergeable receive buffers requires. smoltcp still sees
+    /// [`MAX_FRAME_LEN`]; larger frames are for [`VirtioNet::send_frame`]
+    /// and [`VirtioNet::drain_diverted`].
+    pub fn with_frame_len(transport: T, max_frame: usize) -> Result<Self, Error> {
+        let max_frame = max_frame.clamp(MAX_FRAME_LEN, MAX_JUMBO_FRAME_LEN);
+        // Whole cache lines; never below the default.
+        let slot = (max_frame + pool::NET_HDR_MAX)
+            .next_multiple_of(64)
+            .max(BUF_LEN);
+        Self::with_slots(transport, slot)
+    }
+
+    fn with_slots(mut transport: T, slot_len: usize) -> Result<Self, Error> {
         let features = negotiate(&mut transport, N)?;
         let transport = Negotiated::new(transport, HIDDEN_FEATURES, features & OFFLOAD_FEATURES);
         let mut raw = VirtIONetRaw::<H, Negotiated<T>, N>::new(transport)?;
         raw.disable_interrupts();
         let mut dev = Self {
             raw,
-            rx: RxPool::new()?,
-            tx: TxPool::new()?,
+            rx: RxPool::new(slot_len)?,
+            tx: TxPool::new(slot_len)?,
             features,
             stats: Stats::default(),
             last_error: None,
+            filter: None,
+            diverted: [(0, 0, 0); N],
+            diverted_head: 0,
+            diverted_len: 0,
+            copies: [([0; RX_COPY_LEN], 0); RX_COPIES],
+            copies_head: 0,
+            copies_len: 0,
         };
         dev.refill_rx()?;
         Ok(dev)
+    }
+
+    /// The largest Ethernet frame a slot holds (without the virtio-net
+    /// header).
+    pub fn max_frame_len(&self) -> usize {
+        self.rx.slot_len() - pool::NET_HDR_MAX
+    }
+
+    /// Routes every received frame through `filter` before smoltcp sees
+    /// it (`None`: everything to smoltcp). Diverted frames stay in their
+    /// receive slots until [`VirtioNet::drain_diverted`] hands them out:
+    /// drain after every smoltcp poll, or the receive queue runs dry.
+    pub fn set_rx_filter(&mut self, filter: Option<RxFilter>) {
+        self.filter = filter;
+    }
+
+    /// Hands every frame the filter diverted or copied so far to `f`,
+    /// copies first, each group in arrival order; diverted slots go back
+    /// to the device. Returns how many frames were handed out.
+    pub fn drain_diverted(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let mut n = 0;
+        while self.copies_len > 0 {
+            let (bytes, len) = &self.copies[self.copies_head];
+            f(&bytes[..usize::from(*len)]);
+            self.copies_head = (self.copies_head + 1) % RX_COPIES;
+            self.copies_len -= 1;
+            n += 1;
+        }
+        while self.diverted_len > 0 {
+            let (slot, start, len) = self.diverted[self.diverted_head];
+            let (start, len) = (usize::from(start), usize::from(len));
+            f(&self.rx.slot(slot)[start..start + len]);
+            self.rx.done(slot);
+            self.diverted_head = (self.diverted_head + 1) % N;
+            self.diverted_len -= 1;
+            n += 1;
+        }
+        if n > 0 {
+            let refill = self.refill_rx_batched();
+            self.record(refill);
+        }
+        n
+    }
+
+    /// Sends one whole Ethernet frame (built elsewhere, e.g. by an RDMA
+    /// engine) through a transmit slot: one copy. `false` when every slot
+    /// is in flight or the frame is longer than a slot (counted as
+    /// `tx_full` / `tx_dropped`). Call [`VirtioNet::flush`] after a burst.
+    pub fn send_frame(&mut self, frame: &[u8]) -> bool {
+        if frame.len() > self.max_frame_len() {
+            self.stats.tx_dropped += 1;
+            return false;
+        }
+        let Some(token) = Device::transmit(self, Instant::ZERO) else {
+            return false;
+        };
+        let before = token.stats.tx_frames;
+        phy::TxToken::consume(token, frame.len(), |buf| buf.copy_from_slice(frame));
+        let ok = self.stats.tx_frames > before;
+        if ok {
+            self.stats.tx_raw += 1;
+        }
+        ok
+    }
+
+    /// Applies the receive filter to a good frame in `slot`; `true` when it
+    /// is smoltcp's.
+    fn route(&mut self, slot: u16, start: usize, len: usize) -> bool {
+        let Some(filter) = self.filter else {
+            return true;
+        };
+        let frame = &self.rx.slot(slot)[start..start + len];
+        match filter(frame) {
+            RxRoute::Stack => true,
+            RxRoute::Copy => {
+                if len <= RX_COPY_LEN && self.copies_len < RX_COPIES {
+                    let i = (self.copies_head + self.copies_len) % RX_COPIES;
+                    self.copies[i].0[..len].copy_from_slice(frame);
+                    // len <= RX_COPY_LEN = 64 fits in u8.
+                    self.copies[i].1 = len as u8;
+                    self.copies_len += 1;
+                    self.stats.rx_copied += 1;
+                } else {
+                    self.stats.rx_copy_overflow += 1;
+                }
+                true
+            }
+            RxRoute::Divert => {
+                // At most N slots exist, so the ring has room; slot
+                // offsets fit u16 (slots are at most 9 KiB).
+                let i = (self.diverted_head + self.diverted_len) % N;
+                self.diverted[i] = (slot, start as u16, len as u16);
+                self.diverted_len += 1;
+                self.stats.rx_diverted += 1;
+                false
+            }
+        }
     }
 
     /// The device's MAC address.
@@ -472,8 +644,9 @@ impl<H: Hal, T: Transport, const N: usize> VirtioNet<H, T, N> {
             // SAFETY: `buf` is the slice posted with this token in
             // `refill_rx` (same slot, full length).
             let done = unsafe { self.raw.receive_complete(token, buf) };
+            let capacity = self.rx.slot_len();
             match done {
-                Ok((hdr, len)) if hdr + len <= BUF_LEN => {
+                Ok((hdr, len)) if hdr + len <= capacity => {
                     if !self.rx_checksum_ok(slot, hdr, len) {
                         self.rx.done(slot);
                         self.stats.rx_bad_checksum += 1;
@@ -481,6 +654,9 @@ impl<H: Hal, T: Transport, const N: usize> VirtioNet<H, T, N> {
                     }
                     self.stats.rx_frames += 1;
                     self.stats.rx_bytes += len as u64;
+                    if !self.route(slot, hdr, len) {
+                        continue;
+                    }
                     return Some((slot, hdr, len));
                 }
                 Ok((hdr, len)) => {
@@ -488,7 +664,7 @@ impl<H: Hal, T: Transport, const N: usize> VirtioNet<H, T, N> {
                     self.stats.rx_errors += 1;
                     self.last_error = Some(Error::BadLength {
                         len: hdr + len,
-                        capacity: BUF_LEN,
+                        capacity,
                     });
                 }
                 Err(e) => {
@@ -659,7 +835,7 @@ impl<H: Hal, T: Transport, const N: usize> phy::TxToken for TxToken<'_, H, T, N>
             csum_offload,
         } = self;
         let slot = match pool.take_free() {
-            Some(slot) if len <= BUF_LEN - pool::NET_HDR_MAX => slot,
+            Some(slot) if len <= pool.slot_len() - pool::NET_HDR_MAX => slot,
             other => {
                 if let Some(slot) = other {
                     pool.give_back(slot);

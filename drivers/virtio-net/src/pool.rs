@@ -1,7 +1,7 @@
 //! Fixed pools of DMA buffer slots for the two queues.
 //!
-//! Each pool is one DMA region from the [`Hal`], cut into [`BUF_LEN`]-byte
-//! slots. A slot is always in exactly one place: on a free/done list, posted
+//! Each pool is one DMA region from the [`Hal`], cut into equal slots
+//! ([`crate::BUF_LEN`] bytes unless the driver was built for larger frames). A slot is always in exactly one place: on a free/done list, posted
 //! to the device under a token (the head descriptor index), or lent to one
 //! smoltcp token. Lists are fixed arrays of `N`: nothing allocates after
 //! construction.
@@ -9,7 +9,7 @@
 use core::marker::PhantomData;
 use core::ptr::NonNull;
 
-use crate::{BufferDirection, Error, Hal, PhysAddr, BUF_LEN, PAGE_SIZE};
+use crate::{BufferDirection, Error, Hal, PhysAddr, PAGE_SIZE};
 
 /// The largest virtio-net header (`virtio_net_hdr` with `num_buffers`).
 pub(crate) const NET_HDR_MAX: usize = 12;
@@ -20,12 +20,14 @@ struct DmaRegion<H: Hal> {
     vaddr: NonNull<u8>,
     pages: usize,
     slots: usize,
+    /// Bytes per slot.
+    slot_len: usize,
     _hal: PhantomData<H>,
 }
 
 impl<H: Hal> DmaRegion<H> {
-    fn new(slots: usize, direction: BufferDirection) -> Result<Self, Error> {
-        let pages = (slots * BUF_LEN).div_ceil(PAGE_SIZE);
+    fn new(slots: usize, slot_len: usize, direction: BufferDirection) -> Result<Self, Error> {
+        let pages = (slots * slot_len).div_ceil(PAGE_SIZE);
         let (paddr, vaddr) = H::dma_alloc(pages, direction);
         if paddr == 0 {
             return Err(Error::Dma { pages });
@@ -35,6 +37,7 @@ impl<H: Hal> DmaRegion<H> {
             vaddr,
             pages,
             slots,
+            slot_len,
             _hal: PhantomData,
         })
     }
@@ -42,19 +45,21 @@ impl<H: Hal> DmaRegion<H> {
     fn slot(&self, slot: u16) -> &[u8] {
         let slot = usize::from(slot);
         assert!(slot < self.slots, "slot {slot} out of range");
-        // SAFETY: the region is `pages * PAGE_SIZE >= slots * BUF_LEN` bytes
-        // of zero-initialised memory owned by this value (HAL implementation
-        // safety), so the slot lies inside it. The pool's bookkeeping only
-        // asks for slots the device is not writing.
-        unsafe { core::slice::from_raw_parts(self.vaddr.as_ptr().add(slot * BUF_LEN), BUF_LEN) }
+        let len = self.slot_len;
+        // SAFETY: the region is `pages * PAGE_SIZE >= slots * slot_len`
+        // bytes of zero-initialised memory owned by this value (HAL
+        // implementation safety), so the slot lies inside it. The pool's
+        // bookkeeping only asks for slots the device is not writing.
+        unsafe { core::slice::from_raw_parts(self.vaddr.as_ptr().add(slot * len), len) }
     }
 
     fn slot_mut(&mut self, slot: u16) -> &mut [u8] {
         let slot = usize::from(slot);
         assert!(slot < self.slots, "slot {slot} out of range");
+        let len = self.slot_len;
         // SAFETY: as in `slot`; `&mut self` makes this the only reference
         // the driver holds into the region.
-        unsafe { core::slice::from_raw_parts_mut(self.vaddr.as_ptr().add(slot * BUF_LEN), BUF_LEN) }
+        unsafe { core::slice::from_raw_parts_mut(self.vaddr.as_ptr().add(slot * len), len) }
     }
 }
 
@@ -78,14 +83,14 @@ pub(crate) struct RxPool<H: Hal, const N: usize> {
 }
 
 impl<H: Hal, const N: usize> RxPool<H, N> {
-    pub(crate) fn new() -> Result<Self, Error> {
+    pub(crate) fn new(slot_len: usize) -> Result<Self, Error> {
         let mut done = [0; N];
         for (i, d) in done.iter_mut().enumerate() {
             *d =
                 u16::try_from(i).map_err(|_| Error::Virtio(virtio_drivers::Error::InvalidParam))?;
         }
         Ok(Self {
-            mem: DmaRegion::new(N, BufferDirection::DeviceToDriver)?,
+            mem: DmaRegion::new(N, slot_len, BufferDirection::DeviceToDriver)?,
             by_token: [None; N],
             posted: 0,
             done,
@@ -129,6 +134,11 @@ impl<H: Hal, const N: usize> RxPool<H, N> {
         self.done_len += 1;
     }
 
+    /// Bytes per slot.
+    pub(crate) fn slot_len(&self) -> usize {
+        self.mem.slot_len
+    }
+
     pub(crate) fn posted_count(&self) -> usize {
         self.posted
     }
@@ -157,18 +167,23 @@ pub(crate) struct TxPool<H: Hal, const N: usize> {
 }
 
 impl<H: Hal, const N: usize> TxPool<H, N> {
-    pub(crate) fn new() -> Result<Self, Error> {
+    pub(crate) fn new(slot_len: usize) -> Result<Self, Error> {
         let mut free = [0; N];
         for (i, f) in free.iter_mut().enumerate() {
             *f =
                 u16::try_from(i).map_err(|_| Error::Virtio(virtio_drivers::Error::InvalidParam))?;
         }
         Ok(Self {
-            mem: DmaRegion::new(N + 1, BufferDirection::DriverToDevice)?,
+            mem: DmaRegion::new(N + 1, slot_len, BufferDirection::DriverToDevice)?,
             in_flight: [None; N],
             free,
             free_len: N,
         })
+    }
+
+    /// Bytes per slot.
+    pub(crate) fn slot_len(&self) -> usize {
+        self.mem.slot_len
     }
 
     pub(crate) fn free_count(&self) -> usize {
@@ -191,7 +206,8 @@ impl<H: Hal, const N: usize> TxPool<H, N> {
             .in_flight
             .get_mut(usize::from(token))
             .ok_or(Error::UnknownToken(token))?;
-        // len <= BUF_LEN (checked before the frame was built) fits in u16.
+        // len <= slot_len <= u16::MAX (checked before the frame was built
+        // and at construction) fits in u16.
         *entry = Some((slot, len as u16));
         Ok(())
     }
@@ -227,7 +243,7 @@ impl<H: Hal, const N: usize> TxPool<H, N> {
 
     /// Lets `f` build a frame that will not be sent.
     pub(crate) fn scratch<R>(&mut self, len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
-        if len <= BUF_LEN {
+        if len <= self.mem.slot_len {
             let scratch = u16::try_from(N).unwrap_or(u16::MAX);
             f(&mut self.mem.slot_mut(scratch)[..len])
         } else {

@@ -703,3 +703,102 @@ fn a_starved_receive_queue_is_refilled_and_notified_once_per_batch() {
     assert_eq!(net.rx_posted(), 16);
     assert_eq!(dev.pending(QUEUE_RECEIVE), 16);
 }
+
+/// Routes by the first byte: 0xD1 diverted, 0xC0 copied, else smoltcp's.
+fn first_byte_route(frame: &[u8]) -> crate::RxRoute {
+    match frame.first() {
+        Some(0xD1) => crate::RxRoute::Divert,
+        Some(0xC0) => crate::RxRoute::Copy,
+        _ => crate::RxRoute::Stack,
+    }
+}
+
+#[test]
+fn rx_filter_diverts_copies_and_passes_frames_in_order() {
+    let (dev, mut net) = setup::<8>(Model::new(QEMU_LIKE_FEATURES));
+    net.set_rx_filter(Some(first_byte_route));
+    let mut diverted = frame(1, 300);
+    diverted[0] = 0xD1;
+    let mut copied = frame(2, 42);
+    copied[0] = 0xC0;
+    let mut long_copy = frame(3, 200);
+    long_copy[0] = 0xC0;
+    let mut stack = frame(4, 100);
+    stack[0] = 0x52;
+    let mut diverted2 = frame(5, 77);
+    diverted2[0] = 0xD1;
+    for f in [&diverted, &copied, &long_copy, &stack, &diverted2] {
+        assert!(dev.deliver(f));
+    }
+    // smoltcp sees the copied frames and its own, never the diverted ones.
+    assert_eq!(recv(&mut net), Some(copied.clone()));
+    assert_eq!(recv(&mut net), Some(long_copy.clone()));
+    assert_eq!(recv(&mut net), Some(stack.clone()));
+    assert_eq!(recv(&mut net), None);
+    let mut got = Vec::new();
+    assert_eq!(net.drain_diverted(|f| got.push(f.to_vec())), 3);
+    // Copies first (the long one was too long to copy), then the diverted
+    // frames in arrival order.
+    assert_eq!(got, vec![copied, diverted, diverted2]);
+    assert_eq!(net.drain_diverted(|_| panic!("drained twice")), 0);
+    let s = net.stats();
+    assert_eq!(
+        (s.rx_frames, s.rx_diverted, s.rx_copied, s.rx_copy_overflow),
+        (5, 2, 1, 1)
+    );
+    // Diverted slots went back to the device.
+    net.poll().expect("poll");
+    assert_eq!(net.rx_posted(), 8);
+    // Without a filter everything is smoltcp's again.
+    net.set_rx_filter(None);
+    let mut d = frame(6, 60);
+    d[0] = 0xD1;
+    assert!(dev.deliver(&d));
+    assert_eq!(recv(&mut net), Some(d));
+}
+
+#[test]
+fn jumbo_slots_carry_9000_byte_mtu_frames_both_ways() {
+    let (dev, transport) = fake(Model::new(QEMU_LIKE_FEATURES));
+    let mut net = Net::<8>::with_frame_len(transport, crate::MAX_JUMBO_FRAME_LEN)
+        .expect("driver initialises");
+    assert!(net.max_frame_len() >= crate::MAX_JUMBO_FRAME_LEN);
+    // smoltcp still sees the standard MTU.
+    assert_eq!(net.capabilities().max_transmission_unit, MAX_FRAME_LEN);
+    net.set_rx_filter(Some(first_byte_route));
+    let mut big = frame(8, crate::MAX_JUMBO_FRAME_LEN);
+    big[0] = 0xD1;
+    assert!(dev.deliver(&big));
+    assert_eq!(recv(&mut net), None);
+    let mut got = Vec::new();
+    net.drain_diverted(|f| got.push(f.to_vec()));
+    assert_eq!(got, vec![big.clone()]);
+    assert!(net.send_frame(&big));
+    net.flush();
+    assert_eq!(dev.complete_tx(usize::MAX), 1);
+    assert_eq!(dev.model().sent.pop_front(), Some(big.clone()));
+    // One byte more than a slot is refused and counted.
+    let too_big = frame(9, net.max_frame_len() + 1);
+    assert!(!net.send_frame(&too_big));
+    let s = net.stats();
+    assert_eq!((s.tx_raw, s.tx_dropped), (1, 1));
+    // The default driver refuses a jumbo frame.
+    let (_dev2, transport2) = fake(Model::new(QEMU_LIKE_FEATURES));
+    let mut small = Net::<8>::new(transport2).expect("driver initialises");
+    assert_eq!(small.max_frame_len(), BUF_LEN - 12);
+    assert!(!small.send_frame(&big));
+}
+
+#[test]
+fn send_frame_reports_backpressure() {
+    let (dev, mut net) = setup::<4>(Model::new(QEMU_LIKE_FEATURES));
+    let f = frame(1, 60);
+    for _ in 0..4 {
+        assert!(net.send_frame(&f));
+    }
+    assert!(!net.send_frame(&f), "every slot in flight");
+    assert_eq!(net.stats().tx_full, 1);
+    assert_eq!(dev.complete_tx(usize::MAX), 4);
+    assert!(net.send_frame(&f));
+    assert_eq!(net.stats().tx_raw, 5);
+}

@@ -200,6 +200,14 @@ pub fn now() -> Instant {
     Instant::from_micros((time::now_ns() / 1000) as i64)
 }
 
+/// The NIC the RoCEv2 engine runs on when `fractos.rdma=on` or
+/// `fractos.test=rc_pingpong`: the peer network's (the second NIC when
+/// `fractos.ip1` is set, else the first); `None` when RDMA is off.
+pub fn rdma_nic(config: &Config) -> Option<usize> {
+    let on = config.rdma || config.test == Some(fractos_kernel::config::TestHook::RcPingpong);
+    on.then_some(usize::from(config.ip1.is_some()))
+}
+
 /// Brings up every virtio-net function in `devices`, then every
 /// virtio-mmio NIC of `mmio_devices` (logging `net: <where> mac=...` for
 /// each) and returns the ones used, each with an interface: the first NIC
@@ -231,12 +239,23 @@ pub fn bring_up(
             info!("net: {bdf} not used (no address configured for it)");
             continue;
         };
+        let rdma = rdma_nic(config) == Some(nics.len());
+        // The RDMA NIC takes jumbo frames (RDMA MTU 4096 needs an Ethernet
+        // MTU of 9000 on the path) and hands RoCEv2 frames to the engine.
+        let frame_len = if rdma {
+            fractos_virtio_net::MAX_JUMBO_FRAME_LEN
+        } else {
+            fractos_virtio_net::MAX_FRAME_LEN
+        };
         let dev = match found {
-            Found::Pci(f) => init_pci(f),
-            Found::Mmio(d) => init_mmio(d),
+            Found::Pci(f) => init_pci(f, frame_len),
+            Found::Mmio(d) => init_mmio(d, frame_len),
         };
         match dev {
-            Ok(dev) => {
+            Ok(mut dev) => {
+                if rdma {
+                    dev.set_rx_filter(Some(fractos_kernel::rdma::rx_route));
+                }
                 info!("net: {bdf} mac={}", Mac(dev.mac_address()));
                 debug!(
                     "net: {bdf} features {:#x}, {QUEUE}-entry queues, {} receive buffers posted",
@@ -329,7 +348,7 @@ fn configure(
     Net { bdf, dev, iface }
 }
 
-fn init_pci(f: &PciFunction) -> Result<Device, BringUpError> {
+fn init_pci(f: &PciFunction, frame_len: usize) -> Result<Device, BringUpError> {
     // SAFETY: the driver resets the device and then only points it at DMA
     // frames it allocated itself (rings and buffer pools, which it keeps for
     // its lifetime); no other code programs this device.
@@ -341,10 +360,10 @@ fn init_pci(f: &PciFunction) -> Result<Device, BringUpError> {
     // interleave.
     let config = unsafe { PciConfig::new(pio::PortConfigAccess) };
     let transport = pci_transport::<KernelHal, _>(config, f.address)?;
-    Ok(VirtioNet::new(transport.into())?)
+    Ok(VirtioNet::with_frame_len(transport.into(), frame_len)?)
 }
 
-fn init_mmio(d: &MmioDevice) -> Result<Device, BringUpError> {
+fn init_mmio(d: &MmioDevice, frame_len: usize) -> Result<Device, BringUpError> {
     // At most 1 MiB (checked when parsed); 0 would be refused as too small.
     let size = usize::try_from(d.size).unwrap_or(0);
     // SAFETY: `d` was announced on the command line and checked against
@@ -357,7 +376,7 @@ fn init_mmio(d: &MmioDevice) -> Result<Device, BringUpError> {
     let transport = unsafe { mmio_transport::<KernelHal>(d.base, size) }?;
     // The driver resets the device and then only points it at DMA frames
     // it allocated itself, which it keeps for its lifetime.
-    Ok(VirtioNet::new(transport.into())?)
+    Ok(VirtioNet::with_frame_len(transport.into(), frame_len)?)
 }
 
 /// What the echo server did.

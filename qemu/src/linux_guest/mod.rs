@@ -16,10 +16,14 @@
 //! (QEMU user networking's defaults, so `hostfwd` reaches it) and prints
 //! [`GUEST_READY_MARKER`] on the serial console.
 //! * [`parse_read_result`] (`read_log`) — the read benchmark's result line.
+//! * [`rdma_image`] (`rdma`) — Soft-RoCE guests with rdma-core's tools
+//!   (DESIGN.md §7), for interoperability tests against the appliance's
+//!   RoCEv2 engine.
 
 mod debian;
 mod initramfs;
 mod ldd;
+mod rdma;
 mod read_log;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -41,6 +45,10 @@ use crate::QemuError;
 pub use debian::{fetch_debian_kernel, DebianKernel};
 pub use initramfs::Initramfs;
 pub use ldd::shared_libraries;
+pub use rdma::{
+    parse_rc_pingpong, rdma_image, rdma_status, RdmaGuestSpec, RDMA_MODULES, RDMA_STATUS_MARKER,
+    RXE_DRIVER_FILE, RXE_PROVIDER,
+};
 pub use read_log::{fnv1a, parse_read_result, ReadResult, FNV_OFFSET};
 
 /// The line the guest init prints once modules are loaded and the network
