@@ -882,8 +882,10 @@ mod tests {
 
     #[test]
     fn metrics_name_every_reason_and_kind() {
-        let mut c = fractos_roce::Counters::default();
-        c.retransmits = 7;
+        let mut c = fractos_roce::Counters {
+            retransmits: 7,
+            ..Default::default()
+        };
         c.drops[DropReason::BadIcrc as usize] = 3;
         c.naks_sent[NakKind::SequenceError as usize] = 2;
         let t = metrics_text(4, &c);

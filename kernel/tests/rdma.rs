@@ -8,8 +8,8 @@
 //! framing ones) against its test memory.
 
 use fractos_kernel::rdma::{rx_route, RdmaPort};
-use fractos_roce::testing::{address, bth, frame, reseal, Side};
-use fractos_roce::wire::{self, Frame, Gid, LocalAddr, NakCode, Opcode, Reth, Syndrome};
+use fractos_roce::testing::{self, address, bth, frame, reseal, Side};
+use fractos_roce::wire::{self, Frame, Gid, LocalAddr, NakCode, Opcode, Syndrome};
 use fractos_roce::{
     local_ack_timeout, Access, DropReason, InitAttr, Mtu, NakKind, QpCaps, RecvWr, RtrAttr,
     RtsAttr, Sge,
@@ -139,17 +139,7 @@ impl Fixture {
     fn expect_drop(&mut self, frame: &[u8], reason: DropReason) {
         let before = self.port.engine.counters().clone();
         let out = self.feed(frame);
-        let after = self.port.engine.counters();
-        assert_eq!(
-            after.dropped(reason),
-            before.dropped(reason) + 1,
-            "{reason:?}"
-        );
-        assert_eq!(
-            after.dropped_total(),
-            before.dropped_total() + 1,
-            "only {reason:?}"
-        );
+        testing::assert_one_drop(&before, self.port.engine.counters(), reason);
         assert!(out.is_empty(), "{reason:?}: sent {out:?}");
         self.outside_untouched();
         self.region_untouched();
@@ -176,22 +166,7 @@ impl Fixture {
     }
 
     fn write_only(&self, psn: u32, va: u64, rkey: u32, payload: &[u8]) -> Vec<u8> {
-        let mut rest = [0u8; 16].to_vec();
-        let mut reth = [0u8; 16];
-        Reth {
-            va,
-            rkey,
-            len: payload.len() as u32,
-        }
-        .write(&mut reth);
-        rest[..16].copy_from_slice(&reth);
-        rest.extend_from_slice(payload);
-        frame(
-            Side::A,
-            Side::B,
-            bth(Opcode::WriteOnly, self.qpn, psn),
-            &rest,
-        )
+        testing::write_only(Side::A, Side::B, self.qpn, psn, va, rkey, payload)
     }
 
     fn send_only(&self, psn: u32, payload: &[u8]) -> Vec<u8> {
@@ -267,19 +242,8 @@ fn reth_outside_the_region_is_a_remote_access_nak() {
     }
     // A READ reaching past the end.
     let mut f = fixture();
-    let mut reth = [0u8; 16];
-    Reth {
-        va: REGION.0 + REGION.1 - 2,
-        rkey: f.rkey,
-        len: 8,
-    }
-    .write(&mut reth);
-    let p = frame(
-        Side::A,
-        Side::B,
-        bth(Opcode::ReadRequest, f.qpn, EPSN),
-        &reth,
-    );
+    let va = REGION.0 + REGION.1 - 2;
+    let p = testing::read_request(Side::A, Side::B, f.qpn, EPSN, va, f.rkey, 8);
     f.expect_access_nak(&p, EPSN);
 }
 

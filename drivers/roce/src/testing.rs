@@ -10,8 +10,8 @@ use core::time::Duration;
 
 use crate::wire::{self, Bth, Gid, MacAddr, RoceHeaders, DEFAULT_PKEY};
 use crate::{
-    Access, Config, CqId, Engine, InitAttr, Instant, Memory, MemoryFault, MrKeys, Mtu, QpCaps,
-    QpState, RecvWr, RtrAttr, RtsAttr, Sge,
+    Access, Config, Counters, CqId, DropReason, Engine, InitAttr, Instant, Memory, MemoryFault,
+    MrKeys, Mtu, QpCaps, QpState, RecvWr, RtrAttr, RtsAttr, Sge,
 };
 
 /// Buffer size for [`Engine::poll_transmit`] that fits every MTU.
@@ -475,6 +475,60 @@ pub fn frame(from: Side, to: Side, bth: Bth, rest: &[u8]) -> Vec<u8> {
     buf[t + 1] = (buf[t + 1] & !0x30) | ((bth.pad & 3) << 4);
     reseal(&mut buf);
     buf
+}
+
+/// A WRITE ONLY from `from` to `to`'s QP `qpn` at `psn`, writing `payload`
+/// at `va` with `rkey` (the RETH says `payload.len()` bytes).
+pub fn write_only(
+    from: Side,
+    to: Side,
+    qpn: u32,
+    psn: u32,
+    va: u64,
+    rkey: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut reth = [0u8; wire::RETH_LEN];
+    wire::Reth {
+        va,
+        rkey,
+        len: payload.len() as u32,
+    }
+    .write(&mut reth);
+    let mut rest = reth.to_vec();
+    rest.extend_from_slice(payload);
+    frame(from, to, bth(wire::Opcode::WriteOnly, qpn, psn), &rest)
+}
+
+/// A READ request from `from` to `to`'s QP `qpn` at `psn` for `len` bytes
+/// at `va` with `rkey`.
+pub fn read_request(
+    from: Side,
+    to: Side,
+    qpn: u32,
+    psn: u32,
+    va: u64,
+    rkey: u32,
+    len: u32,
+) -> Vec<u8> {
+    let mut reth = [0u8; wire::RETH_LEN];
+    wire::Reth { va, rkey, len }.write(&mut reth);
+    frame(from, to, bth(wire::Opcode::ReadRequest, qpn, psn), &reth)
+}
+
+/// Asserts that going from `before` to `after` one frame was dropped, for
+/// `reason` and nothing else.
+pub fn assert_one_drop(before: &Counters, after: &Counters, reason: DropReason) {
+    assert_eq!(
+        after.dropped(reason),
+        before.dropped(reason) + 1,
+        "{reason:?}: {after:?}"
+    );
+    assert_eq!(
+        after.dropped_total(),
+        before.dropped_total() + 1,
+        "only {reason:?}"
+    );
 }
 
 /// Recomputes the IPv4 checksum and the ICRC of a frame after a test

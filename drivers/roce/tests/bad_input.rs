@@ -3,7 +3,7 @@
 //! a registered region is read or written ([`TestMemory`] panics if it is).
 
 use fractos_roce::testing::{
-    address, bth, frame, reseal, Faults, Pair, PairConfig, Side, TestMemory, FRAME_BUF,
+    self, address, bth, frame, reseal, Faults, Pair, PairConfig, Side, TestMemory, FRAME_BUF,
 };
 use fractos_roce::wire::{self, Aeth, Frame, LocalAddr, NakCode, Opcode, Reth, Syndrome};
 use fractos_roce::{
@@ -69,33 +69,11 @@ fn feed(f: &mut Fixture, frame: &[u8]) -> Vec<(Opcode, u32, Option<Syndrome>)> {
 }
 
 fn write_only(f: &Fixture, psn: u32, va: u64, rkey: u32, payload: &[u8]) -> Vec<u8> {
-    let mut rest = Vec::new();
-    let mut reth = [0u8; 16];
-    Reth {
-        va,
-        rkey,
-        len: payload.len() as u32,
-    }
-    .write(&mut reth);
-    rest.extend_from_slice(&reth);
-    rest.extend_from_slice(payload);
-    frame(
-        Side::A,
-        Side::B,
-        bth(Opcode::WriteOnly, f.pair.b.qpn, psn),
-        &rest,
-    )
+    testing::write_only(Side::A, Side::B, f.pair.b.qpn, psn, va, rkey, payload)
 }
 
 fn read_req(f: &Fixture, psn: u32, va: u64, rkey: u32, len: u32) -> Vec<u8> {
-    let mut reth = [0u8; 16];
-    Reth { va, rkey, len }.write(&mut reth);
-    frame(
-        Side::A,
-        Side::B,
-        bth(Opcode::ReadRequest, f.pair.b.qpn, psn),
-        &reth,
-    )
+    testing::read_request(Side::A, Side::B, f.pair.b.qpn, psn, va, rkey, len)
 }
 
 fn send_only(f: &Fixture, psn: u32, payload: &[u8]) -> Vec<u8> {
@@ -113,17 +91,7 @@ fn expect_drop(f: &mut Fixture, frame: &[u8], reason: DropReason) {
     let before = f.pair.b.engine.counters().clone();
     let accesses = f.pair.b.mem.accesses;
     let out = feed(f, frame);
-    let after = f.pair.b.engine.counters();
-    assert_eq!(
-        after.dropped(reason),
-        before.dropped(reason) + 1,
-        "{reason:?}: {after:?}"
-    );
-    assert_eq!(
-        after.dropped_total(),
-        before.dropped_total() + 1,
-        "only {reason:?}"
-    );
+    testing::assert_one_drop(&before, f.pair.b.engine.counters(), reason);
     assert!(out.is_empty(), "{reason:?}: sent {out:?}");
     assert_eq!(
         f.pair.b.mem.accesses, accesses,
