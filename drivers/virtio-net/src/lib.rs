@@ -317,6 +317,10 @@ pub struct Stats {
     pub rx_copy_overflow: u64,
     /// Frames sent with [`VirtioNet::send_frame`].
     pub tx_raw: u64,
+    /// With a receive filter: frames dropped because they carry our own
+    /// source MAC (a hub, such as QEMU's multicast `socket` netdev, hands
+    /// every station its own frames back).
+    pub rx_own: u64,
 }
 
 /// The 16-bit ones'-complement sum of `data` (RFC 1071, network byte
@@ -355,6 +359,8 @@ pub struct VirtioNet<H: Hal, T: Transport, const N: usize = 64> {
     stats: Stats,
     last_error: Option<Error>,
     filter: Option<RxFilter>,
+    /// The device's MAC (to recognise our own frames echoed by a hub).
+    mac: [u8; 6],
     /// Diverted frames in arrival order: `(slot, start, len)`, a ring.
     diverted: [(u16, u16, u16); N],
     diverted_head: usize,
@@ -401,6 +407,7 @@ impl<H: Hal, T: Transport, const N: usize> VirtioNet<H, T, N> {
             stats: Stats::default(),
             last_error: None,
             filter: None,
+            mac: [0; 6],
             diverted: [(0, 0, 0); N],
             diverted_head: 0,
             diverted_len: 0,
@@ -408,6 +415,7 @@ impl<H: Hal, T: Transport, const N: usize> VirtioNet<H, T, N> {
             copies_head: 0,
             copies_len: 0,
         };
+        dev.mac = dev.raw.mac_address();
         dev.refill_rx()?;
         Ok(dev)
     }
@@ -419,7 +427,9 @@ impl<H: Hal, T: Transport, const N: usize> VirtioNet<H, T, N> {
     }
 
     /// Routes every received frame through `filter` before smoltcp sees
-    /// it (`None`: everything to smoltcp). Diverted frames stay in their
+    /// it (`None`: everything to smoltcp); with a filter, frames with our
+    /// own source MAC are dropped first (counted in [`Stats::rx_own`]: a
+    /// hub echoing what we sent). Diverted frames stay in their
     /// receive slots until [`VirtioNet::drain_diverted`] hands them out:
     /// drain after every smoltcp poll, or the receive queue runs dry.
     pub fn set_rx_filter(&mut self, filter: Option<RxFilter>) {
@@ -482,6 +492,11 @@ impl<H: Hal, T: Transport, const N: usize> VirtioNet<H, T, N> {
             return true;
         };
         let frame = &self.rx.slot(slot)[start..start + len];
+        if frame.get(6..12) == Some(&self.mac[..]) {
+            self.rx.done(slot);
+            self.stats.rx_own += 1;
+            return false;
+        }
         match filter(frame) {
             RxRoute::Stack => true,
             RxRoute::Copy => {

@@ -749,6 +749,15 @@ fn rx_filter_diverts_copies_and_passes_frames_in_order() {
     // Diverted slots went back to the device.
     net.poll().expect("poll");
     assert_eq!(net.rx_posted(), 8);
+    // Our own frames, echoed by a hub, are dropped (the filter is not
+    // asked).
+    let mut own = frame(7, 60);
+    own[0] = 0xD1;
+    own[6..12].copy_from_slice(&MAC);
+    assert!(dev.deliver(&own));
+    assert_eq!(recv(&mut net), None);
+    assert_eq!(net.drain_diverted(|_| panic!("own frame diverted")), 0);
+    assert_eq!(net.stats().rx_own, 1);
     // Without a filter everything is smoltcp's again.
     net.set_rx_filter(None);
     let mut d = frame(6, 60);
