@@ -258,6 +258,7 @@ impl Rdma {
         if let (Some(p), Some(sockets)) = (self.pingpong.as_mut(), service.socket_set(self.iface)) {
             p.poll(now, port, sockets);
         }
+        // The engine's answers and the server's sends leave this turn.
         let room = dev.tx_free();
         moved |= port.poll(now, room, |f| dev.send_frame(f)) > 0;
         service.set_roce_counters(port.engine.counters());

@@ -409,6 +409,9 @@ pub struct PingPong {
     buf: u64,
     keys: MrKeys,
     qpn: Option<u32>,
+    /// The last session's QP, kept until the next exchange so that what it
+    /// still owes the peer (a coalesced ACK, a final NAK) goes out.
+    retired: Option<u32>,
     psn_seed: u64,
     pending_send: bool,
     first: Vec<u8>,
@@ -467,6 +470,7 @@ impl PingPong {
             buf,
             keys,
             qpn: None,
+            retired: None,
             psn_seed,
             pending_send: false,
             first: Vec::new(),
@@ -554,6 +558,9 @@ impl PingPong {
     ) -> Result<Dest, PingPongError> {
         if let Some(old) = self.qpn.take() {
             self.finish();
+            let _ = port.engine.destroy_qp(old);
+        }
+        if let Some(old) = self.retired.take() {
             let _ = port.engine.destroy_qp(old);
         }
         while port.engine.poll_cq(self.cq).is_some() {}
@@ -660,8 +667,7 @@ impl PingPong {
                     self.report.session, wc.status, wc.opcode
                 );
                 self.finish();
-                let _ = port.engine.destroy_qp(qpn);
-                self.qpn = None;
+                self.retire();
                 return;
             }
             match wc.opcode {
@@ -684,8 +690,7 @@ impl PingPong {
             }
             if self.report.sent >= self.cfg.iters && self.report.received >= self.cfg.iters {
                 self.finish();
-                let _ = port.engine.destroy_qp(qpn);
-                self.qpn = None;
+                self.retire();
                 return;
             }
         }
@@ -727,6 +732,12 @@ impl PingPong {
         if self.first == msg {
             self.report.same_as_first += 1;
         }
+    }
+
+    /// Ends the session's use of its QP; it is destroyed at the next
+    /// exchange.
+    fn retire(&mut self) {
+        self.retired = self.qpn.take();
     }
 
     fn finish(&mut self) {

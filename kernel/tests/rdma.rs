@@ -9,7 +9,7 @@
 
 use fractos_kernel::rdma::{rx_route, RdmaPort};
 use fractos_roce::testing::{self, address, bth, frame, reseal, Side};
-use fractos_roce::wire::{self, Frame, Gid, LocalAddr, NakCode, Opcode, Syndrome};
+use fractos_roce::wire::{self, Frame, Gid, LocalAddr, NakCode, Opcode, Reth, Syndrome};
 use fractos_roce::{
     local_ack_timeout, Access, DropReason, InitAttr, Mtu, NakKind, QpCaps, RecvWr, RtrAttr,
     RtsAttr, Sge,
@@ -166,17 +166,17 @@ impl Fixture {
     }
 
     fn write_only(&self, psn: u32, va: u64, rkey: u32, payload: &[u8]) -> Vec<u8> {
-        testing::write_only(Side::A, Side::B, self.qpn, psn, va, rkey, payload)
+        testing::write_a_to_b(self.qpn, psn, va, rkey, payload)
     }
 
     fn send_only(&self, psn: u32, payload: &[u8]) -> Vec<u8> {
-        frame(
-            Side::A,
-            Side::B,
-            bth(Opcode::SendOnly, self.qpn, psn),
-            payload,
-        )
+        send_only_to(self.qpn, psn, payload)
     }
+}
+
+/// A SEND ONLY from A to QP `qpn` of B.
+fn send_only_to(qpn: u32, psn: u32, payload: &[u8]) -> Vec<u8> {
+    frame(Side::A, Side::B, bth(Opcode::SendOnly, qpn, psn), payload)
 }
 
 #[test]
@@ -243,7 +243,20 @@ fn reth_outside_the_region_is_a_remote_access_nak() {
     // A READ reaching past the end.
     let mut f = fixture();
     let va = REGION.0 + REGION.1 - 2;
-    let p = testing::read_request(Side::A, Side::B, f.qpn, EPSN, va, f.rkey, 8);
+    let reth = Reth {
+        va,
+        rkey: f.rkey,
+        len: 8,
+    };
+    let p = testing::reth_request(
+        Side::A,
+        Side::B,
+        Opcode::ReadRequest,
+        f.qpn,
+        EPSN,
+        reth,
+        &[],
+    );
     f.expect_access_nak(&p, EPSN);
 }
 
@@ -262,13 +275,7 @@ fn a_revoked_rkey_is_a_remote_access_nak() {
 #[test]
 fn unknown_qps_and_wrong_sources_are_dropped() {
     let mut f = fixture();
-    let p = frame(
-        Side::A,
-        Side::B,
-        bth(Opcode::SendOnly, 0x9999, EPSN),
-        &[0; 4],
-    );
-    f.expect_drop(&p, DropReason::UnknownQp);
+    f.expect_drop(&send_only_to(0x9999, EPSN, &[0; 4]), DropReason::UnknownQp);
     // The right QP from another IPv4 address (the connection data named
     // A's address; nothing in a packet can change that).
     let mut p = f.send_only(EPSN, &[0; 4]);

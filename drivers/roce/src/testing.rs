@@ -477,43 +477,31 @@ pub fn frame(from: Side, to: Side, bth: Bth, rest: &[u8]) -> Vec<u8> {
     buf
 }
 
-/// A WRITE ONLY from `from` to `to`'s QP `qpn` at `psn`, writing `payload`
-/// at `va` with `rkey` (the RETH says `payload.len()` bytes).
-pub fn write_only(
+/// A request carrying a RETH (WRITE ONLY with `payload`, or READ request
+/// with none) from `from` to `to`'s QP `qpn` at `psn`.
+pub fn reth_request(
     from: Side,
     to: Side,
+    op: wire::Opcode,
     qpn: u32,
     psn: u32,
-    va: u64,
-    rkey: u32,
+    reth: wire::Reth,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut reth = [0u8; wire::RETH_LEN];
-    wire::Reth {
-        va,
-        rkey,
-        len: payload.len() as u32,
-    }
-    .write(&mut reth);
-    let mut rest = reth.to_vec();
+    let mut rest = [0u8; wire::RETH_LEN];
+    reth.write(&mut rest);
+    let mut rest = rest.to_vec();
     rest.extend_from_slice(payload);
-    frame(from, to, bth(wire::Opcode::WriteOnly, qpn, psn), &rest)
+    frame(from, to, bth(op, qpn, psn), &rest)
 }
 
-/// A READ request from `from` to `to`'s QP `qpn` at `psn` for `len` bytes
-/// at `va` with `rkey`.
-pub fn read_request(
-    from: Side,
-    to: Side,
-    qpn: u32,
-    psn: u32,
-    va: u64,
-    rkey: u32,
-    len: u32,
-) -> Vec<u8> {
-    let mut reth = [0u8; wire::RETH_LEN];
-    wire::Reth { va, rkey, len }.write(&mut reth);
-    frame(from, to, bth(wire::Opcode::ReadRequest, qpn, psn), &reth)
+/// A WRITE ONLY from A to B's QP `qpn` at `psn` of `payload` at `va`
+/// with `rkey` (the RETH says `payload.len()` bytes).
+pub fn write_a_to_b(qpn: u32, psn: u32, va: u64, rkey: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let reth = wire::Reth { va, rkey, len };
+    let op = wire::Opcode::WriteOnly;
+    reth_request(Side::A, Side::B, op, qpn, psn, reth, payload)
 }
 
 /// Asserts that going from `before` to `after` one frame was dropped, for

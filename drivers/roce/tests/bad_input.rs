@@ -69,11 +69,20 @@ fn feed(f: &mut Fixture, frame: &[u8]) -> Vec<(Opcode, u32, Option<Syndrome>)> {
 }
 
 fn write_only(f: &Fixture, psn: u32, va: u64, rkey: u32, payload: &[u8]) -> Vec<u8> {
-    testing::write_only(Side::A, Side::B, f.pair.b.qpn, psn, va, rkey, payload)
+    testing::write_a_to_b(f.pair.b.qpn, psn, va, rkey, payload)
 }
 
 fn read_req(f: &Fixture, psn: u32, va: u64, rkey: u32, len: u32) -> Vec<u8> {
-    testing::read_request(Side::A, Side::B, f.pair.b.qpn, psn, va, rkey, len)
+    let reth = Reth { va, rkey, len };
+    testing::reth_request(
+        Side::A,
+        Side::B,
+        Opcode::ReadRequest,
+        f.pair.b.qpn,
+        psn,
+        reth,
+        &[],
+    )
 }
 
 fn send_only(f: &Fixture, psn: u32, payload: &[u8]) -> Vec<u8> {
