@@ -735,7 +735,8 @@ fn bring_up_slots(devices: &[pci::PciFunction], seed: &[u8; 32]) -> SlotPool<Bar
         // file), never part of the heap or of any Rust object, and the
         // devices live as long as the kernel. PCI BARs are aligned to
         // their size (at least 4 KiB).
-        let mem = unsafe { BarMemory::new(addr as *mut u8, len) };
+        // Identity-mapped, so devices reach it at the same address.
+        let mem = unsafe { BarMemory::new(addr as *mut u8, len) }.with_device_address(addr);
         info!("shm: slot {name}: {} KiB at {addr:#x}", size / 1024);
         pool.add(&name, mem, time::now_ns());
     }

@@ -30,9 +30,9 @@ use fractos_core::{ChannelId, Config as CoreConfig, Controller, Instant, Traffic
 use fractos_node::{ConnId, ConnKind, Node, NodeConfig, NodeStats};
 use fractos_transport::{Channel, FrameReader, Framing, MemoryChannel, Received, TransportError};
 use fractos_virtio_net::tsc;
-use fractos_wire::{NodeId, FRAME_HEADER_LEN};
+use fractos_wire::{ErrorCode, Handle, NodeId, FRAME_HEADER_LEN};
 
-use crate::storage::LocalProcess;
+use crate::storage::{DeviceGrant, DeviceWrites, LocalProcess};
 use log::{debug, info, warn};
 use smoltcp::iface::{Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::Device;
@@ -255,11 +255,33 @@ struct Dialing {
 /// A process inside the appliance and its end of an in-memory channel.
 struct Local {
     process: Box<dyn LocalProcess>,
+    /// Its connection at the node.
+    conn: ConnId,
     end: MemoryChannel,
     reader: FrameReader,
     /// A frame the channel had no room for yet.
     pending: Option<Vec<u8>>,
     closed: bool,
+}
+
+/// Device writes of an in-kernel process, granted by the node.
+struct NodeWrites<'a> {
+    node: &'a mut Node<Sockets, PeerAddr>,
+    holder: ConnId,
+    now: Instant,
+}
+
+impl DeviceWrites for NodeWrites<'_> {
+    fn begin(&mut self, handle: Handle, len: u64) -> Result<DeviceGrant, ErrorCode> {
+        self.node
+            .device_write_begin(self.now, self.holder, handle, len)
+    }
+    fn valid(&mut self, id: u64) -> bool {
+        self.node.device_write_valid(id)
+    }
+    fn end(&mut self, id: u64, ok: bool) -> Result<(), ErrorCode> {
+        self.node.device_write_end(self.now, id, ok)
+    }
 }
 
 /// Counters the service keeps (the node driver's plus dials started).
@@ -370,6 +392,7 @@ impl Service {
         info!("service: local process {} on channel {}", p.name(), id.0);
         self.locals.push(Local {
             process: p,
+            conn: id,
             end,
             reader: FrameReader::new(self.cfg.node.core.limits.max_message_len),
             pending: None,
@@ -406,7 +429,12 @@ impl Service {
     fn pump_locals(&mut self, now_ns: u64) -> bool {
         let mut moved = false;
         for l in self.locals.iter_mut().filter(|l| !l.closed) {
-            l.process.tick(now_ns);
+            let mut writes = NodeWrites {
+                node: &mut self.node,
+                holder: l.conn,
+                now: Instant(now_ns),
+            };
+            l.process.tick_with(now_ns, &mut writes);
             match l.reader.fill(&mut l.end, &mut ()) {
                 Ok(m) => moved |= m,
                 Err(e) => {

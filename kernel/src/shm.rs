@@ -48,6 +48,8 @@ pub fn ivshmem_windows(devices: &[PciFunction]) -> Vec<(PciFunction, u64, u64)> 
 pub struct BarMemory {
     base: usize,
     len: usize,
+    /// The address devices use for `base`, if they may reach the window.
+    device: Option<u64>,
 }
 
 impl BarMemory {
@@ -63,6 +65,19 @@ impl BarMemory {
         BarMemory {
             base: base as usize,
             len,
+            device: None,
+        }
+    }
+
+    /// The same window, which DMA-capable devices reach at `device` (its
+    /// guest-physical address: an ivshmem BAR is RAM in the guest-physical
+    /// address space, so an NVMe controller can write it). Devices are
+    /// then given addresses inside it
+    /// ([`SharedMemory::device_address`]).
+    pub fn with_device_address(self, device: u64) -> Self {
+        BarMemory {
+            device: Some(device),
+            ..self
         }
     }
 
@@ -125,6 +140,14 @@ impl SharedMemory for BarMemory {
             // by `span`); `data` is ours and does not overlap it.
             unsafe { core::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
         }
+    }
+
+    fn device_address(&self, offset: usize, len: usize) -> Option<u64> {
+        let end = offset.checked_add(len)?;
+        if end > self.len {
+            return None;
+        }
+        self.device?.checked_add(offset as u64)
     }
 }
 
@@ -294,6 +317,35 @@ mod tests {
     }
 
     #[test]
+    fn device_addresses_are_bounded_by_the_window_and_the_slot_memory() {
+        let (_keep, m) = buffer(1 << 20);
+        assert_eq!(m.device_address(0, 8), None);
+        let m = m.with_device_address(0xfe00_0000);
+        assert_eq!(m.device_address(4096, 8), Some(0xfe00_1000));
+        assert_eq!(m.device_address((1 << 20) - 8, 8), Some(0xfe0f_fff8));
+        assert_eq!(m.device_address((1 << 20) - 8, 9), None);
+        assert_eq!(m.device_address(usize::MAX, 2), None);
+        // Through an attached slot's direct memory: registered addresses
+        // inside the process's memory area only.
+        let mut pool = SlotPool::new([1; 32]);
+        pool.add("00:05.0", m, 0);
+        let (client, _ring) = SlotClient::begin(m, RING_MIN, |_| {}).unwrap();
+        let mut got = Vec::new();
+        pool.poll(1, |c| got.push(c));
+        let layout = client.layout();
+        let mut ch = got.pop().unwrap();
+        let dm = Channel::<()>::direct_memory(&mut *ch).unwrap();
+        let at = |x: usize| Some(0xfe00_0000 + (layout.mem + x) as u64);
+        assert_eq!(dm.device_address(SLOT_ADDR_BASE, 4096), at(0));
+        assert_eq!(dm.device_address(SLOT_ADDR_BASE + 12, 100), at(12));
+        let len = layout.mem_len;
+        assert_eq!(dm.device_address(SLOT_ADDR_BASE, len), at(0));
+        assert_eq!(dm.device_address(SLOT_ADDR_BASE, len + 1), None);
+        assert_eq!(dm.device_address(SLOT_ADDR_BASE - 1, 2), None, "the ring is not");
+        assert_eq!(dm.device_address(u64::MAX, 2), None);
+    }
+
+    #[test]
     fn a_pool_attaches_a_process_and_renonces_after_it_leaves() {
         let (_keep, m) = buffer(1 << 20);
         let mut pool = SlotPool::new([1; 32]);
@@ -307,6 +359,7 @@ mod tests {
         let mut ch = got.pop().unwrap();
         let dm = Channel::<()>::direct_memory(&mut *ch).unwrap();
         dm.write(&mut (), SLOT_ADDR_BASE, b"hi").unwrap();
+        assert_eq!(dm.device_address(SLOT_ADDR_BASE, 8), None, "no device address");
         drop(ch);
         assert!(pool.poll(3, |c| got.push(c)));
         assert_eq!(pool.stats().attached, 0);

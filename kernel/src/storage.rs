@@ -61,6 +61,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use fractos_nvme::split_transfer;
+pub use fractos_node::DeviceGrant;
 use fractos_process::{Config, Connection, Event, Instant, Memory, OutOfWindow};
 use fractos_wire::{
     CapInfo, ErrorCode, Handle, ObjectKind, ProcessMsg, Reply, Rights, FRAME_HEADER_LEN,
@@ -198,6 +199,12 @@ pub trait LocalProcess {
     /// Called on every turn of the event loop with the time, for retries
     /// and device completions.
     fn tick(&mut self, _now_ns: u64) {}
+    /// [`tick`](Self::tick), with device writes into other processes'
+    /// memory available (the service calls this one).
+    fn tick_with(&mut self, now_ns: u64, writes: &mut dyn DeviceWrites) {
+        let _ = writes;
+        self.tick(now_ns);
+    }
     /// Prometheus lines of its own (each ending in a newline), if any.
     fn metrics_text(&self, _node: u32) -> String {
         String::new()
@@ -211,6 +218,38 @@ pub trait LocalProcess {
     /// and the controller revokes what it owned).
     fn is_closed(&self) -> bool {
         false
+    }
+}
+
+/// Device writes straight into another process's memory: DMA into the
+/// shared-memory slot of a process attached through one. The controller
+/// core grants each after validating the destination capability (live,
+/// Memory, WRITE, long enough, owned by a process whose memory devices
+/// reach) and holds revokes of it until the grant ends; see
+/// `fractos_node::Node::device_write_begin`.
+pub trait DeviceWrites {
+    /// Grants the device writes of `len` bytes at the start of the window
+    /// of `handle`, a Memory capability this process holds.
+    fn begin(&mut self, handle: Handle, len: u64) -> Result<DeviceGrant, ErrorCode>;
+    /// Whether grant `id` may go on (checked before every command).
+    fn valid(&mut self, id: u64) -> bool;
+    /// Grant `id` ended; `ok`: every byte was written. `Err` (e.g.
+    /// `Revoked`) means the bytes must not be reported as delivered.
+    fn end(&mut self, id: u64, ok: bool) -> Result<(), ErrorCode>;
+}
+
+/// No device writes: every grant is refused (reads go through the pool).
+pub struct NoDeviceWrites;
+
+impl DeviceWrites for NoDeviceWrites {
+    fn begin(&mut self, _: Handle, _: u64) -> Result<DeviceGrant, ErrorCode> {
+        Err(ErrorCode::InvalidArgument)
+    }
+    fn valid(&mut self, _: u64) -> bool {
+        false
+    }
+    fn end(&mut self, _: u64, _: bool) -> Result<(), ErrorCode> {
+        Err(ErrorCode::InvalidArgument)
     }
 }
 
@@ -254,6 +293,15 @@ pub struct StorageStats {
     /// Requests that merged bytes in a staging window first (writes of
     /// partial blocks: the blocks are read, the new bytes copied over).
     pub staged: u64,
+    /// Reads the device wrote straight into the destination's memory (a
+    /// shared-memory slot): no pool window, no copy.
+    pub slot_reads: u64,
+    /// Bytes the device read into destinations' memory directly.
+    pub dma_direct_bytes: u64,
+    /// Bytes the device read into the pool for reads (then copied: the
+    /// destination is not reachable by DMA, or the request is not
+    /// block-aligned).
+    pub dma_staged_bytes: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -293,6 +341,9 @@ enum Stage {
     Store,
     /// The flush after the writes.
     Flush,
+    /// A read straight into the destination's memory is over (or failed):
+    /// its grant ends next (see [`DeviceWrites::end`]).
+    Settle,
 }
 
 /// One invocation being served.
@@ -322,6 +373,12 @@ struct Job {
     error: Option<DeviceError>,
     /// A command was abandoned: the window is never reused.
     leak: bool,
+    /// Reads: whether the route (pool or destination) is chosen yet.
+    routed: bool,
+    /// Reads into the destination's memory: the grant.
+    grant: Option<DeviceGrant>,
+    /// The grant stopped being valid before every command was submitted.
+    revoked: bool,
 }
 
 impl Job {
@@ -330,7 +387,7 @@ impl Job {
         match self.stage {
             Stage::Fetch | Stage::Store => self.count,
             Stage::Flush => 1,
-            Stage::Diminish | Stage::Copy => 0,
+            Stage::Diminish | Stage::Copy | Stage::Settle => 0,
         }
     }
 
@@ -398,6 +455,8 @@ pub struct StorageProcess<B: BlockDevice> {
     now_ns: u64,
     /// Publishes to retry: (name, Request, when).
     retries: Vec<(String, Handle, u64)>,
+    /// Jobs whose device-write grant ends next (see [`Stage::Settle`]).
+    settles: Vec<u64>,
 }
 
 /// The pool as the controller reaches it: registered memory
@@ -465,6 +524,7 @@ impl<B: BlockDevice> StorageProcess<B> {
             stats: StorageStats::default(),
             now_ns: 0,
             retries: Vec::new(),
+            settles: Vec::new(),
         }
     }
 
@@ -620,6 +680,9 @@ impl<B: BlockDevice> StorageProcess<B> {
             outstanding: 0,
             error: None,
             leak: false,
+            routed: tag != TAG_READ,
+            grant: None,
+            revoked: false,
         };
         if range.is_none() || target.is_none() || !matches!(tag, TAG_READ | TAG_WRITE) {
             // Malformed: answered at once (it needs no buffer).
@@ -627,7 +690,12 @@ impl<B: BlockDevice> StorageProcess<B> {
             return;
         }
         match self.covering(&job) {
-            Ok((lba, count, skew)) => (job.lba, job.count, job.skew) = (lba, count, skew),
+            Ok((lba, count, skew)) => {
+                (job.lba, job.count, job.skew) = (lba, count, skew);
+                // Only whole blocks may go straight into the destination.
+                let bs = u64::from(self.dev.block_size().max(1));
+                job.routed |= job.partial(bs);
+            }
             Err(status) => {
                 self.answer_error(&job, status, None);
                 return;
@@ -671,7 +739,9 @@ impl<B: BlockDevice> StorageProcess<B> {
     }
 
     fn free_window(&mut self, job: &Job) {
-        if job.leak {
+        if job.grant.is_some() {
+            // It had no pool window.
+        } else if job.leak {
             warn!(
                 "storage: {}: {} KiB of the DMA pool at {:#x} withheld for good (the device may still write it)",
                 self.name,
@@ -720,7 +790,7 @@ impl<B: BlockDevice> StorageProcess<B> {
     /// submits device commands while the queue has room.
     fn advance(&mut self) {
         self.admit();
-        self.submit_io();
+        self.submit_io(None);
     }
 
     /// Admits queued requests in order while their windows fit (a write
@@ -732,13 +802,18 @@ impl<B: BlockDevice> StorageProcess<B> {
                 return;
             };
             let writing = self.active.values().any(|j| j.tag == TAG_WRITE);
-            if writing || (front.tag == TAG_WRITE && !self.active.is_empty()) {
+            if writing || (front.tag == TAG_WRITE && !self.active.is_empty()) || !front.routed {
                 return;
             }
             // At most `max_request()` (checked on arrival), so it fits in usize.
             let bytes = (front.count * bs) as usize;
-            let Some(at) = self.windows.alloc(bytes) else {
-                return;
+            let at = if front.grant.is_some() {
+                0
+            } else {
+                match self.windows.alloc(bytes) {
+                    Some(at) => at,
+                    None => return,
+                }
             };
             let Some(mut job) = self.queue.pop_front() else {
                 return;
@@ -786,16 +861,33 @@ impl<B: BlockDevice> StorageProcess<B> {
     }
 
     /// Submits device commands of admitted jobs, oldest first, while the
-    /// device queue has room.
-    fn submit_io(&mut self) {
+    /// device queue has room. Commands into a destination's memory only
+    /// with `writes` (their grant is checked before each).
+    fn submit_io(&mut self, mut writes: Option<&mut dyn DeviceWrites>) {
         let max = self.dev.max_blocks_per_command();
         let bs = u64::from(self.dev.block_size().max(1));
         let limit = self.max_in_flight();
         let mut ended = Vec::new();
         'jobs: for (&id, job) in self.active.iter_mut() {
+            if job.grant.is_some() && writes.is_none() {
+                continue;
+            }
             while job.error.is_none() && job.next < job.todo() {
                 if self.in_flight >= limit {
                     break 'jobs;
+                }
+                if let (Some(g), Some(w)) = (job.grant, writes.as_deref_mut()) {
+                    if !w.valid(g.id) {
+                        // Revoked (or its process left) meanwhile: nothing
+                        // more is written; the job ends once its commands
+                        // in flight have.
+                        job.revoked = true;
+                        job.error = Some(DeviceError::BadTarget);
+                        if job.outstanding == 0 {
+                            ended.push(id);
+                        }
+                        break;
+                    }
                 }
                 let (io, units) = match job.stage {
                     Stage::Flush => (Io::Flush, 1),
@@ -805,8 +897,12 @@ impl<B: BlockDevice> StorageProcess<B> {
                         else {
                             break;
                         };
-                        // Inside the window: `next < count` blocks of it.
-                        let at = DmaTarget::Pool(job.window.0 + (job.next * bs) as usize);
+                        // Inside the window (or the granted destination):
+                        // `next < count` blocks of it.
+                        let at = match job.grant {
+                            Some(g) => DmaTarget::Phys(g.address + job.next * bs),
+                            None => DmaTarget::Pool(job.window.0 + (job.next * bs) as usize),
+                        };
                         let io = if stage == Stage::Fetch {
                             Io::Read {
                                 lba: c.lba,
@@ -823,10 +919,17 @@ impl<B: BlockDevice> StorageProcess<B> {
                         (io, u64::from(c.blocks))
                     }
                 };
-                // SAFETY: pool targets only (the device checks their
-                // bounds); each command gets its own blocks of a window
-                // that belongs to this job alone until every one of its
-                // commands has completed.
+                // SAFETY: a pool target is checked by the device; each
+                // command gets its own blocks of a window that belongs to
+                // this job alone until every one of its commands has
+                // completed. A `Phys` target lies inside the `count` blocks
+                // the controller granted (`DeviceWrites::begin`): memory of
+                // the destination process that devices may write (its
+                // slot's memory area, bounds-checked by the node), that no
+                // Rust object occupies, whose capability was checked just
+                // above, and which the node keeps from any other process
+                // until the grant ends: only after every command of the job
+                // has completed (never, if one was abandoned).
                 match unsafe { self.dev.submit(io, id) } {
                     Ok(()) => {
                         job.next += units;
@@ -895,6 +998,11 @@ impl<B: BlockDevice> StorageProcess<B> {
         let Some(job) = self.active.get_mut(&id) else {
             return;
         };
+        if job.grant.is_some() {
+            job.stage = Stage::Settle;
+            self.settles.push(id);
+            return;
+        }
         if let Some(e) = &job.error {
             warn!(
                 "storage: {}: {} of {} blocks at {} failed: {e}",
@@ -931,7 +1039,101 @@ impl<B: BlockDevice> StorageProcess<B> {
                 self.free_window(&job);
                 self.release(&job);
             }
-            Stage::Diminish | Stage::Copy => {}
+            Stage::Diminish | Stage::Copy | Stage::Settle => {}
+        }
+    }
+
+    /// The clock, the protocol's timeouts, publish retries and the
+    /// device's completions.
+    fn tick_inner(&mut self, now_ns: u64) {
+        self.now_ns = now_ns;
+
+        if let Err(e) = self.conn.handle_timeout(Instant(now_ns)) {
+            warn!("storage: {}: {e}", self.name);
+            self.phase = Phase::Failed;
+        }
+        if self.retries.iter().any(|r| r.2 <= now_ns) {
+            let (due, later): (Vec<_>, Vec<_>) =
+                self.retries.drain(..).partition(|r| r.2 <= now_ns);
+            self.retries = later;
+            for (name, cap, _) in due {
+                self.publish(name, cap);
+            }
+        }
+        self.reap();
+    }
+
+    /// Chooses the route of queued reads: straight into the destination's
+    /// memory when the request covers whole blocks and the controller
+    /// grants a device write there at a dword-aligned address (what an
+    /// NVMe PRP entry needs); through a pool window otherwise.
+    fn route(&mut self, writes: &mut dyn DeviceWrites) {
+        let bs = u64::from(self.dev.block_size().max(1));
+        for job in self.queue.iter_mut().filter(|j| !j.routed) {
+            job.routed = true;
+            if job.partial(bs) {
+                continue;
+            }
+            match writes.begin(job.target, job.len) {
+                Ok(g) if g.address % 4 == 0 => job.grant = Some(g),
+                Ok(g) => {
+                    let _ = writes.end(g.id, false);
+                }
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// Ends the grants of reads into destinations' memory whose commands
+    /// are all over, and answers them.
+    fn settle(&mut self, writes: &mut dyn DeviceWrites) {
+        for id in core::mem::take(&mut self.settles) {
+            let Some(job) = self.active.remove(&id) else {
+                continue;
+            };
+            let Some(g) = job.grant else {
+                continue;
+            };
+            let bytes = job.count * u64::from(self.dev.block_size());
+            if job.leak {
+                // The device may still write there: the grant (and with it
+                // the process's slot) is never released.
+                warn!(
+                    "storage: {}: a read into a process's memory was abandoned; its grant is kept",
+                    self.name
+                );
+                self.answer_error(&job, StorageStatus::Device, None);
+                continue;
+            }
+            let ended = writes.end(g.id, job.error.is_none());
+            match (&job.error, ended) {
+                (None, Ok(())) => {
+                    self.stats.reads += 1;
+                    self.stats.slot_reads += 1;
+                    self.stats.bytes_read += job.len;
+                    self.stats.dma_direct_bytes += bytes;
+                    if let Some(done) = job.done {
+                        self.send_detached(|op| ProcessMsg::Invoke {
+                            op,
+                            cap: done,
+                            imms: Vec::new(),
+                            caps: Vec::new(),
+                        });
+                    }
+                    self.release(&job);
+                }
+                (Some(e), _) if !job.revoked => {
+                    warn!(
+                        "storage: {}: read of {} blocks at {} into a process's memory failed: {e}",
+                        self.name, job.count, job.lba
+                    );
+                    self.answer_error(&job, StorageStatus::Device, None);
+                }
+                (_, ended) => {
+                    let code = ended.err().unwrap_or(ErrorCode::Revoked);
+                    self.answer_error(&job, StorageStatus::Copy, Some(code));
+                }
+            }
         }
     }
 
@@ -979,6 +1181,7 @@ impl<B: BlockDevice> StorageProcess<B> {
         };
         self.stats.reads += 1;
         self.stats.bytes_read += job.len;
+        self.stats.dma_staged_bytes += job.window.1 as u64;
         self.free_window(&job);
         self.release(&job);
     }
@@ -1017,7 +1220,7 @@ impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
     }
 
     fn is_busy(&self) -> bool {
-        self.in_flight > 0
+        self.in_flight > 0 || !self.settles.is_empty() || self.queue.iter().any(|j| !j.routed)
     }
 
     fn poll_message(&mut self) -> Option<Vec<u8>> {
@@ -1028,25 +1231,25 @@ impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
     }
 
     fn tick(&mut self, now_ns: u64) {
-        self.now_ns = now_ns;
-        if let Err(e) = self.conn.handle_timeout(Instant(now_ns)) {
-            warn!("storage: {}: {e}", self.name);
-            self.phase = Phase::Failed;
-        }
-        if self.retries.iter().any(|r| r.2 <= now_ns) {
-            let (due, later): (Vec<_>, Vec<_>) =
-                self.retries.drain(..).partition(|r| r.2 <= now_ns);
-            self.retries = later;
-            for (name, cap, _) in due {
-                self.publish(name, cap);
-            }
-        }
-        self.reap();
+        self.tick_inner(now_ns);
+        // Without device writes every read goes through the pool.
+        self.route(&mut NoDeviceWrites);
+        self.advance();
+    }
+
+    fn tick_with(&mut self, now_ns: u64, writes: &mut dyn DeviceWrites) {
+        self.tick_inner(now_ns);
+        self.route(writes);
+        self.admit();
+        self.submit_io(Some(writes));
+        self.settle(writes);
     }
 
     fn name(&self) -> &str {
         &self.name
     }
+
+
 
     fn metrics_text(&self, node: u32) -> String {
         let s = self.stats;
@@ -1070,7 +1273,11 @@ impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
              # HELP fractos_storage_transfers_total Requests by data path: direct (device DMA into the memory the copy uses) or staged (partial blocks merged first).\n\
              # TYPE fractos_storage_transfers_total counter\n\
              fractos_storage_transfers_total{{node=\"{node}\",path=\"direct\"}} {}\n\
-             fractos_storage_transfers_total{{node=\"{node}\",path=\"staged\"}} {}\n",
+             fractos_storage_transfers_total{{node=\"{node}\",path=\"staged\"}} {}\n\
+             # HELP fractos_storage_dma_bytes_total Bytes the device read for reads, by destination: direct (DMA straight into a shared-memory process's slot, no copy) or staged (DMA into the service's pool, then a copy).\n\
+             # TYPE fractos_storage_dma_bytes_total counter\n\
+             fractos_storage_dma_bytes_total{{node=\"{node}\",path=\"direct\"}} {}\n\
+             fractos_storage_dma_bytes_total{{node=\"{node}\",path=\"staged\"}} {}\n",
             s.reads,
             s.writes,
             s.errors,
@@ -1080,7 +1287,9 @@ impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
             self.in_flight,
             s.in_flight_max,
             s.direct,
-            s.staged
+            s.staged,
+            s.dma_direct_bytes,
+            s.dma_staged_bytes
         )
     }
 }

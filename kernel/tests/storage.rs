@@ -13,8 +13,10 @@ use fractos_core::{
     process_token, ChannelId, Config, Controller, Dest, Instant, LinkId, LinkRole, Output,
 };
 use fractos_kernel::storage::{
-    BlockDevice, DeviceError, DmaTarget, Io, IoDone, LocalProcess, StorageProcess, StorageStatus,
+    BlockDevice, DeviceError, DeviceGrant, DeviceWrites, DmaTarget, Io, IoDone, LocalProcess,
+    StorageProcess, StorageStatus,
 };
+use fractos_core::MemAccess;
 use fractos_wire::{
     frame_body, CapInfo, ControllerMsg, ErrorCode, Handle, NodeId, ObjectKind, ProcessMsg, Reply,
     Rights, FRAME_HEADER_LEN, MAX_FRAME_LEN,
@@ -53,6 +55,9 @@ struct DiskState {
     /// Commands are carried out when submitted; their completions wait
     /// here for `poll`.
     done: VecDeque<IoDone>,
+    /// Reads into physical targets (DMA into a process's memory): address
+    /// and bytes, applied to the client's memory by the harness.
+    dma: Vec<(u64, Vec<u8>)>,
 }
 
 #[derive(Clone)]
@@ -71,6 +76,9 @@ impl Disk {
         })))
     }
 }
+
+/// Where the client's memory appears to devices (its "slot").
+const PHYS_BASE: u64 = 0x8000_0000;
 
 /// The pool bytes `[at, at + n)` of a pool target.
 fn pool_at(t: DmaTarget, n: usize) -> usize {
@@ -113,6 +121,17 @@ impl BlockDevice for Disk {
             Io::Read { lba, blocks, to } => {
                 let (at, n) = (lba as usize * BS, blocks as usize * BS);
                 assert!(at + n <= s.data.len(), "read past the disk");
+                if let DmaTarget::Phys(addr) = to {
+                    assert!(addr % 4 == 0, "PRP1 not dword-aligned: {addr:#x}");
+                    let bytes = s.data[at..at + n].to_vec();
+                    s.reads += 1;
+                    s.dma.push((addr, bytes));
+                    s.done.push_back(IoDone {
+                        token,
+                        result: Ok(()),
+                    });
+                    return Ok(());
+                }
                 let p = pool_at(to, n);
                 s.reads += 1;
                 let DiskState { data, buf, .. } = &mut *s;
@@ -163,6 +182,52 @@ struct H {
     sp_received: Vec<Handle>,
     /// Handle of the client's Memory capability over all its memory.
     mem_cap: Handle,
+    /// The client's memory is served directly and reachable by the
+    /// device at `PHYS_BASE` (a shared-memory slot process).
+    direct: bool,
+    /// See [`CoreWrites::revoke`].
+    revoke_on_check: Option<(u64, Handle)>,
+    /// Device-write grants not ended.
+    grants_open: i64,
+}
+
+/// Device writes granted by the core, into the client's memory at
+/// `PHYS_BASE` (what the node does for a slot).
+struct CoreWrites<'a> {
+    ctrl: &'a mut Controller,
+    holder: ChannelId,
+    now: Instant,
+    grants: &'a mut i64,
+    /// Revoke this (op, client handle) at the first grant check.
+    revoke: &'a mut Option<(u64, Handle)>,
+    client: ChannelId,
+}
+
+impl DeviceWrites for CoreWrites<'_> {
+    fn begin(&mut self, handle: Handle, len: u64) -> Result<DeviceGrant, ErrorCode> {
+        let g = self
+            .ctrl
+            .device_write_begin(self.now, self.holder, handle, len)?;
+        assert!(g.addr + len <= CLIENT_MEM as u64, "grant past the memory");
+        *self.grants += 1;
+        Ok(DeviceGrant {
+            id: g.id,
+            address: PHYS_BASE + g.addr,
+        })
+    }
+    fn valid(&mut self, id: u64) -> bool {
+        if let Some((op, cap)) = self.revoke.take() {
+            let mut f = Vec::new();
+            ProcessMsg::Revoke { op, cap }.encode(&mut f);
+            self.ctrl
+                .process_message(self.now, self.client, &f[FRAME_HEADER_LEN..]);
+        }
+        self.ctrl.device_write_valid(id)
+    }
+    fn end(&mut self, id: u64, ok: bool) -> Result<(), ErrorCode> {
+        *self.grants -= 1;
+        self.ctrl.device_write_end(self.now, id, ok)
+    }
 }
 
 fn config(node: u32, members: &[u32]) -> Config {
@@ -205,6 +270,9 @@ impl H {
             next_op: 1,
             sp_received: Vec::new(),
             mem_cap: Handle(0),
+            direct: false,
+            revoke_on_check: None,
+            grants_open: 0,
         };
         h.send(&ProcessMsg::Attach {
             name: b"client".to_vec(),
@@ -244,7 +312,34 @@ impl H {
     fn run(&mut self) {
         loop {
             let mut progressed = false;
-            self.sp.tick(self.now.0);
+            if self.direct {
+                self.sp.tick_with(
+                    self.now.0,
+                    &mut CoreWrites {
+                        ctrl: &mut self.ctrl,
+                        holder: self.sp_chan,
+                        now: self.now,
+                        grants: &mut self.grants_open,
+                        revoke: &mut self.revoke_on_check,
+                        client: self.cl_chan,
+                    },
+                );
+                let dma = std::mem::take(&mut self.disk.0.borrow_mut().dma);
+                for (addr, bytes) in dma {
+                    progressed = true;
+                    let at = (addr - PHYS_BASE) as usize;
+                    self.mem[at..at + bytes.len()].copy_from_slice(&bytes);
+                }
+                while let Some(a) = self.ctrl.poll_mem_access() {
+                    progressed = true;
+                    self.serve_direct(a);
+                }
+                // Commands in flight (the fake device completes them at
+                // the next poll).
+                progressed |= self.sp.is_busy();
+            } else {
+                self.sp.tick(self.now.0);
+            }
             while let Some(body) = self.sp.poll_message() {
                 progressed = true;
                 self.ctrl.process_message(self.now, self.sp_chan, &body);
@@ -298,6 +393,42 @@ impl H {
             }
             if !progressed {
                 break;
+            }
+        }
+    }
+
+    /// The driver's side of a direct access to the client's memory.
+    fn serve_direct(&mut self, a: MemAccess) {
+        match a {
+            MemAccess::Read {
+                chan,
+                xfer,
+                addr,
+                len,
+            } => {
+                let (a, l) = (addr as usize, len as usize);
+                let r = self
+                    .mem
+                    .get(a..a + l)
+                    .map(|s| s.to_vec())
+                    .ok_or(ErrorCode::MemoryFault);
+                self.ctrl.mem_read_done(self.now, chan, xfer, r);
+            }
+            MemAccess::Write {
+                chan,
+                xfer,
+                addr,
+                data,
+            } => {
+                let a = addr as usize;
+                let r = match self.mem.get_mut(a..a + data.len()) {
+                    Some(s) => {
+                        s.copy_from_slice(&data);
+                        Ok(())
+                    }
+                    None => Err(ErrorCode::MemoryFault),
+                };
+                self.ctrl.mem_write_done(self.now, chan, xfer, r);
             }
         }
     }
@@ -919,6 +1050,121 @@ fn failures_in_the_middle_of_a_queue_do_not_stall_it() {
     let s = h.sp.stats();
     assert_eq!((s.reads, s.writes, s.errors), (1, 1, 2));
     assert_eq!(h.handles(), handles);
+    h.assert_received_dropped();
+    h.check();
+}
+
+/// A client whose memory devices reach (a slot process): block-aligned
+/// reads into dword-aligned windows are DMA'd straight into it (no pool
+/// window, no copy); unaligned ones, and windows at odd addresses, go
+/// through the pool. Every byte checked, both counted.
+#[test]
+fn reads_into_device_reachable_memory_skip_the_pool() {
+    let mut h = H::new();
+    h.direct = true;
+    assert!(h.ctrl.set_direct_memory(h.cl_chan, true));
+    let read = h.lookup_cap(READ_NAME);
+    let done = h.request(TAG_DONE);
+    let err = h.request(TAG_ERR);
+    let disk = h.disk.0.borrow().data.clone();
+    // (disk offset, len, window address in the client's memory, direct?)
+    let cases: [(u64, u64, u64, bool); 6] = [
+        (0, 4096, 0, true),
+        (7 * BS as u64, 9 * BS as u64, 8196, true),
+        (BS as u64, 40 * BS as u64, 20_000, true),
+        (100, 5000, 4096, false),
+        (2 * BS as u64, 3 * BS as u64, 12_001, false),
+        (3 * BS as u64, BS as u64 - 1, 16_384, false),
+    ];
+    let (mut direct, mut staged) = (0, 0);
+    for (i, &(offset, len, addr, is_direct)) in cases.iter().enumerate() {
+        h.mem.fill(0xa5);
+        let reads_before = h.disk.0.borrow().reads;
+        let w = h.window(addr, len, Rights::WRITE);
+        let op = h.invoke(read, range(offset, len), vec![w, done, err], true);
+        assert_invoked(&mut h, op);
+        assert_eq!(h.one_invocation(), (TAG_DONE, vec![]), "case {i}");
+        let (a, l, o) = (addr as usize, len as usize, offset as usize);
+        assert_eq!(h.mem[a..a + l], disk[o..o + l], "case {i}: bytes");
+        assert!(h.mem[..a].iter().all(|&b| b == 0xa5), "case {i}: before");
+        assert!(h.mem[a + l..].iter().all(|&b| b == 0xa5), "case {i}: after");
+        assert!(h.disk.0.borrow().reads > reads_before);
+        let blocks = (offset + len).div_ceil(BS as u64) - offset / BS as u64;
+        if is_direct {
+            direct += blocks * BS as u64;
+        } else {
+            staged += blocks * BS as u64;
+        }
+        let s = h.sp.stats();
+        assert_eq!(
+            (s.dma_direct_bytes, s.dma_staged_bytes),
+            (direct, staged),
+            "case {i}"
+        );
+    }
+    assert_eq!(h.sp.stats().slot_reads, 3);
+    assert_eq!(h.grants_open, 0, "every grant ended");
+    let m = h.sp.metrics_text(1);
+    assert!(
+        m.contains(&format!(
+            "fractos_storage_dma_bytes_total{{node=\"1\",path=\"direct\"}} {direct}"
+        )),
+        "{m}"
+    );
+    h.assert_received_dropped();
+    h.check();
+}
+
+/// The core validates the destination for a direct read like for a copy:
+/// a READ-only window fails with `MissingRight`, a window shorter than the
+/// range is a `SizeMismatch`; a revoke while the read is queued stops it
+/// (`Revoked`, nothing written) and completes once the grant has ended.
+#[test]
+fn direct_reads_are_checked_by_the_core() {
+    let mut h = H::new();
+    h.direct = true;
+    assert!(h.ctrl.set_direct_memory(h.cl_chan, true));
+    let read = h.lookup_cap(READ_NAME);
+    let done = h.request(TAG_DONE);
+    let err = h.request(TAG_ERR);
+    h.mem.fill(0xa5);
+
+    let ro = h.window(0, 4096, Rights::READ);
+    let op = h.invoke(read, range(0, 4096), vec![ro, done, err], true);
+    assert_invoked(&mut h, op);
+    assert_eq!(
+        h.one_invocation(),
+        (TAG_ERR, err_imms(StorageStatus::Copy, Some(ErrorCode::MissingRight)))
+    );
+    let short = h.window(0, 2048, Rights::WRITE);
+    let op = h.invoke(read, range(0, 4096), vec![short, done, err], true);
+    assert_invoked(&mut h, op);
+    assert_eq!(
+        h.one_invocation(),
+        (TAG_ERR, err_imms(StorageStatus::Copy, Some(ErrorCode::SizeMismatch)))
+    );
+    assert!(h.mem.iter().all(|&b| b == 0xa5), "nothing written");
+    assert_eq!(h.sp.stats().dma_direct_bytes, 0);
+
+    // Granted, then revoked before its first command: the core
+    // invalidates the grant at once, the read fails `Revoked`, the revoke
+    // completes once the grant has ended, and no byte lands.
+    let w = h.window(0, 8192, Rights::WRITE);
+    let reads = h.disk.0.borrow().reads;
+    let revoke = h.next_op;
+    h.next_op += 1;
+    h.revoke_on_check = Some((revoke, w));
+    let op = h.invoke(read, range(0, 8192), vec![w, done, err], true);
+    assert!(h.revoke_on_check.is_none(), "the grant was checked");
+    assert_invoked(&mut h, op);
+    assert_eq!(
+        h.one_invocation(),
+        (TAG_ERR, err_imms(StorageStatus::Copy, Some(ErrorCode::Revoked)))
+    );
+    assert_eq!(h.completion(revoke), Some(Ok(Reply::Done)));
+    assert!(h.mem.iter().all(|&b| b == 0xa5), "nothing written");
+    assert_eq!(h.disk.0.borrow().reads, reads, "no command submitted");
+    assert_eq!(h.grants_open, 0, "every grant ended");
     h.assert_received_dropped();
     h.check();
 }

@@ -20,7 +20,7 @@ use crate::metrics::{Metrics, OpKind};
 use crate::names::{name_home, NameService};
 use crate::table::{Entry, HandleTable};
 use crate::{
-    CapKey, ChannelId, CloseReason, Config, Dest, Instant, LinkId, LinkRole, MemAccess, MonitorKey,
+    CapKey, ChannelId, CloseReason, Config, Dest, DeviceWrite, Instant, LinkId, LinkRole, MemAccess, MonitorKey,
     ObjectKey, Output, ProcessKey, Stats,
 };
 
@@ -482,6 +482,76 @@ impl Controller {
             self.write_done(p, xfer, true, result);
         }
         self.drain();
+    }
+
+    /// Lets the driver's own device write `len` bytes at the start of the
+    /// window of `handle`, a Memory capability held by the process on
+    /// `holder`, straight into the owner's memory (DMA into a shared-memory
+    /// slot instead of a copy). The capability is validated like a copy's
+    /// destination: a live Memory capability owned here with the WRITE
+    /// right and at least `len` bytes, whose owner's memory the driver
+    /// serves directly ([`Controller::set_direct_memory`]); otherwise the
+    /// error (`InvalidArgument` for a remote or not directly reachable
+    /// owner, or a zero `len`).
+    ///
+    /// The grant is held like a copy's write in flight: a revoke of the
+    /// capability completes only once the grant has ended. Check
+    /// [`Controller::device_write_valid`] before each device command and
+    /// end the grant with [`Controller::device_write_end`] once nothing of
+    /// it is in flight.
+    pub fn device_write_begin(
+        &mut self,
+        now: Instant,
+        holder: ChannelId,
+        handle: Handle,
+        len: u64,
+    ) -> Result<DeviceWrite, ErrorCode> {
+        self.now = now;
+        let proc = *self.chans.get(&holder).ok_or(ErrorCode::NotAttached)?;
+        let e = self.entry(proc, handle)?;
+        if e.info.kind != ObjectKind::Memory {
+            return Err(ErrorCode::WrongType);
+        }
+        if !e.info.rights.contains(Rights::WRITE) {
+            return Err(ErrorCode::MissingRight);
+        }
+        if len == 0 || !self.is_local(&e.cap) {
+            return Err(ErrorCode::InvalidArgument);
+        }
+        let key = self.resolve_local(&e.cap)?;
+        let (owner, addr, wlen) = self.store.memory_window(key, Rights::WRITE)?;
+        if wlen < len {
+            return Err(ErrorCode::SizeMismatch);
+        }
+        if !self.copy.is_direct(owner) {
+            return Err(ErrorCode::InvalidArgument);
+        }
+        let chan = self.procs.get(owner).ok_or(ErrorCode::OwnerGone)?.chan;
+        let id = self.copy.device_write_begin(key, len, owner);
+        Ok(DeviceWrite { id, chan, addr })
+    }
+
+    /// Whether device write `id` may go on: its capability is alive and
+    /// its owner still attached. Check before every device command.
+    pub fn device_write_valid(&self, id: u64) -> bool {
+        self.copy.device_write_valid(id, &self.store)
+    }
+
+    /// Device write `id` ended; `ok`: the device wrote every byte. `Ok`
+    /// only if the capability stayed alive and the owner attached
+    /// throughout (then the bytes count as delivered); `Revoked` otherwise,
+    /// `MemoryFault` if the device failed. Revokes held for it complete.
+    pub fn device_write_end(
+        &mut self,
+        now: Instant,
+        id: u64,
+        ok: bool,
+    ) -> Result<(), ErrorCode> {
+        self.now = now;
+        let r = self.copy.device_write_end(id, ok, &self.store, &mut self.fx);
+        self.apply_effects();
+        self.drain();
+        r
     }
 
     // ---------------------------------------------------------------- outputs

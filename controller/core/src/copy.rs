@@ -106,6 +106,14 @@ enum Xfer {
         proc: ProcessKey,
         direct: bool,
     },
+    /// A device of the driver writes `len` bytes into `proc`'s memory
+    /// through `dst` itself (DMA into a shared-memory slot): held like a
+    /// write, so a revoke of `dst` waits for it to end.
+    Device {
+        dst: CapKey,
+        len: u64,
+        proc: ProcessKey,
+    },
 }
 
 impl Source {
@@ -175,6 +183,11 @@ impl CopyEngine {
         self.next_xfer += 1;
         self.xfers.insert(xfer, x);
         xfer
+    }
+
+    /// Whether the driver serves `proc`'s memory directly.
+    pub fn is_direct(&self, proc: ProcessKey) -> bool {
+        self.direct.contains(&proc)
     }
 
     /// Source owner: `origin` asks to copy the window of `src` (owned here)
@@ -581,7 +594,9 @@ impl CopyEngine {
         barrier.writes = self
             .xfers
             .iter()
-            .filter(|(_, x)| matches!(x, Xfer::Write { dst, .. } if !caps.alive(*dst)))
+            .filter(|(_, x)| {
+                matches!(x, Xfer::Write { dst, .. } | Xfer::Device { dst, .. } if !caps.alive(*dst))
+            })
             .map(|(k, _)| *k)
             .collect();
         if barrier.sources.is_empty() && barrier.writes.is_empty() {
@@ -656,7 +671,9 @@ impl CopyEngine {
             .xfers
             .iter()
             .filter(|(_, x)| match x {
-                Xfer::Read { proc: p, .. } | Xfer::Write { proc: p, .. } => *p == proc,
+                Xfer::Read { proc: p, .. }
+                | Xfer::Write { proc: p, .. }
+                | Xfer::Device { proc: p, .. } => *p == proc,
             })
             .map(|(k, _)| *k)
             .collect();
@@ -675,10 +692,55 @@ impl CopyEngine {
                         fx.push(Effect::Peer(s.from, ack));
                     }
                 }
-                None => {}
+                // Its end finds it gone and fails.
+                Some(Xfer::Device { .. }) | None => {}
             }
         }
         self.barriers_progress(fx);
+    }
+
+    /// A device write of `len` bytes into `proc`'s memory through `dst`
+    /// (validated by the caller) begins: its transfer id.
+    pub fn device_write_begin(&mut self, dst: CapKey, len: u64, proc: ProcessKey) -> u64 {
+        self.new_xfer(Xfer::Device { dst, len, proc })
+    }
+
+    /// Whether device write `xfer` may go on: begun, its process still
+    /// attached and its capability alive.
+    pub fn device_write_valid(&self, xfer: u64, caps: &CapStore) -> bool {
+        matches!(self.xfers.get(&xfer), Some(Xfer::Device { dst, .. }) if caps.alive(*dst))
+    }
+
+    /// Device write `xfer` ended (`ok`: the device wrote every byte). Its
+    /// outcome: `Revoked` if the capability died or the process left
+    /// meanwhile (the bytes must not be taken as delivered), `MemoryFault`
+    /// if the device failed or `xfer` is unknown.
+    pub fn device_write_end(
+        &mut self,
+        xfer: u64,
+        ok: bool,
+        caps: &CapStore,
+        fx: &mut Effects,
+    ) -> Result<(), ErrorCode> {
+        let result = match self.xfers.get(&xfer) {
+            Some(Xfer::Device { dst, len, .. }) => {
+                let (alive, len) = (caps.alive(*dst), *len);
+                self.xfers.remove(&xfer);
+                if !alive {
+                    Err(ErrorCode::Revoked)
+                } else if ok {
+                    fx.push(Effect::BytesIn(len));
+                    Ok(())
+                } else {
+                    Err(ErrorCode::MemoryFault)
+                }
+            }
+            // Removed when its process left.
+            None if xfer < self.next_xfer => Err(ErrorCode::Revoked),
+            _ => Err(ErrorCode::MemoryFault),
+        };
+        self.barriers_progress(fx);
+        result
     }
 
     /// A peer is gone: copies to or from it fail.

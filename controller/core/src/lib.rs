@@ -351,6 +351,20 @@ impl MemAccess {
     }
 }
 
+/// A write into a directly reachable process's memory that the driver's
+/// own device performs (DMA into a shared-memory slot), granted by
+/// [`Controller::device_write_begin`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceWrite {
+    /// Grant id, for [`Controller::device_write_valid`] and
+    /// [`Controller::device_write_end`].
+    pub id: u64,
+    /// Channel of the process whose memory is written.
+    pub chan: ChannelId,
+    /// Start address in that process's registered memory.
+    pub addr: u64,
+}
+
 /// Counts of what the controller holds, for metrics and invariant checks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stats {

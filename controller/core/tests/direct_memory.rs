@@ -154,3 +154,89 @@ fn revoke_waits_for_direct_writes() {
     assert_eq!(net.counts()["copies"], 0);
     net.check();
 }
+
+/// A device write (DMA into a directly reachable process's memory) is
+/// granted only through a valid capability, and is held like a write in
+/// flight: a revoke waits for it, and the grant then ends `Revoked`.
+#[test]
+fn device_writes_are_validated_and_hold_revokes() {
+    let mut net = Net::new(2);
+    let p = net.attach(0, "p");
+    let q = net.attach(0, "q");
+    let far = net.attach(1, "far");
+    let ro = net.attach(0, "ro");
+    net.set_direct(q, true);
+    net.set_direct(far, true);
+    let b = mem(&mut net, q, 4096, 8192, Rights::READ_WRITE);
+    let b_p = share(&mut net, q, b, p, "b");
+    let (now, pchan) = (net.now, net.procs[p].chan);
+    let begin = |net: &mut Net, h, len| net.ctrls[0].device_write_begin(now, pchan, h, len);
+
+    // Refusals: unknown handle, too long, zero, a Request, no WRITE right,
+    // a remote owner, an owner served by messages.
+    assert_eq!(begin(&mut net, Handle(999), 10), Err(ErrorCode::BadHandle));
+    assert_eq!(begin(&mut net, b_p, 8193), Err(ErrorCode::SizeMismatch));
+    assert_eq!(begin(&mut net, b_p, 0), Err(ErrorCode::InvalidArgument));
+    let req = handle(net.op(p, |op| ProcessMsg::RequestCreate {
+        op,
+        tag: 1,
+        imms: vec![],
+        caps: vec![],
+    }));
+    assert_eq!(begin(&mut net, req, 10), Err(ErrorCode::WrongType));
+    let r = mem(&mut net, q, 0, 4096, Rights::READ);
+    let r_p = share(&mut net, q, r, p, "r");
+    assert_eq!(begin(&mut net, r_p, 10), Err(ErrorCode::MissingRight));
+    let f = mem(&mut net, far, 0, 4096, Rights::WRITE);
+    let f_p = share(&mut net, far, f, p, "f");
+    assert_eq!(begin(&mut net, f_p, 10), Err(ErrorCode::InvalidArgument));
+    let m = mem(&mut net, ro, 0, 4096, Rights::WRITE);
+    let m_p = share(&mut net, ro, m, p, "m");
+    assert_eq!(begin(&mut net, m_p, 10), Err(ErrorCode::InvalidArgument));
+    let stranger = net.ctrls[0].device_write_begin(now, fractos_core::ChannelId(777), b_p, 10);
+    assert_eq!(stranger, Err(ErrorCode::NotAttached));
+
+    // A grant: where to write; it ends delivered, counted as copied in.
+    let before = net.ctrls[0].metrics().bytes_copied_in;
+    let g = begin(&mut net, b_p, 8192).unwrap();
+    assert_eq!((g.chan, g.addr), (net.procs[q].chan, 4096));
+    assert!(net.ctrls[0].device_write_valid(g.id));
+    assert_eq!(net.ctrls[0].device_write_end(now, g.id, true), Ok(()));
+    assert!(!net.ctrls[0].device_write_valid(g.id));
+    assert_eq!(net.ctrls[0].metrics().bytes_copied_in, before + 8192);
+    // A failed device write.
+    let g = begin(&mut net, b_p, 100).unwrap();
+    assert_eq!(
+        net.ctrls[0].device_write_end(now, g.id, false),
+        Err(ErrorCode::MemoryFault)
+    );
+
+    // A revoke waits for the grant; the grant is invalid at once and ends
+    // `Revoked`; then the revoke completes.
+    let g = begin(&mut net, b_p, 4096).unwrap();
+    let revoke = net.start(q, |op| ProcessMsg::Revoke { op, cap: b });
+    net.run();
+    assert_eq!(net.completion(q, revoke), None, "held for the device write");
+    assert!(!net.ctrls[0].device_write_valid(g.id));
+    let now = net.now;
+    assert_eq!(
+        net.ctrls[0].device_write_end(now, g.id, true),
+        Err(ErrorCode::Revoked)
+    );
+    net.run();
+    assert_eq!(net.completion(q, revoke), Some(Ok(Reply::Done)));
+    assert_eq!(begin(&mut net, b_p, 10), Err(ErrorCode::Revoked));
+
+    // The owner exits with a grant outstanding: it ends `Revoked`.
+    let c = mem(&mut net, q, 0, 4096, Rights::WRITE);
+    let c_p = share(&mut net, q, c, p, "c");
+    let g = begin(&mut net, c_p, 4096).unwrap();
+    net.exit(q);
+    assert!(!net.ctrls[0].device_write_valid(g.id));
+    let now = net.now;
+    assert_eq!(
+        net.ctrls[0].device_write_end(now, g.id, true),
+        Err(ErrorCode::Revoked)
+    );
+    net.check();
+}

@@ -43,7 +43,7 @@ use fractos_core::{
     LinkTraffic, MemAccess, Output, Traffic,
 };
 use fractos_transport::{Channel, FrameError, FrameReader};
-use fractos_wire::{ErrorCode, NodeId};
+use fractos_wire::{ErrorCode, Handle, NodeId};
 use log::{debug, info, warn};
 
 pub use http::MAX_HTTP_REQUEST;
@@ -153,11 +153,27 @@ pub struct NodeStats {
     /// Direct accesses refused (outside every region, or the channel is
     /// gone or has no direct memory).
     pub direct_faults: u64,
+    /// Device writes ended with every byte delivered
+    /// ([`Node::device_write_end`]).
+    pub device_writes: u64,
+    /// Bytes of those.
+    pub device_write_bytes: u64,
     /// Connections currently open, by kind.
     pub open: [usize; 3],
     /// Most accepted (not dialled) connections of each kind open at once
     /// since the node started: what the connection limits bound.
     pub accepted_peak: [usize; 3],
+}
+
+/// A device write granted by [`Node::device_write_begin`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceGrant {
+    /// Grant id, for [`Node::device_write_valid`] and
+    /// [`Node::device_write_end`].
+    pub id: u64,
+    /// The address the device writes the first byte to (physically
+    /// contiguous for the granted length).
+    pub address: u64,
 }
 
 struct Conn<Cx: ?Sized> {
@@ -182,6 +198,10 @@ struct Conn<Cx: ?Sized> {
     /// The peer this side dialled, if it did.
     dialed: Option<NodeId>,
     traffic: LinkTraffic,
+    /// Device writes into this process's memory not yet ended: the channel
+    /// (and the memory behind it, e.g. a shared-memory slot another
+    /// process could attach to) is kept until they have.
+    device_writes: usize,
 }
 
 enum DialState {
@@ -202,6 +222,8 @@ pub struct Node<Cx: ?Sized, A> {
     cfg: NodeConfig<A>,
     ctrl: Controller,
     conns: BTreeMap<u64, Conn<Cx>>,
+    /// Device writes granted: id → (owner's connection, bytes).
+    grants: BTreeMap<u64, (u64, u64)>,
     dialers: Vec<Dialer<A>>,
     next_id: u64,
     traffic: Traffic,
@@ -236,6 +258,7 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
             ctrl: Controller::new(cfg.core.clone(), now),
             cfg,
             conns: BTreeMap::new(),
+            grants: BTreeMap::new(),
             dialers,
             next_id: 1,
             traffic: Traffic::default(),
@@ -306,6 +329,7 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
                 shut: false,
                 dialed: None,
                 traffic: LinkTraffic::default(),
+            device_writes: 0,
             },
         );
         ConnId(id)
@@ -743,6 +767,76 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
         moved
     }
 
+    /// Lets a device of this machine write `len` bytes straight into the
+    /// memory behind the Memory capability `handle` of the process on
+    /// `holder` (see [`Controller::device_write_begin`], which validates
+    /// the capability): the grant and the device address to write.
+    /// `InvalidArgument` when devices cannot reach that memory (its channel
+    /// has no [`DirectMemory::device_address`] for it).
+    ///
+    /// Until [`Node::device_write_end`], the owner's channel is kept (not
+    /// released) even if it closes, so its memory is never handed to
+    /// anyone else while the device may write it. Check
+    /// [`Node::device_write_valid`] before each device command.
+    ///
+    /// [`DirectMemory::device_address`]: fractos_transport::DirectMemory::device_address
+    pub fn device_write_begin(
+        &mut self,
+        now: Instant,
+        holder: ConnId,
+        handle: Handle,
+        len: u64,
+    ) -> Result<DeviceGrant, ErrorCode> {
+        let g = self
+            .ctrl
+            .device_write_begin(now, ChannelId(holder.0), handle, len)?;
+        let conn = self.conns.get_mut(&g.chan.0).filter(|c| c.closing.is_none());
+        let address = match (conn, usize::try_from(len)) {
+            (Some(c), Ok(n)) => c
+                .ch
+                .direct_memory()
+                .and_then(|m| m.device_address(g.addr, n))
+                .map(|a| (c, a)),
+            _ => None,
+        };
+        match address {
+            Some((c, address)) => {
+                c.device_writes += 1;
+                self.grants.insert(g.id, (g.chan.0, len));
+                Ok(DeviceGrant { id: g.id, address })
+            }
+            None => {
+                let _ = self.ctrl.device_write_end(now, g.id, false);
+                Err(ErrorCode::InvalidArgument)
+            }
+        }
+    }
+
+    /// Whether device write `id` may go on (its capability alive, its
+    /// process attached).
+    pub fn device_write_valid(&self, id: u64) -> bool {
+        self.grants.contains_key(&id) && self.ctrl.device_write_valid(id)
+    }
+
+    /// Device write `id` ended (`ok`: every byte written); see
+    /// [`Controller::device_write_end`]. Call it only once the device can
+    /// no longer touch the memory: a command whose outcome is unknown must
+    /// keep its grant forever.
+    pub fn device_write_end(&mut self, now: Instant, id: u64, ok: bool) -> Result<(), ErrorCode> {
+        let Some((chan, len)) = self.grants.remove(&id) else {
+            return Err(ErrorCode::InvalidArgument);
+        };
+        if let Some(c) = self.conns.get_mut(&chan) {
+            c.device_writes = c.device_writes.saturating_sub(1);
+        }
+        let r = self.ctrl.device_write_end(now, id, ok);
+        if r.is_ok() {
+            self.stats.device_writes += 1;
+            self.stats.device_write_bytes += len;
+        }
+        r
+    }
+
     /// Marks connection `id` finished: tells the core (unless it asked for
     /// the close itself) and lets output drain; `abort` drops the output
     /// and closes at once.
@@ -881,6 +975,8 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
             self.finish(id, now, true, cx);
             done.push(id);
         }
+        // Memory a device may still write stays with its channel.
+        done.retain(|id| self.conns.get(id).is_some_and(|c| c.device_writes == 0));
         let moved = !done.is_empty();
         for id in done {
             let Some(mut c) = self.conns.remove(&id) else {

@@ -129,4 +129,12 @@ pub trait DirectMemory<Cx: ?Sized = ()> {
 
     /// Copies `data` to `addr`.
     fn write(&mut self, cx: &mut Cx, addr: u64, data: &[u8]) -> Result<(), ErrorCode>;
+
+    /// The address a DMA-capable device of this machine uses for the `len`
+    /// bytes at `addr`, if they are wholly inside one region and physically
+    /// contiguous; `None` (the default) when devices cannot reach them.
+    fn device_address(&mut self, addr: u64, len: usize) -> Option<u64> {
+        let _ = (addr, len);
+        None
+    }
 }

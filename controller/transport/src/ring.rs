@@ -113,6 +113,14 @@ pub trait SharedMemory {
 
     /// Copies `data` to `offset`.
     fn write(&self, offset: usize, data: &[u8]);
+
+    /// The address DMA-capable devices use for the `len` bytes at
+    /// `offset`, if they are inside the memory and it is physically
+    /// contiguous device-visible memory; `None` (the default) otherwise.
+    fn device_address(&self, offset: usize, len: usize) -> Option<u64> {
+        let _ = (offset, len);
+        None
+    }
 }
 
 /// Why a ring operation failed. The endpoint refuses every later

@@ -393,6 +393,10 @@ impl<Cx: ?Sized, M: SharedMemory> DirectMemory<Cx> for SlotMemory<M> {
         self.mem.write(at, data);
         Ok(())
     }
+
+    fn device_address(&mut self, addr: u64, len: usize) -> Option<u64> {
+        self.mem.device_address(self.locate(addr, len)?, len)
+    }
 }
 
 /// The controller's end of a slot: the ring channel plus direct access to
