@@ -107,6 +107,7 @@ impl BootedCluster {
                 process_addr: self.process_addr(i),
                 metrics_addr: self.setup.metrics_addr(i).expect("node exists"),
                 key: DEMO_KEY,
+                slots: Vec::new(),
             })
             .collect()
     }

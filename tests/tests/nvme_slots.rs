@@ -131,12 +131,14 @@ fn nvme_reads_land_in_slot_memory_by_dma_and_fall_back_to_staging() {
     };
     phase("slot process attached");
 
-    // A known image: 3 MiB of random bytes at 1 MiB (the service's write
-    // path reads them from the slot).
+    // A known image: 3 MiB of random bytes at 1 MiB, written 1 MiB at a
+    // time (the service's write path reads them from the slot).
     const BASE: u64 = 1 << 20;
     const SPAN: usize = 3 << 20;
     let data = random(SPAN, 0x5107);
-    c.write_at(BASE, &data);
+    for (k, chunk) in data.chunks(1 << 20).enumerate() {
+        c.write_at(BASE + ((k as u64) << 20), chunk);
+    }
     phase("pattern written");
     let want = |at: u64, len: u64| &data[(at - BASE) as usize..(at - BASE + len) as usize];
     let (d0, s0) = dma_bytes(metrics);

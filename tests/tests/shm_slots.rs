@@ -210,3 +210,78 @@ fn slots_attach_copy_stay_isolated_and_survive_a_hostile_writer() {
     let e = a.lookup("missing", Duration::ZERO).unwrap_err();
     assert_eq!(e.code(), Some(ErrorCode::NameNotFound), "{e}");
 }
+
+/// The pipeline demo on three appliances with every adaptor attached
+/// through a shared-memory slot of its appliance (the demo's default):
+/// every verification right, each appliance saw its slot attach, and the
+/// FractOS mode's inter-node traffic stays well under the centralized
+/// one's.
+#[test]
+fn the_pipeline_runs_with_every_adaptor_attached_through_a_slot() {
+    use fractos_adaptors::demo::{run_on, DemoConfig, DemoNode, DemoTransport};
+    let dir = scratch("shm-pipeline");
+    let mut setup = ControllerSetup::new(3, DEMO_KEY).expect("pick ports");
+    setup.shm_slots = 1;
+    let spec = ClusterSpec {
+        nvme_mib: vec![16],
+        node_cmdline: vec!["fractos.storage_names=pipeline/storage/read".into()],
+        ..ClusterSpec::controllers(kernel(), dir.clone(), setup.clone())
+    };
+    let mut cluster = Cluster::launch(&spec).expect("launch QEMU");
+    cluster.wait_ready(READY_TIMEOUT).expect("ready");
+    let log = |i: u32| std::fs::read_to_string(dir.join(format!("node{i}.log"))).unwrap_or_default();
+    let nodes: Vec<DemoNode> = (0..3)
+        .map(|i| DemoNode::Remote {
+            process_addr: setup.process_addr(i).unwrap(),
+            metrics_addr: setup.metrics_addr(i).unwrap(),
+            key: fractos_adaptors::demo::DEMO_KEY,
+            slots: setup.slot_paths(i),
+        })
+        .collect();
+    fractos_adaptors::demo::wait_linked(&nodes, 2, WAIT * 2).expect("linked");
+    let cfg = DemoConfig {
+        requests: 6,
+        image_side: 128,
+        images: 4,
+        warmup: 1,
+        block: 3,
+        stride: 4,
+        storage_write: Some("storage/0/write".into()),
+        corrupt_stored_images: false,
+        transport: DemoTransport::Local,
+    };
+    let report = run_on(&cfg, &nodes, None, |_, _, _| {})
+        .unwrap_or_else(|e| panic!("demo through slots: {e}\n{}", log(0)));
+    for m in [&report.fractos, &report.centralized, &report.remote_api] {
+        assert_eq!(m.scores.len(), 6);
+    }
+    report.check().unwrap_or_else(|e| panic!("{e}\n{report:?}"));
+    assert_eq!(report.failures(), 0);
+    eprintln!(
+        "inter-node bytes: fractos {} centralized {} (ratio {:.3})",
+        report.fractos.inter_node_bytes,
+        report.centralized.inter_node_bytes,
+        report.traffic_ratio()
+    );
+    assert!(
+        report.traffic_ratio() >= 1.9,
+        "traffic ratio {:.3}",
+        report.traffic_ratio()
+    );
+    // Each adaptor came through its appliance's slot (one attach each).
+    for i in 0..3 {
+        let m = scrape_metrics(setup.metrics_addr(i).unwrap()).unwrap();
+        let attaches = m
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "fractos_appliance_shm_slot_events_total{{node=\"{i}\",event=\"attach\"}} "
+                ))
+            })
+            .and_then(|v| v.parse::<u64>().ok());
+        assert_eq!(attaches, Some(1), "node{i}:\n{m}");
+    }
+    for i in 0..3 {
+        assert!(!log(i).contains("PANIC"), "{}", log(i));
+    }
+}

@@ -71,9 +71,11 @@ impl std::str::FromStr for DemoTransport {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "local" | "shm" => Ok(DemoTransport::Local),
+            "local" | "shm" | "slot" => Ok(DemoTransport::Local),
             "tcp" => Ok(DemoTransport::Tcp),
-            _ => Err(format!("unknown transport {s:?}: local or tcp")),
+            _ => Err(format!(
+                "unknown transport {s:?}: local (alias shm, slot) or tcp"
+            )),
         }
     }
 }
@@ -467,13 +469,17 @@ pub enum DemoNode {
     /// A controller reached over TCP (e.g. an appliance VM), whose traffic
     /// counters are read from its Prometheus endpoint.
     Remote {
-        /// Where processes attach.
+        /// Where processes attach over TCP.
         process_addr: SocketAddr,
         /// Its `GET /metrics` endpoint.
         metrics_addr: SocketAddr,
         /// The cluster key its process tokens are minted under
         /// ([`DEMO_KEY`] for the clusters the demo boots itself).
         key: [u8; 32],
+        /// Its shared-memory slot files (`fractos up --shm-slots`): with
+        /// [`DemoTransport::Local`] each process attaches through the first
+        /// free one; none: over TCP.
+        slots: Vec<std::path::PathBuf>,
     },
 }
 
@@ -486,14 +492,32 @@ impl DemoNode {
         }
     }
 
-    /// Attaches a process named `name`: to an embedded controller with the
-    /// demo key, through its local socket when `transport` is
-    /// [`DemoTransport::Local`], else over TCP; to a remote one over TCP
-    /// with its cluster key.
+    /// Attaches a process named `name`. With [`DemoTransport::Local`]:
+    /// through the local socket of an embedded controller (demo key), or
+    /// the first free shared-memory slot of a remote one (an appliance);
+    /// otherwise, and for a remote controller without slots, over TCP. A
+    /// remote controller's tokens are minted under its cluster key.
     pub fn attach(&self, name: &str, transport: DemoTransport) -> Result<Process, PipelineError> {
         match self {
             DemoNode::Hosted(r) if transport == DemoTransport::Local => attach_local(r, name),
             DemoNode::Hosted(r) => attach(r, name),
+            DemoNode::Remote { slots, key, .. }
+                if transport == DemoTransport::Local && !slots.is_empty() =>
+            {
+                for path in slots {
+                    match attach_slot_with_key(path, key, name) {
+                        Err(PipelineError::Sdk(fractos_sdk::SdkError::Slot {
+                            source: fractos_transport::slot::SlotError::Busy,
+                            ..
+                        })) => continue,
+                        other => return other,
+                    }
+                }
+                Err(PipelineError::Protocol(format!(
+                    "every one of the {} shared-memory slots is in use; start the appliance with more (--shm-slots)",
+                    slots.len()
+                )))
+            }
             DemoNode::Remote {
                 process_addr, key, ..
             } => attach_with_key(*process_addr, key, name),
@@ -776,6 +800,31 @@ pub fn attach_local_spin(
         path,
         name,
         process_token(&DEMO_KEY, name.as_bytes()),
+        opts,
+    )?)
+}
+
+/// Attaches a process named `name` with the demo key through the
+/// shared-memory slot file `path` of an appliance (`fractos up
+/// --shm-slots`).
+pub fn attach_slot_to(path: &std::path::Path, name: &str) -> Result<Process, PipelineError> {
+    attach_slot_with_key(path, &DEMO_KEY, name)
+}
+
+/// Attaches a process named `name` through the shared-memory slot file
+/// `path` with a token minted under the cluster key `key`.
+pub fn attach_slot_with_key(
+    path: &std::path::Path,
+    key: &[u8; 32],
+    name: &str,
+) -> Result<Process, PipelineError> {
+    let opts = AttachOptions::default()
+        .op_timeout(Duration::from_secs(20))
+        .connect_timeout(Duration::from_secs(20));
+    Ok(Process::attach_slot(
+        path,
+        name,
+        process_token(key, name.as_bytes()),
         opts,
     )?)
 }

@@ -21,6 +21,8 @@ use fractos_qemu::node::Accel;
 
 use super::cluster::{cluster_path, ClusterFile};
 
+/// Shared-memory slots of each demo appliance (`--transport local`).
+const DEMO_SLOTS: u32 = 2;
 /// NVMe disk of each demo appliance, MiB.
 const DEMO_DISK_MIB: u64 = 256;
 
@@ -69,9 +71,11 @@ pub struct DemoArgs {
     /// controllers only); every verification must then fail.
     #[arg(long, hide = true, conflicts_with = "appliance")]
     pub corrupt_stored_images: bool,
-    /// How adaptors attach to embedded hosted controllers: `local` (a
-    /// local channel: shared-memory rings, memory the controller maps) or
-    /// `tcp` (the old path). Appliances are always reached over TCP.
+    /// How adaptors attach to their controller: `local` (embedded hosted
+    /// controllers: a local channel, shared-memory rings and memory the
+    /// controller maps; appliances: a shared-memory slot of the
+    /// appliance, an ivshmem device) or `tcp` (the old path, for
+    /// comparison). Links between controllers are TCP either way.
     #[arg(long, default_value = "local")]
     pub transport: fractos_adaptors::demo::DemoTransport,
     /// --appliance: kernel ELF to boot [default: build it].
@@ -196,7 +200,13 @@ fn run_appliances(a: &DemoArgs, cfg: &DemoConfig) -> anyhow::Result<DemoReport> 
     for (name, pid) in leftover {
         eprintln!("stopped leftover {name} (pid {pid}) of an earlier demo");
     }
-    let setup = ControllerSetup::new(3, DEMO_KEY)?;
+    let mut setup = ControllerSetup::new(3, DEMO_KEY)?;
+    let local = a.transport == fractos_adaptors::demo::DemoTransport::Local;
+    if local {
+        // Each node's adaptor attaches through a slot of its appliance
+        // (one per node; a spare for a retry).
+        setup.shm_slots = DEMO_SLOTS;
+    }
     let spec = ClusterSpec {
         // Node 0's NVMe disk is the storage stage: its built-in storage
         // service also publishes the pipeline's read name.
@@ -215,13 +225,19 @@ fn run_appliances(a: &DemoArgs, cfg: &DemoConfig) -> anyhow::Result<DemoReport> 
             process_addr: setup.process_addr(i).expect("3 nodes"),
             metrics_addr: setup.metrics_addr(i).expect("3 nodes"),
             key: DEMO_KEY,
+            slots: if local {
+                setup.slot_paths(i)
+            } else {
+                Vec::new()
+            },
         })
         .collect();
     wait_linked(&nodes, 2, Duration::from_secs(120))
         .with_context(|| format!("serial logs are in {}", state_dir.display()))?;
     eprintln!(
-        "FractOS pipeline demo: storage (node 0's NVMe, built-in storage service) -> compute (node 1) -> client (node 2), appliance VMs ({}; serial logs in {})",
+        "FractOS pipeline demo: storage (node 0's NVMe, built-in storage service) -> compute (node 1) -> client (node 2), appliance VMs ({}; adaptors attached {}; serial logs in {})",
         a.accel.name(),
+        if local { "through shared-memory slots" } else { "over TCP" },
         state_dir.display()
     );
     for i in 0..3 {
@@ -263,6 +279,13 @@ fn run_cluster(arg: &str, cfg: &DemoConfig) -> anyhow::Result<DemoReport> {
             process_addr: n.process_addr,
             metrics_addr: n.metrics_addr,
             key,
+            // Slots recorded by `fractos up --shm-slots`, unless the user
+            // asked for TCP.
+            slots: if cfg.transport == DemoTransport::Local {
+                n.shm_slots.clone()
+            } else {
+                Vec::new()
+            },
         })
         .collect();
     wait_linked(&nodes, 2, Duration::from_secs(120)).with_context(|| {

@@ -3,7 +3,9 @@
 //! [`QD`] in flight) of the appliance's built-in storage service end to end
 //! into a Linux adaptor's memory, next to the same QEMU NVMe disk image read
 //! with `O_DIRECT` inside a Debian Linux guest (the deep reads by as many
-//! guest threads), in the same run.
+//! guest threads), in the same run. The adaptor attaches through a
+//! shared-memory slot of the appliance by default (`--transport tcp`: over
+//! TCP), so block-aligned reads land in its memory by NVMe DMA.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use fractos_adaptors::demo::{attach_to, DEMO_KEY};
+use fractos_adaptors::demo::{attach_slot_to, attach_to, DemoTransport, DEMO_KEY};
 use fractos_qemu::build::Workspace;
 use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
 use fractos_qemu::linux_guest::{LinuxGuest, ReadSpec, GUEST_MEMORY_MIB};
@@ -39,6 +41,12 @@ pub struct NvmeArgs {
     /// CPU accelerator of both VMs.
     #[arg(long, default_value = "tcg")]
     pub accel: Accel,
+    /// How the benchmark's adaptor attaches to the appliance: `slot` (a
+    /// shared-memory slot of the appliance: the NVMe controller DMAs
+    /// block-aligned reads straight into the adaptor's memory) or `tcp`
+    /// (the old path, for comparison).
+    #[arg(long, default_value = "slot")]
+    pub transport: DemoTransport,
 }
 
 const BIG: u64 = 128 * 1024;
@@ -97,7 +105,10 @@ fn strided(i: u64, disk_mib: u64) -> u64 {
 /// [`QD`] in flight.
 fn appliance(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<Figures> {
     let kernel = super::kernel_or_build(&a.kernel)?;
-    let setup = ControllerSetup::new(1, DEMO_KEY)?;
+    let mut setup = ControllerSetup::new(1, DEMO_KEY)?;
+    if a.transport == DemoTransport::Local {
+        setup.shm_slots = 1;
+    }
     let spec = ClusterSpec {
         memory_mib: GUEST_MEMORY_MIB,
         nvme_mib: vec![a.disk_mib],
@@ -109,7 +120,10 @@ fn appliance(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<Figures> {
     std::fs::copy(disk, spec.node(0).nvme[0].path.clone()).context("placing the disk image")?;
     let mut c = Cluster::launch(&spec)?;
     c.wait_ready(Duration::from_secs(300))?;
-    let p = attach_to(setup.process_addr(0).expect("one node"), "bench-nvme")?;
+    let p = match a.transport {
+        DemoTransport::Local => attach_slot_to(&setup.slot_paths(0)[0], "bench-nvme")?,
+        DemoTransport::Tcp => attach_to(setup.process_addr(0).expect("one node"), "bench-nvme")?,
+    };
     let wait = Duration::from_secs(60);
     let read = p
         .lookup("storage/0/read", wait)?
@@ -319,6 +333,10 @@ pub fn run(a: NvmeArgs) -> anyhow::Result<()> {
         "disk_mib": a.disk_mib,
         "small_reads": a.small_reads,
         "accel": a.accel.name(),
+        "transport": match a.transport {
+            DemoTransport::Local => "slot",
+            DemoTransport::Tcp => "tcp",
+        },
     });
     println!("                         appliance (end to end)   Linux guest (O_DIRECT, in guest)   ratio");
     println!(
