@@ -744,6 +744,16 @@ struct DirectChannel {
     ch: MemoryChannel,
     mem: alloc::rc::Rc<core::cell::RefCell<Vec<u8>>>,
     base: u64,
+    /// Where devices reach `base`, if they do.
+    device: Option<u64>,
+    /// Set when the node drops the channel.
+    dropped: alloc::rc::Rc<core::cell::Cell<bool>>,
+}
+
+impl Drop for DirectChannel {
+    fn drop(&mut self) {
+        self.dropped.set(true);
+    }
 }
 
 impl DirectChannel {
@@ -767,6 +777,10 @@ impl fractos_transport::DirectMemory for DirectChannel {
         let r = self.window(addr, data.len())?;
         self.mem.borrow_mut()[r].copy_from_slice(data);
         Ok(())
+    }
+    fn device_address(&mut self, addr: u64, len: usize) -> Option<u64> {
+        let r = self.window(addr, len).ok()?;
+        Some(self.device? + r.start as u64)
     }
 }
 
@@ -816,6 +830,8 @@ fn directly_reachable_memory_is_copied_by_the_node_without_messages() {
         ch: b,
         mem: mem.clone(),
         base,
+        device: None,
+        dropped: Default::default(),
     };
     let mut c = w.attach_over(0, a, Box::new(direct), "d");
     let half = len as u64 / 2;
@@ -885,4 +901,99 @@ fn uptime_counts_from_the_nodes_start() {
     assert_eq!(uptime(&w), 0.0);
     w.advance(Duration::from_millis(2500));
     assert!((uptime(&w) - 2.5).abs() < 1e-9, "{}", uptime(&w));
+}
+
+/// A device write into a directly reached process's memory: granted at
+/// the device address of the capability's window, refused where devices
+/// cannot reach; the owner's channel (its memory) is kept after the owner
+/// leaves until the grant ends, which then reports `Revoked`.
+#[test]
+fn device_writes_keep_the_owners_memory_until_they_end() {
+    let mut w = World::new(1);
+    let (a, b) = MemoryChannel::pair(Framing::Stream, 1 << 20);
+    let base = 0x10_0000;
+    let mem = alloc::rc::Rc::new(core::cell::RefCell::new(vec![0u8; 1 << 16]));
+    let dropped = alloc::rc::Rc::new(core::cell::Cell::new(false));
+    let direct = DirectChannel {
+        ch: b,
+        mem,
+        base,
+        device: Some(0xd000_0000),
+        dropped: dropped.clone(),
+    };
+    let mut d = w.attach_over(0, a, Box::new(direct), "d");
+    let (c_end, s_end) = MemoryChannel::pair(Framing::Stream, 1 << 20);
+    let now = w.now;
+    let holder = w.nodes[0].add(now, ConnKind::Process, Box::new(s_end));
+    let mut h = w.attach_client(Client::new(c_end), "h");
+    let cap = handle(w.op(&mut d, |op| ProcessMsg::MemoryCreate {
+        op,
+        addr: base + 4096,
+        len: 8192,
+        rights: Rights::READ_WRITE,
+    }));
+    assert!(w
+        .op(&mut d, |op| ProcessMsg::Publish {
+            op,
+            name: b"m".to_vec(),
+            cap,
+        })
+        .is_ok());
+    let got = handle(w.op(&mut h, |op| ProcessMsg::Lookup {
+        op,
+        name: b"m".to_vec(),
+        wait_ms: 0,
+    }));
+    let now = w.now;
+    let node = &mut w.nodes[0];
+    assert_eq!(
+        node.device_write_begin(now, holder, got, 8193),
+        Err(ErrorCode::SizeMismatch)
+    );
+    let g = node.device_write_begin(now, holder, got, 8192).unwrap();
+    assert_eq!(g.address, 0xd000_1000);
+    assert!(node.device_write_valid(g.id));
+    assert_eq!(node.device_write_end(now, g.id, true), Ok(()));
+    assert_eq!(node.device_write_end(now, g.id, true), Err(ErrorCode::InvalidArgument));
+    assert_eq!(node.stats().device_write_bytes, 8192);
+
+    // The owner leaves with a grant outstanding: its channel stays.
+    let g = node.device_write_begin(now, holder, got, 4096).unwrap();
+    d.ch.close(&mut ());
+    drop(d);
+    w.advance(Duration::from_secs(5));
+    assert!(!dropped.get(), "the channel went while a device may write");
+    let now = w.now;
+    assert!(!w.nodes[0].device_write_valid(g.id));
+    assert_eq!(
+        w.nodes[0].device_write_end(now, g.id, true),
+        Err(ErrorCode::Revoked)
+    );
+    w.advance(Duration::from_secs(5));
+    assert!(dropped.get(), "released once the grant ended");
+    // Memory the node does not reach directly is refused.
+    let mut p = w.attach(0, "plain");
+    let cap = handle(w.op(&mut p, |op| ProcessMsg::MemoryCreate {
+        op,
+        addr: 0,
+        len: 64,
+        rights: Rights::WRITE,
+    }));
+    assert!(w
+        .op(&mut p, |op| ProcessMsg::Publish {
+            op,
+            name: b"p".to_vec(),
+            cap,
+        })
+        .is_ok());
+    let got = handle(w.op(&mut h, |op| ProcessMsg::Lookup {
+        op,
+        name: b"p".to_vec(),
+        wait_ms: 0,
+    }));
+    let now = w.now;
+    assert_eq!(
+        w.nodes[0].device_write_begin(now, holder, got, 64),
+        Err(ErrorCode::InvalidArgument)
+    );
 }
