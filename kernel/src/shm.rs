@@ -341,7 +341,11 @@ mod tests {
         let len = layout.mem_len;
         assert_eq!(dm.device_address(SLOT_ADDR_BASE, len), at(0));
         assert_eq!(dm.device_address(SLOT_ADDR_BASE, len + 1), None);
-        assert_eq!(dm.device_address(SLOT_ADDR_BASE - 1, 2), None, "the ring is not");
+        assert_eq!(
+            dm.device_address(SLOT_ADDR_BASE - 1, 2),
+            None,
+            "the ring is not"
+        );
         assert_eq!(dm.device_address(u64::MAX, 2), None);
     }
 
@@ -359,7 +363,11 @@ mod tests {
         let mut ch = got.pop().unwrap();
         let dm = Channel::<()>::direct_memory(&mut *ch).unwrap();
         dm.write(&mut (), SLOT_ADDR_BASE, b"hi").unwrap();
-        assert_eq!(dm.device_address(SLOT_ADDR_BASE, 8), None, "no device address");
+        assert_eq!(
+            dm.device_address(SLOT_ADDR_BASE, 8),
+            None,
+            "no device address"
+        );
         drop(ch);
         assert!(pool.poll(3, |c| got.push(c)));
         assert_eq!(pool.stats().attached, 0);

@@ -11,7 +11,9 @@
 //!   little-endian, any alignment); capabilities `[dst Memory (WRITE),
 //!   done Request?, err Request?]`. The covering blocks are read by DMA into
 //!   a window of the pool, then that window is copied straight into `dst`
-//!   with `done` as the copy's completion Request. This is the reference
+//!   with `done` as the copy's completion Request (or, into a slot
+//!   process's memory, DMA'd into `dst` itself and `done` invoked; see
+//!   *Data path*). This is the reference
 //!   storage adaptor's read protocol, so the pipeline can use it unchanged.
 //! * **write** — same immediates; capabilities `[src Memory (READ), done?,
 //!   err?]`. `src` is copied into a window of the pool (after a device read
@@ -44,11 +46,16 @@
 //! admitted while one is active, and it waits for earlier ones), so
 //! overlapping writes and reads keep their arrival order.
 //!
-//! The destination of a device transfer is a [`DmaTarget`]: today always a
-//! pool window; [`DmaTarget::Phys`] is the seam for DMA straight into other
-//! guest-physical memory (a shared-memory slot of a local process, issue 12
-//! point 5), where a request whose bytes are block-aligned in the
-//! destination would skip the pool and the copy.
+//! The destination of a device transfer is a [`DmaTarget`]: a pool window,
+//! or ([`DmaTarget::Phys`]) the memory of the reader's destination itself
+//! when that is a process attached through a shared-memory slot: a read of
+//! whole blocks into a dword-aligned window then skips the pool and the
+//! copy. The controller core grants each such read ([`DeviceWrites`],
+//! given to [`LocalProcess::tick_with`]) after validating the destination
+//! capability like a copy's, and the grant is checked again before every
+//! command; everything else (partial blocks, an odd address, a destination
+//! that is not in a local slot) goes through the pool. Both paths' bytes
+//! are counted (`fractos_storage_dma_bytes_total{path}`).
 //!
 //! The process protocol itself — attach, op ids, routing completions,
 //! serving the controller's `MemRead`/`MemWrite` of the pool (out of window:
@@ -60,8 +67,8 @@ use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use fractos_nvme::split_transfer;
 pub use fractos_node::DeviceGrant;
+use fractos_nvme::split_transfer;
 use fractos_process::{Config, Connection, Event, Instant, Memory, OutOfWindow};
 use fractos_wire::{
     CapInfo, ErrorCode, Handle, ObjectKind, ProcessMsg, Reply, Rights, FRAME_HEADER_LEN,
@@ -1248,8 +1255,6 @@ impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
     fn name(&self) -> &str {
         &self.name
     }
-
-
 
     fn metrics_text(&self, node: u32) -> String {
         let s = self.stats;

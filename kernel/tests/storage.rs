@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Duration;
 
+use fractos_core::MemAccess;
 use fractos_core::{
     process_token, ChannelId, Config, Controller, Dest, Instant, LinkId, LinkRole, Output,
 };
@@ -16,7 +17,6 @@ use fractos_kernel::storage::{
     BlockDevice, DeviceError, DeviceGrant, DeviceWrites, DmaTarget, Io, IoDone, LocalProcess,
     StorageProcess, StorageStatus,
 };
-use fractos_core::MemAccess;
 use fractos_wire::{
     frame_body, CapInfo, ControllerMsg, ErrorCode, Handle, NodeId, ObjectKind, ProcessMsg, Reply,
     Rights, FRAME_HEADER_LEN, MAX_FRAME_LEN,
@@ -1134,14 +1134,20 @@ fn direct_reads_are_checked_by_the_core() {
     assert_invoked(&mut h, op);
     assert_eq!(
         h.one_invocation(),
-        (TAG_ERR, err_imms(StorageStatus::Copy, Some(ErrorCode::MissingRight)))
+        (
+            TAG_ERR,
+            err_imms(StorageStatus::Copy, Some(ErrorCode::MissingRight))
+        )
     );
     let short = h.window(0, 2048, Rights::WRITE);
     let op = h.invoke(read, range(0, 4096), vec![short, done, err], true);
     assert_invoked(&mut h, op);
     assert_eq!(
         h.one_invocation(),
-        (TAG_ERR, err_imms(StorageStatus::Copy, Some(ErrorCode::SizeMismatch)))
+        (
+            TAG_ERR,
+            err_imms(StorageStatus::Copy, Some(ErrorCode::SizeMismatch))
+        )
     );
     assert!(h.mem.iter().all(|&b| b == 0xa5), "nothing written");
     assert_eq!(h.sp.stats().dma_direct_bytes, 0);
@@ -1159,7 +1165,10 @@ fn direct_reads_are_checked_by_the_core() {
     assert_invoked(&mut h, op);
     assert_eq!(
         h.one_invocation(),
-        (TAG_ERR, err_imms(StorageStatus::Copy, Some(ErrorCode::Revoked)))
+        (
+            TAG_ERR,
+            err_imms(StorageStatus::Copy, Some(ErrorCode::Revoked))
+        )
     );
     assert_eq!(h.completion(revoke), Some(Ok(Reply::Done)));
     assert!(h.mem.iter().all(|&b| b == 0xa5), "nothing written");

@@ -74,10 +74,7 @@ impl Client {
     fn read_at(&self, offset: u64, len: u64, skew: u64) -> Result<Vec<u8>, String> {
         let r = self.p.register(len + skew + 64).unwrap();
         r.with_bytes_mut(|b| b.fill(0xa5));
-        let cap = self
-            .p
-            .memory_create(&r, skew, len, Rights::WRITE)
-            .unwrap();
+        let cap = self.p.memory_create(&r, skew, len, Rights::WRITE).unwrap();
         let out = self.call(&self.read, cap, offset, len);
         self.p.drop_cap(cap).unwrap();
         out.map(|()| r.to_vec())
@@ -157,12 +154,18 @@ fn nvme_reads_land_in_slot_memory_by_dma_and_fall_back_to_staging() {
             .read_at(at, len, skew)
             .unwrap_or_else(|e| panic!("read {at}+{len} at +{skew}: {e}\n{}", log()));
         let (s, l) = (skew as usize, len as usize);
-        assert!(back[..s].iter().all(|&b| b == 0xa5), "bytes before the window");
+        assert!(
+            back[..s].iter().all(|&b| b == 0xa5),
+            "bytes before the window"
+        );
         assert!(
             back[s..s + l] == *want(at, len),
             "read {at}+{len} into +{skew} differs"
         );
-        assert!(back[s + l..].iter().all(|&b| b == 0xa5), "bytes after the window");
+        assert!(
+            back[s + l..].iter().all(|&b| b == 0xa5),
+            "bytes after the window"
+        );
         direct_bytes += len;
     }
     let (d1, s1) = dma_bytes(metrics);
@@ -210,7 +213,10 @@ fn nvme_reads_land_in_slot_memory_by_dma_and_fall_back_to_staging() {
         let inv = p.next_invocation_timeout(WAIT).unwrap();
         assert!(inv.tag != ERR, "a concurrent read failed: {:?}", inv.imms);
         let k = (inv.tag - 0x100) as usize;
-        assert!(!std::mem::replace(&mut seen[k], true), "read {k} done twice");
+        assert!(
+            !std::mem::replace(&mut seen[k], true),
+            "read {k} done twice"
+        );
         let (at, len, region, _) = &pending[k];
         assert!(region.to_vec() == *want(*at, *len), "concurrent read {k}");
     }

@@ -229,7 +229,8 @@ fn the_pipeline_runs_with_every_adaptor_attached_through_a_slot() {
     };
     let mut cluster = Cluster::launch(&spec).expect("launch QEMU");
     cluster.wait_ready(READY_TIMEOUT).expect("ready");
-    let log = |i: u32| std::fs::read_to_string(dir.join(format!("node{i}.log"))).unwrap_or_default();
+    let log =
+        |i: u32| std::fs::read_to_string(dir.join(format!("node{i}.log"))).unwrap_or_default();
     let nodes: Vec<DemoNode> = (0..3)
         .map(|i| DemoNode::Remote {
             process_addr: setup.process_addr(i).unwrap(),

@@ -20,8 +20,8 @@ use crate::metrics::{Metrics, OpKind};
 use crate::names::{name_home, NameService};
 use crate::table::{Entry, HandleTable};
 use crate::{
-    CapKey, ChannelId, CloseReason, Config, Dest, DeviceWrite, Instant, LinkId, LinkRole, MemAccess, MonitorKey,
-    ObjectKey, Output, ProcessKey, Stats,
+    CapKey, ChannelId, CloseReason, Config, Dest, DeviceWrite, Instant, LinkId, LinkRole,
+    MemAccess, MonitorKey, ObjectKey, Output, ProcessKey, Stats,
 };
 
 slotmap::new_key_type! {
@@ -541,14 +541,11 @@ impl Controller {
     /// only if the capability stayed alive and the owner attached
     /// throughout (then the bytes count as delivered); `Revoked` otherwise,
     /// `MemoryFault` if the device failed. Revokes held for it complete.
-    pub fn device_write_end(
-        &mut self,
-        now: Instant,
-        id: u64,
-        ok: bool,
-    ) -> Result<(), ErrorCode> {
+    pub fn device_write_end(&mut self, now: Instant, id: u64, ok: bool) -> Result<(), ErrorCode> {
         self.now = now;
-        let r = self.copy.device_write_end(id, ok, &self.store, &mut self.fx);
+        let r = self
+            .copy
+            .device_write_end(id, ok, &self.store, &mut self.fx);
         self.apply_effects();
         self.drain();
         r

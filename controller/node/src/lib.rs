@@ -329,7 +329,7 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
                 shut: false,
                 dialed: None,
                 traffic: LinkTraffic::default(),
-            device_writes: 0,
+                device_writes: 0,
             },
         );
         ConnId(id)
@@ -790,13 +790,16 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
         let g = self
             .ctrl
             .device_write_begin(now, ChannelId(holder.0), handle, len)?;
-        let conn = self.conns.get_mut(&g.chan.0).filter(|c| c.closing.is_none());
+        let conn = self
+            .conns
+            .get_mut(&g.chan.0)
+            .filter(|c| c.closing.is_none());
         let address = match (conn, usize::try_from(len)) {
-            (Some(c), Ok(n)) => c
-                .ch
-                .direct_memory()
-                .and_then(|m| m.device_address(g.addr, n))
-                .map(|a| (c, a)),
+            (Some(c), Ok(n)) => {
+                c.ch.direct_memory()
+                    .and_then(|m| m.device_address(g.addr, n))
+                    .map(|a| (c, a))
+            }
             _ => None,
         };
         match address {

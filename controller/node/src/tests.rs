@@ -954,7 +954,10 @@ fn device_writes_keep_the_owners_memory_until_they_end() {
     assert_eq!(g.address, 0xd000_1000);
     assert!(node.device_write_valid(g.id));
     assert_eq!(node.device_write_end(now, g.id, true), Ok(()));
-    assert_eq!(node.device_write_end(now, g.id, true), Err(ErrorCode::InvalidArgument));
+    assert_eq!(
+        node.device_write_end(now, g.id, true),
+        Err(ErrorCode::InvalidArgument)
+    );
     assert_eq!(node.stats().device_write_bytes, 8192);
 
     // The owner leaves with a grant outstanding: its channel stays.
