@@ -464,6 +464,10 @@ pub struct StorageProcess<B: BlockDevice> {
     retries: Vec<(String, Handle, u64)>,
     /// Jobs whose device-write grant ends next (see [`Stage::Settle`]).
     settles: Vec<u64>,
+    /// Sums of the times commands were submitted and reaped: with the
+    /// commands in flight, the device's busy time ([`Self::device_ns`]).
+    submitted_ns: u128,
+    completed_ns: u128,
 }
 
 /// The pool as the controller reaches it: registered memory
@@ -532,7 +536,16 @@ impl<B: BlockDevice> StorageProcess<B> {
             now_ns: 0,
             retries: Vec::new(),
             settles: Vec::new(),
+            submitted_ns: 0,
+            completed_ns: 0,
         }
+    }
+
+    /// Nanoseconds device commands have spent in flight (submitted, not yet
+    /// reaped), summed over commands, up to the last tick.
+    pub fn device_ns(&self) -> u128 {
+        let now = u128::from(self.now_ns);
+        (self.completed_ns + self.in_flight as u128 * now).saturating_sub(self.submitted_ns)
     }
 
     /// Counters.
@@ -727,6 +740,18 @@ impl<B: BlockDevice> StorageProcess<B> {
             });
         }
         self.release(job);
+    }
+
+    /// Invokes the job's `done` Request, if it has one.
+    fn invoke_done(&mut self, job: &Job) {
+        if let Some(done) = job.done {
+            self.send_detached(|op| ProcessMsg::Invoke {
+                op,
+                cap: done,
+                imms: Vec::new(),
+                caps: Vec::new(),
+            });
+        }
     }
 
     /// Drops every handle the invocation brought (and the window of the
@@ -943,6 +968,7 @@ impl<B: BlockDevice> StorageProcess<B> {
                         job.outstanding += 1;
                         self.in_flight += 1;
                         self.stats.commands += 1;
+                        self.submitted_ns += u128::from(self.now_ns);
                         self.stats.in_flight_max =
                             self.stats.in_flight_max.max(self.in_flight as u64);
                     }
@@ -980,6 +1006,7 @@ impl<B: BlockDevice> StorageProcess<B> {
         while let Some(d) = self.dev.poll() {
             any = true;
             self.in_flight = self.in_flight.saturating_sub(1);
+            self.completed_ns += u128::from(self.now_ns);
             let Some(job) = self.active.get_mut(&d.token) else {
                 warn!(
                     "storage: {}: completion for unknown request {}",
@@ -1035,14 +1062,7 @@ impl<B: BlockDevice> StorageProcess<B> {
                 };
                 self.stats.writes += 1;
                 self.stats.bytes_written += job.len;
-                if let Some(done) = job.done {
-                    self.send_detached(|op| ProcessMsg::Invoke {
-                        op,
-                        cap: done,
-                        imms: Vec::new(),
-                        caps: Vec::new(),
-                    });
-                }
+                self.invoke_done(&job);
                 self.free_window(&job);
                 self.release(&job);
             }
@@ -1119,14 +1139,7 @@ impl<B: BlockDevice> StorageProcess<B> {
                     self.stats.slot_reads += 1;
                     self.stats.bytes_read += job.len;
                     self.stats.dma_direct_bytes += bytes;
-                    if let Some(done) = job.done {
-                        self.send_detached(|op| ProcessMsg::Invoke {
-                            op,
-                            cap: done,
-                            imms: Vec::new(),
-                            caps: Vec::new(),
-                        });
-                    }
+                    self.invoke_done(&job);
                     self.release(&job);
                 }
                 (Some(e), _) if !job.revoked => {
@@ -1279,6 +1292,9 @@ impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
              # TYPE fractos_storage_transfers_total counter\n\
              fractos_storage_transfers_total{{node=\"{node}\",path=\"direct\"}} {}\n\
              fractos_storage_transfers_total{{node=\"{node}\",path=\"staged\"}} {}\n\
+             # HELP fractos_storage_device_seconds_total Time device commands spent in flight (submitted to completion reaped), summed over commands.\n\
+             # TYPE fractos_storage_device_seconds_total counter\n\
+             fractos_storage_device_seconds_total{{node=\"{node}\"}} {:.6}\n\
              # HELP fractos_storage_dma_bytes_total Bytes the device read for reads, by destination: direct (DMA straight into a shared-memory process's slot, no copy) or staged (DMA into the service's pool, then a copy).\n\
              # TYPE fractos_storage_dma_bytes_total counter\n\
              fractos_storage_dma_bytes_total{{node=\"{node}\",path=\"direct\"}} {}\n\
@@ -1293,6 +1309,7 @@ impl<B: BlockDevice> LocalProcess for StorageProcess<B> {
             s.in_flight_max,
             s.direct,
             s.staged,
+            self.device_ns() as f64 / 1e9,
             s.dma_direct_bytes,
             s.dma_staged_bytes
         )
@@ -1591,6 +1608,9 @@ mod tests {
             "the device's whole queue in use"
         );
         assert_eq!(p.stats().in_flight_max, 16);
+        // 16 commands in flight for 1000 ns each, so far.
+        p.tick(1_001);
+        assert_eq!(p.device_ns(), 16 * 1000);
         p.device().hold.set(false);
         c.run(&mut p);
         for (i, &(offset, len)) in reads.iter().enumerate() {

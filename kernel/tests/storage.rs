@@ -397,6 +397,19 @@ impl H {
         }
     }
 
+    /// A harness whose client's memory is served directly and reachable by
+    /// the device (a slot process), with the read Request and the client's
+    /// `done` and `err`.
+    fn direct_client() -> (H, Handle, Handle, Handle) {
+        let mut h = H::new();
+        h.direct = true;
+        assert!(h.ctrl.set_direct_memory(h.cl_chan, true));
+        let read = h.lookup_cap(READ_NAME);
+        let done = h.request(TAG_DONE);
+        let err = h.request(TAG_ERR);
+        (h, read, done, err)
+    }
+
     /// The driver's side of a direct access to the client's memory.
     fn serve_direct(&mut self, a: MemAccess) {
         match a {
@@ -1060,12 +1073,7 @@ fn failures_in_the_middle_of_a_queue_do_not_stall_it() {
 /// through the pool. Every byte checked, both counted.
 #[test]
 fn reads_into_device_reachable_memory_skip_the_pool() {
-    let mut h = H::new();
-    h.direct = true;
-    assert!(h.ctrl.set_direct_memory(h.cl_chan, true));
-    let read = h.lookup_cap(READ_NAME);
-    let done = h.request(TAG_DONE);
-    let err = h.request(TAG_ERR);
+    let (mut h, read, done, err) = H::direct_client();
     let disk = h.disk.0.borrow().data.clone();
     // (disk offset, len, window address in the client's memory, direct?)
     let cases: [(u64, u64, u64, bool); 6] = [
@@ -1121,12 +1129,7 @@ fn reads_into_device_reachable_memory_skip_the_pool() {
 /// (`Revoked`, nothing written) and completes once the grant has ended.
 #[test]
 fn direct_reads_are_checked_by_the_core() {
-    let mut h = H::new();
-    h.direct = true;
-    assert!(h.ctrl.set_direct_memory(h.cl_chan, true));
-    let read = h.lookup_cap(READ_NAME);
-    let done = h.request(TAG_DONE);
-    let err = h.request(TAG_ERR);
+    let (mut h, read, done, err) = H::direct_client();
     h.mem.fill(0xa5);
 
     let ro = h.window(0, 4096, Rights::READ);

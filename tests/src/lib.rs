@@ -8,6 +8,7 @@ use std::time::Duration;
 use fractos_qemu::build::{self, Workspace};
 
 pub mod l2;
+pub mod storage;
 
 /// Generous: TCG on two shared cores can be slow. Tests wait for events,
 /// they never measure time.

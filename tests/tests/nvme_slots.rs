@@ -11,75 +11,13 @@ use std::time::{Duration, Instant};
 use fractos_adaptors::demo::{scrape_metrics, DEMO_KEY};
 use fractos_core::process_token;
 use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
-use fractos_sdk::{ErrorCode, MemoryCap, Process, RequestCap, Rights};
+use fractos_sdk::{ErrorCode, Process, Rights};
+use fractos_tests::storage::{random, Outcome, StorageClient, ERR};
 use fractos_tests::{appliance_attach_options as opts, kernel, scratch, READY_TIMEOUT};
 
 const WAIT: Duration = fractos_tests::APPLIANCE_WAIT;
 const DISK_MIB: u64 = 16;
 const BS: u64 = 512;
-const DONE: u64 = 0xd0;
-const ERR: u64 = 0xe0;
-
-fn random(len: usize, mut seed: u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed as u8
-        })
-        .collect()
-}
-
-/// A slot process and the storage service's Requests.
-struct Client {
-    p: Process,
-    read: RequestCap,
-    write: RequestCap,
-    done: RequestCap,
-    err: RequestCap,
-}
-
-impl Client {
-    fn call(&self, req: &RequestCap, mem: MemoryCap, offset: u64, len: u64) -> Result<(), String> {
-        let mut imms = offset.to_le_bytes().to_vec();
-        imms.extend_from_slice(&len.to_le_bytes());
-        self.p
-            .invoke(req, &imms, &[mem.into(), self.done.into(), self.err.into()])
-            .map_err(|e| e.to_string())?;
-        let inv = self
-            .p
-            .next_invocation_timeout(WAIT)
-            .map_err(|e| e.to_string())?;
-        match inv.tag {
-            DONE => Ok(()),
-            ERR => Err(format!("err invoked with {:?}", inv.imms)),
-            t => Err(format!("unexpected invocation tag {t:#x}")),
-        }
-    }
-
-    fn write_at(&self, offset: u64, data: &[u8]) {
-        let r = self.p.register_vec(data.to_vec()).unwrap();
-        let cap = self
-            .p
-            .memory_create(&r, 0, data.len() as u64, Rights::READ)
-            .unwrap();
-        self.call(&self.write, cap, offset, data.len() as u64)
-            .unwrap_or_else(|e| panic!("write {offset}+{}: {e}", data.len()));
-        self.p.drop_cap(cap).unwrap();
-    }
-
-    /// Reads `len` bytes at `offset` into a fresh region, `skew` bytes into
-    /// it; the whole region comes back (0xa5 around the window).
-    fn read_at(&self, offset: u64, len: u64, skew: u64) -> Result<Vec<u8>, String> {
-        let r = self.p.register(len + skew + 64).unwrap();
-        r.with_bytes_mut(|b| b.fill(0xa5));
-        let cap = self.p.memory_create(&r, skew, len, Rights::WRITE).unwrap();
-        let out = self.call(&self.read, cap, offset, len);
-        self.p.drop_cap(cap).unwrap();
-        out.map(|()| r.to_vec())
-    }
-}
 
 /// The storage service's DMA byte counters: (direct, staged).
 fn dma_bytes(addr: std::net::SocketAddr) -> (u64, u64) {
@@ -115,17 +53,7 @@ fn nvme_reads_land_in_slot_memory_by_dma_and_fall_back_to_staging() {
     let token = process_token(&DEMO_KEY, b"reader");
     let p = Process::attach_slot(slot, "reader", token, opts())
         .unwrap_or_else(|e| panic!("{e}\n{}", log()));
-    let look = |n: &str| p.lookup(n, WAIT).unwrap().as_request().unwrap();
-    let (read, write) = (look("storage/0/read"), look("storage/0/write"));
-    let done = p.request_create(DONE, &[], &[]).unwrap();
-    let err = p.request_create(ERR, &[], &[]).unwrap();
-    let c = Client {
-        p,
-        read,
-        write,
-        done,
-        err,
-    };
+    let c = StorageClient::new(p);
     phase("slot process attached");
 
     // A known image: 3 MiB of random bytes at 1 MiB, written 1 MiB at a
@@ -134,7 +62,8 @@ fn nvme_reads_land_in_slot_memory_by_dma_and_fall_back_to_staging() {
     const SPAN: usize = 3 << 20;
     let data = random(SPAN, 0x5107);
     for (k, chunk) in data.chunks(1 << 20).enumerate() {
-        c.write_at(BASE + ((k as u64) << 20), chunk);
+        let at = BASE + ((k as u64) << 20);
+        assert_eq!(c.write_at(at, chunk), Outcome::Done, "write at {at}");
     }
     phase("pattern written");
     let want = |at: u64, len: u64| &data[(at - BASE) as usize..(at - BASE + len) as usize];
@@ -150,9 +79,8 @@ fn nvme_reads_land_in_slot_memory_by_dma_and_fall_back_to_staging() {
     ];
     let mut direct_bytes = 0;
     for &(at, len, skew) in &direct {
-        let back = c
-            .read_at(at, len, skew)
-            .unwrap_or_else(|e| panic!("read {at}+{len} at +{skew}: {e}\n{}", log()));
+        let (out, back) = c.read_into(at, len, skew, 64, Rights::WRITE);
+        assert_eq!(out, Outcome::Done, "read {at}+{len} at +{skew}\n{}", log());
         let (s, l) = (skew as usize, len as usize);
         assert!(
             back[..s].iter().all(|&b| b == 0xa5),
@@ -182,7 +110,8 @@ fn nvme_reads_land_in_slot_memory_by_dma_and_fall_back_to_staging() {
     ];
     let mut staged_bytes = 0;
     for &(at, len, skew) in &staged {
-        let back = c.read_at(at, len, skew).unwrap();
+        let (out, back) = c.read_into(at, len, skew, 64, Rights::WRITE);
+        assert_eq!(out, Outcome::Done, "read {at}+{len} at +{skew}");
         let (s, l) = (skew as usize, len as usize);
         assert!(back[s..s + l] == *want(at, len), "read {at}+{len} differs");
         assert!(back[..s].iter().chain(&back[s + l..]).all(|&b| b == 0xa5));
@@ -233,13 +162,14 @@ fn nvme_reads_land_in_slot_memory_by_dma_and_fall_back_to_staging() {
 
     // Typed errors still: past the end, and a READ-only window.
     let end = DISK_MIB << 20;
-    let e = c.read_at(end - 4096, 8192, 0).unwrap_err();
-    assert!(e.contains("[1, 0, 0]"), "{e}");
+    let (out, _) = c.read_at(end - 4096, 8192, Rights::WRITE);
+    assert_eq!(out, Outcome::Err(1, 0), "past the end");
     let r = c.p.register(4096).unwrap();
     let ro = c.p.memory_create(&r, 0, 4096, Rights::READ).unwrap();
-    let e = c.call(&c.read, ro, BASE, 4096).unwrap_err();
-    let code = (ErrorCode::MissingRight as u16).to_le_bytes();
-    assert!(e.contains(&format!("[4, {}, {}]", code[0], code[1])), "{e}");
+    assert_eq!(
+        c.call(&c.read, ro, BASE, 4096),
+        Outcome::Err(4, ErrorCode::MissingRight as u16)
+    );
     assert!(!log().contains("PANIC"), "{}", log());
     phase("done");
 }

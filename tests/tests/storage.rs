@@ -7,13 +7,12 @@ use std::time::{Duration, Instant};
 
 use fractos_adaptors::demo::DEMO_KEY;
 use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
-use fractos_sdk::{ErrorCode, MemoryCap, Process, RequestCap, Rights};
+use fractos_sdk::{ErrorCode, Rights};
+use fractos_tests::storage::{fnv, random, Outcome, StorageClient as Client, ERR};
 use fractos_tests::{attach_demo as attach, kernel, scratch, READY_TIMEOUT};
 
 const WAIT: Duration = fractos_tests::APPLIANCE_WAIT;
 const DISK_MIB: u64 = 16;
-const DONE: u64 = 0xd0;
-const ERR: u64 = 0xe0;
 
 fn launch(dir: &std::path::Path, setup: &ControllerSetup) -> Cluster {
     let spec = ClusterSpec {
@@ -25,101 +24,6 @@ fn launch(dir: &std::path::Path, setup: &ControllerSetup) -> Cluster {
         panic!("{e}");
     }
     c
-}
-
-/// A client of the storage service: its read/write Requests and a done
-/// and an err continuation.
-struct Client {
-    p: Process,
-    read: RequestCap,
-    write: RequestCap,
-    done: RequestCap,
-    err: RequestCap,
-}
-
-/// What a request ended with.
-#[derive(Debug, PartialEq, Eq)]
-enum Outcome {
-    Done,
-    /// `err` invoked with (status, wire error code).
-    Err(u8, u16),
-}
-
-impl Client {
-    fn new(addr: SocketAddr, name: &str) -> Client {
-        let p = attach(addr, name);
-        let look = |n: &str| {
-            p.lookup(n, WAIT)
-                .unwrap_or_else(|e| panic!("lookup {n}: {e}"))
-                .as_request()
-                .expect("a Request")
-        };
-        let (read, write) = (look("storage/0/read"), look("storage/0/write"));
-        let done = p.request_create(DONE, &[], &[]).unwrap();
-        let err = p.request_create(ERR, &[], &[]).unwrap();
-        Client {
-            p,
-            read,
-            write,
-            done,
-            err,
-        }
-    }
-
-    fn call(&self, req: &RequestCap, mem: MemoryCap, offset: u64, len: u64) -> Outcome {
-        let mut imms = offset.to_le_bytes().to_vec();
-        imms.extend_from_slice(&len.to_le_bytes());
-        self.p
-            .invoke(req, &imms, &[mem.into(), self.done.into(), self.err.into()])
-            .unwrap();
-        let inv = self.p.next_invocation_timeout(WAIT).unwrap();
-        match inv.tag {
-            DONE => Outcome::Done,
-            ERR => {
-                assert_eq!(inv.imms.len(), 3, "{:?}", inv.imms);
-                Outcome::Err(inv.imms[0], u16::from_le_bytes([inv.imms[1], inv.imms[2]]))
-            }
-            t => panic!("unexpected invocation tag {t:#x}"),
-        }
-    }
-
-    /// Writes `data` at `offset` through a FractOS copy.
-    fn write_at(&self, offset: u64, data: &[u8]) -> Outcome {
-        let r = self.p.register_vec(data.to_vec()).unwrap();
-        let cap = self
-            .p
-            .memory_create(&r, 0, data.len() as u64, Rights::READ)
-            .unwrap();
-        let out = self.call(&self.write, cap, offset, data.len() as u64);
-        self.p.drop_cap(cap).unwrap();
-        out
-    }
-
-    /// Reads `len` bytes at `offset` into fresh memory with `rights`.
-    fn read_at(&self, offset: u64, len: u64, rights: Rights) -> (Outcome, Vec<u8>) {
-        let r = self.p.register(len).unwrap();
-        let cap = self.p.memory_create(&r, 0, len, rights).unwrap();
-        let out = self.call(&self.read, cap, offset, len);
-        self.p.drop_cap(cap).unwrap();
-        (out, r.to_vec())
-    }
-}
-
-fn random(len: usize, mut seed: u64) -> Vec<u8> {
-    (0..len)
-        .map(|_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed as u8
-        })
-        .collect()
-}
-
-fn fnv(data: &[u8]) -> u64 {
-    data.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
 }
 
 /// A write larger than one NVMe command (split by the service), then
@@ -185,7 +89,7 @@ fn storage_service_keeps_data_across_reboots_and_reports_typed_errors() {
     let setup = ControllerSetup::new(1, DEMO_KEY).expect("ports");
     let addr = setup.process_addr(0).unwrap();
     let mut c = launch(&dir, &setup);
-    let client = Client::new(addr, "client");
+    let client = Client::new(attach(addr, "client"));
 
     // Aligned and unaligned ranges, several blocks, one over 256 KiB.
     let cases: [(u64, usize, u64); 3] = [
@@ -246,7 +150,7 @@ fn storage_service_keeps_data_across_reboots_and_reports_typed_errors() {
     let _c = launch(&dir, &setup);
     let deadline = Instant::now() + WAIT;
     let client = loop {
-        match std::panic::catch_unwind(|| Client::new(addr, "client-after-reboot")) {
+        match std::panic::catch_unwind(|| Client::new(attach(addr, "client-after-reboot"))) {
             Ok(c) => break c,
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(500)),
             Err(e) => std::panic::resume_unwind(e),

@@ -65,6 +65,29 @@ struct Figures {
     mbps: f64,
     iops: f64,
     iops_qd: f64,
+    /// Appliance only: mean time an NVMe command spent in flight, as the
+    /// appliance saw it (µs), in the 128 KiB run and the 4 KiB run.
+    device_us: Option<(f64, f64)>,
+}
+
+/// The storage service's (device seconds in flight, commands) so far.
+fn device_counters(metrics: std::net::SocketAddr) -> anyhow::Result<(f64, f64)> {
+    let m = fractos_adaptors::demo::scrape_metrics(metrics)?;
+    let value = |prefix: &str| {
+        m.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .with_context(|| format!("no {prefix} in the appliance's metrics"))
+    };
+    Ok((
+        value("fractos_storage_device_seconds_total{node=\"0\"} ")?,
+        value("fractos_storage_commands_total{node=\"0\"} ")?,
+    ))
+}
+
+/// Mean µs per command between two [`device_counters`] samples.
+fn per_command_us(before: (f64, f64), after: (f64, f64)) -> f64 {
+    (after.0 - before.0) * 1e6 / (after.1 - before.1).max(1.0)
 }
 
 /// Fills `path` with `mib` MiB of pseudo-random bytes (so neither side
@@ -165,16 +188,21 @@ fn appliance(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<Figures> {
     };
     let blocks = (a.disk_mib << 20) / BIG;
     timed_read(0, big, BIG)?;
+    let metrics = setup.metrics_addr(0).expect("one node");
+    let d0 = device_counters(metrics)?;
     let mut spent = Duration::ZERO;
     for i in 0..blocks {
         spent += timed_read(i * BIG, big, BIG)?;
     }
     let mbps = (blocks * BIG) as f64 / spent.as_secs_f64() / 1e6;
+    let d1 = device_counters(metrics)?;
     let mut spent = Duration::ZERO;
     for i in 0..a.small_reads {
         spent += timed_read(strided(i, a.disk_mib), small, SMALL)?;
     }
     let iops = a.small_reads as f64 / spent.as_secs_f64();
+    let d2 = device_counters(metrics)?;
+    let device_us = Some((per_command_us(d0, d1), per_command_us(d1, d2)));
 
     // QD reads in flight, each into its own 4 KiB window of the region with
     // its own done/err continuations; a finished window is checked against
@@ -241,6 +269,7 @@ fn appliance(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<Figures> {
         mbps,
         iops,
         iops_qd,
+        device_us,
     })
 }
 
@@ -304,6 +333,7 @@ fn linux_guest(a: &NvmeArgs, dir: &Path, disk: &Path) -> anyhow::Result<Figures>
         mbps,
         iops,
         iops_qd,
+        device_us: None,
     })
 }
 
@@ -332,6 +362,9 @@ pub fn run(a: NvmeArgs) -> anyhow::Result<()> {
         "iops_ratio_4k_qd8": app.iops_qd / lin.iops_qd,
         "disk_mib": a.disk_mib,
         "small_reads": a.small_reads,
+        "appliance_nvme_command_us_128k": app.device_us.map(|d| d.0),
+        "appliance_nvme_command_us_4k": app.device_us.map(|d| d.1),
+        "appliance_read_us_4k": 1e6 / app.iops,
         "accel": a.accel.name(),
         "transport": match a.transport {
             DemoTransport::Local => "slot",
@@ -357,6 +390,12 @@ pub fn run(a: NvmeArgs) -> anyhow::Result<()> {
         lin.iops_qd,
         app.iops_qd / lin.iops_qd
     );
+    if let Some((big_us, small_us)) = app.device_us {
+        println!(
+            "appliance: an NVMe command in flight {big_us:.0} µs per 128 KiB read, {small_us:.0} µs per 4 KiB read (of {:.0} µs end to end)",
+            1e6 / app.iops
+        );
+    }
     if let Some(path) = &a.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
