@@ -107,6 +107,43 @@ impl StorageClient {
         self.p.drop_cap(cap).unwrap();
         (out, r.to_vec())
     }
+
+    /// Starts every read of `reads` (offset, len) at once, each into its
+    /// own fresh region (filled with 0xa5) with its own `done` (tag 0x100 +
+    /// its index); waits for every one. Their bytes, in order. Panics if a
+    /// read fails or is answered twice.
+    pub fn read_concurrently(&self, reads: &[(u64, u64)]) -> Vec<Vec<u8>> {
+        let p = &self.p;
+        let mut pending = Vec::new();
+        for (k, &(offset, len)) in reads.iter().enumerate() {
+            let region = p.register(len).unwrap();
+            region.with_bytes_mut(|b| b.fill(0xa5));
+            let cap = p.memory_create(&region, 0, len, Rights::WRITE).unwrap();
+            let done = p.request_create(0x100 + k as u64, &[], &[]).unwrap();
+            let mut imms = offset.to_le_bytes().to_vec();
+            imms.extend_from_slice(&len.to_le_bytes());
+            let caps = [cap.into(), done.into(), self.err.into()];
+            pending.push((region, p.start_invoke(&self.read, &imms, &caps).unwrap()));
+        }
+        let mut seen = vec![false; reads.len()];
+        for _ in 0..reads.len() {
+            let inv = p.next_invocation_timeout(WAIT).unwrap();
+            assert!(inv.tag != ERR, "a concurrent read failed: {:?}", inv.imms);
+            let k = inv.tag.wrapping_sub(0x100) as usize;
+            assert!(k < reads.len(), "unexpected invocation tag {:#x}", inv.tag);
+            assert!(
+                !std::mem::replace(&mut seen[k], true),
+                "read {k} done twice"
+            );
+        }
+        pending
+            .into_iter()
+            .map(|(region, ack)| {
+                ack.wait().unwrap();
+                region.to_vec()
+            })
+            .collect()
+    }
 }
 
 /// `len` pseudo-random bytes from `seed` (xorshift).

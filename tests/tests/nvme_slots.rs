@@ -6,16 +6,15 @@
 //! larger than one command and many at once; the metrics show which path
 //! moved how many bytes.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use fractos_adaptors::demo::{scrape_metrics, DEMO_KEY};
 use fractos_core::process_token;
 use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
 use fractos_sdk::{ErrorCode, Process, Rights};
-use fractos_tests::storage::{random, Outcome, StorageClient, ERR};
+use fractos_tests::storage::{random, Outcome, StorageClient};
 use fractos_tests::{appliance_attach_options as opts, kernel, scratch, READY_TIMEOUT};
 
-const WAIT: Duration = fractos_tests::APPLIANCE_WAIT;
 const DISK_MIB: u64 = 16;
 const BS: u64 = 512;
 
@@ -123,34 +122,12 @@ fn nvme_reads_land_in_slot_memory_by_dma_and_fall_back_to_staging() {
     phase("staged reads verified");
 
     // Sixteen direct reads in flight at once, each into its own window.
-    let p = &c.p;
-    let mut pending = Vec::new();
-    for k in 0..16u64 {
-        let (at, len) = (BASE + k * 96 * 1024, 64 * 1024 + k * BS);
-        let region = p.register(len).unwrap();
-        let cap = p.memory_create(&region, 0, len, Rights::WRITE).unwrap();
-        let done = p.request_create(0x100 + k, &[], &[]).unwrap();
-        let mut imms = at.to_le_bytes().to_vec();
-        imms.extend_from_slice(&len.to_le_bytes());
-        let ack = p
-            .start_invoke(&c.read, &imms, &[cap.into(), done.into(), c.err.into()])
-            .unwrap();
-        pending.push((at, len, region, ack));
-    }
-    let mut seen = [false; 16];
-    for _ in 0..16 {
-        let inv = p.next_invocation_timeout(WAIT).unwrap();
-        assert!(inv.tag != ERR, "a concurrent read failed: {:?}", inv.imms);
-        let k = (inv.tag - 0x100) as usize;
-        assert!(
-            !std::mem::replace(&mut seen[k], true),
-            "read {k} done twice"
-        );
-        let (at, len, region, _) = &pending[k];
-        assert!(region.to_vec() == *want(*at, *len), "concurrent read {k}");
-    }
-    for (.., ack) in pending {
-        ack.wait().unwrap();
+    let reads: Vec<(u64, u64)> = (0..16)
+        .map(|k| (BASE + k * 96 * 1024, 64 * 1024 + k * BS))
+        .collect();
+    for (k, back) in c.read_concurrently(&reads).iter().enumerate() {
+        let (at, len) = reads[k];
+        assert!(*back == want(at, len), "concurrent read {k}");
     }
     let (d3, _) = dma_bytes(metrics);
     assert_eq!(

@@ -2,13 +2,12 @@
 //! Linux SDK processes through FractOS copies: data integrity, persistence
 //! across a reboot, typed errors.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use fractos_adaptors::demo::DEMO_KEY;
 use fractos_qemu::cluster::{Cluster, ClusterSpec, ControllerSetup};
 use fractos_sdk::{ErrorCode, Rights};
-use fractos_tests::storage::{fnv, random, Outcome, StorageClient as Client, ERR};
+use fractos_tests::storage::{fnv, random, Outcome, StorageClient as Client};
 use fractos_tests::{attach_demo as attach, kernel, scratch, READY_TIMEOUT};
 
 const WAIT: Duration = fractos_tests::APPLIANCE_WAIT;
@@ -34,7 +33,6 @@ fn concurrent_reads_return_their_own_bytes(client: &Client) {
     const SPAN: usize = (1 << 20) + 512 * 1024 + 1000;
     let data = random(SPAN, 77);
     assert_eq!(client.write_at(BASE, &data), Outcome::Done, "split write");
-    let p = &client.p;
     let reads: Vec<(usize, usize)> = (0..16)
         .map(|k| match k {
             // Larger than one command (QEMU: 512 KiB), unaligned.
@@ -42,44 +40,17 @@ fn concurrent_reads_return_their_own_bytes(client: &Client) {
             k => (k * 90_001 % (SPAN - 40_000), 512 + k * 2_345),
         })
         .collect();
-    let mut pending = Vec::new();
-    for (k, &(at, len)) in reads.iter().enumerate() {
-        let region = p.register(len as u64).unwrap();
-        region.with_bytes_mut(|b| b.fill(0xa5));
-        let cap = p
-            .memory_create(&region, 0, len as u64, Rights::WRITE)
-            .unwrap();
-        let done = p.request_create(0x100 + k as u64, &[], &[]).unwrap();
-        let mut imms = (BASE + at as u64).to_le_bytes().to_vec();
-        imms.extend_from_slice(&(len as u64).to_le_bytes());
-        let ack = p
-            .start_invoke(
-                &client.read,
-                &imms,
-                &[cap.into(), done.into(), client.err.into()],
-            )
-            .unwrap();
-        pending.push((region, ack));
-    }
-    let mut seen = vec![false; reads.len()];
-    for _ in 0..reads.len() {
-        let inv = p.next_invocation_timeout(WAIT).unwrap();
-        assert!(inv.tag != ERR, "a concurrent read failed: {:?}", inv.imms);
-        let k = (inv.tag - 0x100) as usize;
-        assert!(
-            !std::mem::replace(&mut seen[k], true),
-            "read {k} done twice"
-        );
+    let ranges: Vec<(u64, u64)> = reads
+        .iter()
+        .map(|&(at, len)| (BASE + at as u64, len as u64))
+        .collect();
+    for (k, back) in client.read_concurrently(&ranges).iter().enumerate() {
         let (at, len) = reads[k];
-        let back = pending[k].0.to_vec();
         assert_eq!(
-            fnv(&back),
+            fnv(back),
             fnv(&data[at..at + len]),
             "read {k} at {at}+{len}"
         );
-    }
-    for (_, ack) in pending {
-        ack.wait().unwrap();
     }
 }
 
