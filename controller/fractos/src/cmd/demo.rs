@@ -281,7 +281,7 @@ fn run_cluster(arg: &str, cfg: &DemoConfig) -> anyhow::Result<DemoReport> {
             key,
             // Slots recorded by `fractos up --shm-slots`, unless the user
             // asked for TCP.
-            slots: if cfg.transport == DemoTransport::Local {
+            slots: if cfg.transport == fractos_adaptors::demo::DemoTransport::Local {
                 n.shm_slots.clone()
             } else {
                 Vec::new()
