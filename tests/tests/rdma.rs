@@ -17,7 +17,7 @@ use fractos_qemu::cluster::{write_key_file, ClusterSpec, ControllerSetup};
 use fractos_qemu::linux_guest::{
     parse_rc_pingpong, rdma_image, rdma_status, LinuxGuest, RdmaGuestSpec, RDMA_STATUS_MARKER,
 };
-use fractos_qemu::node::{Appliance, L2Segment};
+use fractos_qemu::node::{write_private_file, Appliance, L2Segment};
 use fractos_tests::{kernel, scratch, READY_TIMEOUT};
 
 const APPLIANCE_IP: Ipv4Addr = Ipv4Addr::new(10, 9, 0, 1);
@@ -50,6 +50,11 @@ fn launch_appliance(
     spec.cmdline = format!("fractos.ip1={APPLIANCE_IP}/24 fractos.test=rc_pingpong {extra}");
     std::fs::create_dir_all(&spec.state_dir).expect("state dir");
     write_key_file(&spec.key_file(), &setup.key).expect("key file");
+    // What `Cluster::launch` writes for each node: its configuration file
+    // (members, peers, passed through fw_cfg).
+    if let Some(config) = spec.node_config(0) {
+        write_private_file(&spec.config_file(0), config.as_bytes()).expect("config file");
+    }
     let mut node = spec.node(0);
     node.l2 = Some(seg);
     let mut app = Appliance::launch(node).expect("launch the appliance");
