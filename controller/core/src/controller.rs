@@ -7,8 +7,9 @@ use alloc::vec::Vec;
 use core::cmp::Reverse;
 
 use fractos_wire::{
-    CapInfo, CapRef, ControllerMsg, DecodeError, DeriveSpec, ErrorCode, Handle, NodeId, ObjectKind,
-    PeerMsg, PeerReply, PeerRequest, PeerSecurity, ProcessMsg, Reply, Rights, PROTOCOL_VERSION,
+    CapInfo, CapRef, ControllerMsg, DecodeError, DeriveSpec, ErrorCode, Handle, MemberState,
+    NodeId, ObjectKind, PeerMsg, PeerReply, PeerRequest, PeerSecurity, ProcessMsg, Reply, Rights,
+    PROTOCOL_VERSION,
 };
 use slotmap::SlotMap;
 
@@ -16,12 +17,13 @@ use crate::auth::{self, HelloPart, NonceSource, Role, Session};
 use crate::caps::{key_from_u64, key_to_u64, Binds, CapStore, DeriveKind, Fallout, Holder};
 use crate::copy::CopyEngine;
 use crate::effects::{Effect, Effects, Origin, SourceKey, Timer};
+use crate::membership::{Membership, SwimOut};
 use crate::metrics::{Metrics, OpKind};
 use crate::names::{name_home, NameService};
 use crate::table::{Entry, HandleTable};
 use crate::{
     CapKey, ChannelId, CloseReason, Config, Dest, DeviceWrite, Instant, LinkId, LinkRole,
-    MemAccess, MonitorKey, ObjectKey, Output, ProcessKey, Stats,
+    MemAccess, MembershipStats, MonitorKey, ObjectKey, Output, ProcessKey, Stats,
 };
 
 slotmap::new_key_type! {
@@ -161,17 +163,50 @@ enum LinkState {
     /// Responder: `HelloReply` sent, waiting for `Finish`.
     ReplySent {
         peer: NodeId,
+        incarnation: u64,
         transcript: [u8; 32],
         security: PeerSecurity,
     },
     /// Authenticated: every frame is sealed with the session's keys.
-    Up { node: NodeId, session: Session },
+    Up {
+        node: NodeId,
+        incarnation: u64,
+        session: Session,
+    },
+}
+
+/// Where closing an idle link stands (gossip mode only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bye {
+    /// In use.
+    None,
+    /// This side proposed closing and has sent nothing since.
+    Sent,
+    /// This side agreed to the peer's proposal and sends nothing more on
+    /// the link (frames wait in the queue) until the peer closes it or
+    /// sends something.
+    Acked,
 }
 
 struct Link {
     state: LinkState,
     opened: Instant,
     last_rx: Instant,
+    /// This controller dialled the link.
+    initiated: bool,
+    /// Last frame other than heartbeats and closing, either way.
+    last_use: Instant,
+    bye: Bye,
+}
+
+/// A dial the core asked the driver for (gossip mode).
+struct Dial {
+    /// The handshake must have finished by then.
+    deadline: Instant,
+    /// The link the driver reported for it.
+    link: Option<LinkId>,
+    /// The peer answered `Yield`: its own dial to us is the link to use.
+    yielded: bool,
 }
 
 impl Link {
@@ -180,6 +215,9 @@ impl Link {
             LinkState::Up { node, .. } => Some(node),
             _ => None,
         }
+    }
+    fn graceful(&self) -> bool {
+        self.bye != Bye::None
     }
 }
 
@@ -236,6 +274,16 @@ pub struct Controller {
     now: Instant,
     next_seq: u64,
     metrics: Metrics,
+    /// Gossip membership (gossip mode).
+    swim: Option<Membership>,
+    /// Dials in progress (gossip mode).
+    dials: BTreeMap<NodeId, Dial>,
+    /// Frames waiting for a link to their peer (gossip mode).
+    outq: BTreeMap<NodeId, Vec<PeerMsg>>,
+    /// Requests from each peer not answered yet.
+    owed: BTreeMap<NodeId, u32>,
+    dials_started: u64,
+    idle_closed: u64,
 }
 
 impl Controller {
@@ -283,9 +331,31 @@ impl Controller {
             now,
             next_seq: 1,
             metrics: Metrics::default(),
+            swim: None,
+            dials: BTreeMap::new(),
+            outq: BTreeMap::new(),
+            owed: BTreeMap::new(),
+            dials_started: 0,
+            idle_closed: 0,
         };
         let hb = now.after(c.cfg.heartbeat_interval);
         c.timers.push(Reverse((hb, Timer::Heartbeat)));
+        if let Some(g) = c.cfg.gossip.clone() {
+            let mut seed = [0u8; 8];
+            seed.copy_from_slice(&c.cfg.rng_seed[..8]);
+            let seed = u64::from_le_bytes(seed) ^ (c.cfg.node.0 as u64).wrapping_mul(0x9e37_79b9);
+            // Members start their periods at different phases.
+            let period = g.protocol_period.as_nanos().max(1) as u64;
+            let first = now.after(core::time::Duration::from_nanos(1 + seed % period));
+            c.swim = Some(Membership::new(
+                c.cfg.node,
+                c.cfg.incarnation,
+                &c.cfg.members,
+                g,
+                seed,
+            ));
+            c.timers.push(Reverse((first, Timer::Swim)));
+        }
         c
     }
 
@@ -385,12 +455,20 @@ impl Controller {
             }),
             _ => None,
         };
+        if let LinkRole::Initiator { peer } = role {
+            if let Some(d) = self.dials.get_mut(&peer) {
+                d.link = Some(link);
+            }
+        }
         self.links.insert(
             link,
             Link {
                 state,
                 opened: now,
                 last_rx: now,
+                initiated: matches!(role, LinkRole::Initiator { .. }),
+                last_use: now,
+                bye: Bye::None,
             },
         );
         if let Some(hello) = hello {
@@ -402,10 +480,83 @@ impl Controller {
     /// A link closed.
     pub fn link_disconnected(&mut self, now: Instant, link: LinkId) {
         self.now = now;
-        if let Some(node) = self.links.remove(&link).and_then(|l| l.peer()) {
-            if self.peers.get(&node).is_some_and(|p| p.link == link) {
-                self.peer_lost(node);
+        self.forget_link(link);
+        self.drain();
+    }
+
+    /// A dial asked for by [`Output::Connect`] failed (refused, no route,
+    /// timed out). Requests waiting for the link fail with
+    /// `PeerUnreachable`; one-way frames wait for a later dial.
+    pub fn dial_failed(&mut self, now: Instant, peer: NodeId) {
+        self.now = now;
+        if let Some(d) = self.dials.remove(&peer) {
+            if let Some(l) = d.link {
+                if self.links.get(&l).is_some_and(|l| l.peer().is_none()) {
+                    self.links.remove(&l);
+                    self.outputs.push_back(Output::Close {
+                        to: Dest::Link(l),
+                        reason: CloseReason::PeerTimeout,
+                    });
+                }
             }
+            self.fail_queued_requests(peer);
+        }
+        self.drain();
+    }
+
+    /// What the gossip membership believes of `node` (`None`: unknown, or
+    /// gossip is off).
+    pub fn member_state(&self, node: NodeId) -> Option<MemberState> {
+        self.swim.as_ref()?.state(node)
+    }
+
+    /// The membership view: every other member with its incarnation and
+    /// state (empty when gossip is off).
+    pub fn members(&self) -> Vec<(NodeId, u64, MemberState)> {
+        self.swim
+            .as_ref()
+            .map(|m| m.view().collect())
+            .unwrap_or_default()
+    }
+
+    /// Membership and link counts.
+    pub fn membership_stats(&self) -> MembershipStats {
+        let m = self.swim.as_ref();
+        MembershipStats {
+            live: m.map_or(0, |m| m.live()),
+            known: m.map_or(0, |m| m.view().count()),
+            links: self.links.len(),
+            dials: self.dials.len(),
+            queued: self.outq.values().map(|q| q.len()).sum(),
+            gossip_queue: m.map_or(0, |m| m.queued()),
+            confirmed_dead: m.map_or(0, |m| m.confirmed_dead),
+            probes_sent: m.map_or(0, |m| m.probes_sent),
+            dials_started: self.dials_started,
+            idle_closed: self.idle_closed,
+        }
+    }
+
+    /// Leaves the cluster on purpose (gossip mode): tells a few members,
+    /// who spread it, so the others do not wait for the failure detector.
+    /// The driver stops the controller afterwards.
+    pub fn leave(&mut self, now: Instant) {
+        self.now = now;
+        let Some(m) = self.swim.as_mut() else { return };
+        let fact = m.leave();
+        let peers: Vec<NodeId> = m
+            .view()
+            .filter(|(_, _, s)| matches!(s, MemberState::Alive | MemberState::Suspect))
+            .map(|(n, _, _)| n)
+            .take(3)
+            .collect();
+        for node in peers {
+            self.send_peer(
+                node,
+                PeerMsg::Probe {
+                    seq: 0,
+                    updates: vec![fact],
+                },
+            );
         }
         self.drain();
     }
@@ -806,12 +957,17 @@ impl Controller {
             _ => 128,
         });
         msg.encode(&mut frame);
-        if let Some(Link {
-            state: LinkState::Up { session, .. },
-            ..
-        }) = self.links.get_mut(&link)
-        {
-            session.seal(&mut frame);
+        let use_ = is_use(msg);
+        if let Some(l) = self.links.get_mut(&link) {
+            if use_ {
+                l.last_use = self.now;
+                if l.bye == Bye::Sent {
+                    l.bye = Bye::None;
+                }
+            }
+            if let LinkState::Up { session, .. } = &mut l.state {
+                session.seal(&mut frame);
+            }
         }
         self.metrics.peer_frames_out += 1;
         self.metrics.peer_bytes_out += frame.len() as u64;
@@ -826,8 +982,105 @@ impl Controller {
     fn send_peer(&mut self, node: NodeId, msg: PeerMsg) {
         if node == self.cfg.node {
             self.loopback.push_back((node, msg));
-        } else if let Some(link) = self.peers.get(&node).map(|p| p.link) {
-            self.send_link(link, &msg);
+            return;
+        }
+        if let PeerMsg::Reply { .. } = msg {
+            if let Some(o) = self.owed.get_mut(&node) {
+                *o = o.saturating_sub(1);
+                if *o == 0 {
+                    self.owed.remove(&node);
+                }
+            }
+        }
+        let link = self.peers.get(&node).map(|p| p.link);
+        if self.swim.is_none() {
+            if let Some(link) = link {
+                self.send_link(link, &msg);
+            }
+            return;
+        }
+        match link {
+            Some(l) if self.links.get(&l).is_some_and(|l| l.bye != Bye::Acked) => {
+                self.send_link(l, &msg)
+            }
+            _ => {
+                if self.gone(node) && link.is_none() {
+                    return;
+                }
+                self.outq.entry(node).or_default().push(msg);
+                if link.is_none() {
+                    self.ensure_dial(node);
+                }
+            }
+        }
+    }
+
+    /// Whether the membership has confirmed `node` dead or departed.
+    fn gone(&self, node: NodeId) -> bool {
+        matches!(
+            self.swim.as_ref().and_then(|m| m.state(node)),
+            Some(MemberState::Dead | MemberState::Left)
+        )
+    }
+
+    /// Asks the driver for a link to `node` unless one is on its way.
+    fn ensure_dial(&mut self, node: NodeId) {
+        if self.dials.contains_key(&node) || self.peers.contains_key(&node) {
+            return;
+        }
+        self.dials_started += 1;
+        self.dials.insert(
+            node,
+            Dial {
+                deadline: self.now.after(self.cfg.peer_timeout),
+                link: None,
+                yielded: false,
+            },
+        );
+        self.outputs.push_back(Output::Connect { peer: node });
+    }
+
+    /// Sends what waits for `node` on its (new or resumed) link.
+    fn flush(&mut self, node: NodeId) {
+        let Some(link) = self.peers.get(&node).map(|p| p.link) else {
+            return;
+        };
+        if let Some(q) = self.outq.remove(&node) {
+            for m in q {
+                self.send_link(link, &m);
+            }
+        }
+    }
+
+    /// Requests still waiting for a link to `node` fail (they were never
+    /// sent, so `PeerUnreachable` is certain); one-way frames stay queued.
+    fn fail_queued_requests(&mut self, node: NodeId) {
+        let Some(q) = self.outq.remove(&node) else {
+            return;
+        };
+        let mut keep = Vec::new();
+        for m in q {
+            match m {
+                PeerMsg::Request { req, .. } => {
+                    self.loopback.push_back((
+                        node,
+                        PeerMsg::Reply {
+                            req,
+                            result: Err(ErrorCode::PeerUnreachable),
+                        },
+                    ));
+                }
+                // Membership frames are only worth their moment.
+                PeerMsg::Probe { .. }
+                | PeerMsg::ProbeAck { .. }
+                | PeerMsg::ProbeReq { .. }
+                | PeerMsg::Join
+                | PeerMsg::Members { .. } => {}
+                other => keep.push(other),
+            }
+        }
+        if !keep.is_empty() && !self.gone(node) {
+            self.outq.insert(node, keep);
         }
     }
 
@@ -854,7 +1107,7 @@ impl Controller {
             // or through its own deadlines: copies, name waits, the calls it
             // makes), so no deadline entry is needed.
             self.send_peer(node, PeerMsg::Request { req, body });
-        } else if self.peers.contains_key(&node) {
+        } else if self.peers.contains_key(&node) || (self.swim.is_some() && !self.gone(node)) {
             self.push_timer(deadline, Timer::Call(req));
             self.send_peer(node, PeerMsg::Request { req, body });
         } else {
@@ -1856,7 +2109,7 @@ impl Controller {
         if body.len() > self.cfg.limits.max_message_len + auth::SEAL_OVERHEAD {
             return self.close_link(link, CloseReason::Malformed);
         }
-        if let LinkState::Up { node, session } = &mut l.state {
+        if let LinkState::Up { node, session, .. } = &mut l.state {
             let node = *node;
             let mut scratch = core::mem::take(&mut self.open_scratch);
             let decoded = session.open(body, &mut scratch).map(PeerMsg::decode);
@@ -1874,9 +2127,10 @@ impl Controller {
                     PeerMsg::Hello { .. }
                     | PeerMsg::HelloReply { .. }
                     | PeerMsg::Finish { .. }
-                    | PeerMsg::Rejected { .. },
+                    | PeerMsg::Rejected { .. }
+                    | PeerMsg::Yield,
                 )) => self.close_link(link, CloseReason::Malformed),
-                Ok(Ok(m)) => self.on_peer_msg(node, m),
+                Ok(Ok(m)) => self.on_up_msg(link, node, m),
             };
         }
         match PeerMsg::decode(body) {
@@ -1911,11 +2165,26 @@ impl Controller {
                     security,
                 },
             ) => {
-                // The initiator must be another member and must have meant
-                // to dial us.
-                if responder != me.node || node == me.node || !self.cfg.members.contains(&node) {
+                // The initiator must be another member (with gossip: any
+                // controller holding the cluster key, so members can join)
+                // and must have meant to dial us.
+                let member = self.swim.is_some() || self.cfg.members.contains(&node);
+                if responder != me.node || node == me.node || !member {
                     return self.reject_link(link, ErrorCode::AuthFailed, CloseReason::AuthFailed);
                 }
+                if self.dial_wins(node, incarnation) {
+                    // Both sides dialled: the lower id's dial is the link.
+                    self.send_link(link, &PeerMsg::Yield);
+                    self.links.remove(&link);
+                    self.outputs.push_back(Output::Close {
+                        to: Dest::Link(link),
+                        reason: CloseReason::Duplicate,
+                    });
+                    return;
+                }
+                let Some(l) = self.links.get_mut(&link) else {
+                    return;
+                };
                 let security = security.max(self.cfg.peer_security);
                 let mine = HelloPart {
                     nonce: self.nonces.next(),
@@ -1931,6 +2200,7 @@ impl Controller {
                     auth::handshake_proof(&self.cfg.cluster_key, Role::Responder, &transcript);
                 l.state = LinkState::ReplySent {
                     peer: node,
+                    incarnation,
                     transcript,
                     security,
                 };
@@ -1979,13 +2249,18 @@ impl Controller {
                 self.send_link(link, &PeerMsg::Finish { proof });
                 let session = Session::new(&key, Role::Initiator, &transcript, security);
                 if let Some(l) = self.links.get_mut(&link) {
-                    l.state = LinkState::Up { node, session };
+                    l.state = LinkState::Up {
+                        node,
+                        incarnation,
+                        session,
+                    };
                 }
-                self.peer_up(link, node);
+                self.peer_up(link, node, incarnation);
             }
             (
                 &LinkState::ReplySent {
                     peer,
+                    incarnation,
                     transcript,
                     security,
                 },
@@ -1998,9 +2273,23 @@ impl Controller {
                 let session = Session::new(&key, Role::Responder, &transcript, security);
                 l.state = LinkState::Up {
                     node: peer,
+                    incarnation,
                     session,
                 };
-                self.peer_up(link, peer);
+                self.peer_up(link, peer, incarnation);
+            }
+            (&LinkState::HelloSent { expect, .. }, PeerMsg::Yield) => {
+                // The peer's own dial to us wins; wait for it (until the
+                // dial's deadline).
+                if let Some(d) = self.dials.get_mut(&expect) {
+                    d.yielded = true;
+                    d.link = None;
+                }
+                self.links.remove(&link);
+                self.outputs.push_back(Output::Close {
+                    to: Dest::Link(link),
+                    reason: CloseReason::Duplicate,
+                });
             }
             (_, PeerMsg::Rejected { code }) => {
                 self.metrics.peer_handshake_failures += 1;
@@ -2021,7 +2310,11 @@ impl Controller {
         self.close_link(link, reason);
     }
 
-    fn peer_up(&mut self, link: LinkId, node: NodeId) {
+    fn peer_up(&mut self, link: LinkId, node: NodeId, incarnation: u64) {
+        if self.swim.is_some() {
+            self.gossip_peer_up(link, node, incarnation);
+            return;
+        }
         if let Some(old) = self.peers.get(&node) {
             // A new link from a peer we still think connected (same or new
             // incarnation) means the old link broke without us noticing (a
@@ -2045,16 +2338,263 @@ impl Controller {
             to: Dest::Link(link),
             reason,
         });
-        if let Some(node) = self.links.remove(&link).and_then(|l| l.peer()) {
-            if self.peers.get(&node).is_some_and(|p| p.link == link) {
+        self.forget_link(link);
+    }
+
+    /// A link is gone (closed here or by the driver). Losing an
+    /// authenticated link loses the peer, unless both sides had agreed to
+    /// close it; a dial that never came up fails its queued requests.
+    fn forget_link(&mut self, link: LinkId) {
+        let Some(l) = self.links.remove(&link) else {
+            return;
+        };
+        match l.peer() {
+            Some(node) if self.peers.get(&node).is_some_and(|p| p.link == link) => {
+                if l.graceful() {
+                    self.peers.remove(&node);
+                    if self.outq.contains_key(&node) {
+                        self.ensure_dial(node);
+                    }
+                } else {
+                    self.peer_lost(node);
+                }
+            }
+            Some(_) => {}
+            None => {
+                if let LinkState::HelloSent { expect, .. } = l.state {
+                    let ours = self
+                        .dials
+                        .get(&expect)
+                        .is_some_and(|d| d.link == Some(link) && !d.yielded);
+                    if ours {
+                        self.dials.remove(&expect);
+                        self.fail_queued_requests(expect);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether our own dial to `node` wins over its dial to us: the lower
+    /// id's dial wins (while it is in handshake, or up and of the same
+    /// incarnation of the peer — a new incarnation always gets through).
+    fn dial_wins(&self, node: NodeId, incarnation: u64) -> bool {
+        if self.swim.is_none() || self.cfg.node > node {
+            return false;
+        }
+        if let Some(l) = self.dials.get(&node).and_then(|d| d.link) {
+            if self
+                .links
+                .get(&l)
+                .is_some_and(|l| matches!(l.state, LinkState::HelloSent { .. }))
+            {
+                return true;
+            }
+        }
+        self.peers
+            .get(&node)
+            .and_then(|p| self.links.get(&p.link))
+            .is_some_and(|l| {
+                l.initiated
+                    && !l.graceful()
+                    && matches!(l.state, LinkState::Up { incarnation: i, .. } if i == incarnation)
+            })
+    }
+
+    /// Gossip mode: a link to `node` authenticated.
+    fn gossip_peer_up(&mut self, link: LinkId, node: NodeId, incarnation: u64) {
+        if let Some(old) = self.peers.get(&node).map(|p| p.link) {
+            let graceful = self.links.get(&old).is_some_and(|l| l.graceful());
+            self.links.remove(&old);
+            self.outputs.push_back(Output::Close {
+                to: Dest::Link(old),
+                reason: CloseReason::Duplicate,
+            });
+            if !graceful {
+                // A half-open link or a restarted peer (see `peer_up`).
                 self.peer_lost(node);
             }
         }
+        if let Some(d) = self.dials.remove(&node) {
+            if let Some(l) = d.link.filter(|l| *l != link) {
+                if self.links.remove(&l).is_some() {
+                    self.outputs.push_back(Output::Close {
+                        to: Dest::Link(l),
+                        reason: CloseReason::Duplicate,
+                    });
+                }
+            }
+        }
+        self.peers.insert(node, Peer { link });
+        let mut out = Vec::new();
+        if let Some(m) = self.swim.as_mut() {
+            m.observed(self.now, node, incarnation, &mut out);
+        }
+        self.flush(node);
+        self.apply_swim(out);
+    }
+
+    /// Applies what the membership asks for.
+    fn apply_swim(&mut self, out: Vec<SwimOut>) {
+        for o in out {
+            match o {
+                SwimOut::Send(node, msg) => self.send_peer(node, msg),
+                SwimOut::ProbeTimer(at, seq) => self.push_timer(at, Timer::Probe(seq)),
+                SwimOut::Dead(node) | SwimOut::Restarted(node) => self.member_gone(node),
+            }
+        }
+    }
+
+    /// The membership confirmed `node` dead, or saw it restart: what its
+    /// (old) incarnation held here goes, and calls to it fail.
+    fn member_gone(&mut self, node: NodeId) {
+        self.dials.remove(&node);
+        self.fail_queued_requests(node);
+        self.outq.remove(&node);
+        match self.peers.get(&node).map(|p| p.link) {
+            Some(link) => self.close_link(link, CloseReason::PeerDead),
+            None => self.peer_lost(node),
+        }
+    }
+
+    /// An authenticated frame from `node` on `link`.
+    fn on_up_msg(&mut self, link: LinkId, node: NodeId, msg: PeerMsg) {
+        if self.swim.is_none() {
+            return self.on_peer_msg(node, msg);
+        }
+        if is_use(&msg) {
+            let resumed = match self.links.get_mut(&link) {
+                Some(l) => {
+                    l.last_use = self.now;
+                    let r = l.bye == Bye::Acked;
+                    if r {
+                        l.bye = Bye::None;
+                    }
+                    r
+                }
+                None => false,
+            };
+            if resumed {
+                self.flush(node);
+            }
+        }
+        match msg {
+            PeerMsg::Bye => {
+                let ok = self.quiet(node)
+                    && self.links.get(&link).is_some_and(|l| l.bye != Bye::Acked);
+                if ok {
+                    self.send_link(link, &PeerMsg::ByeOk);
+                    if let Some(l) = self.links.get_mut(&link) {
+                        if l.bye == Bye::None {
+                            l.bye = Bye::Acked;
+                        }
+                    }
+                }
+            }
+            PeerMsg::ByeOk => {
+                if self.links.get(&link).is_some_and(|l| l.bye == Bye::Sent) {
+                    self.idle_closed += 1;
+                    self.close_link(link, CloseReason::Idle);
+                }
+            }
+            m @ (PeerMsg::Probe { .. }
+            | PeerMsg::ProbeAck { .. }
+            | PeerMsg::ProbeReq { .. }
+            | PeerMsg::Join
+            | PeerMsg::Members { .. }) => {
+                let mut out = Vec::new();
+                if let Some(s) = self.swim.as_mut() {
+                    s.on_msg(self.now, node, m, &mut out);
+                }
+                self.apply_swim(out);
+            }
+            m => self.on_peer_msg(node, m),
+        }
+    }
+
+    /// Gossip mode, every heartbeat: failed dials, dials to retry for
+    /// queued one-way frames, idle links to close.
+    fn gossip_housekeeping(&mut self) {
+        let late: Vec<NodeId> = self
+            .dials
+            .iter()
+            .filter(|(_, d)| d.deadline <= self.now)
+            .map(|(n, _)| *n)
+            .collect();
+        for node in late {
+            if let Some(d) = self.dials.remove(&node) {
+                if let Some(l) = d.link {
+                    if self.links.get(&l).is_some_and(|l| l.peer().is_none()) {
+                        self.links.remove(&l);
+                        self.outputs.push_back(Output::Close {
+                            to: Dest::Link(l),
+                            reason: CloseReason::PeerTimeout,
+                        });
+                    }
+                }
+                self.fail_queued_requests(node);
+            }
+        }
+        let waiting: Vec<NodeId> = self
+            .outq
+            .keys()
+            .filter(|n| !self.peers.contains_key(n) && !self.dials.contains_key(n))
+            .copied()
+            .collect();
+        for node in waiting {
+            if self.gone(node) {
+                self.outq.remove(&node);
+            } else {
+                self.ensure_dial(node);
+            }
+        }
+        let Some(idle) = self.cfg.gossip.as_ref().map(|g| g.link_idle.as_nanos() as u64) else {
+            return;
+        };
+        let candidates: Vec<(LinkId, NodeId)> = self
+            .peers
+            .iter()
+            .filter_map(|(n, p)| {
+                let l = self.links.get(&p.link)?;
+                let quiet_for = self.now.0.saturating_sub(l.last_use.0);
+                match l.bye {
+                    Bye::None if quiet_for >= idle => Some((p.link, *n)),
+                    _ => None,
+                }
+            })
+            .collect();
+        for (link, node) in candidates {
+            if self.quiet(node) {
+                if let Some(l) = self.links.get_mut(&link) {
+                    l.bye = Bye::Sent;
+                    // Ask again after another idle period if unanswered.
+                    l.last_use = self.now;
+                }
+                self.send_link(link, &PeerMsg::Bye);
+            }
+        }
+        // A proposal left unanswered (the peer was busy) is withdrawn so it
+        // can be made again.
+        for l in self.links.values_mut() {
+            if l.bye == Bye::Sent && self.now.0.saturating_sub(l.last_use.0) >= idle {
+                l.bye = Bye::None;
+            }
+        }
+    }
+
+    /// Nothing in progress with `node`: no calls to it, no requests of it
+    /// unanswered, no copies with it.
+    fn quiet(&self, node: NodeId) -> bool {
+        !self.owed.contains_key(&node)
+            && !self.outq.contains_key(&node)
+            && !self.calls.values().any(|c| c.node == node)
+            && !self.copy.involves(node)
     }
 
     /// A peer controller is gone: fail what waits on it, release what it held.
     fn peer_lost(&mut self, node: NodeId) {
         self.peers.remove(&node);
+        self.owed.remove(&node);
         let reqs: Vec<u64> = self
             .calls
             .iter()
@@ -2098,6 +2638,14 @@ impl Controller {
             | PeerMsg::HelloReply { .. }
             | PeerMsg::Finish { .. }
             | PeerMsg::Rejected { .. }
+            | PeerMsg::Yield
+            | PeerMsg::Probe { .. }
+            | PeerMsg::ProbeAck { .. }
+            | PeerMsg::ProbeReq { .. }
+            | PeerMsg::Join
+            | PeerMsg::Members { .. }
+            | PeerMsg::Bye
+            | PeerMsg::ByeOk
             | PeerMsg::Ping => {}
             PeerMsg::Request { req, body } => self.serve(from, req, body),
             PeerMsg::Reply { req, result } => self.on_reply(from, req, result),
@@ -2256,6 +2804,9 @@ impl Controller {
 
     /// Owner/home side of a peer request (or of a local one via loopback).
     fn serve(&mut self, from: NodeId, req: u64, body: PeerRequest) {
+        if from != self.cfg.node {
+            *self.owed.entry(from).or_default() += 1;
+        }
         let origin = Origin::Peer { node: from, req };
         match body {
             PeerRequest::Derive {
@@ -2392,8 +2943,30 @@ impl Controller {
                 for link in authed {
                     self.send_link(link, &PeerMsg::Ping);
                 }
+                if self.swim.is_some() {
+                    self.gossip_housekeeping();
+                }
                 let next = at.after(self.cfg.heartbeat_interval).max(self.now);
                 self.push_timer(next, Timer::Heartbeat);
+            }
+            Timer::Swim => {
+                let mut out = Vec::new();
+                let mut next = None;
+                if let Some(m) = self.swim.as_mut() {
+                    m.tick(self.now, &mut out);
+                    next = self.cfg.gossip.as_ref().map(|g| g.protocol_period);
+                }
+                self.apply_swim(out);
+                if let Some(p) = next {
+                    self.push_timer(at.after(p).max(self.now), Timer::Swim);
+                }
+            }
+            Timer::Probe(seq) => {
+                let mut out = Vec::new();
+                if let Some(m) = self.swim.as_mut() {
+                    m.probe_timer(seq, &mut out);
+                }
+                self.apply_swim(out);
             }
             Timer::Call(req) => {
                 if let Some(c) = self.calls.get(&req) {
@@ -2410,6 +2983,22 @@ impl Controller {
         }
         self.apply_effects();
     }
+}
+
+/// Whether a peer frame counts as use of its link (heartbeats and the
+/// closing exchange do not).
+fn is_use(msg: &PeerMsg) -> bool {
+    !matches!(
+        msg,
+        PeerMsg::Ping
+            | PeerMsg::Bye
+            | PeerMsg::ByeOk
+            | PeerMsg::Hello { .. }
+            | PeerMsg::HelloReply { .. }
+            | PeerMsg::Finish { .. }
+            | PeerMsg::Rejected { .. }
+            | PeerMsg::Yield
+    )
 }
 
 /// A capacity that avoids reallocations while encoding `msg`.

@@ -744,6 +744,13 @@ impl CopyEngine {
     }
 
     /// A peer is gone: copies to or from it fail.
+    /// Whether a copy is in progress with `node` (as destination or
+    /// source of chunks).
+    pub fn involves(&self, node: NodeId) -> bool {
+        self.sources.values().any(|s| s.dst_node == node)
+            || self.sinks.values().any(|s| s.from == node)
+    }
+
     pub fn peer_lost(&mut self, node: NodeId, fx: &mut Effects) {
         let sources: Vec<SourceKey> = self
             .sources

@@ -52,6 +52,10 @@ pub(crate) enum Timer {
     NameWaiter(WaiterKey),
     /// A revoke barrier's deadline (copy engine).
     Barrier(BarrierKey),
+    /// Gossip protocol period.
+    Swim,
+    /// A gossip probe's direct timeout.
+    Probe(u64),
 }
 
 /// Something a subsystem asks the controller to do.

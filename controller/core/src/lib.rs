@@ -113,6 +113,7 @@ mod caps;
 mod controller;
 mod copy;
 mod effects;
+mod membership;
 mod metrics;
 mod names;
 pub mod prometheus;
@@ -120,13 +121,14 @@ mod table;
 
 pub use auth::process_token;
 pub use controller::{CapDebug, Controller};
+pub use membership::Gossip;
 pub use metrics::{Metrics, OpKind, LATENCY_BUCKETS};
 pub use prometheus::{LinkTraffic, Traffic};
 
 use core::time::Duration;
 
 use fractos_wire::NodeId;
-pub use fractos_wire::PeerSecurity;
+pub use fractos_wire::{MemberState, PeerSecurity};
 
 slotmap::new_key_type! {
     /// Key of an attached process.
@@ -205,7 +207,9 @@ pub struct Config {
     /// and derives process tokens (see [`process_token`]).
     pub cluster_key: [u8; 32],
     /// Every controller of the cluster, including this one. Names are homed
-    /// on a member chosen by hashing the name.
+    /// on a member chosen by hashing the name. With [`Config::gossip`] the
+    /// list is the initial membership view (and, if short, the seeds the
+    /// controller joins through); controllers not listed may join.
     pub members: alloc::vec::Vec<NodeId>,
     /// Limits.
     pub limits: Limits,
@@ -228,6 +232,13 @@ pub struct Config {
     /// The protection this controller requires on peer links (the stronger
     /// of both sides' requirements is used on each link).
     pub peer_security: PeerSecurity,
+    /// Gossip membership and links on demand. `None` (the default of
+    /// [`Config::new`]): the driver keeps a link to every member and a
+    /// peer is lost when its link is. `Some`: the core asks the driver for
+    /// links when it needs them ([`Output::Connect`]), closes idle ones,
+    /// and learns which members are alive or dead from a SWIM-style
+    /// failure detector (see [`Gossip`]).
+    pub gossip: Option<Gossip>,
 }
 
 impl Config {
@@ -246,6 +257,7 @@ impl Config {
             copy_window: 8,
             rng_seed: [0; 32],
             peer_security: PeerSecurity::Authenticated,
+            gossip: None,
         }
     }
 }
@@ -277,6 +289,11 @@ pub enum CloseReason {
     /// A peer frame failed its integrity check after the handshake
     /// (rewritten, injected, replayed or reordered on the way).
     IntegrityFailed,
+    /// Both sides agreed to close an idle link (nothing was in flight);
+    /// it is opened again when needed.
+    Idle,
+    /// The membership confirmed the peer dead (or restarted).
+    PeerDead,
 }
 
 /// Which side of a new peer link this controller is.
@@ -309,6 +326,14 @@ pub enum Output {
         to: Dest,
         /// Why.
         reason: CloseReason,
+    },
+    /// Dial `peer` (only with [`Config::gossip`]) and report the new link
+    /// with [`Controller::link_connected`] as
+    /// [`LinkRole::Initiator`], or the failure with
+    /// [`Controller::dial_failed`].
+    Connect {
+        /// The controller to reach.
+        peer: NodeId,
     },
 }
 
@@ -363,6 +388,31 @@ pub struct DeviceWrite {
     pub chan: ChannelId,
     /// Start address in that process's registered memory.
     pub addr: u64,
+}
+
+/// The state of the gossip membership and of on-demand links.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MembershipStats {
+    /// Members believed alive or suspect (this controller included).
+    pub live: usize,
+    /// Members in the view (this controller excluded).
+    pub known: usize,
+    /// Links open (authenticated or in handshake).
+    pub links: usize,
+    /// Dials in progress.
+    pub dials: usize,
+    /// Frames waiting for a link.
+    pub queued: usize,
+    /// Membership facts waiting to be gossiped.
+    pub gossip_queue: usize,
+    /// Members this controller confirmed dead itself.
+    pub confirmed_dead: u64,
+    /// Probes sent (direct and indirect).
+    pub probes_sent: u64,
+    /// Links opened by dialling.
+    pub dials_started: u64,
+    /// Idle links closed by agreement.
+    pub idle_closed: u64,
 }
 
 /// Counts of what the controller holds, for metrics and invariant checks.

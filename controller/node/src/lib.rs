@@ -23,6 +23,11 @@
 //! 6. reaps finished connections (closed, or lingering past
 //!    [`NodeConfig::linger`]) and schedules re-dials of lost links.
 //!
+//! With gossip membership ([`fractos_core::Config::gossip`]) links are made
+//! on demand: a peer is dialled (whatever its id) only when the core asks
+//! ([`Output::Connect`]), a failed dial is reported to the core instead of
+//! retried, and a closed link is not re-dialled until the core asks again.
+//!
 //! Nothing blocks, nothing reads a clock. Connection ids double as the
 //! core's channel and link ids and are never reused.
 #![no_std]
@@ -88,8 +93,9 @@ pub struct ConnId(pub u64);
 pub struct NodeConfig<A> {
     /// The controller core's configuration (node, key, members, limits).
     pub core: CoreConfig,
-    /// Peers and their addresses (in the host's address type). Only peers
-    /// with a higher node id are dialled; the others dial us.
+    /// Peers and their addresses (in the host's address type). Without
+    /// gossip only peers with a higher node id are dialled (the others dial
+    /// us); with gossip any of them is dialled when the core needs it.
     pub peers: Vec<(NodeId, A)>,
     /// Process connections at once.
     pub max_process_conns: usize,
@@ -205,6 +211,8 @@ struct Conn<Cx: ?Sized> {
 }
 
 enum DialState {
+    /// Gossip mode: dialled only when the core asks.
+    OnDemand,
     Idle { next: Instant },
     Dialing,
     Up(ConnId),
@@ -243,14 +251,19 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
     /// A node with no connections, at `now`.
     pub fn new(cfg: NodeConfig<A>, now: Instant) -> Self {
         let me = cfg.core.node;
+        let on_demand = cfg.core.gossip.is_some();
         let dialers = cfg
             .peers
             .iter()
-            .filter(|(n, _)| *n > me)
+            .filter(|(n, _)| *n > me || (on_demand && *n != me))
             .map(|(node, addr)| Dialer {
                 node: *node,
                 addr: addr.clone(),
-                state: DialState::Idle { next: now },
+                state: if on_demand {
+                    DialState::OnDemand
+                } else {
+                    DialState::Idle { next: now }
+                },
                 backoff: cfg.dial_backoff.0,
             })
             .collect();
@@ -365,15 +378,25 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
     /// Adds a peer to keep a link to (dialled if its id is higher than
     /// ours; otherwise it dials us). Known peers are left as they are.
     pub fn add_peer(&mut self, now: Instant, node: NodeId, addr: A) {
-        if node <= self.cfg.core.node || self.dialers.iter().any(|d| d.node == node) {
+        let on_demand = self.on_demand();
+        let wanted = node > self.cfg.core.node || (on_demand && node != self.cfg.core.node);
+        if !wanted || self.dialers.iter().any(|d| d.node == node) {
             return;
         }
         self.dialers.push(Dialer {
             node,
             addr,
-            state: DialState::Idle { next: now },
+            state: if on_demand {
+                DialState::OnDemand
+            } else {
+                DialState::Idle { next: now }
+            },
             backoff: self.cfg.dial_backoff.0,
         });
+    }
+
+    fn on_demand(&self) -> bool {
+        self.cfg.core.gossip.is_some()
     }
 
     /// The peer the host should dial now, if any (lower ids dial, with
@@ -408,12 +431,21 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
         id
     }
 
-    /// A dial of `node` failed; it is retried after a backoff.
+    /// A dial of `node` failed; it is retried after a backoff (with
+    /// gossip: the core is told, and asks again when it needs the link).
     pub fn dial_failed(&mut self, now: Instant, node: NodeId) {
         self.now = now;
         let max = self.cfg.dial_backoff.1;
+        let on_demand = self.on_demand();
         if let Some(d) = self.dialers.iter_mut().find(|d| d.node == node) {
-            Self::backoff(d, now, max);
+            if on_demand {
+                d.state = DialState::OnDemand;
+            } else {
+                Self::backoff(d, now, max);
+            }
+        }
+        if on_demand {
+            self.ctrl.dial_failed(now, node);
         }
     }
 
@@ -903,6 +935,18 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
                     c.queued += n;
                     c.out.push_back(frame);
                 }
+                Output::Connect { peer } => {
+                    match self.dialers.iter_mut().find(|d| d.node == peer) {
+                        Some(d) if matches!(d.state, DialState::OnDemand) => {
+                            d.state = DialState::Idle { next: now };
+                        }
+                        Some(_) => {}
+                        None => {
+                            warn!("node: no address for node {}; cannot link to it", peer.0);
+                            self.ctrl.dial_failed(now, peer);
+                        }
+                    }
+                }
                 Output::Close { to, reason } => {
                     let id = match to {
                         Dest::Process(c) => c.0,
@@ -1000,9 +1044,14 @@ impl<Cx: ?Sized, A: Clone> Node<Cx, A> {
                 }
             }
             let max = self.cfg.dial_backoff.1;
+            let on_demand = self.on_demand();
             for d in self.dialers.iter_mut() {
                 if matches!(d.state, DialState::Up(ConnId(x)) if x == id) {
-                    Self::backoff(d, now, max);
+                    if on_demand {
+                        d.state = DialState::OnDemand;
+                    } else {
+                        Self::backoff(d, now, max);
+                    }
                 }
             }
         }

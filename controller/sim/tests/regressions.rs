@@ -83,7 +83,7 @@ impl Pair {
                                 self.c[j].link_disconnected(self.now, far);
                             }
                         }
-                        Output::Close { .. } => {}
+                        Output::Close { .. } | Output::Connect { .. } => {}
                     }
                 }
             }

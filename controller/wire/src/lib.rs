@@ -35,7 +35,10 @@ mod peer;
 mod process;
 
 pub use frame::{frame_body, FrameSplitter, FRAME_HEADER_LEN};
-pub use peer::{DeriveSpec, PeerMsg, PeerReply, PeerRequest, PeerSecurity};
+pub use peer::{
+    DeriveSpec, MemberState, MemberUpdate, PeerMsg, PeerReply, PeerRequest, PeerSecurity,
+    MAX_MEMBERS_PER_FRAME, MAX_PIGGYBACK,
+};
 pub use process::{ControllerMsg, ProcessMsg, Reply};
 
 /// Version of this protocol. Bumped on any incompatible change.
@@ -43,7 +46,11 @@ pub use process::{ControllerMsg, ProcessMsg, Reply};
 /// Version 2: the peer handshake binds both identities, incarnations, nonces
 /// and roles, and peer frames are sealed after it (version 1's
 /// `Hello`/`Auth` handshake could be relayed).
-pub const PROTOCOL_VERSION: u8 = 2;
+///
+/// Version 3: gossip membership (`Probe`, `ProbeAck`, `ProbeReq`, `Join`,
+/// `Members`), idle-link close (`Bye`, `ByeOk`) and the simultaneous-dial
+/// answer `Yield`.
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Largest frame body accepted by default (copy chunks are far smaller).
 pub const MAX_FRAME_LEN: usize = 1 << 20;
 /// Largest number of capabilities one message may carry.

@@ -181,6 +181,58 @@ impl PeerSecurity {
     }
 }
 
+/// What the gossip membership believes of a member.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum MemberState {
+    /// Answering probes.
+    Alive = 0,
+    /// Missed a probe; confirmed dead unless it refutes in time.
+    Suspect = 1,
+    /// Confirmed dead (until it refutes with a higher sequence number or
+    /// comes back with a new incarnation).
+    Dead = 2,
+    /// Left the cluster on purpose.
+    Left = 3,
+}
+
+impl MemberState {
+    fn decode(v: u8) -> Result<Self, DecodeError> {
+        Ok(match v {
+            0 => MemberState::Alive,
+            1 => MemberState::Suspect,
+            2 => MemberState::Dead,
+            3 => MemberState::Left,
+            v => {
+                return Err(DecodeError::BadField {
+                    field: "member state",
+                    value: v as u64,
+                })
+            }
+        })
+    }
+}
+
+/// One membership fact, gossiped between controllers. Facts about a member
+/// are ordered by `(incarnation, seq)`, then by state (`Alive` < `Suspect` <
+/// `Dead` < `Left`): a member refutes a suspicion by bumping `seq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MemberUpdate {
+    /// The member.
+    pub node: NodeId,
+    /// Its controller incarnation (grows on every restart).
+    pub incarnation: u64,
+    /// Its refutation counter within the incarnation.
+    pub seq: u32,
+    /// What is claimed.
+    pub state: MemberState,
+}
+
+/// Largest number of membership facts one probe frame carries.
+pub const MAX_PIGGYBACK: usize = 16;
+/// Largest number of members one [`PeerMsg::Members`] frame carries.
+pub const MAX_MEMBERS_PER_FRAME: usize = 4096;
+
 /// A message between two controllers.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerMsg {
@@ -198,6 +250,51 @@ pub enum PeerMsg {
         /// Security the initiator requires for the link's frames.
         security: PeerSecurity,
     },
+    /// Handshake, responder → initiator, instead of `HelloReply`: both
+    /// sides dialled each other at once and the responder (the lower node
+    /// id) keeps its own dial; the initiator waits for that link instead.
+    /// Sent in clear like `Rejected`.
+    Yield,
+    /// Gossip probe: the receiver answers [`PeerMsg::ProbeAck`] with the
+    /// same `seq`. Carries membership facts.
+    Probe {
+        /// Sender-chosen probe id.
+        seq: u64,
+        /// Piggybacked membership facts (at most [`MAX_PIGGYBACK`]).
+        updates: Vec<MemberUpdate>,
+    },
+    /// Answer to a [`PeerMsg::Probe`] (or, relayed, to a
+    /// [`PeerMsg::ProbeReq`]).
+    ProbeAck {
+        /// The probe's id.
+        seq: u64,
+        /// Piggybacked membership facts.
+        updates: Vec<MemberUpdate>,
+    },
+    /// Indirect probe: probe `target` on the sender's behalf and answer
+    /// [`PeerMsg::ProbeAck`] with `seq` if it answers.
+    ProbeReq {
+        /// The requester's probe id.
+        seq: u64,
+        /// The member to probe.
+        target: NodeId,
+        /// Piggybacked membership facts.
+        updates: Vec<MemberUpdate>,
+    },
+    /// A joining controller asks for the sender's whole membership view.
+    Join,
+    /// Part of a membership view (the answer to [`PeerMsg::Join`]).
+    Members {
+        /// Members (at most [`MAX_MEMBERS_PER_FRAME`]).
+        entries: Vec<MemberUpdate>,
+    },
+    /// The sender has nothing in progress with the receiver and proposes
+    /// to close this idle link.
+    Bye,
+    /// Answer to [`PeerMsg::Bye`]: the receiver has nothing in progress
+    /// either; the `Bye` sender closes the link unless it sent anything
+    /// since.
+    ByeOk,
     /// Handshake 2/3, responder → initiator.
     HelloReply {
         /// Responder node id.
@@ -457,6 +554,14 @@ impl PeerMsg {
             PeerMsg::Rejected { .. } => 21,
             PeerMsg::MonitorsDrop { .. } => 10,
             PeerMsg::LookupCancel { .. } => 11,
+            PeerMsg::Yield => 22,
+            PeerMsg::Probe { .. } => 12,
+            PeerMsg::ProbeAck { .. } => 13,
+            PeerMsg::ProbeReq { .. } => 14,
+            PeerMsg::Join => 15,
+            PeerMsg::Members { .. } => 16,
+            PeerMsg::Bye => 17,
+            PeerMsg::ByeOk => 18,
         };
         let start = begin_frame(out, kind);
         let mut w = Writer { out };
@@ -541,6 +646,21 @@ impl PeerMsg {
             PeerMsg::CopyClose { sink } => w.u64(*sink),
             PeerMsg::MonitorsDrop { watcher } => w.u64(*watcher),
             PeerMsg::LookupCancel { req } => w.u64(*req),
+            PeerMsg::Yield | PeerMsg::Join | PeerMsg::Bye | PeerMsg::ByeOk => {}
+            PeerMsg::Probe { seq, updates } | PeerMsg::ProbeAck { seq, updates } => {
+                w.u64(*seq);
+                write_updates(&mut w, updates);
+            }
+            PeerMsg::ProbeReq {
+                seq,
+                target,
+                updates,
+            } => {
+                w.u64(*seq);
+                w.u32(target.0);
+                write_updates(&mut w, updates);
+            }
+            PeerMsg::Members { entries } => write_updates(&mut w, entries),
         }
         end_frame(out, start);
     }
@@ -617,9 +737,60 @@ impl PeerMsg {
             9 => PeerMsg::CopyClose { sink: r.u64()? },
             10 => PeerMsg::MonitorsDrop { watcher: r.u64()? },
             11 => PeerMsg::LookupCancel { req: r.u64()? },
+            22 => PeerMsg::Yield,
+            12 => PeerMsg::Probe {
+                seq: r.u64()?,
+                updates: read_updates(&mut r, MAX_PIGGYBACK)?,
+            },
+            13 => PeerMsg::ProbeAck {
+                seq: r.u64()?,
+                updates: read_updates(&mut r, MAX_PIGGYBACK)?,
+            },
+            14 => PeerMsg::ProbeReq {
+                seq: r.u64()?,
+                target: NodeId(r.u32()?),
+                updates: read_updates(&mut r, MAX_PIGGYBACK)?,
+            },
+            15 => PeerMsg::Join,
+            16 => PeerMsg::Members {
+                entries: read_updates(&mut r, MAX_MEMBERS_PER_FRAME)?,
+            },
+            17 => PeerMsg::Bye,
+            18 => PeerMsg::ByeOk,
             k => return Err(DecodeError::UnknownKind(k)),
         };
         r.finish()?;
         Ok(msg)
     }
+}
+
+fn write_updates(w: &mut Writer<'_>, updates: &[MemberUpdate]) {
+    w.u32(updates.len() as u32);
+    for u in updates {
+        w.u32(u.node.0);
+        w.u64(u.incarnation);
+        w.u32(u.seq);
+        w.u8(u.state as u8);
+    }
+}
+
+fn read_updates(r: &mut Reader<'_>, max: usize) -> Result<Vec<MemberUpdate>, DecodeError> {
+    let n = r.u32()? as usize;
+    if n > max {
+        return Err(DecodeError::FieldTooLong { len: n, max });
+    }
+    // 17 bytes each: refuse counts the body cannot hold before allocating.
+    if n.saturating_mul(17) > r.remaining() {
+        return Err(DecodeError::Truncated);
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(MemberUpdate {
+            node: NodeId(r.u32()?),
+            incarnation: r.u64()?,
+            seq: r.u32()?,
+            state: MemberState::decode(r.u8()?)?,
+        });
+    }
+    Ok(v)
 }

@@ -388,7 +388,7 @@ fn golden_encodings() {
         revoke.frame(),
         [
             14, 0, 0, 0, // body length
-            2, 8, // version, kind
+            3, 8, // version, kind
             8, 7, 6, 5, 4, 3, 2, 1, // op
             0x0D, 0x0C, 0x0B, 0x0A, // handle
         ]
@@ -402,7 +402,7 @@ fn golden_encodings() {
     };
     assert_eq!(
         copy.body(),
-        [2, 7, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 1, 4, 0, 0, 0]
+        [3, 7, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 1, 4, 0, 0, 0]
     );
 
     let lookup = ProcessMsg::Lookup {
@@ -412,7 +412,7 @@ fn golden_encodings() {
     };
     assert_eq!(
         lookup.body(),
-        [2, 13, 2, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, b'a', b'b', 5, 0, 0, 0]
+        [3, 13, 2, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, b'a', b'b', 5, 0, 0, 0]
     );
 
     let done = ControllerMsg::Completion {
@@ -424,16 +424,16 @@ fn golden_encodings() {
     };
     assert_eq!(
         done.body(),
-        [2, 3, 3, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 16, 0, 0, 0, 0, 0, 0]
+        [3, 3, 3, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 0, 16, 0, 0, 0, 0, 0, 0]
     );
 
     let err = ControllerMsg::Completion {
         op: 4,
         result: Err(ErrorCode::Revoked),
     };
-    assert_eq!(err.body(), [2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 2, 5, 0]);
+    assert_eq!(err.body(), [3, 3, 4, 0, 0, 0, 0, 0, 0, 0, 2, 5, 0]);
 
-    assert_eq!(PeerMsg::Ping.frame(), [2, 0, 0, 0, 2, 3]);
+    assert_eq!(PeerMsg::Ping.frame(), [2, 0, 0, 0, 3, 3]);
     let release = PeerMsg::Release {
         cap: CapRef {
             node: NodeId(1),
@@ -443,10 +443,10 @@ fn golden_encodings() {
     };
     assert_eq!(
         release.body(),
-        [2, 6, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0]
+        [3, 6, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0]
     );
 
-    // The version-2 handshake opening: node, incarnation, 32-byte nonce,
+    // The handshake opening (unchanged since version 2): node, incarnation, 32-byte nonce,
     // the node dialled, the security required.
     let hello = PeerMsg::Hello {
         node: NodeId(1),
@@ -455,7 +455,7 @@ fn golden_encodings() {
         responder: NodeId(3),
         security: fractos_wire::PeerSecurity::Secure,
     };
-    let mut want = vec![2, 1, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0];
+    let mut want = vec![3, 1, 1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0];
     want.extend_from_slice(&[7; 32]);
     want.extend_from_slice(&[3, 0, 0, 0, 2]);
     assert_eq!(hello.body(), want);
@@ -466,7 +466,32 @@ fn golden_encodings() {
         PeerMsg::decode(&old),
         Err(fractos_wire::DecodeError::BadVersion {
             got: 1,
-            expected: 2
+            expected: 3
         })
+    );
+    // A version-2 peer (no gossip frames) is refused by version too.
+    assert_eq!(
+        PeerMsg::decode(&[2, 3]),
+        Err(fractos_wire::DecodeError::BadVersion {
+            got: 2,
+            expected: 3
+        })
+    );
+    // Version 3's probe: seq, count, then node, incarnation, seq, state.
+    let probe = PeerMsg::Probe {
+        seq: 5,
+        updates: vec![fractos_wire::MemberUpdate {
+            node: NodeId(2),
+            incarnation: 9,
+            seq: 1,
+            state: fractos_wire::MemberState::Suspect,
+        }],
+    };
+    assert_eq!(
+        probe.body(),
+        [
+            3, 12, 5, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 9, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0,
+            0, 1
+        ]
     );
 }

@@ -11,9 +11,9 @@ use std::collections::BTreeSet;
 use std::fmt::Debug;
 
 use fractos_wire::{
-    CapInfo, CapRef, ControllerMsg, DecodeError, DeriveSpec, ErrorCode, Handle, NodeId, ObjectKind,
-    PeerMsg, PeerReply, PeerRequest, PeerSecurity, ProcessMsg, Reply, Rights, MAX_CAPS_PER_MESSAGE,
-    MAX_NAME_LEN, MAX_PROCESS_NAME_LEN,
+    CapInfo, CapRef, ControllerMsg, DecodeError, DeriveSpec, ErrorCode, Handle, MemberState,
+    MemberUpdate, NodeId, ObjectKind, PeerMsg, PeerReply, PeerRequest, PeerSecurity, ProcessMsg, Reply, Rights, MAX_CAPS_PER_MESSAGE,
+    MAX_NAME_LEN, MAX_PIGGYBACK, MAX_PROCESS_NAME_LEN,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -179,7 +179,7 @@ impl Wire for ControllerMsg {
 
 impl Wire for PeerMsg {
     const DIRECTION: &'static str = "controller<->controller";
-    const KINDS: &'static [u8] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 20, 21];
+    const KINDS: &'static [u8] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 20, 21, 22];
     const VARIANTS: &'static [&'static str] = &[
         "Hello",
         "HelloReply",
@@ -209,6 +209,14 @@ impl Wire for PeerMsg {
         "CopyClose",
         "MonitorsDrop",
         "LookupCancel",
+        "Yield",
+        "Probe",
+        "ProbeAck",
+        "ProbeReq",
+        "Join",
+        "Members",
+        "Bye",
+        "ByeOk",
     ];
     fn enc(&self, out: &mut Vec<u8>) {
         self.encode(out)
@@ -231,6 +239,14 @@ impl Wire for PeerMsg {
             PeerMsg::CopyClose { .. } => 9,
             PeerMsg::MonitorsDrop { .. } => 10,
             PeerMsg::LookupCancel { .. } => 11,
+            PeerMsg::Probe { .. } => 12,
+            PeerMsg::ProbeAck { .. } => 13,
+            PeerMsg::ProbeReq { .. } => 14,
+            PeerMsg::Join => 15,
+            PeerMsg::Members { .. } => 16,
+            PeerMsg::Bye => 17,
+            PeerMsg::ByeOk => 18,
+            PeerMsg::Yield => 22,
         }
     }
     fn variant(&self) -> &'static str {
@@ -269,6 +285,14 @@ impl Wire for PeerMsg {
             PeerMsg::CopyClose { .. } => "CopyClose",
             PeerMsg::MonitorsDrop { .. } => "MonitorsDrop",
             PeerMsg::LookupCancel { .. } => "LookupCancel",
+            PeerMsg::Yield => "Yield",
+            PeerMsg::Probe { .. } => "Probe",
+            PeerMsg::ProbeAck { .. } => "ProbeAck",
+            PeerMsg::ProbeReq { .. } => "ProbeReq",
+            PeerMsg::Join => "Join",
+            PeerMsg::Members { .. } => "Members",
+            PeerMsg::Bye => "Bye",
+            PeerMsg::ByeOk => "ByeOk",
         }
     }
 }
@@ -603,7 +627,42 @@ pub fn peer_msg() -> impl Strategy<Value = PeerMsg> {
         any::<u64>().prop_map(|sink| PeerMsg::CopyClose { sink }),
         any::<u64>().prop_map(|watcher| PeerMsg::MonitorsDrop { watcher }),
         any::<u64>().prop_map(|req| PeerMsg::LookupCancel { req }),
+        Just(PeerMsg::Yield),
+        (any::<u64>(), updates(MAX_PIGGYBACK))
+            .prop_map(|(seq, updates)| PeerMsg::Probe { seq, updates }),
+        (any::<u64>(), updates(MAX_PIGGYBACK))
+            .prop_map(|(seq, updates)| PeerMsg::ProbeAck { seq, updates }),
+        (any::<u64>(), node(), updates(MAX_PIGGYBACK)).prop_map(|(seq, target, updates)| {
+            PeerMsg::ProbeReq {
+                seq,
+                target,
+                updates,
+            }
+        }),
+        Just(PeerMsg::Join),
+        updates(64).prop_map(|entries| PeerMsg::Members { entries }),
+        Just(PeerMsg::Bye),
+        Just(PeerMsg::ByeOk),
     ]
+}
+
+pub fn updates(max: usize) -> impl Strategy<Value = Vec<MemberUpdate>> {
+    vec(
+        (node(), any::<u64>(), any::<u32>(), 0u8..4).prop_map(|(node, incarnation, seq, s)| {
+            MemberUpdate {
+                node,
+                incarnation,
+                seq,
+                state: [
+                    MemberState::Alive,
+                    MemberState::Suspect,
+                    MemberState::Dead,
+                    MemberState::Left,
+                ][s as usize],
+            }
+        }),
+        0..=max,
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -902,6 +961,41 @@ pub fn peer_examples() -> Vec<PeerMsg> {
         PeerMsg::CopyClose { sink: 12 },
         PeerMsg::MonitorsDrop { watcher: 17 },
         PeerMsg::LookupCancel { req: 44 },
+        PeerMsg::Yield,
+        PeerMsg::Probe {
+            seq: 45,
+            updates: vec![MemberUpdate {
+                node: NodeId(3),
+                incarnation: 7,
+                seq: 2,
+                state: MemberState::Suspect,
+            }],
+        },
+        PeerMsg::ProbeAck {
+            seq: 46,
+            updates: Vec::new(),
+        },
+        PeerMsg::ProbeReq {
+            seq: 47,
+            target: NodeId(9),
+            updates: vec![MemberUpdate {
+                node: NodeId(9),
+                incarnation: 1,
+                seq: 0,
+                state: MemberState::Dead,
+            }],
+        },
+        PeerMsg::Join,
+        PeerMsg::Members {
+            entries: vec![MemberUpdate {
+                node: NodeId(4),
+                incarnation: 2,
+                seq: 1,
+                state: MemberState::Alive,
+            }],
+        },
+        PeerMsg::Bye,
+        PeerMsg::ByeOk,
     ]
 }
 
