@@ -1004,7 +1004,9 @@ impl Controller {
                 self.send_link(l, &msg)
             }
             _ => {
-                if self.gone(node) && link.is_none() {
+                // Only gossip still goes to members confirmed dead (to
+                // let a wrongly buried one refute).
+                if self.gone(node) && link.is_none() && !is_gossip(&msg) {
                     return;
                 }
                 self.outq.entry(node).or_default().push(msg);
@@ -1026,6 +1028,15 @@ impl Controller {
     /// Asks the driver for a link to `node` unless one is on its way.
     fn ensure_dial(&mut self, node: NodeId) {
         if self.dials.contains_key(&node) || self.peers.contains_key(&node) {
+            return;
+        }
+        // A link from the peer is finishing its handshake: use that one
+        // (a second link would replace it and lose the peer's state).
+        let incoming = self
+            .links
+            .values()
+            .any(|l| matches!(l.state, LinkState::ReplySent { peer, .. } if peer == node));
+        if incoming {
             return;
         }
         self.dials_started += 1;
@@ -1071,11 +1082,7 @@ impl Controller {
                     ));
                 }
                 // Membership frames are only worth their moment.
-                PeerMsg::Probe { .. }
-                | PeerMsg::ProbeAck { .. }
-                | PeerMsg::ProbeReq { .. }
-                | PeerMsg::Join
-                | PeerMsg::Members { .. } => {}
+                m if is_gossip(&m) => {}
                 other => keep.push(other),
             }
         }
@@ -2998,6 +3005,18 @@ fn is_use(msg: &PeerMsg) -> bool {
             | PeerMsg::Finish { .. }
             | PeerMsg::Rejected { .. }
             | PeerMsg::Yield
+    )
+}
+
+/// Whether a peer frame belongs to the membership protocol.
+fn is_gossip(msg: &PeerMsg) -> bool {
+    matches!(
+        msg,
+        PeerMsg::Probe { .. }
+            | PeerMsg::ProbeAck { .. }
+            | PeerMsg::ProbeReq { .. }
+            | PeerMsg::Join
+            | PeerMsg::Members { .. }
     )
 }
 

@@ -131,6 +131,8 @@ struct Pending {
 const MAX_RELAYS: usize = 256;
 /// Most facts waiting to be gossiped.
 const MAX_QUEUE: usize = 4096;
+/// Periods between probes of a member believed dead.
+const RECLAIM_EVERY: u64 = 4;
 
 /// One controller's membership view and failure detector.
 pub(crate) struct Membership {
@@ -150,6 +152,7 @@ pub(crate) struct Membership {
     suspects: Vec<(NodeId, Instant)>,
     queue: Vec<Pending>,
     synced: bool,
+    periods: u64,
     /// Members confirmed dead by this controller (for metrics).
     pub(crate) confirmed_dead: u64,
     /// Probes sent (direct and indirect).
@@ -213,6 +216,7 @@ impl Membership {
             suspects: Vec::new(),
             queue: Vec::new(),
             synced,
+            periods: 0,
             confirmed_dead: 0,
             probes_sent: 0,
         };
@@ -344,9 +348,13 @@ impl Membership {
     /// Merges one fact; returns whether it changed the view.
     fn apply(&mut self, now: Instant, f: MemberUpdate, out: &mut Vec<SwimOut>) -> bool {
         if f.node == self.me {
-            // Someone suspects (or buried) this incarnation: refute.
-            if f.incarnation == self.inc && f.state != MemberState::Alive && f.seq >= self.seq {
-                self.seq = f.seq.saturating_add(1);
+            // Someone suspects (or buried) this incarnation: refute, and
+            // gossip the refutation again if the claim is an old one still
+            // going round (our earlier refutation may have retired).
+            if f.incarnation == self.inc && f.state != MemberState::Alive {
+                if f.seq >= self.seq {
+                    self.seq = f.seq.saturating_add(1);
+                }
                 self.enqueue(self.my_fact());
             }
             return false;
@@ -481,6 +489,18 @@ impl Membership {
                 out.push(SwimOut::Send(seed, PeerMsg::Join));
             }
         }
+        // Every few periods, probe one member believed dead: after a
+        // partition heals, members on each side buried the other and no
+        // longer probe them; the link this opens shows the buried member
+        // the fact (see `observed`) so it refutes.
+        self.periods += 1;
+        if self.periods % RECLAIM_EVERY == 0 {
+            if let Some(node) = self.random_dead() {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.send_probe(node, seq, out);
+            }
+        }
         if let Some(target) = self.next_target() {
             let seq = self.next_seq;
             self.next_seq += 1;
@@ -492,6 +512,20 @@ impl Membership {
             self.send_probe(target, seq, out);
             out.push(SwimOut::ProbeTimer(now.after(self.cfg.probe_timeout), seq));
         }
+    }
+
+    fn random_dead(&mut self) -> Option<NodeId> {
+        let n = self.members.len();
+        if n == 0 {
+            return None;
+        }
+        for _ in 0..8 {
+            let i = (self.rand() % n as u64) as usize;
+            if self.members[i].state == MemberState::Dead {
+                return Some(self.members[i].node);
+            }
+        }
+        None
     }
 
     fn random_member(&mut self, except: &[NodeId]) -> Option<NodeId> {

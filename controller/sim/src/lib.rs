@@ -73,6 +73,18 @@ pub struct SimConfig {
     pub copy_chunk: usize,
     /// One-way base latency between controllers.
     pub latency: Duration,
+    /// Gossip membership and links on demand (`Config::gossip`): links are
+    /// dialled when a controller asks, idle ones close, and peers are
+    /// declared dead by the failure detector instead of a full mesh.
+    pub gossip: bool,
+    /// Gossip protocol period.
+    pub protocol_period: Duration,
+    /// The `--scale` measurements (gossip only): after the workload, count
+    /// the idle traffic for `idle_window`, then kill one controller for
+    /// good and wait until every other one has confirmed it dead.
+    pub measure: bool,
+    /// Length of the idle traffic window of `measure`.
+    pub idle_window: Duration,
     /// Whether some processes (half, chosen at random) have memory the
     /// driver serves directly (the copy engine's data-path seam: no
     /// MemRead/MemWrite frames), as shared-memory and RDMA channels will.
@@ -114,6 +126,10 @@ impl SimConfig {
             copy_chunk: [4096, 4096, 4096, 256][(z >> 44) as usize % 4],
             latency: Duration::from_micros(200 + (z >> 48) % 800),
             direct_memory: (z >> 56).is_multiple_of(2),
+            gossip: (z >> 58).is_multiple_of(2),
+            protocol_period: Duration::from_millis(100),
+            measure: false,
+            idle_window: Duration::from_secs(2),
         }
     }
 
@@ -140,6 +156,20 @@ impl SimConfig {
             copy_chunk: 4096,
             latency: Duration::from_micros(500),
             direct_memory: false,
+            gossip: true,
+            protocol_period: Duration::from_millis(200),
+            measure: true,
+            idle_window: Duration::from_secs(2),
+        }
+    }
+
+    /// The `--scale` run as it was before gossip: a full mesh of links with
+    /// heartbeats (for comparison; `fractos-sim --scale N --mesh`).
+    pub fn scale_mesh(controllers: usize, ops_per_process: usize) -> SimConfig {
+        SimConfig {
+            gossip: false,
+            measure: false,
+            ..SimConfig::scale(controllers, ops_per_process)
         }
     }
 }
@@ -181,6 +211,24 @@ pub struct Report {
     pub trace_hash: u64,
     /// Answers seen, by operation and result (`"Copy Ok"`, `"Invoke Revoked"`).
     pub outcomes: std::collections::BTreeMap<String, u64>,
+    /// Gossip runs: links dialled on demand (all controllers).
+    pub dials: u64,
+    /// Gossip runs: links closed idle by agreement (all controllers).
+    pub idle_closes: u64,
+    /// Gossip runs: most links one controller had open at once (sampled
+    /// at every measurement check).
+    pub max_links_per_controller: usize,
+    /// `measure`: controller frames delivered during the idle window.
+    pub idle_messages: u64,
+    /// `measure`: live controllers during the idle window.
+    pub idle_controllers: u64,
+    /// `measure`: length of the idle window (virtual nanoseconds).
+    pub idle_window_nanos: u64,
+    /// `measure`: virtual nanoseconds from the kill of one controller until
+    /// every other controller confirmed it dead.
+    pub detection_nanos: Option<u64>,
+    /// `measure`: the gossip protocol period (virtual nanoseconds).
+    pub period_nanos: u64,
 }
 
 impl Report {

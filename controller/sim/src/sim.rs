@@ -32,6 +32,25 @@ const PING_KIND: u8 = 3;
 
 enum Ev {
     Dial(usize, usize),
+    /// Gossip: controller `from` (incarnation `inc`) asked for a link to
+    /// `to`.
+    Connect {
+        from: usize,
+        inc: u64,
+        to: usize,
+    },
+    /// Gossip: the dial of `from` to `to` failed.
+    DialFailed {
+        from: usize,
+        inc: u64,
+        to: usize,
+    },
+    /// `measure`: the idle window opens.
+    IdleStart,
+    /// `measure`: the idle window closes; one controller is killed.
+    IdleEnd,
+    /// `measure`: has every live controller confirmed the killed one dead?
+    DetectCheck,
     LinkFrame {
         to: LinkId,
         frame: Vec<u8>,
@@ -140,6 +159,12 @@ pub struct Sim {
     inflight: u64,
     /// When the cluster must be quiet, once every process is gone.
     settle_limit: Option<u64>,
+    /// `measure`: messages delivered when the idle window opened.
+    idle_from: Option<(u64, u64)>,
+    /// `measure`: the killed controller and when.
+    killed: Option<(usize, u64)>,
+    /// `measure`: detection finished.
+    detected: bool,
 }
 
 fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
@@ -235,6 +260,9 @@ impl Sim {
             print_trace: std::env::var_os("FRACTOS_SIM_TRACE").is_some(),
             inflight: 0,
             settle_limit: None,
+            idle_from: None,
+            killed: None,
+            detected: false,
             cfg,
         };
         sim.oracle.zombie_ns = 2 * Self::nanos(sim.cfg.op_timeout)
@@ -268,6 +296,15 @@ impl Sim {
             c.limits.max_pending_per_process = self.rng.gen_range(2..=6);
         }
         c.rng_seed = self.rng.gen();
+        if self.cfg.gossip {
+            let period = self.cfg.protocol_period;
+            c.gossip = Some(fractos_core::Gossip {
+                protocol_period: period,
+                probe_timeout: period / 4,
+                link_idle: period * 5,
+                ..fractos_core::Gossip::default()
+            });
+        }
         // Both peer modes, and links between nodes that differ in mode.
         c.peer_security = if c.rng_seed[0] & 1 == 1 {
             PeerSecurity::Secure
@@ -288,10 +325,12 @@ impl Sim {
             });
             self.rearm(i);
         }
-        for a in 0..n {
-            for b in a + 1..n {
-                let at = self.rng.gen_range(0..2 * MS);
-                self.schedule(at, Ev::Dial(a, b));
+        if !self.cfg.gossip {
+            for a in 0..n {
+                for b in a + 1..n {
+                    let at = self.rng.gen_range(0..2 * MS);
+                    self.schedule(at, Ev::Dial(a, b));
+                }
             }
         }
         for node in 0..n {
@@ -322,6 +361,11 @@ impl Sim {
         }
         self.schedule(stop, Ev::Stop);
         self.schedule(stop, Ev::Check);
+        if self.cfg.measure {
+            let from = stop + 2_000 * MS;
+            self.schedule(from, Ev::IdleStart);
+            self.schedule(from + Self::nanos(self.cfg.idle_window), Ev::IdleEnd);
+        }
     }
 
     fn setup_faults(&mut self, from: u64, to: u64) {
@@ -520,6 +564,32 @@ impl Sim {
     fn handle(&mut self, ev: Ev) {
         match ev {
             Ev::Dial(a, b) => self.dial(a, b),
+            Ev::Connect { from, inc, to } => self.connect(from, inc, to),
+            Ev::DialFailed { from, inc, to } => {
+                if self.nodes[from].inc == inc && self.nodes[from].ctrl.is_some() {
+                    self.note(|| format!("dial {}->{} failed", from + 1, to + 1));
+                    let now = Instant(self.now);
+                    if let Some(c) = self.nodes[from].ctrl.as_mut() {
+                        c.dial_failed(now, NodeId(to as u32 + 1));
+                    }
+                    self.drain(from);
+                }
+            }
+            Ev::IdleStart => {
+                let live = self.nodes.iter().filter(|n| n.ctrl.is_some()).count() as u64;
+                self.idle_from = Some((self.report.messages, self.now));
+                self.report.idle_controllers = live;
+                self.sample_links();
+            }
+            Ev::IdleEnd => {
+                if let Some((m0, t0)) = self.idle_from {
+                    self.report.idle_messages = self.report.messages - m0;
+                    self.report.idle_window_nanos = self.now - t0;
+                }
+                self.sample_links();
+                self.kill_one();
+            }
+            Ev::DetectCheck => self.detect_check(),
             Ev::LinkFrame { to, frame } => self.link_frame(to, frame),
             Ev::LinkDown(l) => self.link_down(l),
             Ev::ToCtrl { chan, frame } => self.deliver_to_ctrl(chan, frame),
@@ -701,8 +771,161 @@ impl Sim {
                 }
             }
         }
-        let at = self.now + self.rng.gen_range(50 * MS..300 * MS);
-        self.schedule(at, Ev::Dial(nodes[0], nodes[1]));
+        if !self.cfg.gossip {
+            let at = self.now + self.rng.gen_range(50 * MS..300 * MS);
+            self.schedule(at, Ev::Dial(nodes[0], nodes[1]));
+        }
+    }
+
+    /// Gossip: `from` dials `to` (which accepts, unless it is down or the
+    /// partition separates them: then the dial fails after a while).
+    fn connect(&mut self, from: usize, inc: u64, to: usize) {
+        if self.nodes[from].inc != inc || self.nodes[from].ctrl.is_none() {
+            return;
+        }
+        if self.nodes[to].ctrl.is_none() || self.rules.cut(from, to) {
+            // A refused connection answers fast; a partition only times out.
+            let delay = if self.rules.cut(from, to) {
+                self.rng.gen_range(50 * MS..300 * MS)
+            } else {
+                self.rng.gen_range(MS..5 * MS)
+            };
+            self.schedule(self.now + delay, Ev::DialFailed { from, inc, to });
+            return;
+        }
+        let id = self.next_conn;
+        self.next_conn += 1;
+        let la = LinkId(self.next_link);
+        let lb = LinkId(self.next_link + 1);
+        self.next_link += 2;
+        self.conns.insert(
+            id,
+            Conn {
+                nodes: [from, to],
+                eps: [la, lb],
+                alive: true,
+                last: [0, 0],
+            },
+        );
+        for (side, (node, l)) in [(from, la), (to, lb)].into_iter().enumerate() {
+            let inc = self.nodes[node].inc;
+            self.eps.insert(
+                l,
+                Ep {
+                    node,
+                    inc,
+                    conn: id,
+                    side,
+                    open: true,
+                },
+            );
+        }
+        self.note(|| format!("connect {}->{} links {la:?}/{lb:?}", from + 1, to + 1));
+        let now = Instant(self.now);
+        let peer = NodeId(to as u32 + 1);
+        for (node, l, role) in [
+            (from, la, LinkRole::Initiator { peer }),
+            (to, lb, LinkRole::Responder),
+        ] {
+            if let Some(c) = self.nodes[node].ctrl.as_mut() {
+                c.link_connected(now, l, role);
+                self.drain(node);
+            }
+        }
+    }
+
+    /// Drops a connection whose both ends are closed (gossip runs open and
+    /// close links all the time).
+    fn reap_conn(&mut self, id: u64) {
+        let Some(c) = self.conns.get(&id) else { return };
+        let closed = !c.alive
+            && c
+                .eps
+                .iter()
+                .all(|l| self.eps.get(l).is_none_or(|e| !e.open));
+        if closed && self.cfg.gossip {
+            let eps = c.eps;
+            self.conns.remove(&id);
+            for l in eps {
+                self.eps.remove(&l);
+            }
+        }
+    }
+
+    fn sample_links(&mut self) {
+        let most = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.ctrl.as_ref())
+            .map(|c| c.membership_stats().links)
+            .max()
+            .unwrap_or(0);
+        self.report.max_links_per_controller = self.report.max_links_per_controller.max(most);
+    }
+
+    /// `measure`: one controller crashes silently for good.
+    fn kill_one(&mut self) {
+        let live: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].ctrl.is_some())
+            .collect();
+        if live.len() < 2 {
+            self.detected = true;
+            return;
+        }
+        let node = *live.choose(&mut self.rng).expect("non-empty");
+        self.note(|| format!("kill ctrl {} for good", node + 1));
+        let n = &mut self.nodes[node];
+        n.ctrl = None;
+        n.armed = None;
+        let inc = n.inc;
+        self.oracle
+            .dead_incarnations
+            .insert((NodeId(node as u32 + 1), inc), self.tick);
+        let mine: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.alive && c.nodes.contains(&node))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in mine {
+            let c = &self.conns[&id];
+            let side = if c.nodes[0] == node { 0 } else { 1 };
+            if let Some(e) = self.eps.get_mut(&c.eps[side]) {
+                e.open = false;
+            }
+            // Silent: the others learn it from the failure detector.
+            self.kill_conn(id, false);
+        }
+        self.killed = Some((node, self.now));
+        let at = self.now + Self::nanos(self.cfg.protocol_period);
+        self.schedule(at, Ev::DetectCheck);
+    }
+
+    fn detect_check(&mut self) {
+        let Some((dead, at)) = self.killed else { return };
+        let id = NodeId(dead as u32 + 1);
+        let all = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.ctrl.as_ref())
+            .all(|c| c.member_state(id) == Some(fractos_core::MemberState::Dead));
+        if all {
+            self.detected = true;
+            self.report.detection_nanos = Some(self.now - at);
+            self.report.period_nanos = Self::nanos(self.cfg.protocol_period);
+            self.sample_links();
+            return;
+        }
+        let limit = 200 * Self::nanos(self.cfg.protocol_period);
+        if self.now - at > limit {
+            return self.fail(format!(
+                "controller {} killed {} ms ago is still not confirmed dead by every live controller",
+                dead + 1,
+                (self.now - at) / MS
+            ));
+        }
+        let next = self.now + Self::nanos(self.cfg.protocol_period);
+        self.schedule(next, Ev::DetectCheck);
     }
 
     fn send_link(&mut self, node: usize, l: LinkId, frame: Vec<u8>) {
@@ -793,11 +1016,13 @@ impl Sim {
             return;
         }
         let now = Instant(self.now);
+        let conn = ep.conn;
         self.note(|| format!("link_disconnected ctrl {} {l:?}", node + 1));
         if let Some(c) = self.nodes[node].ctrl.as_mut() {
             c.link_disconnected(now, l);
             self.drain(node);
         }
+        self.reap_conn(conn);
     }
 
     // ------------------------------------------------------------ controllers
@@ -828,6 +1053,19 @@ impl Sim {
                         ep.open = false;
                         let cid = ep.conn;
                         self.kill_conn(cid, true);
+                        self.reap_conn(cid);
+                    }
+                }
+                Output::Connect { peer } => {
+                    let to = peer.0 as usize - 1;
+                    let inc = self.nodes[node].inc;
+                    if to >= self.nodes.len() || to == node {
+                        let at = self.now + MS;
+                        self.schedule(at, Ev::DialFailed { from: node, inc, to });
+                    } else {
+                        // Connection setup takes a round trip.
+                        let at = self.now + 2 * Self::nanos(self.cfg.latency);
+                        self.schedule(at, Ev::Connect { from: node, inc, to });
                     }
                 }
                 Output::Close {
@@ -970,7 +1208,7 @@ impl Sim {
         n.armed = None;
         self.rearm(node);
         for other in 0..self.nodes.len() {
-            if other != node {
+            if other != node && !self.cfg.gossip {
                 let at = self.now + self.rng.gen_range(0..5 * MS);
                 self.schedule(at, Ev::Dial(node, other));
             }
@@ -1486,14 +1724,29 @@ impl Sim {
         let limit = *self
             .settle_limit
             .get_or_insert(self.now + 2 * op + 2 * Self::nanos(self.cfg.peer_timeout) + 1_000 * MS);
-        let quiet = self.inflight == 0
-            && self.nodes.iter().all(|n| {
+        // Gossip with faults: members wrongly confirmed dead during the
+        // faults get time to refute (20 protocol periods after the faults
+        // ended) before the end checks the views.
+        let refute_by = stop + 20 * Self::nanos(self.cfg.protocol_period);
+        if (self.cfg.measure && !self.detected)
+            || (self.cfg.gossip && self.cfg.faults && self.now < refute_by)
+        {
+            self.schedule(self.now + 100 * MS, Ev::Check);
+            return;
+        }
+        // Gossip traffic never stops: there the controllers' own state (and
+        // what waits for a link) tells whether the cluster settled.
+        let quiet = (self.inflight == 0 || self.cfg.gossip)
+            && self.nodes.iter().enumerate().all(|(i, n)| {
+                if self.killed.is_some_and(|(k, _)| k == i) {
+                    return true;
+                }
                 n.ctrl.as_ref().is_some_and(|c| {
                     let s = c.stats();
                     s == fractos_core::Stats {
                         peers: s.peers,
                         ..Default::default()
-                    }
+                    } && c.membership_stats().queued == 0
                 })
             });
         if quiet || self.now >= limit {
@@ -1501,6 +1754,51 @@ impl Sim {
         } else {
             self.schedule(self.now + 100 * MS, Ev::Check);
         }
+    }
+
+    /// Membership invariants at the end of a gossip run: without faults no
+    /// live controller is confirmed dead (or suspected) by anyone, and a
+    /// killed one is confirmed dead by everyone (`detect_check`). With
+    /// faults, every controller up at the end that others believe dead has
+    /// refuted it or restarted (a newer incarnation) — checked as: no
+    /// controller believes a live one of the *current* incarnation dead.
+    fn check_membership(&mut self) {
+        if !self.cfg.gossip {
+            return;
+        }
+        let mut dials = 0;
+        let mut idle = 0;
+        for (i, n) in self.nodes.iter().enumerate() {
+            let Some(c) = &n.ctrl else { continue };
+            let m = c.membership_stats();
+            dials += m.dials_started;
+            idle += m.idle_closed;
+            for (node, inc, state) in c.members() {
+                let j = node.0 as usize - 1;
+                if j >= self.nodes.len() || self.killed.is_some_and(|(k, _)| k == j) {
+                    continue;
+                }
+                let target = &self.nodes[j];
+                let live_now = target.ctrl.is_some() && target.inc == inc;
+                let bad = match state {
+                    fractos_core::MemberState::Dead | fractos_core::MemberState::Left => live_now,
+                    fractos_core::MemberState::Suspect => live_now && !self.cfg.faults,
+                    fractos_core::MemberState::Alive => false,
+                };
+                if bad {
+                    let msg = format!(
+                        "controller {} believes live controller {} (incarnation {inc}) is {state:?} at the end{}",
+                        i + 1,
+                        j + 1,
+                        if self.cfg.faults { " (faults healed long ago)" } else { " of a fault-free run" }
+                    );
+                    self.error.get_or_insert(msg);
+                    return;
+                }
+            }
+        }
+        self.report.dials = dials;
+        self.report.idle_closes = idle;
     }
 
     /// Without faults, every monitor whose watched capability was revoked
@@ -1563,7 +1861,14 @@ impl Sim {
 
     fn end(&mut self) {
         self.ended = true;
+        self.check_membership();
+        if self.error.is_some() {
+            return;
+        }
         for (i, n) in self.nodes.iter().enumerate() {
+            if self.killed.is_some_and(|(k, _)| k == i) {
+                continue;
+            }
             let Some(c) = &n.ctrl else {
                 return self.fail(format!("controller {} is down at the end", i + 1));
             };
