@@ -167,6 +167,9 @@ enum LinkState {
         transcript: [u8; 32],
         security: PeerSecurity,
     },
+    /// Responder: answered `Yield` to a simultaneous dial; the initiator
+    /// closes the link (closing it here could lose the `Yield`).
+    Yielded,
     /// Authenticated: every frame is sealed with the session's keys.
     Up {
         node: NodeId,
@@ -2182,11 +2185,9 @@ impl Controller {
                 if self.dial_wins(node, incarnation) {
                     // Both sides dialled: the lower id's dial is the link.
                     self.send_link(link, &PeerMsg::Yield);
-                    self.links.remove(&link);
-                    self.outputs.push_back(Output::Close {
-                        to: Dest::Link(link),
-                        reason: CloseReason::Duplicate,
-                    });
+                    if let Some(l) = self.links.get_mut(&link) {
+                        l.state = LinkState::Yielded;
+                    }
                     return;
                 }
                 let Some(l) = self.links.get_mut(&link) else {
@@ -2373,7 +2374,16 @@ impl Controller {
                         .dials
                         .get(&expect)
                         .is_some_and(|d| d.link == Some(link) && !d.yielded);
-                    if ours {
+                    // The peer's own dial to us is finishing: it is the link.
+                    let incoming = self.links.values().any(
+                        |l| matches!(l.state, LinkState::ReplySent { peer, .. } if peer == expect),
+                    );
+                    if ours && incoming {
+                        if let Some(d) = self.dials.get_mut(&expect) {
+                            d.yielded = true;
+                            d.link = None;
+                        }
+                    } else if ours {
                         self.dials.remove(&expect);
                         self.fail_queued_requests(expect);
                     }
