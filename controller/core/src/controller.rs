@@ -530,7 +530,11 @@ impl Controller {
             known: m.map_or(0, |m| m.view().count()),
             links: self.links.len(),
             dials: self.dials.len(),
-            queued: self.outq.values().map(|q| q.len()).sum(),
+            queued: self
+                .outq
+                .values()
+                .map(|q| q.iter().filter(|m| !is_gossip(m)).count())
+                .sum(),
             gossip_queue: m.map_or(0, |m| m.queued()),
             confirmed_dead: m.map_or(0, |m| m.confirmed_dead),
             probes_sent: m.map_or(0, |m| m.probes_sent),

@@ -401,7 +401,7 @@ pub struct MembershipStats {
     pub links: usize,
     /// Dials in progress.
     pub dials: usize,
-    /// Frames waiting for a link.
+    /// Frames other than gossip waiting for a link.
     pub queued: usize,
     /// Membership facts waiting to be gossiped.
     pub gossip_queue: usize,

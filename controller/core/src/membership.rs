@@ -291,13 +291,17 @@ impl Membership {
         self.queue.push(Pending { fact, sent: 0 });
     }
 
-    /// Up to [`MAX_PIGGYBACK`] facts to carry on one frame, fewest-sent
-    /// first; facts sent often enough leave the queue.
+    /// Up to [`MAX_PIGGYBACK`] facts to carry on one frame, suspicions and
+    /// deaths first, then fewest-sent first; facts sent often enough leave
+    /// the queue.
     fn piggyback(&mut self) -> Vec<MemberUpdate> {
         if self.queue.is_empty() {
             return Vec::new();
         }
-        self.queue.sort_by_key(|p| p.sent);
+        // Failures first (they are what must spread fast), then the
+        // fewest-sent.
+        self.queue
+            .sort_by_key(|p| (p.fact.state == MemberState::Alive, p.sent));
         let limit = self.retransmits();
         let n = self.queue.len().min(MAX_PIGGYBACK);
         let mut out = Vec::with_capacity(n);
@@ -390,6 +394,14 @@ impl Membership {
                 };
                 if f.incarnation > old.inc && old.inc != 0 {
                     out.push(SwimOut::Restarted(f.node));
+                }
+                // A configured member first heard of: everyone configured
+                // with it already presumes it alive, so this is not news
+                // worth gossip (it would flood the piggyback queues of a
+                // large cluster at startup).
+                if old.inc == 0 && old.state == MemberState::Alive && f.state == MemberState::Alive
+                {
+                    return true;
                 }
                 match f.state {
                     MemberState::Suspect => {
