@@ -375,7 +375,9 @@ impl H {
                         }
                     }
                     Output::Close { to, reason } => panic!("core closed {to:?}: {reason:?}"),
-                    Output::Connect { peer } => panic!("gossip is off, yet the core dials {peer:?}"),
+                    Output::Connect { peer } => {
+                        panic!("gossip is off, yet the core dials {peer:?}")
+                    }
                 }
             }
             if let Some(peer) = self.peer.as_mut() {

@@ -522,7 +522,22 @@ impl Controller {
             .unwrap_or_default()
     }
 
-    /// Membership and link counts.
+    /// Links open (authenticated or in handshake); cheaper than
+    /// [`Controller::membership_stats`].
+    pub fn link_count(&self) -> usize {
+        self.links.len()
+    }
+
+    /// Frames other than gossip waiting for a link; cheaper than
+    /// [`Controller::membership_stats`].
+    pub fn queued_frames(&self) -> usize {
+        self.outq
+            .values()
+            .map(|q| q.iter().filter(|m| !is_gossip(m)).count())
+            .sum()
+    }
+
+    /// Membership and link counts (walks the view: O(members)).
     pub fn membership_stats(&self) -> MembershipStats {
         let m = self.swim.as_ref();
         MembershipStats {
@@ -530,11 +545,7 @@ impl Controller {
             known: m.map_or(0, |m| m.view().count()),
             links: self.links.len(),
             dials: self.dials.len(),
-            queued: self
-                .outq
-                .values()
-                .map(|q| q.iter().filter(|m| !is_gossip(m)).count())
-                .sum(),
+            queued: self.queued_frames(),
             gossip_queue: m.map_or(0, |m| m.queued()),
             confirmed_dead: m.map_or(0, |m| m.confirmed_dead),
             probes_sent: m.map_or(0, |m| m.probes_sent),
@@ -2501,8 +2512,8 @@ impl Controller {
         }
         match msg {
             PeerMsg::Bye => {
-                let ok = self.quiet(node)
-                    && self.links.get(&link).is_some_and(|l| l.bye != Bye::Acked);
+                let ok =
+                    self.quiet(node) && self.links.get(&link).is_some_and(|l| l.bye != Bye::Acked);
                 if ok {
                     self.send_link(link, &PeerMsg::ByeOk);
                     if let Some(l) = self.links.get_mut(&link) {
@@ -2569,7 +2580,12 @@ impl Controller {
                 self.ensure_dial(node);
             }
         }
-        let Some(idle) = self.cfg.gossip.as_ref().map(|g| g.link_idle.as_nanos() as u64) else {
+        let Some(idle) = self
+            .cfg
+            .gossip
+            .as_ref()
+            .map(|g| g.link_idle.as_nanos() as u64)
+        else {
             return;
         };
         let candidates: Vec<(LinkId, NodeId)> = self

@@ -315,7 +315,13 @@ impl Membership {
 
     /// A controller proved `node` and `inc` in a link handshake: direct
     /// evidence that this incarnation is alive.
-    pub(crate) fn observed(&mut self, now: Instant, node: NodeId, inc: u64, out: &mut Vec<SwimOut>) {
+    pub(crate) fn observed(
+        &mut self,
+        now: Instant,
+        node: NodeId,
+        inc: u64,
+        out: &mut Vec<SwimOut>,
+    ) {
         let seq = match self.index(node) {
             Ok(i) if self.members[i].inc == inc => {
                 let m = self.members[i];
@@ -582,7 +588,13 @@ impl Membership {
     }
 
     /// A membership frame from `from` (authenticated by its link).
-    pub(crate) fn on_msg(&mut self, now: Instant, from: NodeId, msg: PeerMsg, out: &mut Vec<SwimOut>) {
+    pub(crate) fn on_msg(
+        &mut self,
+        now: Instant,
+        from: NodeId,
+        msg: PeerMsg,
+        out: &mut Vec<SwimOut>,
+    ) {
         match msg {
             PeerMsg::Probe { seq, updates } => {
                 self.merge(now, &updates, out);
@@ -634,8 +646,12 @@ impl Membership {
                 self.send_probe(target, mine, out);
             }
             PeerMsg::Join => {
-                let mut all: Vec<MemberUpdate> =
-                    self.members.iter().filter(|m| m.probeable()).map(|m| m.fact()).collect();
+                let mut all: Vec<MemberUpdate> = self
+                    .members
+                    .iter()
+                    .filter(|m| m.probeable())
+                    .map(|m| m.fact())
+                    .collect();
                 all.push(self.my_fact());
                 for chunk in all.chunks(MAX_MEMBERS_PER_FRAME) {
                     out.push(SwimOut::Send(
@@ -754,8 +770,12 @@ mod tests {
                     self.nodes[to].on_msg(Instant(self.now), from, msg, &mut out);
                     self.route(to, out);
                 }
-                let due: Vec<(u64, usize, u64)> =
-                    self.timers.iter().filter(|t| t.0 <= self.now).copied().collect();
+                let due: Vec<(u64, usize, u64)> = self
+                    .timers
+                    .iter()
+                    .filter(|t| t.0 <= self.now)
+                    .copied()
+                    .collect();
                 self.timers.retain(|t| t.0 > self.now);
                 for (_, i, seq) in due {
                     if !self.dead.contains(&i) {
@@ -770,9 +790,7 @@ mod tests {
         fn all_know_dead(&self, d: usize) -> bool {
             (0..self.nodes.len())
                 .filter(|i| !self.dead.contains(i))
-                .all(|i| {
-                    self.nodes[i].state(NodeId(d as u32 + 1)) == Some(MemberState::Dead)
-                })
+                .all(|i| self.nodes[i].state(NodeId(d as u32 + 1)) == Some(MemberState::Dead))
         }
     }
 
@@ -806,11 +824,18 @@ mod tests {
         }
         // Suspicion lasts 4 × ⌈log10 64⌉ = 8 periods; detection and
         // dissemination add a few.
-        assert!(periods >= 8, "confirmed before the suspicion timeout: {periods}");
+        assert!(
+            periods >= 8,
+            "confirmed before the suspicion timeout: {periods}"
+        );
         // Nobody else was confirmed dead, and every live member reported
         // the dead one exactly through `SwimOut::Dead`.
         for (i, lost) in &net.lost {
-            assert_eq!(lost.iter().copied().collect::<Vec<_>>(), [NodeId(18)], "node {i}");
+            assert_eq!(
+                lost.iter().copied().collect::<Vec<_>>(),
+                [NodeId(18)],
+                "node {i}"
+            );
         }
         assert_eq!(net.lost.len(), 63);
     }

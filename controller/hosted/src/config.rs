@@ -12,6 +12,9 @@
 //! max_pending_per_process = 4096     # optional
 //! max_processes = 1024               # optional
 //! peer_security = "authenticated"    # optional: or "secure" (encrypted)
+//! gossip_period_ms = 1000            # optional: gossip membership and
+//!                                    # links on demand (see the README)
+//! link_idle_ms = 5000                # optional, with gossip
 //!
 //! [[peer]]
 //! node = 2
@@ -91,6 +94,13 @@ pub struct FileConfig {
     /// Time a `/metrics` connection may take.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_timeout_ms: Option<u64>,
+    /// Turns on gossip membership and links on demand with this protocol
+    /// period (the peers listed become the seeds and initial view).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gossip_period_ms: Option<u64>,
+    /// With gossip: how long an unused link stays open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_idle_ms: Option<u64>,
     /// Peers.
     #[serde(default, rename = "peer", skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<FilePeer>,
@@ -152,6 +162,8 @@ impl FileConfig {
             attach_timeout_ms: None,
             max_metrics_conns: None,
             metrics_timeout_ms: None,
+            gossip_period_ms: None,
+            link_idle_ms: None,
             peers: Vec::new(),
         }
     }
@@ -216,6 +228,33 @@ impl FileConfig {
         }
         if let Some(ms) = self.metrics_timeout_ms {
             c.metrics_timeout = Duration::from_millis(ms);
+        }
+        match (self.gossip_period_ms, self.link_idle_ms) {
+            (Some(0), _) => {
+                return Err(HostedError::Config(
+                    "gossip_period_ms must be at least 1 (or left out to keep a link to every peer)"
+                        .into(),
+                ))
+            }
+            (Some(ms), idle) => {
+                let period = Duration::from_millis(ms);
+                let mut g = fractos_core::Gossip {
+                    protocol_period: period,
+                    probe_timeout: period * 2 / 5,
+                    ..fractos_core::Gossip::default()
+                };
+                if let Some(idle) = idle {
+                    g.link_idle = Duration::from_millis(idle);
+                }
+                c.gossip = Some(g);
+            }
+            (None, Some(_)) => {
+                return Err(HostedError::Config(
+                    "link_idle_ms needs gossip_period_ms (links close when idle only with gossip membership)"
+                        .into(),
+                ))
+            }
+            (None, None) => {}
         }
         Ok(c)
     }

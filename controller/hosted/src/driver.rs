@@ -526,11 +526,14 @@ struct EventLoop {
     stopping: bool,
 }
 
+/// Grows with every start (gossip membership takes the higher incarnation
+/// as the newer one): the boot time in nanoseconds, its low 16 bits
+/// replaced by the process id's so two starts in one tick still differ.
 fn incarnation() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    (t.as_nanos() as u64) ^ ((std::process::id() as u64) << 48)
+    ((t.as_nanos() as u64) & !0xffff) | (std::process::id() as u64 & 0xffff)
 }
 
 /// The node driver's configuration for `cfg` (the schema both hosts use).
@@ -550,6 +553,7 @@ fn node_config(cfg: &HostedConfig) -> Result<NodeConfig<SocketAddr>, HostedError
     core.copy_chunk = cfg.copy_chunk;
     core.copy_window = cfg.copy_window;
     core.peer_security = cfg.peer_security;
+    core.gossip = cfg.gossip.clone();
     getrandom::getrandom(&mut core.rng_seed).map_err(|e| {
         HostedError::Runtime(std::io::Error::other(format!(
             "the OS random number generator failed ({e}); the controller needs it for peer handshakes"

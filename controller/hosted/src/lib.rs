@@ -96,6 +96,9 @@ pub struct HostedConfig {
     /// their eventfds (see the README for the measurement behind the
     /// default).
     pub local_spin: Duration,
+    /// Gossip membership and links on demand (`None`: a link to every
+    /// peer, kept up with heartbeats). See [`fractos_core::Gossip`].
+    pub gossip: Option<fractos_core::Gossip>,
 }
 
 impl HostedConfig {
@@ -127,6 +130,7 @@ impl HostedConfig {
             local_socket_mode: 0o660,
             local_socket_owner: None,
             local_spin: DEFAULT_LOCAL_SPIN,
+            gossip: None,
         }
     }
 }

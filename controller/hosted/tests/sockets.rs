@@ -143,9 +143,14 @@ impl RawProc {
 }
 
 fn cluster(n: u32) -> Vec<Running> {
+    cluster_with(n, None)
+}
+
+fn cluster_with(n: u32, gossip: Option<fractos_core::Gossip>) -> Vec<Running> {
     let nodes: Vec<Running> = (1..=n)
         .map(|i| {
             let mut c = HostedConfig::local(NodeId(i), KEY);
+            c.gossip = gossip.clone();
             c.members = (1..=n).map(NodeId).collect();
             c.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
             c.copy_chunk = 16 * 1024;
@@ -545,4 +550,71 @@ fn peer_port_floods_and_oversized_frames_leave_links_alone() {
     nodes[0]
         .wait_peers(1, Duration::from_secs(1))
         .expect("the link is still up");
+}
+
+/// Gossip membership over real sockets: links are dialled when an
+/// operation needs them (by either side, whatever the ids), closed when
+/// idle, dialled again for the next operation, and a controller that
+/// stops is confirmed dead by the failure detector: operations on its
+/// objects get a typed error.
+#[test]
+fn gossip_links_on_demand_and_failure_detection_over_tcp() {
+    let gossip = fractos_core::Gossip {
+        protocol_period: Duration::from_millis(100),
+        probe_timeout: Duration::from_millis(40),
+        link_idle: Duration::from_millis(300),
+        ..fractos_core::Gossip::default()
+    };
+    let nodes = cluster_with(3, Some(gossip));
+    let mut a = RawProc::attach(nodes[0].process_addr(), "a");
+    let mut c = RawProc::attach(nodes[2].process_addr(), "c");
+    let r = c.cap(|op| ProcessMsg::RequestCreate {
+        op,
+        tag: 5,
+        imms: b"hi".to_vec(),
+        caps: vec![],
+    });
+    let at_a = share(&mut c, r, &mut a, "r");
+    let t = std::thread::spawn(move || {
+        let first = c.wait_invocation();
+        let second = c.wait_invocation();
+        (c, first, second)
+    });
+    let invoke = |a: &mut RawProc| {
+        a.op(|op| ProcessMsg::Invoke {
+            op,
+            cap: at_a,
+            imms: vec![],
+            caps: vec![],
+        })
+    };
+    assert_eq!(invoke(&mut a), Ok(Reply::Done));
+    // Longer than the idle timeout: the links close, and the next
+    // invocation opens one again.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(invoke(&mut a), Ok(Reply::Done));
+    let (c, first, second) = t.join().unwrap();
+    assert_eq!(first, (5, b"hi".to_vec()));
+    assert_eq!(second, (5, b"hi".to_vec()));
+    // Node 3 goes away; node 1 learns it from membership (node 2 probes
+    // it too), and operations on its objects fail with a typed error.
+    let mut nodes = nodes;
+    let node_c = nodes.pop().unwrap();
+    drop(c);
+    node_c.shutdown();
+    std::thread::sleep(Duration::from_millis(3000));
+    let started = Instant::now();
+    let r = invoke(&mut a);
+    assert!(
+        matches!(r, Err(ErrorCode::PeerUnreachable) | Err(ErrorCode::Revoked)),
+        "{r:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "a member confirmed dead fails at once, not after a timeout: {:?}",
+        started.elapsed()
+    );
+    for n in nodes {
+        n.shutdown();
+    }
 }

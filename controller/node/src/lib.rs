@@ -213,7 +213,9 @@ struct Conn<Cx: ?Sized> {
 enum DialState {
     /// Gossip mode: dialled only when the core asks.
     OnDemand,
-    Idle { next: Instant },
+    Idle {
+        next: Instant,
+    },
     Dialing,
     Up(ConnId),
 }

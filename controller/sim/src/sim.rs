@@ -839,8 +839,7 @@ impl Sim {
     fn reap_conn(&mut self, id: u64) {
         let Some(c) = self.conns.get(&id) else { return };
         let closed = !c.alive
-            && c
-                .eps
+            && c.eps
                 .iter()
                 .all(|l| self.eps.get(l).is_none_or(|e| !e.open));
         if closed && self.cfg.gossip {
@@ -857,7 +856,7 @@ impl Sim {
             .nodes
             .iter()
             .filter_map(|n| n.ctrl.as_ref())
-            .map(|c| c.membership_stats().links)
+            .map(|c| c.link_count())
             .max()
             .unwrap_or(0);
         self.report.max_links_per_controller = self.report.max_links_per_controller.max(most);
@@ -902,7 +901,9 @@ impl Sim {
     }
 
     fn detect_check(&mut self) {
-        let Some((dead, at)) = self.killed else { return };
+        let Some((dead, at)) = self.killed else {
+            return;
+        };
         let id = NodeId(dead as u32 + 1);
         let all = self
             .nodes
@@ -1061,11 +1062,25 @@ impl Sim {
                     let inc = self.nodes[node].inc;
                     if to >= self.nodes.len() || to == node {
                         let at = self.now + MS;
-                        self.schedule(at, Ev::DialFailed { from: node, inc, to });
+                        self.schedule(
+                            at,
+                            Ev::DialFailed {
+                                from: node,
+                                inc,
+                                to,
+                            },
+                        );
                     } else {
                         // Connection setup takes a round trip.
                         let at = self.now + 2 * Self::nanos(self.cfg.latency);
-                        self.schedule(at, Ev::Connect { from: node, inc, to });
+                        self.schedule(
+                            at,
+                            Ev::Connect {
+                                from: node,
+                                inc,
+                                to,
+                            },
+                        );
                     }
                 }
                 Output::Close {
@@ -1746,7 +1761,7 @@ impl Sim {
                     s == fractos_core::Stats {
                         peers: s.peers,
                         ..Default::default()
-                    } && c.membership_stats().queued == 0
+                    } && c.queued_frames() == 0
                 })
             });
         if quiet || self.now >= limit {

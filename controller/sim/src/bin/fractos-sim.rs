@@ -161,8 +161,8 @@ fn scale_many(a: &Args, sizes: &[usize]) -> ExitCode {
 
 fn write_json(json: &str) -> ExitCode {
     let dir = std::path::Path::new("target/bench");
-    if let Err(e) = std::fs::create_dir_all(dir)
-        .and_then(|()| std::fs::write(dir.join("sim_scale.json"), json))
+    if let Err(e) =
+        std::fs::create_dir_all(dir).and_then(|()| std::fs::write(dir.join("sim_scale.json"), json))
     {
         eprintln!("cannot write target/bench/sim_scale.json: {e}");
         return ExitCode::FAILURE;

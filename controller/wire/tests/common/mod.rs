@@ -12,8 +12,8 @@ use std::fmt::Debug;
 
 use fractos_wire::{
     CapInfo, CapRef, ControllerMsg, DecodeError, DeriveSpec, ErrorCode, Handle, MemberState,
-    MemberUpdate, NodeId, ObjectKind, PeerMsg, PeerReply, PeerRequest, PeerSecurity, ProcessMsg, Reply, Rights, MAX_CAPS_PER_MESSAGE,
-    MAX_NAME_LEN, MAX_PIGGYBACK, MAX_PROCESS_NAME_LEN,
+    MemberUpdate, NodeId, ObjectKind, PeerMsg, PeerReply, PeerRequest, PeerSecurity, ProcessMsg,
+    Reply, Rights, MAX_CAPS_PER_MESSAGE, MAX_NAME_LEN, MAX_PIGGYBACK, MAX_PROCESS_NAME_LEN,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -179,7 +179,9 @@ impl Wire for ControllerMsg {
 
 impl Wire for PeerMsg {
     const DIRECTION: &'static str = "controller<->controller";
-    const KINDS: &'static [u8] = &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 20, 21, 22];
+    const KINDS: &'static [u8] = &[
+        1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 20, 21, 22,
+    ];
     const VARIANTS: &'static [&'static str] = &[
         "Hello",
         "HelloReply",
