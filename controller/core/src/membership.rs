@@ -512,7 +512,7 @@ impl Membership {
         // longer probe them; the link this opens shows the buried member
         // the fact (see `observed`) so it refutes.
         self.periods += 1;
-        if self.periods % RECLAIM_EVERY == 0 {
+        if self.periods.is_multiple_of(RECLAIM_EVERY) {
             if let Some(node) = self.random_dead() {
                 let seq = self.next_seq;
                 self.next_seq += 1;
