@@ -492,19 +492,26 @@ impl Controller {
     /// `PeerUnreachable`; one-way frames wait for a later dial.
     pub fn dial_failed(&mut self, now: Instant, peer: NodeId) {
         self.now = now;
-        if let Some(d) = self.dials.remove(&peer) {
-            if let Some(l) = d.link {
-                if self.links.get(&l).is_some_and(|l| l.peer().is_none()) {
-                    self.links.remove(&l);
-                    self.outputs.push_back(Output::Close {
-                        to: Dest::Link(l),
-                        reason: CloseReason::PeerTimeout,
-                    });
-                }
-            }
-            self.fail_queued_requests(peer);
-        }
+        self.abandon_dial(peer);
         self.drain();
+    }
+
+    /// Gives up the dial to `peer`: closes its link if still in handshake
+    /// and fails the requests waiting for it.
+    fn abandon_dial(&mut self, peer: NodeId) {
+        let Some(d) = self.dials.remove(&peer) else {
+            return;
+        };
+        if let Some(l) = d.link {
+            if self.links.get(&l).is_some_and(|l| l.peer().is_none()) {
+                self.links.remove(&l);
+                self.outputs.push_back(Output::Close {
+                    to: Dest::Link(l),
+                    reason: CloseReason::PeerTimeout,
+                });
+            }
+        }
+        self.fail_queued_requests(peer);
     }
 
     /// What the gossip membership believes of `node` (`None`: unknown, or
@@ -2554,18 +2561,7 @@ impl Controller {
             .map(|(n, _)| *n)
             .collect();
         for node in late {
-            if let Some(d) = self.dials.remove(&node) {
-                if let Some(l) = d.link {
-                    if self.links.get(&l).is_some_and(|l| l.peer().is_none()) {
-                        self.links.remove(&l);
-                        self.outputs.push_back(Output::Close {
-                            to: Dest::Link(l),
-                            reason: CloseReason::PeerTimeout,
-                        });
-                    }
-                }
-                self.fail_queued_requests(node);
-            }
+            self.abandon_dial(node);
         }
         let waiting: Vec<NodeId> = self
             .outq

@@ -694,6 +694,14 @@ impl Sim {
             self.schedule(at, Ev::Dial(a, b));
             return;
         }
+        let id = self.open_conn(a, b);
+        self.pairs.insert((a, b), id);
+        // The lower id dials, as the drivers do.
+        self.start_handshake(id, "dial");
+    }
+
+    /// A new connection from `from` (the dialling side) to `to`.
+    fn open_conn(&mut self, from: usize, to: usize) -> u64 {
         let id = self.next_conn;
         self.next_conn += 1;
         let la = LinkId(self.next_link);
@@ -702,14 +710,13 @@ impl Sim {
         self.conns.insert(
             id,
             Conn {
-                nodes: [a, b],
+                nodes: [from, to],
                 eps: [la, lb],
                 alive: true,
                 last: [0, 0],
             },
         );
-        self.pairs.insert((a, b), id);
-        for (side, (node, l)) in [(a, la), (b, lb)].into_iter().enumerate() {
+        for (side, (node, l)) in [(from, la), (to, lb)].into_iter().enumerate() {
             let inc = self.nodes[node].inc;
             self.eps.insert(
                 l,
@@ -722,9 +729,16 @@ impl Sim {
                 },
             );
         }
-        self.note(|| format!("dial {}<->{} links {la:?}/{lb:?}", a + 1, b + 1));
+        id
+    }
+
+    /// Tells both ends of new connection `id` that it is up (its first
+    /// node dialled).
+    fn start_handshake(&mut self, id: u64, what: &str) {
+        let c = &self.conns[&id];
+        let ([a, b], [la, lb]) = (c.nodes, c.eps);
+        self.note(|| format!("{what} {}->{} links {la:?}/{lb:?}", a + 1, b + 1));
         let now = Instant(self.now);
-        // The lower id dials, as the drivers do.
         let peer = NodeId(b as u32 + 1);
         for (node, l, role) in [
             (a, la, LinkRole::Initiator { peer }),
@@ -793,45 +807,8 @@ impl Sim {
             self.schedule(self.now + delay, Ev::DialFailed { from, inc, to });
             return;
         }
-        let id = self.next_conn;
-        self.next_conn += 1;
-        let la = LinkId(self.next_link);
-        let lb = LinkId(self.next_link + 1);
-        self.next_link += 2;
-        self.conns.insert(
-            id,
-            Conn {
-                nodes: [from, to],
-                eps: [la, lb],
-                alive: true,
-                last: [0, 0],
-            },
-        );
-        for (side, (node, l)) in [(from, la), (to, lb)].into_iter().enumerate() {
-            let inc = self.nodes[node].inc;
-            self.eps.insert(
-                l,
-                Ep {
-                    node,
-                    inc,
-                    conn: id,
-                    side,
-                    open: true,
-                },
-            );
-        }
-        self.note(|| format!("connect {}->{} links {la:?}/{lb:?}", from + 1, to + 1));
-        let now = Instant(self.now);
-        let peer = NodeId(to as u32 + 1);
-        for (node, l, role) in [
-            (from, la, LinkRole::Initiator { peer }),
-            (to, lb, LinkRole::Responder),
-        ] {
-            if let Some(c) = self.nodes[node].ctrl.as_mut() {
-                c.link_connected(now, l, role);
-                self.drain(node);
-            }
-        }
+        let id = self.open_conn(from, to);
+        self.start_handshake(id, "connect");
     }
 
     /// Drops a connection whose both ends are closed (gossip runs open and
@@ -873,28 +850,8 @@ impl Sim {
         }
         let node = *live.choose(&mut self.rng).expect("non-empty");
         self.note(|| format!("kill ctrl {} for good", node + 1));
-        let n = &mut self.nodes[node];
-        n.ctrl = None;
-        n.armed = None;
-        let inc = n.inc;
-        self.oracle
-            .dead_incarnations
-            .insert((NodeId(node as u32 + 1), inc), self.tick);
-        let mine: Vec<u64> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.alive && c.nodes.contains(&node))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in mine {
-            let c = &self.conns[&id];
-            let side = if c.nodes[0] == node { 0 } else { 1 };
-            if let Some(e) = self.eps.get_mut(&c.eps[side]) {
-                e.open = false;
-            }
-            // Silent: the others learn it from the failure detector.
-            self.kill_conn(id, false);
-        }
+        // Silent: the others learn it from the failure detector.
+        self.vanish(node, true);
         self.killed = Some((node, self.now));
         let at = self.now + Self::nanos(self.cfg.protocol_period);
         self.schedule(at, Ev::DetectCheck);
@@ -1177,6 +1134,14 @@ impl Sim {
             "controller crash (reset)"
         });
         self.note(|| format!("FAULT crash ctrl {} (silent: {silent})", node + 1));
+        self.vanish(node, silent);
+        let at = self.now + self.rng.gen_range(200 * MS..1_000 * MS);
+        self.schedule(at, Ev::Restart(node));
+    }
+
+    /// The controller and all its processes vanish; its connections die
+    /// (the peers are told, unless `silent`).
+    fn vanish(&mut self, node: usize, silent: bool) {
         let n = &mut self.nodes[node];
         if let Some(c) = n.ctrl.take() {
             self.report.revokes_held_for_copies += c.metrics().revokes_held_for_copies;
@@ -1206,8 +1171,6 @@ impl Sim {
             }
             self.kill_conn(id, !silent);
         }
-        let at = self.now + self.rng.gen_range(200 * MS..1_000 * MS);
-        self.schedule(at, Ev::Restart(node));
     }
 
     fn restart(&mut self, node: usize) {
