@@ -2442,6 +2442,13 @@ impl Controller {
 
     /// Gossip mode: a link to `node` authenticated.
     fn gossip_peer_up(&mut self, link: LinkId, node: NodeId, incarnation: u64) {
+        let known = self.swim.as_ref().map_or(0, |m| m.incarnation(node));
+        if known != 0 && known < incarnation && !self.peers.contains_key(&node) {
+            // A restarted peer: what its old incarnation held goes (with a
+            // link to the old one, replacing it below does the same).
+            self.fail_queued_requests(node);
+            self.peer_lost(node);
+        }
         if let Some(old) = self.peers.get(&node).map(|p| p.link) {
             let graceful = self.links.get(&old).is_some_and(|l| l.graceful());
             self.links.remove(&old);
@@ -2479,7 +2486,8 @@ impl Controller {
             match o {
                 SwimOut::Send(node, msg) => self.send_peer(node, msg),
                 SwimOut::ProbeTimer(at, seq) => self.push_timer(at, Timer::Probe(seq)),
-                SwimOut::Dead(node) | SwimOut::Restarted(node) => self.member_gone(node),
+                SwimOut::Dead(node) => self.member_gone(node),
+                SwimOut::Restarted(node) => self.member_restarted(node),
             }
         }
     }
@@ -2493,6 +2501,26 @@ impl Controller {
         match self.peers.get(&node).map(|p| p.link) {
             Some(link) => self.close_link(link, CloseReason::PeerDead),
             None => self.peer_lost(node),
+        }
+    }
+
+    /// The membership learned of a newer incarnation of `node`: a link to
+    /// an older one is dead (and with it what that one held here); a link
+    /// to the new one already cleaned up when it came up.
+    fn member_restarted(&mut self, node: NodeId) {
+        let current = self.swim.as_ref().map_or(0, |m| m.incarnation(node));
+        match self.peers.get(&node).map(|p| p.link) {
+            Some(link) => {
+                let old = self.links.get(&link).is_some_and(
+                    |l| matches!(l.state, LinkState::Up { incarnation, .. } if incarnation < current),
+                );
+                if old {
+                    self.dials.remove(&node);
+                    self.fail_queued_requests(node);
+                    self.close_link(link, CloseReason::PeerDead);
+                }
+            }
+            None => self.member_gone(node),
         }
     }
 

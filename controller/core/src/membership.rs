@@ -253,6 +253,11 @@ impl Membership {
         self.index(node).ok().map(|i| self.members[i].state)
     }
 
+    /// The incarnation this controller knows of `node` (0: never heard).
+    pub(crate) fn incarnation(&self, node: NodeId) -> u64 {
+        self.index(node).map_or(0, |i| self.members[i].inc)
+    }
+
     /// Every other member with its state, by node id.
     pub(crate) fn view(&self) -> impl Iterator<Item = (NodeId, u64, MemberState)> + '_ {
         self.members.iter().map(|m| (m.node, m.inc, m.state))
@@ -361,7 +366,8 @@ impl Membership {
             // Someone suspects (or buried) this incarnation: refute, and
             // gossip the refutation again if the claim is an old one still
             // going round (our earlier refutation may have retired).
-            if f.incarnation == self.inc && f.state != MemberState::Alive {
+            let mine = f.incarnation == self.inc || f.incarnation == 0;
+            if mine && f.state != MemberState::Alive {
                 if f.seq >= self.seq {
                     self.seq = f.seq.saturating_add(1);
                 }
@@ -389,6 +395,17 @@ impl Membership {
             }
             Ok(i) => {
                 let old = self.members[i];
+                // A claim about incarnation 0 comes from a member that never
+                // linked with this one (it only knows it from its
+                // configuration): it is about whatever incarnation runs.
+                let f = if f.incarnation == 0 {
+                    MemberUpdate {
+                        incarnation: old.inc,
+                        ..f
+                    }
+                } else {
+                    f
+                };
                 if !newer(&f, &old) {
                     return false;
                 }
