@@ -938,4 +938,32 @@ mod tests {
         // 99 facts × 3 × ⌈log2 101⌉ transmissions, 16 per frame.
         assert!(rounds <= 99 * 3 * 7 / 16 + 2, "{rounds}");
     }
+
+    #[test]
+    fn a_claim_about_incarnation_zero_applies_to_the_running_one() {
+        // Node 1 linked with node 2 (knows incarnation 5); node 3 knows
+        // node 2 only from its configuration and suspects it.
+        let mut m = Membership::new(NodeId(1), 1, &[NodeId(2), NodeId(3)], cfg(), 1);
+        let mut out = Vec::new();
+        m.observed(Instant(0), NodeId(2), 5, &mut out);
+        let claim = |state| MemberUpdate {
+            node: NodeId(2),
+            incarnation: 0,
+            seq: 0,
+            state,
+        };
+        assert!(m.apply(Instant(0), claim(MemberState::Suspect), &mut out));
+        assert_eq!(m.state(NodeId(2)), Some(MemberState::Suspect));
+        assert!(m.apply(Instant(0), claim(MemberState::Dead), &mut out));
+        assert_eq!(out, [SwimOut::Dead(NodeId(2))]);
+        assert_eq!(m.incarnation(NodeId(2)), 5, "no restart was invented");
+        // Such a claim about this node makes it refute.
+        let mut me = Membership::new(NodeId(2), 5, &[NodeId(1)], cfg(), 1);
+        let about_me = MemberUpdate {
+            node: NodeId(2),
+            ..claim(MemberState::Suspect)
+        };
+        me.apply(Instant(0), about_me, &mut out);
+        assert_eq!(me.seq, 1);
+    }
 }
