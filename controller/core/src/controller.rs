@@ -200,6 +200,9 @@ struct Link {
     /// Last frame other than heartbeats and closing, either way.
     last_use: Instant,
     bye: Bye,
+    /// This side proposed closing and has not seen the answer yet (it may
+    /// have resumed since: then it tells the peer, see `ByeOk`).
+    proposed: bool,
 }
 
 /// A dial the core asked the driver for (gossip mode).
@@ -472,6 +475,7 @@ impl Controller {
                 initiated: matches!(role, LinkRole::Initiator { .. }),
                 last_use: now,
                 bye: Bye::None,
+                proposed: false,
             },
         );
         if let Some(hello) = hello {
@@ -2450,7 +2454,12 @@ impl Controller {
             self.peer_lost(node);
         }
         if let Some(old) = self.peers.get(&node).map(|p| p.link) {
-            let graceful = self.links.get(&old).is_some_and(|l| l.graceful());
+            // A link being closed by agreement hands over to the new one,
+            // unless the new one is to a restarted peer.
+            let graceful = self.links.get(&old).is_some_and(|l| {
+                l.graceful()
+                    && matches!(l.state, LinkState::Up { incarnation: i, .. } if i == incarnation)
+            });
             self.links.remove(&old);
             self.outputs.push_back(Output::Close {
                 to: Dest::Link(old),
@@ -2547,21 +2556,44 @@ impl Controller {
         }
         match msg {
             PeerMsg::Bye => {
-                let ok =
-                    self.quiet(node) && self.links.get(&link).is_some_and(|l| l.bye != Bye::Acked);
+                let state = self.links.get(&link).map(|l| l.bye);
+                if state == Some(Bye::Sent) && self.cfg.node < node {
+                    // Both proposed at once and neither sent anything
+                    // since: the lower id closes (answering first could
+                    // lose the answer with the link).
+                    self.idle_closed += 1;
+                    return self.close_link(link, CloseReason::Idle);
+                }
+                let ok = self.quiet(node) && state.is_some_and(|b| b != Bye::Acked);
                 if ok {
                     self.send_link(link, &PeerMsg::ByeOk);
                     if let Some(l) = self.links.get_mut(&link) {
-                        if l.bye == Bye::None {
-                            l.bye = Bye::Acked;
-                        }
+                        l.bye = Bye::Acked;
                     }
                 }
             }
             PeerMsg::ByeOk => {
-                if self.links.get(&link).is_some_and(|l| l.bye == Bye::Sent) {
-                    self.idle_closed += 1;
-                    self.close_link(link, CloseReason::Idle);
+                let Some(l) = self.links.get_mut(&link) else {
+                    return;
+                };
+                match (l.bye, l.proposed) {
+                    (Bye::Sent, _) => {
+                        self.idle_closed += 1;
+                        self.close_link(link, CloseReason::Idle);
+                    }
+                    // The answer to a proposal this side withdrew by
+                    // sending since: tell the peer, which holds its frames
+                    // until this side closes or speaks, to go on.
+                    (Bye::None, true) => {
+                        l.proposed = false;
+                        self.send_link(link, &PeerMsg::ByeOk);
+                    }
+                    // That word, on the side that agreed.
+                    (Bye::Acked, _) => {
+                        l.bye = Bye::None;
+                        self.flush(node);
+                    }
+                    (Bye::None, false) => {}
                 }
             }
             m @ (PeerMsg::Probe { .. }
@@ -2628,6 +2660,7 @@ impl Controller {
             if self.quiet(node) {
                 if let Some(l) = self.links.get_mut(&link) {
                     l.bye = Bye::Sent;
+                    l.proposed = true;
                     // Ask again after another idle period if unanswered.
                     l.last_use = self.now;
                 }
