@@ -2507,10 +2507,12 @@ impl Controller {
         self.dials.remove(&node);
         self.fail_queued_requests(node);
         self.outq.remove(&node);
-        match self.peers.get(&node).map(|p| p.link) {
-            Some(link) => self.close_link(link, CloseReason::PeerDead),
-            None => self.peer_lost(node),
+        if let Some(link) = self.peers.get(&node).map(|p| p.link) {
+            self.close_link(link, CloseReason::PeerDead);
         }
+        // Also when the link was being closed by agreement (closing it
+        // then does not lose the peer).
+        self.peer_lost(node);
     }
 
     /// The membership learned of a newer incarnation of `node`: a link to
@@ -2527,6 +2529,7 @@ impl Controller {
                     self.dials.remove(&node);
                     self.fail_queued_requests(node);
                     self.close_link(link, CloseReason::PeerDead);
+                    self.peer_lost(node);
                 }
             }
             None => self.member_gone(node),

@@ -395,10 +395,13 @@ impl Membership {
             }
             Ok(i) => {
                 let old = self.members[i];
-                // A claim about incarnation 0 comes from a member that never
-                // linked with this one (it only knows it from its
-                // configuration): it is about whatever incarnation runs.
-                let f = if f.incarnation == 0 {
+                // A suspicion about incarnation 0 comes from a member that
+                // never linked with this one (it only knows it from its
+                // configuration): it is about whatever incarnation runs, and
+                // we time it out ourselves. (A death claim about
+                // incarnation 0 is not applied to a known incarnation: it
+                // may be stale news of an earlier one.)
+                let f = if f.incarnation == 0 && f.state == MemberState::Suspect {
                     MemberUpdate {
                         incarnation: old.inc,
                         ..f
@@ -952,11 +955,17 @@ mod tests {
             seq: 0,
             state,
         };
+        // A death claim about incarnation 0 may be stale news of an
+        // earlier incarnation: not applied to the known one.
+        assert!(!m.apply(Instant(0), claim(MemberState::Dead), &mut out));
+        assert_eq!(m.state(NodeId(2)), Some(MemberState::Alive));
         assert!(m.apply(Instant(0), claim(MemberState::Suspect), &mut out));
         assert_eq!(m.state(NodeId(2)), Some(MemberState::Suspect));
-        assert!(m.apply(Instant(0), claim(MemberState::Dead), &mut out));
-        assert_eq!(out, [SwimOut::Dead(NodeId(2))]);
         assert_eq!(m.incarnation(NodeId(2)), 5, "no restart was invented");
+        // Its own suspicion timer confirms it.
+        m.tick(Instant(60_000_000_000), &mut out);
+        assert!(out.contains(&SwimOut::Dead(NodeId(2))), "{out:?}");
+        assert_eq!(m.state(NodeId(2)), Some(MemberState::Dead));
         // Such a claim about this node makes it refute.
         let mut me = Membership::new(NodeId(2), 5, &[NodeId(1)], cfg(), 1);
         let about_me = MemberUpdate {
