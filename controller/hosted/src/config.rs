@@ -318,4 +318,33 @@ mod tests {
             Err(HostedError::Config(_))
         ));
     }
+
+    #[test]
+    fn gossip_keys_turn_on_membership_and_are_checked() {
+        let base = r#"
+            node = 2
+            cluster_key = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+            process_listen = "127.0.0.1:7000"
+            peer_listen = "127.0.0.1:7100"
+        "#;
+        let off = FileConfig::parse(base).unwrap().into_config().unwrap();
+        assert!(off.gossip.is_none());
+        let on = FileConfig::parse(&format!(
+            "gossip_period_ms = 250\nlink_idle_ms = 900\n{base}"
+        ))
+        .unwrap()
+        .into_config()
+        .unwrap();
+        let g = on.gossip.expect("gossip on");
+        assert_eq!(g.protocol_period, Duration::from_millis(250));
+        assert_eq!(g.probe_timeout, Duration::from_millis(100));
+        assert_eq!(g.link_idle, Duration::from_millis(900));
+        for bad in ["gossip_period_ms = 0", "link_idle_ms = 900"] {
+            let e = FileConfig::parse(&format!("{bad}\n{base}"))
+                .unwrap()
+                .into_config()
+                .unwrap_err();
+            assert!(e.to_string().contains("gossip_period_ms"), "{e}");
+        }
+    }
 }
