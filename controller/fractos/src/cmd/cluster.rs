@@ -105,10 +105,52 @@ pub fn cluster_path(arg: Option<&str>) -> PathBuf {
     }
 }
 
+/// Largest cluster file read: `fractos up` writes about 300 bytes per
+/// node, so 4 MiB is over ten thousand nodes.
+pub const CLUSTER_FILE_MAX: u64 = 4 << 20;
+
+/// Largest key file read: 64 hex digits and a newline, with room for
+/// blank lines around them.
+const KEY_FILE_MAX: u64 = 4 << 10;
+
+/// The text of the regular file at `path`, at most `max` bytes. The file
+/// is opened without blocking (a FIFO or a device never holds the
+/// caller) and refused unless it is a regular file; `what` names it.
+fn read_regular(path: &Path, max: u64, what: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = f.metadata()?;
+    let invalid = |msg: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg);
+    if !meta.is_file() {
+        return Err(invalid(format!(
+            "not a regular file (a directory, FIFO, socket or device): point it at the {what} \
+             `fractos up` wrote"
+        )));
+    }
+    if meta.len() > max {
+        return Err(invalid(format!(
+            "{} bytes, more than the {max} a {what} can be: it is not one `fractos up` wrote",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::new();
+    // The file may grow after the check: read one byte more than allowed.
+    f.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(invalid(format!("grew past {max} bytes while being read")));
+    }
+    String::from_utf8(bytes).map_err(|_| invalid(format!("the {what} is not UTF-8 text")))
+}
+
 impl ClusterFile {
-    /// Reads the cluster file at `path`.
+    /// Reads the cluster file at `path` (a regular file of at most
+    /// [`CLUSTER_FILE_MAX`] bytes).
     pub fn load(path: &Path) -> Result<Self, ClusterError> {
-        let text = match std::fs::read_to_string(path) {
+        let text = match read_regular(path, CLUSTER_FILE_MAX, "cluster file") {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ClusterError::NotRecorded(path.to_path_buf()))
@@ -175,7 +217,8 @@ impl ClusterFile {
                 mode,
             });
         }
-        let text = std::fs::read_to_string(path).map_err(|e| key_err(e.to_string()))?;
+        let text =
+            read_regular(path, KEY_FILE_MAX, "key file").map_err(|e| key_err(e.to_string()))?;
         fractos_hosted::parse_key(&text).map_err(|e| key_err(e.to_string()))
     }
 }
@@ -268,6 +311,114 @@ mod tests {
         assert_eq!(c.key().unwrap(), [0xab; 32]);
         std::fs::write(&key, "not hex").unwrap();
         assert!(matches!(c.key(), Err(ClusterError::Key { .. })));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn mkfifo(path: &Path) {
+        let ok = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mkfifo {}", path.display());
+    }
+
+    /// Runs `f` on another thread and fails the test if it takes more than
+    /// ten seconds (a FIFO that blocks the open or the read).
+    fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(f()));
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("blocked on a FIFO")
+    }
+
+    #[test]
+    fn hostile_cluster_files_are_refused_quickly_and_typed() {
+        let d = scratch("hostile");
+        let path = d.join(CLUSTER_FILE);
+        // Larger than any cluster `fractos up` writes: refused before it is read.
+        let f = std::fs::File::create(&path).unwrap();
+        f.set_len(CLUSTER_FILE_MAX + 1).unwrap();
+        let e = ClusterFile::load(&path).unwrap_err();
+        assert!(matches!(e, ClusterError::Read { .. }), "{e}");
+        assert!(e.to_string().contains("more than"), "{e}");
+        // Deep nesting: serde_json's recursion limit, no stack overflow.
+        std::fs::write(&path, "[".repeat(100_000)).unwrap();
+        assert!(matches!(
+            ClusterFile::load(&path),
+            Err(ClusterError::Parse { .. })
+        ));
+        // Wrong types.
+        for bad in [
+            r#"{"key_file": 7, "nodes": []}"#,
+            r#"{"key_file": "/k", "nodes": {"node": 0}}"#,
+            r#"{"key_file": "/k", "nodes": [{"node": -1, "process_addr": "127.0.0.1:1", "metrics_addr": "127.0.0.1:2"}]}"#,
+            r#"{"key_file": "/k", "nodes": [{"node": 0, "process_addr": "nowhere", "metrics_addr": "127.0.0.1:2"}]}"#,
+            r#"{"key_file": "/k", "nodes": [{"node": 0, "process_addr": "127.0.0.1:1", "metrics_addr": "127.0.0.1:2", "nvme_mib": [1e99]}]}"#,
+            "\u{0}\u{ff}",
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let e = ClusterFile::load(&path).unwrap_err();
+            assert!(matches!(e, ClusterError::Parse { .. }), "{bad}: {e}");
+        }
+        std::fs::write(&path, b"{\"key_file\": \"\xff\"}").unwrap();
+        assert!(matches!(
+            ClusterFile::load(&path),
+            Err(ClusterError::Read { .. })
+        ));
+        // A directory named cluster.json, a FIFO: no hang, a typed error.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let e = ClusterFile::load(&path).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        std::fs::remove_dir(&path).unwrap();
+        mkfifo(&path);
+        let p = path.clone();
+        let e = within_10s(move || ClusterFile::load(&p).unwrap_err());
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn hostile_key_files_are_refused_quickly_and_typed() {
+        let d = scratch("hostilekey");
+        let key = d.join("cluster.key");
+        let c = sample(key.to_str().unwrap());
+        // A directory.
+        std::fs::create_dir(&key).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let e = c.key().unwrap_err();
+        assert!(matches!(e, ClusterError::Key { .. }), "{e}");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        std::fs::remove_dir(&key).unwrap();
+        // A FIFO nobody writes to: refused, not waited on.
+        mkfifo(&key);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c2 = c.clone();
+        let e = within_10s(move || c2.key().unwrap_err());
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        std::fs::remove_file(&key).unwrap();
+        // A symlink to a world-readable key: the target's mode counts.
+        let target = d.join("target.key");
+        std::fs::write(&target, "ab".repeat(32)).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&target, &key).unwrap();
+        assert!(matches!(
+            c.key(),
+            Err(ClusterError::KeyMode { mode: 0o644, .. })
+        ));
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(c.key().unwrap(), [0xab; 32]);
+        std::fs::remove_file(&key).unwrap();
+        // A huge private file: refused by size, not read into memory.
+        let f = std::fs::File::create(&key).unwrap();
+        f.set_len(64 << 20).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = c.key().unwrap_err();
+        assert!(e.to_string().contains("more than"), "{e}");
+        std::fs::remove_file(&key).unwrap();
+        // A symlink to a character device.
+        std::os::unix::fs::symlink("/dev/zero", &key).unwrap();
+        assert!(c.key().is_err());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
