@@ -327,7 +327,10 @@ impl Config {
             "ip" => {
                 self.ip = Ipv4Net::parse(value).ok_or(Refusal::Bad(
                     "an IPv4 address with prefix, like 10.0.2.15/24, or dhcp",
-                ))?
+                ))?;
+                // A static address replaces `dhcp` given before it (in the
+                // configuration file, or earlier on the command line).
+                self.ip_dhcp = false;
             }
             "gw" => {
                 self.gateway = match value {
@@ -1169,5 +1172,160 @@ mod tests {
         );
         assert!(msg.contains("opt/org.fractos/config"), "{msg}");
         assert!(!msg.contains("not PVH-compliant"), "{msg}");
+    }
+
+    #[test]
+    fn a_static_address_on_the_command_line_replaces_dhcp_in_the_file() {
+        let text = blob("ip=dhcp\n");
+        let l = Config::layered("fractos.ip=10.0.2.20/24", text.as_bytes(), |e| {
+            panic!("{e}")
+        })
+        .unwrap();
+        assert!(
+            !l.config.ip_dhcp,
+            "the command line's static address must win"
+        );
+        assert_eq!(l.config.ip, Ipv4Net::parse("10.0.2.20/24").unwrap());
+        assert_eq!(l.overridden, ["ip"]);
+        // And within one command line the last word wins, either way.
+        assert!(!Config::parse("fractos.ip=dhcp fractos.ip=10.0.2.2/24", |_| {}).ip_dhcp);
+        assert!(Config::parse("fractos.ip=10.0.2.2/24 fractos.ip=dhcp", |_| {}).ip_dhcp);
+        // A bad static address leaves dhcp on (the option keeps its value).
+        assert!(Config::parse("fractos.ip=dhcp fractos.ip=10.0.2/24", |_| {}).ip_dhcp);
+    }
+
+    mod props {
+        use super::*;
+        use alloc::format;
+        use alloc::string::{String, ToString};
+        use proptest::prelude::*;
+
+        const KEYS: [&str; 18] = [
+            "node",
+            "ip",
+            "gw",
+            "ip1",
+            "members",
+            "peers",
+            "process_port",
+            "peer_port",
+            "metrics_port",
+            "test_port",
+            "storage_names",
+            "idle",
+            "peer_security",
+            "rdma",
+            "rc_mtu",
+            "log",
+            "key",
+            "bogus",
+        ];
+
+        /// Lines that look like a configuration: known keys (and a few
+        /// not), values made of the characters values use.
+        fn line() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (prop::sample::select(&KEYS[..]), "[0-9a-z.,@:/=# \\-]{0,40}")
+                    .prop_map(|(k, v)| format!("{k}={v}")),
+                "[ -~]{0,40}",
+                Just("end".to_string()),
+                Just(String::new()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+                match parse_blob(&bytes) {
+                    Ok((_, keys)) => {
+                        // Accepted only with the header and the end line.
+                        prop_assert!(bytes.windows(14).any(|w| w == b"fractos-config"));
+                        prop_assert!(keys.iter().all(|k| !BOOT_ONLY.contains(k)));
+                    }
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+            }
+
+            #[test]
+            fn configuration_shaped_text_never_panics(
+                lines in prop::collection::vec(line(), 0..12),
+                header in prop::bool::ANY,
+            ) {
+                let mut text = String::new();
+                if header {
+                    text.push_str("fractos-config 1\n");
+                }
+                for l in &lines {
+                    text.push_str(l);
+                    text.push('\n');
+                }
+                match parse_blob(text.as_bytes()) {
+                    Ok((_, keys)) => {
+                        prop_assert!(header);
+                        let mut sorted = keys.clone();
+                        sorted.sort_unstable();
+                        sorted.dedup();
+                        prop_assert_eq!(sorted.len(), keys.len(), "a key accepted twice");
+                    }
+                    Err(e) => {
+                        let msg = e.to_string();
+                        // Clipped: a hostile value never floods the console.
+                        prop_assert!(msg.len() < 600, "{}", msg);
+                    }
+                }
+            }
+
+            #[test]
+            fn arbitrary_command_lines_never_panic(cmdline in "[ -~]{0,200}") {
+                let c = Config::parse(&cmdline, |e| {
+                    let _ = e.to_string();
+                });
+                // Lists stay lists of distinct nodes whatever was given.
+                let mut m = c.members.clone();
+                m.sort_unstable();
+                m.dedup();
+                prop_assert_eq!(m.len(), c.members.len());
+            }
+
+            #[test]
+            fn cluster_lists_round_trip(
+                members in prop::collection::btree_set(any::<u32>(), 0..50),
+                peers in prop::collection::btree_map(
+                    any::<u32>(),
+                    (any::<[u8; 4]>(), prop::option::of(1..=u16::MAX)),
+                    0..50,
+                ),
+            ) {
+                let members: Vec<u32> = members.into_iter().collect();
+                let peers: Vec<Peer> = peers
+                    .into_iter()
+                    .map(|(node, (ip, port))| Peer { node, addr: Ipv4Addr::from(ip), port })
+                    .collect();
+                let list = |v: Vec<String>| v.join(",");
+                let body = format!(
+                    "members={}\npeers={}\n",
+                    list(members.iter().map(|m| m.to_string()).collect()),
+                    list(peers.iter().map(|p| match p.port {
+                        Some(port) => format!("{}@{}:{port}", p.node, p.addr),
+                        None => format!("{}@{}", p.node, p.addr),
+                    }).collect()),
+                );
+                let (c, _) = parse_blob(blob(&body).as_bytes()).unwrap();
+                prop_assert_eq!(c.members, members);
+                prop_assert_eq!(c.peers, peers);
+            }
+
+            #[test]
+            fn the_command_line_wins_for_every_key(port in 1..=u16::MAX, other in 1..=u16::MAX) {
+                prop_assume!(port != other);
+                let text = blob(&format!("process_port={other}\npeer_port={other}\n"));
+                let cmdline = format!("fractos.process_port={port} fractos.peer_port={port}");
+                let l = Config::layered(&cmdline, text.as_bytes(), |e| panic!("{e}")).unwrap();
+                prop_assert_eq!(l.config.process_port, port);
+                prop_assert_eq!(l.config.peer_port, port);
+            }
+        }
     }
 }

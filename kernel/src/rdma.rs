@@ -49,6 +49,12 @@ pub const PINGPONG_PORT: u16 = 18515;
 /// The example's exchange message: `LLLL:QQQQQQ:PPPPPP:` and 32 hex
 /// digits of GID, plus the C string's terminating NUL.
 pub const EXCHANGE_LEN: usize = 52;
+/// How long one client may hold the exchange socket, from its connection
+/// to its close (nanoseconds). The example's exchange is three short
+/// messages; the server holds one connection at a time, so a client that
+/// connects and goes quiet (or keeps the connection open) is cut off after
+/// this and the port listens again.
+pub const EXCHANGE_TIMEOUT_NS: u64 = 10_000_000_000;
 /// Frame buffer for one engine packet at the largest path MTU (4096) plus
 /// headers, rounded up.
 const TX_BUF: usize = 4224;
@@ -405,6 +411,9 @@ pub struct PingPong {
     cfg: PingPongConfig,
     sock: SocketHandle,
     tcp: Tcp,
+    /// When the current client's connection was first seen (kernel
+    /// nanoseconds); `None` while listening.
+    since: Option<u64>,
     cq: CqId,
     buf: u64,
     keys: MrKeys,
@@ -466,6 +475,7 @@ impl PingPong {
             cfg,
             sock,
             tcp: Tcp::Listening,
+            since: None,
             cq,
             buf,
             keys,
@@ -492,12 +502,30 @@ impl PingPong {
 
     /// One turn: the TCP exchange, then completions.
     pub fn poll(&mut self, now_ns: u64, port: &mut RdmaPort, sockets: &mut SocketSet<'static>) {
-        self.poll_tcp(port, sockets);
+        self.poll_tcp(now_ns, port, sockets);
         self.poll_cq(now_ns, port);
     }
 
-    fn poll_tcp(&mut self, port: &mut RdmaPort, sockets: &mut SocketSet<'static>) {
+    fn poll_tcp(&mut self, now_ns: u64, port: &mut RdmaPort, sockets: &mut SocketSet<'static>) {
         let s = sockets.get_mut::<tcp::Socket>(self.sock);
+        if matches!(s.state(), tcp::State::Listen | tcp::State::Closed) {
+            self.since = None;
+        } else {
+            let since = *self.since.get_or_insert(now_ns);
+            if now_ns.saturating_sub(since) > EXCHANGE_TIMEOUT_NS {
+                warn!(
+                    "rc_pingpong: exchange from {:?} not finished within {} s: dropped, listening again",
+                    s.remote_endpoint(),
+                    EXCHANGE_TIMEOUT_NS / 1_000_000_000
+                );
+                // The reset goes out with the next interface poll; the
+                // listening state listens again after it.
+                s.abort();
+                self.tcp = Tcp::Listening;
+                self.since = None;
+                return;
+            }
+        }
         match self.tcp {
             Tcp::Listening => {
                 if s.recv_queue() < EXCHANGE_LEN {
@@ -916,6 +944,168 @@ mod tests {
         }
         for family in ["frames", "drops", "naks", "events"] {
             assert!(t.contains(&format!("# TYPE fractos_roce_{family}_total counter")));
+        }
+    }
+
+    /// The exchange server on a smoltcp loopback interface (127.0.0.1),
+    /// with hostile clients on the same interface.
+    mod exchange {
+        use super::*;
+        use smoltcp::iface::{Config as IfConfig, Interface};
+        use smoltcp::phy::{Loopback, Medium};
+        use smoltcp::time::Instant as SmolInstant;
+        use smoltcp::wire::{EthernetAddress, IpCidr};
+
+        const HOST: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+
+        struct Rig {
+            dev: Loopback,
+            iface: Interface,
+            sockets: SocketSet<'static>,
+            port: RdmaPort,
+            server: PingPong,
+            now_ms: u64,
+            next_port: u16,
+        }
+
+        impl Rig {
+            fn new() -> Rig {
+                let mut dev = Loopback::new(Medium::Ethernet);
+                let cfg = IfConfig::new(EthernetAddress([2, 0, 0, 0, 0, 1]).into());
+                let mut iface = Interface::new(cfg, &mut dev, SmolInstant::from_millis(0));
+                iface.update_ip_addrs(|a| {
+                    a.push(IpCidr::new(IpAddress::Ipv4(HOST), 8)).unwrap();
+                });
+                let mut sockets = SocketSet::new(vec![]);
+                let mut port = RdmaPort::new([2, 0, 0, 0, 0, 1], HOST, 1 << 20);
+                let cfg = PingPongConfig {
+                    size: 64,
+                    iters: 1,
+                    rx_depth: 4,
+                    ..PingPongConfig::default()
+                };
+                let server = PingPong::new(cfg, &mut port, &mut sockets, 7).unwrap();
+                Rig {
+                    dev,
+                    iface,
+                    sockets,
+                    port,
+                    server,
+                    now_ms: 0,
+                    next_port: 40_000,
+                }
+            }
+
+            /// Runs the interface and the server for `ms` milliseconds of
+            /// simulated time, 10 ms a step.
+            fn run(&mut self, ms: u64) {
+                for _ in 0..ms / 10 {
+                    self.now_ms += 10;
+                    let now = SmolInstant::from_millis(self.now_ms as i64);
+                    self.iface.poll(now, &mut self.dev, &mut self.sockets);
+                    self.server
+                        .poll(self.now_ms * 1_000_000, &mut self.port, &mut self.sockets);
+                    self.iface.poll(now, &mut self.dev, &mut self.sockets);
+                }
+            }
+
+            /// A client connected (or connecting) to the exchange port.
+            fn client(&mut self) -> SocketHandle {
+                let mut s = tcp::Socket::new(
+                    tcp::SocketBuffer::new(vec![0; 1 << 16]),
+                    tcp::SocketBuffer::new(vec![0; 1 << 16]),
+                );
+                self.next_port += 1;
+                s.connect(self.iface.context(), (HOST, PINGPONG_PORT), self.next_port)
+                    .unwrap();
+                let h = self.sockets.add(s);
+                self.run(100);
+                h
+            }
+
+            fn sock(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
+                self.sockets.get_mut::<tcp::Socket>(h)
+            }
+
+            /// Sends `msg` from `h` (all of it, running the rig as the
+            /// window allows) and returns what the server answered.
+            fn exchange(&mut self, h: SocketHandle, msg: &[u8]) -> Vec<u8> {
+                let mut sent = 0;
+                for _ in 0..10_000 {
+                    if sent == msg.len() || !self.sock(h).may_send() {
+                        break;
+                    }
+                    sent += self.sock(h).send_slice(&msg[sent..]).unwrap_or(0);
+                    self.run(10);
+                }
+                self.run(200);
+                let mut got = vec![0u8; 256];
+                let n = self.sock(h).recv_slice(&mut got).unwrap_or(0);
+                got.truncate(n);
+                got
+            }
+
+            fn msg_from(ip: Ipv4Addr) -> Vec<u8> {
+                format_dest(&Dest {
+                    lid: 0,
+                    qpn: 0x11,
+                    psn: 0xabcdef,
+                    gid: Gid::from_ipv4(ip).octets(),
+                })
+                .to_vec()
+            }
+        }
+
+        #[test]
+        fn a_well_formed_exchange_gets_the_servers_connection_data() {
+            let mut r = Rig::new();
+            let c = r.client();
+            let reply = r.exchange(c, &Rig::msg_from(HOST));
+            let d = parse_dest(&reply).expect("a 52-byte reply");
+            assert_eq!(Gid(core::net::Ipv6Addr::from(d.gid)).ipv4(), Some(HOST));
+        }
+
+        #[test]
+        fn a_client_that_goes_quiet_is_cut_off_and_the_next_one_is_served() {
+            let mut r = Rig::new();
+            let stuck = r.client();
+            assert!(r.sock(stuck).may_send(), "the first client connected");
+            // Half a message, then silence.
+            assert!(r.exchange(stuck, b"0000:000011:").is_empty());
+            r.run(EXCHANGE_TIMEOUT_NS / 1_000_000 + 1_000);
+            assert!(!r.sock(stuck).may_send(), "the quiet client was dropped");
+            let next = r.client();
+            let reply = r.exchange(next, &Rig::msg_from(HOST));
+            assert!(parse_dest(&reply).is_ok(), "{reply:?}");
+        }
+
+        #[test]
+        fn a_client_that_never_closes_after_the_reply_is_cut_off() {
+            let mut r = Rig::new();
+            let c = r.client();
+            assert!(parse_dest(&r.exchange(c, &Rig::msg_from(HOST))).is_ok());
+            // No "done", no close: the socket is freed after the timeout.
+            r.run(EXCHANGE_TIMEOUT_NS / 1_000_000 + 1_000);
+            let next = r.client();
+            assert!(parse_dest(&r.exchange(next, &Rig::msg_from(HOST))).is_ok());
+        }
+
+        #[test]
+        fn garbage_a_megabyte_and_a_foreign_gid_are_refused_and_the_server_recovers() {
+            let mut r = Rig::new();
+            let garbage = r.client();
+            assert!(r.exchange(garbage, &[0xa5; EXCHANGE_LEN]).is_empty());
+            assert!(!r.sock(garbage).is_open() || !r.sock(garbage).may_send());
+            let big = r.client();
+            assert!(r.exchange(big, &vec![b'0'; 1 << 20]).is_empty());
+            // The GID names another host than the TCP peer.
+            let liar = r.client();
+            assert!(r
+                .exchange(liar, &Rig::msg_from(Ipv4Addr::new(10, 9, 0, 2)))
+                .is_empty());
+            assert_eq!(r.server.current().received, 0);
+            let honest = r.client();
+            assert!(parse_dest(&r.exchange(honest, &Rig::msg_from(HOST))).is_ok());
         }
     }
 }

@@ -60,8 +60,20 @@ pub struct MmioDevice {
 
 impl MmioDevice {
     /// One past the window's last byte.
+    ///
+    /// Saturating: [`parse_entry`] never yields a window that wraps, but
+    /// the fields are public and [`check_window`] must not overflow on a
+    /// device built by hand.
     pub fn end(&self) -> u64 {
-        self.base + self.size
+        self.base.saturating_add(self.size)
+    }
+
+    /// The window rounded out to whole 4 KiB pages: what the page tables
+    /// map uncached.
+    pub fn pages(&self) -> (u64, u64) {
+        let start = self.base & !0xfff;
+        let end = self.end().saturating_add(0xfff) & !0xfff;
+        (start, end)
     }
 }
 
@@ -288,6 +300,23 @@ pub fn check_window<'a>(
     if dev.base < 0x10_0000 {
         return Err(MmioEntryError::LowMemory(dev.base));
     }
+    // Checked when parsed; again for a device built by hand.
+    if !(MIN_SIZE..=MAX_SIZE).contains(&dev.size) {
+        return Err(MmioEntryError::BadWindowSize {
+            base: dev.base,
+            size: dev.size,
+        });
+    }
+    if dev
+        .base
+        .checked_add(dev.size)
+        .is_none_or(|end| end > ADDRESS_LIMIT)
+    {
+        return Err(MmioEntryError::TooHigh {
+            base: dev.base,
+            size: dev.size,
+        });
+    }
     let fixed = APIC_WINDOWS.iter().copied();
     let pci = bars.iter().map(|&(a, s)| ("PCI BAR", a, s));
     if let Some((what, start, len)) = fixed
@@ -301,9 +330,12 @@ pub fn check_window<'a>(
             end: start.saturating_add(len),
         });
     }
+    // Page granular: the page tables map the window's whole pages
+    // uncached, so RAM sharing a page with it would be mapped uncached too.
+    let (page_start, page_end) = dev.pages();
     if let Some(r) = memory
         .iter()
-        .find(|r| r.kind != MemoryKind::Reserved && r.start < dev.end() && dev.base < r.end())
+        .find(|r| r.kind != MemoryKind::Reserved && r.start < page_end && page_start < r.end())
     {
         return Err(MmioEntryError::OverlapsMemory {
             base: dev.base,
@@ -505,5 +537,177 @@ mod tests {
         assert_eq!(errors[0], MmioEntryError::Syntax("oops"));
         assert!(matches!(errors[1], MmioEntryError::OverlapsDevice { .. }));
         assert!(devices("fractos.node=1", &qemu_map(), &[], |_| panic!()).is_empty());
+    }
+
+    #[test]
+    fn ram_sharing_a_page_with_the_window_is_refused() {
+        // RAM ends mid-page; a device starting right after it shares the
+        // page, which would be mapped uncached.
+        let map = [region(0x10_0000, 0x7f0_0800, MemoryKind::Usable)];
+        let dev = parse_entry("512@0x8000800:5").unwrap();
+        assert!(matches!(
+            check_window(&dev, &map, &[], &[]),
+            Err(MmioEntryError::OverlapsMemory { .. })
+        ));
+        let next_page = parse_entry("512@0x8001000:5").unwrap();
+        assert_eq!(check_window(&next_page, &map, &[], &[]), Ok(()));
+    }
+
+    #[test]
+    fn hand_built_windows_that_wrap_are_refused_not_overflowed() {
+        let map = qemu_map();
+        let wraps = MmioDevice {
+            base: u64::MAX - 0xff,
+            size: 0x1000,
+            irq: 0,
+            id: None,
+        };
+        assert_eq!(wraps.end(), u64::MAX);
+        assert!(matches!(
+            check_window(&wraps, &map, &[], &[]),
+            Err(MmioEntryError::TooHigh { .. })
+        ));
+        let huge = MmioDevice {
+            base: 0xd000_0000,
+            size: u64::MAX,
+            irq: 0,
+            id: None,
+        };
+        assert!(matches!(
+            check_window(&huge, &map, &[], &[]),
+            Err(MmioEntryError::BadWindowSize { .. })
+        ));
+        // An earlier device built by hand near the top does not overflow the
+        // overlap test either.
+        let ok = parse_entry("4K@0xd0000000:5").unwrap();
+        assert_eq!(
+            check_window(&ok, &map, &[(u64::MAX, u64::MAX)], &[wraps]),
+            Ok(())
+        );
+    }
+
+    mod props {
+        use super::*;
+        use alloc::format;
+        use alloc::string::{String, ToString};
+        use proptest::prelude::*;
+
+        fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+            a.0 < b.1 && b.0 < a.1
+        }
+
+        /// An entry built from parts that are each sometimes valid.
+        fn entry() -> impl Strategy<Value = String> {
+            let size = prop_oneof![
+                (0u64..=0x20_0000).prop_map(|n| n.to_string()),
+                any::<u64>().prop_map(|n| format!("{n:#x}")),
+                (
+                    any::<u64>(),
+                    prop::sample::select(&["K", "M", "G", "k", "m", "g", "T", ""][..])
+                )
+                    .prop_map(|(n, s)| format!("{}{s}", n >> (n % 64))),
+                "[0-9a-zA-Z]{0,6}",
+            ];
+            let base = prop_oneof![
+                (0u64..0x1_0000_0000).prop_map(|n| format!("{:#x}", n & !0x1ff)),
+                any::<u64>().prop_map(|n| format!("{n:#x}")),
+                any::<u64>().prop_map(|n| n.to_string()),
+                "[0-9a-fx]{0,20}",
+            ];
+            let irq = prop_oneof![any::<u32>().prop_map(|n| n.to_string()), "[0-9:-]{0,12}"];
+            (size, base, irq).prop_map(|(s, b, i)| format!("{s}@{b}:{i}"))
+        }
+
+        fn memory() -> impl Strategy<Value = Vec<MemoryRegion>> {
+            let kind = prop::sample::select(
+                &[
+                    MemoryKind::Usable,
+                    MemoryKind::Reserved,
+                    MemoryKind::AcpiReclaimable,
+                    MemoryKind::AcpiNvs,
+                    MemoryKind::Bad,
+                ][..],
+            );
+            prop::collection::vec(
+                (0u64..0x1_0000_0000, 0u64..0x1000_0000, kind)
+                    .prop_map(|(start, len, kind)| region(start, len, kind)),
+                0..6,
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(3000))]
+
+            #[test]
+            fn arbitrary_text_never_panics(s in "\\PC{0,80}") {
+                match parse_entry(&s) {
+                    Ok(d) => {
+                        prop_assert!((MIN_SIZE..=MAX_SIZE).contains(&d.size));
+                        prop_assert!(d.base % 4 == 0);
+                        prop_assert!(d.base.checked_add(d.size).is_some_and(|e| e <= ADDRESS_LIMIT));
+                    }
+                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                }
+                let _ = parse_cmdline(&s);
+            }
+
+            #[test]
+            fn accepted_windows_never_overlap_ram_devices_or_each_other(
+                entries in prop::collection::vec(entry(), 0..8),
+                memory in memory(),
+                bars in prop::collection::vec((any::<u64>(), any::<u64>()), 0..4),
+                noise in "[a-z=. ]{0,20}",
+            ) {
+                let mut cmdline = noise;
+                for e in &entries {
+                    cmdline.push_str(" virtio_mmio.device=");
+                    cmdline.push_str(e);
+                }
+                let mut refused = 0;
+                let devs = devices(&cmdline, &memory, &bars, |e| {
+                    refused += 1;
+                    let _ = e.to_string();
+                });
+                prop_assert_eq!(devs.len() + refused, entries.len());
+                for (i, d) in devs.iter().enumerate() {
+                    prop_assert!(d.base >= 0x10_0000);
+                    prop_assert!((MIN_SIZE..=MAX_SIZE).contains(&d.size));
+                    prop_assert!(d.base.checked_add(d.size).is_some_and(|e| e <= ADDRESS_LIMIT));
+                    let w = (d.base, d.end());
+                    for r in memory.iter().filter(|r| r.kind != MemoryKind::Reserved) {
+                        prop_assert!(!overlaps(d.pages(), (r.start, r.end())), "{:?} {:?}", d, r);
+                    }
+                    for &(a, s) in &bars {
+                        prop_assert!(!overlaps(w, (a, a.saturating_add(s))));
+                    }
+                    for (_, a, s) in APIC_WINDOWS {
+                        prop_assert!(!overlaps(w, (a, a + s)));
+                    }
+                    for o in &devs[..i] {
+                        prop_assert!(!overlaps(w, (o.base, o.end())));
+                    }
+                }
+            }
+
+            #[test]
+            fn sizes_with_suffixes_never_overflow(n in any::<u64>(), suffix in 0usize..4) {
+                let (letter, shift) = [("", 0), ("K", 10), ("M", 20), ("G", 30)][suffix];
+                let entry = format!("{n}{letter}@0xd0000000:5");
+                let r = parse_entry(&entry);
+                match n.checked_mul(1 << shift) {
+                    Some(size) if (MIN_SIZE..=MAX_SIZE).contains(&size) => {
+                        prop_assert_eq!(r.unwrap().size, size)
+                    }
+                    Some(_) => {
+                        let is_bad_window = matches!(r, Err(MmioEntryError::BadWindowSize { .. }));
+                        prop_assert!(is_bad_window);
+                    }
+                    None => {
+                        let is_bad_size = matches!(r, Err(MmioEntryError::BadSize { .. }));
+                        prop_assert!(is_bad_size);
+                    }
+                }
+            }
+        }
     }
 }
