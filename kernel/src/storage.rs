@@ -1336,7 +1336,14 @@ mod tests {
         /// Reads touching this block fail.
         bad_block: Option<u64>,
         most_queued: usize,
+        /// A process's slot memory at guest-physical [`SLOT_BASE`]: where
+        /// `Phys` reads land (when inside it).
+        slot: Vec<u8>,
+        /// Every `Phys` read completed: (address, bytes).
+        phys_writes: Vec<(u64, u64)>,
     }
+
+    const SLOT_BASE: u64 = 0x1_0000_0000;
 
     impl Disk {
         fn new(blocks: usize, pool: usize) -> Self {
@@ -1351,6 +1358,8 @@ mod tests {
                 hold: Cell::new(false),
                 bad_block: None,
                 most_queued: 0,
+                slot: vec![0; 64 * 1024],
+                phys_writes: Vec::new(),
             }
         }
 
@@ -1389,6 +1398,10 @@ mod tests {
                 return Err(DeviceError::Busy);
             }
             match io {
+                Io::Read {
+                    to: DmaTarget::Phys(_),
+                    ..
+                } => 0,
                 Io::Read { blocks, to, .. } => self.pool_range(to, blocks)?,
                 Io::Write { blocks, from, .. } => self.pool_range(from, blocks)?,
                 Io::Flush => 0,
@@ -1408,6 +1421,23 @@ mod tests {
             let (io, token) = self.queued.pop()?;
             let mut result = Ok(());
             match io {
+                Io::Read {
+                    lba,
+                    blocks,
+                    to: DmaTarget::Phys(a),
+                } => {
+                    let (d, n) = (lba as usize * BS, blocks as usize * BS);
+                    self.phys_writes.push((a, n as u64));
+                    // Outside the slot nothing is written; the tests check
+                    // `phys_writes` against the grants.
+                    if let Some(at) = a
+                        .checked_sub(SLOT_BASE)
+                        .and_then(|o| usize::try_from(o).ok())
+                        .filter(|&o| o + n <= self.slot.len())
+                    {
+                        self.slot[at..at + n].copy_from_slice(&self.disk[d..d + n]);
+                    }
+                }
                 Io::Read { lba, blocks, to } => {
                     let (d, n) = (lba as usize * BS, blocks as usize * BS);
                     let at = self.pool_range(to, blocks).expect("checked on submit");
@@ -1490,8 +1520,21 @@ mod tests {
 
         /// Answers everything the process sent, until it is quiet.
         fn run(&mut self, p: &mut StorageProcess<Disk>) {
+            self.run_with(p, None)
+        }
+
+        /// [`run`](Self::run), with device writes into destinations'
+        /// memory through `writes`.
+        fn run_with(
+            &mut self,
+            p: &mut StorageProcess<Disk>,
+            mut writes: Option<&mut dyn DeviceWrites>,
+        ) {
             for _ in 0..1000 {
-                p.tick(1);
+                match writes.as_deref_mut() {
+                    Some(w) => p.tick_with(1, w),
+                    None => p.tick(1),
+                }
                 let msgs = sent(p);
                 if msgs.is_empty() && self.copies.is_empty() && p.device().queued.is_empty() {
                     return;
@@ -1757,5 +1800,142 @@ mod tests {
             [(7, vec![StorageStatus::BadRequest as u8, 0, 0])]
         );
         assert_eq!(p.stats().errors, 2);
+    }
+
+    /// The controller's device-write grants, as far as the storage service
+    /// sees them: each grant at `SLOT_BASE + offset`; `valid` turns false
+    /// after `revoke_after` checks.
+    #[derive(Default)]
+    struct Grants {
+        offset: u64,
+        revoke_after: Option<usize>,
+        checks: usize,
+        /// (id, address, len) of every grant.
+        granted: Vec<(u64, u64, u64)>,
+        /// (id, ok) of every end.
+        ended: Vec<(u64, bool)>,
+    }
+
+    impl DeviceWrites for Grants {
+        fn begin(&mut self, _: Handle, len: u64) -> Result<DeviceGrant, ErrorCode> {
+            let id = self.granted.len() as u64 + 1;
+            let address = SLOT_BASE + self.offset;
+            self.granted.push((id, address, len));
+            Ok(DeviceGrant { id, address })
+        }
+        fn valid(&mut self, _: u64) -> bool {
+            self.checks += 1;
+            self.revoke_after.is_none_or(|n| self.checks <= n)
+        }
+        fn end(&mut self, id: u64, ok: bool) -> Result<(), ErrorCode> {
+            self.ended.push((id, ok));
+            match (self.revoke_after.is_some_and(|n| self.checks > n), ok) {
+                (true, _) => Err(ErrorCode::Revoked),
+                (false, true) => Ok(()),
+                (false, false) => Err(ErrorCode::MemoryFault),
+            }
+        }
+    }
+
+    /// Every device write landed inside a grant.
+    fn inside_grants(disk: &Disk, g: &Grants) -> bool {
+        disk.phys_writes.iter().all(|&(a, n)| {
+            g.granted
+                .iter()
+                .any(|&(_, at, len)| a >= at && a + n <= at + len)
+        })
+    }
+
+    #[test]
+    fn direct_reads_write_only_inside_the_grant() {
+        let (mut p, mut c) = ready(Disk::new(256, 16 * 1024));
+        // 16 blocks at block 8: two 8-block commands into the slot at 4 KiB.
+        let mut g = Grants {
+            offset: 4096,
+            ..Grants::default()
+        };
+        invoke(&mut p, TAG_READ, 8 * BS as u64, 16 * BS as u64, 10);
+        c.run_with(&mut p, Some(&mut g));
+        let len = 16 * BS;
+        assert_eq!(g.granted, [(1, SLOT_BASE + 4096, len as u64)]);
+        assert_eq!(g.ended, [(1, true)]);
+        let d = p.device();
+        assert_eq!(d.phys_writes.len(), 2);
+        assert!(inside_grants(d, &g), "{:?}", d.phys_writes);
+        assert_eq!(d.slot[4096..4096 + len], d.disk[8 * BS..8 * BS + len]);
+        assert!(d.slot[..4096].iter().all(|&b| b == 0), "before the window");
+        assert!(d.slot[4096 + len..].iter().all(|&b| b == 0), "after it");
+        assert_eq!(c.invoked, [(11, vec![])], "done invoked");
+        assert_eq!(p.stats().slot_reads, 1);
+    }
+
+    #[test]
+    fn a_revoke_between_commands_stops_the_read_and_fails_it() {
+        let (mut p, mut c) = ready(Disk::new(256, 16 * 1024));
+        // Valid for the first command only: the second is never submitted.
+        let mut g = Grants {
+            revoke_after: Some(1),
+            ..Grants::default()
+        };
+        invoke(&mut p, TAG_READ, 0, 16 * BS as u64, 10);
+        c.run_with(&mut p, Some(&mut g));
+        let d = p.device();
+        assert_eq!(d.phys_writes, [(SLOT_BASE, 8 * BS as u64)]);
+        assert!(inside_grants(d, &g));
+        assert_eq!(g.ended, [(1, false)], "ended once, not delivered");
+        assert_eq!(c.invoked.len(), 1);
+        assert_eq!(c.invoked[0].0, 12, "err invoked, not done");
+        assert_eq!(p.stats().slot_reads, 0);
+        assert!(p.active.is_empty() && p.queue.is_empty());
+        // The service goes on serving.
+        let mut g2 = Grants::default();
+        invoke(&mut p, TAG_READ, 0, 8 * BS as u64, 20);
+        c.run_with(&mut p, Some(&mut g2));
+        assert_eq!(g2.ended, [(1, true)]);
+        assert_eq!(c.invoked.last().unwrap().0, 21);
+    }
+
+    #[test]
+    fn partial_empty_and_huge_reads_never_get_a_grant() {
+        let (mut p, mut c) = ready(Disk::new(256, 16 * 1024));
+        let mut g = Grants::default();
+        let cap = 256 * BS as u64;
+        let reads = [
+            (0, BS as u64 - 1),               // not a whole block
+            (100, BS as u64),                 // not block aligned
+            (cap - 1, 1),                     // the last byte
+            (0, 0),                           // empty
+            (0, u64::MAX),                    // wraps
+            (u64::MAX - 10, 100),             // wraps
+            (cap - BS as u64, 2 * BS as u64), // past the end
+        ];
+        for (i, &(offset, len)) in reads.iter().enumerate() {
+            invoke(&mut p, TAG_READ, offset, len, 10 * (i as u32 + 1));
+        }
+        c.run_with(&mut p, Some(&mut g));
+        assert!(g.granted.is_empty(), "{:?}", g.granted);
+        assert!(p.device().phys_writes.is_empty());
+        // The partial reads went through the pool with the right bytes.
+        for (i, &(offset, len)) in reads[..3].iter().enumerate() {
+            let want = &p.device().disk[offset as usize..(offset + len) as usize];
+            assert_eq!(c.copied[&(10 * (i as u32 + 1))], want);
+        }
+        // The others were refused: their err Request invoked.
+        let errs: Vec<u32> = c.invoked.iter().map(|(h, _)| *h).collect();
+        assert_eq!(errs, [42, 52, 62, 72]);
+    }
+
+    #[test]
+    fn a_grant_at_an_unaligned_address_is_ended_and_the_pool_used() {
+        let (mut p, mut c) = ready(Disk::new(256, 16 * 1024));
+        let mut g = Grants {
+            offset: 2,
+            ..Grants::default()
+        };
+        invoke(&mut p, TAG_READ, 0, 8 * BS as u64, 10);
+        c.run_with(&mut p, Some(&mut g));
+        assert_eq!(g.ended, [(1, false)]);
+        assert!(p.device().phys_writes.is_empty());
+        assert_eq!(c.copied[&10], p.device().disk[..8 * BS]);
     }
 }

@@ -588,77 +588,90 @@ mod tests {
 
     mod props {
         use super::*;
+        use crate::fuzz::{Rng, PRINTABLE};
         use alloc::format;
         use alloc::string::{String, ToString};
-        use proptest::prelude::*;
 
         fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
             a.0 < b.1 && b.0 < a.1
         }
 
         /// An entry built from parts that are each sometimes valid.
-        fn entry() -> impl Strategy<Value = String> {
-            let size = prop_oneof![
-                (0u64..=0x20_0000).prop_map(|n| n.to_string()),
-                any::<u64>().prop_map(|n| format!("{n:#x}")),
-                (
-                    any::<u64>(),
-                    prop::sample::select(&["K", "M", "G", "k", "m", "g", "T", ""][..])
-                )
-                    .prop_map(|(n, s)| format!("{}{s}", n >> (n % 64))),
-                "[0-9a-zA-Z]{0,6}",
-            ];
-            let base = prop_oneof![
-                (0u64..0x1_0000_0000).prop_map(|n| format!("{:#x}", n & !0x1ff)),
-                any::<u64>().prop_map(|n| format!("{n:#x}")),
-                any::<u64>().prop_map(|n| n.to_string()),
-                "[0-9a-fx]{0,20}",
-            ];
-            let irq = prop_oneof![any::<u32>().prop_map(|n| n.to_string()), "[0-9:-]{0,12}"];
-            (size, base, irq).prop_map(|(s, b, i)| format!("{s}@{b}:{i}"))
+        fn entry(r: &mut Rng) -> String {
+            let size = match r.below(4) {
+                0 => r.below(0x20_0000).to_string(),
+                1 => format!("{:#x}", r.number()),
+                2 => {
+                    let suffix = r.pick(&["K", "M", "G", "k", "m", "g", "T", ""]);
+                    format!("{}{suffix}", r.number())
+                }
+                _ => r.text(b"0123456789xKMG@:", 6),
+            };
+            let base = match r.below(4) {
+                0 => format!("{:#x}", r.below(0x1_0000_0000) & !0x1ff),
+                1 => format!("{:#x}", r.number()),
+                2 => r.number().to_string(),
+                _ => r.text(b"0123456789abcdefx", 20),
+            };
+            let irq = match r.below(3) {
+                0 => (r.u64() as u32).to_string(),
+                1 => format!("{}:{}", r.below(32), r.u64() as u32),
+                _ => r.text(b"0123456789:-", 12),
+            };
+            format!("{size}@{base}:{irq}")
         }
 
-        fn memory() -> impl Strategy<Value = Vec<MemoryRegion>> {
-            let kind = prop::sample::select(
-                &[
-                    MemoryKind::Usable,
-                    MemoryKind::Reserved,
-                    MemoryKind::AcpiReclaimable,
-                    MemoryKind::AcpiNvs,
-                    MemoryKind::Bad,
-                ][..],
-            );
-            prop::collection::vec(
-                (0u64..0x1_0000_0000, 0u64..0x1000_0000, kind)
-                    .prop_map(|(start, len, kind)| region(start, len, kind)),
-                0..6,
-            )
+        fn memory(r: &mut Rng) -> Vec<MemoryRegion> {
+            let kinds = [
+                MemoryKind::Usable,
+                MemoryKind::Reserved,
+                MemoryKind::AcpiReclaimable,
+                MemoryKind::AcpiNvs,
+                MemoryKind::Bad,
+            ];
+            (0..r.below(6))
+                .map(|_| {
+                    let start = r.below(0x1_0000_0000);
+                    // Region ends fall mid-page too.
+                    region(start, r.below(0x1000_0000), r.pick(&kinds))
+                })
+                .collect()
         }
 
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(3000))]
-
-            #[test]
-            fn arbitrary_text_never_panics(s in "\\PC{0,80}") {
+        #[test]
+        fn arbitrary_text_never_panics() {
+            let mut r = Rng::new(0x3310);
+            for _ in 0..20_000 {
+                let s = if r.chance(2) {
+                    r.text(PRINTABLE, 80)
+                } else {
+                    String::from_utf8_lossy(&r.bytes(80)).into_owned()
+                };
                 match parse_entry(&s) {
                     Ok(d) => {
-                        prop_assert!((MIN_SIZE..=MAX_SIZE).contains(&d.size));
-                        prop_assert!(d.base % 4 == 0);
-                        prop_assert!(d.base.checked_add(d.size).is_some_and(|e| e <= ADDRESS_LIMIT));
+                        assert!((MIN_SIZE..=MAX_SIZE).contains(&d.size), "{s}");
+                        assert!(d.base % 4 == 0, "{s}");
+                        assert!(d
+                            .base
+                            .checked_add(d.size)
+                            .is_some_and(|e| e <= ADDRESS_LIMIT));
                     }
-                    Err(e) => prop_assert!(!e.to_string().is_empty()),
+                    Err(e) => assert!(!e.to_string().is_empty()),
                 }
                 let _ = parse_cmdline(&s);
             }
+        }
 
-            #[test]
-            fn accepted_windows_never_overlap_ram_devices_or_each_other(
-                entries in prop::collection::vec(entry(), 0..8),
-                memory in memory(),
-                bars in prop::collection::vec((any::<u64>(), any::<u64>()), 0..4),
-                noise in "[a-z=. ]{0,20}",
-            ) {
-                let mut cmdline = noise;
+        #[test]
+        fn accepted_windows_never_overlap_ram_devices_or_each_other() {
+            let mut r = Rng::new(0x3311);
+            let mut accepted = 0;
+            for _ in 0..5000 {
+                let entries: Vec<String> = (0..r.below(8)).map(|_| entry(&mut r)).collect();
+                let memory = memory(&mut r);
+                let bars: Vec<(u64, u64)> =
+                    (0..r.below(4)).map(|_| (r.number(), r.number())).collect();
+                let mut cmdline = r.text(b"abcz=. ", 20);
                 for e in &entries {
                     cmdline.push_str(" virtio_mmio.device=");
                     cmdline.push_str(e);
@@ -668,44 +681,59 @@ mod tests {
                     refused += 1;
                     let _ = e.to_string();
                 });
-                prop_assert_eq!(devs.len() + refused, entries.len());
+                assert_eq!(devs.len() + refused, entries.len());
+                accepted += devs.len();
                 for (i, d) in devs.iter().enumerate() {
-                    prop_assert!(d.base >= 0x10_0000);
-                    prop_assert!((MIN_SIZE..=MAX_SIZE).contains(&d.size));
-                    prop_assert!(d.base.checked_add(d.size).is_some_and(|e| e <= ADDRESS_LIMIT));
+                    assert!(d.base >= 0x10_0000);
+                    assert!((MIN_SIZE..=MAX_SIZE).contains(&d.size));
+                    assert!(d
+                        .base
+                        .checked_add(d.size)
+                        .is_some_and(|e| e <= ADDRESS_LIMIT));
                     let w = (d.base, d.end());
-                    for r in memory.iter().filter(|r| r.kind != MemoryKind::Reserved) {
-                        prop_assert!(!overlaps(d.pages(), (r.start, r.end())), "{:?} {:?}", d, r);
+                    for m in memory.iter().filter(|m| m.kind != MemoryKind::Reserved) {
+                        assert!(!overlaps(d.pages(), (m.start, m.end())), "{d:?} {m:?}");
                     }
                     for &(a, s) in &bars {
-                        prop_assert!(!overlaps(w, (a, a.saturating_add(s))));
+                        assert!(
+                            !overlaps(w, (a, a.saturating_add(s))),
+                            "{d:?} {a:#x}+{s:#x}"
+                        );
                     }
                     for (_, a, s) in APIC_WINDOWS {
-                        prop_assert!(!overlaps(w, (a, a + s)));
+                        assert!(!overlaps(w, (a, a + s)));
                     }
                     for o in &devs[..i] {
-                        prop_assert!(!overlaps(w, (o.base, o.end())));
+                        assert!(!overlaps(w, (o.base, o.end())), "{d:?} {o:?}");
                     }
                 }
             }
+            assert!(
+                accepted > 100,
+                "the generator reaches accepted windows ({accepted})"
+            );
+        }
 
-            #[test]
-            fn sizes_with_suffixes_never_overflow(n in any::<u64>(), suffix in 0usize..4) {
-                let (letter, shift) = [("", 0), ("K", 10), ("M", 20), ("G", 30)][suffix];
+        #[test]
+        fn sizes_with_suffixes_never_overflow() {
+            let mut r = Rng::new(0x3312);
+            for _ in 0..20_000 {
+                let n = r.number();
+                let (letter, shift) = r.pick(&[("", 0), ("K", 10), ("M", 20), ("G", 30)]);
                 let entry = format!("{n}{letter}@0xd0000000:5");
-                let r = parse_entry(&entry);
+                let got = parse_entry(&entry);
                 match n.checked_mul(1 << shift) {
                     Some(size) if (MIN_SIZE..=MAX_SIZE).contains(&size) => {
-                        prop_assert_eq!(r.unwrap().size, size)
+                        assert_eq!(got.unwrap().size, size)
                     }
-                    Some(_) => {
-                        let is_bad_window = matches!(r, Err(MmioEntryError::BadWindowSize { .. }));
-                        prop_assert!(is_bad_window);
-                    }
-                    None => {
-                        let is_bad_size = matches!(r, Err(MmioEntryError::BadSize { .. }));
-                        prop_assert!(is_bad_size);
-                    }
+                    Some(_) => assert!(
+                        matches!(got, Err(MmioEntryError::BadWindowSize { .. })),
+                        "{entry}"
+                    ),
+                    None => assert!(
+                        matches!(got, Err(MmioEntryError::BadSize { .. })),
+                        "{entry}"
+                    ),
                 }
             }
         }
