@@ -120,10 +120,13 @@ pub fn parse_key(hex: &str) -> Result<[u8; 32], HostedError> {
             hex.len()
         )));
     }
+    let not_hex = || HostedError::Config("cluster key must be hexadecimal".into());
     let mut key = [0u8; 32];
-    for (i, b) in key.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
-            .map_err(|_| HostedError::Config("cluster key must be hexadecimal".into()))?;
+    // By bytes: 64 bytes of text may hold multi-byte characters, and
+    // slicing the string between them would panic.
+    for (b, pair) in key.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+        let digit = |c: u8| char::from(c).to_digit(16).ok_or_else(not_hex);
+        *b = (digit(pair[0])? << 4 | digit(pair[1])?) as u8;
     }
     Ok(key)
 }
@@ -312,6 +315,18 @@ mod tests {
     fn rejects_bad_keys_and_unknown_fields() {
         assert!(parse_key("00").is_err());
         assert!(parse_key(&"zz".repeat(32)).is_err());
+        // 64 bytes of text with multi-byte characters: an error, no panic.
+        for text in [
+            format!("é{}", "a".repeat(62)),
+            format!("a€{}", "b".repeat(60)),
+            "ü".repeat(32),
+            format!("{}+1", "a".repeat(62)),
+        ] {
+            assert_eq!(text.len(), 64, "{text}");
+            let e = parse_key(&text).unwrap_err();
+            assert!(e.to_string().contains("hexadecimal"), "{e}");
+        }
+        assert_eq!(parse_key(&"aB".repeat(32)).unwrap(), [0xab; 32]);
         let text = "node = 1\ncluster_key = \"\"\nprocess_listen = \"127.0.0.1:1\"\npeer_listen = \"127.0.0.1:2\"\nbogus = 3\n";
         assert!(matches!(
             FileConfig::parse(text),
