@@ -570,6 +570,11 @@ pub fn scrape_metrics(addr: SocketAddr) -> Result<String, DemoError> {
 /// Largest metrics answer [`scrape_metrics_within`] reads.
 pub const METRICS_MAX_BYTES: usize = 16 << 20;
 
+/// Longest [`scrape_metrics_within`] waits, whatever it is asked (a day):
+/// a deadline further away would overflow the clock (`fractos status
+/// --timeout 18446744073709551615`).
+pub const METRICS_MAX_WAIT: Duration = Duration::from_secs(86_400);
+
 /// [`scrape_metrics`] giving up after `connect` to connect and `read` for
 /// the whole answer (an endpoint that trickles bytes cannot hold the
 /// caller), and on answers over [`METRICS_MAX_BYTES`].
@@ -586,6 +591,7 @@ pub fn scrape_metrics_within(
             what.to_string(),
         ))
     };
+    let (connect, read) = (connect.min(METRICS_MAX_WAIT), read.min(METRICS_MAX_WAIT));
     let mut s = std::net::TcpStream::connect_timeout(&addr, connect).map_err(err)?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: fractos\r\nConnection: close\r\n\r\n")
         .map_err(err)?;
@@ -1174,6 +1180,16 @@ mod tests {
         });
         let e = scrape_metrics_within(refused, t, t).unwrap_err();
         assert!(e.to_string().contains("404"), "{e}");
+        // A wait too long for the clock (`status --timeout u64::MAX`):
+        // clamped, no overflow panic.
+        let ok = one_shot(|mut s| {
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\nx 1\n");
+        });
+        let forever = Duration::from_secs(u64::MAX);
+        assert_eq!(
+            scrape_metrics_within(ok, forever, forever).unwrap(),
+            "x 1\n"
+        );
     }
 
     #[test]
