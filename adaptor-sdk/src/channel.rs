@@ -137,8 +137,9 @@ impl<C: Channel> Read for ChannelStream<C> {
             let timeout = s.read_timeout;
             drop(s);
             if let Some(t) = timeout {
-                let at = *deadline.get_or_insert_with(|| Instant::now() + t);
-                if Instant::now() >= at {
+                // A timeout too large for the clock is no deadline.
+                let at = *deadline.get_or_insert_with(|| Instant::now().checked_add(t));
+                if at.is_some_and(|at| Instant::now() >= at) {
                     return Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "nothing arrived on the channel in time",

@@ -76,7 +76,8 @@ fn corrupt() -> io::Error {
 impl Read for RingStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let r = &self.rings;
-        let deadline = lock(&r.read_timeout).map(|t| Instant::now() + t);
+        // A timeout too large for the clock is no deadline.
+        let deadline = lock(&r.read_timeout).and_then(|t| Instant::now().checked_add(t));
         let mut spin_from = Instant::now();
         loop {
             if r.closed.load(Ordering::Acquire) {

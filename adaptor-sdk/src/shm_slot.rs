@@ -246,14 +246,15 @@ impl Process {
         let mapping = Mapping::open_trusted(file.into(), 0, len)?;
         let (client, ring) =
             SlotClient::begin(mapping.clone(), SLOT_RING_CAPACITY, |_| {}).map_err(slot_err)?;
-        let deadline = Instant::now() + options.connect_timeout;
+        // A timeout too large for the clock is no deadline.
+        let deadline = Instant::now().checked_add(options.connect_timeout);
         let started = Instant::now();
         loop {
             client.heartbeat();
             match client.outcome() {
                 Some(Ok(())) => break,
                 Some(Err(e)) => return Err(slot_err(e)),
-                None if Instant::now() >= deadline => {
+                None if deadline.is_some_and(|d| Instant::now() >= d) => {
                     return Err(SdkError::Timeout {
                         what: "the appliance to accept the attach through its slot",
                         after: options.connect_timeout,

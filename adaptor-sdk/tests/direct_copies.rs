@@ -234,3 +234,36 @@ fn destinations_vanishing_mid_copy_end_the_copy_cleanly() {
     a.copy(&s, &d, None).unwrap();
     assert!(dst.to_vec() == src.to_vec());
 }
+
+/// Timeouts as large as a `Duration` holds (a C caller passing
+/// `UINT64_MAX` milliseconds, say) mean "no deadline": attaching, operating
+/// and failing to attach through a slot work without overflowing a clock.
+#[test]
+fn unbounded_timeouts_do_not_overflow_the_clock() {
+    let node = local_controller("unbounded");
+    let forever = fractos_sdk::AttachOptions::default()
+        .op_timeout(Duration::MAX)
+        .connect_timeout(Duration::MAX)
+        .write_timeout(Duration::MAX);
+    let path = node.local_socket().expect("a local socket");
+    let local = Process::attach_local(path, "forever-l", token("forever-l"), forever.clone())
+        .expect("attach_local with unbounded timeouts");
+    let tcp = Process::attach(
+        node.process_addr(),
+        "forever-t",
+        token("forever-t"),
+        forever.clone(),
+    )
+    .expect("attach with unbounded timeouts");
+    for p in [&local, &tcp] {
+        let r = p.register(4096).expect("register");
+        p.memory_create(&r, 0, 4096, Rights::READ)
+            .expect("memory_create");
+    }
+    // A slot path that is not a slot: a typed error, not a panic.
+    let not_a_slot = socket_path("unbounded-slot").with_file_name("not-a-slot");
+    std::fs::write(&not_a_slot, vec![0u8; 8192]).unwrap();
+    let e = Process::attach_slot(&not_a_slot, "forever-s", token("forever-s"), forever)
+        .expect_err("not a slot");
+    assert!(!e.to_string().is_empty());
+}

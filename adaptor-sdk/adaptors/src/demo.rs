@@ -539,7 +539,8 @@ impl DemoNode {
 /// controllers on its metrics endpoint (embedded nodes are linked when
 /// [`start_cluster_in`] returns). Fails after `timeout` with the counts seen.
 pub fn wait_linked(nodes: &[DemoNode], peers: usize, timeout: Duration) -> Result<(), DemoError> {
-    let deadline = std::time::Instant::now() + timeout;
+    // A timeout too large for the clock is no deadline.
+    let deadline = std::time::Instant::now().checked_add(timeout);
     for n in nodes {
         let DemoNode::Remote { metrics_addr, .. } = n else {
             continue;
@@ -549,7 +550,7 @@ pub fn wait_linked(nodes: &[DemoNode], peers: usize, timeout: Duration) -> Resul
             if linked >= peers {
                 break;
             }
-            if std::time::Instant::now() >= deadline {
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                 return Err(DemoError::NotLinked {
                     addr: *metrics_addr,
                     linked,

@@ -321,13 +321,14 @@ impl Running {
     /// Waits until at least `n` peers are linked (links come up
     /// asynchronously: dial, handshake); `Err(NotLinked)` after `timeout`.
     pub fn wait_peers(&self, n: usize, timeout: Duration) -> Result<(), HostedError> {
-        let deadline = std::time::Instant::now() + timeout;
+        // A timeout too large for the clock is no deadline.
+        let deadline = std::time::Instant::now().checked_add(timeout);
         loop {
             let linked = self.peers()?;
             if linked >= n {
                 return Ok(());
             }
-            if std::time::Instant::now() >= deadline {
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
                 return Err(HostedError::NotLinked { linked, wanted: n });
             }
             std::thread::sleep(Duration::from_millis(2));
