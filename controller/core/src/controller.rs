@@ -2560,12 +2560,15 @@ impl Controller {
         match msg {
             PeerMsg::Bye => {
                 let state = self.links.get(&link).map(|l| l.bye);
-                if state == Some(Bye::Sent) && self.cfg.node < node {
-                    // Both proposed at once and neither sent anything
-                    // since: the lower id closes (answering first could
-                    // lose the answer with the link).
-                    self.idle_closed += 1;
-                    return self.close_link(link, CloseReason::Idle);
+                if state == Some(Bye::Sent) && self.cfg.node > node {
+                    // Both proposed at once: the lower id answers ours and
+                    // we close on its answer. Closing here instead (or on
+                    // the higher side's proposal) could lose what the
+                    // other side sent after its own proposal (withdrawing
+                    // it): the other side would lose this peer, this side
+                    // would keep what the other holds here (a name leaked,
+                    // seed 16613).
+                    return;
                 }
                 let ok = self.quiet(node) && state.is_some_and(|b| b != Bye::Acked);
                 if ok {

@@ -3,8 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use std::time::Duration;
+
 use fractos_core::{
-    process_token, ChannelId, Config, Controller, Dest, Instant, LinkId, LinkRole, Output,
+    process_token, ChannelId, Config, Controller, Dest, Gossip, Instant, LinkId, LinkRole, Output,
 };
 use fractos_wire::{frame_body, ControllerMsg, Handle, NodeId, ProcessMsg, Reply, Rights};
 
@@ -22,9 +24,24 @@ struct Pair {
 
 impl Pair {
     fn new() -> Pair {
+        Pair::with(None)
+    }
+
+    /// Two controllers with gossip membership and links on demand.
+    fn gossip(link_idle: Duration) -> Pair {
+        Pair::with(Some(Gossip {
+            link_idle,
+            // Probes use the link: none within the test.
+            protocol_period: Duration::from_secs(600),
+            ..Gossip::default()
+        }))
+    }
+
+    fn with(gossip: Option<Gossip>) -> Pair {
         let mk = |i: u32| {
             let mut cfg = Config::new(NodeId(i), 1, KEY);
             cfg.members = vec![NodeId(1), NodeId(2)];
+            cfg.gossip = gossip.clone();
             Controller::new(cfg, Instant(0))
         };
         let mut p = Pair {
@@ -192,17 +209,12 @@ fn name_homed_at(p: &mut Pair, home: usize) -> Vec<u8> {
     found.expect("some name is homed there")
 }
 
-/// Bug 1: a link broke but only controller 1 noticed; it re-dialled and the
-/// other controller kept the old session's state, so a withdrawal lost with
-/// the old connection was never compensated and the name leaked.
-#[test]
-fn half_open_link_does_not_leak_names() {
-    let mut p = Pair::new();
-    let name = name_homed_at(&mut p, 1);
-    assert_eq!(p.names(), [0, 0]);
-    let ch = p.attach(0, 1, "publisher");
+/// Attaches a process to controller `i` that publishes a request
+/// capability of its own under `name` (ops 1 and 2).
+fn publish_from(p: &mut Pair, i: usize, name: Vec<u8>) -> ChannelId {
+    let ch = p.attach(i, 1, "publisher");
     p.send(
-        0,
+        i,
         ch,
         ProcessMsg::RequestCreate {
             op: 1,
@@ -213,15 +225,27 @@ fn half_open_link_does_not_leak_names() {
     );
     let req = handle(p.answer(ch, 1));
     p.send(
-        0,
+        i,
         ch,
         ProcessMsg::Publish {
             op: 2,
-            name: name.clone(),
+            name,
             cap: req,
         },
     );
     assert_eq!(p.answer(ch, 2), Ok(Reply::Done));
+    ch
+}
+
+/// Bug 1: a link broke but only controller 1 noticed; it re-dialled and the
+/// other controller kept the old session's state, so a withdrawal lost with
+/// the old connection was never compensated and the name leaked.
+#[test]
+fn half_open_link_does_not_leak_names() {
+    let mut p = Pair::new();
+    let name = name_homed_at(&mut p, 1);
+    assert_eq!(p.names(), [0, 0]);
+    let ch = publish_from(&mut p, 0, name);
     assert_eq!(p.names(), [0, 1], "the name is homed at controller 2");
     // Controller 1 sees the link die; controller 2 does not.
     p.break_half_open(0);
@@ -315,4 +339,45 @@ fn publish_landing_after_unpublish_is_withdrawn_at_exit() {
     p.c[1].process_disconnected(p.now, owner);
     p.pump();
     assert_eq!(p.names(), [0, 0], "the name outlived its publisher");
+}
+
+/// Seed 16613 (gossip): both sides proposed closing the idle link at the
+/// same heartbeat; the higher id then withdrew its proposal by sending (its
+/// publisher exited: withdraw the name) before the lower id's proposal
+/// arrived. The lower id closed the link on the higher id's proposal, losing
+/// the withdrawal with it; the higher id saw a link it no longer agreed to
+/// close break and dropped the lower id's state, while the lower id (closed
+/// by agreement) kept the name published by the dead process.
+#[test]
+fn crossed_idle_close_proposals_do_not_lose_frames_sent_after_them() {
+    let idle = Duration::from_secs(2);
+    let mut p = Pair::gossip(idle);
+    // Homed at controller 1 (the lower id), published from controller 2.
+    let name = name_homed_at(&mut p, 0);
+    let ch = publish_from(&mut p, 1, name);
+    assert_eq!(p.names(), [1, 0], "the name is homed at controller 1");
+    // Keep the membership going (probes answered) until just before the
+    // heartbeat at which both sides find the link idle.
+    let step = Duration::from_millis(100).as_nanos() as u64;
+    // The link was last used at 1 ns; heartbeats (which close idle links)
+    // fall on multiples of 500 ms, handled at the first step after them.
+    let propose_at = 1 + idle.as_nanos() as u64;
+    while p.now.0 + step < propose_at {
+        p.now = Instant(p.now.0 + step);
+        for i in 0..2 {
+            p.c[i].handle_timeout(p.now);
+        }
+        p.pump();
+    }
+    assert_eq!(p.links.len(), 2, "the link is still up before it is idle");
+    // Both propose at once (neither proposal delivered yet); then the
+    // publisher on controller 2 exits, which sends the withdrawal.
+    p.now = Instant(propose_at);
+    for i in 0..2 {
+        p.c[i].handle_timeout(p.now);
+    }
+    p.c[1].process_disconnected(p.now, ch);
+    p.pump();
+    assert_eq!(p.names(), [0, 0], "the exited publisher's name leaked");
+    assert_eq!(p.c[0].stats().caps, 0);
 }
