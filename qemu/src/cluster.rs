@@ -133,8 +133,7 @@ impl ControllerSetup {
         let mut ports = Vec::new();
         // Hold every probe until all are picked so no port repeats.
         for _ in 0..nodes * 2 {
-            let l = std::net::TcpListener::bind("127.0.0.1:0")
-                .map_err(QemuError::io("binding a probe socket on", "127.0.0.1"))?;
+            let l = crate::node::bind_probe(|p| std::net::TcpListener::bind(("127.0.0.1", p)))?;
             ports.push(
                 l.local_addr()
                     .map_err(QemuError::io("reading the probe socket of", "127.0.0.1"))?

@@ -217,13 +217,62 @@ pub struct L2Segment {
     pub port: u16,
 }
 
+/// Ports are picked below this when the kernel's ephemeral range starts
+/// above it (Linux's default range is 32768–60999).
+const PICKED_PORT_FLOOR: u16 = 20_000;
+
+/// Ports to pick probes from: below the kernel's ephemeral (automatic)
+/// range, so an outgoing connection of another program or test cannot be
+/// given the port between our probe and QEMU's bind (which failed a CI run
+/// with "Could not set up host forwarding rule").
+fn pick_range() -> std::ops::Range<u16> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    if low > PICKED_PORT_FLOOR + 1_000 {
+        PICKED_PORT_FLOOR..low
+    } else {
+        // An unusual range: fall back to what the kernel hands out.
+        0..0
+    }
+}
+
+/// Binds a probe on 127.0.0.1 with `bind`, at a port below the ephemeral
+/// range chosen at random (tried up to 256 times), else at a port the
+/// kernel picks. The caller holds the probe while it picks others.
+pub fn bind_probe<S>(bind: impl Fn(u16) -> std::io::Result<S>) -> Result<S, QemuError> {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let range = pick_range();
+    if !range.is_empty() {
+        let span = u64::from(range.end - range.start);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut x = nanos
+            ^ (u64::from(std::process::id()) << 32)
+            ^ COUNTER.fetch_add(0x9e37_79b9_7f4a_7c15, std::sync::atomic::Ordering::Relaxed);
+        for _ in 0..256 {
+            // xorshift64*
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let port = range.start + (x.wrapping_mul(0x2545_f491_4f6c_dd1d) % span) as u16;
+            if let Ok(s) = bind(port) {
+                return Ok(s);
+            }
+        }
+    }
+    bind(0).map_err(QemuError::io(
+        "binding a probe socket on",
+        Path::new("127.0.0.1"),
+    ))
+}
+
 impl L2Segment {
     /// A segment on group 239.70.0.1 and a currently free UDP port.
     pub fn pick() -> Result<Self, QemuError> {
-        let s = std::net::UdpSocket::bind("127.0.0.1:0").map_err(QemuError::io(
-            "binding a probe socket on",
-            Path::new("127.0.0.1"),
-        ))?;
+        let s = bind_probe(|p| std::net::UdpSocket::bind(("127.0.0.1", p)))?;
         let port = s
             .local_addr()
             .map_err(QemuError::io(
@@ -901,6 +950,31 @@ fn create_slot_file(slot: &ShmSlot) -> Result<(), QemuError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probes_are_picked_below_the_ephemeral_range_and_held_apart() {
+        let range = pick_range();
+        let held: Vec<std::net::TcpListener> = (0..16)
+            .map(|_| bind_probe(|p| std::net::TcpListener::bind(("127.0.0.1", p))).unwrap())
+            .collect();
+        let mut ports: Vec<u16> = held
+            .iter()
+            .map(|l| l.local_addr().unwrap().port())
+            .collect();
+        if !range.is_empty() {
+            assert!(
+                ports.iter().all(|p| range.contains(p)),
+                "{ports:?} not in {range:?}"
+            );
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 16, "a held probe's port was handed out twice");
+        let seg = L2Segment::pick().unwrap();
+        if !range.is_empty() {
+            assert!(range.contains(&seg.port), "{}", seg.port);
+        }
+    }
 
     #[test]
     fn uefi_firmware_loads_ovmf_for_an_iso() {

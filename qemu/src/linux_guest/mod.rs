@@ -201,8 +201,8 @@ pub fn controller_image(fractos: &Path, config: &str) -> GuestImage {
 /// A TCP port on 127.0.0.1 that is free right now (for `hostfwd`; another
 /// process could still take it before QEMU binds it).
 pub fn free_local_port() -> Result<u16, QemuError> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
+    crate::node::bind_probe(|p| std::net::TcpListener::bind(("127.0.0.1", p)))?
+        .local_addr()
         .map(|a| a.port())
         .map_err(QemuError::io("binding a free port on", "127.0.0.1"))
 }
